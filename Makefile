@@ -1,0 +1,35 @@
+# voxeldose — two commands on a fresh machine:  make demo   and   make test
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test setup bench clean help
+
+help:
+	@echo "make demo   - set up .venv and run the main job on the embedded synthetic patient"
+	@echo "make test   - set up .venv and run the test suite"
+	@echo "make bench  - run the CPU benchmarks (figures go to benchmarks/RESULTS.md by hand)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/voxeldose demo --out demo-output
+
+test: setup
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q
+
+bench: setup
+	$(PY) benchmarks/bench_ingest.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,19 @@
+"""voxeldose: patient-specific absorbed-dose maps after 177Lu radionuclide therapy.
+
+Units inside the library: activity Bq, time s, time-integrated activity Bq·s, dose Gy, lengths mm,
+density g/cm³.  Geometry is DICOM patient coordinates (LPS, mm); see :mod:`voxeldose.geometry`.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import VoxeldoseError
+from .geometry import Grid, Volume, resample
+
+try:
+    __version__ = version("voxeldose")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["Grid", "Volume", "VoxeldoseError", "resample", "__version__"]

@@ -1,0 +1,188 @@
+"""The ``voxeldose`` command line.
+
+    voxeldose phantom --out DIR [--seed N] [--hours 4,24,96,168] [--bqml] [--small]
+    voxeldose inspect DIR [--json] [--injection-datetime ISO] [--activity-mbq A] [--nuclide Lu-177]
+    voxeldose demo [--out DIR]
+
+Bad input ends with one line ``error: …`` naming the file, the tag and what was expected, and exit
+status 2 — never a traceback.  Set ``VOXELDOSE_DEBUG=1`` to see tracebacks of unexpected failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import VoxeldoseError
+
+
+def _parse_hours(text: str) -> tuple[float, ...]:
+    try:
+        hours = tuple(float(h) for h in text.split(",") if h.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hours expects comma-separated numbers of hours, got {text!r}") from None
+    if not hours or any(h <= 0 for h in hours):
+        raise argparse.ArgumentTypeError("--hours expects positive hours after injection, e.g. 4,24,96,168")
+    return hours
+
+
+def _parse_datetime(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO date and time such as 2026-01-05T09:30, got {text!r}") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voxeldose", description="Patient-specific 177Lu dosimetry from SPECT/CT DICOM.")
+    p.add_argument("--version", action="version", version=f"voxeldose {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ph = sub.add_parser("phantom", help="write the synthetic 177Lu patient (DICOM + ground truth)")
+    ph.add_argument("--out", required=True, type=Path, help="output folder")
+    ph.add_argument("--seed", type=int, default=0, help="random seed (noise, repositioning); default 0")
+    ph.add_argument("--hours", type=_parse_hours, default=None, help="imaging times after injection, h (default 4,24,96,168)")
+    ph.add_argument("--bqml", action="store_true", help="write SPECT as Bq/ml real-world values instead of counts")
+    ph.add_argument("--small", action="store_true", help="a coarse, fast phantom (for tests)")
+
+    ins = sub.add_parser("inspect", help="list patient, cycle, injection, time points, VOIs and problems")
+    ins.add_argument("paths", nargs="+", type=Path, help="DICOM folders (recursive) or files")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_injection_options(ins)
+
+    demo = sub.add_parser("demo", help="run the main job on the embedded synthetic patient")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default ./demo-output)")
+    demo.add_argument("--small", action="store_true", help="use the small phantom")
+    return p
+
+
+def _add_injection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--injection-datetime", type=_parse_datetime, default=None,
+                   help="injection date and time (ISO), when the files lack it or are wrong")
+    p.add_argument("--activity-mbq", type=float, default=None, help="injected activity, MBq, when the files lack it")
+    p.add_argument("--nuclide", default=None, help="radionuclide, e.g. Lu-177, when the files lack it")
+
+
+def _injection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "injection_start": args.injection_datetime,
+        "activity_bq": None if args.activity_mbq is None else args.activity_mbq * 1e6,
+        "nuclide": args.nuclide,
+    }
+
+
+# --------------------------------------------------------------------------------------- commands
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import PhantomSettings, write_phantom
+
+    settings = PhantomSettings.small() if args.small else PhantomSettings()
+    changes: dict[str, Any] = {"seed": args.seed}
+    if args.hours is not None:
+        changes["hours"] = args.hours
+    if args.bqml:
+        changes["pixel_mode"] = "bqml"
+    from dataclasses import replace
+
+    settings = replace(settings, **changes)
+    t0 = time.perf_counter()
+    write_phantom(args.out, settings)
+    print(f"wrote the synthetic patient to {args.out} in {time.perf_counter() - t0:.1f} s")
+    print(f"  DICOM:        {args.out / 'dicom'}")
+    print(f"  ground truth: {args.out / 'truth' / 'truth.json'}")
+    return 0
+
+
+def inspect_report(paths: Sequence[Path], **injection: Any) -> dict[str, Any]:
+    """What ``voxeldose inspect`` reports, as a JSON-ready dict."""
+    from .ingest import group_cycles, scan
+
+    index = scan(list(paths))
+    cycles, problems = group_cycles(index, **injection)
+    all_problems = index.problems + problems
+    patients = index.patients()
+    return {
+        "inputs": [str(p) for p in paths],
+        "files_read": index.files_read,
+        "patients": [{"patient_id": k, "patient_name": v} for k, v in sorted(patients.items())],
+        "series": [s.summary() for s in index.series.values()],
+        "cycles": [c.summary() for c in cycles],
+        "problems": [p.to_dict() for p in all_problems],
+        "ok": not any(p.severity == "error" for p in all_problems),
+    }
+
+
+def _print_inspect(rep: dict[str, Any]) -> None:
+    print(f"{rep['files_read']} DICOM file(s) read from {', '.join(rep['inputs'])}")
+    for pat in rep["patients"]:
+        print(f"patient {pat['patient_id']}  {pat['patient_name']}")
+    for n, c in enumerate(rep["cycles"], start=1):
+        inj = c["injection"]
+        print(f"cycle {n}: {inj['nuclide']} {inj['radiopharmaceutical'] or ''}, "
+              f"{inj['activity_MBq']:.0f} MBq at {inj['datetime']}")
+        print(f"  injection time from {inj['datetime_source']}; activity from {inj['activity_source']}")
+        for t, tp in enumerate(c["timepoints"], start=1):
+            sp, ct = tp["spect"], tp["ct"]
+            print(f"  time point {t}: {tp['hours_after_injection']:.1f} h after injection "
+                  f"(acquired {tp['acquisition_datetime']}, from {tp['acquisition_time_source']})")
+            print(f"    SPECT {sp['description']!r}: {sp['instances']} instance(s), values {sp['pixel_values']}")
+            print(f"    CT    {ct['description']!r}: {ct['instances']} slice(s)" if ct else "    CT    none")
+        for v in c["vois"]:
+            print(f"  VOIs from {v['kind'].upper()} {v['description']!r}: {', '.join(v['roi_names'])}")
+        if not c["vois"]:
+            print("  VOIs: none (no RTSTRUCT or SEG on a time point's frame of reference)")
+    if not rep["cycles"]:
+        print("no therapy cycle found")
+    if rep["problems"]:
+        print("problems:")
+        for p in rep["problems"]:
+            print(f"  [{p['severity']}] {p['message']}" + (f" — {p['path']}" if p["path"] and p["path"] not in p["message"] else ""))
+    else:
+        print("problems: none")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    rep = inspect_report(args.paths, **_injection_kwargs(args))
+    if args.json:
+        json.dump(rep, sys.stdout, indent=2)
+        print()
+    else:
+        _print_inspect(rep)
+    return 0 if rep["ok"] else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, small=args.small)
+
+
+COMMANDS = {"phantom": cmd_phantom, "inspect": cmd_inspect, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except VoxeldoseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback to a user
+        if os.environ.get("VOXELDOSE_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} — please report it with VOXELDOSE_DEBUG=1 output",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

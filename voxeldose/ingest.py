@@ -1,0 +1,1084 @@
+"""Ingest: read a folder (or files) of DICOM, index it, classify series, group a therapy cycle.
+
+Stage one of the pipeline (DESIGN.md).  What it guarantees to the stages after it:
+
+* every instance read is indexed by patient / study / series and deduplicated by SOPInstanceUID;
+* series are classified: reconstructed SPECT (multi-frame NM RECON TOMO, or per-slice NM storage),
+  CT, RTSTRUCT, SEG, RT Dose; anything else is listed and left alone;
+* geometry is read, never guessed: NM from the Detector Information Sequence
+  (ImagePositionPatient/ImageOrientationPatient) with SpacingBetweenSlices, CT sorted along the
+  slice normal with a spacing check;
+* the pixel-value meaning of every SPECT is recorded (Real World Value Mapping Bq/ml, Units BQML, or
+  raw counts with the frame duration needed to calibrate them);
+* acquisition times and the injection (time, activity, nuclide) come from the files or from the
+  caller, and the source of each is recorded; nothing missing is filled in silently.
+
+Problems are collected as :class:`Problem` records (``inspect`` prints them); :func:`load_cycle`
+raises the first error as a :class:`~voxeldose.errors.VoxeldoseError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    RTDoseStorage,
+    RTStructureSetStorage,
+    SegmentationStorage,
+)
+
+from .errors import VoxeldoseError
+from .geometry import Volume, affine_from_dicom
+from .nuclides import require_supported
+
+# SOP classes (PS3.4 Annex B)
+_NM = str(NuclearMedicineImageStorage)
+_CT = str(CTImageStorage)
+_ENHANCED_CT = str(EnhancedCTImageStorage)
+_RTSTRUCT = str(RTStructureSetStorage)
+_RTDOSE = str(RTDoseStorage)
+_SEG = str(SegmentationStorage)
+_PET = str(PositronEmissionTomographyImageStorage)
+
+SeriesKind = Literal["spect", "ct", "rtstruct", "seg", "rtdose", "nm-other", "unsupported"]
+PixelMode = Literal["bqml-rwvm", "bqml-units", "counts"]
+
+#: Relative tolerance on slice spacing within a series (1 %: well below one voxel over a 500 mm stack
+#: is not the point — any gap or duplicate position is, and those deviate by ≥ 50 %).
+SLICE_SPACING_RTOL = 0.01
+#: Same injection when start times agree within this (s) and activities within 1 %.
+SAME_INJECTION_S = 60.0
+#: Plausible administered activity for one 177Lu therapy cycle, Bq (used only to catch unit errors:
+#: DICOM NM writes RadionuclideTotalDose in MBq, PET in Bq).
+PLAUSIBLE_THERAPY_BQ = (1.0e8, 5.0e10)
+
+
+def _tag(keyword: str) -> str:
+    """``"Keyword (gggg,eeee)"`` for messages."""
+    t = pydicom.datadict.tag_for_keyword(keyword)
+    if t is None:
+        return keyword
+    return f"{keyword} ({t >> 16:04X},{t & 0xFFFF:04X})"
+
+
+# --------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Problem:
+    """Something found while reading: ``error`` blocks a job, ``warning`` needs a look, ``info`` is FYI."""
+
+    severity: Literal["error", "warning", "info"]
+    message: str
+    path: str | None = None
+    tag: str | None = None
+
+    @classmethod
+    def from_error(cls, err: VoxeldoseError, severity: Literal["error", "warning"] = "error") -> Problem:
+        return cls(severity, str(err), err.path, err.tag)
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"severity": self.severity, "message": self.message, "path": self.path, "tag": self.tag}
+
+
+@dataclass
+class Instance:
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    header: Dataset  # without PixelData
+
+
+@dataclass
+class Series:
+    """One DICOM series as found on disk (headers only; pixels are read by the ``read_*`` functions)."""
+
+    series_instance_uid: str
+    kind: SeriesKind
+    modality: str
+    patient_id: str
+    patient_name: str
+    study_instance_uid: str
+    frame_of_reference_uid: str | None
+    description: str
+    instances: list[Instance] = field(default_factory=list)
+
+    @property
+    def first(self) -> Dataset:
+        return self.instances[0].header
+
+    @property
+    def paths(self) -> list[Path]:
+        return [inst.path for inst in self.instances]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "series_instance_uid": self.series_instance_uid,
+            "kind": self.kind,
+            "modality": self.modality,
+            "description": self.description,
+            "instances": len(self.instances),
+            "frame_of_reference_uid": self.frame_of_reference_uid,
+            "folder": str(self.instances[0].path.parent) if self.instances else None,
+        }
+
+
+@dataclass(frozen=True)
+class InjectionInfo:
+    """The administration of one cycle and where each value came from."""
+
+    nuclide: str  # ICRP-107 name, e.g. "Lu-177"
+    activity_bq: float
+    start: datetime
+    radiopharmaceutical: str | None
+    start_source: str  # e.g. "RadiopharmaceuticalStartDateTime (0018,1078)" or "caller"
+    activity_source: str
+
+
+@dataclass
+class TimePoint:
+    """One imaging session: a reconstructed SPECT and the CT it shares a Frame of Reference with."""
+
+    spect: Series
+    ct: Series | None
+    acquisition: datetime
+    acquisition_source: str
+    hours_after_injection: float = math.nan
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "hours_after_injection": round(self.hours_after_injection, 3),
+            "acquisition_datetime": self.acquisition.isoformat(),
+            "acquisition_time_source": self.acquisition_source,
+            "spect": self.spect.summary() | {"pixel_values": spect_pixel_mode(self.spect.first)},
+            "ct": None if self.ct is None else self.ct.summary(),
+        }
+
+
+@dataclass
+class Cycle:
+    """One patient, one injection: its time points in time order and the VOI and dose series."""
+
+    patient_id: str
+    patient_name: str
+    injection: InjectionInfo
+    timepoints: list[TimePoint]
+    vois: list[Series]
+    rtdoses: list[Series]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "patient_id": self.patient_id,
+            "patient_name": self.patient_name,
+            "injection": {
+                "nuclide": self.injection.nuclide,
+                "radiopharmaceutical": self.injection.radiopharmaceutical,
+                "activity_MBq": self.injection.activity_bq / 1e6,
+                "activity_source": self.injection.activity_source,
+                "datetime": self.injection.start.isoformat(),
+                "datetime_source": self.injection.start_source,
+            },
+            "timepoints": [tp.summary() for tp in self.timepoints],
+            "vois": [s.summary() | {"roi_names": roi_names(s)} for s in self.vois],
+            "rtdoses": [s.summary() for s in self.rtdoses],
+        }
+
+
+@dataclass
+class Index:
+    """Everything read from the inputs, by series, plus the problems met."""
+
+    series: dict[str, Series] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    files_read: int = 0
+
+    def by_kind(self, kind: SeriesKind) -> list[Series]:
+        return [s for s in self.series.values() if s.kind == kind]
+
+    def patients(self) -> dict[str, str]:
+        """Patient ID → name."""
+        return {s.patient_id: s.patient_name for s in self.series.values()}
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+
+# --------------------------------------------------------------------------------------- reading
+def _iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterable[tuple[Path, bool]]:
+    """Yield (file, named_explicitly).  Folders are walked recursively in sorted order."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for f in sorted(files):
+                    yield Path(root) / f, False
+        elif p.exists():
+            yield p, True
+        else:
+            raise VoxeldoseError("no such file or folder", path=p)
+
+
+def _expected_pixel_bytes(ds: Dataset) -> int | None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    return (rows * cols * frames * spp * bits + 7) // 8
+
+
+def read_header(path: Path) -> Dataset:
+    """Read one file completely, check it is whole, and return it without its pixel data.
+
+    Raises :class:`VoxeldoseError` for non-DICOM files, truncated files and random bytes.
+    """
+    try:
+        ds = pydicom.dcmread(path, force=False)
+    except InvalidDicomError:
+        raise VoxeldoseError(
+            "not a DICOM file (no 'DICM' marker after the 128-byte preamble)",
+            path=path,
+            expected="a DICOM Part 10 file",
+        ) from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, IndexError) as exc:
+        raise VoxeldoseError(
+            f"unreadable DICOM file, truncated or corrupt ({type(exc).__name__}: {exc})",
+            path=path,
+            expected="a complete DICOM Part 10 file",
+        ) from None
+    for kw in ("SOPInstanceUID", "SOPClassUID"):
+        if not str(getattr(ds, kw, "") or "").strip():
+            raise VoxeldoseError("required attribute missing", path=path, tag=_tag(kw), expected="a UID")
+    if "PixelData" in ds:
+        expected = _expected_pixel_bytes(ds)
+        try:
+            got = len(ds.PixelData)
+        except Exception as exc:  # a deferred or broken element  # noqa: BLE001
+            raise VoxeldoseError(
+                f"pixel data cannot be read ({exc})", path=path, tag=_tag("PixelData"), expected="complete pixel data"
+            ) from None
+        encapsulated = ds.file_meta.TransferSyntaxUID.is_compressed if "TransferSyntaxUID" in ds.file_meta else False
+        if expected is not None and not encapsulated and got < expected:
+            raise VoxeldoseError(
+                "the file is truncated: its pixel data is shorter than Rows × Columns × frames × bits say",
+                path=path,
+                tag=_tag("PixelData"),
+                expected=f"{expected} bytes",
+                found=f"{got} bytes",
+            )
+        del ds.PixelData
+    return ds
+
+
+def classify(ds: Dataset) -> SeriesKind:
+    """Kind of series an instance belongs to, from its SOP Class and Image Type."""
+    sop = str(ds.SOPClassUID)
+    if sop == _CT:
+        return "ct"
+    if sop == _NM:
+        image_type = [str(v).upper() for v in (getattr(ds, "ImageType", None) or [])]
+        if len(image_type) >= 3 and image_type[2] in ("RECON TOMO", "RECON GATED TOMO"):
+            return "spect"
+        return "nm-other"
+    if sop == _RTSTRUCT:
+        return "rtstruct"
+    if sop == _SEG:
+        return "seg"
+    if sop == _RTDOSE:
+        return "rtdose"
+    return "unsupported"
+
+
+def scan(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Index:
+    """Read and index DICOM files from folders (recursive) and/or files.
+
+    Files that fail to read are recorded as problems: an ``error`` when the file was named
+    explicitly or looks like DICOM but is broken, an ``info`` for non-DICOM files found while walking a
+    folder (notes, ground-truth arrays).  Duplicate SOPInstanceUIDs are read once.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    index = Index()
+    seen: dict[str, Instance] = {}
+    skipped_non_dicom: list[Path] = []
+    for path, explicit in _iter_files(paths):
+        try:
+            ds = read_header(path)
+        except VoxeldoseError as err:
+            if "not a DICOM file" in err.reason and not explicit:
+                skipped_non_dicom.append(path)
+            else:
+                index.problems.append(Problem.from_error(err))
+            continue
+        index.files_read += 1
+        uid = str(ds.SOPInstanceUID)
+        if uid in seen:
+            first = seen[uid]
+            same = first.header == ds
+            index.problems.append(
+                Problem(
+                    "info" if same else "warning",
+                    f"duplicate SOPInstanceUID {uid}: kept {first.path}"
+                    + ("" if same else " (the copies differ — check which is right)"),
+                    str(path),
+                    _tag("SOPInstanceUID"),
+                )
+            )
+            continue
+        inst = Instance(path, uid, str(ds.SOPClassUID), ds)
+        seen[uid] = inst
+        kind = classify(ds)
+        suid = str(getattr(ds, "SeriesInstanceUID", "") or "")
+        if not suid:
+            index.problems.append(
+                Problem("error", "instance without SeriesInstanceUID", str(path), _tag("SeriesInstanceUID"))
+            )
+            continue
+        series = index.series.get(suid)
+        if series is None:
+            series = Series(
+                series_instance_uid=suid,
+                kind=kind,
+                modality=str(getattr(ds, "Modality", "")),
+                patient_id=str(getattr(ds, "PatientID", "")),
+                patient_name=str(getattr(ds, "PatientName", "")),
+                study_instance_uid=str(getattr(ds, "StudyInstanceUID", "")),
+                frame_of_reference_uid=_frame_of_reference(ds),
+                description=str(getattr(ds, "SeriesDescription", "")),
+            )
+            index.series[suid] = series
+        series.instances.append(inst)
+    if skipped_non_dicom:
+        index.problems.append(
+            Problem(
+                "info",
+                f"skipped {len(skipped_non_dicom)} non-DICOM file(s), e.g. {skipped_non_dicom[0]}",
+                str(skipped_non_dicom[0]),
+            )
+        )
+    if index.files_read == 0 and not index.errors:
+        index.problems.append(
+            Problem("error", "no DICOM files found", ", ".join(str(p) for p in paths))
+        )
+    for s in index.series.values():
+        if s.kind == "unsupported":
+            index.problems.append(
+                Problem(
+                    "info",
+                    f"series {s.description or s.series_instance_uid} ({s.modality}, SOP class "
+                    f"{s.instances[0].sop_class_uid}) is not used by voxeldose",
+                    str(s.instances[0].path),
+                    _tag("SOPClassUID"),
+                )
+            )
+        if s.kind == "nm-other":
+            image_type = "\\".join(getattr(s.first, "ImageType", []) or [])
+            index.problems.append(
+                Problem(
+                    "info",
+                    f"NM series {s.description!r} is not a reconstructed SPECT (ImageType {image_type}); ignored",
+                    str(s.instances[0].path),
+                    _tag("ImageType"),
+                )
+            )
+    return index
+
+
+def _frame_of_reference(ds: Dataset) -> str | None:
+    if "FrameOfReferenceUID" in ds:
+        return str(ds.FrameOfReferenceUID)
+    # RTSTRUCT: the referenced frame of reference
+    seq = getattr(ds, "ReferencedFrameOfReferenceSequence", None)
+    if seq:
+        return str(seq[0].FrameOfReferenceUID)
+    return None
+
+
+# ------------------------------------------------------------------------------------ date/time
+def _parse_da(value: Any) -> date | None:
+    s = str(value or "").strip()
+    if not s:
+        return None
+    try:
+        return datetime.strptime(s[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _parse_tm(value: Any) -> time | None:
+    s = str(value or "").strip().replace(":", "")
+    if not s:
+        return None
+    frac = 0
+    if "." in s:
+        s, f = s.split(".", 1)
+        frac = int((f + "000000")[:6])
+    s = (s + "0000")[:6]
+    try:
+        return time(int(s[:2]), int(s[2:4]), int(s[4:6]), frac)
+    except ValueError:
+        return None
+
+
+def _parse_dt(value: Any) -> tuple[datetime | None, bool]:
+    """Parse a DT; return (naive datetime, had_utc_offset)."""
+    s = str(value or "").strip()
+    if not s:
+        return None, False
+    had_offset = False
+    for sign in ("+", "-"):
+        if sign in s[8:]:
+            s = s[: 8 + s[8:].index(sign)]
+            had_offset = True
+    d = _parse_da(s[:8])
+    if d is None:
+        return None, had_offset
+    t = _parse_tm(s[8:]) if len(s) > 8 else time(0)
+    if t is None:
+        return None, had_offset
+    return datetime.combine(d, t), had_offset
+
+
+def acquisition_datetime(ds: Dataset, path: Path | str | None = None) -> tuple[datetime, str]:
+    """Acquisition start of an image and which attributes gave it.
+
+    AcquisitionDateTime (0008,002A) first, then AcquisitionDate (0008,0022) + AcquisitionTime
+    (0008,0032).  Series or content times are not acquisition times and are not used.
+    """
+    dt, _ = _parse_dt(getattr(ds, "AcquisitionDateTime", None))
+    if dt is not None:
+        return dt, _tag("AcquisitionDateTime")
+    d = _parse_da(getattr(ds, "AcquisitionDate", None))
+    t = _parse_tm(getattr(ds, "AcquisitionTime", None))
+    if d is not None and t is not None:
+        return datetime.combine(d, t), f"{_tag('AcquisitionDate')} + {_tag('AcquisitionTime')}"
+    raise VoxeldoseError(
+        "the acquisition time is missing",
+        path=path,
+        tag=f"{_tag('AcquisitionDateTime')} or {_tag('AcquisitionDate')} + {_tag('AcquisitionTime')}",
+        expected="the date and time the acquisition started (or pass it for this series)",
+    )
+
+
+def injection_from_header(
+    ds: Dataset,
+    path: Path | str | None = None,
+    *,
+    start: datetime | None = None,
+    activity_bq: float | None = None,
+    nuclide: str | None = None,
+) -> InjectionInfo:
+    """Read the injection from the Radiopharmaceutical Information Sequence (0054,0016).
+
+    Caller-supplied values take precedence and are recorded as such.  RadionuclideTotalDose
+    (0018,1074) is in MBq in NM objects (PS3.3 C.8.4.10) and in Bq in PET objects (C.8.9.2);
+    a value outside :data:`PLAUSIBLE_THERAPY_BQ` after conversion is an error, not a guess.
+    """
+    seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
+    item = seq[0] if seq else Dataset()
+    rp_tag = _tag("RadiopharmaceuticalInformationSequence")
+
+    # nuclide
+    nuclide_source = "caller"
+    if nuclide is None:
+        # Only the coded radionuclide is used; the free-text Radiopharmaceutical name is not parsed.
+        for code in getattr(item, "RadionuclideCodeSequence", None) or []:
+            meaning = str(getattr(code, "CodeMeaning", "") or "")
+            if meaning.strip():
+                nuclide, nuclide_source = meaning, _tag("RadionuclideCodeSequence")
+                break
+        if nuclide is None:
+            raise VoxeldoseError(
+                "the radionuclide is not given (the free-text radiopharmaceutical name is not parsed)",
+                path=path,
+                tag=f"{rp_tag} > {_tag('RadionuclideCodeSequence')}",
+                expected="a radionuclide code such as ^177^Lutetium (or pass the nuclide)",
+            )
+    nuc = require_supported(
+        nuclide, path=str(path) if path else None, tag=nuclide_source if nuclide_source != "caller" else "nuclide"
+    )
+
+    # start
+    if start is not None:
+        start_source = "caller"
+    else:
+        dt, _ = _parse_dt(getattr(item, "RadiopharmaceuticalStartDateTime", None))
+        if dt is not None:
+            start, start_source = dt, _tag("RadiopharmaceuticalStartDateTime")
+        else:
+            t = _parse_tm(getattr(item, "RadiopharmaceuticalStartTime", None))
+            if t is not None:
+                raise VoxeldoseError(
+                    "only the time of injection is given, not its date; the date cannot be assumed "
+                    "(post-therapy scans are days after injection)",
+                    path=path,
+                    tag=f"{rp_tag} > {_tag('RadiopharmaceuticalStartTime')}",
+                    expected="RadiopharmaceuticalStartDateTime (0018,1078), or pass the injection date and time",
+                    found=str(item.RadiopharmaceuticalStartTime),
+                )
+            raise VoxeldoseError(
+                "the injection time is missing",
+                path=path,
+                tag=f"{rp_tag} > {_tag('RadiopharmaceuticalStartDateTime')}",
+                expected="the injection date and time (or pass them)",
+            )
+
+    # activity
+    if activity_bq is not None:
+        activity_source = "caller"
+    else:
+        raw = getattr(item, "RadionuclideTotalDose", None)
+        if raw is None or str(raw).strip() == "":
+            raise VoxeldoseError(
+                "the injected activity is missing",
+                path=path,
+                tag=f"{rp_tag} > {_tag('RadionuclideTotalDose')}",
+                expected="the administered activity (MBq in NM objects), or pass it",
+            )
+        is_pet = str(ds.SOPClassUID) == _PET
+        activity_bq = float(raw) * (1.0 if is_pet else 1.0e6)
+        activity_source = _tag("RadionuclideTotalDose") + (" [Bq, PET]" if is_pet else " [MBq, NM]")
+    lo, hi = PLAUSIBLE_THERAPY_BQ
+    if not (lo <= activity_bq <= hi):
+        raise VoxeldoseError(
+            f"the injected activity {activity_bq / 1e6:g} MBq is not a plausible therapeutic activity "
+            "— wrong units? (NM objects store MBq)",
+            path=path,
+            tag=_tag("RadionuclideTotalDose") if activity_source != "caller" else "activity",
+            expected=f"{lo / 1e6:g}–{hi / 1e6:g} MBq",
+            found=activity_bq / 1e6,
+        )
+    return InjectionInfo(
+        nuclide=nuc.name,
+        activity_bq=float(activity_bq),
+        start=start,
+        radiopharmaceutical=str(getattr(item, "Radiopharmaceutical", "") or "") or None,
+        start_source=start_source,
+        activity_source=activity_source,
+    )
+
+
+# ----------------------------------------------------------------------------------- grouping
+def load_cycle(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Index,
+    *,
+    patient_id: str | None = None,
+    injection_start: datetime | None = None,
+    activity_bq: float | None = None,
+    nuclide: str | None = None,
+    acquisition_times: dict[str, datetime] | None = None,
+) -> Cycle:
+    """Read the inputs and return the one therapy cycle they hold; raise on the first error.
+
+    ``acquisition_times`` maps a SPECT SeriesInstanceUID to its acquisition start when the files do not
+    carry one.  The caller's injection values override the files' (and are recorded as "caller").
+    """
+    index = paths if isinstance(paths, Index) else scan(paths)
+    cycles, problems = group_cycles(
+        index,
+        injection_start=injection_start,
+        activity_bq=activity_bq,
+        nuclide=nuclide,
+        acquisition_times=acquisition_times,
+    )
+    errors = [p for p in index.problems + problems if p.severity == "error"]
+    if patient_id is not None:
+        cycles = [c for c in cycles if c.patient_id == patient_id]
+    if errors:
+        e = errors[0]
+        more = f" (and {len(errors) - 1} more problem(s); run 'voxeldose inspect' to list them)" if len(errors) > 1 else ""
+        raise VoxeldoseError(e.message + more, tag=None)
+    if not cycles:
+        raise VoxeldoseError(
+            "no reconstructed SPECT found", expected="at least one NM RECON TOMO series with its injection"
+        )
+    if len(cycles) > 1:
+        desc = "; ".join(f"patient {c.patient_id}, injection {c.injection.start:%Y-%m-%d %H:%M}" for c in cycles)
+        raise VoxeldoseError(
+            f"the inputs hold {len(cycles)} therapy cycles ({desc}); give one cycle at a time",
+            expected="one patient and one injection",
+        )
+    return cycles[0]
+
+
+def group_cycles(
+    index: Index,
+    *,
+    injection_start: datetime | None = None,
+    activity_bq: float | None = None,
+    nuclide: str | None = None,
+    acquisition_times: dict[str, datetime] | None = None,
+) -> tuple[list[Cycle], list[Problem]]:
+    """Group SPECT series into time points (with their CT) and time points into cycles.
+
+    A cycle is one patient and one injection (start within :data:`SAME_INJECTION_S`, activity within
+    1 %).  A time point's CT is the CT series with the SPECT's FrameOfReferenceUID (hybrid SPECT/CT).
+    """
+    problems: list[Problem] = []
+    patients = index.patients()
+    if len(patients) > 1:
+        listing = ", ".join(f"{pid!r} ({name})" for pid, name in sorted(patients.items()))
+        first_paths = {}
+        for s in index.series.values():
+            first_paths.setdefault(s.patient_id, s.instances[0].path)
+        problems.append(
+            Problem(
+                "error",
+                f"mixed patients in one input: {listing}; give one patient's data per job",
+                str(sorted(first_paths.values())[-1]),
+                _tag("PatientID"),
+            )
+        )
+    cts_by_for: dict[str | None, list[Series]] = defaultdict(list)
+    for ct in index.by_kind("ct"):
+        try:
+            _ct_geometry(ct)
+        except VoxeldoseError as err:
+            problems.append(Problem.from_error(err))
+            continue
+        cts_by_for[ct.frame_of_reference_uid].append(ct)
+
+    entries: list[tuple[TimePoint, InjectionInfo, str]] = []
+    for sp in index.by_kind("spect"):
+        hdr, path = sp.first, sp.instances[0].path
+        try:
+            _spect_geometry(sp)
+            inj = injection_from_header(hdr, path, start=injection_start, activity_bq=activity_bq, nuclide=nuclide)
+            if acquisition_times and sp.series_instance_uid in acquisition_times:
+                acq, acq_src = acquisition_times[sp.series_instance_uid], "caller"
+            else:
+                acq, acq_src = acquisition_datetime(hdr, path)
+            spect_pixel_mode(hdr, path)
+        except VoxeldoseError as err:
+            problems.append(Problem.from_error(err))
+            continue
+        cts = cts_by_for.get(sp.frame_of_reference_uid, [])
+        ct = None
+        if not cts:
+            problems.append(
+                Problem(
+                    "warning",
+                    f"SPECT {sp.description!r} has no CT with its FrameOfReferenceUID: no attenuation map, "
+                    "no registration, no density correction for this time point",
+                    str(path),
+                    _tag("FrameOfReferenceUID"),
+                )
+            )
+        else:
+            ct = min(cts, key=lambda c: _time_gap(c, acq))
+            if len(cts) > 1:
+                problems.append(
+                    Problem(
+                        "warning",
+                        f"{len(cts)} CT series share the SPECT's frame of reference; using {ct.description!r}, "
+                        "the one acquired closest in time",
+                        str(ct.instances[0].path),
+                        _tag("FrameOfReferenceUID"),
+                    )
+                )
+        tp = TimePoint(sp, ct, acq, acq_src)
+        entries.append((tp, inj, sp.patient_id))
+
+    cycles: list[Cycle] = []
+    for tp, inj, pid in entries:
+        for c in cycles:
+            same = (
+                c.patient_id == pid
+                and abs((c.injection.start - inj.start).total_seconds()) <= SAME_INJECTION_S
+                and math.isclose(c.injection.activity_bq, inj.activity_bq, rel_tol=0.01)
+            )
+            if same:
+                c.timepoints.append(tp)
+                break
+        else:
+            cycles.append(Cycle(pid, tp.spect.patient_name, inj, [tp], [], []))
+
+    for c in cycles:
+        c.timepoints.sort(key=lambda tp: tp.acquisition)
+        for tp in c.timepoints:
+            tp.hours_after_injection = (tp.acquisition - c.injection.start).total_seconds() / 3600.0
+            if tp.hours_after_injection <= 0:
+                problems.append(
+                    Problem(
+                        "error",
+                        f"SPECT acquired {tp.acquisition:%Y-%m-%d %H:%M} is not after the injection "
+                        f"({c.injection.start:%Y-%m-%d %H:%M})",
+                        str(tp.spect.instances[0].path),
+                        tp.acquisition_source,
+                    )
+                )
+        for a, b in zip(c.timepoints, c.timepoints[1:]):
+            if abs((b.acquisition - a.acquisition).total_seconds()) < 60:
+                problems.append(
+                    Problem(
+                        "error",
+                        f"two SPECT series acquired at the same time ({a.acquisition:%Y-%m-%d %H:%M}): "
+                        f"{a.spect.description!r} and {b.spect.description!r}",
+                        str(b.spect.instances[0].path),
+                        b.acquisition_source,
+                    )
+                )
+        fors = {tp.spect.frame_of_reference_uid for tp in c.timepoints}
+        for s in index.series.values():
+            if s.patient_id != c.patient_id:
+                continue
+            if s.kind in ("rtstruct", "seg") and s.frame_of_reference_uid in fors:
+                c.vois.append(s)
+            elif s.kind == "rtdose":
+                c.rtdoses.append(s)
+    voi_series = {s.series_instance_uid for c in cycles for s in c.vois}
+    for s in index.series.values():
+        if s.kind in ("rtstruct", "seg") and s.series_instance_uid not in voi_series:
+            problems.append(
+                Problem(
+                    "warning",
+                    f"{s.kind.upper()} {s.description!r} is on a frame of reference no time point has; not used",
+                    str(s.instances[0].path),
+                    _tag("FrameOfReferenceUID"),
+                )
+            )
+    return cycles, problems
+
+
+def _time_gap(series: Series, when: datetime) -> float:
+    try:
+        acq, _ = acquisition_datetime(series.first)
+    except VoxeldoseError:
+        return math.inf
+    return abs((acq - when).total_seconds())
+
+
+# ------------------------------------------------------------------------------------ geometry
+def _require(ds: Dataset, keyword: str, path: Path | str, expected: str) -> Any:
+    value = getattr(ds, keyword, None)
+    if value is None or (isinstance(value, (str, bytes)) and not str(value).strip()) or (
+        hasattr(value, "__len__") and not isinstance(value, (str, bytes)) and len(value) == 0
+    ):
+        raise VoxeldoseError("required attribute missing", path=path, tag=_tag(keyword), expected=expected)
+    return value
+
+
+def _floats(value: Any, n: int, ds_path: Path | str, keyword: str) -> np.ndarray:
+    try:
+        arr = np.array([float(v) for v in (value if hasattr(value, "__iter__") and not isinstance(value, str) else [value])])
+    except (TypeError, ValueError):
+        raise VoxeldoseError("value is not numeric", path=ds_path, tag=_tag(keyword), expected=f"{n} numbers", found=value) from None
+    if arr.size != n or not np.all(np.isfinite(arr)):
+        raise VoxeldoseError("wrong number of values", path=ds_path, tag=_tag(keyword), expected=f"{n} numbers", found=list(arr))
+    return arr
+
+
+@dataclass(frozen=True)
+class _StackGeometry:
+    affine: np.ndarray
+    order: list[int]  # instance order along the slice normal (per-slice storage)
+    shape: tuple[int, int, int]
+
+
+def _stack_geometry(series: Series, what: str) -> _StackGeometry:
+    """Sort single-frame slices along the slice normal and check the spacing is uniform."""
+    positions, orient, spacing = [], None, None
+    for inst in series.instances:
+        ds, path = inst.header, inst.path
+        iop = _floats(_require(ds, "ImageOrientationPatient", path, "six direction cosines"), 6, path, "ImageOrientationPatient")
+        ipp = _floats(_require(ds, "ImagePositionPatient", path, "the x, y, z of the first voxel, mm"), 3, path, "ImagePositionPatient")
+        ps = _floats(_require(ds, "PixelSpacing", path, "row and column spacing, mm"), 2, path, "PixelSpacing")
+        if orient is None:
+            orient, spacing = iop, ps
+        elif not np.allclose(iop, orient, atol=1e-4):
+            raise VoxeldoseError(
+                f"{what} slices have different orientations", path=path, tag=_tag("ImageOrientationPatient"),
+                expected=list(np.round(orient, 5)), found=list(iop),
+            )
+        positions.append(ipp)
+    normal = np.cross(orient[:3], orient[3:])
+    dist = np.array([p @ normal for p in positions])
+    order = list(np.argsort(dist, kind="stable"))
+    n = len(order)
+    if n >= 2:
+        d = np.diff(dist[order])
+        step = float(np.median(d))
+        if step <= 1e-6 or np.any(np.abs(d - step) > SLICE_SPACING_RTOL * step + 1e-3):
+            bad = int(np.argmax(np.abs(d - step)))
+            raise VoxeldoseError(
+                f"{what} series {series.description!r} has inconsistent slice spacing: "
+                f"gap of {d[bad]:.3f} mm between slices where the series' spacing is {step:.3f} mm "
+                "(missing, duplicated or mixed slices?)",
+                path=series.instances[order[bad + 1]].path,
+                tag=_tag("ImagePositionPatient"),
+                expected=f"uniform spacing {step:.3f} mm",
+                found=f"{d[bad]:.3f} mm",
+            )
+        slice_vec = (positions[order[-1]] - positions[order[0]]) / (n - 1)
+    else:
+        thick = getattr(series.first, "SliceThickness", None) or getattr(series.first, "SpacingBetweenSlices", None)
+        if thick is None:
+            raise VoxeldoseError(
+                f"single-slice {what} without SliceThickness", path=series.instances[0].path,
+                tag=_tag("SliceThickness"), expected="slice thickness, mm",
+            )
+        slice_vec = normal * float(thick)
+    ds0 = series.instances[order[0]].header
+    affine = affine_from_dicom(positions[order[0]], orient, spacing, slice_vec)
+    return _StackGeometry(affine, [int(i) for i in order], (n, int(ds0.Rows), int(ds0.Columns)))
+
+
+def _ct_geometry(series: Series) -> _StackGeometry:
+    for inst in series.instances:
+        nf = int(getattr(inst.header, "NumberOfFrames", 1) or 1)
+        if nf != 1:
+            raise VoxeldoseError("multi-frame CT is not supported", path=inst.path, tag=_tag("NumberOfFrames"), expected="1", found=nf)
+    return _stack_geometry(series, "CT")
+
+
+def _nm_slice_header(ds: Dataset) -> Dataset:
+    """A per-slice NM instance with its position in the Detector Information Sequence: lift it up."""
+    if "ImagePositionPatient" in ds or "DetectorInformationSequence" not in ds:
+        return ds
+    det = ds.DetectorInformationSequence[0]
+    out = Dataset()
+    out.update(ds)
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient"):
+        if kw in det:
+            setattr(out, kw, getattr(det, kw))
+    return out
+
+
+def _spect_geometry(series: Series) -> _StackGeometry:
+    """Geometry of a reconstructed SPECT (multi-frame RECON TOMO or per-slice storage)."""
+    if len(series.instances) > 1:
+        lifted = Series(**{**series.__dict__, "instances": [
+            Instance(i.path, i.sop_instance_uid, i.sop_class_uid, _nm_slice_header(i.header)) for i in series.instances
+        ]})
+        for inst in lifted.instances:
+            nf = int(getattr(inst.header, "NumberOfFrames", 1) or 1)
+            if nf != 1:
+                raise VoxeldoseError(
+                    "a SPECT series with several multi-frame objects: which one is the volume is ambiguous",
+                    path=inst.path, tag=_tag("NumberOfFrames"), expected="one multi-frame object or single-frame slices",
+                    found=nf,
+                )
+        return _stack_geometry(lifted, "SPECT")
+    ds, path = series.first, series.instances[0].path
+    det_seq = getattr(ds, "DetectorInformationSequence", None)
+    if not det_seq:
+        raise VoxeldoseError(
+            "reconstructed SPECT without a Detector Information Sequence: its position and orientation are unknown",
+            path=path, tag=_tag("DetectorInformationSequence"),
+            expected="an item with ImagePositionPatient and ImageOrientationPatient",
+        )
+    det = det_seq[0]
+    if "ImageOrientationPatient" not in det:
+        raise VoxeldoseError(
+            "missing orientation: the SPECT's orientation is not given and will not be guessed",
+            path=path, tag=f"{_tag('DetectorInformationSequence')} > {_tag('ImageOrientationPatient')}",
+            expected="six direction cosines",
+        )
+    if "ImagePositionPatient" not in det:
+        raise VoxeldoseError(
+            "missing position: the SPECT's first-voxel position is not given",
+            path=path, tag=f"{_tag('DetectorInformationSequence')} > {_tag('ImagePositionPatient')}",
+            expected="the x, y, z of the first voxel, mm",
+        )
+    iop = _floats(det.ImageOrientationPatient, 6, path, "ImageOrientationPatient")
+    ipp = _floats(det.ImagePositionPatient, 3, path, "ImagePositionPatient")
+    ps = _floats(_require(ds, "PixelSpacing", path, "row and column spacing, mm"), 2, path, "PixelSpacing")
+    n = int(_require(ds, "NumberOfFrames", path, "number of slices"))
+    spacing = getattr(ds, "SpacingBetweenSlices", None)
+    if spacing is None or float(spacing) == 0:
+        spacing = getattr(ds, "SliceThickness", None)
+        if spacing is None:
+            raise VoxeldoseError(
+                "the distance between SPECT slices is not given", path=path, tag=_tag("SpacingBetweenSlices"),
+                expected="slice spacing, mm (or SliceThickness)",
+            )
+    spacing = float(spacing)
+    # SpacingBetweenSlices is signed in NM (PS3.3 C.8.4.15): negative means slices go against X × Y.
+    normal = np.cross(iop[:3], iop[3:])
+    sv = getattr(ds, "SliceVector", None)
+    if sv is not None and len(sv) != n:
+        raise VoxeldoseError(
+            "SliceVector does not list one entry per frame", path=path, tag=_tag("SliceVector"),
+            expected=f"{n} values", found=len(sv),
+        )
+    if sv is not None and list(map(int, sv)) != list(range(1, n + 1)):
+        order = [int(v) - 1 for v in sv]
+    else:
+        order = list(range(n))
+    affine = affine_from_dicom(ipp, iop, ps, normal * spacing)
+    return _StackGeometry(affine, order, (n, int(ds.Rows), int(ds.Columns)))
+
+
+# ------------------------------------------------------------------------------------ pixels
+def spect_pixel_mode(ds: Dataset, path: Path | str | None = None) -> PixelMode:
+    """How a SPECT's stored values map to activity: RWV Bq/ml, Units BQML, or counts."""
+    if _rwvm_item(ds) is not None:
+        return "bqml-rwvm"
+    units = str(getattr(ds, "Units", "") or "").upper()
+    if units == "BQML":
+        return "bqml-units"
+    if units not in ("", "CNTS", "COUNTS"):
+        raise VoxeldoseError(
+            f"SPECT pixel units {units!r} are not supported", path=path, tag=_tag("Units"),
+            expected="BQML, CNTS, or a Real World Value Mapping in Bq/ml", found=units,
+        )
+    return "counts"
+
+
+def _rwvm_item(ds: Dataset) -> Dataset | None:
+    for item in getattr(ds, "RealWorldValueMappingSequence", None) or []:
+        for code in getattr(item, "MeasurementUnitsCodeSequence", None) or []:
+            if str(getattr(code, "CodeValue", "")).lower() in ("bq/ml", "bq/cm3"):
+                return item
+    for frame in getattr(ds, "SharedFunctionalGroupsSequence", None) or []:
+        for pvm in getattr(frame, "RealWorldValueMappingSequence", None) or []:
+            for code in getattr(pvm, "MeasurementUnitsCodeSequence", None) or []:
+                if str(getattr(code, "CodeValue", "")).lower() in ("bq/ml", "bq/cm3"):
+                    return pvm
+    return None
+
+
+@dataclass(frozen=True)
+class SpectImage:
+    """A reconstructed SPECT: values as stored and what they mean.
+
+    ``volume.units`` is ``"Bq/ml"`` for quantitative series and ``"counts"`` otherwise.  For counts,
+    ``acquisition_duration_s`` (= ActualFrameDuration × NumberOfFramesInRotation of the Rotation
+    Information Sequence, s) is what a calibration factor in cps/MBq needs.
+    """
+
+    volume: Volume
+    pixel_mode: PixelMode
+    acquisition_duration_s: float | None
+    frame_duration_ms: float | None
+    frames_in_rotation: int | None
+    total_counts: float | None
+
+
+def _pixels(inst: Instance) -> np.ndarray:
+    ds = pydicom.dcmread(inst.path)
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
+        raise VoxeldoseError(
+            f"pixel data cannot be decoded ({exc})", path=inst.path, tag=_tag("PixelData"),
+            expected="uncompressed or supported-compressed pixel data",
+        ) from None
+
+
+def read_spect(series: Series) -> SpectImage:
+    """Read a SPECT series into a :class:`SpectImage` (float64 values)."""
+    geo = _spect_geometry(series)
+    ds, path = series.first, series.instances[0].path
+    if len(series.instances) == 1:
+        arr = _pixels(series.instances[0]).astype(np.float64)
+        if arr.ndim == 2:
+            arr = arr[None]
+        arr = arr[geo.order]
+    else:
+        arr = np.stack([_pixels(series.instances[i]).astype(np.float64) for i in geo.order])
+    mode = spect_pixel_mode(ds, path)
+    if mode == "bqml-rwvm":
+        item = _rwvm_item(ds)
+        slope = float(getattr(item, "RealWorldValueSlope", 1.0))
+        intercept = float(getattr(item, "RealWorldValueIntercept", 0.0))
+        if "RealWorldValueLUTData" in item:
+            raise VoxeldoseError("Real World Value LUTs are not supported", path=path, tag=_tag("RealWorldValueLUTData"), expected="a slope and intercept")
+        values, units = arr * slope + intercept, "Bq/ml"
+    elif mode == "bqml-units":
+        if len(series.instances) == 1:
+            slope = float(getattr(ds, "RescaleSlope", 1.0))
+            intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+            values = arr * slope + intercept
+        else:
+            slopes = np.array([float(getattr(series.instances[i].header, "RescaleSlope", 1.0)) for i in geo.order])
+            inters = np.array([float(getattr(series.instances[i].header, "RescaleIntercept", 0.0)) for i in geo.order])
+            values = arr * slopes[:, None, None] + inters[:, None, None]
+        units = "Bq/ml"
+    else:
+        values, units = arr, "counts"
+    rot = (getattr(ds, "RotationInformationSequence", None) or [None])[0]
+    frame_ms = getattr(rot, "ActualFrameDuration", None) if rot is not None else None
+    if frame_ms is None:
+        frame_ms = getattr(ds, "ActualFrameDuration", None)
+    frames = getattr(rot, "NumberOfFramesInRotation", None) if rot is not None else None
+    frame_ms = float(frame_ms) if frame_ms is not None else None
+    frames = int(frames) if frames is not None else None
+    duration = frame_ms / 1000.0 * frames if (frame_ms and frames) else None
+    vol = Volume(values, geo.affine, series.frame_of_reference_uid, units,
+                 {"series_instance_uid": series.series_instance_uid, "modality": "NM"})
+    return SpectImage(vol, mode, duration, frame_ms, frames, float(arr.sum()) if mode == "counts" else None)
+
+
+def read_ct(series: Series) -> Volume:
+    """Read a CT series into a Volume in HU (float32), slices sorted along the normal."""
+    geo = _ct_geometry(series)
+    slices = []
+    for i in geo.order:
+        inst = series.instances[i]
+        px = _pixels(inst).astype(np.float32)
+        slope = float(getattr(inst.header, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(inst.header, "RescaleIntercept", 0.0) or 0.0)
+        slices.append(px * slope + intercept)
+    shapes = {s.shape for s in slices}
+    if len(shapes) != 1:
+        raise VoxeldoseError("CT slices have different sizes", path=series.instances[0].path, tag=_tag("Rows"), expected="equal Rows and Columns", found=sorted(shapes))
+    return Volume(np.stack(slices), geo.affine, series.frame_of_reference_uid, "HU",
+                  {"series_instance_uid": series.series_instance_uid, "modality": "CT"})
+
+
+def read_rtdose(series: Series) -> Volume:
+    """Read an RT Dose (a dose imported from elsewhere) into a Volume in Gy."""
+    inst = series.instances[0]
+    ds, path = inst.header, inst.path
+    units = str(getattr(ds, "DoseUnits", "")).upper()
+    if units != "GY":
+        raise VoxeldoseError("RT Dose not in Gy", path=path, tag=_tag("DoseUnits"), expected="GY", found=units)
+    iop = _floats(_require(ds, "ImageOrientationPatient", path, "six direction cosines"), 6, path, "ImageOrientationPatient")
+    ipp = _floats(_require(ds, "ImagePositionPatient", path, "x, y, z of the first voxel"), 3, path, "ImagePositionPatient")
+    ps = _floats(_require(ds, "PixelSpacing", path, "row and column spacing"), 2, path, "PixelSpacing")
+    offsets = np.array([float(v) for v in _require(ds, "GridFrameOffsetVector", path, "offsets of each frame, mm")])
+    n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if offsets.size != n:
+        raise VoxeldoseError("GridFrameOffsetVector length differs from NumberOfFrames", path=path, tag=_tag("GridFrameOffsetVector"), expected=f"{n} values", found=offsets.size)
+    normal = np.cross(iop[:3], iop[3:])
+    if n > 1:
+        d = np.diff(offsets)
+        if np.any(np.abs(d - d[0]) > SLICE_SPACING_RTOL * abs(d[0]) + 1e-3):
+            raise VoxeldoseError("RT Dose frames are not evenly spaced", path=path, tag=_tag("GridFrameOffsetVector"), expected="uniform spacing", found=list(offsets))
+        step = float(d[0])
+    else:
+        step = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
+    affine = affine_from_dicom(ipp + normal * offsets[0], iop, ps, normal * step)
+    arr = _pixels(inst).astype(np.float64)
+    if arr.ndim == 2:
+        arr = arr[None]
+    scale = float(_require(ds, "DoseGridScaling", path, "Gy per stored value"))
+    return Volume(arr * scale, affine, series.frame_of_reference_uid, "Gy",
+                  {"series_instance_uid": series.series_instance_uid, "modality": "RTDOSE"})
+
+
+def roi_names(series: Series) -> list[str]:
+    """ROI names of an RTSTRUCT or segment labels of a SEG."""
+    ds = series.first
+    if series.kind == "rtstruct":
+        return [str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", None) or []]
+    if series.kind == "seg":
+        return [str(s.SegmentLabel) for s in getattr(ds, "SegmentSequence", None) or []]
+    return []

@@ -1,0 +1,87 @@
+"""Radionuclide data from ICRP Publication 107 (Eckerman & Endo 2008), via PyPI ``icrp107-database``.
+
+ICRP-107 is the reference for half-lives and emissions used in dosimetry (MIRD, OLINDA).  The
+package ships one JSON file per nuclide with ``half_life``, ``time_unit`` and ``emissions`` as
+(energy MeV, yield per decay) pairs by radiation type.  Data, not code: adding Y-90, I-131 or
+Ac-225 means adding its name to :data:`SUPPORTED`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from .errors import VoxeldoseError
+
+#: Nuclides voxeldose can compute dose for (kernels validated).
+SUPPORTED: tuple[str, ...] = ("Lu-177",)
+
+_TIME_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "y": 365.25 * 86400.0}
+"""ICRP-107 time units in seconds (ICRP-107 uses the Julian year, 365.25 d)."""
+
+
+@dataclass(frozen=True)
+class Nuclide:
+    """One nuclide's ICRP-107 record.
+
+    ``emissions[kind]`` is a tuple of ``(energy_MeV, yield_per_decay)`` pairs; for ``"b-spectra"``
+    the pairs are the β spectrum (energy MeV, probability density per MeV per decay).
+    """
+
+    name: str
+    half_life_s: float
+    emissions: dict[str, tuple[tuple[float, float], ...]]
+
+    @property
+    def decay_constant_per_s(self) -> float:
+        """λ = ln 2 / T½, s⁻¹."""
+        return math.log(2.0) / self.half_life_s
+
+
+def canonical_name(name: str) -> str:
+    """Normalise 'Lu177', 'lu-177', '177Lu', '^177^Lutetium' to ICRP-107's 'Lu-177'."""
+    s = name.strip().replace("^", "").replace(" ", "")
+    low = s.lower()
+    for full, sym in (("lutetium", "lu"), ("yttrium", "y"), ("iodine", "i"), ("actinium", "ac")):
+        low = low.replace(full, sym)
+    digits = "".join(c for c in low if c.isdigit())
+    letters = "".join(c for c in low if c.isalpha())
+    meta = ""
+    if letters.endswith("m") and letters not in ("m",) and len(letters) > 1 and letters[:-1] in ("lu", "tc", "in"):
+        letters, meta = letters[:-1], "m"
+    if not digits or not letters:
+        return name.strip()
+    return f"{letters.capitalize()}-{digits}{meta}"
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> Nuclide:
+    """Load a nuclide's ICRP-107 record (any spelling :func:`canonical_name` accepts)."""
+    canon = canonical_name(name)
+    try:
+        text = resources.files("icrp107_database").joinpath("icrp107", f"{canon}.json").read_text()
+    except FileNotFoundError:
+        raise VoxeldoseError(
+            f"radionuclide {name!r} is not in the ICRP-107 database", expected="a nuclide such as 'Lu-177'"
+        ) from None
+    data = json.loads(text)
+    if isinstance(data, str):  # the package stores each record as a JSON-encoded string
+        data = json.loads(data)
+    unit = data["time_unit"]
+    emissions = {
+        kind: tuple((float(e), float(y)) for e, y in pairs) for kind, pairs in data["emissions"].items()
+    }
+    return Nuclide(canon, float(data["half_life"]) * _TIME_UNIT_S[unit], emissions)
+
+
+def require_supported(name: str, *, path: str | None = None, tag: str | None = None) -> Nuclide:
+    """Return the nuclide if voxeldose supports it, else raise 'unsupported nuclide'."""
+    canon = canonical_name(name)
+    if canon not in SUPPORTED:
+        raise VoxeldoseError(
+            f"unsupported nuclide {name!r}", path=path, tag=tag, expected=" or ".join(SUPPORTED), found=name
+        )
+    return load(canon)
