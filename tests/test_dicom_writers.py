@@ -7,7 +7,6 @@ cosines), not taken from the writers' output.
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 from datetime import datetime
 from pathlib import Path
