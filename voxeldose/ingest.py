@@ -363,6 +363,18 @@ def scan(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> In
                 description=str(getattr(ds, "SeriesDescription", "")),
             )
             index.series[suid] = series
+        pid = str(getattr(ds, "PatientID", ""))
+        if pid != series.patient_id:
+            index.problems.append(
+                Problem(
+                    "error",
+                    f"mixed patients in one series: this instance's PatientID {pid!r} differs from the series' "
+                    f"{series.patient_id!r} (first read from {series.instances[0].path})",
+                    str(path),
+                    _tag("PatientID"),
+                )
+            )
+            continue
         series.instances.append(inst)
     if skipped_non_dicom:
         index.problems.append(
