@@ -85,3 +85,58 @@ def require_supported(name: str, *, path: str | None = None, tag: str | None = N
             f"unsupported nuclide {name!r}", path=path, tag=tag, expected=" or ".join(SUPPORTED), found=name
         )
     return load(canon)
+
+
+# ---------------------------------------------------------------------------------------------
+# Emission accessors for dose kernels (additive; the functions above are unchanged).
+#
+# ICRP-107 lists, per decay: the β⁻ branches as (mean energy MeV, yield), the β spectrum
+# ('b-spectra') as (energy MeV, probability density per MeV per decay), discrete electrons
+# ('IE' internal-conversion, 'auger') and photons ('gamma', 'X', 'annihilation') as (MeV, yield).
+# ---------------------------------------------------------------------------------------------
+
+#: ICRP-107 radiation types that are electrons with discrete energies.
+DISCRETE_ELECTRON_KINDS: tuple[str, ...] = ("IE", "auger")
+#: ICRP-107 radiation types that are photons.
+PHOTON_KINDS: tuple[str, ...] = ("gamma", "X", "annihilation")
+
+
+def mean_energy_per_decay_MeV(nuclide: Nuclide, kinds: tuple[str, ...]) -> float:
+    """Σ energy × yield over the listed ICRP-107 radiation types, MeV per decay.
+
+    For ``'beta-'``/``'beta+'`` the ICRP-107 energy is the branch's *mean* β energy, so the sum is the
+    mean β energy per decay (Lu-177: 0.1333 MeV).
+    """
+    return float(sum(e * y for k in kinds for e, y in nuclide.emissions.get(k, ())))
+
+
+def electron_energy_per_decay_MeV(nuclide: Nuclide) -> float:
+    """Mean kinetic energy emitted as electrons per decay (β⁻ + β⁺ + IE + Auger), MeV (Lu-177: 0.1479)."""
+    return mean_energy_per_decay_MeV(nuclide, ("beta-", "beta+") + DISCRETE_ELECTRON_KINDS)
+
+
+def photon_energy_per_decay_MeV(nuclide: Nuclide) -> float:
+    """Mean energy emitted as photons per decay (γ + X + annihilation), MeV (Lu-177: 0.0351)."""
+    return mean_energy_per_decay_MeV(nuclide, PHOTON_KINDS)
+
+
+def photon_lines(nuclide: Nuclide, min_energy_MeV: float = 0.0) -> tuple[tuple[float, float], ...]:
+    """All photon lines (energy MeV, yield per decay) with energy ≥ ``min_energy_MeV``, sorted by energy."""
+    lines = [(e, y) for k in PHOTON_KINDS for e, y in nuclide.emissions.get(k, ()) if e >= min_energy_MeV and y > 0]
+    return tuple(sorted(lines))
+
+
+def discrete_electron_lines(nuclide: Nuclide) -> tuple[tuple[float, float], ...]:
+    """Conversion and Auger electron lines (kinetic energy MeV, yield per decay), sorted by energy."""
+    lines = [(e, y) for k in DISCRETE_ELECTRON_KINDS for e, y in nuclide.emissions.get(k, ()) if y > 0]
+    return tuple(sorted(lines))
+
+
+def beta_spectrum(nuclide: Nuclide) -> tuple[tuple[float, float], ...]:
+    """The ICRP-107 β⁻ spectrum as (energy MeV, probability density per MeV per decay) pairs ('b-spectra').
+
+    Empty for nuclides without β⁻ decay.  The tabulated density integrates (trapezoid) to the total β
+    yield within the table's discretisation (Lu-177: 1.0017 vs 1.0000); use
+    :func:`mean_energy_per_decay_MeV` with ``('beta-',)`` for the exact mean β energy per decay.
+    """
+    return tuple(nuclide.emissions.get("b-spectra", ()))
