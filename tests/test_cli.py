@@ -139,3 +139,21 @@ def test_demo_runs_every_existing_stage(tmp_path: Path) -> None:
 def test_phantom_cli_rejects_bad_hours(tmp_path: Path) -> None:
     res = run("phantom", "--out", str(tmp_path), "--hours", "4,x")
     assert res.returncode == 2 and "--hours" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_kernel_command_prints_energy_balance(tmp_path: Path) -> None:
+    out = tmp_path / "k.npy"
+    res = run("kernel", "--nuclide", "Lu-177", "--voxel-mm", "4.8", "--medium", "soft-tissue", "--size", "11", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    k = np.load(out)
+    assert k.shape == (11, 11, 11) and np.unravel_index(np.argmax(k), k.shape) == (5, 5, 5)
+    assert "electrons" in res.stdout and "photons" in res.stdout
+    # The self-voxel value lies below the local-deposition limit E_e/(ρV): 147.9 keV per decay (ICRP-107)
+    # in 4.8³ mm³ of unit-density tissue → 2.143e-10 Gy/(Bq·s)
+    led = 147.92e3 * 1.602176634e-19 / (4.8**3 * 1e-6)
+    assert 0.85 * led < k[5, 5, 5] < led
+
+
+def test_kernel_command_rejects_bad_voxel(tmp_path: Path) -> None:
+    res = run("kernel", "--voxel-mm", "4.8,x", "--out", str(tmp_path / "k.npy"))
+    assert res.returncode == 2 and "--voxel-mm" in res.stderr and "Traceback" not in res.stderr

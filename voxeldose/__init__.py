@@ -11,9 +11,17 @@ from importlib.metadata import PackageNotFoundError, version
 from .errors import VoxeldoseError
 from .geometry import Grid, Volume, resample
 
+
+def absorbed_dose(tia, nuclide="Lu-177", method="dvk", density=None, **kwargs):  # noqa: ANN001, ANN201
+    """Absorbed dose (Gy) from a time-integrated activity Volume (Bq·s); see :func:`voxeldose.dose.absorbed_dose`."""
+    from .dose import absorbed_dose as _absorbed_dose
+
+    return _absorbed_dose(tia, nuclide=nuclide, method=method, density=density, **kwargs)
+
+
 try:
     __version__ = version("voxeldose")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Grid", "Volume", "VoxeldoseError", "resample", "__version__"]
+__all__ = ["Grid", "Volume", "VoxeldoseError", "absorbed_dose", "resample", "__version__"]
