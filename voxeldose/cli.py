@@ -2,6 +2,9 @@
 
     voxeldose phantom --out DIR [--seed N] [--hours 4,24,96,168] [--bqml] [--small]
     voxeldose inspect DIR [--json] [--injection-datetime ISO] [--activity-mbq A] [--nuclide Lu-177]
+    voxeldose run DIR [DIR|FILE ...] --out OUT [--calibration CPS_PER_MBQ] [--method dvk|dvk-density|led]
+                  [--fit auto|monoexp|biexp|triexp|trapezoid|stp] [--spec job.json]
+    voxeldose kernel --nuclide Lu-177 --voxel-mm 4.8[,4.8,4.8] --medium soft-tissue --size 51 --out k.npy
     voxeldose demo [--out DIR]
 
 Bad input ends with one line ``error: …`` naming the file, the tag and what was expected, and exit
@@ -56,6 +59,25 @@ def _build_parser() -> argparse.ArgumentParser:
     ins.add_argument("paths", nargs="+", type=Path, help="DICOM folders (recursive) or files")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_injection_options(ins)
+
+    run = sub.add_parser("run", help="dosimetry for one cycle: RT Dose, summary.json, report.html")
+    run.add_argument("paths", nargs="+", type=Path, help="DICOM folders (recursive) or files of one cycle")
+    run.add_argument("--out", required=True, type=Path, help="output folder")
+    run.add_argument("--spec", type=Path, default=None, help="job description (JSON); options below override it")
+    run.add_argument("--calibration", type=float, default=None, metavar="CPS_PER_MBQ",
+                     help="camera volume sensitivity, cps/MBq (needed for count-valued SPECT)")
+    run.add_argument("--method", choices=["dvk", "dvk-density", "led"], default=None, help="dose method (default dvk)")
+    run.add_argument("--fit", choices=["auto", "monoexp", "biexp", "triexp", "trapezoid", "stp"], default=None,
+                     help="VOI time-activity model (default auto: AICc)")
+    run.add_argument("--cycle", type=int, default=None, help="cycle number of this therapy (default 1)")
+    _add_injection_options(run)
+
+    kern = sub.add_parser("kernel", help="build a dose-voxel kernel (Gy per Bq·s) and print its energy balance")
+    kern.add_argument("--nuclide", default="Lu-177")
+    kern.add_argument("--voxel-mm", required=True, help="voxel size, mm: one value or di,dj,dk")
+    kern.add_argument("--medium", default="soft-tissue", choices=["water", "soft-tissue", "cortical-bone", "lung"])
+    kern.add_argument("--size", type=int, default=51, help="kernel size in voxels (odd)")
+    kern.add_argument("--out", required=True, type=Path, help="output .npy")
 
     demo = sub.add_parser("demo", help="run the main job on the embedded synthetic patient")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default ./demo-output)")
@@ -157,13 +179,94 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if rep["ok"] else 1
 
 
+def build_spec(args: argparse.Namespace) -> "Any":
+    """A JobSpec from ``--spec`` and the command-line options (options win)."""
+    from .spec import JobSpec
+
+    base: dict[str, Any] = {}
+    if args.spec is not None:
+        try:
+            base = json.loads(args.spec.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise VoxeldoseError(f"cannot read the job description ({exc})", path=args.spec, expected="a JSON object") from None
+    base["inputs"] = [str(p) for p in args.paths]
+    if args.calibration is not None:
+        base.setdefault("calibration", {})["cps_per_mbq"] = args.calibration
+        base["calibration"].setdefault("source", "command line --calibration")
+    if args.method is not None:
+        base.setdefault("dose", {})["method"] = args.method
+    if args.fit is not None:
+        base.setdefault("fit", {})["model"] = args.fit
+    if args.cycle is not None:
+        base["cycle_number"] = args.cycle
+    inj = base.setdefault("injection", {})
+    if args.injection_datetime is not None:
+        inj["datetime"] = args.injection_datetime.isoformat()
+    if args.activity_mbq is not None:
+        inj["activity_mbq"] = args.activity_mbq
+    if args.nuclide is not None:
+        inj["nuclide"] = args.nuclide
+    try:
+        return JobSpec.model_validate(base)
+    except Exception as exc:  # pydantic.ValidationError
+        raise VoxeldoseError(f"invalid job description: {exc}", path=args.spec, tag="spec") from None
+
+
+def _progress_printer() -> "Any":
+    last = {"stage": None, "t": time.perf_counter()}
+
+    def progress(stage: str, frac: float) -> None:
+        if stage != last["stage"]:
+            now = time.perf_counter()
+            if last["stage"] is not None:
+                print(f"  {last['stage']:<14} done in {now - last['t']:5.1f} s", flush=True)
+            last.update(stage=stage, t=now)
+    return progress
+
+
+def run_and_write(spec: Any, out: Path) -> dict[str, Path]:
+    """Run the pipeline with progress lines, write the outputs, print the console table."""
+    from .pipeline import run, write_outputs
+    from .report import console_table
+
+    result = run(spec, progress=_progress_printer())
+    paths = write_outputs(result, out)
+    print()
+    print(console_table(result.summary))
+    for w in result.warnings:
+        print(f"warning: {w}")
+    print()
+    for key, p in paths.items():
+        print(f"{key:<8} {p}")
+    return paths
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = build_spec(args)
+    run_and_write(spec, args.out)
+    return 0
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from .kernels import kernel_command
+
+    try:
+        voxel = [float(v) for v in str(args.voxel_mm).split(",")]
+    except ValueError:
+        raise VoxeldoseError("--voxel-mm expects one number or three comma-separated numbers (mm)", found=args.voxel_mm) from None
+    if len(voxel) not in (1, 3) or any(v <= 0 for v in voxel):
+        raise VoxeldoseError("--voxel-mm expects one or three positive sizes in mm", found=args.voxel_mm)
+    print(kernel_command(args.nuclide, voxel[0] if len(voxel) == 1 else tuple(voxel), args.medium, args.size, args.out))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, small=args.small)
 
 
-COMMANDS = {"phantom": cmd_phantom, "inspect": cmd_inspect, "demo": cmd_demo}
+COMMANDS = {"phantom": cmd_phantom, "inspect": cmd_inspect, "run": cmd_run, "kernel": cmd_kernel, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
