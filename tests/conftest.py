@@ -24,4 +24,7 @@ def dciodvfy_exe() -> str:
 def dciodvfy_errors(exe: str, path: Path) -> list[str]:
     """Lines of dciodvfy's report on ``path`` that are errors."""
     res = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error") or " Error " in line]
+    errors = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error") or " Error " in line]
+    if res.returncode < 0:  # the validator crashed (e.g. an assertion on 32-bit pixel data): not a pass
+        errors.append(f"dciodvfy crashed with signal {-res.returncode}: {(res.stderr or res.stdout)[-200:]}")
+    return errors

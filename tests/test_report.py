@@ -1,0 +1,218 @@
+"""Tests of voxeldose.report: one self-contained HTML file, escaped text, robust to missing keys."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voxeldose.geometry import Volume
+from voxeldose.report import console_table, render_report
+
+SHAPE = (12, 20, 24)  # (k, j, i)
+AFFINE = np.diag([4.8, 4.8, 4.8, 1.0])
+AFFINE[:3, 3] = [-57.6, -48.0, -28.8]
+EVIL = "<script>alert('x')</script>"
+
+
+def _masks() -> dict[str, np.ndarray]:
+    k, j, i = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    m = {
+        "Kidney_L": (i - 17) ** 2 / 9 + (j - 10) ** 2 / 16 + (k - 6) ** 2 / 9 <= 1,
+        "Kidney_R": (i - 6) ** 2 / 9 + (j - 10) ** 2 / 16 + (k - 6) ** 2 / 9 <= 1,
+        "Tumor_1": (i - 12) ** 2 + (j - 5) ** 2 + (k - 4) ** 2 <= 4,
+        EVIL: (i - 12) ** 2 + (j - 15) ** 2 + (k - 8) ** 2 <= 2,
+        "Bone_marrow": (abs(i - 12) <= 1) & (j >= 14) & (j <= 17),
+    }
+    return m
+
+
+def _dose() -> Volume:
+    k, j, i = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    d = 2.0 + 6.0 * np.exp(-((i - 12) ** 2 + (j - 5) ** 2 + (k - 4) ** 2) / 8.0) + 0.1 * i
+    return Volume(d, AFFINE, "1.2.3", "Gy")
+
+
+def _ct() -> Volume:
+    k, j, i = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    body = (i - 12) ** 2 / 121 + (j - 10) ** 2 / 90 <= 1
+    return Volume(np.where(body, 40.0, -1000.0), AFFINE, "1.2.3", "HU")
+
+
+def _voi(role: str, mean: float, **extra) -> dict:
+    x = np.linspace(0, mean * 1.5, 30)
+    return {
+        "role": role, "volume_ml": 152.34, "mass_g": 158.1, "mean_gy": mean, "min_gy": mean * 0.4,
+        "max_gy": mean * 1.5, "D2_gy": mean * 1.35, "d50_gy": mean * 0.98, "d98_gy": mean * 0.6,
+        "gy_per_gbq": mean / 7.4, "tia_bqs": 1.234e14,
+        "dvh": {"dose_gy": x.tolist(), "volume_fraction": np.clip(1 - (x / (mean * 1.5)) ** 3, 0, 1).tolist()},
+        "time_activity": {
+            "times_h": [4.0, 24.0, 96.0], "activity_mbq": [120.0, 95.0, 40.0], "model": "biexponential",
+            "curve": {"times_h": np.linspace(0, 150, 40).tolist(), "activity_mbq": (130 * np.exp(-np.linspace(0, 150, 40) / 90)).tolist()},
+        },
+        **extra,
+    }  # fmt: skip
+
+
+def _summary() -> dict:
+    return {
+        "schema": "voxeldose.summary/1",
+        "patient": {"id": "VXD-0042", "name": "DOE^JANE"},
+        "cycle": {"number": 3, "injection": {"datetime": "2024-05-02T10:15:00", "activity_MBq": 7400.0,
+                                             "nuclide": "Lu-177", "radiopharmaceutical": "Lu-177-DOTATATE"}},
+        "timepoints": [
+            {"hours": 4.1, "acquisition_datetime": "2024-05-02T14:21:00", "spect_series_uid": "1.2.826.0.1.9.1",
+             "registration": {"quality": "good", "message": "", "translation_mm": [0, 0, 0], "rotation_deg": [0, 0, 0]}},
+            {"hours": 96.0, "acquisition_datetime": "2024-05-06T10:20:00", "spect_series_uid": "1.2.826.0.1.9.2",
+             "registration": {"quality": "poor", "message": "mutual information dropped after registration",
+                              "translation_mm": [12.5, -3.0, 40.2], "rotation_deg": [1.0, 0.5, 7.9]}},
+        ],
+        "methods": {"quantification": {"calibration_cps_per_mbq": 9.8, "method": "MIRD 26"},
+                    "fit": "biexponential (AICc)", "dose": "dvk", "kernel_id": "Lu-177_soft-tissue_4.8mm_51_473ede"},
+        "vois": {
+            "Kidney_L": _voi("kidney", 21.5, bed_gy=24.3, eqd2_gy=14.6),  # 93 % of 23 Gy: close
+            "Kidney_R": _voi("kidney", 4.1234, bed_gy=4.5, eqd2_gy=2.7),
+            "Tumor_1": _voi("tumour", 38.76),
+            EVIL: _voi("tumour", 12.0),
+            "Bone_marrow": _voi("marrow", 2.4),  # over the 2 Gy limit in one cycle
+        },
+        "cumulative": {
+            "cycles": [
+                {"number": 1, "date": "2024-01-10", "activity_MBq": 7400, "kidney_gy": 4.0, "kidney_bed_gy": 4.4, "marrow_gy": 0.3},
+                {"number": 2, "date": "2024-03-06", "activity_MBq": 7400, "kidney_gy": 4.2, "kidney_bed_gy": 4.6, "marrow_gy": 0.35},
+                {"number": 3, "date": "2024-05-02", "activity_MBq": 7400, "kidney_gy": 5.1, "kidney_bed_gy": 5.7, "marrow_gy": 0.4},
+            ],
+            "limits": {"kidney_gy": 23.0, "kidney_bed_gy": 28.0, "marrow_gy": 2.0},
+            "cycles_left": {"kidney_dose": 1, "kidney_bed": 2, "marrow": 5, "binding": "kidney absorbed dose",
+                            "message": "1 further cycle at 7.4 GBq; binding limit: kidney absorbed dose"},
+        },
+        "warnings": ["Kidney_R: partial-volume recovery uncertain (VOI < 60 ml) & check"],
+        "provenance": {"software": {"voxeldose": "0.1.0", "numpy": "2.1.0"}, "kernel_id": "Lu-177_soft-tissue_4.8mm_51_473ede",
+                       "calibration": {"cps_per_mbq": 9.8, "date": "2024-01-03"}, "inputs": {"ct": "1.2.826.0.1.9.9"},
+                       "created_utc": "2024-05-09T08:00:00+00:00"},
+    }  # fmt: skip
+
+
+def _render(tmp_path: Path, summary: dict, ct: Volume | None = None, name: str = "report.html") -> str:
+    p = render_report(summary, dose=_dose(), ct=ct, vois=_masks(), path=tmp_path / name)
+    assert p == tmp_path / name and p.exists()
+    return p.read_text(encoding="utf-8")
+
+
+def test_full_report(tmp_path: Path) -> None:
+    html_text = _render(tmp_path, _summary(), ct=_ct())
+    assert list(tmp_path.iterdir()) == [tmp_path / "report.html"]  # one file, nothing beside it
+    # self-contained: no scripts, links, external sources or CSS imports
+    low = html_text.lower()
+    assert "<script" not in low and "<link" not in low and "@import" not in low
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", low)
+    assert "url(" not in low
+    srcs = re.findall(r"<img[^>]*\ssrc=\"([^\"]+)\"", html_text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    # one <img> per plot: DVH + 5 time-activity curves + kidneys + 2 tumours
+    assert len(re.findall(r"<img\b", html_text)) == 1 + 5 + 1 + 2
+    # content: names and formatted numbers
+    for text in ["VXD-0042", "DOE JANE", "Lu-177-DOTATATE", "7\u202f400 MBq", "Kidney_L", "Kidney_R", "Tumor_1",
+                 "Bone_marrow", "21.50", "4.12", "38.76", "152.3", "158.1", "24.30", "14.60", "93 % of 23 Gy",
+                 "biexponential", "Lu-177_soft-tissue_4.8mm_51_473ede", "1.2.826.0.1.9.2", "9.8"]:  # fmt: skip
+        assert text in html_text, text
+    # colour flags: the left kidney is close to its limit, the marrow over it; cumulative kidney 13.3 Gy
+    assert re.search(r"<tr class='close'><td class='name'>Kidney_L", html_text)
+    assert re.search(r"<tr class='over'><td class='name'>Bone_marrow", html_text)
+    assert "13.30" in html_text and "1 further cycle" in html_text
+    # warnings: prominent, first after the header, with the poor registration and its numbers
+    warn = html_text[html_text.index("id='warnings'"):]
+    warn = warn[: warn.index("</section>")]
+    assert "Poor registration" in warn and "mutual information dropped" in warn and "12.5, -3.0, 40.2" in warn
+    assert "partial-volume recovery uncertain (VOI &lt; 60 ml) &amp; check" in warn
+    assert "Bone_marrow" in warn  # over its limit
+    assert html_text.index("id='warnings'") < html_text.index("Absorbed dose per VOI")
+
+
+def test_malicious_names_are_escaped(tmp_path: Path) -> None:
+    html_text = _render(tmp_path, _summary())
+    assert EVIL not in html_text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html_text
+    assert "<script" not in html_text.lower()
+
+
+def _missing_key_cases() -> list[dict]:
+    """The empty summary, each top-level key removed, each VOI key removed, nonsense values."""
+    full = _summary()
+    cases: list[dict] = [{}, {"schema": "voxeldose.summary/1"}]
+    for key in full:
+        s = copy.deepcopy(full)
+        del s[key]
+        cases.append(s)
+    voi_keys = list(full["vois"]["Kidney_L"])
+    names = list(full["vois"])
+    for start in range(0, len(voi_keys), len(names)):  # a different key missing in each VOI
+        s = copy.deepcopy(full)
+        for name, key in zip(names, voi_keys[start:]):
+            s["vois"][name].pop(key, None)
+        cases.append(s)
+    s = copy.deepcopy(full)
+    s["vois"]["Kidney_L"]["mean_gy"] = None
+    s["vois"]["Kidney_R"]["dvh"] = {"dose_gy": [1, 2, 3], "volume_fraction": [1.0]}
+    s["vois"]["Tumor_1"]["time_activity"] = {"model": "monoexponential", "times_h": [1, None], "activity_mbq": [3.0, float("nan")]}
+    s["vois"]["Bone_marrow"] = "nonsense"
+    s["cumulative"] = {"cycles": [{"number": 1}, "x"], "cycles_left": {}, "limits": {"kidney_gy": "?"}}
+    s["timepoints"] = [{"registration": None}, "nonsense", {"registration": {"quality": "poor"}}]
+    s["cycle"] = {"injection": {"datetime": "not a date", "activity_MBq": "n/a"}}
+    s["provenance"] = {"software": None, "inputs": [1, {"a": [None]}]}
+    cases.append(s)
+    return cases
+
+
+def test_missing_keys_do_not_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from voxeldose import report
+
+    cases = _missing_key_cases()
+    drawn = {0, len(cases) - 1}  # these are rendered in full; the others skip the PNG encoding (speed)
+    real_png = report._png
+    for n, case in enumerate(cases):
+        monkeypatch.setattr(report, "_png", real_png if n in drawn else (lambda fig, alt: "<img alt='' src=''>"))
+        text = _render(tmp_path, case, name=f"r{n}.html")
+        assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+        assert "could not be drawn" not in text, (n, text[:3000])
+        assert isinstance(console_table(case), str)
+    # no CT and no masks at all
+    p = render_report({}, dose=_dose(), ct=None, vois={}, path=tmp_path / "bare.html")
+    assert "the dose alone" in p.read_text()
+
+
+def test_without_ct_and_actual_pipeline_shapes(tmp_path: Path) -> None:
+    """The pipeline's own shapes: time_activity with times_s/activities_bq, cycles_left with rows."""
+    s = _summary()
+    ta = s["vois"]["Kidney_R"]["time_activity"]
+    s["vois"]["Kidney_R"]["time_activity"] = {"model": "monoexponential", "times_s": [h * 3600 for h in ta["times_h"]],
+                                              "activities_bq": [a * 1e6 for a in ta["activity_mbq"]], "tia_bqs": 2e13}
+    s["cumulative"]["cycles_left"] = {
+        "cycles_left": 0, "binding_limit": "red marrow absorbed dose", "message": "no further cycle at 7.4 GBq",
+        "limits": [{"limit": "red marrow absorbed dose", "limit_gy": 2.0, "current_gy": 2.05, "per_cycle_gy": 0.4,
+                    "cycles_left": 0, "exceeded": True, "message": "exceeds the 2 Gy limit"}],
+    }  # fmt: skip
+    text = _render(tmp_path, s, ct=None)
+    assert "no further cycle at 7.4 GBq" in text and "exceeds the 2 Gy limit" in text
+    assert "the dose alone (no CT given)" in text
+    assert len(re.findall(r"<img\b", text)) == 9
+
+
+def test_console_table() -> None:
+    t = console_table(_summary())
+    lines = t.splitlines()
+    assert lines[0].split() == ["VOI", "role", "mean", "Gy", "Gy/GBq", "D2", "Gy", "BED", "Gy", "vs", "limit"]
+    row = next(ln for ln in lines if ln.startswith("Kidney_L"))
+    assert "21.50" in row and "2.905" in row and "29.03" in row and "24.30" in row and "93% of 23 Gy  CLOSE" in row
+    assert "OVER" in next(ln for ln in lines if ln.startswith("Bone_marrow"))
+    assert "cycles left: 1 further cycle" in t
+    assert console_table({}) == "no VOI results"
+    assert isinstance(console_table({"vois": {"x": {}}}), str)
+
+
+@pytest.mark.skip(reason="optional: a PNG screenshot of the HTML needs a browser engine, not installed")
+def test_screenshot() -> None:  # pragma: no cover
+    pass

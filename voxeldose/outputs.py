@@ -1,0 +1,134 @@
+"""Outputs of a run: ``rtdose.dcm`` (RT Dose in Gy, CT frame of reference), ``summary.json`` and
+``report.html``.  Everything written atomically (temporary file, then rename) so that a failed write
+never leaves a half file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from .dicom_writers import PatientStudy, SeriesInfo, write_rtdose
+from .errors import VoxeldoseError
+from .ingest import _parse_da, _parse_tm
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, datetime):
+        return x.isoformat()
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    return str(x)
+
+
+def _finite(obj: Any) -> Any:
+    """Replace NaN/inf (not valid JSON) by None, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    """The summary as strict JSON text (NaN → null)."""
+    return json.dumps(_finite(json.loads(json.dumps(summary, default=_json_default))), indent=2, allow_nan=False)
+
+
+def patient_study_from(header: Any) -> PatientStudy:
+    """Patient and study of a DICOM header (the reference CT), for results that join its study."""
+    d = _parse_da(getattr(header, "StudyDate", None))
+    t = _parse_tm(getattr(header, "StudyTime", None))
+    when = datetime.combine(d, t) if d and t else datetime.now()
+    return PatientStudy(
+        patient_id=str(getattr(header, "PatientID", "")),
+        patient_name=str(getattr(header, "PatientName", "")),
+        patient_birth_date=str(getattr(header, "PatientBirthDate", "") or ""),
+        patient_sex=str(getattr(header, "PatientSex", "") or "O") or "O",
+        study_instance_uid=str(header.StudyInstanceUID),
+        study_datetime=when,
+        study_id=str(getattr(header, "StudyID", "") or "1"),
+        accession_number=str(getattr(header, "AccessionNumber", "") or ""),
+        study_description=str(getattr(header, "StudyDescription", "") or ""),
+    )
+
+
+def write_all(result: Any, out_dir: Path) -> dict[str, Path]:
+    """Write every output of ``result`` (a :class:`voxeldose.pipeline.Result`) into ``out_dir``."""
+    from .report import render_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    ref = result.reference
+    header = (ref.ct or ref.spect).first
+    ctx = patient_study_from(header)
+    series = SeriesInfo(
+        series_instance_uid=generate_uid(),
+        series_number=9001,
+        series_description=f"voxeldose absorbed dose ({result.summary['methods']['dose']}) cycle {result.summary['cycle']['number']}",
+        frame_of_reference_uid=str(result.dose.frame_of_reference_uid),
+        acquisition_datetime=datetime.now(),
+    )
+    rtstruct = None
+    src = result.summary["methods"].get("voi_source", "")
+    for s in result.cycle.vois:
+        if s.kind == "rtstruct" and s.series_instance_uid in src:
+            rtstruct = s.first
+    dose = result.dose.with_array(np.asarray(result.dose.array, dtype=np.float64), "Gy")
+    rt_path = out_dir / "rtdose.dcm"
+    tmp = out_dir / ".rtdose.dcm.tmp"
+    try:
+        # 16-bit dose values: a resolution of max/65535 (≈ 1e-5 of the maximum) is far below any
+        # clinical significance, and every DICOM consumer (and dciodvfy) reads 16-bit RT Dose.
+        write_rtdose(tmp, dose, ctx=ctx, series=series, referenced_rtstruct=rtstruct, bits_allocated=16,
+                     comment=f"voxeldose {result.summary['provenance']['software']['voxeldose']}; "
+                             f"kernel {result.summary['methods'].get('kernel_id')}")
+        os.replace(tmp, rt_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise VoxeldoseError(f"cannot write the RT Dose ({exc})", path=rt_path) from None
+    paths["rtdose"] = rt_path
+
+    paths["summary"] = out_dir / "summary.json"
+    _atomic_write(paths["summary"], summary_json(result.summary).encode())
+
+    paths["report"] = out_dir / "report.html"
+    masks = {name: voi.mask for name, voi in result.vois.items()}
+    ct_on_dose = None
+    if result.ct is not None:
+        from .geometry import resample
+
+        ct_on_dose = resample(result.ct, result.dose.grid, order=1, fill=-1000.0)
+    tmp_report = out_dir / ".report.html.tmp"
+    render_report(json.loads(summary_json(result.summary)), dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report)
+    os.replace(tmp_report, paths["report"])
+    return paths
