@@ -239,6 +239,12 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     roles = {name: role_of(name, spec) for name in vois}
     n_t = len(times_s)
     quality = None
+    if n_t == 1 and spec.fit.model not in ("stp", "auto"):
+        raise VoxeldoseError(
+            f"the {spec.fit.model!r} time-activity model needs several time points; only one "
+            f"({cycle.timepoints[0].hours_after_injection:.1f} h) was given",
+            tag="fit.model", expected="a single-time-point method: fit.model 'stp' (Hänscheid 2018 or Madsen 2018)",
+        )
     if spec.fit.model == "stp" or n_t == 1:
         if n_t != 1 and spec.fit.model == "stp":
             raise VoxeldoseError(
