@@ -30,6 +30,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_demo.py
+	$(PY) benchmarks/bench_dose.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
