@@ -192,3 +192,29 @@ def test_single_time_point_needs_stp_and_uses_hanscheid(tmp_path: Path) -> None:
 def test_invalid_spec_is_a_clear_error() -> None:
     with pytest.raises(VoxeldoseError, match="invalid job description"):
         run({"inputs": [], "dose": {"method": "magic"}})
+
+
+def test_blood_based_marrow_and_earlier_cycles(tmp_path: Path) -> None:
+    """Blood samples in the job give the blood-based marrow dose (which then counts for the marrow limit),
+    and earlier cycles add up: cumulative kidney dose = earlier + this cycle; cycles left shrink."""
+    write_phantom(tmp_path, PhantomSettings.small())
+    truth = json.loads((tmp_path / "truth" / "truth.json").read_text())
+    # mono-exponential blood curve C(t) = C0 e^{-kt}: TIA per ml = C0 / k (hand-calculable)
+    c0, t_half_eff = 500.0, 40.0 * 3600
+    k = math.log(2) / t_half_eff
+    samples = [{"hours_after_injection": h, "bq_per_ml": c0 * math.exp(-k * h * 3600)} for h in (4, 24, 96)]
+    spec = _spec(tmp_path, truth, marrow={"blood_samples": samples},
+                 earlier_cycles=[{"number": 1, "activity_mbq": 7400, "kidney_gy": 5.0, "marrow_gy": 0.1}],
+                 cycle_number=2)
+    res = run(spec)
+    bb = res.summary["marrow"]["blood_based"]
+    e_e_j = truth["electron_energy_per_decay_j"]
+    # self-dose with RMBLR = 1 and φ = 1: D = (C0/k per g) · E_e — the marrow mass cancels (EANM 2010)
+    assert bb["red_marrow_gy"] == pytest.approx(c0 / k * 1000.0 * e_e_j, rel=0.02)
+    cum = res.summary["cumulative"]
+    kid = max(res.summary["vois"][n]["mean_gy"] for n in ("Kidney_L", "Kidney_R"))
+    assert cum["total"]["dose_gy"]["kidney"] == pytest.approx(5.0 + kid)
+    assert cum["total"]["dose_gy"]["marrow"] == pytest.approx(0.1 + bb["red_marrow_gy"])
+    assert [c["number"] for c in cum["cycles"]] == [1, 2]
+    left = cum["cycles_left"]["cycles_left"]
+    assert left == math.floor((23.0 - 5.0 - kid) / kid + 1e-9) or cum["cycles_left"]["binding_limit"] != "kidney absorbed dose"
