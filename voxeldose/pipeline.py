@@ -133,7 +133,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     """Run the whole dosimetry for one cycle.  Raises :class:`VoxeldoseError` on bad input."""
     from . import cycles as cycles_mod
     from . import metrics, quantify, register, timeactivity
-    from .dose import absorbed_dose, density_on_grid, hu_to_density
+    from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
 
     if not isinstance(spec, JobSpec):
         try:
@@ -278,7 +278,16 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     t = time.perf_counter()
     density = None
     if ref_ct is not None:
+        # Outside the CT's field of view (a 61 cm SPECT field is wider than a 50 cm CT reconstruction)
+        # the kernel medium's density is assumed, and said when a VOI reaches there.
+        fill = medium_density(spec.dose.medium)
         density = density_on_grid(ref_ct.with_array(hu_to_density(ref_ct.array), "g/ml"), ref_grid, fill=float("nan"))
+        outside = ~np.isfinite(density.array)
+        if outside.any():
+            for name, voi in vois.items():
+                if float(voi.fraction[outside].sum()) > 0:
+                    warnings.append(f"VOI {name!r} extends beyond the CT field of view: density {fill} g/ml assumed there")
+            density = density.with_array(np.where(outside, fill, density.array))
     dose = absorbed_dose(
         tia,
         nuclide=nuclide.name,
@@ -295,7 +304,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     t = time.perf_counter()
     a_inj = cycle.injection.activity_bq
     dose_arr = np.asarray(dose.array, dtype=np.float64)
-    rho = None if density is None else np.where(np.isfinite(density.array), density.array, np.nan)
+    rho = None if density is None else density.array
     voi_out: dict[str, Any] = {}
     for name, voi in vois.items():
         role = roles[name]
@@ -306,7 +315,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         fr = fits.get(name)
         if fr is not None and not isinstance(fr, dict):
             entry["tia_bqs"] = float(fr.tia_bqs)
-            entry["time_activity"] = _fit_summary(fr, times_s, a_voi=None)
+            entry["time_activity"] = _fit_summary(fr, times_s)
             rb = radiobiology_for(name, role, spec)
             if rb is not None and getattr(fr, "exponentials", None):
                 g = metrics.lea_catcheside_g(fr.exponentials, rb.repair_half_time_h * 3600.0)
@@ -378,7 +387,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     return Result(spec, summary, dose, tia, activity, vois, ref_ct, cycle, ref_tp, fits, quality)
 
 
-def _fit_summary(fr: Any, times_s: np.ndarray, a_voi: Any) -> dict[str, Any]:
+def _fit_summary(fr: Any, times_s: np.ndarray) -> dict[str, Any]:
     d = fr.to_dict() if hasattr(fr, "to_dict") else {}
     t_max = max(float(times_s[-1]) * 1.5, 24 * 3600.0)
     tt = np.linspace(0.0, t_max, 121)
