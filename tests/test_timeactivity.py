@@ -217,13 +217,17 @@ def test_auto_keeps_every_candidate_and_their_diagnostics():
     assert r.r2 == pytest.approx(1.0, abs=1e-9)
 
 
-def test_auto_with_three_points_falls_back_to_trapezoid():
+def test_auto_with_three_points_uses_monoexp_not_the_trapezoid():
+    """Three scans (4, 24, 96 h): AICc is undefined for every model, but a mono-exponential keeps one degree
+    of freedom and is exact for mono-exponential data, where the trapezoid's straight segments overestimate
+    the 24→96 h decay by ≈ (1+r)/2·λΔt/(1−r) − 1 (r = e^{−λΔt}; ≈ +9 % at T_eff 40 h) — so auto takes it."""
     t = np.array([4.0, 24.0, 96.0]) * H
     r = fit_voi(t, mono(t), decay_constant_per_s=LP)
-    assert r.model == "trapezoid"
-    assert r.exponentials is None and r.piecewise is not None
-    assert all(not c["success"] for k, c in r.candidates.items() if k != "trapezoid")
-    assert "fallback" in r.message
+    assert r.model == "monoexp" and r.exponentials is not None
+    assert "AICc undefined" in r.message
+    assert r.tia_bqs == pytest.approx(MONO["A0"] / MONO["l"], rel=1e-6)
+    trap = fit_voi(t, mono(t), decay_constant_per_s=LP, model="trapezoid")
+    assert trap.tia_bqs > r.tia_bqs * 1.02
 
 
 def test_unmeasured_early_peak_is_not_chosen():

@@ -99,3 +99,13 @@ def test_oblique_grid_uses_the_general_path_and_agrees():
     assert voi.volume_ml == pytest.approx(4.0 / 3.0 * math.pi * r**3 / 1000.0, rel=0.02)
     axial = rasterise_rtstruct(ds, Grid.axial((21, 21, 21), (4.8, 4.8, 4.8), origin_mm=(-48.0, -48.0, -48.0)))["Tumor_1"]
     assert voi.volume_ml == pytest.approx(axial.volume_ml, rel=0.01)
+
+
+def test_single_plane_roi_takes_the_given_slab():
+    """An ROI drawn on one CT slice stands for that slice's thickness when the caller gives it."""
+    contours = [_circle((0.0, 0.0), 20.0, 0.0)]
+    grid = Grid.axial((9, 30, 30), (2.0, 2.0, 1.0), origin_mm=(-29.0, -29.0, -4.0))
+    with pytest.raises(VoxeldoseError, match="single plane"):
+        rasterise_rtstruct(_rtstruct({"Lesion": contours}), grid)
+    voi = rasterise_rtstruct(_rtstruct({"Lesion": contours}), grid, default_slab_mm=3.0)["Lesion"]
+    assert voi.volume_ml == pytest.approx(math.pi * 20.0**2 * 3.0 / 1000.0, rel=0.01)

@@ -113,7 +113,7 @@ def write_all(result: Any, out_dir: Path) -> dict[str, Path]:
                      comment=f"voxeldose {result.summary['provenance']['software']['voxeldose']}; "
                              f"kernel {result.summary['methods'].get('kernel_id')}")
         os.replace(tmp, rt_path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         tmp.unlink(missing_ok=True)
         raise VoxeldoseError(f"cannot write the RT Dose ({exc})", path=rt_path) from None
     paths["rtdose"] = rt_path

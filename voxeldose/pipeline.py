@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from .errors import VoxeldoseError
 from .geometry import Volume, resample
-from .ingest import Cycle, TimePoint, load_cycle, read_ct, read_spect, scan
+from .ingest import Cycle, TimePoint, load_cycle, read_ct, read_spect, roi_names, scan
 from .nuclides import load as load_nuclide
 from .spec import JobSpec, radiobiology_for, role_of
 from .voi import VOI, load_vois
@@ -163,6 +163,12 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     lam = nuclide.decay_constant_per_s
     ref_n = _choose_reference(cycle, spec)
     ref_tp = cycle.timepoints[ref_n]
+    if spec.dose.method == "dvk-density" and ref_tp.ct is None:
+        raise VoxeldoseError(
+            "the density-corrected dose needs the reference time point's CT, and it has none",
+            path=ref_tp.spect.instances[0].path, tag="dose.method",
+            expected="a CT with the reference SPECT's FrameOfReferenceUID, or dose.method 'dvk'",
+        )
     timings["ingest"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- quantify
@@ -223,9 +229,17 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     _emit(progress, "vois")
     t = time.perf_counter()
     voi_series = _voi_series(cycle, ref_tp, spec)
-    vois = load_vois(voi_series, ref_grid)
+    vois = load_vois(voi_series, ref_grid, default_slab_mm=_slice_thickness(ref_ct))
+    for name in roi_names(voi_series):
+        if name not in vois:
+            warnings.append(f"VOI {name!r} has no contours in {voi_series.kind.upper()} {voi_series.description!r}: not evaluated")
+    for name in [n for n, v in vois.items() if float(v.fraction.sum()) == 0.0]:
+        warnings.append(f"VOI {name!r} has no voxel on the dose grid (empty, or outside the SPECT field of view): not evaluated")
+        del vois[name]
     if not vois:
-        raise VoxeldoseError("the VOI series holds no ROI with contours or segments", path=voi_series.instances[0].path)
+        raise VoxeldoseError("the VOI series holds no ROI with contours or segments on the SPECT grid",
+                             path=voi_series.instances[0].path, tag="ROIContourSequence / SegmentSequence",
+                             expected="at least one contoured ROI or non-empty segment")
     timings["vois"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- time-activity
@@ -239,6 +253,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     roles = {name: role_of(name, spec) for name in vois}
     n_t = len(times_s)
     quality = None
+    voxel_flags = None
     if n_t == 1 and spec.fit.model not in ("stp", "auto"):
         raise VoxeldoseError(
             f"the {spec.fit.model!r} time-activity model needs several time points; only one "
@@ -256,6 +271,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     else:
         vt = timeactivity.voxel_tia(stack, times_s, decay_constant_per_s=lam, method=spec.fit.voxel_method)
         tia_arr, quality = np.asarray(vt.tia, dtype=np.float64), vt.quality
+        voxel_flags = np.asarray(vt.flags)
         method_note = f"voxel-wise {spec.fit.voxel_method}"
     for name, voi in vois.items():
         a_voi = np.array([float((voi.fraction * s).sum(dtype=np.float64)) for s in stack])
@@ -308,26 +324,46 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     voi_out: dict[str, Any] = {}
     for name, voi in vois.items():
         role = roles[name]
-        m = metrics.voi_metrics(dose_arr, voi.fraction, voxel_ml=voxel_ml, density_g_per_ml=rho,
+        # Mean absorbed dose = energy / mass.  With dvk-density the dose map is already per the voxel's
+        # own mass, so the mean is mass-weighted; with dvk (and led without a density map) every voxel's
+        # dose assumes the kernel medium, so the mean is volume-weighted (as in the RT Dose DVH).
+        m = metrics.voi_metrics(dose_arr, voi.fraction, voxel_ml=voxel_ml,
+                                density_g_per_ml=rho if spec.dose.method == "dvk-density" else None,
                                 injected_activity_bq=a_inj)
+        if rho is not None:
+            m["mass_g"] = float((voi.fraction * rho).sum(dtype=np.float64) * voxel_ml)
+            m["notes"] = [n for n in m.get("notes", []) if not n.startswith("no density map")]
+            m["mass_source"] = "CT (Schneider et al. 2000 HU→density)"
         entry: dict[str, Any] = {"role": role, "source": voi.source}
         entry.update(m)
+        if voxel_flags is not None:
+            w = voi.fraction > 0
+            phys = float(voi.fraction[w & (voxel_flags == 1)].sum() / max(voi.fraction[w].sum(), 1e-12))
+            entry["voxel_tia_physical_decay_tail_fraction"] = phys
+            if phys > 0.5 and role in ("kidney", "tumour", "marrow"):
+                warnings.append(f"VOI {name!r}: {100 * phys:.0f} % of its voxels have no measurable washout after the "
+                                "last scan; their tail assumes physical decay only (an upper bound)")
         fr = fits.get(name)
+        rb = radiobiology_for(name, role, spec)
         if fr is not None and not isinstance(fr, dict):
             entry["tia_bqs"] = float(fr.tia_bqs)
             entry["time_activity"] = _fit_summary(fr, times_s)
-            rb = radiobiology_for(name, role, spec)
-            if rb is not None and getattr(fr, "exponentials", None):
-                g = metrics.lea_catcheside_g(fr.exponentials, rb.repair_half_time_h * 3600.0)
-                b = metrics.bed(entry["mean_gy"], g, rb.alpha_beta_gy)
-                entry.update({"bed_gy": b, "eqd2_gy": metrics.eqd2(b, rb.alpha_beta_gy), "g_factor": g,
-                              "alpha_beta_gy": rb.alpha_beta_gy, "repair_half_time_h": rb.repair_half_time_h})
         elif isinstance(fr, dict):
             entry["time_activity"] = fr
+        if rb is not None:
+            exps, bed_model = _bed_kinetics(fr, times_s, lam, spec)
+            if exps is None:
+                warnings.append(f"VOI {name!r}: BED not computed ({bed_model})")
+            else:
+                g = metrics.lea_catcheside_g(exps, rb.repair_half_time_h * 3600.0)
+                b = metrics.bed(entry["mean_gy"], g, rb.alpha_beta_gy)
+                entry.update({"bed_gy": b, "eqd2_gy": metrics.eqd2(b, rb.alpha_beta_gy), "g_factor": g,
+                              "alpha_beta_gy": rb.alpha_beta_gy, "repair_half_time_h": rb.repair_half_time_h,
+                              "bed_kinetics": bed_model})
         entry["tia_voxel_sum_bqs"] = float((voi.fraction * tia_arr).sum(dtype=np.float64))
         voi_out[name] = entry
     marrow = _marrow(voi_out, spec, lam, metrics)
-    cumulative = _cycles(voi_out, marrow, spec, cycle, cycles_mod)
+    cumulative = _cycles(voi_out, marrow, spec, cycle, cycles_mod, warnings)
     timings["metrics"] = time.perf_counter() - t
 
     summary: dict[str, Any] = {
@@ -358,12 +394,15 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
             for tp, q, r in zip(cycle.timepoints, quants, registrations)
         ],
         "methods": {
-            "quantification": "MIRD 26 volume sensitivity, decay during acquisition corrected",
+            "quantification": "; ".join(sorted({
+                f"counts → Bq/ml with {q.calibration_cps_per_mbq} cps/MBq (MIRD 26), decay during acquisition corrected"
+                if q.pixel_mode == "counts" else f"{q.pixel_mode}: {q.decay_correction}" for q in quants})),
             "fit": spec.fit.model,
             "voxel_tia": method_note,
             "dose": spec.dose.method,
             "medium": spec.dose.medium,
             "kernel_id": kernel_id,
+            "kernel_density_g_cm3": dose.meta.get("medium_density_g_cm3"),
             "dose_grid": "reference SPECT grid, CT frame of reference",
             "voi_source": f"{voi_series.kind.upper()} {voi_series.series_instance_uid}",
         },
@@ -375,7 +414,8 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
             "software": _versions(),
             "kernel_id": kernel_id,
             "nuclide": {"name": nuclide.name, "half_life_s": nuclide.half_life_s, "data": "ICRP-107 (icrp107-database)"},
-            "calibration": spec.calibration.model_dump(),
+            "calibration": {**spec.calibration.model_dump(),
+                            "applied": any(q.pixel_mode == "counts" for q in quants)},
             "inputs": _input_fingerprint(cycle),
             "spec": json.loads(spec.model_dump_json()),
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -398,6 +438,36 @@ def _fit_summary(fr: Any, times_s: np.ndarray) -> dict[str, Any]:
         pass
     d.setdefault("times_h", (np.asarray(times_s) / 3600).tolist())
     return d
+
+
+def _slice_thickness(ct: Volume | None) -> float | None:
+    """Slice spacing of the reference CT, mm: the thickness a single-plane contour stands for."""
+    return None if ct is None else float(ct.spacing[2])
+
+
+def _bed_kinetics(fr: Any, times_s: np.ndarray, lam: float, spec: JobSpec) -> tuple[list[tuple[float, float]] | None, str]:
+    """The dose-rate shape for the Lea–Catcheside factor: the VOI's fitted exponentials when it has them;
+    for a trapezoid fit, a mono-exponential with the effective rate of its last two scans (at least the
+    physical rate) — Dale 1985's mono-exponential form; for one time point, the effective half-life the
+    single-time-point method assumes (Hänscheid: T_eff = t; Madsen: the given population value)."""
+    if fr is not None and not isinstance(fr, dict) and getattr(fr, "exponentials", None):
+        return list(fr.exponentials), f"{fr.model} fit"
+    if isinstance(fr, dict) and fr.get("model") == "stp":
+        if spec.fit.stp_method == "hanscheid":
+            k = math.log(2) / float(times_s[0])
+            return [(1.0, k)], "mono-exponential with T_eff = scan time (the Hänscheid 2018 assumption)"
+        teff = spec.fit.stp_effective_half_life_h.get("default")
+        if teff:
+            return [(1.0, math.log(2) / (teff * 3600.0))], f"mono-exponential with the population T_eff {teff} h (Madsen 2018)"
+        return None, "no effective half-life for the single time point"
+    if fr is not None and not isinstance(fr, dict) and len(getattr(fr, "activities_bq", ())) >= 2:
+        a1, a2 = fr.activities_bq[-2], fr.activities_bq[-1]
+        t1, t2 = fr.times_s[-2], fr.times_s[-1]
+        k = lam
+        if a1 > 0 and a2 > 0 and a2 < a1:
+            k = max(lam, math.log(a1 / a2) / (t2 - t1))
+        return [(1.0, k)], "mono-exponential approximation from the last two scans (trapezoid fit has no exponentials)"
+    return None, "no time-activity fit for this VOI"
 
 
 def _stp_tia(a: np.ndarray, t_s: float, spec: JobSpec, timeactivity: Any) -> tuple[np.ndarray, str]:
@@ -426,10 +496,12 @@ def _marrow(voi_out: dict[str, Any], spec: JobSpec, lam: float, metrics: Any) ->
     return out
 
 
-def _cycles(voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycle: Cycle, cycles_mod: Any) -> dict[str, Any]:
+def _cycles(voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycle: Cycle, cycles_mod: Any,
+            warnings: list[str]) -> dict[str, Any]:
     """Cumulative dose across cycles and cycles left.  The kidney figure is the higher of the kidneys'
     mean doses (the limiting kidney; conservative); the marrow figure is the blood-based dose when blood
-    samples were given, else the image-based one."""
+    samples were given, else the image-based one.  An earlier cycle without dosimetry is estimated from
+    this cycle's dose per GBq and that cycle's activity (said in the warnings), never counted as 0 Gy."""
     kid = sorted((e for e in voi_out.values() if e["role"] == "kidney"), key=lambda e: e["mean_gy"], reverse=True)
     a_bq = cycle.injection.activity_bq
     dose: dict[str, float] = {}
@@ -448,10 +520,23 @@ def _cycles(voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycl
         dose["marrow"] = float(m["red_marrow_gy"])
     rows = [cycles_mod.CycleDose(cycle=spec.cycle_number, date=cycle.injection.start.date(), activity_bq=a_bq,
                                  dose_gy=dose, g_factor=g, bed_gy=bed)]
+    estimated: list[dict[str, Any]] = []
     for c in spec.earlier_cycles:
         d = {k: v for k, v in (("kidney", c.kidney_gy), ("marrow", c.marrow_gy)) if v is not None}
         b = {"kidney": c.kidney_bed_gy} if c.kidney_bed_gy is not None else {}
-        rows.append(cycles_mod.CycleDose(cycle=c.number, date=c.date, activity_bq=c.activity_mbq * 1e6, dose_gy=d, bed_gy=b))
+        gg: dict[str, float] = {}
+        for organ in ("kidney", "marrow"):
+            if organ not in d and organ in dose:
+                d[organ] = dose[organ] / a_bq * c.activity_mbq * 1e6
+                estimated.append({"cycle": c.number, "organ": organ, "dose_gy": d[organ]})
+                warnings.append(f"cycle {c.number} has no {organ} dosimetry: estimated as {d[organ]:.2f} Gy from this "
+                                f"cycle's {dose[organ] / (a_bq / 1e9):.3f} Gy/GBq × {c.activity_mbq:.0f} MBq")
+        if "kidney" in d and "kidney" not in b and "kidney" in g:
+            gg["kidney"] = g["kidney"]
+            warnings.append(f"cycle {c.number} has no kidney BED: computed from its dose with this cycle's kinetics "
+                            f"(G = {g['kidney']:.3f})")
+        rows.append(cycles_mod.CycleDose(cycle=c.number, date=c.date, activity_bq=c.activity_mbq * 1e6, dose_gy=d,
+                                         bed_gy=b, g_factor=gg))
     if spec.cycle_number in {c.number for c in spec.earlier_cycles}:
         raise VoxeldoseError(f"cycle {spec.cycle_number} is both this cycle and an earlier one", tag="earlier_cycles")
     cum = cycles_mod.cumulative(rows, alpha_beta_gy=ab)
@@ -490,6 +575,7 @@ def _cycles(voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycl
         "cycles_left": left,
         "notes": cum["notes"] + ([note] if note else []),
         "kidney_figure": "the higher of the kidneys' mean absorbed doses",
+        "estimated_earlier_cycles": estimated,
     }
 
 

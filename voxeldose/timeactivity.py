@@ -782,6 +782,7 @@ def fit_voi(
                     f"not fitted: AICc needs more than k + 1 = {m.k + 1} points, have {n}",
                 )
         ok = [c for c in candidates.values() if c.success and c.aicc is not None]
+        mono3 = _fit_exponential(MODELS["monoexp"], t, A, w, lp) if (not ok and n == 3) else None
         if ok:
             chosen = min(ok, key=lambda c: (c.aicc, MODELS[c.model].k))
             others = ", ".join(
@@ -792,6 +793,14 @@ def fit_voi(
             message = f"auto: {chosen.model} chosen by AICc" + (
                 f" ({others})" if others else ""
             )
+        elif mono3 is not None and mono3.success:
+            # Three points: no model has a defined AICc (n − k − 1 = 0 for the mono-exponential), but
+            # the mono-exponential keeps one residual degree of freedom.  It is preferred to the
+            # trapezoid, whose straight segments over the usual 1–3-day gaps overestimate a decaying
+            # curve by tens of per cent.
+            candidates["monoexp"] = mono3
+            chosen = mono3
+            message = "auto: three points — monoexp (one residual degree of freedom; AICc undefined, no comparison)"
         else:
             chosen = None
             message = "auto: no exponential model could be fitted; trapezoid with physical-decay tail (fallback)"

@@ -257,6 +257,7 @@ def rasterise_rtstruct(
     *,
     names: list[str] | None = None,
     slab_mm: float | None = None,
+    default_slab_mm: float | None = None,
 ) -> dict[str, VOI]:
     """Rasterise the ROIs of an RT Structure Set onto ``grid`` (see the module docstring for the rule).
 
@@ -298,7 +299,12 @@ def rasterise_rtstruct(
             contours.append(data.reshape(-1, 3))
         if not contours:
             continue
-        roi = _planar_roi(contours, path, name, slab_mm)
+        try:
+            roi = _planar_roi(contours, path, name, slab_mm)
+        except VoxeldoseError as err:
+            if default_slab_mm is None or "single plane" not in err.reason:
+                raise
+            roi = _planar_roi(contours, path, name, default_slab_mm)
         frac = _parallel_planes_fraction(grid, roi)
         if frac is None:  # oblique target grid: the general point-sampling path
             frac = supersampled_fraction(grid, roi.inside, roi.bbox)
@@ -367,10 +373,12 @@ def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> d
     return out
 
 
-def load_vois(series: Series, grid: Grid, *, names: list[str] | None = None) -> dict[str, VOI]:
-    """VOIs from an RTSTRUCT or SEG series on ``grid``."""
+def load_vois(series: Series, grid: Grid, *, names: list[str] | None = None,
+              default_slab_mm: float | None = None) -> dict[str, VOI]:
+    """VOIs from an RTSTRUCT or SEG series on ``grid``.  ``default_slab_mm`` (the CT slice spacing) is the
+    thickness of an ROI contoured on a single plane."""
     if series.kind == "rtstruct":
-        return rasterise_rtstruct(series, grid, names=names)
+        return rasterise_rtstruct(series, grid, names=names, default_slab_mm=default_slab_mm)
     if series.kind == "seg":
         return read_seg(series, grid, names=names)
     raise VoxeldoseError(
