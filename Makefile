@@ -16,7 +16,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[service,test]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/voxeldose demo --out demo-output
 
 test: setup
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -q
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
 
 bench: setup
 	$(PY) benchmarks/bench_ingest.py

@@ -71,14 +71,18 @@ def nm_tomo(
     frame_ms=40000,
     frames_in_rotation=60,
     with_orientation=True,
+    slice_vector=None,
 ) -> Dataset:
-    """A multi-frame NM RECON TOMO object (``counts`` is [k, j, i] uint16)."""
+    """A multi-frame NM RECON TOMO object (``counts`` is [frame, j, i] uint16).
+
+    ``slice_vector`` (default 1..N) is written as SliceVector (0054,0080): frame f holds slice
+    ``slice_vector[f]``; the slice order along the normal is the slice number's, not the frame's."""
     ds = _base(NM, patient_id, study_uid or generate_uid(), series_uid or generate_uid(), for_uid or generate_uid(), "NM")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
     ds.SeriesDescription = "SPECT"
     ds.NumberOfFrames = counts.shape[0]
     ds.NumberOfSlices = counts.shape[0]
-    ds.SliceVector = list(range(1, counts.shape[0] + 1))
+    ds.SliceVector = list(range(1, counts.shape[0] + 1)) if slice_vector is None else list(slice_vector)
     ds.PixelSpacing = list(spacing)
     ds.SpacingBetweenSlices = slice_spacing
     det = Dataset()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import dciodvfy_errors
+from support import dciodvfy_errors
 
 VOXELDOSE = [sys.executable, "-m", "voxeldose.cli"]
 
@@ -164,3 +164,18 @@ def test_kernel_command_prints_energy_balance(tmp_path: Path) -> None:
 def test_kernel_command_rejects_bad_voxel(tmp_path: Path) -> None:
     res = run("kernel", "--voxel-mm", "4.8,x", "--out", str(tmp_path / "k.npy"))
     assert res.returncode == 2 and "--voxel-mm" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("content", ['[1, 2]', '{"calibration": null, "dose": 3}', '{"fit": {"model": "magic"}}', "{oops"])
+def test_bad_spec_files_give_one_line_errors(tmp_path: Path, content: str) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(content)
+    res = run("run", str(tmp_path), "--out", str(tmp_path / "o"), "--spec", str(spec))
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert str(spec) in res.stderr
+
+
+def test_injection_datetime_with_utc_offset_is_refused(tmp_path: Path) -> None:
+    res = run("inspect", str(tmp_path), "--injection-datetime", "2026-01-05T09:30+01:00")
+    assert res.returncode == 2 and "UTC offset" in res.stderr and "Traceback" not in res.stderr

@@ -350,3 +350,38 @@ def test_gpu_dose_matches_cpu():
         gpu = absorbed_dose(tia_volume(a), method=method, kernel=k, device="gpu", **kw).array
         assert isinstance(gpu, np.ndarray)  # host in, host out
         assert np.abs(gpu - cpu).max() <= 1e-5 * cpu.max()
+
+
+def _icrp107_raw(nuclide: str) -> dict:
+    """The ICRP-107 record straight from the icrp107-database package's JSON (not via voxeldose.nuclides)."""
+    import json
+    from importlib import resources
+
+    data = json.loads(resources.files("icrp107_database").joinpath("icrp107", f"{nuclide}.json").read_text())
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_energy_per_decay_and_j_per_mev_have_one_source():
+    """Electron (β⁻ mean energies × yields + IC + Auger) and photon (γ + X + annihilation) energy per decay,
+    summed here from the raw ICRP-107 JSON, and J/MeV = 10⁶ e (CODATA 2018, exact): every module uses them."""
+    from scipy.constants import physical_constants
+
+    from voxeldose import kernels, metrics, nuclides, phantom
+
+    em = _icrp107_raw("Lu-177")["emissions"]
+    e_el = sum(e * y for kind in ("beta-", "beta+", "IE", "auger") for e, y in em[kind])
+    e_ph = sum(e * y for kind in ("gamma", "X", "annihilation") for e, y in em[kind])
+    assert e_el * 1e3 == pytest.approx(147.9, abs=0.1) and e_ph * 1e3 == pytest.approx(35.1, abs=0.1)
+    j_per_mev = physical_constants["electron volt-joule relationship"][0] * 1e6  # 1.602176634e-13
+    for mod in (nuclides, kernels, metrics):
+        assert mod.J_PER_MEV == pytest.approx(j_per_mev, rel=1e-15), mod.__name__
+    assert J_PER_MEV is nuclides.J_PER_MEV
+    for f in (nuclides.electron_energy_per_decay_MeV, electron_energy_per_decay_MeV):
+        assert f("Lu-177") == pytest.approx(e_el, rel=1e-12)
+        assert f(nuclides.load("Lu-177")) == pytest.approx(e_el, rel=1e-12)
+    for f in (nuclides.photon_energy_per_decay_MeV, photon_energy_per_decay_MeV):
+        assert f("Lu-177") == pytest.approx(e_ph, rel=1e-12)
+    assert phantom.electron_energy_per_decay_j("Lu-177") == pytest.approx(e_el * j_per_mev, rel=1e-12)
+    assert metrics.marrow_blood_based([(1.0, 100.0), (24.0, 50.0), (96.0, 10.0)])[
+        "electron_energy_per_decay_mev"] == pytest.approx(e_el, rel=1e-12)
+

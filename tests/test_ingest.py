@@ -182,3 +182,170 @@ def test_per_slice_nm_storage(tmp_path):
     img = read_spect(scan(tmp_path).by_kind("spect")[0])
     assert np.array_equal(img.volume.array, counts)
     assert np.allclose(img.volume.index_to_world([0, 0, 3]), [0, 0, 19.0])
+
+
+# ------------------------------------------------------------------------------ SliceVector
+def test_slice_vector_puts_each_frame_at_its_slice_number(tmp_path):
+    """PS3.3 C.8.4.8.1: frame f holds slice SliceVector[f].  Frames are written rotated (frame 0 is slice 2,
+    ..., frame 3 is slice 1); each frame is filled with 10 × its slice number, so slice s (0-based) of the
+    volume must hold 10·(s + 1) and lie at z = −50 + 5·s mm."""
+    sv = [2, 3, 4, 1]
+    frames = np.stack([np.full((2, 3), 10 * n) for n in sv])
+    nm_tomo(tmp_path / "nm.dcm", frames, ipp=(0.0, 0.0, -50.0), slice_spacing=5.0, slice_vector=sv)
+    img = read_spect(scan(tmp_path).by_kind("spect")[0])
+    for s in range(4):
+        assert np.all(img.volume.array[s] == 10 * (s + 1)), s
+        assert np.allclose(img.volume.index_to_world([0, 0, s]), [0.0, 0.0, -50.0 + 5.0 * s])
+
+
+@pytest.mark.parametrize("sv", [[1, 1, 2, 3], [0, 1, 2, 3], [1, 2, 3, 5]])
+def test_slice_vector_not_a_permutation_is_an_error(tmp_path, sv):
+    nm_tomo(tmp_path / "nm.dcm", np.ones((4, 2, 2)), slice_vector=sv)
+    with pytest.raises(VoxeldoseError, match=r"SliceVector is not a permutation.*SliceVector \(0054,0080\)") as info:
+        load_cycle(tmp_path)
+    assert str(tmp_path / "nm.dcm") in str(info.value)
+
+
+# ------------------------------------------------------------------------------ RT Dose frames
+def _rtdose(path: Path, offsets, *, ipp=(-100.0, -80.0, -40.0), iop=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0)) -> None:
+    from dicom_factory import _base, _pixels
+    from pydicom.uid import RTDoseStorage, generate_uid
+
+    n = len(offsets)
+    ds = _base(str(RTDoseStorage), "P1", generate_uid(), generate_uid(), generate_uid(), "RTDOSE")
+    ds.ImagePositionPatient = list(ipp)
+    ds.ImageOrientationPatient = list(iop)
+    ds.PixelSpacing = [2.0, 2.0]
+    ds.NumberOfFrames = n
+    ds.FrameIncrementPointer = 0x3004000C
+    ds.GridFrameOffsetVector = [float(v) for v in offsets]
+    ds.DoseUnits = "GY"
+    ds.DoseType = "PHYSICAL"
+    ds.DoseSummationType = "PLAN"
+    ds.DoseGridScaling = 0.01
+    _pixels(ds, np.stack([np.full((3, 4), 100 * (k + 1)) for k in range(n)]).astype(np.uint16))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "z_expected"),
+    [
+        # PS3.3 C.8.8.3.2 a) relative: first 0, frame k at IPP_z + offset_k
+        ([0.0, 3.0, 6.0, 9.0], [-40.0, -37.0, -34.0, -31.0]),
+        # b) absolute: the z coordinates themselves, the first equal to IPP_z
+        ([-40.0, -37.0, -34.0, -31.0], [-40.0, -37.0, -34.0, -31.0]),
+        # absolute, frames towards the feet
+        ([-40.0, -43.0, -46.0], [-40.0, -43.0, -46.0]),
+        # relative, frames towards the feet
+        ([0.0, -3.0, -6.0], [-40.0, -43.0, -46.0]),
+    ],
+)
+def test_rtdose_grid_frame_offsets_relative_and_absolute(tmp_path, offsets, z_expected):
+    from voxeldose.ingest import read_rtdose
+
+    _rtdose(tmp_path / "rd.dcm", offsets)
+    vol = read_rtdose(scan(tmp_path).by_kind("rtdose")[0])
+    for k, z in enumerate(z_expected):
+        # voxel (i=1, j=2, k): x = −100 + 1·2, y = −80 + 2·2, z from the offsets; stored 100·(k+1) × 0.01 Gy
+        assert np.allclose(vol.index_to_world([1, 2, k]), [-98.0, -76.0, z]), (k, vol.index_to_world([1, 2, k]))
+        assert np.allclose(vol.array[k], k + 1.0)
+
+
+def test_rtdose_offsets_neither_relative_nor_absolute_is_an_error(tmp_path):
+    from voxeldose.ingest import read_rtdose
+
+    _rtdose(tmp_path / "rd.dcm", [5.0, 8.0, 11.0])  # IPP z = −40: neither 0 nor −40
+    with pytest.raises(VoxeldoseError, match=r"GridFrameOffsetVector \(3004,000C\)") as info:
+        read_rtdose(scan(tmp_path).by_kind("rtdose")[0])
+    assert str(tmp_path / "rd.dcm") in str(info.value)
+
+
+# ------------------------------------------------------------------------------ time zones
+def _set_times(path: Path, *, injection_dt: str | None = None, acquisition_dt: str | None = None,
+               tz: str | None = None) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if injection_dt is not None:
+        ds.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalStartDateTime = injection_dt
+    if acquisition_dt is not None:
+        ds.AcquisitionDateTime = acquisition_dt
+    if tz is not None:
+        ds.TimezoneOffsetFromUTC = tz
+    ds.save_as(path)
+
+
+def test_timezone_offset_from_utc_is_recorded_and_times_stay_local(tmp_path):
+    nm_tomo(tmp_path / "nm.dcm", np.ones((2, 2, 2)))  # injection 2026-01-05 09:30, acquisition 2026-01-06 10:00
+    _set_times(tmp_path / "nm.dcm", tz="+0100")
+    c = load_cycle(tmp_path)
+    assert c.injection.start == INJ and c.injection.start.tzinfo is None
+    assert c.injection.utc_offset == "+0100" and "TimezoneOffsetFromUTC (0008,0201)" in c.injection.utc_offset_source
+    tp = c.timepoints[0]
+    assert tp.utc_offset == "+0100" and tp.acquisition.tzinfo is None
+    assert tp.hours_after_injection == pytest.approx(24.5)
+    assert c.summary()["injection"]["utc_offset"] == "+0100"
+
+
+def test_explicit_dt_offsets_are_recorded_not_applied(tmp_path):
+    nm_tomo(tmp_path / "nm.dcm", np.ones((2, 2, 2)))
+    # both in CET (+0100): 09:30 → next day 10:00 is 24.5 h whatever the zone
+    _set_times(tmp_path / "nm.dcm", injection_dt="20260105093000+0100", acquisition_dt="20260106100000.000000+0100")
+    c = load_cycle(tmp_path)
+    assert c.injection.start == INJ and c.injection.utc_offset == "+0100"
+    assert "RadiopharmaceuticalStartDateTime (0018,1078)" in c.injection.utc_offset_source
+    assert c.timepoints[0].utc_offset == "+0100"
+    assert c.timepoints[0].hours_after_injection == pytest.approx(24.5)
+
+
+@pytest.mark.parametrize("tz", [None, "+0100"])
+def test_injection_and_acquisition_in_different_offsets_is_an_error(tmp_path, tz):
+    """Injection 2026-03-27 09:30 CET (+0100), scan 2026-03-30 10:00 CEST (+0200), across the EU daylight-saving
+    change of 29 March 2026: 71.5 h elapsed, but the local times differ by 72.5 h.  An explicit DT offset
+    overrides TimezoneOffsetFromUTC (PS3.3 C.12.1.1.8)."""
+    nm_tomo(tmp_path / "nm.dcm", np.ones((2, 2, 2)))
+    _set_times(tmp_path / "nm.dcm", injection_dt="20260327093000+0100", acquisition_dt="20260330100000+0200", tz=tz)
+    with pytest.raises(VoxeldoseError, match=r"different UTC offsets.*\+0100.*\+0200.*AcquisitionDateTime \(0008,002A\)"):
+        load_cycle(tmp_path)
+
+
+def test_time_points_in_different_offsets_is_an_error(tmp_path):
+    timepoint(tmp_path / "a", 4.0)
+    timepoint(tmp_path / "b", 24.0, seed=1)
+    _set_times(tmp_path / "a" / "NM" / "spect.dcm", tz="+0100")
+    _set_times(tmp_path / "b" / "NM" / "spect.dcm", tz="+0200")
+    with pytest.raises(VoxeldoseError, match=r"different UTC offsets.*TimezoneOffsetFromUTC \(0008,0201\)"):
+        load_cycle(tmp_path, injection_start=INJ)  # the caller's injection has no offset; the scans still differ
+
+
+AWARE = datetime.fromisoformat("2026-01-05T09:30+01:00")
+
+
+def test_tz_aware_caller_injection_is_rejected(tmp_path):
+    import pydicom
+
+    from voxeldose.ingest import injection_from_header
+
+    nm_tomo(tmp_path / "nm.dcm", np.ones((2, 2, 2)))
+    with pytest.raises(VoxeldoseError, match="without a UTC offset, as DICOM stores it"):
+        load_cycle(tmp_path, injection_start=AWARE)
+    with pytest.raises(VoxeldoseError, match="without a UTC offset, as DICOM stores it"):
+        injection_from_header(pydicom.dcmread(tmp_path / "nm.dcm"), tmp_path / "nm.dcm", start=AWARE)
+    uid = scan(tmp_path).by_kind("spect")[0].series_instance_uid
+    with pytest.raises(VoxeldoseError, match="without a UTC offset, as DICOM stores it"):
+        load_cycle(tmp_path, acquisition_times={uid: datetime.fromisoformat("2026-01-06T10:00+01:00")})
+    # the same instant without the offset is what DICOM holds: accepted
+    assert load_cycle(tmp_path, injection_start=AWARE.replace(tzinfo=None)).injection.start == INJ
+
+
+def test_spec_injection_datetime_must_be_naive():
+    from pydantic import ValidationError
+
+    from voxeldose.spec import InjectionOverride, JobSpec
+
+    with pytest.raises(ValidationError, match="without a UTC offset, as DICOM stores it"):
+        InjectionOverride(datetime="2026-01-05T09:30+01:00")
+    with pytest.raises(ValidationError, match="without a UTC offset, as DICOM stores it"):
+        JobSpec.model_validate({"inputs": ["x"], "injection": {"datetime": "2026-01-05T09:30:00Z"}})
+    assert InjectionOverride(datetime="2026-01-05T09:30").datetime == INJ

@@ -307,3 +307,36 @@ def test_blood_tia_bi_exponential_and_trapezoid():
         M.blood_time_integrated_concentration(samples[:1], decay_constant_per_s=lam)
     with pytest.raises(VoxeldoseError):
         M.blood_time_integrated_concentration(samples, model="spline", decay_constant_per_s=lam)
+
+
+def test_job_spec_radiobiology_defaults_come_from_metrics():
+    """One set of default numbers: kidney α/β 2.6 Gy, T_rep 2.8 h (Barone et al. 2005, J Nucl Med 46:99S);
+    tumour α/β 10 Gy, 1.5 h.  The job spec's defaults and the BED in the pipeline use metrics' table."""
+    from voxeldose import spec as S
+
+    literature = {"kidney": (2.6, 2.8), "tumour": (10.0, 1.5)}
+    assert set(S.DEFAULT_RADIOBIOLOGY) == set(M.RADIOBIOLOGY_DEFAULTS) == set(literature)
+    job = S.JobSpec(inputs=["x"])
+    for role, (ab, trep_h) in literature.items():
+        m = M.RADIOBIOLOGY_DEFAULTS[role]
+        assert (m.alpha_beta_gy, m.repair_half_time_s) == pytest.approx((ab, trep_h * H))
+        assert m.source  # cited
+        d = S.DEFAULT_RADIOBIOLOGY[role]
+        assert (d.alpha_beta_gy, d.repair_half_time_h) == pytest.approx((ab, trep_h))
+        rb = S.radiobiology_for("Some VOI", role, job)
+        assert (rb.alpha_beta_gy, rb.repair_half_time_h) == pytest.approx((ab, trep_h))
+    # a table change shows up in the spec's answer (no second copy of the numbers)
+    orig = M.RADIOBIOLOGY_DEFAULTS["kidney"]
+    try:
+        M.RADIOBIOLOGY_DEFAULTS["kidney"] = M.Radiobiology(3.0, 2.0 * H, "test")
+        assert S.radiobiology_for("Kidney_L", "kidney", job).alpha_beta_gy == 3.0
+    finally:
+        M.RADIOBIOLOGY_DEFAULTS["kidney"] = orig
+    # per-VOI, then per-role values from the spec win; roles without defaults get none
+    job2 = S.JobSpec(inputs=["x"], radiobiology={
+        "Kidney_L": {"alpha_beta_gy": 2.0, "repair_half_time_h": 1.0},
+        "kidney": {"alpha_beta_gy": 2.4, "repair_half_time_h": 2.5},
+    })
+    assert S.radiobiology_for("Kidney_L", "kidney", job2).alpha_beta_gy == 2.0
+    assert S.radiobiology_for("Kidney_R", "kidney", job2).alpha_beta_gy == 2.4
+    assert S.radiobiology_for("Liver", "organ", job) is None

@@ -251,3 +251,42 @@ def test_default_phantom_writes_fast_and_is_clinical(tmp_path):
     assert 900 <= n_ct <= 1100
     ds = pydicom.dcmread(m.nm_files[0])
     assert (int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns)) == (96, 128, 128)
+
+
+# ICRU Report 44 (1989) densities, g/cm³, of the phantom's tissues (urine, spongiosa, tumour: the phantom's
+# own stated values).
+ICRU44_DENSITY = {"air": 0.0012, "adipose": 0.95, "soft_tissue": 1.05, "lung": 0.26, "liver": 1.06, "spleen": 1.06,
+                  "kidney": 1.05, "cortical_bone": 1.92}
+
+
+def test_phantom_ct_numbers_give_back_the_truth_densities():
+    """The pipeline turns the phantom's CT into density with Schneider et al. 2000 (dose.hu_to_density); the
+    truth masses use the tissues' stated densities.  Both must agree, or the truth dose of bone (say) is not
+    the dose of the tissue the pipeline sees.  Hand check on Schneider's eq. 19 (H ≥ 100): ρ = 1.017 +
+    0.592e-3·H, so cortical bone at 1.92 g/cm³ needs H ≈ 1525 HU (1200 HU would be ≈ 1.73 g/cm³, −10 %)."""
+    from voxeldose.dose import hu_to_density
+    from voxeldose.phantom import TISSUES
+
+    by_name = {name: (hu, rho) for name, hu, rho, _ in TISSUES.values()}
+    for name, rho in ICRU44_DENSITY.items():
+        assert by_name[name][1] == rho, name
+    for name in ("lung", "adipose", "soft_tissue", "liver", "spleen", "kidney", "cortical_bone", "spongiosa",
+                 "urine", "tumour", "air"):
+        hu, rho = by_name[name]
+        assert hu == int(hu), name  # the CT stores whole HU
+        assert hu_to_density(hu) == pytest.approx(rho, rel=0.02), (name, hu, hu_to_density(hu), rho)
+    hu_bone = by_name["cortical_bone"][0]
+    assert 1.017 + 0.592e-3 * hu_bone == pytest.approx(1.92, rel=0.01)
+
+
+def test_phantom_ct_maps_to_tissue_densities_voxel_by_voxel():
+    from voxeldose.dose import hu_to_density
+    from voxeldose.phantom import TISSUES, ct_grid, hu_on, tissues_on
+
+    st = PhantomSettings.small()
+    grid = ct_grid(st)
+    tis = tissues_on(grid, settings=st)
+    rho_truth = np.array([TISSUES[t][2] for t in range(len(TISSUES))])[tis]
+    rho_ct = hu_to_density(hu_on(grid, settings=st))
+    assert set(np.unique(tis)) >= {1, 2, 3, 7, 8}  # fat, soft tissue, lung, bone, spongiosa are on the CT
+    assert np.allclose(rho_ct, rho_truth, rtol=0.02)

@@ -33,7 +33,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.integrate import quad
 from scipy.signal import fftconvolve
 
-from conftest import dciodvfy_errors, dicompyler
+from support import dciodvfy_errors, dicompyler
 from voxeldose.dose import default_kernel_size
 from voxeldose.errors import VoxeldoseError
 from voxeldose.kernels import get_kernel

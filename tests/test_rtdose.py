@@ -18,7 +18,7 @@ import pytest
 from pydicom.uid import generate_uid
 from scipy.special import erf
 
-from conftest import dciodvfy_errors, dicompyler
+from support import dciodvfy_errors, dicompyler
 from voxeldose import dicom_writers as dw
 from voxeldose import ingest
 from voxeldose.geometry import Volume

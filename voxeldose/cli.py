@@ -7,6 +7,9 @@
     voxeldose kernel --nuclide Lu-177 --voxel-mm 4.8[,4.8,4.8] --medium soft-tissue --size 51 --out k.npy
     voxeldose demo [--out DIR]
 
+Installed packages add sub-commands through the entry-point group ``voxeldose.commands`` (the
+service adds ``voxeldose serve`` and ``voxeldose token``); ``voxeldose --help`` lists them.
+
 Bad input ends with one line ``error: …`` naming the file, the tag and what was expected, and exit
 status 2 — never a traceback.  Set ``VOXELDOSE_DEBUG=1`` to see tracebacks of unexpected failures.
 """
@@ -38,9 +41,13 @@ def _parse_hours(text: str) -> tuple[float, ...]:
 
 def _parse_datetime(text: str) -> datetime:
     try:
-        return datetime.fromisoformat(text)
+        value = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an ISO date and time such as 2026-01-05T09:30, got {text!r}") from None
+    if value.utcoffset() is not None:
+        raise argparse.ArgumentTypeError(
+            f"give the local date and time without a UTC offset, as DICOM stores it (got {text!r})")
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -82,7 +89,33 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on the embedded synthetic patient")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default ./demo-output)")
     demo.add_argument("--small", action="store_true", help="use the small phantom")
+
+    for name, ep in sorted(_plugin_commands().items()):  # listed in --help; run by main() before parsing
+        sub.add_parser(name, help=_plugin_help(ep), add_help=False)
     return p
+
+
+#: Entry-point group of sub-commands that other installed packages add (e.g. the service's
+#: ``serve`` and ``token``).  Each is ``fn(argv: list[str]) -> int`` and gets the argv after its name.
+PLUGIN_GROUP = "voxeldose.commands"
+
+
+def _plugin_commands() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    try:
+        eps = entry_points(group=PLUGIN_GROUP)
+    except Exception:  # noqa: BLE001 - broken metadata must not break the built-in commands
+        return {}
+    return {ep.name: ep for ep in eps if ep.name not in COMMANDS}
+
+
+def _plugin_help(ep: Any) -> str:
+    try:
+        doc = (ep.load().__doc__ or "").strip()
+    except Exception as exc:  # noqa: BLE001 - e.g. the plugin's dependencies are not installed
+        return f"(unavailable: {type(exc).__name__}: {exc})"
+    return doc.splitlines()[0] if doc else f"provided by {ep.value}"
 
 
 def _add_injection_options(p: argparse.ArgumentParser) -> None:
@@ -189,27 +222,52 @@ def build_spec(args: argparse.Namespace) -> "Any":
             base = json.loads(args.spec.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise VoxeldoseError(f"cannot read the job description ({exc})", path=args.spec, expected="a JSON object") from None
+        if not isinstance(base, dict):
+            raise VoxeldoseError("the job description is not a JSON object", path=args.spec,
+                                 expected="a JSON object such as {\"calibration\": {\"cps_per_mbq\": 5.67}}",
+                                 found=type(base).__name__)
+
+    def section(key: str) -> dict[str, Any]:
+        value = base.get(key)
+        if value is None:
+            value = base[key] = {}
+        if not isinstance(value, dict):
+            raise VoxeldoseError(f"the job description's {key!r} must be an object", path=args.spec, tag=key,
+                                 found=type(value).__name__)
+        return value
+
     base["inputs"] = [str(p) for p in args.paths]
     if args.calibration is not None:
-        base.setdefault("calibration", {})["cps_per_mbq"] = args.calibration
+        section("calibration")["cps_per_mbq"] = args.calibration
         base["calibration"].setdefault("source", "command line --calibration")
     if args.method is not None:
-        base.setdefault("dose", {})["method"] = args.method
+        section("dose")["method"] = args.method
     if args.fit is not None:
-        base.setdefault("fit", {})["model"] = args.fit
+        section("fit")["model"] = args.fit
     if args.cycle is not None:
         base["cycle_number"] = args.cycle
-    inj = base.setdefault("injection", {})
+    inj = section("injection")
     if args.injection_datetime is not None:
         inj["datetime"] = args.injection_datetime.isoformat()
     if args.activity_mbq is not None:
         inj["activity_mbq"] = args.activity_mbq
     if args.nuclide is not None:
         inj["nuclide"] = args.nuclide
+    from pydantic import ValidationError
+
     try:
         return JobSpec.model_validate(base)
-    except Exception as exc:  # pydantic.ValidationError
-        raise VoxeldoseError(f"invalid job description: {exc}", path=args.spec, tag="spec") from None
+    except ValidationError as exc:
+        raise VoxeldoseError(f"invalid job description: {validation_message(exc)}", path=args.spec, tag="spec") from None
+
+
+def validation_message(exc: Any) -> str:
+    """A pydantic ValidationError on one line: 'field.path: message; …'."""
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "; ".join(parts)
 
 
 def _progress_printer() -> "Any":
@@ -269,9 +327,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"phantom": cmd_phantom, "inspect": cmd_inspect, "run": cmd_run, "kernel": cmd_kernel, "demo": cmd_demo}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+def _run_plugin(name: str, rest: list[str]) -> int | None:
+    """Run the plugin command ``name`` if one is installed (None if not)."""
+    ep = _plugin_commands().get(name)
+    if ep is None:
+        return None
     try:
+        fn = ep.load()
+    except ImportError as exc:
+        print(f"error: the command {name!r} ({ep.value}) cannot be loaded: {exc}", file=sys.stderr)
+        return 3
+    code = fn(rest)
+    return int(code or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+            code = _run_plugin(argv[0], argv[1:])
+            if code is not None:
+                return code
+        args = _build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except VoxeldoseError as err:
         print(f"error: {err}", file=sys.stderr)

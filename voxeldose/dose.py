@@ -42,8 +42,14 @@ from . import backend, nuclides
 from .convolution import convolve, kernel_key
 from .errors import VoxeldoseError
 from .geometry import Grid, Volume, resample
+from .nuclides import (
+    J_PER_MEV,
+    electron_energy_per_decay_MeV,
+    photon_energy_per_decay_MeV,
+)
 
 __all__ = [
+    "J_PER_MEV",
     "METHODS",
     "RHO_AIR",
     "SCHNEIDER_2000",
@@ -61,17 +67,9 @@ log = logging.getLogger(__name__)
 
 METHODS = ("dvk", "dvk-density", "led")
 
-#: Joules per MeV (CODATA 2018, exact).
-J_PER_MEV = 1.602176634e-13
-
 #: Density of dry air at 20 °C, 101.325 kPa, g/cm³ (NIST "Air, Dry (near sea level)": 1.205e-3);
 #: the floor of every density map, so that no voxel has zero mass.
 RHO_AIR = 0.0012
-
-#: ICRP-107 emission keys that are electrons, and photons.  ``b-spectra`` is the β spectrum itself
-#: (a density per MeV), not a list of lines: the ``beta-`` entries already hold mean energies.
-_ELECTRON_KEYS = ("beta-", "IE", "auger")
-_PHOTON_KEYS = ("gamma", "X", "annihilation")
 
 #: Kernel media → NIST compound names in xraylib (densities taken from there when no kernel is given).
 _NIST_NAMES = {
@@ -145,22 +143,8 @@ def hu_to_density(hu: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def electron_energy_per_decay_MeV(nuclide: str = "Lu-177") -> float:
-    """Total electron energy emitted per decay, MeV: Σ E·yield over β (mean energies), IC and Auger
-    electrons of ICRP-107 (Lu-177: 0.1479 MeV)."""
-    n = nuclides.load(nuclide)
-    if hasattr(nuclides, "electron_energy_per_decay_MeV"):  # one definition for kernels and dose
-        return float(nuclides.electron_energy_per_decay_MeV(n))
-    return float(sum(e * y for key in _ELECTRON_KEYS for e, y in n.emissions.get(key, ())))
-
-
-def photon_energy_per_decay_MeV(nuclide: str = "Lu-177") -> float:
-    """Total photon energy emitted per decay, MeV: γ, X-rays (and annihilation) of ICRP-107
-    (Lu-177: 0.0351 MeV)."""
-    n = nuclides.load(nuclide)
-    if hasattr(nuclides, "photon_energy_per_decay_MeV"):
-        return float(nuclides.photon_energy_per_decay_MeV(n))
-    return float(sum(e * y for key in _PHOTON_KEYS for e, y in n.emissions.get(key, ())))
+# J_PER_MEV, electron_energy_per_decay_MeV and photon_energy_per_decay_MeV are voxeldose.nuclides'
+# (the one definition), re-exported here.
 
 
 def medium_density(medium: str) -> float:

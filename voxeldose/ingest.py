@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
@@ -60,6 +61,9 @@ PixelMode = Literal["bqml-rwvm", "bqml-units", "counts"]
 #: Relative tolerance on slice spacing within a series (1 %: well below one voxel over a 500 mm stack
 #: is not the point — any gap or duplicate position is, and those deviate by ≥ 50 %).
 SLICE_SPACING_RTOL = 0.01
+#: An absolute GridFrameOffsetVector (RT Dose) must start at ImagePositionPatient's coordinate along the
+#: normal to within this, mm (a tenth of the finest dose grid in use; DS rounding is far below it).
+GRID_OFFSET_TOL_MM = 0.1
 #: Same injection when start times agree within this (s) and activities within 1 %.
 SAME_INJECTION_S = 60.0
 #: Plausible administered activity for one 177Lu therapy cycle, Bq (used only to catch unit errors:
@@ -145,6 +149,10 @@ class InjectionInfo:
     radiopharmaceutical: str | None
     start_source: str  # e.g. "RadiopharmaceuticalStartDateTime (0018,1078)" or "caller"
     activity_source: str
+    #: UTC offset the file states for ``start`` ("+0100"), or None when not stated (or from the caller).
+    #: ``start`` itself stays the naive local time, as DICOM stores it.
+    utc_offset: str | None = None
+    utc_offset_source: str | None = None
 
 
 @dataclass
@@ -156,12 +164,16 @@ class TimePoint:
     acquisition: datetime
     acquisition_source: str
     hours_after_injection: float = math.nan
+    #: UTC offset the file states for ``acquisition`` ("+0100"), or None; ``acquisition`` stays naive.
+    utc_offset: str | None = None
+    utc_offset_source: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
             "hours_after_injection": round(self.hours_after_injection, 3),
             "acquisition_datetime": self.acquisition.isoformat(),
             "acquisition_time_source": self.acquisition_source,
+            "acquisition_utc_offset": self.utc_offset,
             "spect": self.spect.summary() | {"pixel_values": spect_pixel_mode(self.spect.first)},
             "ct": None if self.ct is None else self.ct.summary(),
         }
@@ -189,6 +201,7 @@ class Cycle:
                 "activity_source": self.injection.activity_source,
                 "datetime": self.injection.start.isoformat(),
                 "datetime_source": self.injection.start_source,
+                "utc_offset": self.injection.utc_offset,
             },
             "timepoints": [tp.summary() for tp in self.timepoints],
             "vois": [s.summary() | {"roi_names": roi_names(s)} for s in self.vois],
@@ -448,23 +461,68 @@ def _parse_tm(value: Any) -> time | None:
         return None
 
 
-def _parse_dt(value: Any) -> tuple[datetime | None, bool]:
-    """Parse a DT; return (naive datetime, had_utc_offset)."""
+_OFFSET_RE = re.compile(r"^([+-])(\d{2})(\d{2})$")
+
+
+def _normalise_offset(value: Any) -> str | None:
+    """A DICOM UTC offset ``&ZZXX`` ("+0100", "-0500") normalised, or None if absent or malformed."""
+    m = _OFFSET_RE.match(str(value or "").strip())
+    if m is None:
+        return None
+    sign, hh, mm = m.groups()
+    if int(hh) > 14 or int(mm) >= 60:
+        return None
+    if hh == mm == "00":
+        sign = "+"
+    return f"{sign}{hh}{mm}"
+
+
+def _parse_dt(value: Any) -> tuple[datetime | None, str | None]:
+    """Parse a DT (PS3.5 6.2: ``YYYYMMDDHHMMSS.FFFFFF&ZZXX``); return (naive datetime, UTC offset or None).
+
+    The datetime is the local time as written; the offset suffix, if any, is returned separately
+    (normalised, e.g. ``"+0100"``) and not applied: the other times voxeldose compares against are
+    naive local times, and turning them into UTC needs the site's time zone, which DICOM does not give.
+    """
     s = str(value or "").strip()
     if not s:
-        return None, False
-    had_offset = False
+        return None, None
+    offset = None
     for sign in ("+", "-"):
         if sign in s[8:]:
-            s = s[: 8 + s[8:].index(sign)]
-            had_offset = True
+            cut = 8 + s[8:].index(sign)
+            offset = _normalise_offset(s[cut:]) or offset
+            s = s[:cut]
     d = _parse_da(s[:8])
     if d is None:
-        return None, had_offset
+        return None, offset
     t = _parse_tm(s[8:]) if len(s) > 8 else time(0)
     if t is None:
-        return None, had_offset
-    return datetime.combine(d, t), had_offset
+        return None, offset
+    return datetime.combine(d, t), offset
+
+
+def _stated_offset(ds: Dataset, explicit: str | None, dt_keyword: str) -> tuple[str | None, str | None]:
+    """(UTC offset, where it was stated) of a time read from ``ds``.
+
+    An offset written in the DT value itself wins; otherwise TimezoneOffsetFromUTC (0008,0201), which
+    applies to every DA, TM and DT of the instance without their own offset (PS3.3 C.12.1.1.8).
+    """
+    if explicit is not None:
+        return explicit, f"{_tag(dt_keyword)} (offset suffix)"
+    tz = _normalise_offset(getattr(ds, "TimezoneOffsetFromUTC", None))
+    if tz is not None:
+        return tz, _tag("TimezoneOffsetFromUTC")
+    return None, None
+
+
+def _require_naive(value: datetime | None, what: str) -> None:
+    """Caller datetimes must be naive local times, like DICOM's: a UTC offset cannot be reconciled."""
+    if value is not None and value.tzinfo is not None and value.utcoffset() is not None:
+        raise VoxeldoseError(
+            f"the {what} has a UTC offset: give the local date and time without a UTC offset, as DICOM stores it",
+            tag=what, expected="a date and time such as 2026-01-05T09:30", found=value.isoformat(),
+        )
 
 
 def acquisition_datetime(ds: Dataset, path: Path | str | None = None) -> tuple[datetime, str]:
@@ -473,13 +531,20 @@ def acquisition_datetime(ds: Dataset, path: Path | str | None = None) -> tuple[d
     AcquisitionDateTime (0008,002A) first, then AcquisitionDate (0008,0022) + AcquisitionTime
     (0008,0032).  Series or content times are not acquisition times and are not used.
     """
-    dt, _ = _parse_dt(getattr(ds, "AcquisitionDateTime", None))
+    dt, src, _, _ = _acquisition(ds, path)
+    return dt, src
+
+
+def _acquisition(ds: Dataset, path: Path | str | None = None) -> tuple[datetime, str, str | None, str | None]:
+    """:func:`acquisition_datetime` plus the UTC offset the file states for it (and where)."""
+    dt, explicit = _parse_dt(getattr(ds, "AcquisitionDateTime", None))
     if dt is not None:
-        return dt, _tag("AcquisitionDateTime")
+        return (dt, _tag("AcquisitionDateTime"), *_stated_offset(ds, explicit, "AcquisitionDateTime"))
     d = _parse_da(getattr(ds, "AcquisitionDate", None))
     t = _parse_tm(getattr(ds, "AcquisitionTime", None))
     if d is not None and t is not None:
-        return datetime.combine(d, t), f"{_tag('AcquisitionDate')} + {_tag('AcquisitionTime')}"
+        return (datetime.combine(d, t), f"{_tag('AcquisitionDate')} + {_tag('AcquisitionTime')}",
+                *_stated_offset(ds, None, "AcquisitionTime"))
     raise VoxeldoseError(
         "the acquisition time is missing",
         path=path,
@@ -498,7 +563,9 @@ def injection_from_header(
 ) -> InjectionInfo:
     """Read the injection from the Radiopharmaceutical Information Sequence (0054,0016).
 
-    Caller-supplied values take precedence and are recorded as such.  RadionuclideTotalDose
+    Caller-supplied values take precedence and are recorded as such; a caller's ``start`` must be the
+    naive local date and time (a tz-aware datetime is an error).  The UTC offset the file states for
+    the injection time (DT suffix, else TimezoneOffsetFromUTC) is recorded, not applied.  RadionuclideTotalDose
     (0018,1074) is in MBq in NM objects (PS3.3 C.8.4.10) and in Bq in PET objects (C.8.9.2);
     a value outside :data:`PLAUSIBLE_THERAPY_BQ` after conversion is an error, not a guess.
     """
@@ -527,12 +594,15 @@ def injection_from_header(
     )
 
     # start
+    _require_naive(start, "injection date and time")
+    utc_offset = utc_offset_source = None
     if start is not None:
         start_source = "caller"
     else:
-        dt, _ = _parse_dt(getattr(item, "RadiopharmaceuticalStartDateTime", None))
+        dt, explicit = _parse_dt(getattr(item, "RadiopharmaceuticalStartDateTime", None))
         if dt is not None:
             start, start_source = dt, _tag("RadiopharmaceuticalStartDateTime")
+            utc_offset, utc_offset_source = _stated_offset(ds, explicit, "RadiopharmaceuticalStartDateTime")
         else:
             t = _parse_tm(getattr(item, "RadiopharmaceuticalStartTime", None))
             if t is not None:
@@ -583,6 +653,8 @@ def injection_from_header(
         radiopharmaceutical=str(getattr(item, "Radiopharmaceutical", "") or "") or None,
         start_source=start_source,
         activity_source=activity_source,
+        utc_offset=utc_offset,
+        utc_offset_source=utc_offset_source,
     )
 
 
@@ -600,7 +672,11 @@ def load_cycle(
 
     ``acquisition_times`` maps a SPECT SeriesInstanceUID to its acquisition start when the files do not
     carry one.  The caller's injection values override the files' (and are recorded as "caller").
+    Caller datetimes are naive local times, as DICOM stores them; a tz-aware one is an error.
     """
+    _require_naive(injection_start, "injection date and time")
+    for when in (acquisition_times or {}).values():
+        _require_naive(when, "acquisition date and time")
     index = paths if isinstance(paths, Index) else scan(paths)
     cycles, problems = group_cycles(
         index,
@@ -641,7 +717,14 @@ def group_cycles(
 
     A cycle is one patient and one injection (start within :data:`SAME_INJECTION_S`, activity within
     1 %).  A time point's CT is the CT series with the SPECT's FrameOfReferenceUID (hybrid SPECT/CT).
+
+    Times are naive local times.  Where the files state UTC offsets (DT suffix or TimezoneOffsetFromUTC
+    (0008,0201)) they are recorded; offsets that differ within a cycle (e.g. injection before and scan
+    after a daylight-saving change) are an error, since the naive differences would be off by the gap.
     """
+    _require_naive(injection_start, "injection date and time")
+    for when in (acquisition_times or {}).values():
+        _require_naive(when, "acquisition date and time")
     problems: list[Problem] = []
     patients = index.patients()
     if len(patients) > 1:
@@ -674,8 +757,9 @@ def group_cycles(
             inj = injection_from_header(hdr, path, start=injection_start, activity_bq=activity_bq, nuclide=nuclide)
             if acquisition_times and sp.series_instance_uid in acquisition_times:
                 acq, acq_src = acquisition_times[sp.series_instance_uid], "caller"
+                acq_off = acq_off_src = None
             else:
-                acq, acq_src = acquisition_datetime(hdr, path)
+                acq, acq_src, acq_off, acq_off_src = _acquisition(hdr, path)
             spect_pixel_mode(hdr, path)
         except VoxeldoseError as err:
             problems.append(Problem.from_error(err))
@@ -704,10 +788,11 @@ def group_cycles(
                         _tag("FrameOfReferenceUID"),
                     )
                 )
-        tp = TimePoint(sp, ct, acq, acq_src)
+        tp = TimePoint(sp, ct, acq, acq_src, utc_offset=acq_off, utc_offset_source=acq_off_src)
         entries.append((tp, inj, sp.patient_id))
 
     cycles: list[Cycle] = []
+    injection_path: dict[int, Path] = {}  # the file each cycle's injection was read from
     for tp, inj, pid in entries:
         for c in cycles:
             same = (
@@ -720,6 +805,7 @@ def group_cycles(
                 break
         else:
             cycles.append(Cycle(pid, tp.spect.patient_name, inj, [tp], [], []))
+            injection_path[id(cycles[-1])] = tp.spect.instances[0].path
 
     for c in cycles:
         c.timepoints.sort(key=lambda tp: tp.acquisition)
@@ -735,6 +821,22 @@ def group_cycles(
                         tp.acquisition_source,
                     )
                 )
+        stated = ([(c.injection.utc_offset, "injection", injection_path[id(c)],
+                    c.injection.utc_offset_source)] if c.injection.utc_offset else [])
+        stated += [(tp.utc_offset, f"acquisition {tp.acquisition:%Y-%m-%d %H:%M}", tp.spect.instances[0].path,
+                    tp.utc_offset_source) for tp in c.timepoints if tp.utc_offset]
+        if len({o for o, *_ in stated}) > 1:
+            first = stated[0]
+            odd = next(x for x in stated if x[0] != first[0])
+            listing = "; ".join(f"{what} {off} from {src}" for off, what, _, src in stated)
+            problems.append(Problem.from_error(VoxeldoseError(
+                f"the times of this cycle are stated in different UTC offsets ({listing}): the hours after "
+                "injection, computed from local times, would be off by the difference",
+                path=odd[2], tag=odd[3],
+                expected=f"one UTC offset ({first[0]}), or the injection date and time (and acquisition times) "
+                "passed as local times in one offset",
+                found=odd[0],
+            )))
         for a, b in zip(c.timepoints, c.timepoints[1:]):
             if abs((b.acquisition - a.acquisition).total_seconds()) < 60:
                 problems.append(
@@ -929,8 +1031,19 @@ def _spect_geometry(series: Series) -> _StackGeometry:
             "SliceVector does not list one entry per frame", path=path, tag=_tag("SliceVector"),
             expected=f"{n} values", found=len(sv),
         )
-    if sv is not None and list(map(int, sv)) != list(range(1, n + 1)):
-        order = [int(v) - 1 for v in sv]
+    # SliceVector (0054,0080), PS3.3 C.8.4.8.1: frame f holds slice number sv[f] (1-based).  The slice
+    # in position s of the volume is therefore the frame whose entry is s + 1: order = argsort(sv).
+    if sv is not None:
+        try:
+            sv_int = [int(v) for v in sv]
+        except (TypeError, ValueError):
+            sv_int = None
+        if sv_int is None or sorted(sv_int) != list(range(1, n + 1)):
+            raise VoxeldoseError(
+                "SliceVector is not a permutation of the slice numbers 1..N: which frame is which slice is unknown",
+                path=path, tag=_tag("SliceVector"), expected=f"each of 1..{n} exactly once", found=list(sv),
+            )
+        order = [int(i) for i in np.argsort(sv_int, kind="stable")]
     else:
         order = list(range(n))
     affine = affine_from_dicom(ipp, iop, ps, normal * spacing)
@@ -1070,14 +1183,26 @@ def read_rtdose(series: Series) -> Volume:
     if offsets.size != n:
         raise VoxeldoseError("GridFrameOffsetVector length differs from NumberOfFrames", path=path, tag=_tag("GridFrameOffsetVector"), expected=f"{n} values", found=offsets.size)
     normal = np.cross(iop[:3], iop[3:])
+    # PS3.3 C.8.8.3.2: a first element of 0 means offsets relative to ImagePositionPatient (the first
+    # frame is at IPP); otherwise they are absolute coordinates along the normal and the first equals
+    # IPP's (its z for axial frames).  Either way frame k is at IPP + (offsets[k] − offsets[0]) · N.
+    ipp_along_normal = float(ipp @ normal)
+    if offsets[0] != 0.0 and abs(offsets[0] - ipp_along_normal) > GRID_OFFSET_TOL_MM:
+        raise VoxeldoseError(
+            "GridFrameOffsetVector starts neither at 0 (relative offsets) nor at the ImagePositionPatient "
+            "coordinate along the slice normal (absolute offsets): where the frames are is ambiguous",
+            path=path, tag=_tag("GridFrameOffsetVector"),
+            expected=f"first value 0 or {ipp_along_normal:g} mm", found=float(offsets[0]),
+        )
+    rel = offsets - offsets[0]
     if n > 1:
-        d = np.diff(offsets)
-        if np.any(np.abs(d - d[0]) > SLICE_SPACING_RTOL * abs(d[0]) + 1e-3):
+        d = np.diff(rel)
+        if np.any(np.abs(d - d[0]) > SLICE_SPACING_RTOL * abs(d[0]) + 1e-3) or d[0] == 0:
             raise VoxeldoseError("RT Dose frames are not evenly spaced", path=path, tag=_tag("GridFrameOffsetVector"), expected="uniform spacing", found=list(offsets))
         step = float(d[0])
     else:
         step = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
-    affine = affine_from_dicom(ipp + normal * offsets[0], iop, ps, normal * step)
+    affine = affine_from_dicom(ipp, iop, ps, normal * step)
     arr = _pixels(inst).astype(np.float64)
     if arr.ndim == 2:
         arr = arr[None]

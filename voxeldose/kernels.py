@@ -64,7 +64,7 @@ ELECTRON_REST_ENERGY_MEV = 0.51099895000  #: m_e c², MeV (CODATA 2018)
 CLASSICAL_ELECTRON_RADIUS_CM = 2.8179403262e-13  #: r_e, cm (CODATA 2018)
 AVOGADRO_PER_MOL = 6.02214076e23  #: N_A, mol⁻¹ (SI 2019, exact)
 FINE_STRUCTURE = 7.2973525693e-3  #: α (CODATA 2018)
-J_PER_MEV = 1.602176634e-13  #: J per MeV (SI 2019, exact e)
+J_PER_MEV = _nuc.J_PER_MEV  #: J per MeV (SI 2019, exact e): voxeldose.nuclides' constant
 
 #: Lowest photon energy transported, MeV; below it the photon is absorbed on the spot.  The mean free
 #: path of a 1 keV photon in water is 0.25 µm (μ/ρ ≈ 4e3 cm²/g, xraylib), negligible against any voxel.

@@ -83,6 +83,7 @@ from typing import Any
 import numpy as np
 
 from .errors import VoxeldoseError
+from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV
 
 __all__ = [
     "DVH",
@@ -103,8 +104,6 @@ __all__ = [
 ]
 
 HOUR_S = 3600.0
-#: Joules per MeV (CODATA 2018, exact).
-J_PER_MEV = 1.602176634e-13
 
 
 def _host(a: Any) -> np.ndarray:
@@ -366,7 +365,9 @@ class Radiobiology:
         return math.log(2.0) / self.repair_half_time_s
 
 
-#: Defaults per VOI role; override per VOI with :func:`radiobiology_for`.
+#: Defaults per VOI role; override per VOI with :func:`radiobiology_for`.  The one source of these
+#: numbers: :data:`voxeldose.spec.DEFAULT_RADIOBIOLOGY` (the job spec's defaults) and
+#: :mod:`voxeldose.cycles` are built from it.
 RADIOBIOLOGY_DEFAULTS: dict[str, Radiobiology] = {
     "kidney": Radiobiology(
         2.6, 2.8 * HOUR_S,
@@ -524,7 +525,7 @@ def _lu177_defaults() -> tuple[float, float]:
     from . import nuclides
 
     n = nuclides.load("Lu-177")
-    return n.decay_constant_per_s, nuclides.electron_energy_per_decay_MeV(n)
+    return n.decay_constant_per_s, electron_energy_per_decay_MeV(n)
 
 
 def _fit_exponentials(t: np.ndarray, c: np.ndarray, n_terms: int) -> list[tuple[float, float]]:

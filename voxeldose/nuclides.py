@@ -19,6 +19,11 @@ from .errors import VoxeldoseError
 #: Nuclides voxeldose can compute dose for (kernels validated).
 SUPPORTED: tuple[str, ...] = ("Lu-177",)
 
+#: Joules per MeV: 10⁶ × the elementary charge e = 1.602176634e-19 C, exact since the 2019 SI
+#: redefinition (CODATA 2018 recommended values, Tiesinga et al. 2021, Rev Mod Phys 93:025010).  The one
+#: definition in voxeldose: dose, metrics, kernels and the phantom import it from here.
+J_PER_MEV = 1.602176634e-13
+
 _TIME_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "y": 365.25 * 86400.0}
 """ICRP-107 time units in seconds (ICRP-107 uses the Julian year, 365.25 d)."""
 
@@ -101,22 +106,39 @@ DISCRETE_ELECTRON_KINDS: tuple[str, ...] = ("IE", "auger")
 PHOTON_KINDS: tuple[str, ...] = ("gamma", "X", "annihilation")
 
 
-def mean_energy_per_decay_MeV(nuclide: Nuclide, kinds: tuple[str, ...]) -> float:
+def _as_nuclide(nuclide: Nuclide | str) -> Nuclide:
+    return nuclide if isinstance(nuclide, Nuclide) else load(nuclide)
+
+
+def mean_energy_per_decay_MeV(nuclide: Nuclide | str, kinds: tuple[str, ...]) -> float:
     """Σ energy × yield over the listed ICRP-107 radiation types, MeV per decay.
 
     For ``'beta-'``/``'beta+'`` the ICRP-107 energy is the branch's *mean* β energy, so the sum is the
     mean β energy per decay (Lu-177: 0.1333 MeV).
     """
-    return float(sum(e * y for k in kinds for e, y in nuclide.emissions.get(k, ())))
+    nuc = _as_nuclide(nuclide)
+    return float(sum(e * y for k in kinds for e, y in nuc.emissions.get(k, ())))
 
 
-def electron_energy_per_decay_MeV(nuclide: Nuclide) -> float:
-    """Mean kinetic energy emitted as electrons per decay (β⁻ + β⁺ + IE + Auger), MeV (Lu-177: 0.1479)."""
-    return mean_energy_per_decay_MeV(nuclide, ("beta-", "beta+") + DISCRETE_ELECTRON_KINDS)
+#: ICRP-107 radiation types whose energy :func:`electron_energy_per_decay_MeV` sums: β⁻/β⁺ branches
+#: (mean energies × yields), internal-conversion and Auger electrons.  ``b-spectra`` (the β spectrum as a
+#: density per MeV) is not a list of lines and is not summed.
+ELECTRON_KINDS: tuple[str, ...] = ("beta-", "beta+") + DISCRETE_ELECTRON_KINDS
 
 
-def photon_energy_per_decay_MeV(nuclide: Nuclide) -> float:
-    """Mean energy emitted as photons per decay (γ + X + annihilation), MeV (Lu-177: 0.0351)."""
+def electron_energy_per_decay_MeV(nuclide: Nuclide | str) -> float:
+    """Mean kinetic energy emitted as electrons per decay, MeV: ICRP-107 β⁻ (and β⁺) mean energies ×
+    yields + internal-conversion + Auger electrons (Lu-177: 0.1479 MeV).
+
+    The single definition used by the dose engine, the kernels, the marrow metrics and the phantom
+    truth.  ``nuclide`` is a :class:`Nuclide` or any name :func:`canonical_name` accepts.
+    """
+    return mean_energy_per_decay_MeV(nuclide, ELECTRON_KINDS)
+
+
+def photon_energy_per_decay_MeV(nuclide: Nuclide | str) -> float:
+    """Mean energy emitted as photons per decay, MeV: ICRP-107 γ + X-rays + annihilation photons
+    (Lu-177: 0.0351 MeV).  ``nuclide`` is a :class:`Nuclide` or a name."""
     return mean_energy_per_decay_MeV(nuclide, PHOTON_KINDS)
 
 

@@ -59,8 +59,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .dicom_writers import Injection, PatientStudy, SeriesInfo, SpectAcquisition
+from .dose import RHO_AIR, SCHNEIDER_2000
 from .geometry import Grid, Volume
-from .nuclides import load
+from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
 
 __all__ = [
     "TISSUES",
@@ -214,20 +215,49 @@ VOI_NAMES: dict[int, str] = {
 }
 _LABEL = {name: lab for lab, name in VOI_NAMES.items()}
 
-#: Tissue classes: (name, CT number HU, mass density g/cm³, source).  Densities from ICRU Report 44
-#: (1989) where it lists the tissue; HU are typical unenhanced-CT values (judgment).
+def _hu_for_density(rho: float) -> float:
+    """The CT number (integer HU) that the pipeline's HU → density calibration maps to ``rho`` g/cm³.
+
+    Inverts :data:`voxeldose.dose.SCHNEIDER_2000` (piecewise linear, ``ρ = a + b·H``) row by row and
+    takes the lowest HU that gives ``rho``; densities at or below the air floor map to −1000 HU.
+    """
+    if rho <= RHO_AIR:
+        return -1000.0
+    for lo, hi, a, b in SCHNEIDER_2000:
+        if b == 0.0:
+            if math.isclose(a, rho):
+                return float(math.ceil(lo))
+            continue
+        h = (rho - a) / b
+        if lo <= h < hi:
+            return float(round(h))
+    raise ValueError(f"no CT number maps to {rho} g/cm³")  # pragma: no cover - every ρ ≥ air is reachable
+
+
+#: Tissue classes: (name, mass density g/cm³, source of the density).  Densities from ICRU Report 44
+#: (1989) where it lists the tissue.
+_TISSUE_DENSITIES: dict[int, tuple[str, float, str]] = {
+    0: ("air", 0.0012, "ICRU 44 (dry air)"),
+    1: ("adipose", 0.95, "ICRU 44 adipose tissue"),
+    2: ("soft_tissue", 1.05, "ICRU 44 skeletal muscle"),
+    3: ("lung", 0.26, "ICRU 44 lung (inflated)"),
+    4: ("liver", 1.06, "ICRU 44 liver"),
+    5: ("spleen", 1.06, "ICRU 44 spleen"),
+    6: ("kidney", 1.05, "ICRU 44 kidney"),
+    7: ("cortical_bone", 1.92, "ICRU 44 cortical bone"),
+    8: ("spongiosa", 1.18, "judgment: lumbar trabecular bone + red marrow mixture"),
+    9: ("urine", 1.02, "judgment (≈ water with solutes)"),
+    10: ("tumour", 1.05, "judgment (soft tissue; hypodense vs liver)"),
+}
+
+#: Tissue classes: (name, CT number HU, mass density g/cm³, source).  The CT number of each tissue is
+#: the inverse of the pipeline's HU → density calibration (:func:`voxeldose.dose.hu_to_density`,
+#: Schneider et al. 2000) at its density, rounded to whole HU, so that the density the pipeline derives
+#: from the phantom's CT is the truth's (to < 0.1 %).  Some differ from typical clinical CT numbers
+#: (adipose −76 HU vs ≈ −100, cortical bone ≈ 1525 HU vs ≈ 1200): a real scanner needs its own
+#: calibration; the phantom is consistent with the one the pipeline uses.
 TISSUES: dict[int, tuple[str, float, float, str]] = {
-    0: ("air", -1000.0, 0.0012, "ICRU 44 (dry air)"),
-    1: ("adipose", -100.0, 0.95, "ICRU 44 adipose tissue"),
-    2: ("soft_tissue", 50.0, 1.05, "ICRU 44 skeletal muscle"),
-    3: ("lung", -740.0, 0.26, "ICRU 44 lung (inflated)"),
-    4: ("liver", 55.0, 1.06, "ICRU 44 liver"),
-    5: ("spleen", 45.0, 1.06, "ICRU 44 spleen"),
-    6: ("kidney", 30.0, 1.05, "ICRU 44 kidney"),
-    7: ("cortical_bone", 1200.0, 1.92, "ICRU 44 cortical bone"),
-    8: ("spongiosa", 250.0, 1.18, "judgment: lumbar trabecular bone + red marrow mixture"),
-    9: ("urine", 5.0, 1.02, "judgment (≈ water with solutes)"),
-    10: ("tumour", 38.0, 1.05, "judgment (soft tissue; hypodense vs liver)"),
+    k: (name, _hu_for_density(rho), rho, src) for k, (name, rho, src) in _TISSUE_DENSITIES.items()
 }
 _T = {v[0]: k for k, v in TISSUES.items()}
 
@@ -534,10 +564,9 @@ def voxel_sums(
 
 
 def electron_energy_per_decay_j(radionuclide: str = "Lu-177") -> float:
-    """Mean electron energy emitted per decay (J): ICRP-107 β⁻ mean energies × yields + IE + Auger."""
-    em = load(radionuclide).emissions
-    mev = sum(e * y for kind in ("beta-", "IE", "auger") for e, y in em.get(kind, ()))
-    return mev * 1.602176634e-13
+    """Mean electron energy emitted per decay (J): ICRP-107 β⁻ mean energies × yields + IE + Auger
+    (:func:`voxeldose.nuclides.electron_energy_per_decay_MeV` × :data:`~voxeldose.nuclides.J_PER_MEV`)."""
+    return electron_energy_per_decay_MeV(radionuclide) * J_PER_MEV
 
 
 @dataclass(frozen=True)
@@ -1070,7 +1099,7 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
         "labels": {str(k): v for k, v in VOI_NAMES.items()},
         "tissues": {str(k): {"name": v[0], "hu": v[1], "density_g_per_ml": v[2], "source": v[3]} for k, v in TISSUES.items()},
         "electron_energy_per_decay_j": data.electron_energy_j,
-        "electron_energy_per_decay_kev": data.electron_energy_j / 1.602176634e-16,
+        "electron_energy_per_decay_kev": data.electron_energy_j / (J_PER_MEV * 1e-3),
         "dose_method": (
             "LED: D = TIA * E_e / m, E_e = ICRP-107 mean electron energy per decay (beta- + IE + Auger); "
             "photons (~35 keV/decay) and cross-fire ignored; m = supersampled volume x tissue density"

@@ -136,10 +136,13 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
 
     if not isinstance(spec, JobSpec):
+        from pydantic import ValidationError
+
         try:
             spec = JobSpec.model_validate(spec)
-        except Exception as exc:  # pydantic.ValidationError → a clear message
-            raise VoxeldoseError(f"invalid job description: {exc}", tag="spec") from None
+        except ValidationError as exc:
+            msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+            raise VoxeldoseError(f"invalid job description: {msg}", tag="spec") from None
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     warnings: list[str] = []

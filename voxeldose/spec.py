@@ -11,6 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from . import metrics as _metrics
+from .errors import VoxeldoseError
+
+#: What a caller must give instead of a date and time with a UTC offset.
+NAIVE_DATETIME_MESSAGE = "give the local date and time without a UTC offset, as DICOM stores it"
+
 FitModel = Literal["auto", "monoexp", "biexp", "triexp", "trapezoid", "stp"]
 DoseMethod = Literal["dvk", "dvk-density", "led"]
 Role = Literal["kidney", "marrow", "tumour", "organ", "body"]
@@ -30,9 +36,20 @@ class Calibration(_Model):
 class InjectionOverride(_Model):
     """Values that replace (or supply) the DICOM Radiopharmaceutical Information; recorded as 'caller'."""
 
-    datetime: _dt.datetime | None = None
+    datetime: _dt.datetime | None = Field(
+        None, description="injection date and time, local, without a UTC offset (as DICOM stores it)"
+    )
     activity_mbq: float | None = Field(None, gt=0)
     nuclide: str | None = None
+
+    @field_validator("datetime")
+    @classmethod
+    def _naive(cls, v: _dt.datetime | None) -> _dt.datetime | None:
+        # DICOM times are naive local times; an offset cannot be reconciled with them without the
+        # site's time zone (and subtracting aware from naive datetimes fails later).
+        if v is not None and v.tzinfo is not None and v.utcoffset() is not None:
+            raise ValueError(NAIVE_DATETIME_MESSAGE)
+        return v
 
 
 class FitSpec(_Model):
@@ -42,7 +59,7 @@ class FitSpec(_Model):
     )
     stp_method: Literal["hanscheid", "madsen"] = "hanscheid"
     stp_effective_half_life_h: dict[str, float] = Field(
-        default_factory=dict, description="Madsen 2018: population effective half-life per role or VOI name, h"
+        default_factory=dict, description="Madsen 2018: population effective half-life, h, under the key 'default' (applied to every voxel)"
     )
 
 
@@ -121,11 +138,12 @@ class JobSpec(_Model):
         return v
 
 
-#: Default radiobiology per role: kidney α/β 2.6 Gy, repair half-time 2.8 h (Barone et al. 2005,
-#: J Nucl Med 46:99S); tumour α/β 10 Gy, 1.5 h (the usual defaults, PHYSICS.md).
+#: Default radiobiology per role, built from :data:`voxeldose.metrics.RADIOBIOLOGY_DEFAULTS` (the one
+#: source of the numbers and their citations: kidney α/β 2.6 Gy, repair half-time 2.8 h, Barone et al.
+#: 2005; tumour α/β 10 Gy, 1.5 h by convention).
 DEFAULT_RADIOBIOLOGY: dict[str, Radiobiology] = {
-    "kidney": Radiobiology(alpha_beta_gy=2.6, repair_half_time_h=2.8),
-    "tumour": Radiobiology(alpha_beta_gy=10.0, repair_half_time_h=1.5),
+    role: Radiobiology(alpha_beta_gy=rb.alpha_beta_gy, repair_half_time_h=rb.repair_half_time_s / _metrics.HOUR_S)
+    for role, rb in _metrics.RADIOBIOLOGY_DEFAULTS.items()
 }
 
 
@@ -146,4 +164,13 @@ def role_of(name: str, spec: JobSpec) -> Role:
 
 
 def radiobiology_for(name: str, role: str, spec: JobSpec) -> Radiobiology | None:
-    return spec.radiobiology.get(name) or spec.radiobiology.get(role) or DEFAULT_RADIOBIOLOGY.get(role)
+    """The radiobiology of a VOI: ``spec.radiobiology`` by VOI name, then by role, else the role's default
+    (:func:`voxeldose.metrics.radiobiology_for`); None for a role without defaults (no BED then)."""
+    given = spec.radiobiology.get(name) or spec.radiobiology.get(role)
+    if given is not None:
+        return given
+    try:
+        rb = _metrics.radiobiology_for(role)
+    except VoxeldoseError:
+        return None
+    return Radiobiology(alpha_beta_gy=rb.alpha_beta_gy, repair_half_time_h=rb.repair_half_time_s / _metrics.HOUR_S)
