@@ -1,0 +1,1 @@
+"""HTTP API routers (``/v1``), authentication, problem+json errors, health and metrics."""

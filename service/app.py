@@ -1,0 +1,84 @@
+"""The FastAPI application: ``create_app(settings, store, dispatcher=None)``.
+
+The app only reads and writes the store and the data directory; the dispatcher (when given) runs jobs and
+answers ``ray_ok()``/``device()`` for readiness and metrics.  With ``dispatcher=None`` (an API-only
+process, or tests) jobs stay queued until a dispatcher elsewhere claims them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from . import uploads
+from .api import health, jobs, patients, problems
+from .metrics import Metrics, RequestMetricsMiddleware
+
+log = logging.getLogger("service.app")
+
+DESCRIPTION = """
+Absorbed-dose maps after ¹⁷⁷Lu therapy.  Submit the DICOM of one therapy cycle (SPECT/CT time points and an
+RTSTRUCT or SEG), follow the job, fetch `summary.json`, the RT Dose and the report.
+
+**Authentication**: `Authorization: Bearer <token>` (create one with `voxeldose token create --name N --role R`).
+Roles: `submitter` (submit; read own jobs), `physicist` (read all, cancel, patients), `admin` (all).
+`/healthz`, `/readyz` and `/metrics` need no token.
+
+**Errors** are `application/problem+json` (RFC 9457): `type`, `title`, `status`, `detail`, `instance`.
+"""
+
+
+def _remove_stale_temp(settings: Any, older_than_s: float = 3600.0) -> None:
+    """Temp folders of uploads that a crashed process never finished (never accepted, so safe to remove)."""
+    root = uploads.incoming_dir(settings)
+    if not root.is_dir():
+        return
+    now = time.time()
+    for p in root.glob(uploads.TMP_PREFIX + "*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def create_app(settings: Any, store: Any, dispatcher: Any = None) -> FastAPI:
+    from . import pages
+
+    Path(settings.data_dir, "incoming").mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp(settings)
+    app = FastAPI(
+        title="voxeldose",
+        version=_version(),
+        description=DESCRIPTION,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.dispatcher = dispatcher
+    app.state.metrics = Metrics(store, dispatcher)
+    problems.install(app)
+    app.include_router(jobs.router)
+    app.include_router(patients.router)
+    app.include_router(health.router)
+    app.include_router(pages.router)
+    # outermost last: metrics see the final status, the guard turns anything unexpected into a 500 problem
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(problems.CatchAllMiddleware)
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("voxeldose")
+    except Exception:  # noqa: BLE001
+        return "0"

@@ -1,0 +1,154 @@
+"""``voxeldose serve`` and ``voxeldose token`` (found by ``voxeldose`` through the entry-point group
+``voxeldose.commands``).  Each takes the argv after its name and returns an exit status.
+
+    voxeldose serve [--host 127.0.0.1] [--port 8000] [--data-dir DIR]
+    voxeldose token create --name NAME --role submitter|physicist|admin
+    voxeldose token list
+    voxeldose token revoke --name NAME
+
+Settings come from ``VOXELDOSE_*`` environment variables (see :mod:`service.config`); the options
+override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("service")
+
+
+def _settings(**overrides: Any) -> Any:
+    from .config import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _setup_logging(json_lines: bool) -> None:
+    fmt = (
+        '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
+        if json_lines
+        else "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def serve(argv: Sequence[str]) -> int:
+    """Run the HTTP service with its job dispatcher and Ray (Ctrl-C or SIGTERM stops it cleanly)."""
+    p = argparse.ArgumentParser(prog="voxeldose serve", description=serve.__doc__)
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--data-dir", type=Path, default=None, help="data folder (default ./voxeldose-data)")
+    args = p.parse_args(list(argv))
+    try:
+        settings = _settings(host=args.host, port=args.port, data_dir=args.data_dir)
+    except Exception as exc:  # pydantic.ValidationError
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_json)
+    try:
+        from .app import create_app
+    except ImportError as exc:
+        print(f"error: the HTTP application (service.app.create_app) is not available: {exc}", file=sys.stderr)
+        return 3
+    import uvicorn
+
+    from .dispatcher import Dispatcher
+    from .store import Store
+
+    # Until uvicorn installs its own handlers, SIGTERM unwinds like Ctrl-C (so Ray is shut down).
+    def _term(_sig: int, _frame: Any) -> None:
+        raise _Terminated()
+
+    old_term = signal.signal(signal.SIGTERM, _term)
+    store = dispatcher = None
+    try:
+        settings.ensure_dirs()
+        store = Store(settings.database_url, max_attempts=settings.max_attempts)
+        store.migrate()
+        dispatcher = Dispatcher(store, settings)
+        dispatcher.start()
+        app = create_app(settings, store, dispatcher)
+        # ray.init() installed a SIGTERM handler of its own (sys.exit(15)); uvicorn restores and
+        # re-raises whatever handler it finds, so put ours back: SIGTERM ends with status 0.
+        signal.signal(signal.SIGTERM, _term)
+        log.info("serving on http://%s:%d (data in %s)", settings.host, settings.port, settings.data_dir)
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False))
+        server.run()  # returns on SIGINT/SIGTERM (uvicorn's handlers, restored afterwards)
+        return 0
+    except (KeyboardInterrupt, _Terminated):
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+        if dispatcher is not None:
+            dispatcher.stop()
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001
+            log.warning("ray.shutdown failed", exc_info=True)
+        if store is not None:
+            store.dispose()
+        signal.signal(signal.SIGTERM, old_term)
+        log.info("stopped")
+
+
+def token(argv: Sequence[str]) -> int:
+    """Create, list and revoke API tokens (the plain token is printed once, at creation)."""
+    p = argparse.ArgumentParser(prog="voxeldose token", description=token.__doc__)
+    p.add_argument("--data-dir", type=Path, default=None, help="data folder (default ./voxeldose-data)")
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("create", help="create a token and print it once")
+    c.add_argument("--name", required=True, help="who or what uses it (unique among active tokens)")
+    c.add_argument("--role", required=True, choices=["submitter", "physicist", "admin"])
+    sub.add_parser("list", help="list tokens (names, roles, dates; never the tokens)")
+    r = sub.add_parser("revoke", help="revoke the active token of this name")
+    r.add_argument("--name", required=True)
+    args = p.parse_args(list(argv))
+
+    from .store import Store
+
+    try:
+        settings = _settings(data_dir=args.data_dir)
+    except Exception as exc:  # pydantic.ValidationError
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    store = Store(settings.database_url)
+    try:
+        store.migrate()
+        if args.action == "create":
+            try:
+                plain = store.create_token(args.name, args.role)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(plain)
+            print(f"token for {args.name!r} ({args.role}); it is shown only now: store it safely", file=sys.stderr)
+            return 0
+        if args.action == "list":
+            rows = store.list_tokens()
+            if not rows:
+                print("no tokens")
+            for t in rows:
+                last = t["last_used_at"].isoformat(timespec="seconds") if t["last_used_at"] else "never used"
+                state = "active" if t["active"] else f"revoked {t['revoked_at'].isoformat(timespec='seconds')}"
+                print(f"{t['name']:<24} {t['role']:<10} created {t['created_at'].isoformat(timespec='seconds')}  {last}  {state}")
+            return 0
+        if store.revoke_token(args.name):
+            print(f"revoked {args.name!r}")
+            return 0
+        print(f"error: no active token named {args.name!r}", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()

@@ -1,0 +1,92 @@
+"""Service settings: environment variables with the prefix ``VOXELDOSE_`` (plus ``RAY_ADDRESS``).
+
+    VOXELDOSE_DATA_DIR=/srv/voxeldose VOXELDOSE_DATABASE_URL=postgresql+psycopg://u:p@db/voxeldose \
+    RAY_ADDRESS=ray://head:10001 voxeldose serve
+
+Defaults run everything on one machine: SQLite in ``data_dir``, Ray started in-process.  With a
+Ray cluster (``RAY_ADDRESS``) ``data_dir`` must be on storage that every Ray node sees at the same
+path (the workers read ``incoming/`` and write ``jobs/<id>/out``) and the database must be one that
+every node reaches (PostgreSQL), because the workers write progress into it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and the name localhost."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """All knobs of the service.  Constructor keywords override the environment (the CLI uses that)."""
+
+    model_config = SettingsConfigDict(env_prefix="VOXELDOSE_", extra="ignore", validate_default=True)
+
+    data_dir: Path = Field(Path("./voxeldose-data"), description="incoming/, jobs/<id>/out, voxeldose.db")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///{data_dir}/voxeldose.db")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    ray_address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("RAY_ADDRESS", "VOXELDOSE_RAY_ADDRESS", "ray_address"),
+        description="None: a Ray started in-process (local, loopback only); else the cluster to join",
+    )
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the in-process Ray (None: all)")
+    ray_object_store_mb: int | None = Field(
+        512, ge=80, description="object store of the in-process Ray, MiB (jobs pass paths, not arrays)"
+    )
+    jobs_in_flight: int = Field(2, ge=1)
+    job_timeout_s: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(3, ge=1, description="runs of one job before a lost worker fails it")
+    max_upload_mb: int = Field(2048, ge=1)
+    min_free_disk_mb: int = Field(1024, ge=0)
+    dispatch_interval_s: float = Field(0.5, gt=0)
+    log_json: bool = False
+    auth_disabled: bool = Field(False, description="tests only; refused unless host is loopback")
+
+    @model_validator(mode="after")
+    def _derive(self) -> "Settings":
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'voxeldose.db'}"
+        if self.auth_disabled and not is_loopback(self.host):
+            raise ValueError(
+                f"auth_disabled is only allowed when the service listens on loopback, not on {self.host!r}"
+            )
+        return self
+
+    # paths -----------------------------------------------------------------------------------
+    @property
+    def incoming_dir(self) -> Path:
+        return self.data_dir / "incoming"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    def job_out_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id / "out"
+
+    def ensure_dirs(self) -> None:
+        for p in (self.data_dir, self.incoming_dir, self.jobs_dir):
+            p.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings from the environment (cached; tests build their own ``Settings``)."""
+    return Settings()

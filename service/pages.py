@@ -1,0 +1,322 @@
+"""Server-rendered web pages (Jinja2, autoescaped; no front-end build, no external assets).
+
+``/login`` (a token entered once → HttpOnly cookie ``vd_token``), ``/`` (job list), ``/jobs/{id}`` (state,
+progress, error; for a finished job the dose table with limits, Gy/GBq, cycles left, the DVH plot and the
+full report in a frame), ``/patients/{id}`` (cycles, cumulative dose vs limits, cycles left), ``/submit``
+(upload form).  Pages of running jobs refresh themselves.  Stable hooks for browser tests:
+``#job-list a.job-link``, ``#dose-table``, ``#dvh-plot``, ``#cycles-table``, ``#cycles-left``.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
+
+from .api.deps import COOKIE, Principal, may_read, optional_principal
+from .api.jobs import accept_upload, job_out, list_visible, load_summary
+from .api.patients import patient_cycles
+from .api.problems import ProblemError
+
+router = APIRouter(include_in_schema=False)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
+COOKIE_MAX_AGE = 12 * 3600
+ACTIVE = ("queued", "running")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'none'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _fmt_dt(d: datetime | None) -> str:
+    return "—" if d is None else d.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _num(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if not math.isfinite(f):
+        return "—"
+    return f"{f:.{digits}f}"
+
+
+env.filters["dt"] = _fmt_dt
+env.filters["num"] = _num
+env.filters["urlpart"] = lambda s: quote(str(s), safe="")
+
+
+def render(name: str, request: Request, who: Principal | None, status: int = 200, **ctx: Any) -> HTMLResponse:
+    html = env.get_template(name).render(request=request, who=who, **ctx)
+    return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+
+
+def error_page(request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None):
+    resp = render("error.html", request, None, status=status, title=title, detail=detail, status_code=status)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+async def page_principal(request: Request) -> Principal | None:
+    """The caller of a page, or None (no token, or an unknown/revoked one) — pages then offer the login."""
+    try:
+        return await optional_principal(request)
+    except ProblemError as exc:
+        if exc.status == 401:
+            return None
+        raise
+
+
+def _login_redirect(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    resp = RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+    if request.cookies.get(COOKIE):
+        resp.delete_cookie(COOKIE, path="/")
+    return resp
+
+
+def _safe_next(target: str | None) -> str:
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+# ---------------------------------------------------------------------------------------- login
+@router.get("/login")
+async def login_form(request: Request, next: str = "/", who: Principal | None = Depends(page_principal)):
+    return render("login.html", request, who, next=_safe_next(next), error=None)
+
+
+@router.post("/login")
+async def login(request: Request, token: str = Form(..., max_length=512), next: str = Form("/")):
+    store = request.app.state.store
+    found = await run_in_threadpool(store.verify_token, token.strip())
+    if not found:
+        return render("login.html", request, None, status=401, next=_safe_next(next),
+                      error="This token is unknown or revoked.")  # fmt: skip
+    resp = RedirectResponse(_safe_next(next), status_code=303)
+    resp.set_cookie(COOKIE, token.strip(), max_age=COOKIE_MAX_AGE, httponly=True, samesite="strict",
+                    secure=request.url.scheme == "https", path="/")  # fmt: skip
+    return resp
+
+
+@router.post("/logout")
+async def logout() -> Response:
+    resp = RedirectResponse("/login", status_code=303)
+    resp.delete_cookie(COOKIE, path="/")
+    return resp
+
+
+# ------------------------------------------------------------------------------------- job list
+@router.get("/")
+def job_list(
+    request: Request,
+    state: str | None = Query(None),
+    offset: int = Query(0, ge=0),
+    who: Principal | None = Depends(page_principal),
+):
+    if who is None:
+        return _login_redirect(request)
+    if state not in (None, "", "queued", "running", "succeeded", "failed", "cancelled"):
+        state = None
+    limit = 50
+    rows, total = list_visible(request.app.state.store, who, state=state or None, patient_id=None, limit=limit,
+                               offset=offset)  # fmt: skip
+    jobs = [job_out(r) for r in rows]
+    return render("jobs.html", request, who, jobs=jobs, total=total, state=state or "", offset=offset, limit=limit,
+                  refresh=any(j.state in ACTIVE for j in jobs))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ job page
+def _dose_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, v in (summary.get("vois") or {}).items():
+        if not isinstance(v, dict):
+            continue
+        rows.append({"name": name, **{k: v.get(k) for k in (
+            "role", "volume_ml", "mass_g", "mean_gy", "D2_gy", "D50_gy", "D98_gy", "gy_per_gbq", "bed_gy")}})  # fmt: skip
+    order = {"kidney": 0, "marrow": 1, "tumour": 2, "organ": 3, "body": 4}
+    rows.sort(key=lambda r: (order.get(str(r["role"]), 9), r["name"]))
+    return rows
+
+
+def _limit_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    left = (summary.get("cumulative") or {}).get("cycles_left") or {}
+    rows = []
+    for x in left.get("limits") or []:
+        if not isinstance(x, dict):
+            continue
+        cur, lim = x.get("current_gy"), x.get("limit_gy")
+        try:
+            pct = 100.0 * float(cur) / float(lim)
+        except (TypeError, ValueError, ZeroDivisionError):
+            pct = None
+        rows.append({**x, "percent": pct})
+    return rows
+
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+           "#bcbd22"]  # fmt: skip
+
+
+def dvh_svg(summary: dict[str, Any], width: int = 640, height: int = 360) -> Markup:
+    """Cumulative DVHs of the VOIs (no body outline) as inline SVG; names escaped."""
+    curves = []
+    for name, v in (summary.get("vois") or {}).items():
+        if not isinstance(v, dict) or v.get("role") == "body":
+            continue
+        dvh = v.get("dvh") or {}
+        d, f = dvh.get("dose_gy") or [], dvh.get("volume_fraction") or []
+        pts = [(float(a), float(b)) for a, b in zip(d, f) if _finite(a) and _finite(b)]
+        if pts:
+            curves.append((name, pts))
+    if not curves:
+        return Markup('<p id="dvh-plot" class="muted">No DVH in this result.</p>')
+    dmax = max(p[0] for _, pts in curves for p in pts) or 1.0
+    dmax = _nice(dmax)
+    left, right, top, bottom = 56, 150, 12, 40
+    pw, ph = width - left - right, height - top - bottom
+
+    def x(d: float) -> float:
+        return left + pw * d / dmax
+
+    def y(f: float) -> float:
+        return top + ph * (1.0 - f)
+
+    out = [f'<svg id="dvh-plot" class="dvh" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+           'xmlns="http://www.w3.org/2000/svg"><title>Cumulative dose-volume histograms</title>',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>']  # fmt: skip
+    for i in range(6):
+        dv = dmax * i / 5
+        out.append(f'<line x1="{x(dv):.1f}" y1="{top}" x2="{x(dv):.1f}" y2="{top + ph}" stroke="#eee"/>'
+                   f'<text x="{x(dv):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{dv:g}</text>')  # fmt: skip
+        fv = i / 5
+        out.append(f'<line x1="{left}" y1="{y(fv):.1f}" x2="{left + pw}" y2="{y(fv):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 6}" y="{y(fv) + 4:.1f}" font-size="11" text-anchor="end">{fv * 100:.0f}</text>')  # fmt: skip
+    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" font-size="12" text-anchor="middle">Absorbed dose (Gy)</text>'
+               f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" '
+               f'transform="rotate(-90 14 {top + ph / 2})">Volume (%)</text>')  # fmt: skip
+    for i, (name, pts) in enumerate(curves):
+        color = PALETTE[i % len(PALETTE)]
+        step = max(1, len(pts) // 400)
+        poly = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in pts[::step] + [pts[-1]])
+        out.append(f'<polyline class="dvh-curve" data-voi="{escape(name)}" fill="none" stroke="{color}" '
+                   f'stroke-width="1.5" points="{poly}"/>')  # fmt: skip
+        ly = top + 14 + 16 * i
+        out.append(f'<line x1="{left + pw + 10}" y1="{ly - 4}" x2="{left + pw + 28}" y2="{ly - 4}" stroke="{color}" '
+                   f'stroke-width="2"/><text x="{left + pw + 32}" y="{ly}" font-size="11">{escape(name)}</text>')  # fmt: skip
+    out.append("</svg>")
+    return Markup("".join(out))
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _nice(v: float) -> float:
+    exp = 10 ** math.floor(math.log10(v))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * exp >= v:
+            return m * exp
+    return 10 * exp
+
+
+@router.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: str, who: Principal | None = Depends(page_principal)):
+    if who is None:
+        return _login_redirect(request)
+    rec = request.app.state.store.get_job(job_id)
+    if rec is None or not may_read(who, rec):
+        raise ProblemError(404, "Not found", f"no job {job_id}", slug="not-found")
+    job = job_out(rec)
+    summary = load_summary(rec)
+    ctx: dict[str, Any] = {"job": job, "summary": summary, "refresh": job.state in ACTIVE}
+    if summary is not None:
+        cum = summary.get("cumulative") or {}
+        ctx.update(
+            dose_rows=_dose_rows(summary), limit_rows=_limit_rows(summary), cycles_left=cum.get("cycles_left") or {},
+            totals=cum.get("total") or {}, cycles=cum.get("cycles") or [], dvh=dvh_svg(summary),
+            warnings=[str(w) for w in summary.get("warnings") or []], patient=summary.get("patient") or {},
+            cycle=summary.get("cycle") or {}, marrow=(summary.get("marrow") or {}),
+            methods=summary.get("methods") or {},
+        )  # fmt: skip
+    return render("job.html", request, who, **ctx)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def job_cancel(request: Request, job_id: str, who: Principal | None = Depends(page_principal)):
+    if who is None:
+        return _login_redirect(request)
+    if not who.at_least("physicist"):
+        raise ProblemError(403, "Forbidden", "only a physicist or an admin may cancel a job", slug="forbidden")
+    if request.app.state.store.request_cancel(job_id) is None:
+        raise ProblemError(404, "Not found", f"no job {job_id}", slug="not-found")
+    return RedirectResponse(f"/jobs/{quote(job_id, safe='')}", status_code=303)
+
+
+# -------------------------------------------------------------------------------- patient page
+@router.get("/patients/{patient_id}")
+def patient_page(request: Request, patient_id: str, who: Principal | None = Depends(page_principal)):
+    if who is None:
+        return _login_redirect(request)
+    if not who.at_least("physicist"):
+        raise ProblemError(403, "Forbidden", "only a physicist or an admin may open a patient's cycles", slug="forbidden")
+    data = patient_cycles(request.app.state.store, patient_id)
+    limits = []
+    for lim in data.limits:
+        pct = None
+        if lim.current_gy is not None and lim.limit_gy:
+            pct = 100.0 * lim.current_gy / lim.limit_gy
+        limits.append({**lim.model_dump(), "percent": pct})
+    return render("patient.html", request, who, p=data, limits=limits)
+
+
+# ------------------------------------------------------------------------------------- upload
+@router.get("/submit")
+async def submit_form(request: Request, who: Principal | None = Depends(page_principal)):
+    if who is None:
+        return _login_redirect(request)
+    return render("submit.html", request, who, error=None)
+
+
+@router.post("/submit")
+async def submit(request: Request, who: Principal | None = Depends(page_principal)):
+    if who is None:
+        return _login_redirect(request)
+    try:
+        rec, _created = await accept_upload(request, who, None)
+    except ProblemError as exc:
+        return render("submit.html", request, who, status=exc.status, error=exc.detail)
+    except Exception as exc:  # VoxeldoseError, invalid spec: show the message on the form
+        from pydantic import ValidationError
+
+        from voxeldose.errors import VoxeldoseError
+
+        from .api.problems import readable_validation
+
+        if isinstance(exc, VoxeldoseError):
+            return render("submit.html", request, who, status=422, error=str(exc))
+        if isinstance(exc, ValidationError):
+            return render("submit.html", request, who, status=422, error=readable_validation(list(exc.errors()))[0])
+        raise
+    return RedirectResponse(f"/jobs/{rec.id}", status_code=303)

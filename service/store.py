@@ -1,0 +1,459 @@
+"""The job store: the database is the durable queue (SQLite by default, PostgreSQL by URL).
+
+Every state change is one short transaction.  Writers on SQLite take the database lock up front
+(``BEGIN IMMEDIATE``; WAL journal, busy timeout), so a read-then-write such as claiming jobs is
+atomic across threads and processes; on PostgreSQL a claim is ``SELECT … FOR UPDATE SKIP LOCKED``
+and job creation takes a transaction-scoped advisory lock on the input hash, so two replicas
+never claim the same job nor queue the same input set twice.
+
+States: ``queued → running → succeeded | failed | cancelled``; ``running → queued`` when a worker
+was lost (up to ``max_attempts`` runs) or the service restarted.  Only job ids are logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .auth import check_role, digest_matches, generate_token, hash_token
+from .models import Job, Token, utcnow
+
+log = logging.getLogger(__name__)
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "running")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+_DEDUP_STATES = ("queued", "running", "succeeded")
+_TOKEN_TOUCH_EVERY = timedelta(seconds=60)
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as the store returns it (detached from any session)."""
+
+    id: str
+    state: str
+    stage: str | None
+    progress: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    error: str | None
+    patient_id: str | None
+    idempotency_key: str | None
+    input_hash: str
+    input_dir: str
+    result_dir: str | None
+    spec: dict
+    submitted_by: str | None
+    cancel_requested: bool
+
+    def to_public(self) -> dict[str, Any]:
+        """JSON for the API: no filesystem paths (input_dir, result_dir, spec inputs)."""
+        spec = {k: v for k, v in self.spec.items() if k != "inputs"}
+
+        def iso(d: datetime | None) -> str | None:
+            return None if d is None else d.isoformat()
+
+        return {
+            "id": self.id,
+            "state": self.state,
+            "stage": self.stage,
+            "progress": self.progress,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "attempts": self.attempts,
+            "error": self.error,
+            "patient_id": self.patient_id,
+            "idempotency_key": self.idempotency_key,
+            "input_hash": self.input_hash,
+            "spec": spec,
+            "submitted_by": self.submitted_by,
+            "cancel_requested": self.cancel_requested,
+            "has_result": self.result_dir is not None and self.state == "succeeded",
+        }
+
+
+def _record(j: Job) -> JobRecord:
+    return JobRecord(
+        id=j.id, state=j.state, stage=j.stage, progress=float(j.progress or 0.0), created_at=j.created_at,
+        started_at=j.started_at, finished_at=j.finished_at, attempts=j.attempts, error=j.error,
+        patient_id=j.patient_id, idempotency_key=j.idempotency_key, input_hash=j.input_hash,
+        input_dir=j.input_dir, result_dir=j.result_dir, spec=dict(j.spec or {}), submitted_by=j.submitted_by,
+        cancel_requested=bool(j.cancel_requested),
+    )  # fmt: skip
+
+
+def spec_hash(spec: dict) -> str:
+    """SHA-256 of the spec without its ``inputs`` (they point into each upload's own folder),
+    normalised through :class:`voxeldose.spec.JobSpec` when it validates (defaults spelled out)."""
+    body = {k: v for k, v in spec.items() if k != "inputs"}
+    try:
+        from voxeldose.spec import JobSpec
+
+        body = JobSpec.model_validate({**spec, "inputs": ["."]}).model_dump(mode="json")
+        body.pop("inputs", None)
+    except Exception:  # noqa: BLE001 - an invalid spec still gets a stable hash; the run reports the problem
+        pass
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` mean psycopg 3 here (psycopg2 is not a dependency)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _sqlite_engine(url: str) -> Engine:
+    u = make_url(url)
+    if u.database and u.database != ":memory:":
+        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
+        dbapi_conn.isolation_level = None  # pysqlite must not emit BEGIN itself: we do (below)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+class Store:
+    """Jobs and tokens in one database.  Call :meth:`migrate` once before use."""
+
+    def __init__(self, database_url: str, *, max_attempts: int = 3) -> None:
+        self.url = normalise_url(database_url)
+        self.max_attempts = max_attempts
+        self.dialect = make_url(self.url).get_backend_name()
+        if self.dialect == "sqlite":
+            self.engine = _sqlite_engine(self.url)
+        else:
+            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        # Writers: BEGIN IMMEDIATE on SQLite (the lock first, so read-then-write cannot deadlock/race).
+        self._writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+
+    def __repr__(self) -> str:  # never print a password
+        return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ sessions
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with Session(self._writer, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    def _lock_input(self, s: Session, input_hash: str) -> None:
+        if self.dialect == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(input_hash[:15], 16)})
+
+    # ------------------------------------------------------------------ schema
+    def migrate(self) -> None:
+        """``alembic upgrade head`` on this database (the scripts ship inside the package)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self._writer.begin() as conn:
+            if self.dialect == "postgresql":  # two replicas starting at once migrate one after the other
+                conn.execute(text("SELECT pg_advisory_xact_lock(7418230941)"))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001
+            log.warning("database ping failed", exc_info=True)
+            return False
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(
+        self,
+        *,
+        spec: dict,
+        input_dir: str,
+        input_hash: str,
+        patient_id: str | None,
+        idempotency_key: str | None,
+        submitted_by: str | None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue a job; ``(job, created)``.  The same idempotency key, or the same input set with the
+        same spec as a queued/running/succeeded job, returns that job with ``created=False``."""
+        s_hash = spec_hash(spec)
+        for attempt in range(2):
+            try:
+                with self._write() as s:
+                    self._lock_input(s, input_hash)
+                    if idempotency_key is not None:
+                        j = s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).first()
+                        if j is not None:
+                            return _record(j), False
+                    j = s.scalars(
+                        select(Job)
+                        .where(Job.input_hash == input_hash, Job.spec_hash == s_hash, Job.state.in_(_DEDUP_STATES))
+                        .order_by(Job.created_at.desc())
+                    ).first()
+                    if j is not None:
+                        log.info("job %s: same input set and spec submitted again", j.id)
+                        return _record(j), False
+                    j = Job(
+                        id=uuid.uuid4().hex, state="queued", progress=0.0, created_at=utcnow(), attempts=0,
+                        patient_id=patient_id, idempotency_key=idempotency_key, input_hash=input_hash,
+                        spec_hash=s_hash, input_dir=str(input_dir), spec=dict(spec), submitted_by=submitted_by,
+                        cancel_requested=False,
+                    )  # fmt: skip
+                    s.add(j)
+                    s.flush()
+                    rec = _record(j)
+                log.info("job %s queued", rec.id)
+                return rec, True
+            except IntegrityError:  # a concurrent request with the same idempotency key won the race
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._read() as s:
+            j = s.get(Job, job_id)
+            return None if j is None else _record(j)
+
+    def list_jobs(
+        self, *, state: str | None = None, patient_id: str | None = None, limit: int = 50, offset: int = 0,
+        submitted_by: str | None = None,
+    ) -> tuple[list[JobRecord], int]:
+        """Newest first, and the total number matching (``submitted_by``: one token name's jobs only)."""
+        conds = []
+        if submitted_by is not None:
+            conds.append(Job.submitted_by == submitted_by)
+        if state is not None:
+            conds.append(Job.state == state)
+        if patient_id is not None:
+            conds.append(Job.patient_id == patient_id)
+        with self._read() as s:
+            total = s.scalar(select(func.count()).select_from(Job).where(*conds)) or 0
+            rows = s.scalars(
+                select(Job).where(*conds).order_by(Job.created_at.desc(), Job.id).limit(max(0, limit)).offset(max(0, offset))
+            ).all()
+            return [_record(j) for j in rows], int(total)
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Queued → cancelled at once; running → ``cancel_requested`` (the dispatcher stops it);
+        finished jobs are returned unchanged."""
+        with self._write() as s:
+            j = s.get(Job, job_id)
+            if j is None:
+                return None
+            if j.state == "queued":
+                j.state, j.finished_at, j.cancel_requested = "cancelled", utcnow(), True
+                log.info("job %s cancelled while queued", job_id)
+            elif j.state == "running":
+                j.cancel_requested = True
+                log.info("job %s: cancel requested", job_id)
+            s.flush()
+            return _record(j)
+
+    def claim_queued(self, limit: int) -> list[JobRecord]:
+        """Queued → running (oldest first), ``attempts += 1``; no job is ever claimed twice."""
+        if limit <= 0:
+            return []
+        q = select(Job).where(Job.state == "queued").order_by(Job.created_at, Job.id).limit(limit)
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        with self._write() as s:
+            jobs = s.scalars(q).all()
+            now = utcnow()
+            for j in jobs:
+                j.state, j.attempts, j.started_at = "running", j.attempts + 1, now
+                j.stage, j.progress, j.finished_at = None, 0.0, None
+            s.flush()
+            out = [_record(j) for j in jobs]
+        for r in out:
+            log.info("job %s claimed (attempt %d)", r.id, r.attempts)
+        return out
+
+    def set_progress(self, job_id: str, stage: str, progress: float) -> None:
+        p = min(1.0, max(0.0, float(progress)))
+        with self._write() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(stage=stage, progress=p))
+
+    def finish(self, job_id: str, result_dir: str, patient_id: str | None) -> None:
+        """Running → succeeded."""
+        values: dict[str, Any] = dict(state="succeeded", result_dir=str(result_dir), stage="done", progress=1.0,
+                                      error=None, finished_at=utcnow())  # fmt: skip
+        if patient_id:
+            values["patient_id"] = patient_id
+        with self._write() as s:
+            n = s.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(**values)).rowcount
+        if n:
+            log.info("job %s succeeded", job_id)
+        else:
+            log.warning("job %s: finish ignored (not running)", job_id)
+
+    def fail(self, job_id: str, error: str) -> None:
+        """Queued/running → failed with a message for the physicist."""
+        with self._write() as s:
+            n = s.execute(
+                update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
+                .values(state="failed", error=error, finished_at=utcnow())
+            ).rowcount  # fmt: skip
+        if n:
+            log.info("job %s failed", job_id)
+        else:
+            log.warning("job %s: fail ignored (not active)", job_id)
+
+    def requeue(self, job_id: str, reason: str, *, count_attempt: bool = True) -> None:
+        """Running → queued because its worker was lost; failed instead once ``attempts >= max_attempts``.
+        ``count_attempt=False`` (an orderly service shutdown) gives the attempt back."""
+        with self._write() as s:
+            j = s.get(Job, job_id)
+            if j is None or j.state != "running":
+                return
+            self._requeue_row(j, reason, count_attempt)
+
+    def _requeue_row(self, j: Job, reason: str, count_attempt: bool) -> None:
+        if j.cancel_requested:
+            j.state, j.finished_at = "cancelled", utcnow()
+            log.info("job %s cancelled (%s)", j.id, reason)
+        elif count_attempt and j.attempts >= self.max_attempts:
+            j.state, j.finished_at = "failed", utcnow()
+            j.error = f"the job was stopped {j.attempts} times before it could finish ({reason}); not retried again"
+            log.warning("job %s failed after %d attempts: %s", j.id, j.attempts, reason)
+        else:
+            if not count_attempt:
+                j.attempts = max(0, j.attempts - 1)
+            j.state, j.stage, j.progress, j.started_at = "queued", None, 0.0, None
+            log.warning("job %s requeued: %s", j.id, reason)
+
+    def mark_cancelled(self, job_id: str) -> None:
+        with self._write() as s:
+            s.execute(
+                update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
+                .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
+            )  # fmt: skip
+        log.info("job %s cancelled", job_id)
+
+    def recover_after_restart(self) -> int:
+        """Jobs left ``running`` by a service that died: back to queued (their run counts as an
+        attempt, so a job that kills the service is not retried forever).  Returns how many."""
+        n = 0
+        with self._write() as s:
+            for j in s.scalars(select(Job).where(Job.state == "running")).all():
+                self._requeue_row(j, "the service stopped while the job ran", True)
+                n += j.state == "queued"
+        if n:
+            log.warning("%d running job(s) requeued after a restart", n)
+        return n
+
+    def cancel_requested_ids(self, job_ids: list[str]) -> set[str]:
+        """Which of these running jobs a user asked to cancel (for the dispatcher)."""
+        if not job_ids:
+            return set()
+        with self._read() as s:
+            return set(s.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested.is_(True))).all())
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._read() as s:
+            rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        out = {st: 0 for st in JOB_STATES}
+        out.update({st: int(n) for st, n in rows})
+        return out
+
+    def patient_jobs(self, patient_id: str) -> list[JobRecord]:
+        """The patient's succeeded jobs, oldest first (one per therapy cycle, normally)."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(Job).where(Job.patient_id == patient_id, Job.state == "succeeded").order_by(Job.created_at, Job.id)
+            ).all()
+            return [_record(j) for j in rows]
+
+    # ------------------------------------------------------------------ tokens
+    def create_token(self, name: str, role: str) -> str:
+        """A new token; the plain text is returned once and only its SHA-256 is stored."""
+        check_role(role)
+        name = name.strip()
+        if not name:
+            raise ValueError("a token needs a name")
+        plain = generate_token()
+        with self._write() as s:
+            if s.scalars(select(Token).where(Token.name == name, Token.revoked_at.is_(None))).first() is not None:
+                raise ValueError(f"an active token named {name!r} exists: revoke it first")
+            s.add(Token(name=name, role=role, token_hash=hash_token(plain), created_at=utcnow()))
+        log.info("token %r created (role %s)", name, role)
+        return plain
+
+    def verify_token(self, plain: str) -> tuple[str, str] | None:
+        """``(name, role)`` of an active token, else None."""
+        if not plain:
+            return None
+        digest = hash_token(plain)
+        with self._read() as s:
+            t = s.scalars(select(Token).where(Token.token_hash == digest, Token.revoked_at.is_(None))).first()
+            if t is None or not digest_matches(plain, t.token_hash):
+                return None
+            name, role, last, tid = t.name, t.role, t.last_used_at, t.id
+        now = utcnow()
+        if last is None or now - last > _TOKEN_TOUCH_EVERY:  # a write at most once a minute per token
+            try:
+                with self._write() as s:
+                    s.execute(update(Token).where(Token.id == tid).values(last_used_at=now))
+            except Exception:  # noqa: BLE001 - bookkeeping only
+                log.debug("could not update last_used_at", exc_info=True)
+        return name, role
+
+    def list_tokens(self) -> list[dict]:
+        """Every token (never its hash): name, role, created_at, last_used_at, revoked_at, active."""
+        with self._read() as s:
+            rows = s.scalars(select(Token).order_by(Token.created_at, Token.id)).all()
+            return [
+                {"name": t.name, "role": t.role, "created_at": t.created_at, "last_used_at": t.last_used_at,
+                 "revoked_at": t.revoked_at, "active": t.revoked_at is None}
+                for t in rows
+            ]  # fmt: skip
+
+    def revoke_token(self, name: str) -> bool:
+        """Revoke the active token(s) with this name; False when there was none."""
+        with self._write() as s:
+            n = s.execute(
+                update(Token).where(Token.name == name, Token.revoked_at.is_(None)).values(revoked_at=utcnow())
+            ).rowcount
+        if n:
+            log.info("token %r revoked", name)
+        return bool(n)
+

@@ -1,0 +1,146 @@
+"""The Ray task: one job = :func:`voxeldose.pipeline.run` + :func:`voxeldose.pipeline.write_outputs`.
+
+:func:`run_job` is a plain function (tests call it directly); :func:`remote_run_job` wraps it in
+``ray.remote`` on first use, so importing this module needs neither Ray running nor Ray installed.
+
+It reports progress into the job store (opened here from the database URL: in-process SQLite for
+the embedded service, PostgreSQL for a cluster), writes the outputs into a temporary folder beside
+``out_dir`` and renames it into place, and *returns* the outcome of the dosimetry — bad input
+(:class:`~voxeldose.errors.VoxeldoseError`) and bugs alike — as a small dict; the dispatcher records
+it.  Only the loss of the worker itself (crash, kill, node death) surfaces as a Ray exception, which
+the dispatcher retries.  Nothing under the job's inputs is ever touched.  Logs carry the job id only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "internal error while computing the dose (job {job_id}); the service log has the details"
+
+_stores: dict[str, Any] = {}
+_stores_lock = threading.Lock()
+_remote: Any = None
+
+
+def _store(database_url: str) -> Any:
+    """One Store (engine, pool) per worker process and database."""
+    from .store import Store
+
+    with _stores_lock:
+        st = _stores.get(database_url)
+        if st is None:
+            st = _stores[database_url] = Store(database_url)
+        return st
+
+
+def _stage_offsets() -> dict[str, tuple[float, float]]:
+    from voxeldose.pipeline import STAGES
+
+    total = sum(w for _, w in STAGES) or 1.0
+    out, acc = {}, 0.0
+    for name, w in STAGES:
+        out[name] = (acc / total, w / total)
+        acc += w
+    return out
+
+
+def progress_writer(job_id: str, store: Any, *, min_interval_s: float = 0.5) -> Callable[[str, float], None]:
+    """A ``progress(stage, fraction_of_stage)`` callback that writes the overall progress to the
+    store: at every new stage, and within a stage at most every ``min_interval_s``."""
+    offsets = _stage_offsets()
+    last = {"stage": None, "t": 0.0}
+
+    def progress(stage: str, frac: float) -> None:
+        now = time.monotonic()
+        if stage == last["stage"] and now - last["t"] < min_interval_s:
+            return
+        overall: float | None
+        if stage == "done":
+            overall = 1.0
+        elif stage in offsets:
+            start, width = offsets[stage]
+            overall = min(1.0, start + width * max(0.0, min(1.0, float(frac))))
+        else:  # a stage this service does not know: keep the last overall value
+            overall = None
+        try:
+            if overall is None:
+                job = store.get_job(job_id)
+                overall = job.progress if job is not None else 0.0
+            store.set_progress(job_id, stage, overall)
+        except Exception:  # noqa: BLE001 - progress is cosmetic; never fail a dose for it
+            log.warning("job %s: could not record progress", job_id, exc_info=True)
+        last.update(stage=stage, t=now)
+
+    return progress
+
+
+def _strip_roots(message: str, roots: list[str]) -> str:
+    """A message for the API: file names relative to the job's inputs, not server paths."""
+    for r in sorted(roots, key=len, reverse=True):
+        if r and r != os.sep:
+            message = message.replace(r.rstrip(os.sep) + os.sep, "").replace(r, ".")
+    return message
+
+
+def write_atomically(result: Any, out_dir: Path) -> Path:
+    """``write_outputs`` into ``out_dir.tmp-…`` then rename to ``out_dir`` (an older ``out_dir``
+    from an attempt whose worker died after writing is replaced)."""
+    from voxeldose.pipeline import write_outputs
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write_outputs(result, tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def run_job(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict[str, Any]:
+    """Run one job.  Returns ``{"result_dir", "patient_id", "warnings"}`` on success, or
+    ``{"error": message, "internal": bool}`` when the job failed (not to be retried)."""
+    from voxeldose.errors import VoxeldoseError
+    from voxeldose.pipeline import run
+
+    store = _store(database_url)
+    roots = [str(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in spec.get("inputs", [])]
+    t0 = time.monotonic()
+    log.info("job %s: started in pid %d", job_id, os.getpid())
+    try:
+        result = run(spec, progress=progress_writer(job_id, store))
+        out = write_atomically(result, Path(out_dir))
+    except VoxeldoseError as err:
+        log.info("job %s: bad input (%.1f s)", job_id, time.monotonic() - t0)
+        return {"error": _strip_roots(str(err), roots), "internal": False}
+    except Exception:  # noqa: BLE001 - a bug: traceback to the log (job id only), a generic message to the user
+        log.exception("job %s: internal error", job_id)
+        return {"error": INTERNAL_ERROR.format(job_id=job_id), "internal": True}
+    patient = (result.summary.get("patient") or {}).get("id")
+    log.info("job %s: done in %.1f s", job_id, time.monotonic() - t0)
+    return {"result_dir": str(out), "patient_id": patient, "warnings": result.warnings}
+
+
+def remote_run_job() -> Any:
+    """``ray.remote(run_job)``, created on first use.  No Ray retries: the dispatcher retries
+    lost workers itself, counting attempts in the database."""
+    global _remote
+    if _remote is None:
+        import ray
+
+        _remote = ray.remote(max_retries=0)(run_job)
+    return _remote
