@@ -132,3 +132,57 @@ def write_all(result: Any, out_dir: Path) -> dict[str, Path]:
     render_report(json.loads(summary_json(result.summary)), dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report)
     os.replace(tmp_report, paths["report"])
     return paths
+
+
+def write_pacs_objects(result: Any, out_dir: Path) -> dict[str, Path]:
+    """Write the objects the PACS receives besides the RT Dose: ``seg.dcm`` (SEG of the run's VOIs on
+    the reference CT, referencing its slices) and ``sr.dcm`` (Comprehensive 3D SR, TID 1500
+    measurement report of the per-VOI metrics of ``summary.json``, referencing the SEG's segments).
+
+    Same patient and study as the reference CT (highdicom copies them from the CT slices).  Each file
+    is written to a temporary name and renamed; a failure raises :class:`VoxeldoseError` and leaves
+    neither file behind.  See :mod:`voxeldose.sr` for the codes used.
+    """
+    from .sr import (
+        SR_SERIES_DESCRIPTION,
+        reference_ct_datasets,
+        write_dose_sr,
+        write_voi_seg,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ct = reference_ct_datasets(result)
+    ctx = patient_study_from(ct[0])
+    when = datetime.now()
+    cycle = result.summary.get("cycle", {}).get("number")
+    seg_series = SeriesInfo(
+        series_instance_uid=generate_uid(),
+        series_number=9002,
+        series_description=f"voxeldose VOIs (SEG) cycle {cycle}"[:64],
+        frame_of_reference_uid=str(ct[0].FrameOfReferenceUID),
+        acquisition_datetime=when,
+    )
+    sr_series = SeriesInfo(
+        series_instance_uid=generate_uid(),
+        series_number=9003,
+        series_description=SR_SERIES_DESCRIPTION,
+        frame_of_reference_uid=str(ct[0].FrameOfReferenceUID),
+        acquisition_datetime=when,
+    )
+    paths = {"seg": out_dir / "seg.dcm", "sr": out_dir / "sr.dcm"}
+    tmps = {k: out_dir / f".{p.name}.tmp" for k, p in paths.items()}
+    try:
+        seg = write_voi_seg(result, tmps["seg"], ctx=ctx, series=seg_series, ct=ct)
+        write_dose_sr(result, tmps["sr"], seg=seg, series=sr_series)
+        for k, final in paths.items():
+            os.replace(tmps[k], final)
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        for p in (*tmps.values(), *paths.values()):
+            p.unlink(missing_ok=True)
+        raise VoxeldoseError(f"cannot write the SEG/SR ({exc})", path=paths["seg"]) from None
+    except BaseException:
+        for p in tmps.values():
+            p.unlink(missing_ok=True)
+        raise
+    return paths

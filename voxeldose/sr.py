@@ -1,0 +1,296 @@
+"""Objects for the PACS: a SEG of the VOIs of a run on the reference CT, and a DICOM SR
+measurement report (TID 1500, Comprehensive 3D SR) with the per-VOI dose metrics of ``summary.json``.
+
+SEG
+---
+The VOIs of a run live on the dose (SPECT) grid; a SEG needs source images, so the VOI series the
+run used (``summary["methods"]["voi_source"]``, an RTSTRUCT or SEG of ``result.cycle.vois``) is
+re-rasterised onto the reference CT grid with :func:`voxeldose.voi.load_vois` (occupancy ≥ 0.5),
+and written by :func:`voxeldose.dicom_writers.write_seg` referencing the reference CT slices.
+Segment ``n`` = the ``n``-th VOI of ``result.vois`` that is non-empty on the CT grid.
+
+SR (TID 1500 "Measurement Report", highdicom)
+--------------------------------------------
+* Observer: device "voxeldose" (TID 1004), UID derived from the name; the software version is
+  in Software Versions (0018,1020) and in each group's Algorithm Identification (TID 4019).
+* Procedure reported: SCT 371572003 "Nuclear medicine procedure" plus the private
+  ``99VOXELDOSE RPTDOSIMETRY`` "Radiopharmaceutical therapy dosimetry".
+* One TID 1411 volumetric group per VOI: tracking identifier = ROI name (plus a UID), the SEG
+  segment referenced (Referenced Segment + Source series for segmentation = CT series),
+  finding category/type = the segment's codes.
+* Measurements (TID 1419): see :data:`MEASUREMENTS`.  Standard codes are taken from pydicom's copy
+  of PS3.16 (DCM 128513 "Absorbed Dose", SCT 373098007 "Mean", SCT 56851009 "Maximum",
+  SCT 118565006 "Volume", SCT 118538004 "Mass", UCUM "Gy", "cm3").  Quantities without a
+  standard code (D2/D50/D98 as derivations, dose per activity, BED, EQD2) use the private
+  coding scheme ``99VOXELDOSE``; its meanings say exactly what they are.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from .dicom_writers import (
+    PatientStudy,
+    SeriesInfo,
+    _save,
+    _segment_codes,
+    _software_version,
+    write_seg,
+)
+from .errors import VoxeldoseError
+
+__all__ = [
+    "MEASUREMENTS",
+    "PRIVATE_SCHEME",
+    "PROCEDURE_CODES",
+    "SR_SERIES_DESCRIPTION",
+    "build_measurement_report",
+    "reference_ct_datasets",
+    "vois_on_ct",
+    "write_dose_sr",
+    "write_voi_seg",
+]
+
+PRIVATE_SCHEME = "99VOXELDOSE"
+SR_SERIES_DESCRIPTION = "voxeldose dose report (SR)"
+
+ABSORBED_DOSE = Code("128513", "DCM", "Absorbed Dose")  # CID 218/7469 (PS3.16)
+MEAN = Code("373098007", "SCT", "Mean")  # CID 7464 derivation
+MAXIMUM = Code("56851009", "SCT", "Maximum")  # CID 7464 derivation
+VOLUME = Code("118565006", "SCT", "Volume")  # CID 7469
+MASS = Code("118538004", "SCT", "Mass")
+
+GY = Code("Gy", "UCUM", "Gy")
+CM3 = Code("cm3", "UCUM", "cubic centimeter")  # 1 cm3 = 1 ml
+GRAM = Code("g", "UCUM", "gram")
+GY_PER_GBQ = Code("Gy/GBq", "UCUM", "Gy/GBq")
+
+D2 = Code("D2%", PRIVATE_SCHEME, "D2%: minimum absorbed dose to the hottest 2% of the volume")
+D50 = Code("D50%", PRIVATE_SCHEME, "D50%: minimum absorbed dose to the hottest 50% of the volume")
+D98 = Code("D98%", PRIVATE_SCHEME, "D98%: minimum absorbed dose to the hottest 98% of the volume")
+DOSE_PER_ACTIVITY = Code("GYPERGBQ", PRIVATE_SCHEME, "Mean absorbed dose per administered activity")
+BED = Code("BED", PRIVATE_SCHEME, "Biologically effective dose of the mean absorbed dose")
+EQD2 = Code("EQD2", PRIVATE_SCHEME, "Equivalent dose in 2 Gy fractions of the BED")
+
+PROCEDURE_CODES = [
+    Code("371572003", "SCT", "Nuclear medicine procedure"),
+    Code("RPTDOSIMETRY", PRIVATE_SCHEME, "Radiopharmaceutical therapy dosimetry"),
+]
+
+#: summary["vois"][name] key -> (concept name, unit, derivation or None).
+MEASUREMENTS: dict[str, tuple[Code, Code, Code | None]] = {
+    "mean_gy": (ABSORBED_DOSE, GY, MEAN),
+    "max_gy": (ABSORBED_DOSE, GY, MAXIMUM),
+    "D2_gy": (ABSORBED_DOSE, GY, D2),
+    "D50_gy": (ABSORBED_DOSE, GY, D50),
+    "D98_gy": (ABSORBED_DOSE, GY, D98),
+    "volume_ml": (VOLUME, CM3, None),
+    "mass_g": (MASS, GRAM, None),
+    "gy_per_gbq": (DOSE_PER_ACTIVITY, GY_PER_GBQ, None),
+    "bed_gy": (BED, GY, None),
+    "eqd2_gy": (EQD2, GY, None),
+}
+
+
+def reference_ct_datasets(result: Any) -> list[pydicom.Dataset]:
+    """The reference CT slices (full datasets, pixel data included) in slice order ``k`` of ``result.ct``."""
+    from .ingest import _ct_geometry
+
+    series = getattr(result.reference, "ct", None)
+    if series is None or result.ct is None:
+        raise VoxeldoseError("the run has no reference CT: a SEG of the VOIs needs CT source images",
+                             tag="CT series", expected="a CT with the reference SPECT")
+    geo = _ct_geometry(series)
+    return [pydicom.dcmread(series.instances[i].path) for i in geo.order]
+
+
+def _voi_series(result: Any) -> Any:
+    src = str(result.summary.get("methods", {}).get("voi_source", ""))
+    for s in result.cycle.vois:
+        if s.series_instance_uid and s.series_instance_uid in src:
+            return s
+    return None
+
+
+def vois_on_ct(result: Any) -> dict[str, np.ndarray]:
+    """Boolean masks ``[k, j, i]`` of the run's VOIs on the reference CT grid (empty ones left out).
+
+    The VOI series the run used is re-rasterised onto the CT grid; where it cannot be found, each
+    dose-grid VOI is resampled (nearest neighbour of its occupancy, ≥ 0.5; coarse: the dose voxels).
+    A VOI empty on the CT grid gets no segment, and so no measurement group in the SR."""
+    from .geometry import Volume, resample
+    from .voi import load_vois
+
+    ct_grid = result.ct.grid
+    names = list(result.vois)
+    series = _voi_series(result)
+    masks: dict[str, np.ndarray] = {}
+    if series is not None:
+        spacing = float(np.linalg.norm(np.asarray(result.ct.affine)[:3, 2]))
+        on_ct = load_vois(series, ct_grid, names=names, default_slab_mm=spacing)
+        for name in names:
+            if name in on_ct:
+                masks[name] = on_ct[name].mask
+    for name in names:
+        if name not in masks:
+            voi = result.vois[name]
+            frac = Volume(np.asarray(voi.fraction, dtype=np.float32), voi.grid.affine,
+                          result.dose.frame_of_reference_uid)
+            masks[name] = np.asarray(resample(frac, ct_grid, order=0, fill=0.0).array) >= 0.5
+    return {n: m for n, m in masks.items() if m.any()}
+
+
+def write_voi_seg(result: Any, path: Path, *, ctx: PatientStudy, series: SeriesInfo,
+                  ct: list[pydicom.Dataset] | None = None) -> pydicom.Dataset:
+    """Write the SEG of the run's VOIs on the reference CT (see the module docstring)."""
+    ct = reference_ct_datasets(result) if ct is None else ct
+    masks = vois_on_ct(result)
+    if not masks:
+        raise VoxeldoseError("no VOI of the run overlaps the reference CT: no SEG to write",
+                             tag="SegmentSequence", expected="at least one VOI inside the CT")
+    return write_seg(path, masks, ctx=ctx, series=series, referenced_ct=ct)
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def build_measurement_report(result: Any, seg: pydicom.Dataset) -> Any:
+    """The TID 1500 content (highdicom MeasurementReport) of ``result`` referencing ``seg``'s segments."""
+    import highdicom as hd
+
+    version = _software_version()
+    algo = hd.sr.AlgorithmIdentification(name="voxeldose", version=version)
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=["voxeldose device observer"]),
+            name="voxeldose",
+            manufacturer_name="voxeldose",
+            model_name=f"voxeldose {version}",
+        ),
+    )
+    context = hd.sr.ObservationContext(observer_device_context=device)
+    labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    number_of = {label: n for n, label in labels.items()}
+    ct_series_uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    groups = []
+    for name, entry in result.summary["vois"].items():
+        if name not in number_of:
+            continue  # not on the CT (no segment to reference)
+        ref = hd.sr.ReferencedSegment(
+            sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+            segment_number=number_of[name],
+            source_series=hd.sr.SourceSeriesForSegmentation(ct_series_uid),
+        )
+        measurements = []
+        for key, (concept, unit, derivation) in MEASUREMENTS.items():
+            value = _finite(entry.get(key))
+            if value is None:
+                continue
+            measurements.append(hd.sr.Measurement(name=concept, value=value, unit=unit,
+                                                  derivation=derivation, algorithm_id=algo))
+        category, typ = _segment_codes(name)
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=name),
+            referenced_segment=ref,
+            finding_category=category,
+            finding_type=typ,
+            algorithm_id=algo,
+            measurements=measurements,
+        ))
+    if not groups:
+        raise VoxeldoseError("no VOI of the summary has a segment in the SEG: nothing to report",
+                             tag="SegmentSequence")
+    return hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE_CODES,
+                                   imaging_measurements=groups)
+
+
+def write_dose_sr(result: Any, path: Path, *, seg: pydicom.Dataset, series: SeriesInfo) -> pydicom.Dataset:
+    """Write the Comprehensive 3D SR (TID 1500) of ``result``'s per-VOI dose metrics.
+
+    Patient and study are copied by highdicom from the evidence (``seg``, itself of the reference
+    CT's patient and study); ``series.frame_of_reference_uid`` is not used (SR has none)."""
+    import highdicom as hd
+
+    report = build_measurement_report(result, seg)
+    when = series.acquisition_datetime
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg],
+        content=report,
+        series_instance_uid=series.series_instance_uid,
+        series_number=int(series.series_number),
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="voxeldose",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=series.series_description or SR_SERIES_DESCRIPTION,
+        software_versions=_software_version(),
+        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
+            designator=PRIVATE_SCHEME,
+            name="voxeldose private codes",
+            responsible_organization="voxeldose",
+        )],
+        content_date=when.date(),
+        content_time=when.time(),
+        series_date=when.date(),
+        series_time=when.time(),
+    )
+    _save(sr, path)
+    return sr
+
+
+def sr_measurements(sr: pydicom.Dataset) -> dict[str, dict[tuple[str, str, str | None], float]]:
+    """Read back: {tracking identifier: {(scheme, code value, derivation code or None): value}}."""
+    out: dict[str, dict[tuple[str, str, str | None], float]] = {}
+
+    def walk(items: Any) -> Any:
+        for it in items or []:
+            yield it
+            yield from walk(getattr(it, "ContentSequence", None))
+
+    for item in walk(sr.ContentSequence):
+        name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
+        if name is None or name.CodeValue != "125007" or name.CodingSchemeDesignator != "DCM":
+            continue  # Measurement Group
+        tracking = None
+        values: dict[tuple[str, str, str | None], float] = {}
+        for child in item.ContentSequence:
+            cn = child.ConceptNameCodeSequence[0]
+            if child.ValueType == "TEXT" and cn.CodeValue == "112039":  # Tracking Identifier
+                tracking = str(child.TextValue)
+            elif child.ValueType == "NUM":
+                mv = child.MeasuredValueSequence[0]
+                value = float(mv.FloatingPointValue) if "FloatingPointValue" in mv else float(mv.NumericValue)
+                deriv = None
+                for mod in getattr(child, "ContentSequence", None) or []:
+                    mcn = mod.ConceptNameCodeSequence[0]
+                    if mcn.CodeValue == "121401" and mcn.CodingSchemeDesignator == "DCM":
+                        deriv = str(mod.ConceptCodeSequence[0].CodeValue)
+                values[(str(cn.CodingSchemeDesignator), str(cn.CodeValue), deriv)] = value
+        if tracking is not None:
+            out[tracking] = values
+    return out
+
+
+def measurement_key(summary_key: str) -> tuple[str, str, str | None]:
+    """The :func:`sr_measurements` key of a summary metric (``"mean_gy"`` -> ``("DCM", "128513", "373098007")``)."""
+    concept, _unit, deriv = MEASUREMENTS[summary_key]
+    return (concept.scheme_designator, concept.value, None if deriv is None else deriv.value)
+
+
+__all__ += ["measurement_key", "sr_measurements"]
