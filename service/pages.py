@@ -172,8 +172,10 @@ def _limit_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+#: 20 distinguishable colours (matplotlib's tab10 then its lighter tab20 partners): a study has 13+ VOIs.
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
-           "#bcbd22"]  # fmt: skip
+           "#bcbd22", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5", "#ffbb78", "#c49c94", "#f7b6d2", "#9edae5",
+           "#c7c7c7", "#dbdb8d"]  # fmt: skip
 
 
 def dvh_svg(summary: dict[str, Any], width: int = 640, height: int = 360) -> Markup:

@@ -1,0 +1,137 @@
+"""A headless Chromium (Selenium + chromedriver) goes from the login form to the job list to a finished job and
+sees its DVH plot, on the real ``voxeldose serve`` of ``serverproc`` (shared with test_e2e.py).
+
+Needs Debian ``chromium`` + ``chromium-driver`` and PyPI ``selenium``.  Skipped when they are missing, unless
+``VOXELDOSE_REQUIRE_BROWSER`` is set (CI): then missing parts fail the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("uvicorn")
+pytest.importorskip("ray")
+
+import serverproc
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+REQUIRE_ENV = "VOXELDOSE_REQUIRE_BROWSER"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _find_browser() -> tuple[str | None, str | None, str | None]:
+    """(chromium binary, chromedriver, what is missing)."""
+    missing = []
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the Python package selenium (pip install selenium)")
+    chrome = os.environ.get("VOXELDOSE_CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    driver = os.environ.get("VOXELDOSE_CHROMEDRIVER") or shutil.which("chromedriver")
+    if chrome is None:
+        missing.append("chromium (apt-get install chromium)")
+    if driver is None:
+        missing.append("chromedriver (apt-get install chromium-driver)")
+    return chrome, driver, ", ".join(missing) or None
+
+
+@pytest.fixture(scope="session")
+def browser_paths() -> tuple[str, str]:
+    chrome, driver, missing = _find_browser()
+    if missing:
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{REQUIRE_ENV} is set but the browser test cannot run: missing {missing}")
+        pytest.skip(f"browser test needs {missing} (set {REQUIRE_ENV}=1 to make this a failure)")
+    return chrome, driver
+
+
+@pytest.fixture(scope="session")
+def e2e(browser_paths, tmp_path_factory, request, small_phantom) -> serverproc.E2EEnv:
+    # browser_paths first: no server is started for a test that is skipped
+    return serverproc.shared_env(tmp_path_factory, request, small_phantom)
+
+
+@pytest.fixture
+def driver(browser_paths, tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chrome, chromedriver = browser_paths
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chrome
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1600", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        opts.add_argument(flag)
+    service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
+    drv = webdriver.Chrome(options=opts, service=service)
+    drv.set_page_load_timeout(60)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def test_login_job_list_to_dvh_plot(e2e, driver, tmp_path: Path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    job = e2e.finished_job()
+    base = e2e.server.base_url
+    wait = WebDriverWait(driver, 30)
+
+    # not logged in: the job list sends the browser to the login form
+    driver.get(base + "/")
+    wait.until(EC.presence_of_element_located((By.ID, "login-form")))
+    assert "/login" in driver.current_url
+
+    token_box = driver.find_element(By.ID, "token")
+    token_box.send_keys(e2e.tokens["physicist"])
+    driver.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
+    wait.until(EC.presence_of_element_located((By.ID, "job-list")))
+    cookie = driver.get_cookie("vd_token")
+    assert cookie is not None and cookie.get("httpOnly") is True
+
+    driver.get(base + "/")
+    link_css = f'#job-list tr[data-job-id="{job["id"]}"] a.job-link'
+    # the list refreshes itself while other jobs run: retry a click that lands on a replaced page
+    for _ in range(5):
+        try:
+            wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, link_css))).click()
+            break
+        except StaleElementReferenceException:
+            time.sleep(0.5)
+    else:
+        pytest.fail("could not click the job link")
+    wait.until(EC.url_contains(f"/jobs/{job['id']}"))
+    plot = wait.until(EC.visibility_of_element_located((By.ID, "dvh-plot")))
+
+    assert driver.find_element(By.ID, "job-state").text == "succeeded"
+    assert plot.tag_name.lower() == "svg"
+    curves = plot.find_elements(By.CSS_SELECTOR, "polyline.dvh-curve")
+    assert len(curves) >= 2
+    names = {c.get_attribute("data-voi") for c in curves}
+    assert {"Kidney_L", "Kidney_R"} <= names, names
+    assert all(len((c.get_attribute("points") or "").split()) >= 2 for c in curves)
+    size = plot.size
+    assert size["width"] > 100 and size["height"] > 100, size
+    assert "Kidney_L" in driver.find_element(By.ID, "dose-table").text
+
+    # the plot is below the tables: bring it into the viewport for the screenshots
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", plot)
+    wait.until(lambda d: d.execute_script(
+        "const r = arguments[0].getBoundingClientRect();"
+        "return r.top >= 0 && r.bottom <= window.innerHeight;", plot))  # fmt: skip
+    shot = tmp_path / "job-page.png"
+    plot.screenshot(str(tmp_path / "dvh-plot.png"))
+    driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    assert (tmp_path / "dvh-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

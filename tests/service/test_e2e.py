@@ -1,0 +1,260 @@
+"""End to end, with real parts only: ``voxeldose serve`` in a subprocess (uvicorn, its own local Ray, SQLite in a
+tmp data folder, a free loopback port), tokens from the ``voxeldose token`` command, HTTP with httpx.
+
+One server for the module (shared with test_browser.py in the same pytest process, see ``serverproc``): the small
+phantom is uploaded once and run to success; the other tests reuse it.  ``test_kill9_mid_job_then_restart`` kills
+the server and its Ray with SIGKILL while a job runs and restarts it on the same data folder.
+
+Runtime ≈ 60–90 s on 2 cores (server start ≈ 8 s, two pipeline runs of ≈ 15 s, one restart).
+
+xdist: group ``ray``, the group of the in-process Ray tests (test_dispatcher.py).  The server does not use that
+Ray — it starts its own, in its own process session, and only that session is ever killed — but on a 2-core
+machine two Ray clusters running pipeline jobs at once would slow each other's jobs towards their time limits;
+one group runs them one after the other, in one worker, which also keeps test_browser.py on the same shared
+server.  While test_dispatcher.py runs, the shared server sits idle.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("uvicorn")
+pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+pydicom = pytest.importorskip("pydicom")
+
+import serverproc
+from serverproc import auth, get_job, submit, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory, request, small_phantom) -> serverproc.E2EEnv:
+    return serverproc.shared_env(tmp_path_factory, request, small_phantom)
+
+
+@pytest.fixture
+def client(e2e):
+    with e2e.client() as c:
+        yield c
+
+
+def _incoming(e2e) -> list[str]:
+    d = e2e.data_dir / "incoming"
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def _total(client, token: str, **params) -> int:
+    r = client.get("/v1/jobs", headers=auth(token), params={"limit": 1, **params})
+    assert r.status_code == 200, r.text
+    return r.json()["total"]
+
+
+# ------------------------------------------------------------------------------------------- (a)
+def test_upload_runs_to_success_and_results_are_served(e2e, client) -> None:
+    job = e2e.finished_job()
+    first = e2e.first_response
+    assert first["status"] == 202
+    assert first["location"] == f"/v1/jobs/{job['id']}"
+    assert first["body"]["state"] in ("queued", "running")
+    assert job["state"] == "succeeded" and job["has_result"] and job["attempts"] == 1
+    assert job["patient_id"] == e2e.phantom["truth"].get("patient_id", job["patient_id"])
+    tok = e2e.tokens["physicist"]
+
+    r = client.get(job["links"]["summary"], headers=auth(tok))
+    assert r.status_code == 200, r.text
+    summary = r.json()
+    vois = summary["vois"]
+    for name in ("Kidney_L", "Kidney_R", "Liver", "Spleen", "Body"):
+        assert name in vois, sorted(vois)
+    for name in ("Kidney_L", "Kidney_R"):
+        assert vois[name]["role"] == "kidney"
+        assert 0.4 <= vois[name]["gy_per_gbq"] <= 0.9, (name, vois[name]["gy_per_gbq"])
+
+    r = client.get(job["links"]["rtdose"], headers=auth(tok))
+    assert r.status_code == 200
+    assert r.headers["content-type"].split(";")[0] == "application/dicom"
+    ds = pydicom.dcmread(io.BytesIO(r.content))
+    assert ds.Modality == "RTDOSE"
+    assert ds.DoseUnits == "GY"
+    assert ds.pixel_array.max() > 0
+
+    r = client.get(job["links"]["report"], headers=auth(tok))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "Kidney_L" in r.text
+
+    # the job page of the web UI answers for the same token (bearer) too
+    r = client.get(f"/jobs/{job['id']}", headers=auth(tok))
+    assert r.status_code == 200 and 'id="dvh-plot"' in r.text
+
+
+# ------------------------------------------------------------------------------------------- (b)
+def test_repeated_upload_is_the_same_job(e2e, client) -> None:
+    job = e2e.finished_job()
+    tok = e2e.tokens["physicist"]
+    total, incoming = _total(client, tok), _incoming(e2e)
+
+    r = submit(client, tok, e2e.zip_bytes, e2e.spec, idempotency_key=e2e.idempotency_key)
+    assert r.status_code in (200, 202), r.text
+    assert r.json()["id"] == job["id"]
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+
+    r = submit(client, tok, e2e.zip_bytes, e2e.spec)  # no key: same input set + same spec
+    assert r.status_code in (200, 202), r.text
+    assert r.json()["id"] == job["id"]
+    assert r.json()["state"] == "succeeded"
+
+    assert _total(client, tok) == total  # no second job
+    assert get_job(client, tok, job["id"])["attempts"] == 1  # no second run
+    assert _incoming(e2e) == incoming  # the duplicate uploads were discarded
+
+
+# ------------------------------------------------------------------------------------------- (c)
+def test_tokens_and_ownership(e2e, client) -> None:
+    job = e2e.finished_job()
+    jid = job["id"]
+    assert client.get("/healthz").status_code == 200  # no token needed
+
+    r = client.get(f"/v1/jobs/{jid}")
+    assert r.status_code == 401
+    assert r.headers["content-type"].startswith(PROBLEM)
+    assert r.headers["www-authenticate"].lower().startswith("bearer")
+
+    r = client.get(f"/v1/jobs/{jid}", headers=auth("not-a-token-" + "x" * 40))
+    assert r.status_code == 401 and r.headers["content-type"].startswith(PROBLEM)
+
+    r = submit(client, None, e2e.zip_bytes, e2e.spec)
+    assert r.status_code == 401
+
+    sub = e2e.tokens["submitter"]
+    # a submitter does not see another's job: 404 (its existence is not revealed) for the job and its results
+    for path in (f"/v1/jobs/{jid}", f"/v1/jobs/{jid}/summary", f"/v1/jobs/{jid}/rtdose", f"/v1/jobs/{jid}/report"):
+        r = client.get(path, headers=auth(sub))
+        assert r.status_code == 404, (path, r.status_code, r.text)
+        assert r.headers["content-type"].startswith(PROBLEM)
+    r = client.get("/v1/jobs", headers=auth(sub))
+    assert r.status_code == 200 and jid not in {j["id"] for j in r.json()["items"]}
+    # nor may it cancel (physicists and admins cancel)
+    assert client.post(f"/v1/jobs/{jid}/cancel", headers=auth(sub)).status_code == 403
+    # the same input set + spec belongs to the physicist's job: refused, not handed over
+    r = submit(client, sub, e2e.zip_bytes, e2e.spec)
+    assert r.status_code == 409, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    # the admin reads it
+    assert client.get(f"/v1/jobs/{jid}", headers=auth(e2e.tokens["admin"])).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- (e)
+def _assert_nothing_left(e2e, before: list[str]) -> None:
+    after = _incoming(e2e)
+    assert after == before, f"incoming/ changed: {sorted(set(after) ^ set(before))}"
+    assert not [n for n in after if n.startswith(".tmp-")]
+
+
+def test_random_bytes_as_dicom_is_refused_cleanly(e2e, client) -> None:
+    before = _incoming(e2e)
+    junk = bytes(range(256)) * 40
+    r = client.post("/v1/jobs", headers=auth(e2e.tokens["physicist"]),
+                    files=[("files", ("image0001.dcm", junk, "application/dicom"))], data={"spec": "{}"})  # fmt: skip
+    assert 400 <= r.status_code < 500, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    body = r.json()
+    assert body["status"] == r.status_code
+    assert "image0001.dcm" in body["detail"] and "DICOM" in body["detail"], body
+    assert str(e2e.data_dir) not in r.text  # no server paths in the message
+    _assert_nothing_left(e2e, before)
+
+
+def test_truncated_zip_is_refused_cleanly(e2e, client) -> None:
+    before = _incoming(e2e)
+    truncated = e2e.zip_bytes[: len(e2e.zip_bytes) // 3]
+    r = submit(client, e2e.tokens["physicist"], truncated, e2e.spec, filename="study.zip")
+    assert 400 <= r.status_code < 500, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    detail = r.json()["detail"]
+    assert "study.zip" in detail and "zip" in detail.lower(), detail
+    _assert_nothing_left(e2e, before)
+
+
+def test_zip_with_a_damaged_member_is_refused_cleanly(e2e, client) -> None:
+    """A zip whose directory is intact but one member's data is corrupt (CRC)."""
+    before = _incoming(e2e)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("a/one.dcm", b"\0" * 128 + b"DICM" + b"x" * 4000)
+    raw = bytearray(buf.getvalue())
+    i = raw.index(b"x" * 100)
+    raw[i : i + 100] = b"y" * 100  # same length, wrong CRC
+    r = submit(client, e2e.tokens["physicist"], bytes(raw), e2e.spec, filename="damaged.zip")
+    assert 400 <= r.status_code < 500, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    assert "damaged.zip" in r.json()["detail"], r.json()
+    _assert_nothing_left(e2e, before)
+
+
+def test_invalid_spec_is_refused_cleanly(e2e, client) -> None:
+    before = _incoming(e2e)
+    r = client.post("/v1/jobs", headers=auth(e2e.tokens["physicist"]),
+                    files=[("files", ("study.zip", e2e.zip_bytes, "application/zip"))],
+                    data={"spec": '{"calibration": {"cps_per_mbq": -1}}'})  # fmt: skip
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    assert "cps_per_mbq" in r.text
+    _assert_nothing_left(e2e, before)
+
+
+# ------------------------------------------------------------------------------------------- (d)
+def test_kill9_mid_job_then_restart(e2e, client) -> None:
+    """SIGKILL the service and its Ray while a job runs; after a restart on the same data folder the job runs
+    again (a second attempt) and succeeds; what was finished before is still there."""
+    first = e2e.finished_job()
+    tok = e2e.tokens["physicist"]
+    spec = {**e2e.spec, "cycle_number": 2}  # a different spec: a new job, not the first one again
+    r = submit(client, tok, e2e.zip_bytes, spec, idempotency_key="e2e-kill9")
+    assert r.status_code == 202, r.text
+    jid = r.json()["id"]
+    assert jid != first["id"]
+
+    # running, and the worker has started on the pipeline (a stage recorded), so the kill hits a live run
+    deadline = time.monotonic() + 120
+    while True:
+        job = get_job(client, tok, jid)
+        if job["state"] == "running" and job["stage"] is not None:
+            break
+        assert job["state"] in ("queued", "running"), job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["attempts"] == 1
+
+    old_pid = e2e.server.proc.pid
+    e2e.server.kill9()
+    assert serverproc.session_pids(old_pid) == []
+    with pytest.raises(httpx.TransportError):
+        httpx.get(e2e.server.base_url + "/healthz", timeout=2)
+
+    e2e.server.start()
+    with e2e.client() as c2:
+        done = wait_for(c2, tok, jid, ["succeeded"], timeout=180, server=e2e.server)
+        assert done["attempts"] == 2, done
+        assert done["has_result"]
+        summary = c2.get(done["links"]["summary"], headers=auth(tok)).json()
+        assert summary["cycle"]["number"] == 2
+        assert 0.4 <= summary["vois"]["Kidney_L"]["gy_per_gbq"] <= 0.9
+        # the job finished before the crash survived it
+        again = get_job(c2, tok, first["id"])
+        assert again["state"] == "succeeded" and again["attempts"] == 1
+        assert c2.get(first["links"]["rtdose"], headers=auth(tok)).status_code == 200
+        # the repeat of the kill-9 job's upload is still the same job
+        r = submit(c2, tok, e2e.zip_bytes, spec, idempotency_key="e2e-kill9")
+        assert r.json()["id"] == jid
+    assert not [n for n in _incoming(e2e) if n.startswith(".tmp-")]
+    assert not list(Path(e2e.data_dir, "jobs", jid).glob("*.tmp-*"))  # no half-written outputs
