@@ -5,6 +5,7 @@
     voxeldose token create --name NAME --role submitter|physicist|admin
     voxeldose token list
     voxeldose token revoke --name NAME
+    voxeldose dicom-node [--host 127.0.0.1] [--port 11112] [--ae-title VOXELDOSE] [--allow-aet AET ...]
 
 Settings come from ``VOXELDOSE_*`` environment variables (see :mod:`service.config`); the options
 override them.
@@ -152,3 +153,55 @@ def token(argv: Sequence[str]) -> int:
         return 1
     finally:
         store.dispose()
+
+
+def dicom_node(argv: Sequence[str]) -> int:
+    """Run the DICOM node (Storage SCP) alone; Ctrl-C or SIGTERM stops it cleanly."""
+    p = argparse.ArgumentParser(prog="voxeldose dicom-node", description=dicom_node.__doc__)
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="DICOM port (default 11112)")
+    p.add_argument("--ae-title", default=None, help="our AE title (default VOXELDOSE)")
+    p.add_argument("--allow-aet", action="append", default=None, metavar="AET",
+                   help="calling AE title allowed to send (repeat; default from VOXELDOSE_DICOM_ALLOWED_AETS)")
+    p.add_argument("--data-dir", type=Path, default=None, help="data folder (default ./voxeldose-data)")
+    args = p.parse_args(list(argv))
+    try:
+        settings = _settings(dicom_host=args.host, dicom_port=args.port, dicom_ae_title=args.ae_title,
+                             dicom_allowed_aets=args.allow_aet, data_dir=args.data_dir)
+    except Exception as exc:  # pydantic.ValidationError
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_json)
+    import threading
+
+    from .dicom_node import DicomNode
+    from .store import Store
+
+    stop = threading.Event()
+
+    def _stop(_sig: int, _frame: Any) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    store = node = None
+    try:
+        settings.ensure_dirs()
+        store = Store(settings.database_url, max_attempts=settings.max_attempts)
+        store.migrate()
+        node = DicomNode(settings, store)
+        try:
+            node.start()
+        except OSError as exc:
+            print(f"error: cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc}", file=sys.stderr)
+            return 3
+        while not stop.wait(1.0):
+            pass
+        return 0
+    finally:
+        if node is not None:
+            node.stop()
+        if store is not None:
+            store.dispose()
+        for s, h in old.items():
+            signal.signal(s, h)
+        log.info("stopped")

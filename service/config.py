@@ -57,12 +57,35 @@ class Settings(BaseSettings):
     dispatch_interval_s: float = Field(0.5, gt=0)
     log_json: bool = False
     auth_disabled: bool = Field(False, description="tests only; refused unless host is loopback")
+    # DICOM node (``voxeldose dicom-node``, :mod:`service.dicom_node`) ---------------------------
+    dicom_ae_title: str = Field("VOXELDOSE", min_length=1, max_length=16, description="our AE title (Called AE must match)")
+    dicom_host: str = Field("127.0.0.1", description="address the Storage SCP listens on")
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    dicom_allowed_aets: list[str] = Field(
+        default_factory=list,
+        description="calling AE titles allowed to associate; empty refuses everyone unless dicom_allow_any",
+    )
+    dicom_allow_any: bool = Field(False, description="accept any calling AE title (the host list still applies)")
+    dicom_allowed_hosts: list[str] = Field(
+        default_factory=list, description="peer IP addresses or networks (CIDR) allowed; empty: any address"
+    )
+    dicom_min_free_mb: int = Field(1024, ge=0, description="refuse instances (0xA700) below this much free disk")
+    dicom_max_associations: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'voxeldose.db'}"
+        self.dicom_allowed_aets = [a.strip() for a in self.dicom_allowed_aets if a.strip()]
+        for a in self.dicom_allowed_aets:
+            if len(a) > 16:
+                raise ValueError(f"DICOM AE title longer than 16 characters: {a!r}")
+        for h in self.dicom_allowed_hosts:
+            try:
+                ipaddress.ip_network(h.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"dicom_allowed_hosts: not an IP address or network: {h!r}") from None
         if self.auth_disabled and not is_loopback(self.host):
             raise ValueError(
                 f"auth_disabled is only allowed when the service listens on loopback, not on {self.host!r}"
@@ -80,6 +103,11 @@ class Settings(BaseSettings):
 
     def job_out_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "out"
+
+    @property
+    def dicom_dir(self) -> Path:
+        """Instances received by the DICOM node: ``<Study>/<Series>/<SOPInstance>.dcm``."""
+        return self.data_dir / "dicom"
 
     def ensure_dirs(self) -> None:
         for p in (self.data_dir, self.incoming_dir, self.jobs_dir):

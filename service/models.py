@@ -6,7 +6,18 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -80,3 +91,47 @@ class Token(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Instance(Base):
+    """One DICOM instance received by the DICOM node (the first copy of its SOPInstanceUID)."""
+
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    flagged_conflict: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+    __table_args__ = (
+        Index("ix_instances_series", "series_instance_uid"),
+        Index("ix_instances_study", "study_instance_uid"),
+        Index("ix_instances_patient", "patient_id"),
+    )
+
+
+class InstanceConflict(Base):
+    """A later copy of a SOPInstanceUID with different content, kept next to the first one."""
+
+    __tablename__ = "instance_conflicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        Index("ix_instance_conflicts_sop", "sop_instance_uid"),
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_conflicts_sop_sha256"),
+    )

@@ -18,17 +18,17 @@ import logging
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy import case, create_engine, event, func, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .auth import check_role, digest_matches, generate_token, hash_token
-from .models import Job, Token, utcnow
+from .models import Instance, InstanceConflict, Job, Token, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -457,3 +457,124 @@ class Store:
             log.info("token %r revoked", name)
         return bool(n)
 
+    # ------------------------------------------------------------------ DICOM node (received instances)
+    def record_instance(self, *, sop_instance_uid: str, sop_class_uid: str, study_instance_uid: str,
+                         series_instance_uid: str, patient_id: str | None, modality: str | None, path: str,
+                         sha256: str, size: int, calling_ae: str | None) -> tuple[InstanceRecord, bool]:
+        """Index a received instance; returns ``(record, created)``.  An existing row for the SOPInstanceUID
+        is returned unchanged (``created=False``): the caller compares hashes and records a conflict."""
+        with self._write() as s:
+            row = s.get(Instance, sop_instance_uid)
+            if row is not None:
+                return _instance_record(row), False
+            row = Instance(
+                sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, study_instance_uid=study_instance_uid,
+                series_instance_uid=series_instance_uid, patient_id=patient_id, modality=modality, path=path,
+                sha256=sha256, size=size, received_at=utcnow(), calling_ae=calling_ae, flagged_conflict=False,
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _instance_record(row), True
+
+    def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        with self._read() as s:
+            row = s.get(Instance, sop_instance_uid)
+            return None if row is None else _instance_record(row)
+
+    def record_conflict(self, *, sop_instance_uid: str, path: str, sha256: str, size: int,
+                         calling_ae: str | None) -> bool:
+        """Record a later copy with different content and flag the instance; False when this exact
+        content was recorded before (nothing changed)."""
+        with self._write() as s:
+            exists = s.scalars(
+                select(InstanceConflict.id).where(
+                    InstanceConflict.sop_instance_uid == sop_instance_uid, InstanceConflict.sha256 == sha256
+                )
+            ).first()
+            if exists is not None:
+                return False
+            s.add(InstanceConflict(sop_instance_uid=sop_instance_uid, path=path, sha256=sha256, size=size,
+                                   received_at=utcnow(), calling_ae=calling_ae))  # fmt: skip
+            s.execute(update(Instance).where(Instance.sop_instance_uid == sop_instance_uid).values(flagged_conflict=True))
+        return True
+
+    def instance_conflicts(self, sop_instance_uid: str) -> list[dict]:
+        """The conflicting copies of one instance, oldest first: ``path, sha256, size, received_at, calling_ae``."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(InstanceConflict).where(InstanceConflict.sop_instance_uid == sop_instance_uid)
+                .order_by(InstanceConflict.received_at, InstanceConflict.id)
+            ).all()  # fmt: skip
+            return [{"path": c.path, "sha256": c.sha256, "size": int(c.size), "received_at": c.received_at,
+                     "calling_ae": c.calling_ae} for c in rows]  # fmt: skip
+
+    def series_instances(self, series_instance_uid: str) -> list[InstanceRecord]:
+        """Every instance of one series (ordered by SOPInstanceUID)."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(Instance).where(Instance.series_instance_uid == series_instance_uid).order_by(Instance.sop_instance_uid)
+            ).all()
+            return [_instance_record(i) for i in rows]
+
+    def series_summary(self, *, study_instance_uid: str | None = None, patient_id: str | None = None) -> list[dict]:
+        """One dict per received series: ``study_instance_uid, series_instance_uid, patient_id, modality,
+        instances, conflicts, first_received_at, last_received_at`` (oldest series first)."""
+        q = select(
+            Instance.study_instance_uid, Instance.series_instance_uid, func.min(Instance.patient_id),
+            func.min(Instance.modality), func.count(), func.sum(case((Instance.flagged_conflict.is_(True), 1), else_=0)),
+            func.min(Instance.received_at), func.max(Instance.received_at),
+        ).group_by(Instance.study_instance_uid, Instance.series_instance_uid)  # fmt: skip
+        if study_instance_uid is not None:
+            q = q.where(Instance.study_instance_uid == study_instance_uid)
+        if patient_id is not None:
+            q = q.where(Instance.patient_id == patient_id)
+        from .models import UTCDateTime
+
+        def as_utc(v: Any) -> datetime | None:  # aggregates lose the column type on SQLite
+            if v is None or isinstance(v, datetime) and v.tzinfo is not None:
+                return v
+            if isinstance(v, str):
+                v = datetime.fromisoformat(v)
+            return UTCDateTime().process_result_value(v, self.engine.dialect)
+
+        with self._read() as s:
+            rows = s.execute(q).all()
+        out = [
+            {"study_instance_uid": st, "series_instance_uid": se, "patient_id": pid, "modality": mod,
+             "instances": int(n), "conflicts": int(nc or 0), "first_received_at": as_utc(t0), "last_received_at": as_utc(t1)}
+            for st, se, pid, mod, n, nc, t0, t1 in rows
+        ]  # fmt: skip
+        out.sort(key=lambda d: (d["first_received_at"] or datetime.min.replace(tzinfo=timezone.utc), d["series_instance_uid"]))
+        return out
+
+    def count_instances(self) -> int:
+        with self._read() as s:
+            return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+# ---------------------------------------------------------------------- DICOM node records
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One received instance (the first copy of its SOPInstanceUID), detached from any session."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str | None
+    modality: str | None
+    path: str
+    sha256: str
+    size: int
+    received_at: datetime
+    calling_ae: str | None
+    flagged_conflict: bool
+
+
+def _instance_record(i: Instance) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=i.sop_instance_uid, sop_class_uid=i.sop_class_uid, study_instance_uid=i.study_instance_uid,
+        series_instance_uid=i.series_instance_uid, patient_id=i.patient_id, modality=i.modality, path=i.path,
+        sha256=i.sha256, size=int(i.size), received_at=i.received_at, calling_ae=i.calling_ae,
+        flagged_conflict=bool(i.flagged_conflict),
+    )  # fmt: skip
