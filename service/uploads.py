@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,8 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from voxeldose.errors import VoxeldoseError
-from voxeldose.ingest import Cycle, load_cycle, scan, spect_pixel_mode
+from voxeldose.ingest import scan, spect_pixel_mode
+from voxeldose.pipeline import input_fingerprint, load_spec_cycle
 from voxeldose.spec import JobSpec
 
 from .api.problems import ProblemError
@@ -325,19 +325,6 @@ def build_spec(fields: dict[str, Any], input_dir: Path) -> JobSpec:
     return JobSpec.model_validate({**fields, "inputs": [str(input_dir)]})
 
 
-def input_fingerprint(cycle: Cycle) -> tuple[str, int]:
-    """SHA-256 over the sorted SOPInstanceUIDs of the cycle's SPECT, CT and VOI instances — the same digest
-    the pipeline records in ``provenance.inputs.sop_instance_uids_sha256``."""
-    uids: list[str] = []
-    for tp in cycle.timepoints:
-        for s in (tp.spect, tp.ct):
-            if s is not None:
-                uids += [i.sop_instance_uid for i in s.instances]
-    for s in cycle.vois:
-        uids += [i.sop_instance_uid for i in s.instances]
-    return hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest(), len(uids)
-
-
 def _relativise(err: VoxeldoseError, tmp: Path) -> VoxeldoseError:
     """The message names the uploaded file, not the server's temp folder."""
     prefix = str(tmp) + os.sep
@@ -368,14 +355,7 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: An
         scan_arg = files  # files named explicitly: each must be DICOM
     try:
         index = scan(scan_arg)
-        inj = spec.injection
-        cycle = load_cycle(
-            index,
-            patient_id=spec.patient_id,
-            injection_start=inj.datetime,
-            activity_bq=None if inj.activity_mbq is None else inj.activity_mbq * 1e6,
-            nuclide=inj.nuclide,
-        )
+        cycle = load_spec_cycle(spec, index)
         if spec.calibration.cps_per_mbq is None:
             for tp in cycle.timepoints:
                 if spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path) == "counts":
@@ -388,6 +368,7 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: An
                     )  # fmt: skip
     except VoxeldoseError as err:
         raise _relativise(err, received.tmp) from None
-    digest, n = input_fingerprint(cycle)
+    fingerprint = input_fingerprint(cycle)  # the digest the pipeline records in provenance.inputs
+    digest, n = fingerprint["sop_instance_uids_sha256"], fingerprint["sop_instances"]
     os.rename(received.tmp, final)  # atomic on one file system: the upload now exists, whole
     return Accepted(upload_id, final, digest, cycle.patient_id, spec.model_dump(mode="json"), n)

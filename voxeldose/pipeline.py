@@ -85,6 +85,18 @@ def _emit(progress: Progress | None, stage: str, frac: float = 0.0) -> None:
     log.info("stage %s %.0f%%", stage, 100 * frac)
 
 
+def load_spec_cycle(spec: JobSpec, index: Any) -> Cycle:
+    """The one cycle of ``index`` (an :class:`~voxeldose.ingest.Index`) with the job's injection overrides."""
+    inj = spec.injection
+    return load_cycle(
+        index,
+        patient_id=spec.patient_id,
+        injection_start=inj.datetime,
+        activity_bq=None if inj.activity_mbq is None else inj.activity_mbq * 1e6,
+        nuclide=inj.nuclide,
+    )
+
+
 def _choose_reference(cycle: Cycle, spec: JobSpec) -> int:
     if spec.reference_timepoint is not None:
         if spec.reference_timepoint >= len(cycle.timepoints):
@@ -114,7 +126,9 @@ def _voi_series(cycle: Cycle, ref: TimePoint, spec: JobSpec):
     return cands[0]
 
 
-def _input_fingerprint(cycle: Cycle) -> dict[str, Any]:
+def input_fingerprint(cycle: Cycle) -> dict[str, Any]:
+    """The input set of a cycle: its series, instance count and a SHA-256 over the sorted SOPInstanceUIDs
+    (what the service uses to never run the same input set twice)."""
     series = []
     uids: list[str] = []
     for tp in cycle.timepoints:
@@ -151,14 +165,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     _emit(progress, "ingest")
     t = time.perf_counter()
     index = scan(spec.inputs)
-    inj = spec.injection
-    cycle = load_cycle(
-        index,
-        patient_id=spec.patient_id,
-        injection_start=inj.datetime,
-        activity_bq=None if inj.activity_mbq is None else inj.activity_mbq * 1e6,
-        nuclide=inj.nuclide,
-    )
+    cycle = load_spec_cycle(spec, index)
     for p in index.problems:
         if p.severity == "warning":
             warnings.append(p.message)
@@ -419,7 +426,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
             "nuclide": {"name": nuclide.name, "half_life_s": nuclide.half_life_s, "data": "ICRP-107 (icrp107-database)"},
             "calibration": {**spec.calibration.model_dump(),
                             "applied": any(q.pixel_mode == "counts" for q in quants)},
-            "inputs": _input_fingerprint(cycle),
+            "inputs": input_fingerprint(cycle),
             "spec": json.loads(spec.model_dump_json()),
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
