@@ -276,6 +276,7 @@ def test_phantom_ct_numbers_give_back_the_truth_densities():
         assert hu == int(hu), name  # the CT stores whole HU
         assert hu_to_density(hu) == pytest.approx(rho, rel=0.02), (name, hu, hu_to_density(hu), rho)
     hu_bone = by_name["cortical_bone"][0]
+    # Schneider et al. 2000 (Phys Med Biol 45:459), bone segment above 100 HU: ρ = 1.017 + 0.592e-3 · HU g/cm³
     assert 1.017 + 0.592e-3 * hu_bone == pytest.approx(1.92, rel=0.01)
 
 

@@ -377,6 +377,17 @@ def _rwvm_bqml(slope: float, intercept: float) -> Dataset:
     return item
 
 
+def _frame_and_times(ds: pydicom.Dataset, series: SeriesInfo, acq: datetime) -> None:
+    """Frame of Reference module (PS3.3 C.7.4.1) and the acquisition/content date and time of the
+    General Acquisition (C.7.10.1) and General Image (C.7.6.1) modules, shared by the image writers."""
+    ds.FrameOfReferenceUID = series.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.AcquisitionDate = _da(acq)
+    ds.AcquisitionTime = _tm(acq)
+    ds.ContentDate = _da(acq)
+    ds.ContentTime = _tm(acq)
+
+
 def write_nm_tomo(
     path: str | Path,
     volume: Volume,
@@ -450,15 +461,8 @@ def write_nm_tomo(
         instance_number=1,
     )
     _body_part(ds, body_part_examined)
-    # Frame of Reference C.7.4.1
-    ds.FrameOfReferenceUID = series.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    # General Acquisition C.7.10.1 / General Image C.7.6.1
-    ds.AcquisitionDate = _da(acq)
-    ds.AcquisitionTime = _tm(acq)
+    _frame_and_times(ds, series, acq)
     ds.AcquisitionDateTime = _dt(acq)
-    ds.ContentDate = _da(acq)
-    ds.ContentTime = _tm(acq)
     ds.PatientOrientation = [_orientation_letters(x), _orientation_letters(y)]
     ds.ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
     ds.AcquisitionContextSequence = DicomSequence([])  # Acquisition Context C.7.6.14, Type 2
@@ -600,12 +604,7 @@ def write_ct_series(
         )
         ds.PatientPosition = patient_position
         _body_part(ds, body_part_examined)
-        ds.FrameOfReferenceUID = series.frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-        ds.AcquisitionDate = _da(acq)
-        ds.AcquisitionTime = _tm(acq)
-        ds.ContentDate = _da(acq)
-        ds.ContentTime = _tm(acq)
+        _frame_and_times(ds, series, acq)
         ds.AcquisitionNumber = 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         # Image Plane C.7.6.2
