@@ -1,4 +1,4 @@
-"""The FastAPI application: ``create_app(settings, store, dispatcher=None)``.
+"""The FastAPI application: ``create_app(settings, store, dispatcher=None, node=None)``.
 
 The app only reads and writes the store and the data directory; the dispatcher (when given) runs jobs and
 answers ``ray_ok()``/``device()`` for readiness and metrics.  With ``dispatcher=None`` (an API-only
@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from . import uploads
-from .api import health, jobs, patients, problems
+from .api import dicomweb, health, jobs, patients, problems
 from .metrics import Metrics, RequestMetricsMiddleware
 
 log = logging.getLogger("service.app")
@@ -47,7 +47,9 @@ def _remove_stale_temp(settings: Any, older_than_s: float = 3600.0) -> None:
             pass
 
 
-def create_app(settings: Any, store: Any, dispatcher: Any = None) -> FastAPI:
+def create_app(settings: Any, store: Any, dispatcher: Any = None, node: Any = None) -> FastAPI:
+    """``node``: the :class:`service.dicom_node.DicomNode` STOW-RS stores through (None: a new one, not
+    started — ``receive_file`` needs no network)."""
     from . import pages
 
     Path(settings.data_dir, "incoming").mkdir(parents=True, exist_ok=True)
@@ -64,10 +66,16 @@ def create_app(settings: Any, store: Any, dispatcher: Any = None) -> FastAPI:
     app.state.store = store
     app.state.dispatcher = dispatcher
     app.state.metrics = Metrics(store, dispatcher)
+    if node is None:
+        from .dicom_node import DicomNode
+
+        node = DicomNode(settings, store)
+    app.state.dicom_node = node
     problems.install(app)
     app.include_router(jobs.router)
     app.include_router(patients.router)
     app.include_router(health.router)
+    app.include_router(dicomweb.router)
     app.include_router(pages.router)
     # outermost last: metrics see the final status, the guard turns anything unexpected into a 500 problem
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
