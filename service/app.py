@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from . import uploads
+from .api import node as node_api
 from .api import dicomweb, health, jobs, patients, problems
 from .metrics import Metrics, RequestMetricsMiddleware
 
@@ -69,13 +70,16 @@ def create_app(settings: Any, store: Any, dispatcher: Any = None, node: Any = No
     if node is None:
         from .dicom_node import DicomNode
 
-        node = DicomNode(settings, store)
+        from .trigger import Trigger
+
+        node = DicomNode(settings, store, Trigger(settings, store))  # marks patients; serve's trigger starts jobs
     app.state.dicom_node = node
     problems.install(app)
     app.include_router(jobs.router)
     app.include_router(patients.router)
     app.include_router(health.router)
     app.include_router(dicomweb.router)
+    app.include_router(node_api.router)
     app.include_router(pages.router)
     # outermost last: metrics see the final status, the guard turns anything unexpected into a 500 problem
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)

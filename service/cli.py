@@ -30,13 +30,10 @@ def _settings(**overrides: Any) -> Any:
 
 
 def _setup_logging(json_lines: bool) -> None:
-    fmt = (
-        '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-        if json_lines
-        else "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    )
-    logging.basicConfig(level=logging.INFO, format=fmt)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    """Plain or JSON lines with the job id, never patient data (:mod:`service.logs`)."""
+    from .logs import setup_logging
+
+    setup_logging(json_lines)
 
 
 class _Terminated(Exception):
@@ -71,14 +68,23 @@ def serve(argv: Sequence[str]) -> int:
         raise _Terminated()
 
     old_term = signal.signal(signal.SIGTERM, _term)
-    store = dispatcher = None
+    store = dispatcher = runtime = None
     try:
         settings.ensure_dirs()
         store = Store(settings.database_url, max_attempts=settings.max_attempts)
         store.migrate()
+        if settings.dicom_enabled:
+            from .trigger import start_node
+
+            try:
+                runtime = start_node(settings, store)
+            except OSError as exc:
+                print(f"error: the DICOM node cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc} "
+                      "(VOXELDOSE_DICOM_PORT, or VOXELDOSE_DICOM_ENABLED=false)", file=sys.stderr)  # fmt: skip
+                return 3
         dispatcher = Dispatcher(store, settings)
         dispatcher.start()
-        app = create_app(settings, store, dispatcher)
+        app = _create_app(create_app, settings, store, dispatcher, runtime)
         # ray.init() installed a SIGTERM handler of its own (sys.exit(15)); uvicorn restores and
         # re-raises whatever handler it finds, so put ours back: SIGTERM ends with status 0.
         signal.signal(signal.SIGTERM, _term)
@@ -90,6 +96,8 @@ def serve(argv: Sequence[str]) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+        if runtime is not None:
+            runtime.stop()
         if dispatcher is not None:
             dispatcher.stop()
         try:
@@ -103,6 +111,15 @@ def serve(argv: Sequence[str]) -> int:
             store.dispose()
         signal.signal(signal.SIGTERM, old_term)
         log.info("stopped")
+
+
+def _create_app(create_app: Any, settings: Any, store: Any, dispatcher: Any, runtime: Any) -> Any:
+    """The app, with the running node (and its trigger) for STOW-RS when there is one."""
+    import inspect
+
+    if runtime is not None and "node" in inspect.signature(create_app).parameters:
+        return create_app(settings, store, dispatcher, node=runtime.node)
+    return create_app(settings, store, dispatcher)
 
 
 def token(argv: Sequence[str]) -> int:
@@ -156,7 +173,9 @@ def token(argv: Sequence[str]) -> int:
 
 
 def dicom_node(argv: Sequence[str]) -> int:
-    """Run the DICOM node (Storage SCP) alone; Ctrl-C or SIGTERM stops it cleanly."""
+    """Run the DICOM node (Storage SCP) with its job trigger and result sender, without the HTTP API
+    (jobs it starts wait in the database for a `voxeldose serve` with VOXELDOSE_DICOM_ENABLED=false);
+    Ctrl-C or SIGTERM stops it cleanly."""
     p = argparse.ArgumentParser(prog="voxeldose dicom-node", description=dicom_node.__doc__)
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="DICOM port (default 11112)")
@@ -174,8 +193,8 @@ def dicom_node(argv: Sequence[str]) -> int:
     _setup_logging(settings.log_json)
     import threading
 
-    from .dicom_node import DicomNode
     from .store import Store
+    from .trigger import start_node
 
     stop = threading.Event()
 
@@ -188,9 +207,8 @@ def dicom_node(argv: Sequence[str]) -> int:
         settings.ensure_dirs()
         store = Store(settings.database_url, max_attempts=settings.max_attempts)
         store.migrate()
-        node = DicomNode(settings, store)
         try:
-            node.start()
+            node = start_node(settings, store)
         except OSError as exc:
             print(f"error: cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc}", file=sys.stderr)
             return 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +72,29 @@ class Settings(BaseSettings):
     )
     dicom_min_free_mb: int = Field(1024, ge=0, description="refuse instances (0xA700) below this much free disk")
     dicom_max_associations: int = Field(10, ge=1)
+    dicom_enabled: bool = Field(True, description="`voxeldose serve` also runs the DICOM node and its job trigger")
+    # Job trigger (:mod:`service.trigger`) ------------------------------------------------------
+    dicom_quiet_period_s: float = Field(
+        30.0, ge=0, description="a patient's series count as complete this long after the last instance (or at association release)"
+    )
+    trigger_min_timepoints: int = Field(3, ge=1, description="SPECT time points (each with its CT) that start a job, with VOIs")
+    trigger_deadline_h: float = Field(
+        240.0, ge=0, description="hours after a cycle's first series: start with what exists (1 time point: single-time-point method); 0: never"
+    )
+    trigger_spec: dict[str, Any] = Field(
+        default_factory=dict, description="JobSpec fields for node-started jobs (JSON), e.g. calibration, fit, dose"
+    )
+    trigger_interval_s: float = Field(2.0, gt=0, description="how often the trigger and the sender look for work")
+    # Results back to the PACS (:mod:`service.sender`) ----------------------------------------
+    dicom_destination_ae_title: str | None = Field(None, max_length=16, description="AE title results are sent to; unset: none sent")
+    dicom_destination_host: str | None = None
+    dicom_destination_port: int | None = Field(None, ge=1, le=65535)
+    dicom_send_sources: list[str] = Field(
+        default_factory=lambda: ["dicom"], description="jobs of these origins are sent (dicom, upload, api)"
+    )
+    dicom_send_max_attempts: int = Field(8, ge=1)
+    dicom_send_retry_s: float = Field(30.0, gt=0, description="first retry delay; doubles per attempt, at most 1 h")
+    dicom_send_timeout_s: float = Field(60.0, gt=0, description="association and DIMSE timeout when sending")
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
@@ -86,6 +110,24 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(h.strip(), strict=False)
             except ValueError:
                 raise ValueError(f"dicom_allowed_hosts: not an IP address or network: {h!r}") from None
+        dest = (self.dicom_destination_ae_title, self.dicom_destination_host, self.dicom_destination_port)
+        if any(v not in (None, "") for v in dest) and not all(v not in (None, "") for v in dest):
+            raise ValueError(
+                "dicom_destination_ae_title, dicom_destination_host and dicom_destination_port go together: set all three or none"
+            )
+        bad = set(self.dicom_send_sources) - {"dicom", "upload", "api"}
+        if bad:
+            raise ValueError(f"dicom_send_sources: unknown origin(s) {sorted(bad)}; expected dicom, upload, api")
+        if self.trigger_spec:
+            from voxeldose.spec import JobSpec
+
+            fixed = {"inputs", "patient_id", "cycle_number", "earlier_cycles"} & set(self.trigger_spec)
+            if fixed:
+                raise ValueError(f"trigger_spec may not set {sorted(fixed)}: the trigger fills them in")
+            try:
+                JobSpec.model_validate({**self.trigger_spec, "inputs": ["."]})
+            except Exception as exc:  # pydantic's message names the field
+                raise ValueError(f"trigger_spec is not a valid job spec: {exc}") from None
         if self.auth_disabled and not is_loopback(self.host):
             raise ValueError(
                 f"auth_disabled is only allowed when the service listens on loopback, not on {self.host!r}"
@@ -103,6 +145,13 @@ class Settings(BaseSettings):
 
     def job_out_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "out"
+
+    @property
+    def dicom_destination(self) -> str | None:
+        """``AE@host:port`` of the results' destination, or None."""
+        if not self.dicom_destination_ae_title:
+            return None
+        return f"{self.dicom_destination_ae_title}@{self.dicom_destination_host}:{self.dicom_destination_port}"
 
     @property
     def dicom_dir(self) -> Path:

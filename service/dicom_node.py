@@ -44,7 +44,9 @@ import secrets
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,7 @@ from pynetdicom.sop_class import (
 )
 
 from .config import Settings
+from .models import utcnow
 from .store import Store
 
 log = logging.getLogger("service.dicom_node")
@@ -99,6 +102,7 @@ class StoreOutcome:
     status: int
     result: str  # "stored" | "duplicate" | "conflict" | "conflict-duplicate" | "refused"
     path: Path | None = None
+    patient_id: str | None = None  # PatientID of the instance (None when refused or absent)
 
 
 def _valid_uid(value: Any) -> str | None:
@@ -151,9 +155,14 @@ def _pixel_data_complete(fp: Any, size: int, ds: Any, transfer_syntax: UID) -> b
 class DicomNode:
     """Storage SCP of voxeldose (see the module docstring)."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, trigger: Any = None) -> None:
+        """``trigger``: a :class:`service.trigger.Trigger` told of every stored instance's patient
+        (``touch``) and of the patients of each released association (``released``); None: none told."""
         self.settings = settings
         self.store = store
+        self.trigger = trigger
+        # association → {patient → monotonic time of its last pending mark}
+        self._assoc_patients: dict[int, dict[str, float]] = {}
         self.root = settings.dicom_dir
         self._lock = threading.Lock()
         self._server: Any = None
@@ -194,6 +203,8 @@ class DicomNode:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._server = self.ae.start_server(
             (self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers
@@ -246,6 +257,43 @@ class DicomNode:
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out first
 
+    def _on_released(self, event: Any) -> None:
+        """The peer released the association: its patients' series are complete (look now)."""
+        self.released(self._assoc_patients.pop(id(event.assoc), {}))
+
+    def _on_aborted(self, event: Any) -> None:
+        """An aborted association completes nothing: its patients wait for the quiet period."""
+        self._assoc_patients.pop(id(event.assoc), None)
+
+    def released(self, patient_ids: Any) -> None:
+        """The end of a batch (association release, STOW-RS request): tell the trigger to look now."""
+        pids = {p for p in patient_ids if p}
+        if self.trigger is None or not pids:
+            return
+        try:
+            self.trigger.released(pids)
+        except Exception:  # noqa: BLE001 - the quiet period still applies; never fail a release for it
+            log.exception("could not mark the released patients for the trigger")
+
+    def _touch(self, patient_id: str | None, ahead_s: float = 0.0) -> None:
+        """Mark the patient pending: the trigger looks ``dicom_quiet_period_s`` (+ ``ahead_s``) from now."""
+        if self.trigger is None or not patient_id:
+            return
+        try:
+            self.trigger.touch(patient_id, utcnow() + timedelta(seconds=ahead_s))
+        except Exception:  # noqa: BLE001 - the instance is stored; a later one (or the release) marks again
+            log.exception("could not mark the patient for the trigger")
+
+    def _touch_in_association(self, assoc: Any, patient_id: str) -> None:
+        """Within one association, mark a patient at most once a second, one second ahead, so that the
+        quiet period still runs from (at least) the last instance; the release marks it due at once."""
+        seen = self._assoc_patients.setdefault(id(assoc), {})
+        now = time.monotonic()
+        if now - seen.get(patient_id, -1e9) < 1.0:
+            return
+        seen[patient_id] = now
+        self._touch(patient_id, ahead_s=1.0)
+
     def _on_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
@@ -253,12 +301,16 @@ class DicomNode:
         req = event.request
         calling = str(event.assoc.requestor.ae_title).strip() or None
         try:
-            return self.receive_file(
+            outcome = self.receive_file(
                 Path(event.dataset_path),
                 command_sop_class=str(req.AffectedSOPClassUID or ""),
                 command_sop_instance=str(req.AffectedSOPInstanceUID or ""),
                 calling_ae=calling,
-            ).status
+                mark=False,
+            )
+            if outcome.patient_id and outcome.status == STATUS_SUCCESS:
+                self._touch_in_association(event.assoc, outcome.patient_id)
+            return outcome.status
         except Exception:  # noqa: BLE001 - never let a bug look like success; the peer may resend
             log.exception("C-STORE failed unexpectedly")
             return STATUS_OUT_OF_RESOURCES
@@ -271,8 +323,10 @@ class DicomNode:
         command_sop_class: str = "",
         command_sop_instance: str = "",
         calling_ae: str | None = None,
+        mark: bool = True,
     ) -> StoreOutcome:
-        """Check, store and index one received Part 10 file (``tmp`` is left in place; the caller owns it)."""
+        """Check, store and index one received Part 10 file (``tmp`` is left in place; the caller owns it).
+        ``mark``: tell the trigger (quiet period from now); the C-STORE handler marks per association."""
         cls_name = UID(command_sop_class).name if command_sop_class else "?"
         try:
             size = tmp.stat().st_size
@@ -306,6 +360,8 @@ class DicomNode:
                 except OSError:
                     pass
         log.info("C-STORE %s (%s) %s, bytes %s", outcome.result, cls_name, calling_ae or "-", sha[:8])
+        if mark and outcome.status == STATUS_SUCCESS:
+            self._touch(outcome.patient_id)
         return outcome
 
     def _parse(self, tmp: Path, size: int, sop_class: str, sop_instance: str) -> dict[str, Any]:
@@ -387,14 +443,14 @@ class DicomNode:
                                            calling_ae=calling_ae)  # fmt: skip
             except Exception:  # noqa: BLE001
                 log.exception("C-STORE: the database could not be written")
-                return StoreOutcome(STATUS_DB_FAILED, "stored", final)
-            return StoreOutcome(STATUS_SUCCESS, "stored", final)
+                return StoreOutcome(STATUS_DB_FAILED, "stored", final, header["patient_id"])
+            return StoreOutcome(STATUS_SUCCESS, "stored", final, header["patient_id"])
         if existing.sha256 == sha:
-            return StoreOutcome(STATUS_SUCCESS, "duplicate", Path(existing.path))
+            return StoreOutcome(STATUS_SUCCESS, "duplicate", Path(existing.path), header["patient_id"])
         old_folder = Path(existing.path).parent
         final = old_folder / f"{sop}.conflict-{sha[:8]}.dcm"
         if any(c["sha256"] == sha for c in self.store.instance_conflicts(sop)) and final.exists():
-            return StoreOutcome(STATUS_SUCCESS, "conflict-duplicate", final)
+            return StoreOutcome(STATUS_SUCCESS, "conflict-duplicate", final, header["patient_id"])
         old_folder.mkdir(parents=True, exist_ok=True)
         if old_folder != folder:
             shutil.move(str(partial), str(old_folder / partial.name))
@@ -405,6 +461,6 @@ class DicomNode:
             self.store.record_conflict(sop_instance_uid=sop, path=str(final), sha256=sha, size=size, calling_ae=calling_ae)
         except Exception:  # noqa: BLE001
             log.exception("C-STORE: the database could not be written")
-            return StoreOutcome(STATUS_DB_FAILED, "conflict", final)
+            return StoreOutcome(STATUS_DB_FAILED, "conflict", final, header["patient_id"])
         log.warning("C-STORE conflict: an instance arrived again with different content (bytes %s)", sha[:8])
-        return StoreOutcome(STATUS_SUCCESS, "conflict", final)
+        return StoreOutcome(STATUS_SUCCESS, "conflict", final, header["patient_id"])

@@ -234,7 +234,7 @@ class Dispatcher:
         elif out.get("error"):
             self.store.fail(job_id, str(out["error"]))
         else:
-            self.store.finish(job_id, out["result_dir"], out.get("patient_id"))
+            self.store.finish(job_id, out["result_dir"], out.get("patient_id"), out.get("output_series") or [])
 
     def _enforce(self) -> None:
         with self._lock:

@@ -72,8 +72,15 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     submitted_by: Mapped[str | None] = mapped_column(String(128))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # where the job came from: "upload" (HTTP), "dicom" (started by the DICOM node's trigger), "api" (series named)
+    source: Mapped[str | None] = mapped_column(String(16))
+    # the therapy cycle (patient + injection) of a node-started job, its version and the version it replaces
+    cycle_key: Mapped[str | None] = mapped_column(String(64))
+    version: Mapped[int | None] = mapped_column(Integer)
+    supersedes: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
+        Index("ix_jobs_cycle", "cycle_key", "version"),
         Index("ix_jobs_state_created", "state", "created_at"),
         Index("ix_jobs_patient", "patient_id", "state"),
         Index("ix_jobs_input", "input_hash", "spec_hash"),
@@ -134,4 +141,64 @@ class InstanceConflict(Base):
     __table_args__ = (
         Index("ix_instance_conflicts_sop", "sop_instance_uid"),
         UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_conflicts_sop_sha256"),
+    )
+
+
+class PendingPatient(Base):
+    """A patient whose received data changed: the trigger looks at it once ``ready_at`` has passed
+    (the quiet period after the last instance, or at once after an association release)."""
+
+    __tablename__ = "pending_patients"
+
+    patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ready_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    touched_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class TriggerCycle(Base):
+    """What the trigger knows of one therapy cycle received through the DICOM node."""
+
+    __tablename__ = "trigger_cycles"
+
+    cycle_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    injection: Mapped[str | None] = mapped_column(String(32))  # local date-time as in DICOM, ISO 8601
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    evaluated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # waiting | started | error
+    reason: Mapped[str | None] = mapped_column(Text)
+    timepoints: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    job_id: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (Index("ix_trigger_cycles_patient", "patient_id"), Index("ix_trigger_cycles_deadline", "state", "deadline_at"))
+
+
+class OutputSeries(Base):
+    """A series voxeldose wrote (RT Dose, SEG, SR): never taken as input when it comes back from the PACS."""
+
+    __tablename__ = "output_series"
+
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), nullable=False)
+
+
+class Delivery(Base):
+    """Sending one job's results to one DICOM destination (C-STORE), with retries."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    destination: Mapped[str] = mapped_column(String(128), nullable=False)  # AE@host:port
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", name="uq_deliveries_job_destination"),
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
     )

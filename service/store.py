@@ -28,7 +28,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .auth import check_role, digest_matches, generate_token, hash_token
-from .models import Instance, InstanceConflict, Job, Token, utcnow
+from .models import (
+    Delivery,
+    Instance,
+    InstanceConflict,
+    Job,
+    OutputSeries,
+    PendingPatient,
+    Token,
+    TriggerCycle,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,10 @@ class JobRecord:
     spec: dict
     submitted_by: str | None
     cancel_requested: bool
+    source: str | None = None  # "upload" | "dicom" | "api"
+    cycle_key: str | None = None  # node-started jobs: the therapy cycle (patient + injection)
+    version: int | None = None  # node-started jobs: 1, 2, … per cycle (a late series adds a version)
+    supersedes: str | None = None  # the job of the previous version
 
     def to_public(self) -> dict[str, Any]:
         """JSON for the API: no filesystem paths (input_dir, result_dir, spec inputs)."""
@@ -86,6 +100,9 @@ class JobRecord:
             "submitted_by": self.submitted_by,
             "cancel_requested": self.cancel_requested,
             "has_result": self.result_dir is not None and self.state == "succeeded",
+            "source": self.source,
+            "version": self.version,
+            "supersedes": self.supersedes,
         }
 
 
@@ -95,7 +112,8 @@ def _record(j: Job) -> JobRecord:
         started_at=j.started_at, finished_at=j.finished_at, attempts=j.attempts, error=j.error,
         patient_id=j.patient_id, idempotency_key=j.idempotency_key, input_hash=j.input_hash,
         input_dir=j.input_dir, result_dir=j.result_dir, spec=dict(j.spec or {}), submitted_by=j.submitted_by,
-        cancel_requested=bool(j.cancel_requested),
+        cancel_requested=bool(j.cancel_requested), source=j.source, cycle_key=j.cycle_key, version=j.version,
+        supersedes=j.supersedes,
     )  # fmt: skip
 
 
@@ -213,6 +231,10 @@ class Store:
         patient_id: str | None,
         idempotency_key: str | None,
         submitted_by: str | None,
+        source: str | None = None,
+        cycle_key: str | None = None,
+        version: int | None = None,
+        supersedes: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a job; ``(job, created)``.  The same idempotency key, or the same input set with the
         same spec as a queued/running/succeeded job, returns that job with ``created=False``."""
@@ -237,7 +259,8 @@ class Store:
                         id=uuid.uuid4().hex, state="queued", progress=0.0, created_at=utcnow(), attempts=0,
                         patient_id=patient_id, idempotency_key=idempotency_key, input_hash=input_hash,
                         spec_hash=s_hash, input_dir=str(input_dir), spec=dict(spec), submitted_by=submitted_by,
-                        cancel_requested=False,
+                        cancel_requested=False, source=source, cycle_key=cycle_key, version=version,
+                        supersedes=supersedes,
                     )  # fmt: skip
                     s.add(j)
                     s.flush()
@@ -313,14 +336,18 @@ class Store:
         with self._write() as s:
             s.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(stage=stage, progress=p))
 
-    def finish(self, job_id: str, result_dir: str, patient_id: str | None) -> None:
-        """Running → succeeded."""
+    def finish(self, job_id: str, result_dir: str, patient_id: str | None, output_series: list[str] = ()) -> None:
+        """Running → succeeded; ``output_series``: the SeriesInstanceUIDs the job wrote (never inputs later)."""
         values: dict[str, Any] = dict(state="succeeded", result_dir=str(result_dir), stage="done", progress=1.0,
                                       error=None, finished_at=utcnow())  # fmt: skip
         if patient_id:
             values["patient_id"] = patient_id
         with self._write() as s:
             n = s.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(**values)).rowcount
+            if n:
+                for uid in dict.fromkeys(output_series):
+                    if s.get(OutputSeries, uid) is None:
+                        s.add(OutputSeries(series_instance_uid=uid, job_id=job_id))
         if n:
             log.info("job %s succeeded", job_id)
         else:
@@ -551,6 +578,172 @@ class Store:
         with self._read() as s:
             return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
 
+    # ------------------------------------------------------------------ trigger (DICOM node → jobs)
+    def patient_instances(self, patient_id: str) -> list[InstanceRecord]:
+        """The first copies of every instance received for one patient (by series, then SOPInstanceUID)."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(Instance).where(Instance.patient_id == patient_id)
+                .order_by(Instance.series_instance_uid, Instance.sop_instance_uid)
+            ).all()  # fmt: skip
+            return [_instance_record(i) for i in rows]
+
+    def instances_of_series(self, series_instance_uids: list[str]) -> list[InstanceRecord]:
+        with self._read() as s:
+            rows = s.scalars(
+                select(Instance).where(Instance.series_instance_uid.in_(list(series_instance_uids)))
+                .order_by(Instance.series_instance_uid, Instance.sop_instance_uid)
+            ).all()  # fmt: skip
+            return [_instance_record(i) for i in rows]
+
+    def touch_patient(self, patient_id: str, ready_at: datetime) -> None:
+        """Mark a patient's data as changed; the trigger looks at it from ``ready_at`` on.  A later
+        touch replaces ``ready_at`` (the quiet period restarts with every instance)."""
+        now = utcnow()
+        with self._write() as s:
+            row = s.get(PendingPatient, patient_id)
+            if row is None:
+                s.add(PendingPatient(patient_id=patient_id, ready_at=ready_at, touched_at=now))
+            else:
+                row.ready_at, row.touched_at = ready_at, now
+
+    def due_patients(self, now: datetime) -> list[tuple[str, datetime]]:
+        """``(patient_id, touched_at)`` of the pending patients whose ``ready_at`` has passed."""
+        with self._read() as s:
+            rows = s.execute(
+                select(PendingPatient.patient_id, PendingPatient.touched_at).where(PendingPatient.ready_at <= now)
+                .order_by(PendingPatient.ready_at)
+            ).all()  # fmt: skip
+            return [(p, t) for p, t in rows]
+
+    def clear_patient(self, patient_id: str, touched_at: datetime) -> bool:
+        """Remove a pending patient unless it was touched again after ``touched_at`` (then it stays)."""
+        with self._write() as s:
+            row = s.get(PendingPatient, patient_id)
+            if row is None or row.touched_at > touched_at:
+                return False
+            s.delete(row)
+            return True
+
+    def upsert_trigger_cycle(self, *, cycle_key: str, patient_id: str, injection: str | None, state: str,
+                             reason: str | None, timepoints: int, job_id: str | None,
+                             deadline_after: timedelta | None, now: datetime) -> dict:  # fmt: skip
+        """Record what the trigger decided for a cycle; ``first_seen_at`` is kept from the first call and
+        the deadline is ``first_seen_at + deadline_after``.  Returns the row as a dict."""
+        with self._write() as s:
+            row = s.get(TriggerCycle, cycle_key)
+            if row is None:
+                row = TriggerCycle(cycle_key=cycle_key, patient_id=patient_id, first_seen_at=now, evaluated_at=now,
+                                   state=state, timepoints=timepoints)  # fmt: skip
+                s.add(row)
+            row.injection, row.state, row.reason, row.timepoints, row.evaluated_at = injection, state, reason, timepoints, now
+            if job_id is not None:
+                row.job_id = job_id
+            row.deadline_at = None if deadline_after is None else row.first_seen_at + deadline_after
+            s.flush()
+            return _cycle_dict(row)
+
+    def trigger_cycles(self, *, patient_id: str | None = None) -> list[dict]:
+        """What the trigger knows of each cycle (newest first)."""
+        q = select(TriggerCycle).order_by(TriggerCycle.first_seen_at.desc())
+        if patient_id is not None:
+            q = q.where(TriggerCycle.patient_id == patient_id)
+        with self._read() as s:
+            return [_cycle_dict(r) for r in s.scalars(q).all()]
+
+    def get_trigger_cycle(self, cycle_key: str) -> dict | None:
+        with self._read() as s:
+            r = s.get(TriggerCycle, cycle_key)
+            return None if r is None else _cycle_dict(r)
+
+    def deadline_patients(self, now: datetime) -> list[str]:
+        """Patients with a waiting cycle whose deadline has passed."""
+        with self._read() as s:
+            return list(dict.fromkeys(s.scalars(
+                select(TriggerCycle.patient_id).where(TriggerCycle.state == "waiting", TriggerCycle.deadline_at <= now)
+            ).all()))  # fmt: skip
+
+    def jobs_for_input(self, input_hash: str) -> list[JobRecord]:
+        """Every job ever created for this input set, oldest first."""
+        with self._read() as s:
+            rows = s.scalars(select(Job).where(Job.input_hash == input_hash).order_by(Job.created_at, Job.id)).all()
+            return [_record(j) for j in rows]
+
+    def cycle_jobs(self, cycle_key: str) -> list[JobRecord]:
+        """The versions of one cycle's node-started jobs, oldest first."""
+        with self._read() as s:
+            rows = s.scalars(select(Job).where(Job.cycle_key == cycle_key).order_by(Job.version, Job.created_at)).all()
+            return [_record(j) for j in rows]
+
+    def output_series_among(self, series_instance_uids: list[str]) -> set[str]:
+        """Which of these series voxeldose wrote itself."""
+        if not series_instance_uids:
+            return set()
+        with self._read() as s:
+            return set(s.scalars(
+                select(OutputSeries.series_instance_uid).where(OutputSeries.series_instance_uid.in_(list(series_instance_uids)))
+            ).all())  # fmt: skip
+
+    # ------------------------------------------------------------------ deliveries (results → PACS)
+    def jobs_needing_delivery(self, sources: tuple[str, ...], destination: str, limit: int = 20) -> list[JobRecord]:
+        """Succeeded jobs of these sources with no delivery row for ``destination`` yet."""
+        with self._read() as s:
+            have = select(Delivery.job_id).where(Delivery.destination == destination)
+            rows = s.scalars(
+                select(Job).where(Job.state == "succeeded", Job.source.in_(sources), Job.id.not_in(have))
+                .order_by(Job.finished_at, Job.id).limit(limit)
+            ).all()  # fmt: skip
+            return [_record(j) for j in rows]
+
+    def add_delivery(self, job_id: str, destination: str, now: datetime) -> bool:
+        """A pending delivery, due at once; False when it exists."""
+        try:
+            with self._write() as s:
+                exists = s.scalars(select(Delivery.id).where(Delivery.job_id == job_id, Delivery.destination == destination)).first()
+                if exists is not None:
+                    return False
+                s.add(Delivery(job_id=job_id, destination=destination, state="pending", attempts=0,
+                               next_attempt_at=now, created_at=now))  # fmt: skip
+            return True
+        except IntegrityError:
+            return False
+
+    def due_deliveries(self, now: datetime, limit: int = 10) -> list[dict]:
+        with self._read() as s:
+            rows = s.scalars(
+                select(Delivery).where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
+                .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)
+            ).all()  # fmt: skip
+            return [_delivery_dict(d) for d in rows]
+
+    def delivery_attempted(self, delivery_id: int, *, ok: bool, error: str | None, now: datetime,
+                           next_attempt_at: datetime | None) -> None:  # fmt: skip
+        """Record one attempt: sent, or failed with a retry at ``next_attempt_at`` (None: given up)."""
+        with self._write() as s:
+            d = s.get(Delivery, delivery_id)
+            if d is None:
+                return
+            d.attempts += 1
+            if ok:
+                d.state, d.sent_at, d.last_error, d.next_attempt_at = "sent", now, None, None
+            else:
+                d.last_error = error
+                d.state = "pending" if next_attempt_at is not None else "failed"
+                d.next_attempt_at = next_attempt_at
+
+    def job_deliveries(self, job_id: str) -> list[dict]:
+        with self._read() as s:
+            rows = s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)).all()
+            return [_delivery_dict(d) for d in rows]
+
+    def retry_delivery(self, job_id: str, now: datetime) -> int:
+        """Failed deliveries of a job back to pending (an operator's retry); returns how many."""
+        with self._write() as s:
+            return s.execute(
+                update(Delivery).where(Delivery.job_id == job_id, Delivery.state == "failed")
+                .values(state="pending", next_attempt_at=now)
+            ).rowcount  # fmt: skip
+
 
 # ---------------------------------------------------------------------- DICOM node records
 @dataclass(frozen=True)
@@ -578,3 +771,20 @@ def _instance_record(i: Instance) -> InstanceRecord:
         sha256=i.sha256, size=int(i.size), received_at=i.received_at, calling_ae=i.calling_ae,
         flagged_conflict=bool(i.flagged_conflict),
     )  # fmt: skip
+
+
+def _iso(d: datetime | None) -> str | None:
+    return None if d is None else d.isoformat()
+
+
+def _cycle_dict(r: TriggerCycle) -> dict:
+    return {"cycle_key": r.cycle_key, "patient_id": r.patient_id, "injection": r.injection, "state": r.state,
+            "reason": r.reason, "timepoints": int(r.timepoints or 0), "job_id": r.job_id,
+            "first_seen_at": _iso(r.first_seen_at), "evaluated_at": _iso(r.evaluated_at),
+            "deadline_at": _iso(r.deadline_at)}  # fmt: skip
+
+
+def _delivery_dict(d: Delivery) -> dict:
+    return {"id": int(d.id), "job_id": d.job_id, "destination": d.destination, "state": d.state,
+            "attempts": int(d.attempts), "next_attempt_at": _iso(d.next_attempt_at), "last_error": d.last_error,
+            "created_at": _iso(d.created_at), "sent_at": _iso(d.sent_at)}  # fmt: skip

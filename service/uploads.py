@@ -372,3 +372,37 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: An
     digest, n = fingerprint["sop_instance_uids_sha256"], fingerprint["sop_instances"]
     os.rename(received.tmp, final)  # atomic on one file system: the upload now exists, whole
     return Accepted(upload_id, final, digest, cycle.patient_id, spec.model_dump(mode="json"), n)
+
+
+def receive_series(store: Any, series_instance_uids: list[str], settings: Any) -> Received:
+    """The instances of series already received (DICOM node, STOW-RS) as an upload: hard links of the
+    stored files in a temporary folder under ``incoming/`` (the stored files are never moved).  A
+    series not received is a 404 problem naming it."""
+    uids = list(dict.fromkeys(u.strip() for u in series_instance_uids if u and u.strip()))
+    instances = store.instances_of_series(uids)
+    found = {i.series_instance_uid for i in instances}
+    missing = [u for u in uids if u not in found]
+    if missing:
+        raise ProblemError(404, "Series not received",
+                           f"no instances received for series {', '.join(missing[:5])}"
+                           + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""),
+                           slug="series-not-found")  # fmt: skip
+    root = incoming_dir(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    tmp.mkdir()
+    files = []
+    try:
+        for inst in instances:
+            sub = tmp / inst.series_instance_uid
+            sub.mkdir(exist_ok=True)
+            dst = sub / f"{inst.sop_instance_uid}.dcm"
+            try:
+                os.link(inst.path, dst)
+            except OSError:
+                shutil.copy2(inst.path, dst)
+            files.append(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Received(tmp=tmp, files=files, spec_text=None, bytes=sum(i.size for i in instances))

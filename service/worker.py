@@ -92,14 +92,23 @@ def _strip_roots(message: str, roots: list[str]) -> str:
 
 
 def write_atomically(result: Any, out_dir: Path) -> Path:
-    """``write_outputs`` into ``out_dir.tmp-…`` then rename to ``out_dir`` (an older ``out_dir``
-    from an attempt whose worker died after writing is replaced)."""
+    """``write_outputs`` (RT Dose, summary, report) and the PACS objects (SEG, SR) into
+    ``out_dir.tmp-…``, then rename to ``out_dir`` (an older ``out_dir`` from an attempt whose worker
+    died after writing is replaced).  The SEG and SR need the reference CT's slices: when they cannot
+    be written the job still succeeds, with a warning."""
+    from voxeldose.errors import VoxeldoseError
+    from voxeldose.outputs import write_pacs_objects
     from voxeldose.pipeline import write_outputs
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write_outputs(result, tmp)
+        try:
+            write_pacs_objects(result, tmp)
+        except VoxeldoseError as err:
+            result.summary.setdefault("warnings", []).append(f"no SEG/SR for the PACS: {err}")
+            log.warning("SEG/SR not written: %s", type(err).__name__)
         if out_dir.exists():
             old = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out_dir, old)
@@ -132,7 +141,21 @@ def run_job(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict[st
         return {"error": INTERNAL_ERROR.format(job_id=job_id), "internal": True}
     patient = (result.summary.get("patient") or {}).get("id")
     log.info("job %s: done in %.1f s", job_id, time.monotonic() - t0)
-    return {"result_dir": str(out), "patient_id": patient, "warnings": result.warnings}
+    return {"result_dir": str(out), "patient_id": patient, "warnings": result.warnings,
+            "output_series": output_series(out)}  # fmt: skip
+
+
+def output_series(out_dir: Path) -> list[str]:
+    """SeriesInstanceUIDs of the DICOM files a job wrote (the service never takes them as input)."""
+    from pydicom import dcmread
+
+    uids = []
+    for p in sorted(Path(out_dir).glob("*.dcm")):
+        try:
+            uids.append(str(dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID))
+        except Exception:  # noqa: BLE001
+            log.warning("could not read the SeriesInstanceUID of an output file")
+    return uids
 
 
 def remote_run_job() -> Any:

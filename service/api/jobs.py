@@ -32,6 +32,17 @@ class JobLinks(BaseModel):
     page: str = Field(description="the job's web page")
 
 
+class Delivery(BaseModel):
+    """Sending the results (RT Dose, SEG, SR) to a DICOM destination."""
+
+    destination: str = Field(description="AE@host:port")
+    state: Literal["pending", "sent", "failed"] = Field(description="pending (retrying), sent, or failed (gave up)")
+    attempts: int
+    next_attempt_at: datetime | None = None
+    last_error: str | None = None
+    sent_at: datetime | None = None
+
+
 class Job(BaseModel):
     """A dosimetry job.  Timestamps are UTC (ISO 8601)."""
 
@@ -51,6 +62,10 @@ class Job(BaseModel):
     submitted_by: str | None = Field(None, description="name of the token that submitted it")
     cancel_requested: bool
     has_result: bool = Field(description="summary, RT Dose and report are available")
+    source: str | None = Field(None, description="upload (HTTP files), api (series named), dicom (started by the DICOM node)")
+    version: int | None = Field(None, description="jobs the DICOM node started: 1, 2, … per therapy cycle")
+    supersedes: str | None = Field(None, description="the job of the previous version of this cycle")
+    deliveries: list[Delivery] = Field(default_factory=list, description="results sent to the PACS (DICOM C-STORE)")
     links: JobLinks
 
 
@@ -68,7 +83,7 @@ class SeriesRequest(BaseModel):
     spec: dict[str, Any] = Field(default_factory=dict, description="JobSpec fields except inputs")
 
 
-def job_out(rec: Any) -> Job:
+def job_out(rec: Any, deliveries: list[dict] | None = None) -> Job:
     base = f"/v1/jobs/{rec.id}"
     done = rec.state == "succeeded" and rec.result_dir is not None
     spec = {k: v for k, v in (rec.spec or {}).items() if k != "inputs"}
@@ -77,6 +92,9 @@ def job_out(rec: Any) -> Job:
         created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at, attempts=rec.attempts,
         error=rec.error, patient_id=rec.patient_id, idempotency_key=rec.idempotency_key, input_hash=rec.input_hash,
         spec=spec, submitted_by=rec.submitted_by, cancel_requested=rec.cancel_requested, has_result=done,
+        source=getattr(rec, "source", None), version=getattr(rec, "version", None),
+        supersedes=getattr(rec, "supersedes", None),
+        deliveries=[Delivery.model_validate(d) for d in deliveries or []],
         links=JobLinks(
             self=base, cancel=f"{base}/cancel", page=f"/jobs/{rec.id}",
             summary=f"{base}/summary" if done else None, rtdose=f"{base}/rtdose" if done else None,
@@ -147,12 +165,13 @@ _UPLOAD_BODY = {
         "least one reconstructed SPECT, a calibration for count images) before the job is queued.  "
         "Answers **202** with `Location` for a new job.  The same `Idempotency-Key`, or the same input set with "
         "the same spec as a queued/running/succeeded job, answers **200** with that existing job (same id, "
-        "same `Location`; the duplicate upload is discarded).  A JSON body naming `series_instance_uids` "
-        "is answered 501 until the DICOM node's store exists."
+        "same `Location`; the duplicate upload is discarded).  Instead of files, a JSON body may name "
+        "`series_instance_uids` already received by the DICOM node or STOW-RS (404 for a series not received), "
+        "with the same checks."
     ),
     openapi_extra={"requestBody": _UPLOAD_BODY},
     responses={200: {"model": Job, "description": "the existing job (idempotent repeat)"},
-               **responses(400, 401, 403, 413, 415, 422, 501, 507)},  # fmt: skip
+               **responses(400, 401, 403, 404, 413, 415, 422, 507)},  # fmt: skip
 )
 async def submit_job(
     request: Request,
@@ -168,21 +187,30 @@ async def submit_job(
             raise  # → 422 with the field errors
         except Exception:
             raise ProblemError(400, "Bad request", "the body is not valid JSON", slug="bad-request") from None
-        raise ProblemError(
-            501, "Not implemented", f"DICOM node store not available yet: cannot resolve "
-            f"{len(body.series_instance_uids)} series by UID; upload the files (multipart) instead",
-            slug="not-implemented",
-        )  # fmt: skip
-    rec, created = await accept_upload(request, who, idempotency_key)
+        rec, created = await accept_series(request, body, who, idempotency_key)
+    else:
+        rec, created = await accept_upload(request, who, idempotency_key)
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{rec.id}"
     return job_out(rec)
 
 
+async def accept_series(request: Request, body: SeriesRequest, who: Principal,
+                        idempotency_key: str | None) -> tuple[Any, bool]:  # fmt: skip
+    """Validate and queue a job on series already received by the DICOM node or STOW-RS."""
+    settings = request.app.state.settings
+    store = request.app.state.store
+    if "inputs" in body.spec:
+        raise uploads.invalid("'spec' must not name 'inputs': the series named are the inputs",
+                              slug="invalid-spec", title="Invalid job description")  # fmt: skip
+    uploads.check_free_disk(settings)
+    received = await run_in_threadpool(uploads.receive_series, store, body.series_instance_uids, settings)
+    return await _commit(request, received, dict(body.spec), who, idempotency_key, source="api")
+
+
 async def accept_upload(request: Request, who: Principal, idempotency_key: str | None) -> tuple[Any, bool]:
     """Receive, validate and queue a multipart upload (used by the API and the upload page)."""
     settings = request.app.state.settings
-    store = request.app.state.store
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         raise ProblemError(415, "Unsupported media type",
@@ -197,6 +225,17 @@ async def accept_upload(request: Request, who: Principal, idempotency_key: str |
     received = await uploads.receive_multipart(request, settings)
     try:
         fields = uploads.parse_spec_fields(received.spec_text)
+    except BaseException:
+        shutil.rmtree(received.tmp, ignore_errors=True)
+        raise
+    return await _commit(request, received, fields, who, idempotency_key, source="upload")
+
+
+async def _commit(request: Request, received: Any, fields: dict[str, Any], who: Principal,
+                  idempotency_key: str | None, *, source: str) -> tuple[Any, bool]:  # fmt: skip
+    settings = request.app.state.settings
+    store = request.app.state.store
+    try:
         accepted = await run_in_threadpool(uploads.validate_and_commit, received, fields, settings)
     except BaseException:
         shutil.rmtree(received.tmp, ignore_errors=True)  # never accepted: leave nothing behind
@@ -206,6 +245,7 @@ async def accept_upload(request: Request, who: Principal, idempotency_key: str |
             lambda: store.create_job(
                 spec=accepted.spec, input_dir=str(accepted.input_dir), input_hash=accepted.input_hash,
                 patient_id=accepted.patient_id, idempotency_key=idempotency_key, submitted_by=who.name,
+                source=source,
             )
         )  # fmt: skip
     except BaseException:
@@ -235,7 +275,25 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=Job, summary="One job", responses=responses(401, 404))
 def get_job(job_id: str, who: Principal = Depends(principal), store: Any = Depends(get_store)) -> Job:
-    return job_out(readable_job(store, job_id, who))
+    rec = readable_job(store, job_id, who)
+    return job_out(rec, store.job_deliveries(rec.id))
+
+
+@router.post(
+    "/{job_id}/send",
+    response_model=Job,
+    summary="Send the results to the PACS again",
+    description="Failed deliveries of the job's results (RT Dose, SEG, SR) go back to pending and are sent "
+    "at the sender's next round.  Physicist or admin.",
+    responses=responses(401, 403, 404, 409),
+)
+def resend_job(job_id: str, who: Principal = Depends(require("physicist")), store: Any = Depends(get_store)) -> Job:
+    from datetime import timezone
+
+    rec = readable_job(store, job_id, who)
+    if not store.retry_delivery(job_id, datetime.now(timezone.utc)):
+        raise ProblemError(409, "Nothing to resend", f"job {job_id} has no failed delivery", slug="nothing-to-resend")
+    return job_out(rec, store.job_deliveries(rec.id))
 
 
 @router.post(

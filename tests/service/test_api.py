@@ -277,10 +277,41 @@ def test_insufficient_disk_is_507(tmp_path: Path, phantom: dict) -> None:
     assert env.incoming_entries() == []
 
 
-def test_json_body_naming_series_is_501_for_now(env: Env) -> None:
-    r = env.client.post("/v1/jobs", json={"series_instance_uids": ["1.2.3"], "spec": {}}, headers=env.h())
-    assert_problem(r, 501, "DICOM node store not available yet")
+def test_json_body_naming_received_series(env: Env, phantom: dict) -> None:
+    """A job on series the DICOM node received: the same checks and the same input fingerprint as an upload."""
+    from service.dicom_node import STATUS_SUCCESS
+    from voxeldose.ingest import load_cycle, scan
+    from voxeldose.pipeline import input_fingerprint
+
+    node = env.app.state.dicom_node
+    for f in phantom["files"]:
+        assert node.receive_file(f, calling_ae="PACS").status == STATUS_SUCCESS
+    series = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in phantom["files"]})
+    body = {"series_instance_uids": series, "spec": phantom["spec"]}
+    r = env.client.post("/v1/jobs", json=body, headers=env.h("submitter"))
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["source"] == "api" and job["state"] == "queued"
+    expected = input_fingerprint(load_cycle(scan(phantom["dicom"])))["sop_instance_uids_sha256"]
+    assert job["input_hash"] == expected
+    rec = env.store.get_job(job["id"])
+    assert len([p for p in Path(rec.input_dir).rglob("*.dcm")]) == len(phantom["files"])
+    # the same series again: the existing job
+    again = env.client.post("/v1/jobs", json=body, headers=env.h("submitter"))
+    assert again.status_code == 200 and again.json()["id"] == job["id"]
+    # a series never received: 404 naming it; nothing left behind in incoming/
+    before = env.incoming_entries()
+    assert_problem(env.client.post("/v1/jobs", json={"series_instance_uids": ["1.2.3.999"]}, headers=env.h()),
+                   404, "1.2.3.999")  # fmt: skip
+    assert env.incoming_entries() == before
+    # count images without a calibration: the same refusal as for an upload
+    r = env.client.post("/v1/jobs", json={"series_instance_uids": series}, headers=env.h())
+    assert_problem(r, 422, "cps_per_mbq")
+    assert env.incoming_entries() == before
     assert_problem(env.client.post("/v1/jobs", json={"spec": {}}, headers=env.h()), 422, "series_instance_uids")
+    assert_problem(env.client.post("/v1/jobs", json={"series_instance_uids": series, "spec": {"inputs": ["/etc"]}},
+                                   headers=env.h()), 422, "inputs")  # fmt: skip
     r = env.client.post("/v1/jobs", content=b"hello", headers=env.h(**{"Content-Type": "text/plain"}))
     assert_problem(r, 415)
 

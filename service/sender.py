@@ -1,0 +1,137 @@
+"""Results back to the PACS: C-STORE of a job's RT Dose, SEG and SR to the configured destination AE.
+
+    VOXELDOSE_DICOM_DESTINATION_AE_TITLE=PACS VOXELDOSE_DICOM_DESTINATION_HOST=10.0.0.5 \
+    VOXELDOSE_DICOM_DESTINATION_PORT=104 voxeldose serve
+
+Every succeeded job whose origin is in ``dicom_send_sources`` (by default: jobs the DICOM node started)
+gets a *delivery* row for the destination.  :meth:`Sender.tick` sends the due ones in one association
+(``rtdose.dcm``, ``seg.dcm``, ``sr.dcm`` of the job's results, those that exist).  A failure — peer down,
+association rejected, a C-STORE status other than success or warning — is recorded on the delivery
+(``GET /v1/jobs/{id}`` shows it) and retried after ``dicom_send_retry_s``, doubling each time up to one
+hour, until ``dicom_send_max_attempts``; then the delivery is *failed* (an operator may retry it with
+``POST /v1/jobs/{id}/send``).  The results stay available over the API whatever happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from .config import Settings
+from .models import utcnow
+from .store import Store
+
+log = logging.getLogger("service.sender")
+
+#: The result files sent, in this order (those a job wrote).
+RESULT_FILES = ("rtdose.dcm", "seg.dcm", "sr.dcm")
+MAX_RETRY_S = 3600.0
+
+
+class SendError(Exception):
+    """Sending failed; the message says how (no patient data)."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def send_files(paths: list[Path], dest: Destination, *, calling_ae: str, timeout_s: float = 60.0) -> list[int]:
+    """C-STORE ``paths`` to ``dest`` in one association; returns the status of each.  Raises
+    :class:`SendError` when the association fails or any status is neither success (0x0000) nor a
+    warning (0xB000, 0xB006, 0xB007)."""
+    datasets = [dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for sop in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
+        ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    except Exception as exc:  # noqa: BLE001 - a bad host name, say
+        raise SendError(f"cannot reach {dest}: {type(exc).__name__}: {exc}") from None
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        raise SendError(f"association with {dest} not established ({why})")
+    statuses: list[int] = []
+    try:
+        for path, ds in zip(paths, datasets):
+            status = assoc.send_c_store(ds)
+            code = int(getattr(status, "Status", -1)) if status else -1
+            statuses.append(code)
+            if code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                what = "no response (timeout or aborted)" if code == -1 else f"status 0x{code:04X}"
+                raise SendError(f"{dest} did not store {path.name}: {what}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
+
+
+class Sender:
+    """Creates and works off the deliveries of one destination (see the module docstring)."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        s = settings
+        self.destination = (
+            Destination(s.dicom_destination_ae_title, s.dicom_destination_host, int(s.dicom_destination_port))
+            if s.dicom_destination_ae_title and s.dicom_destination_host and s.dicom_destination_port else None
+        )  # fmt: skip
+
+    def retry_delay_s(self, attempts: int) -> float:
+        """Seconds before the next try after ``attempts`` failed ones (1, 2, …)."""
+        return min(MAX_RETRY_S, self.settings.dicom_send_retry_s * 2 ** max(0, attempts - 1))
+
+    def tick(self, now: datetime | None = None) -> int:
+        """Queue deliveries for newly succeeded jobs, then send the due ones; returns how many were sent."""
+        if self.destination is None:
+            return 0
+        now = now or utcnow()
+        dest = str(self.destination)
+        for job in self.store.jobs_needing_delivery(tuple(self.settings.dicom_send_sources), dest):
+            self.store.add_delivery(job.id, dest, now)
+        sent = 0
+        for d in self.store.due_deliveries(now):
+            if d["destination"] != dest:
+                continue  # queued for a destination no longer configured: left as it is
+            sent += self.deliver(d, now)
+        return sent
+
+    def deliver(self, d: dict, now: datetime) -> bool:
+        job = self.store.get_job(d["job_id"])
+        files = [Path(job.result_dir) / n for n in RESULT_FILES] if job and job.result_dir else []
+        files = [f for f in files if f.is_file()]
+        attempts = d["attempts"] + 1
+        if not files:
+            error = "the job has no result files to send"
+            self.store.delivery_attempted(d["id"], ok=False, error=error, now=now, next_attempt_at=None)
+            log.error("job %s: %s", d["job_id"], error)
+            return False
+        try:
+            send_files(files, self.destination, calling_ae=self.settings.dicom_ae_title,
+                       timeout_s=self.settings.dicom_send_timeout_s)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - SendError, or unreadable files
+            error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
+            retry = None
+            if attempts < self.settings.dicom_send_max_attempts:
+                retry = now + timedelta(seconds=self.retry_delay_s(attempts))
+            self.store.delivery_attempted(d["id"], ok=False, error=error, now=now, next_attempt_at=retry)
+            log.warning("job %s: sending results to %s failed (attempt %d%s): %s", d["job_id"], self.destination,
+                        attempts, "" if retry else ", giving up", error)  # fmt: skip
+            return False
+        self.store.delivery_attempted(d["id"], ok=True, error=None, now=now, next_attempt_at=None)
+        log.info("job %s: %d result file(s) sent to %s", d["job_id"], len(files), self.destination)
+        return True

@@ -1,0 +1,368 @@
+"""The job trigger: turns what the DICOM node (or STOW-RS) received into dosimetry jobs, with nobody clicking.
+
+When is a patient's data looked at?  Every stored instance marks its patient *pending* until
+``dicom_quiet_period_s`` after the last instance; an association release (or the end of a STOW-RS request)
+makes the patients it carried due at once.  The pending mark is a database row, so nothing is lost when
+the service restarts between receiving and looking.
+
+What is looked at?  All instances received for the patient (first copies; never a series voxeldose
+wrote itself, e.g. our SEG coming back from the PACS), read with :func:`voxeldose.ingest.scan` and
+grouped by :func:`voxeldose.ingest.group_cycles` into therapy cycles (one patient, one injection), each
+with its SPECT time points, their CTs (same Frame of Reference) and the VOI series (RTSTRUCT/SEG).
+
+When does a cycle start a job?  (the rule, in the order it is checked)
+
+1. *complete*: at least ``trigger_min_timepoints`` SPECT time points that each have their CT, and VOIs
+   on one of them → a job with the site's ``trigger_spec``;
+2. *deadline*: otherwise, once ``trigger_deadline_h`` hours have passed since the cycle's first series
+   arrived, with what exists, provided there are VOIs and at least one SPECT time point; with a single
+   time point the job uses the single-time-point method (``fit.model = "stp"``);
+3. otherwise the cycle waits; why is recorded (``GET /v1/dicom/cycles``).
+
+The input set of a job is exactly the cycle's series at that moment (hard links in
+``incoming/node-…``, so later arrivals never change it), fingerprinted by
+:func:`voxeldose.pipeline.input_fingerprint`.  **The same input set never starts two jobs** (whatever
+the state of the first).  A *different* input set for a cycle that already has a job — a late time
+point, a corrected RTSTRUCT — starts a new *version* of the job (``version`` 2, 3, …, ``supersedes``
+the previous one), and the earlier version and its results are kept.
+
+Cycle numbers count the patient's cycles received here, by injection date (a site whose first cycles
+predate voxeldose submits those through the API, or sends their images too).  Earlier cycles' doses come
+from their newest succeeded job; an earlier cycle without one is passed with its activity only, and the
+pipeline estimates its dose from this cycle's dose per GBq (and says so in the job's warnings).  While an
+earlier cycle's job is still queued or running, the later cycle waits for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from voxeldose.errors import VoxeldoseError
+
+from .config import Settings
+from .models import utcnow
+from .store import ACTIVE_STATES, Store
+
+log = logging.getLogger("service.trigger")
+
+#: How long a cycle waits before it is looked at again when an earlier cycle's job is still running.
+RECHECK_S = 30.0
+
+
+@dataclass
+class Decision:
+    """What the trigger decided for one cycle (for tests and logs)."""
+
+    cycle_key: str
+    state: str  # "started" | "exists" | "waiting" | "error"
+    reason: str
+    job_id: str | None = None
+    version: int | None = None
+    timepoints: int = 0
+    input_hash: str | None = None
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def cycle_key(patient_id: str, injection: datetime | None) -> str:
+    """The identity of a therapy cycle: SHA-256 of the patient ID and the injection date-time."""
+    when = injection.isoformat(timespec="minutes") if injection is not None else "?"
+    return hashlib.sha256(f"{patient_id}\x00{when}".encode()).hexdigest()
+
+
+def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:
+    """Freeze an input set: hard links (copies across file systems) of ``paths`` in ``root/name``,
+    built in a temporary folder and renamed into place.  Received files are never moved or changed."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for n, src in enumerate(sorted(set(Path(p) for p in paths))):
+            sub = tmp / src.parent.name
+            sub.mkdir(exist_ok=True)
+            dst = sub / src.name
+            if dst.exists():
+                dst = sub / f"{n}-{src.name}"
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _summary(job: Any) -> dict[str, Any] | None:
+    if not job.result_dir:
+        return None
+    try:
+        return json.loads((Path(job.result_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def earlier_cycle_entry(number: int, injection: datetime, activity_mbq: float, job: Any | None) -> dict[str, Any]:
+    """An ``earlier_cycles`` item of the job spec: the doses of that cycle's newest result, when there is one."""
+    entry: dict[str, Any] = {"number": number, "date": injection.date().isoformat(), "activity_mbq": activity_mbq}
+    s = _summary(job) if job is not None else None
+    if s is None:
+        return entry
+    own = (s.get("cycle") or {}).get("number")
+    for row in (s.get("cumulative") or {}).get("cycles") or []:
+        if row.get("number") == own:
+            for key in ("kidney_gy", "kidney_bed_gy", "marrow_gy"):
+                if row.get(key) is not None:
+                    entry[key] = float(row[key])
+            if row.get("activity_MBq"):
+                entry["activity_mbq"] = float(row["activity_MBq"])
+    return entry
+
+
+class Trigger:
+    """Looks at pending patients and starts jobs (see the module docstring).  ``tick(now)`` does one
+    round; :class:`Automation` runs it in a thread."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    # -------------------------------------------------------------- marks (called by the receivers)
+    def touch(self, patient_id: str | None, now: datetime | None = None) -> None:
+        """An instance of this patient was stored: look after the quiet period."""
+        if not patient_id:
+            return
+        now = now or utcnow()
+        self.store.touch_patient(patient_id, now + timedelta(seconds=self.settings.dicom_quiet_period_s))
+
+    def released(self, patient_ids: Iterable[str | None], now: datetime | None = None) -> None:
+        """An association (or STOW-RS request) carrying these patients ended: look at them now."""
+        now = now or utcnow()
+        for pid in {p for p in patient_ids if p}:
+            self.store.touch_patient(pid, now)
+
+    # -------------------------------------------------------------- one round
+    def tick(self, now: datetime | None = None) -> list[Decision]:
+        now = now or utcnow()
+        out: list[Decision] = []
+        due = {pid: touched for pid, touched in self.store.due_patients(now)}
+        for pid in self.store.deadline_patients(now):
+            due.setdefault(pid, None)
+        for pid, touched in due.items():
+            try:
+                out += self.evaluate_patient(pid, now)
+            except Exception:  # noqa: BLE001 - one patient's bad data must not stop the others
+                log.exception("trigger: evaluating a patient failed")
+                if touched is not None:  # look again later rather than spin on it
+                    self.store.touch_patient(pid, now + timedelta(seconds=RECHECK_S * 10))
+                continue
+            if touched is not None:
+                self.store.clear_patient(pid, touched)
+        return out
+
+    def evaluate_patient(self, patient_id: str, now: datetime) -> list[Decision]:
+        """Group the patient's received series into cycles and apply the rule to each."""
+        from voxeldose.ingest import group_cycles, scan
+        from voxeldose.pipeline import input_fingerprint
+
+        instances = self.store.patient_instances(patient_id)
+        ours = self.store.output_series_among(sorted({i.series_instance_uid for i in instances}))
+        paths = [Path(i.path) for i in instances if i.series_instance_uid not in ours and Path(i.path).exists()]
+        if not paths:
+            return []
+        index = scan(paths)
+        try:
+            cycles, problems = group_cycles(index)
+        except VoxeldoseError as err:
+            return [self._record_error(patient_id, str(err), now)]
+        errors = [p for p in list(index.errors) + problems if p.severity == "error"]
+        if not cycles:
+            why = "; ".join(p.message for p in errors[:3]) or "no reconstructed SPECT with injection information received"
+            return [self._record_error(patient_id, why, now)]
+
+        ordered = sorted(cycles, key=lambda c: c.injection.start)
+        numbers = self._cycle_numbers([c.injection.start for c in ordered])
+        decisions = []
+        for c in ordered:
+            key = cycle_key(patient_id, c.injection.start)
+            n_tp = sum(1 for tp in c.timepoints if tp.ct is not None)
+            has_vois = bool(c.vois)
+            fp = input_fingerprint(c)
+            row = self.store.get_trigger_cycle(key)
+            first_seen = datetime.fromisoformat(row["first_seen_at"]) if row else now
+            deadline_h = self.settings.trigger_deadline_h
+            past_deadline = bool(deadline_h) and now >= first_seen + timedelta(hours=deadline_h)
+            complete = n_tp >= self.settings.trigger_min_timepoints and has_vois
+            missing = []
+            if n_tp < self.settings.trigger_min_timepoints:
+                missing.append(f"{n_tp} of {self.settings.trigger_min_timepoints} SPECT time points with their CT")
+            if not has_vois:
+                missing.append("no RTSTRUCT or SEG on a time point's frame of reference")
+            base = dict(cycle_key=key, patient_id=patient_id, injection=c.injection.start.isoformat(),
+                        timepoints=n_tp, now=now)  # fmt: skip
+            deadline_after = timedelta(hours=deadline_h) if deadline_h else None
+            if not complete and not (past_deadline and has_vois and c.timepoints):
+                reason = "waiting: " + "; ".join(missing)
+                if deadline_after is not None:
+                    reason += f" (deadline {deadline_h:g} h after the first series)"
+                self.store.upsert_trigger_cycle(**base, state="waiting", reason=reason, job_id=None,
+                                                deadline_after=deadline_after)  # fmt: skip
+                decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
+                continue
+            digest = fp["sop_instance_uids_sha256"]
+            existing = self.store.jobs_for_input(digest)
+            if existing:
+                j = existing[-1]
+                reason = f"this input set already has job {j.id} ({j.state})"
+                self.store.upsert_trigger_cycle(**base, state="started", reason=reason, job_id=None, deadline_after=None)
+                decisions.append(Decision(key, "exists", reason, job_id=j.id, version=j.version, timepoints=n_tp,
+                                          input_hash=digest))  # fmt: skip
+                continue
+            earlier, busy = self._earlier_cycles(patient_id, ordered, c, numbers)
+            if busy:
+                reason = f"waiting for the job of earlier cycle {busy} to finish"
+                self.store.upsert_trigger_cycle(**base, state="waiting", reason=reason, job_id=None,
+                                                deadline_after=deadline_after)  # fmt: skip
+                self.store.touch_patient(patient_id, now + timedelta(seconds=RECHECK_S))
+                decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
+                continue
+            spec = json.loads(json.dumps(self.settings.trigger_spec))
+            if not complete and len(c.timepoints) == 1:
+                spec.setdefault("fit", {})["model"] = "stp"
+            series = [s for tp in c.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(c.vois)
+            files = [p for s in series for p in s.paths]
+            previous = self.store.cycle_jobs(key)
+            version = (max((j.version or 0) for j in previous) + 1) if previous else 1
+            name = f"node-{digest[:12]}-{uuid.uuid4().hex[:8]}"
+            input_dir = link_inputs(files, self.settings.incoming_dir, name)
+            spec.update(inputs=[str(input_dir)], patient_id=patient_id, cycle_number=numbers[c.injection.start],
+                        earlier_cycles=earlier)  # fmt: skip
+            job, created = self.store.create_job(
+                spec=spec, input_dir=str(input_dir), input_hash=digest, patient_id=patient_id, idempotency_key=None,
+                submitted_by=f"dicom:{self.settings.dicom_ae_title}", source="dicom", cycle_key=key, version=version,
+                supersedes=previous[-1].id if previous else None,
+            )  # fmt: skip
+            if not created:  # another process won the race for the same input set
+                shutil.rmtree(input_dir, ignore_errors=True)
+            how = "complete" if complete else f"deadline of {deadline_h:g} h reached"
+            reason = f"job {job.id} version {job.version or version} started ({how}; {n_tp} time point(s))"
+            if missing and not complete:
+                reason += "; missing: " + "; ".join(missing)
+            self.store.upsert_trigger_cycle(**base, state="started", reason=reason, job_id=job.id, deadline_after=None)
+            log.info("trigger: job %s version %s queued for a cycle with %d time point(s) (%s)",
+                     job.id, job.version, n_tp, how)  # fmt: skip
+            decisions.append(Decision(key, "started", reason, job_id=job.id, version=job.version, timepoints=n_tp,
+                                      input_hash=digest, spec=spec))  # fmt: skip
+        return decisions
+
+    # -------------------------------------------------------------- helpers
+    def _record_error(self, patient_id: str, why: str, now: datetime) -> Decision:
+        key = cycle_key(patient_id, None)
+        reason = f"cannot form a therapy cycle: {why}"
+        self.store.upsert_trigger_cycle(cycle_key=key, patient_id=patient_id, injection=None, state="error",
+                                        reason=reason[:4000], timepoints=0, job_id=None, deadline_after=None, now=now)  # fmt: skip
+        log.warning("trigger: a patient's data cannot form a therapy cycle (see GET /v1/dicom/cycles)")
+        return Decision(key, "error", reason)
+
+    @staticmethod
+    def _cycle_numbers(injections: list[datetime]) -> dict[datetime, int]:
+        """Cycle numbers (1, 2, …) by injection date over the patient's cycles received here."""
+        return {t: n for n, t in enumerate(sorted(injections), start=1)}
+
+    def _earlier_cycles(self, patient_id: str, ordered: list[Any], this: Any,
+                        numbers: dict[datetime, int]) -> tuple[list[dict[str, Any]], int | None]:  # fmt: skip
+        """``earlier_cycles`` for the job of ``this`` cycle, and the number of an earlier cycle whose
+        job is still queued or running (then wait)."""
+        out: list[dict[str, Any]] = []
+        for c in ordered:
+            if c.injection.start >= this.injection.start:
+                continue
+            n = numbers[c.injection.start]
+            jobs = self.store.cycle_jobs(cycle_key(patient_id, c.injection.start))
+            if any(j.state in ACTIVE_STATES for j in jobs):
+                return [], n
+            done = [j for j in jobs if j.state == "succeeded"]
+            out.append(earlier_cycle_entry(n, c.injection.start, c.injection.activity_bq / 1e6, done[-1] if done else None))
+        return out, None
+
+
+class Automation:
+    """A background thread running :meth:`Trigger.tick` and the sender's ``tick`` every
+    ``trigger_interval_s`` (one per database, like the dispatcher)."""
+
+    def __init__(self, settings: Settings, ticks: list[Callable[[], Any]]) -> None:
+        self.settings = settings
+        self.ticks = ticks
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="voxeldose-automation", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for tick in self.ticks:
+                if self._stop.is_set():
+                    break
+                try:
+                    tick()
+                    self.last_error = None
+                except Exception as exc:  # noqa: BLE001 - keep running; the log has the traceback
+                    self.last_error = type(exc).__name__
+                    log.exception("automation: a round failed")
+            self._stop.wait(self.settings.trigger_interval_s)
+
+
+@dataclass
+class NodeRuntime:
+    """The DICOM node with its trigger and sender, as ``voxeldose serve`` and ``voxeldose dicom-node``
+    run them: the process that listens for DICOM also starts the jobs and sends the results."""
+
+    node: Any
+    trigger: Trigger
+    sender: Any
+    automation: Automation
+
+    def stop(self) -> None:
+        self.node.stop()
+        self.automation.stop()
+
+
+def start_node(settings: Settings, store: Store) -> NodeRuntime:
+    """Listen on ``dicom_host:dicom_port`` and start the trigger/sender thread (``OSError`` when the
+    port is taken; nothing is left running then)."""
+    from .dicom_node import DicomNode
+    from .sender import Sender
+
+    trigger = Trigger(settings, store)
+    node = DicomNode(settings, store, trigger)
+    sender = Sender(settings, store)
+    node.start()
+    automation = Automation(settings, [trigger.tick, sender.tick])
+    automation.start()
+    if sender.destination is None:
+        log.info("no DICOM destination configured: results stay in the service (VOXELDOSE_DICOM_DESTINATION_*)")
+    return NodeRuntime(node, trigger, sender, automation)
