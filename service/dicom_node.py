@@ -12,7 +12,9 @@ Who may associate:
 - the Calling AE title must be in ``dicom_allowed_aets``; an **empty list refuses everyone** unless
   ``dicom_allow_any`` is true (safe default: nothing is accepted until someone names the peers);
 - when ``dicom_allowed_hosts`` is set, the peer address must be in one of its addresses/networks;
-- only the storage SOP classes in :data:`STORAGE_SOP_CLASSES` (+ Verification) are accepted, with
+- only the storage SOP classes in :data:`STORAGE_SOP_CLASSES` (+ Verification) are accepted — the inputs
+  (CT, NM, RTSTRUCT, SEG, RT Dose) and the Comprehensive 3D SR voxeldose writes, so that a study holding our
+  results can be pushed again — with
   Implicit/Explicit VR Little Endian; other presentation contexts are rejected at association.
 
 Each instance is streamed by pynetdicom to a temporary Part 10 file (preamble, file meta built from the
@@ -54,6 +56,7 @@ from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
     CTImageStorage,
     NuclearMedicineImageStorage,
     RTDoseStorage,
@@ -74,6 +77,8 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
     RTStructureSetStorage,
     SegmentationStorage,
     RTDoseStorage,
+    # voxeldose's own results, when the PACS sends a study back with them: stored, never used as input
+    Comprehensive3DSRStorage,
 )
 TRANSFER_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -188,6 +193,10 @@ class DicomNode:
         if self._server is None:
             return self.settings.dicom_port
         return int(self._server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
 
     def start(self) -> None:
         """Listen (non-blocking: pynetdicom serves each association in a thread of its own)."""

@@ -28,6 +28,7 @@ class Ready(BaseModel):
     checks: dict[str, bool] = Field(description="database, ray, disk")
     device: str | None = Field(None, description="dose device of the workers (cpu/gpu), when a dispatcher runs")
     free_disk_mb: float
+    dicom_port: int | None = Field(None, description="port the DICOM node listens on in this process (none: not here)")
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
@@ -64,8 +65,10 @@ def _readiness(request: Request) -> tuple[dict[str, bool], float, str | None]:
 )
 async def readyz(request: Request) -> Any:
     checks, free, device = await run_in_threadpool(_readiness, request)
+    node = getattr(request.app.state, "dicom_node", None)
+    dicom_port = node.port if node is not None and getattr(node, "listening", False) else None
     if all(checks.values()):
-        return Ready(status="ready", checks=checks, device=device, free_disk_mb=round(free, 1))
+        return Ready(status="ready", checks=checks, device=device, free_disk_mb=round(free, 1), dicom_port=dicom_port)
     failed = [k for k, ok in checks.items() if not ok]
     words = {"database": "the database does not answer", "ray": "the Ray cluster does not answer",
              "disk": f"free disk {free:.0f} MB is below min_free_disk_mb"}  # fmt: skip

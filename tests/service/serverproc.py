@@ -104,8 +104,10 @@ class ServerProc:
     def __init__(self, data_dir: Path, log_path: Path, **settings: Any) -> None:
         self.data_dir = Path(data_dir)
         self.log_path = Path(log_path)
-        self.settings = settings
+        # The DICOM node that serve starts: on a port of its own (0: any free one; /readyz tells which)
+        self.settings = {"dicom_port": 0, **settings}
         self.proc: subprocess.Popen | None = None
+        self.dicom_port: int | None = None
         self.port: int | None = None
         self.starts = 0
 
@@ -150,6 +152,7 @@ class ServerProc:
             try:
                 r = httpx.get(self.base_url + "/readyz", timeout=2.0)
                 if r.status_code == 200:
+                    self.dicom_port = r.json().get("dicom_port")
                     return True
             except httpx.HTTPError:
                 pass

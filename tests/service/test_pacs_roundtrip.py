@@ -1,0 +1,173 @@
+"""The PACS round trip with real peers only: Orthanc (Debian package, on loopback) plays the PACS.
+
+Orthanc pushes the synthetic patient's studies to a real ``voxeldose serve`` (its DICOM node) with its REST
+API; the job starts by itself (association release → trigger), runs on the service's local Ray, and the RT
+Dose, SEG and SR arrive back in Orthanc (C-STORE to the configured destination).  What Orthanc holds is read
+back through its REST API and compared with the job's ``summary.json``; the same study pushed again starts
+no second job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pydicom
+import pytest
+
+from orthanc import Orthanc, require_orthanc, start_orthanc
+from serverproc import ServerProc, auth, create_token, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+CPS_PER_MBQ = 5.67  # the phantom's camera calibration (truth.json "calibration_cps_per_mbq")
+
+
+@pytest.fixture(scope="module")
+def roundtrip(tmp_path_factory: pytest.TempPathFactory, small_phantom: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    require_orthanc()
+    root = tmp_path_factory.mktemp("roundtrip")
+    truth = small_phantom["truth"]
+    assert truth["calibration_cps_per_mbq"] == CPS_PER_MBQ
+    pacs = start_orthanc(root / "orthanc", aet="ORTHANC")
+    server = None
+    try:
+        dicom_port = free_port()
+        server = ServerProc(
+            root / "data", root / "serve.log", dicom_port=dicom_port, dicom_allowed_aets='["ORTHANC"]',
+            dicom_quiet_period_s=30, trigger_interval_s=0.5, dicom_destination_ae_title="ORTHANC",
+            dicom_destination_host="127.0.0.1", dicom_destination_port=pacs.dicom_port, dicom_send_retry_s=2,
+            trigger_spec=json.dumps({"calibration": {"cps_per_mbq": CPS_PER_MBQ, "source": "phantom truth"}}),
+            ray_num_cpus=2,
+        )  # fmt: skip
+        tokens = {"physicist": create_token(server.data_dir, "physicist-rt", "physicist")}
+        server.start()
+        assert server.dicom_port == dicom_port
+        pacs.put_modality("voxeldose", "VOXELDOSE", "127.0.0.1", dicom_port)
+        files = sorted(Path(small_phantom["dicom"]).rglob("*.dcm"))
+        ids = pacs.upload_many(files)
+        assert len(set(ids)) == len(files)
+        studies = sorted(pacs.get("/studies"))  # this Orthanc holds only the phantom
+        yield {"pacs": pacs, "server": server, "tokens": tokens, "files": files, "studies": studies,
+               "truth": truth}  # fmt: skip
+    finally:
+        if server is not None:
+            server.stop()
+        pacs.stop()
+
+
+def _client(rt: dict[str, Any]) -> httpx.Client:
+    return httpx.Client(base_url=rt["server"].base_url, timeout=60, headers=auth(rt["tokens"]["physicist"]))
+
+
+def _wait(pred: Any, timeout: float, what: str, server: ServerProc) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what} (last: {last})\n{server.log_tail()}")
+
+
+def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, Any]) -> None:
+    pacs: Orthanc = roundtrip["pacs"]
+    server: ServerProc = roundtrip["server"]
+    n_files = len(roundtrip["files"])
+    # Orthanc pushes the whole patient (one study per time point) to voxeldose
+    answer = pacs.push("voxeldose", roundtrip["studies"])
+    assert answer["InstancesCount"] == n_files and answer["FailedInstancesCount"] == 0
+
+    with _client(roundtrip) as c:
+        # released association → the trigger looks at once (the 30 s quiet period is not waited for)
+        jobs = _wait(lambda: c.get("/v1/jobs").json()["items"], 30, "the job to start by itself", server)
+        assert len(jobs) == 1
+        job = jobs[0]
+        assert job["source"] == "dicom" and job["version"] == 1 and job["spec"]["cycle_number"] == 1
+        assert job["spec"]["calibration"]["cps_per_mbq"] == CPS_PER_MBQ
+
+        def finished() -> dict | None:
+            j = c.get(f"/v1/jobs/{job['id']}").json()
+            assert j["state"] not in ("failed", "cancelled"), j
+            return j if j["state"] == "succeeded" else None
+
+        job = _wait(finished, 300, "the job to succeed", server)
+        sent = _wait(lambda: [d for d in c.get(f"/v1/jobs/{job['id']}").json()["deliveries"] if d["state"] == "sent"],
+                     120, "the results to be sent", server)  # fmt: skip
+        assert sent[0]["destination"] == f"ORTHANC@127.0.0.1:{pacs.dicom_port}"
+        summary = c.get(f"/v1/jobs/{job['id']}/summary").json()
+        rtdose_local = pydicom.dcmread(io.BytesIO(c.get(f"/v1/jobs/{job['id']}/rtdose").content))
+        cycles = c.get("/v1/dicom/cycles").json()
+        assert [x["state"] for x in cycles] == ["started"] and cycles[0]["job_id"] == job["id"]
+
+    # what arrived in Orthanc, read through its REST API
+    def one(modality: str) -> pydicom.Dataset:
+        series = [s for s in pacs.find("Series", {"Modality": modality})
+                  if s["MainDicomTags"].get("SeriesDescription", "").startswith("voxeldose")]  # fmt: skip
+        assert len(series) == 1, (modality, series)
+        [inst] = series[0]["Instances"]
+        return pydicom.dcmread(io.BytesIO(pacs.instance_file(inst)))
+
+    rtdose, seg, sr = one("RTDOSE"), one("SEG"), one("SR")
+    assert rtdose.SOPInstanceUID == rtdose_local.SOPInstanceUID and rtdose.DoseUnits == "GY"
+    assert rtdose.PixelData == rtdose_local.PixelData
+    # every result joins the patient's reference study, and the SEG's segments are the VOIs of the summary
+    ct_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in roundtrip["files"]}
+    for ds in (rtdose, seg, sr):
+        assert ds.StudyInstanceUID in ct_uids and ds.PatientID == rtdose_local.PatientID
+    labels = {str(s.SegmentLabel) for s in seg.SegmentSequence}
+    assert labels <= set(summary["vois"]) and len(labels) >= len(summary["vois"]) - 1
+
+    from voxeldose.sr import measurement_key, sr_measurements
+
+    measured = sr_measurements(sr)
+    assert set(measured) == labels
+    key = measurement_key("mean_gy")
+    for name in labels:
+        want = summary["vois"][name]["mean_gy"]
+        got = measured[name][key]
+        # DS in the SR holds ≥ 6 significant digits (16 characters); FD is exact
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-9), name
+
+
+def test_the_same_study_pushed_again_starts_no_second_job(roundtrip: dict[str, Any]) -> None:
+    pacs: Orthanc = roundtrip["pacs"]
+    server: ServerProc = roundtrip["server"]
+    with _client(roundtrip) as c:
+        before = c.get("/v1/dicom/cycles").json()
+        assert len(before) == 1, "runs after the first round-trip test"
+        answer = pacs.push("voxeldose", roundtrip["studies"])
+        assert answer["FailedInstancesCount"] == 0
+        # the trigger looked again (release) and found the job of this input set
+        _wait(lambda: [x for x in c.get("/v1/dicom/cycles").json() if x["evaluated_at"] > before[0]["evaluated_at"]],
+              30, "the trigger to look again", server)  # fmt: skip
+        cycles = c.get("/v1/dicom/cycles").json()
+        assert "already has job" in cycles[0]["reason"]
+        assert c.get("/v1/jobs").json()["total"] == 1
+        # the study now also holds our RT Dose, SEG and SR: received once each, stored, never taken as input
+        series = c.get("/v1/dicom/series").json()
+        assert sum(s["instances"] for s in series) == len(roundtrip["files"]) + 3  # stored once, no copies
+        assert sorted(s["modality"] for s in series if s["instances"] == 1 and s["modality"] in ("RTDOSE", "SR")) \
+            == ["RTDOSE", "SR"]  # fmt: skip
+        assert all(s["conflicts"] == 0 for s in series)
+        [job] = c.get("/v1/jobs").json()["items"]
+        assert job["version"] == 1 and job["state"] == "succeeded"
+
+
+def test_an_unknown_calling_ae_is_refused(roundtrip: dict[str, Any]) -> None:
+    """Orthanc with a calling AE that voxeldose does not list: the association is refused, nothing stored."""
+    from orthanc import OrthancError
+
+    pacs: Orthanc = roundtrip["pacs"]
+    server: ServerProc = roundtrip["server"]
+    pacs.put_modality("voxeldose-other", "VOXELDOSE", "127.0.0.1", server.dicom_port, LocalAet="STRANGER")
+    with _client(roundtrip) as c:
+        n = sum(s["instances"] for s in c.get("/v1/dicom/series").json())
+        with pytest.raises(OrthancError):
+            pacs.push("voxeldose-other", roundtrip["studies"][:1])
+        assert sum(s["instances"] for s in c.get("/v1/dicom/series").json()) == n
