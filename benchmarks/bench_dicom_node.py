@@ -51,7 +51,10 @@ def main() -> int:
     settings.ensure_dirs()
     store = Store(settings.database_url)
     store.migrate()
-    node = DicomNode(settings, store)
+    from service.trigger import Trigger
+
+    trigger = Trigger(settings, store)
+    node = DicomNode(settings, store, trigger)  # as `voxeldose serve` runs it: every patient marked for the trigger
     node.start()
     env = dict(os.environ)
     if not args.nagle:
@@ -67,13 +70,19 @@ def main() -> int:
     finally:
         node.stop()
     n = store.count_instances()
+    t = time.perf_counter()
+    from service.models import utcnow
+
+    decisions = trigger.tick(utcnow())  # the association was released: due at once
+    t_trigger = time.perf_counter() - t
     store.dispose()
     shutil.rmtree(work / "data", ignore_errors=True)
-    if r.returncode != 0 or n != len(files):
+    if r.returncode != 0 or n != len(files) or [d.state for d in decisions] != ["started"]:
         print(f"FAILED: storescu rc={r.returncode}, {n}/{len(files)} stored\n{r.stderr[-2000:]}", file=sys.stderr)
         return 1
     print(f"{n} instances ({size_mb:.0f} MB) in {wall:.2f} s: {n / wall:.0f} instances/s, {size_mb / wall:.1f} MB/s"
           f" (storescu {'with Nagle' if args.nagle else 'TCP_NODELAY=1'})")
+    print(f"trigger after the release: {[d.state for d in decisions]} in {t_trigger:.2f} s")
     return 0
 
 

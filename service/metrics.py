@@ -67,6 +67,23 @@ class _StoreCollector(Collector):
         info.add_metric([device], 1.0)
         yield info
         yield GaugeMetricFamily("voxeldose_ray_up", "1 when the Ray cluster answers", value=ray_up)
+        node: dict[str, Any] = {"instances": 0, "cycles": {}, "deliveries": {}}
+        try:
+            node = self.m.store.node_counts()
+        except Exception:  # noqa: BLE001
+            log.warning("metrics: could not read the DICOM node's counts")
+        yield GaugeMetricFamily("voxeldose_dicom_instances", "DICOM instances received (DICOM node, STOW-RS)",
+                                value=node["instances"])  # fmt: skip
+        c = GaugeMetricFamily("voxeldose_dicom_cycles", "Therapy cycles seen by the trigger, by state",
+                              labels=["state"])  # fmt: skip
+        for state in ("waiting", "started", "error"):
+            c.add_metric([state], node["cycles"].get(state, 0))
+        yield c
+        dl = GaugeMetricFamily("voxeldose_deliveries", "Results sent to the PACS, by state (failed: gave up)",
+                               labels=["state"])  # fmt: skip
+        for state in ("pending", "sent", "failed"):
+            dl.add_metric([state], node["deliveries"].get(state, 0))
+        yield dl
 
 
 class Metrics:

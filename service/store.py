@@ -684,6 +684,15 @@ class Store:
                 select(OutputSeries.series_instance_uid).where(OutputSeries.series_instance_uid.in_(list(series_instance_uids)))
             ).all())  # fmt: skip
 
+    def node_counts(self) -> dict[str, Any]:
+        """For metrics: received instances, trigger cycles by state, deliveries by state."""
+        with self._read() as s:
+            instances = int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+            cycles = dict(s.execute(select(TriggerCycle.state, func.count()).group_by(TriggerCycle.state)).all())
+            deliveries = dict(s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+        return {"instances": instances, "cycles": {k: int(v) for k, v in cycles.items()},
+                "deliveries": {k: int(v) for k, v in deliveries.items()}}  # fmt: skip
+
     # ------------------------------------------------------------------ deliveries (results → PACS)
     def jobs_needing_delivery(self, sources: tuple[str, ...], destination: str, limit: int = 20) -> list[JobRecord]:
         """Succeeded jobs of these sources with no delivery row for ``destination`` yet."""

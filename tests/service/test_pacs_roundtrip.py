@@ -104,6 +104,10 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, An
         rtdose_local = pydicom.dcmread(io.BytesIO(c.get(f"/v1/jobs/{job['id']}/rtdose").content))
         cycles = c.get("/v1/dicom/cycles").json()
         assert [x["state"] for x in cycles] == ["started"] and cycles[0]["job_id"] == job["id"]
+        metrics = c.get("/metrics").text
+        assert 'voxeldose_deliveries{state="sent"} 1.0' in metrics
+        assert 'voxeldose_dicom_cycles{state="started"} 1.0' in metrics
+        assert f"voxeldose_dicom_instances {float(n_files)}" in metrics
 
     # what arrived in Orthanc, read through its REST API
     def one(modality: str) -> pydicom.Dataset:
