@@ -250,7 +250,7 @@ def job_page(request: Request, job_id: str, who: Principal | None = Depends(page
     rec = request.app.state.store.get_job(job_id)
     if rec is None or not may_read(who, rec):
         raise ProblemError(404, "Not found", f"no job {job_id}", slug="not-found")
-    job = job_out(rec)
+    job = job_out(rec, request.app.state.store.job_deliveries(rec.id))
     summary = load_summary(rec)
     ctx: dict[str, Any] = {"job": job, "summary": summary, "refresh": job.state in ACTIVE}
     if summary is not None:

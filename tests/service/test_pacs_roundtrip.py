@@ -104,6 +104,9 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, An
         rtdose_local = pydicom.dcmread(io.BytesIO(c.get(f"/v1/jobs/{job['id']}/rtdose").content))
         cycles = c.get("/v1/dicom/cycles").json()
         assert [x["state"] for x in cycles] == ["started"] and cycles[0]["job_id"] == job["id"]
+        page = c.get(f"/jobs/{job['id']}").text  # the physicist's job page says where the results went
+        assert f"Sent to ORTHANC@127.0.0.1:{pacs.dicom_port}" in page and 'delivery-sent' in page
+        assert "the DICOM node · version 1" in page
         metrics = c.get("/metrics").text
         assert 'voxeldose_deliveries{state="sent"} 1.0' in metrics
         assert 'voxeldose_dicom_cycles{state="started"} 1.0' in metrics
