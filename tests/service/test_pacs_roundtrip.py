@@ -75,7 +75,8 @@ def _wait(pred: Any, timeout: float, what: str, server: ServerProc) -> Any:
     raise AssertionError(f"timed out waiting for {what} (last: {last})\n{server.log_tail()}")
 
 
-def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, Any]) -> None:
+def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, Any], dciodvfy_exe: str,
+                                                         tmp_path: Path) -> None:  # fmt: skip
     pacs: Orthanc = roundtrip["pacs"]
     server: ServerProc = roundtrip["server"]
     n_files = len(roundtrip["files"])
@@ -121,6 +122,13 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, An
         return pydicom.dcmread(io.BytesIO(pacs.instance_file(inst)))
 
     rtdose, seg, sr = one("RTDOSE"), one("SEG"), one("SR")
+    # as the PACS holds them: valid IODs (dicom3tools)
+    from support import dciodvfy_errors
+
+    for name, ds in (("rtdose", rtdose), ("seg", seg), ("sr", sr)):
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(dciodvfy_exe, path) == [], name
     assert rtdose.SOPInstanceUID == rtdose_local.SOPInstanceUID and rtdose.DoseUnits == "GY"
     assert rtdose.PixelData == rtdose_local.PixelData
     # every result joins the patient's reference study, and the SEG's segments are the VOIs of the summary
