@@ -214,7 +214,10 @@ class Trigger:
             deadline_after = timedelta(hours=deadline_h) if deadline_h else None
             if not complete and not (past_deadline and has_vois and c.timepoints):
                 reason = "waiting: " + "; ".join(missing)
-                if deadline_after is not None:
+                if past_deadline:  # the deadline could not start it either: wait for data, not for the clock
+                    reason += f" (the deadline of {deadline_h:g} h has passed; a job starts when VOIs arrive)"
+                    deadline_after = None
+                elif deadline_after is not None:
                     reason += f" (deadline {deadline_h:g} h after the first series)"
                 self.store.upsert_trigger_cycle(**base, state="waiting", reason=reason, job_id=None,
                                                 deadline_after=deadline_after)  # fmt: skip

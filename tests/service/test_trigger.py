@@ -178,7 +178,11 @@ def test_deadline_without_vois_starts_nothing(setup: Any, store: Any, small_phan
     deadline = datetime.fromisoformat(store.get_trigger_cycle(d[0].cycle_key)["deadline_at"])
     after = trigger.tick(deadline + timedelta(seconds=1))
     assert [x.state for x in after] == ["waiting"]
+    assert "has passed" in after[0].reason
     assert store.list_jobs()[1] == 0
+    # looked at once after the deadline, not at every round from then on
+    assert store.deadline_patients(deadline + timedelta(days=1)) == []
+    assert trigger.tick(deadline + timedelta(days=1)) == []
 
 
 def test_no_vois_waits_and_says_so(setup: Any, store: Any, small_phantom: dict) -> None:
