@@ -83,7 +83,14 @@ def serve(argv: Sequence[str]) -> int:
                       "(VOXELDOSE_DICOM_PORT, or VOXELDOSE_DICOM_ENABLED=false)", file=sys.stderr)  # fmt: skip
                 return 3
         dispatcher = Dispatcher(store, settings)
-        dispatcher.start()
+        try:
+            dispatcher.start()
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:  # ray.init: cluster unreachable
+            where = settings.ray_address or "(a local Ray started here)"
+            print(f"error: cannot start or join the Ray cluster {where}: {type(exc).__name__}: {exc} "
+                  "(RAY_ADDRESS: host:6379 on a Ray node, or ray://host:10001)", file=sys.stderr)  # fmt: skip
+            dispatcher = None
+            return 3
         app = _create_app(create_app, settings, store, dispatcher, runtime)
         # ray.init() installed a SIGTERM handler of its own (sys.exit(15)); uvicorn restores and
         # re-raises whatever handler it finds, so put ours back: SIGTERM ends with status 0.
