@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     dicom_send_sources: list[str] = Field(
         default_factory=lambda: ["dicom"], description="jobs of these origins are sent (dicom, upload, api)"
     )
+    dicom_send_max_age_h: float = Field(
+        72.0, gt=0, description="only jobs finished this recently are sent (a new destination does not get the history)"
+    )
     dicom_send_max_attempts: int = Field(8, ge=1)
     dicom_send_retry_s: float = Field(30.0, gt=0, description="first retry delay; doubles per attempt, at most 1 h")
     dicom_send_timeout_s: float = Field(60.0, gt=0, description="association and DIMSE timeout when sending")

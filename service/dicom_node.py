@@ -37,6 +37,7 @@ turns it on.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -47,10 +48,11 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -179,7 +181,7 @@ class DicomNode:
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.dicom_ae_title)
         ae.require_called_aet = True
-        if self._allowed_aets:
+        if self._allowed_aets and not self.settings.dicom_allow_any:
             ae.require_calling_aet = sorted(self._allowed_aets)
         ae.maximum_associations = self.settings.dicom_max_associations
         for sop in STORAGE_SOP_CLASSES:
@@ -267,12 +269,21 @@ class DicomNode:
             assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out first
 
     def _on_released(self, event: Any) -> None:
-        """The peer released the association: its patients' series are complete (look now)."""
-        self.released(self._assoc_patients.pop(id(event.assoc), {}))
+        """The peer released the association: its patients' series are complete (look now) — unless another
+        open association is still carrying instances of the same patient (then the quiet period applies)."""
+        with self._lock:
+            mine = set(self._assoc_patients.pop(id(event.assoc), {}))
+            busy = {p for other in self._assoc_patients.values() for p in other}
+        for pid in mine & busy:
+            self._touch(pid)
+        self.released(mine - busy)
 
     def _on_aborted(self, event: Any) -> None:
-        """An aborted association completes nothing: its patients wait for the quiet period."""
-        self._assoc_patients.pop(id(event.assoc), None)
+        """An aborted association completes nothing: its patients wait for the quiet period from now."""
+        with self._lock:
+            mine = set(self._assoc_patients.pop(id(event.assoc), {}))
+        for pid in mine:
+            self._touch(pid)
 
     def released(self, patient_ids: Any) -> None:
         """The end of a batch (association release, STOW-RS request): tell the trigger to look now."""
@@ -296,7 +307,8 @@ class DicomNode:
     def _touch_in_association(self, assoc: Any, patient_id: str) -> None:
         """Within one association, mark a patient at most once a second, one second ahead, so that the
         quiet period still runs from (at least) the last instance; the release marks it due at once."""
-        seen = self._assoc_patients.setdefault(id(assoc), {})
+        with self._lock:
+            seen = self._assoc_patients.setdefault(id(assoc), {})
         now = time.monotonic()
         if now - seen.get(patient_id, -1e9) < 1.0:
             return
@@ -356,7 +368,7 @@ class DicomNode:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             partial, sha, size = self._copy_hashing(tmp, folder, sop)
-            with self._lock:
+            with self._lock, self._folder_lock():
                 outcome = self._place(partial, folder, header, sha, size, calling_ae)
             partial = None if outcome.result in ("stored", "conflict") else partial
         except OSError as exc:
@@ -404,6 +416,17 @@ class DicomNode:
             raise _Refused(STATUS_CANNOT_UNDERSTAND, "PatientID/Modality unreadable") from None
         out["patient_id"], out["modality"] = pid, modality
         return out
+
+    @contextmanager
+    def _folder_lock(self) -> Iterator[None]:
+        """Serialise the new/duplicate/conflict decision across processes too (``voxeldose dicom-node`` and a
+        ``serve`` taking STOW-RS on the same data folder): an exclusive ``flock`` on ``data_dir/.dicom.lock``."""
+        fd = os.open(self.root.parent / ".dicom.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     @staticmethod
     def _short_hash(path: Path) -> str:

@@ -54,7 +54,7 @@ def send_files(paths: list[Path], dest: Destination, *, calling_ae: str, timeout
     warning (0xB000, 0xB006, 0xB007)."""
     datasets = [dcmread(p) for p in paths]
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     for sop in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
         ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     try:
@@ -101,12 +101,12 @@ class Sender:
             return 0
         now = now or utcnow()
         dest = str(self.destination)
-        for job in self.store.jobs_needing_delivery(tuple(self.settings.dicom_send_sources), dest):
+        since = now - timedelta(hours=self.settings.dicom_send_max_age_h)
+        for job in self.store.jobs_needing_delivery(tuple(self.settings.dicom_send_sources), dest, since):
             self.store.add_delivery(job.id, dest, now)
         sent = 0
-        for d in self.store.due_deliveries(now):
-            if d["destination"] != dest:
-                continue  # queued for a destination no longer configured: left as it is
+        # deliveries queued for a destination no longer configured are left as they are
+        for d in self.store.due_deliveries(now, dest):
             sent += self.deliver(d, now)
         return sent
 
@@ -126,8 +126,8 @@ class Sender:
         except Exception as exc:  # noqa: BLE001 - SendError, or unreadable files
             error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
             retry = None
-            if attempts < self.settings.dicom_send_max_attempts:
-                retry = now + timedelta(seconds=self.retry_delay_s(attempts))
+            if attempts < self.settings.dicom_send_max_attempts:  # counted from the end of this attempt
+                retry = max(now, utcnow()) + timedelta(seconds=self.retry_delay_s(attempts))
             self.store.delivery_attempted(d["id"], ok=False, error=error, now=now, next_attempt_at=retry)
             log.warning("job %s: sending results to %s failed (attempt %d%s): %s", d["job_id"], self.destination,
                         attempts, "" if retry else ", giving up", error)  # fmt: skip

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import case, create_engine, event, func, select, text, update
+from sqlalchemy import case, create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -143,7 +143,8 @@ def _sqlite_engine(url: str) -> Engine:
     u = make_url(url)
     if u.database and u.database != ":memory:":
         Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    # hide_parameters: error texts (logged) must not carry bound values such as patient IDs
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
@@ -173,7 +174,7 @@ class Store:
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(self.url)
         else:
-            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10, hide_parameters=True)
         # Writers: BEGIN IMMEDIATE on SQLite (the lock first, so read-then-write cannot deadlock/race).
         self._writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
 
@@ -600,12 +601,16 @@ class Store:
         """Mark a patient's data as changed; the trigger looks at it from ``ready_at`` on.  A later
         touch replaces ``ready_at`` (the quiet period restarts with every instance)."""
         now = utcnow()
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        # one statement (an upsert), so concurrent marks and a concurrent clear cannot lose a mark
+        stmt = insert(PendingPatient).values(patient_id=patient_id, ready_at=ready_at, touched_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=[PendingPatient.patient_id],
+                                          set_={"ready_at": ready_at, "touched_at": now})  # fmt: skip
         with self._write() as s:
-            row = s.get(PendingPatient, patient_id)
-            if row is None:
-                s.add(PendingPatient(patient_id=patient_id, ready_at=ready_at, touched_at=now))
-            else:
-                row.ready_at, row.touched_at = ready_at, now
+            s.execute(stmt)
 
     def due_patients(self, now: datetime) -> list[tuple[str, datetime]]:
         """``(patient_id, touched_at)`` of the pending patients whose ``ready_at`` has passed."""
@@ -618,12 +623,11 @@ class Store:
 
     def clear_patient(self, patient_id: str, touched_at: datetime) -> bool:
         """Remove a pending patient unless it was touched again after ``touched_at`` (then it stays)."""
-        with self._write() as s:
-            row = s.get(PendingPatient, patient_id)
-            if row is None or row.touched_at > touched_at:
-                return False
-            s.delete(row)
-            return True
+        with self._write() as s:  # one statement: a mark committed meanwhile has a later touched_at and stays
+            n = s.execute(
+                delete(PendingPatient).where(PendingPatient.patient_id == patient_id, PendingPatient.touched_at <= touched_at)
+            ).rowcount  # fmt: skip
+        return bool(n)
 
     def upsert_trigger_cycle(self, *, cycle_key: str, patient_id: str, injection: str | None, state: str,
                              reason: str | None, timepoints: int, job_id: str | None,
@@ -642,6 +646,15 @@ class Store:
             row.deadline_at = None if deadline_after is None else row.first_seen_at + deadline_after
             s.flush()
             return _cycle_dict(row)
+
+    def retire_trigger_cycles(self, patient_id: str, keep: set[str]) -> int:
+        """Remove the patient's waiting/error rows whose cycle is no longer formed (keys in ``keep`` stay;
+        started rows stay as history)."""
+        with self._write() as s:
+            return s.execute(
+                delete(TriggerCycle).where(TriggerCycle.patient_id == patient_id, TriggerCycle.state.in_(("waiting", "error")),
+                                           TriggerCycle.cycle_key.not_in(list(keep) or [""]))
+            ).rowcount  # fmt: skip
 
     def trigger_cycles(self, *, patient_id: str | None = None) -> list[dict]:
         """What the trigger knows of each cycle (newest first)."""
@@ -694,12 +707,15 @@ class Store:
                 "deliveries": {k: int(v) for k, v in deliveries.items()}}  # fmt: skip
 
     # ------------------------------------------------------------------ deliveries (results → PACS)
-    def jobs_needing_delivery(self, sources: tuple[str, ...], destination: str, limit: int = 20) -> list[JobRecord]:
-        """Succeeded jobs of these sources with no delivery row for ``destination`` yet."""
+    def jobs_needing_delivery(self, sources: tuple[str, ...], destination: str, finished_after: datetime,
+                              limit: int = 20) -> list[JobRecord]:  # fmt: skip
+        """Succeeded jobs of these sources, finished after ``finished_after``, with no delivery row for
+        ``destination`` yet (a new destination does not receive the whole history)."""
         with self._read() as s:
             have = select(Delivery.job_id).where(Delivery.destination == destination)
             rows = s.scalars(
-                select(Job).where(Job.state == "succeeded", Job.source.in_(sources), Job.id.not_in(have))
+                select(Job).where(Job.state == "succeeded", Job.source.in_(sources), Job.id.not_in(have),
+                                  Job.finished_at >= finished_after)
                 .order_by(Job.finished_at, Job.id).limit(limit)
             ).all()  # fmt: skip
             return [_record(j) for j in rows]
@@ -717,10 +733,11 @@ class Store:
         except IntegrityError:
             return False
 
-    def due_deliveries(self, now: datetime, limit: int = 10) -> list[dict]:
+    def due_deliveries(self, now: datetime, destination: str, limit: int = 10) -> list[dict]:
         with self._read() as s:
             rows = s.scalars(
-                select(Delivery).where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
+                select(Delivery).where(Delivery.state == "pending", Delivery.next_attempt_at <= now,
+                                       Delivery.destination == destination)
                 .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)
             ).all()  # fmt: skip
             return [_delivery_dict(d) for d in rows]

@@ -51,12 +51,15 @@ from voxeldose.errors import VoxeldoseError
 
 from .config import Settings
 from .models import utcnow
-from .store import ACTIVE_STATES, Store
+from .store import ACTIVE_STATES, Store, spec_hash
 
 log = logging.getLogger("service.trigger")
 
 #: How long a cycle waits before it is looked at again when an earlier cycle's job is still running.
 RECHECK_S = 30.0
+#: A received cycle and a job's result whose injections are closer than this are the same therapy cycle
+#: (cycles are weeks apart; an hour absorbs injection times typed differently in two places).
+SAME_CYCLE_S = 3600.0
 
 
 @dataclass
@@ -192,26 +195,34 @@ class Trigger:
             return [self._record_error(patient_id, why, now)]
 
         ordered = sorted(cycles, key=lambda c: c.injection.start)
-        numbers = self._cycle_numbers([c.injection.start for c in ordered])
+        history = self._results_by_injection(patient_id)
+        numbers = self._cycle_numbers([c.injection.start for c in ordered] + [t for t, _ in history])
         decisions = []
         for c in ordered:
             key = cycle_key(patient_id, c.injection.start)
             n_tp = sum(1 for tp in c.timepoints if tp.ct is not None)
             has_vois = bool(c.vois)
-            fp = input_fingerprint(c)
             row = self.store.get_trigger_cycle(key)
             first_seen = datetime.fromisoformat(row["first_seen_at"]) if row else now
             deadline_h = self.settings.trigger_deadline_h
-            past_deadline = bool(deadline_h) and now >= first_seen + timedelta(hours=deadline_h)
+            deadline_after = timedelta(hours=deadline_h) if deadline_h else None
+            past_deadline = deadline_after is not None and now >= first_seen + deadline_after
+            base = dict(cycle_key=key, patient_id=patient_id, injection=c.injection.start.isoformat(),
+                        timepoints=n_tp, now=now)  # fmt: skip
+            series = [s for tp in c.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(c.vois)
+            files = {str(p) for s in series for p in s.paths}
+            bad = [p for p in errors if p.path and (p.path in files or any(f in p.path for f in files))]
+            if bad:  # e.g. two SPECT reconstructions at one time: a job would fail; say why instead
+                reason = "cannot start: " + "; ".join(p.message for p in bad[:3])
+                self.store.upsert_trigger_cycle(**base, state="error", reason=reason[:4000], job_id=None, deadline_after=None)
+                decisions.append(Decision(key, "error", reason, timepoints=n_tp))
+                continue
             complete = n_tp >= self.settings.trigger_min_timepoints and has_vois
             missing = []
             if n_tp < self.settings.trigger_min_timepoints:
                 missing.append(f"{n_tp} of {self.settings.trigger_min_timepoints} SPECT time points with their CT")
             if not has_vois:
                 missing.append("no RTSTRUCT or SEG on a time point's frame of reference")
-            base = dict(cycle_key=key, patient_id=patient_id, injection=c.injection.start.isoformat(),
-                        timepoints=n_tp, now=now)  # fmt: skip
-            deadline_after = timedelta(hours=deadline_h) if deadline_h else None
             if not complete and not (past_deadline and has_vois and c.timepoints):
                 reason = "waiting: " + "; ".join(missing)
                 if past_deadline:  # the deadline could not start it either: wait for data, not for the clock
@@ -223,34 +234,34 @@ class Trigger:
                                                 deadline_after=deadline_after)  # fmt: skip
                 decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
                 continue
-            digest = fp["sop_instance_uids_sha256"]
-            existing = self.store.jobs_for_input(digest)
-            if existing:
-                j = existing[-1]
-                reason = f"this input set already has job {j.id} ({j.state})"
-                self.store.upsert_trigger_cycle(**base, state="started", reason=reason, job_id=None, deadline_after=None)
-                decisions.append(Decision(key, "exists", reason, job_id=j.id, version=j.version, timepoints=n_tp,
-                                          input_hash=digest))  # fmt: skip
-                continue
-            earlier, busy = self._earlier_cycles(patient_id, ordered, c, numbers)
+            earlier, busy = self._earlier_cycles(patient_id, ordered, history, c, numbers)
             if busy:
                 reason = f"waiting for the job of earlier cycle {busy} to finish"
-                self.store.upsert_trigger_cycle(**base, state="waiting", reason=reason, job_id=None,
-                                                deadline_after=deadline_after)  # fmt: skip
+                self.store.upsert_trigger_cycle(**base, state="waiting", reason=reason, job_id=None, deadline_after=None)
                 self.store.touch_patient(patient_id, now + timedelta(seconds=RECHECK_S))
                 decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
                 continue
             spec = json.loads(json.dumps(self.settings.trigger_spec))
             if not complete and len(c.timepoints) == 1:
                 spec.setdefault("fit", {})["model"] = "stp"
-            series = [s for tp in c.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(c.vois)
-            files = [p for s in series for p in s.paths]
+            spec.update(patient_id=patient_id, cycle_number=numbers[_slot(numbers, c.injection.start)],
+                        earlier_cycles=earlier)  # fmt: skip
+            fp = input_fingerprint(c)
+            digest = fp["sop_instance_uids_sha256"]
+            wanted = spec_hash({**spec, "inputs": ["."]})
+            same = [j for j in self.store.jobs_for_input(digest) if spec_hash(j.spec) == wanted]
+            if same:  # this input set with this job description: never a second job, whatever the first became
+                j = same[-1]
+                reason = f"this input set already has job {j.id} ({j.state})"
+                self.store.upsert_trigger_cycle(**base, state="started", reason=reason, job_id=None, deadline_after=None)
+                decisions.append(Decision(key, "exists", reason, job_id=j.id, version=j.version, timepoints=n_tp,
+                                          input_hash=digest))  # fmt: skip
+                continue
             previous = self.store.cycle_jobs(key)
             version = (max((j.version or 0) for j in previous) + 1) if previous else 1
             name = f"node-{digest[:12]}-{uuid.uuid4().hex[:8]}"
-            input_dir = link_inputs(files, self.settings.incoming_dir, name)
-            spec.update(inputs=[str(input_dir)], patient_id=patient_id, cycle_number=numbers[c.injection.start],
-                        earlier_cycles=earlier)  # fmt: skip
+            input_dir = link_inputs([p for s in series for p in s.paths], self.settings.incoming_dir, name)
+            spec["inputs"] = [str(input_dir)]
             job, created = self.store.create_job(
                 spec=spec, input_dir=str(input_dir), input_hash=digest, patient_id=patient_id, idempotency_key=None,
                 submitted_by=f"dicom:{self.settings.dicom_ae_title}", source="dicom", cycle_key=key, version=version,
@@ -260,6 +271,8 @@ class Trigger:
                 shutil.rmtree(input_dir, ignore_errors=True)
             how = "complete" if complete else f"deadline of {deadline_h:g} h reached"
             reason = f"job {job.id} version {job.version or version} started ({how}; {n_tp} time point(s))"
+            if previous and previous[-1].input_hash == digest:
+                reason += "; same images, but the earlier cycles changed (cycle number or their doses)"
             if missing and not complete:
                 reason += "; missing: " + "; ".join(missing)
             self.store.upsert_trigger_cycle(**base, state="started", reason=reason, job_id=job.id, deadline_after=None)
@@ -267,6 +280,8 @@ class Trigger:
                      job.id, job.version, n_tp, how)  # fmt: skip
             decisions.append(Decision(key, "started", reason, job_id=job.id, version=job.version, timepoints=n_tp,
                                       input_hash=digest, spec=spec))  # fmt: skip
+        # rows of cycles no longer formed (e.g. an error before the SPECT arrived, a changed injection time)
+        self.store.retire_trigger_cycles(patient_id, {d.cycle_key for d in decisions})
         return decisions
 
     # -------------------------------------------------------------- helpers
@@ -275,45 +290,84 @@ class Trigger:
         reason = f"cannot form a therapy cycle: {why}"
         self.store.upsert_trigger_cycle(cycle_key=key, patient_id=patient_id, injection=None, state="error",
                                         reason=reason[:4000], timepoints=0, job_id=None, deadline_after=None, now=now)  # fmt: skip
+        self.store.retire_trigger_cycles(patient_id, {key})
         log.warning("trigger: a patient's data cannot form a therapy cycle (see GET /v1/dicom/cycles)")
         return Decision(key, "error", reason)
 
+    def _results_by_injection(self, patient_id: str) -> list[tuple[datetime, Any]]:
+        """The patient's succeeded jobs of any origin (node, upload, API), by the injection their summary
+        names: ``(injection, newest job)`` per injection, oldest first."""
+        out: dict[datetime, Any] = {}
+        for job in self.store.patient_jobs(patient_id):  # oldest first
+            s = _summary(job)
+            when = ((s or {}).get("cycle") or {}).get("injection", {}).get("datetime")
+            if not when:
+                continue
+            try:
+                t = datetime.fromisoformat(when)
+            except ValueError:
+                continue
+            slot = next((k for k in out if abs((k - t).total_seconds()) <= SAME_CYCLE_S), t)
+            out[slot] = job  # a later job for the same injection replaces the earlier one
+        return sorted(out.items(), key=lambda kv: kv[0])
+
     @staticmethod
     def _cycle_numbers(injections: list[datetime]) -> dict[datetime, int]:
-        """Cycle numbers (1, 2, …) by injection date over the patient's cycles received here."""
-        return {t: n for n, t in enumerate(sorted(injections), start=1)}
+        """Cycle numbers (1, 2, …) by injection date over every cycle known for the patient (received
+        here, or measured by a job of any origin); injections within an hour are one cycle."""
+        merged: list[datetime] = []
+        for t in sorted(injections):
+            if not merged or (t - merged[-1]).total_seconds() > SAME_CYCLE_S:
+                merged.append(t)
+        return {t: n for n, t in enumerate(merged, start=1)}
 
-    def _earlier_cycles(self, patient_id: str, ordered: list[Any], this: Any,
+    def _earlier_cycles(self, patient_id: str, ordered: list[Any], history: list[tuple[datetime, Any]], this: Any,
                         numbers: dict[datetime, int]) -> tuple[list[dict[str, Any]], int | None]:  # fmt: skip
-        """``earlier_cycles`` for the job of ``this`` cycle, and the number of an earlier cycle whose
-        job is still queued or running (then wait)."""
+        """``earlier_cycles`` for the job of ``this`` cycle — every cycle injected before it, received here
+        or known from a result — and the number of an earlier cycle whose job is still queued or running
+        (then wait)."""
+        limit = this.injection.start - timedelta(seconds=SAME_CYCLE_S)
         out: list[dict[str, Any]] = []
-        for c in ordered:
-            if c.injection.start >= this.injection.start:
+        for when, n in sorted(numbers.items(), key=lambda kv: kv[1]):
+            if when >= limit:
                 continue
-            n = numbers[c.injection.start]
-            jobs = self.store.cycle_jobs(cycle_key(patient_id, c.injection.start))
-            if any(j.state in ACTIVE_STATES for j in jobs):
-                return [], n
-            done = [j for j in jobs if j.state == "succeeded"]
-            out.append(earlier_cycle_entry(n, c.injection.start, c.injection.activity_bq / 1e6, done[-1] if done else None))
+            received = next((c for c in ordered if abs((c.injection.start - when).total_seconds()) <= SAME_CYCLE_S), None)
+            result = next((j for t, j in history if abs((t - when).total_seconds()) <= SAME_CYCLE_S), None)
+            activity: float | None = None
+            if received is not None:
+                jobs = self.store.cycle_jobs(cycle_key(patient_id, received.injection.start))
+                if any(j.state in ACTIVE_STATES for j in jobs):
+                    return [], n
+                activity = received.injection.activity_bq / 1e6
+                when = received.injection.start
+            if activity is None and result is not None:
+                activity = ((_summary(result) or {}).get("cycle") or {}).get("injection", {}).get("activity_MBq")
+            if activity is None:
+                continue
+            out.append(earlier_cycle_entry(n, when, float(activity), result))
         return out, None
 
 
+def _slot(numbers: dict[datetime, int], t: datetime) -> datetime:
+    """The key of ``numbers`` for injection ``t`` (the same cycle within an hour)."""
+    return min(numbers, key=lambda k: abs((k - t).total_seconds()))
+
+
 class Automation:
-    """A background thread running :meth:`Trigger.tick` and the sender's ``tick`` every
+    """A background thread running ``ticks`` (:meth:`Trigger.tick`, or the sender's) every
     ``trigger_interval_s`` (one per database, like the dispatcher)."""
 
-    def __init__(self, settings: Settings, ticks: list[Callable[[], Any]]) -> None:
+    def __init__(self, settings: Settings, ticks: list[Callable[[], Any]], name: str = "voxeldose-automation") -> None:
         self.settings = settings
         self.ticks = ticks
+        self.name = name
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="voxeldose-automation", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -347,11 +401,13 @@ class NodeRuntime:
     node: Any
     trigger: Trigger
     sender: Any
-    automation: Automation
+    automation: Automation  # the trigger's thread
+    sending: Automation  # the sender's thread (a slow PACS never holds up the trigger)
 
     def stop(self) -> None:
         self.node.stop()
         self.automation.stop()
+        self.sending.stop()
 
 
 def start_node(settings: Settings, store: Store) -> NodeRuntime:
@@ -364,8 +420,10 @@ def start_node(settings: Settings, store: Store) -> NodeRuntime:
     node = DicomNode(settings, store, trigger)
     sender = Sender(settings, store)
     node.start()
-    automation = Automation(settings, [trigger.tick, sender.tick])
+    automation = Automation(settings, [trigger.tick], name="voxeldose-trigger")
+    sending = Automation(settings, [sender.tick], name="voxeldose-sender")
     automation.start()
+    sending.start()
     if sender.destination is None:
         log.info("no DICOM destination configured: results stay in the service (VOXELDOSE_DICOM_DESTINATION_*)")
-    return NodeRuntime(node, trigger, sender, automation)
+    return NodeRuntime(node, trigger, sender, automation, sending)

@@ -103,12 +103,15 @@ def write_atomically(result: Any, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        write_outputs(result, tmp)
-        try:
+        try:  # first, so that a warning about them reaches summary.json and the report
             write_pacs_objects(result, tmp)
-        except VoxeldoseError as err:
-            result.summary.setdefault("warnings", []).append(f"no SEG/SR for the PACS: {err}")
-            log.warning("SEG/SR not written: %s", type(err).__name__)
+        except Exception as err:  # noqa: BLE001 - best effort: the dose itself is not in question
+            why = str(err) if isinstance(err, VoxeldoseError) else f"internal error ({type(err).__name__})"
+            result.summary.setdefault("warnings", []).append(f"no SEG/SR for the PACS: {why}")
+            log.warning("SEG/SR not written: %s", type(err).__name__, exc_info=not isinstance(err, VoxeldoseError))
+            for name in ("seg.dcm", "sr.dcm"):
+                (tmp / name).unlink(missing_ok=True)
+        write_outputs(result, tmp)
         if out_dir.exists():
             old = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out_dir, old)

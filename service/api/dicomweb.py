@@ -259,7 +259,7 @@ def _store_one(node: Any, part: _Part, study: str | None) -> _Result:
     if res.failure is not None:
         return res
     try:
-        outcome = node.receive_file(part.path, calling_ae=CALLING_AE, mark=False)  # released() marks at the end
+        outcome = node.receive_file(part.path, calling_ae=CALLING_AE)  # marked (quiet period); released() at the end
     except Exception:  # never let a bug look like success
         log.exception("STOW-RS: storing an instance failed unexpectedly")
         res.failure = FAIL_PROCESSING

@@ -283,16 +283,25 @@ def get_job(job_id: str, who: Principal = Depends(principal), store: Any = Depen
     "/{job_id}/send",
     response_model=Job,
     summary="Send the results to the PACS again",
-    description="Failed deliveries of the job's results (RT Dose, SEG, SR) go back to pending and are sent "
-    "at the sender's next round.  Physicist or admin.",
+    description="Queues the job's results (RT Dose, SEG, SR) for the configured DICOM destination: a job never "
+    "sent there (e.g. uploaded, or older than `dicom_send_max_age_h`) gets a delivery, failed deliveries go back "
+    "to pending; the sender's next round sends them.  409 when there is nothing to send.  Physicist or admin.",
     responses=responses(401, 403, 404, 409),
 )
-def resend_job(job_id: str, who: Principal = Depends(require("physicist")), store: Any = Depends(get_store)) -> Job:
+def resend_job(request: Request, job_id: str, who: Principal = Depends(require("physicist")),
+               store: Any = Depends(get_store)) -> Job:  # fmt: skip
     from datetime import timezone
 
     rec = readable_job(store, job_id, who)
-    if not store.retry_delivery(job_id, datetime.now(timezone.utc)):
-        raise ProblemError(409, "Nothing to resend", f"job {job_id} has no failed delivery", slug="nothing-to-resend")
+    now = datetime.now(timezone.utc)
+    dest = request.app.state.settings.dicom_destination
+    queued = 0
+    if dest and rec.state == "succeeded" and rec.result_dir:
+        queued = int(store.add_delivery(job_id, dest, now))  # a job never sent (older, or uploaded): send it now
+    if not queued and not store.retry_delivery(job_id, now):
+        why = "no DICOM destination is configured" if not dest else "it has no failed delivery and was sent" \
+            if rec.state == "succeeded" else f"it is {rec.state}"  # fmt: skip
+        raise ProblemError(409, "Nothing to send", f"job {job_id}: nothing to send ({why})", slug="nothing-to-send")
     return job_out(rec, store.job_deliveries(rec.id))
 
 

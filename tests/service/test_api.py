@@ -557,3 +557,35 @@ def test_schemathesis_no_server_errors(env: Env, phantom: dict) -> None:
             run_operation(op, mt, mode)
     assert len(set(ran)) >= 9, sorted(set(ran))
     assert not [p for p in env.incoming.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_send_queues_a_job_for_the_pacs(tmp_path: Path) -> None:
+    """POST /v1/jobs/{id}/send: a succeeded job gets a delivery to the configured destination (shown on the
+    job); again while it is pending: 409; without a destination: 409 saying so; submitters may not."""
+    env = Env(tmp_path / "a", dicom_destination_ae_title="PACS", dicom_destination_host="127.0.0.1",
+              dicom_destination_port=104)  # fmt: skip
+    try:
+        job, _ = env.store.create_job(spec={"inputs": ["x"]}, input_dir="x", input_hash="b" * 64, patient_id="P",
+                                      idempotency_key=None, submitted_by="physicist-1", source="upload")  # fmt: skip
+        env.store.claim_queued(1)
+        out = tmp_path / "out"
+        out.mkdir()
+        env.store.finish(job.id, str(out), "P")
+        assert_problem(env.client.post(f"/v1/jobs/{job.id}/send", headers=env.h("submitter")), 403)
+        r = env.client.post(f"/v1/jobs/{job.id}/send", headers=env.h())
+        assert r.status_code == 200, r.text
+        [d] = r.json()["deliveries"]
+        assert d["destination"] == "PACS@127.0.0.1:104" and d["state"] == "pending" and d["attempts"] == 0
+        assert env.client.get(f"/v1/jobs/{job.id}", headers=env.h()).json()["deliveries"] == [d]
+        assert_problem(env.client.post(f"/v1/jobs/{job.id}/send", headers=env.h()), 409, "nothing to send")
+    finally:
+        env.client.close()
+        env.store.dispose()
+    env2 = Env(tmp_path / "b")
+    try:
+        job, _ = env2.store.create_job(spec={"inputs": ["x"]}, input_dir="x", input_hash="c" * 64, patient_id="P",
+                                       idempotency_key=None, submitted_by="physicist-1")  # fmt: skip
+        assert_problem(env2.client.post(f"/v1/jobs/{job.id}/send", headers=env2.h()), 409, "no DICOM destination")
+    finally:
+        env2.client.close()
+        env2.store.dispose()

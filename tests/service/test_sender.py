@@ -137,7 +137,8 @@ def test_pacs_down_then_up_retries_with_backoff(make_settings: Any, store: Any, 
     [d] = store.job_deliveries(job_id)
     assert d["state"] == "pending" and d["attempts"] == 1 and d["destination"] == f"PACS@127.0.0.1:{peer.port}"
     assert "not established" in d["last_error"] or "cannot reach" in d["last_error"]
-    assert datetime.fromisoformat(d["next_attempt_at"]) - t0 == timedelta(seconds=30)
+    # 30 s after the end of the attempt (the attempt itself takes a moment)
+    assert timedelta(seconds=30) <= datetime.fromisoformat(d["next_attempt_at"]) - t0 < timedelta(seconds=35)
     assert store.job_deliveries(upload_job) == []
 
     assert sender.tick(t0 + timedelta(seconds=29)) == 0  # not due yet: no attempt
@@ -190,3 +191,27 @@ def test_retry_delay_doubles_and_is_capped(make_settings: Any, store: Any) -> No
     sender = Sender(make_settings(dicom_send_retry_s=30.0), store)
     assert [sender.retry_delay_s(n) for n in (1, 2, 3, 4)] == [30.0, 60.0, 120.0, 240.0]
     assert sender.retry_delay_s(20) == 3600.0
+
+
+def test_old_destination_and_old_jobs_do_not_block_or_flood(make_settings: Any, store: Any, result_dir: Path,
+                                                            peer: StoreSCP) -> None:  # fmt: skip
+    """Deliveries left for a destination no longer configured never crowd out the current one; a job finished
+    longer ago than dicom_send_max_age_h is not sent by itself (the operator's /send still can)."""
+    settings = make_settings(dicom_destination_ae_title="PACS", dicom_destination_host="127.0.0.1",
+                             dicom_destination_port=peer.port, dicom_send_timeout_s=5.0, dicom_send_max_age_h=72.0)  # fmt: skip
+    sender = Sender(settings, store)
+    now = utcnow()
+    old = "OLDPACS@10.0.0.9:104"
+    for _ in range(12):  # queued for the old PACS address, all due (jobs not sent by default: uploads)
+        store.add_delivery(_succeeded_job(store, result_dir, source="upload"), old, now)
+    job_id = _succeeded_job(store, result_dir)
+    peer.start()
+    assert sender.tick(now) == 1
+    assert [d["state"] for d in store.job_deliveries(job_id)] == ["sent"]
+    # the old address's deliveries are left as they were: pending, never attempted
+    left = store.due_deliveries(now, old, limit=100)
+    assert len(left) == 12 and all(d["attempts"] == 0 for d in left)
+
+    late = _succeeded_job(store, result_dir)
+    assert sender.tick(now + timedelta(hours=100)) == 0  # finished > 72 h before this round: not queued
+    assert [d for d in store.job_deliveries(late) if d["destination"].startswith("PACS@")] == []

@@ -1,5 +1,5 @@
 """The job trigger on real received files (DicomNode.receive_file → store → Trigger.tick), on SQLite and
-PostgreSQL.  The network side (associations, release) is covered in test_dicom_flow.py.
+PostgreSQL.  The network side (associations, release) is covered in test_pacs_roundtrip.py.
 
 The expected input sets are computed independently of the trigger: by reading the phantom's folders with
 voxeldose.ingest and fingerprinting them, not from what the trigger stored.
@@ -8,6 +8,7 @@ voxeldose.ingest and fingerprinting them, not from what the trigger stored.
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -251,32 +252,9 @@ def test_second_cycle_gets_number_two_and_the_first_cycles_doses(setup: Any, sto
     _receive(node, _files(small_phantom, *ALL))
     [c1] = [d for d in trigger.tick(_after_quiet()) if d.state == "started"]
     [job1] = store.claim_queued(1)
-    out = tmp_path / "out1"
-    out.mkdir()
-    summary = {"cycle": {"number": 1}, "cumulative": {"cycles": [
-        {"number": 1, "date": "2026-01-01", "activity_MBq": 925.0, "kidney_gy": 4.2, "kidney_bed_gy": 5.1,
-         "marrow_gy": 0.3}]}}  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary))
-    store.finish(job1.id, str(out), job1.patient_id)
+    _finish_with_summary(store, job1, tmp_path / "out1", _summary_of(small_phantom, number=1))
 
-    # cycle 2: the same images shifted by 8 weeks, new UIDs (a new study)
-    shift = timedelta(weeks=8)
-    study = generate_uid()
-    series_map: dict[str, str] = {}
-    for_map: dict[str, str] = {}
-    files2 = []
-    for f in _files(small_phantom, *ALL):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series_map.setdefault(str(ds.SeriesInstanceUID), generate_uid())
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        _shift_dates(ds, shift, for_map)
-        p = tmp_path / "c2" / f"{len(files2)}.dcm"
-        p.parent.mkdir(exist_ok=True)
-        ds.save_as(p)
-        files2.append(p)
-    _receive(node, files2)
+    _receive(node, _shifted_copy(small_phantom, tmp_path / "c2", timedelta(weeks=8)))
     started = [d for d in trigger.tick(_after_quiet()) if d.state == "started"]
     assert len(started) == 1 and started[0].cycle_key != c1.cycle_key
     job2 = store.get_job(started[0].job_id)
@@ -284,6 +262,122 @@ def test_second_cycle_gets_number_two_and_the_first_cycles_doses(setup: Any, sto
     [earlier] = job2.spec["earlier_cycles"]
     assert earlier["number"] == 1 and earlier["kidney_gy"] == 4.2 and earlier["marrow_gy"] == 0.3
     assert earlier["kidney_bed_gy"] == 5.1
+
+
+def _summary_of(phantom: dict[str, Any], *, number: int, shift: timedelta = timedelta(0)) -> dict[str, Any]:
+    """A result's summary.json as the pipeline writes it (the keys the trigger reads), with made-up doses."""
+    from datetime import datetime
+
+    inj = datetime.fromisoformat(phantom["truth"]["injection"]["datetime"]) + shift
+    mbq = phantom["truth"]["injection"]["activity_bq"] / 1e6
+    return {"cycle": {"number": number, "injection": {"datetime": inj.isoformat(), "activity_MBq": mbq}},
+            "cumulative": {"cycles": [{"number": number, "date": inj.date().isoformat(), "activity_MBq": mbq,
+                                       "kidney_gy": 4.2, "kidney_bed_gy": 5.1, "marrow_gy": 0.3}]}}  # fmt: skip
+
+
+def _finish_with_summary(store: Any, job: Any, out: Path, summary: dict[str, Any]) -> None:
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps(summary))
+    store.finish(job.id, str(out), job.patient_id)
+
+
+def _shifted_copy(phantom: dict[str, Any], folder: Path, shift: timedelta) -> list[Path]:
+    """The phantom's images ``shift`` later (a later cycle of the same patient): new study, series, SOP
+    instance and frame-of-reference UIDs, every date moved."""
+    study = generate_uid()
+    series_map: dict[str, str] = {}
+    for_map: dict[str, str] = {}
+    out = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in _files(phantom, *ALL):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series_map.setdefault(str(ds.SeriesInstanceUID), generate_uid())
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        _shift_dates(ds, shift, for_map)
+        p = folder / f"{len(out)}.dcm"
+        ds.save_as(p)
+        out.append(p)
+    return out
+
+
+def test_earlier_cycle_arriving_later_renumbers_with_a_new_version(setup: Any, store: Any, small_phantom: dict,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """The PACS routes cycle 2 first, cycle 1 afterwards: cycle 2's first job counted itself as cycle 1 with no
+    earlier dose; once cycle 1 is in and measured, cycle 2 gets a new version numbered 2 carrying cycle 1's doses
+    (same images, another job description), and its first version is kept."""
+    settings, node, trigger = setup
+    _receive(node, _shifted_copy(small_phantom, tmp_path / "c2", timedelta(weeks=8)))
+    [v1] = trigger.tick(_after_quiet())
+    assert v1.state == "started" and v1.spec["cycle_number"] == 1 and v1.spec["earlier_cycles"] == []
+
+    _receive(node, _files(small_phantom, *ALL))  # cycle 1 arrives
+    d = {x.cycle_key: x for x in trigger.tick(_after_quiet())}
+    first = [x for x in d.values() if x.cycle_key != v1.cycle_key]
+    assert [x.state for x in first] == ["started"] and first[0].spec["cycle_number"] == 1
+    assert d[v1.cycle_key].state == "waiting" and "earlier cycle 1" in d[v1.cycle_key].reason
+
+    claimed = {j.id: j for j in store.claim_queued(5)}
+    _finish_with_summary(store, claimed[first[0].job_id], tmp_path / "out1", _summary_of(small_phantom, number=1))
+    later = [x for x in trigger.tick(_after_quiet() + timedelta(seconds=60)) if x.cycle_key == v1.cycle_key]
+    assert [x.state for x in later] == ["started"]
+    v2 = store.get_job(later[0].job_id)
+    assert v2.version == 2 and v2.supersedes == v1.job_id and v2.input_hash == v1.input_hash
+    assert v2.spec["cycle_number"] == 2
+    [earlier] = v2.spec["earlier_cycles"]
+    assert earlier["number"] == 1 and earlier["kidney_gy"] == 4.2
+    assert "earlier cycles changed" in later[0].reason
+    assert store.get_job(v1.job_id) is not None  # kept
+    # nothing changes any more: looked at again, no third version
+    again = trigger.evaluate_patient(_patient(small_phantom), _after_quiet() + timedelta(minutes=5))
+    assert sorted(x.state for x in again) == ["exists", "exists"]
+
+
+def test_an_uploaded_earlier_cycle_counts(setup: Any, store: Any, small_phantom: dict, tmp_path: Path) -> None:
+    """Cycle 1 measured through an HTTP upload (no images at the node): the node's cycle is number 2 and
+    carries cycle 1's doses from that result."""
+    settings, node, trigger = setup
+    job, _ = store.create_job(spec={"inputs": ["x"]}, input_dir="x", input_hash="a" * 64, patient_id=_patient(small_phantom),
+                              idempotency_key=None, submitted_by="physicist-1", source="upload")  # fmt: skip
+    [claimed] = store.claim_queued(1)
+    _finish_with_summary(store, claimed, tmp_path / "up", _summary_of(small_phantom, number=1))
+    _receive(node, _shifted_copy(small_phantom, tmp_path / "c2", timedelta(weeks=8)))
+    [d] = trigger.tick(_after_quiet())
+    assert d.state == "started" and d.spec["cycle_number"] == 2
+    assert [(e["number"], e["kidney_gy"], e["marrow_gy"]) for e in d.spec["earlier_cycles"]] == [(1, 4.2, 0.3)]
+
+
+def test_two_reconstructions_at_one_time_are_an_error_not_a_job(setup: Any, store: Any, small_phantom: dict,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    """A second SPECT series acquired at the same time (e.g. a non-attenuation-corrected reconstruction) would
+    count as an extra time point and make the job fail: the cycle is an error that says why."""
+    settings, node, trigger = setup
+    nm = _files(small_phantom, "tp2_024h/NM")[0]
+    ds = pydicom.dcmread(nm)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesDescription = "NAC"
+    twin = tmp_path / "nac.dcm"
+    ds.save_as(twin)
+    _receive(node, _files(small_phantom, "tp1_004h", "tp2_024h", "RTSTRUCT.dcm") + [twin])
+    [d] = trigger.tick(_after_quiet())
+    assert d.state == "error" and "same time" in d.reason
+    assert store.list_jobs()[1] == 0
+
+
+def test_a_mark_made_while_looking_is_not_lost(store: Any) -> None:
+    """clear_patient removes a pending mark only if nothing marked the patient after it was read."""
+    t0 = utcnow()
+    store.touch_patient("P1", t0)
+    [(pid, touched)] = store.due_patients(t0 + timedelta(seconds=1))
+    store.touch_patient("P1", t0)  # an instance arrives while the trigger looks
+    assert store.clear_patient("P1", touched) is False
+    assert [p for p, _ in store.due_patients(t0 + timedelta(seconds=1))] == ["P1"]
+    [(_, touched2)] = store.due_patients(t0 + timedelta(seconds=1))
+    assert store.clear_patient("P1", touched2) is True
+    assert store.due_patients(t0 + timedelta(days=1)) == []
 
 
 def _shift_dates(ds: Any, shift: timedelta, for_map: dict[str, str]) -> None:
@@ -314,3 +408,73 @@ def test_cycle_key_is_patient_and_injection() -> None:
     assert cycle_key("P1", t) == cycle_key("P1", t.replace(second=20))  # minutes resolution
     assert cycle_key("P1", t) != cycle_key("P2", t)
     assert cycle_key("P1", t) != cycle_key("P1", t + timedelta(days=56))
+
+
+# ------------------------------------------------------------------------------ over the network
+def _scu_assoc(port: int, files: list[Path]) -> Any:
+    from pynetdicom import AE
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ae = AE(ae_title="PACS")
+    for sop in {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files}:
+        ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="VOXELDOSE")
+    assert assoc.is_established
+    return assoc
+
+
+def _send(assoc: Any, files: list[Path]) -> None:
+    for f in files:
+        st = assoc.send_c_store(pydicom.dcmread(f))
+        assert st.Status == 0, f
+
+
+def _ready_at(store: Any, pid: str) -> Any:
+    from service.models import PendingPatient
+    from sqlalchemy import select
+
+    with store._read() as s:
+        return s.scalars(select(PendingPatient.ready_at).where(PendingPatient.patient_id == pid)).first()
+
+
+def test_release_waits_for_other_open_associations_of_the_patient(make_settings: Any, store: Any,
+                                                                  small_phantom: dict) -> None:  # fmt: skip
+    """Association A (NM + RTSTRUCT) is released while association B is halfway through a CT of the same
+    patient: the patient is not looked at before B ends (no job on half a CT); B's release makes it due."""
+    settings = make_settings(dicom_port=0, dicom_allowed_aets=["PACS"], dicom_min_free_mb=0, dicom_quiet_period_s=600)
+    trigger = Trigger(settings, store)
+    node = DicomNode(settings, store, trigger)
+    node.start()
+    pid = _patient(small_phantom)
+    try:
+        ct = _files(small_phantom, "tp1_004h/CT")
+        b = _scu_assoc(node.port, ct)
+        _send(b, ct[: len(ct) // 2])
+        a = _scu_assoc(node.port, _files(small_phantom, "tp1_004h/NM", "RTSTRUCT.dcm"))
+        _send(a, _files(small_phantom, "tp1_004h/NM", "RTSTRUCT.dcm"))
+        a.release()
+        time.sleep(0.3)  # the node handles the release in its own thread
+        assert _ready_at(store, pid) > utcnow() + timedelta(seconds=300)  # quiet period, not "now"
+        _send(b, ct[len(ct) // 2 :])
+        b.release()
+        deadline = time.monotonic() + 5
+        while _ready_at(store, pid) > utcnow() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _ready_at(store, pid) <= utcnow()  # due now
+    finally:
+        node.stop()
+
+
+def test_aborted_association_leaves_the_quiet_period(make_settings: Any, store: Any, small_phantom: dict) -> None:
+    settings = make_settings(dicom_port=0, dicom_allowed_aets=["PACS"], dicom_min_free_mb=0, dicom_quiet_period_s=600)
+    node = DicomNode(settings, store, Trigger(settings, store))
+    node.start()
+    try:
+        files = _files(small_phantom, "tp1_004h/NM")
+        a = _scu_assoc(node.port, files)
+        _send(a, files)
+        a.abort()
+        time.sleep(0.5)
+        assert _ready_at(store, _patient(small_phantom)) > utcnow() + timedelta(seconds=300)
+    finally:
+        node.stop()
