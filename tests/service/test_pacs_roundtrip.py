@@ -186,3 +186,63 @@ def test_an_unknown_calling_ae_is_refused(roundtrip: dict[str, Any]) -> None:
         with pytest.raises(OrthancError):
             pacs.push("voxeldose-other", roundtrip["studies"][:1])
         assert sum(s["instances"] for s in c.get("/v1/dicom/series").json()) == n
+
+
+def _another_patient(files: list[Path], folder: Path, patient_id: str) -> dict[str, list[Path]]:
+    """The phantom as another patient: new PatientID and new study/series/SOP/frame-of-reference UIDs,
+    by time point (the RTSTRUCT and SEG go with the first, as in the phantom)."""
+    from pydicom.uid import generate_uid
+
+    maps: dict[str, str] = {}
+
+    def new(uid: Any) -> str:
+        return maps.setdefault(str(uid), generate_uid())
+
+    def walk(ds: Any) -> None:
+        for el in ds:
+            if el.VR == "SQ":
+                for item in el.value:
+                    walk(item)
+            elif el.VR == "UI" and el.value and el.keyword not in ("SOPClassUID", "ReferencedSOPClassUID",
+                                                                    "TransferSyntaxUID", "MediaStorageSOPClassUID",
+                                                                    "ImplementationClassUID", "CodingSchemeUID"):  # fmt: skip
+                el.value = new(el.value) if not isinstance(el.value, list) else [new(v) for v in el.value]
+
+    out: dict[str, list[Path]] = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PatientID = patient_id
+        walk(ds)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        p = folder / f"{len(list(folder.iterdir()))}.dcm"
+        ds.save_as(p)
+        tp = next((part for part in f.parts if part.startswith("tp")), "tp1_004h")
+        out.setdefault(tp, []).append(p)
+    return out
+
+
+def test_a_study_pushed_in_two_halves_starts_one_job_after_the_second(roundtrip: dict[str, Any], tmp_path: Path) -> None:
+    """Two time points first (the rule asks for three): the cycle waits and says why; the other two later:
+    one job, on all four."""
+    pacs: Orthanc = roundtrip["pacs"]
+    server: ServerProc = roundtrip["server"]
+    by_tp = _another_patient(roundtrip["files"], tmp_path / "p2", "VXD-HALVES")
+
+    def studies_of(tps: list[str]) -> list[str]:
+        ids = [pacs.upload(p) for tp in tps for p in by_tp[tp]]
+        return sorted({pacs.get(f"/instances/{i}/study")["ID"] for i in ids})
+
+    with _client(roundtrip) as c:
+        pacs.push("voxeldose", studies_of(["tp1_004h", "tp2_024h"]))
+        waiting = _wait(lambda: c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json(), 30,
+                        "the first half to be looked at", server)  # fmt: skip
+        assert [x["state"] for x in waiting] == ["waiting"] and "2 of 3 SPECT time points" in waiting[0]["reason"]
+        assert c.get("/v1/jobs", params={"patient_id": "VXD-HALVES"}).json()["total"] == 0
+
+        pacs.push("voxeldose", studies_of(["tp3_096h", "tp4_168h"]))
+        jobs = _wait(lambda: c.get("/v1/jobs", params={"patient_id": "VXD-HALVES"}).json()["items"], 30,
+                     "the job after the second half", server)  # fmt: skip
+        assert len(jobs) == 1 and jobs[0]["version"] == 1
+        [cycle] = c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json()
+        assert cycle["state"] == "started" and cycle["timepoints"] == 4 and cycle["job_id"] == jobs[0]["id"]
