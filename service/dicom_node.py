@@ -112,7 +112,8 @@ class StoreOutcome:
     patient_id: str | None = None  # PatientID of the instance (None when refused or absent)
 
 
-def _valid_uid(value: Any) -> str | None:
+def valid_uid(value: Any) -> str | None:
+    """The UID as the node accepts it (digits and dots, at most 64 characters; they become path parts), else None."""
     s = str(value or "").strip().rstrip("\x00")
     return s if s and len(s) <= 64 and _UID_RE.match(s) else None
 
@@ -399,7 +400,7 @@ class DicomNode:
         for kw, key in (("SOPInstanceUID", "sop_instance_uid"), ("SOPClassUID", "sop_class_uid"),
                         ("StudyInstanceUID", "study_instance_uid"), ("SeriesInstanceUID", "series_instance_uid")):  # fmt: skip
             try:
-                v = _valid_uid(ds.get(kw))
+                v = valid_uid(ds.get(kw))
             except Exception:  # noqa: BLE001
                 v = None
             if v is None:

@@ -31,6 +31,9 @@ log = logging.getLogger("service.sender")
 
 #: The result files sent, in this order (those a job wrote).
 RESULT_FILES = ("rtdose.dcm", "seg.dcm", "sr.dcm")
+#: C-STORE statuses that mean "stored" (PS3.4 Table B.2-1): success, and the warnings coercion of data
+#: elements (0xB000), elements discarded (0xB006), data set does not match SOP class (0xB007).
+STORED_STATUSES = (0x0000, 0xB000, 0xB006, 0xB007)
 MAX_RETRY_S = 3600.0
 
 
@@ -50,8 +53,7 @@ class Destination:
 
 def send_files(paths: list[Path], dest: Destination, *, calling_ae: str, timeout_s: float = 60.0) -> list[int]:
     """C-STORE ``paths`` to ``dest`` in one association; returns the status of each.  Raises
-    :class:`SendError` when the association fails or any status is neither success (0x0000) nor a
-    warning (0xB000, 0xB006, 0xB007)."""
+    :class:`SendError` when the association fails or any status is not in :data:`STORED_STATUSES`."""
     datasets = [dcmread(p) for p in paths]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
@@ -70,7 +72,7 @@ def send_files(paths: list[Path], dest: Destination, *, calling_ae: str, timeout
             status = assoc.send_c_store(ds)
             code = int(getattr(status, "Status", -1)) if status else -1
             statuses.append(code)
-            if code not in (0x0000, 0xB000, 0xB006, 0xB007):
+            if code not in STORED_STATUSES:
                 what = "no response (timeout or aborted)" if code == -1 else f"status 0x{code:04X}"
                 raise SendError(f"{dest} did not store {path.name}: {what}")
     finally:
@@ -100,7 +102,7 @@ class Sender:
         if self.destination is None:
             return 0
         now = now or utcnow()
-        dest = str(self.destination)
+        dest = self.settings.dicom_destination  # the key of its deliveries (also what POST /v1/jobs/{id}/send uses)
         since = now - timedelta(hours=self.settings.dicom_send_max_age_h)
         for job in self.store.jobs_needing_delivery(tuple(self.settings.dicom_send_sources), dest, since):
             self.store.add_delivery(job.id, dest, now)

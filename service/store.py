@@ -76,6 +76,15 @@ class JobRecord:
     version: int | None = None  # node-started jobs: 1, 2, … per cycle (a late series adds a version)
     supersedes: str | None = None  # the job of the previous version
 
+    def summary(self) -> dict[str, Any] | None:
+        """The job's ``summary.json`` when it succeeded and the file is readable, else None."""
+        if self.state != "succeeded" or not self.result_dir:
+            return None
+        try:
+            return json.loads((Path(self.result_dir) / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def to_public(self) -> dict[str, Any]:
         """JSON for the API: no filesystem paths (input_dir, result_dir, spec inputs)."""
         spec = {k: v for k, v in self.spec.items() if k != "inputs"}

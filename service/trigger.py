@@ -35,8 +35,8 @@ earlier cycle's job is still queued or running, the later cycle waits for it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -83,47 +83,31 @@ def cycle_key(patient_id: str, injection: datetime | None) -> str:
 
 
 def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:
-    """Freeze an input set: hard links (copies across file systems) of ``paths`` in ``root/name``,
-    built in a temporary folder and renamed into place.  Received files are never moved or changed."""
+    """Freeze an input set: :func:`service.uploads.link_files` into a temporary folder, renamed to ``root/name``."""
+    from .uploads import TMP_PREFIX, link_files
+
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = root / f".tmp-{name}"
+    tmp = root / f"{TMP_PREFIX}{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for n, src in enumerate(sorted(set(Path(p) for p in paths))):
-            sub = tmp / src.parent.name
-            sub.mkdir(exist_ok=True)
-            dst = sub / src.name
-            if dst.exists():
-                dst = sub / f"{n}-{src.name}"
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
+        link_files([Path(p) for p in paths], tmp)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def _summary(job: Any) -> dict[str, Any] | None:
-    if not job.result_dir:
-        return None
-    try:
-        return json.loads((Path(job.result_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def earlier_cycle_entry(number: int, injection: datetime, activity_mbq: float, job: Any | None) -> dict[str, Any]:
-    """An ``earlier_cycles`` item of the job spec: the doses of that cycle's newest result, when there is one."""
+def earlier_cycle_entry(number: int, injection: datetime, activity_mbq: float,
+                        summary: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """An ``earlier_cycles`` item of the job spec: the doses of that cycle's newest result (its ``summary``),
+    when there is one."""
     entry: dict[str, Any] = {"number": number, "date": injection.date().isoformat(), "activity_mbq": activity_mbq}
-    s = _summary(job) if job is not None else None
-    if s is None:
+    if summary is None:
         return entry
-    own = (s.get("cycle") or {}).get("number")
-    for row in (s.get("cumulative") or {}).get("cycles") or []:
+    own = (summary.get("cycle") or {}).get("number")
+    for row in (summary.get("cumulative") or {}).get("cycles") or []:
         if row.get("number") == own:
             for key in ("kidney_gy", "kidney_bed_gy", "marrow_gy"):
                 if row.get(key) is not None:
@@ -241,7 +225,7 @@ class Trigger:
                 self.store.touch_patient(patient_id, now + timedelta(seconds=RECHECK_S))
                 decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
                 continue
-            spec = json.loads(json.dumps(self.settings.trigger_spec))
+            spec = copy.deepcopy(self.settings.trigger_spec)
             if not complete and len(c.timepoints) == 1:
                 spec.setdefault("fit", {})["model"] = "stp"
             spec.update(patient_id=patient_id, cycle_number=numbers[_slot(numbers, c.injection.start)],
@@ -294,12 +278,12 @@ class Trigger:
         log.warning("trigger: a patient's data cannot form a therapy cycle (see GET /v1/dicom/cycles)")
         return Decision(key, "error", reason)
 
-    def _results_by_injection(self, patient_id: str) -> list[tuple[datetime, Any]]:
-        """The patient's succeeded jobs of any origin (node, upload, API), by the injection their summary
-        names: ``(injection, newest job)`` per injection, oldest first."""
-        out: dict[datetime, Any] = {}
+    def _results_by_injection(self, patient_id: str) -> list[tuple[datetime, dict[str, Any]]]:
+        """The summaries of the patient's succeeded jobs of any origin (node, upload, API), by the injection
+        they name: ``(injection, newest summary)`` per injection, oldest first (each file read once)."""
+        out: dict[datetime, dict[str, Any]] = {}
         for job in self.store.patient_jobs(patient_id):  # oldest first
-            s = _summary(job)
+            s = job.summary()
             when = ((s or {}).get("cycle") or {}).get("injection", {}).get("datetime")
             if not when:
                 continue
@@ -308,7 +292,7 @@ class Trigger:
             except ValueError:
                 continue
             slot = next((k for k in out if abs((k - t).total_seconds()) <= SAME_CYCLE_S), t)
-            out[slot] = job  # a later job for the same injection replaces the earlier one
+            out[slot] = s  # a later job for the same injection replaces the earlier one
         return sorted(out.items(), key=lambda kv: kv[0])
 
     @staticmethod
@@ -321,7 +305,7 @@ class Trigger:
                 merged.append(t)
         return {t: n for n, t in enumerate(merged, start=1)}
 
-    def _earlier_cycles(self, patient_id: str, ordered: list[Any], history: list[tuple[datetime, Any]], this: Any,
+    def _earlier_cycles(self, patient_id: str, ordered: list[Any], history: list[tuple[datetime, dict[str, Any]]], this: Any,
                         numbers: dict[datetime, int]) -> tuple[list[dict[str, Any]], int | None]:  # fmt: skip
         """``earlier_cycles`` for the job of ``this`` cycle — every cycle injected before it, received here
         or known from a result — and the number of an earlier cycle whose job is still queued or running
@@ -332,7 +316,7 @@ class Trigger:
             if when >= limit:
                 continue
             received = next((c for c in ordered if abs((c.injection.start - when).total_seconds()) <= SAME_CYCLE_S), None)
-            result = next((j for t, j in history if abs((t - when).total_seconds()) <= SAME_CYCLE_S), None)
+            result = next((r for t, r in history if abs((t - when).total_seconds()) <= SAME_CYCLE_S), None)
             activity: float | None = None
             if received is not None:
                 jobs = self.store.cycle_jobs(cycle_key(patient_id, received.injection.start))
@@ -341,7 +325,7 @@ class Trigger:
                 activity = received.injection.activity_bq / 1e6
                 when = received.injection.start
             if activity is None and result is not None:
-                activity = ((_summary(result) or {}).get("cycle") or {}).get("injection", {}).get("activity_MBq")
+                activity = (result.get("cycle") or {}).get("injection", {}).get("activity_MBq")
             if activity is None:
                 continue
             out.append(earlier_cycle_entry(n, when, float(activity), result))

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -182,51 +183,59 @@ async def receive_multipart(request: Request, settings: Any) -> Received:
 
     The caller owns ``Received.tmp`` (and must remove it when the upload is rejected); on an error raised
     here the folder is already removed."""
-    import python_multipart
     from python_multipart.multipart import parse_options_header
 
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if not boundary:
         raise ProblemError(400, "Bad request", "multipart/form-data without a boundary", slug="bad-request")
-    limit = int(settings.max_upload_mb) * MB
     root = incoming_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     tmp.mkdir()
     sink = _MultipartSink(tmp)
-    callbacks = {k: getattr(sink, k) for k in (
-        "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
-        "on_header_end", "on_headers_finished")}  # fmt: skip
+    try:
+        received = await stream_multipart(request, settings, boundary, sink, (
+            "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
+            "on_header_end", "on_headers_finished"), body="the upload", kind="multipart")  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    spec_text = bytes(sink.spec).decode("utf-8", "replace") if sink.spec_parts else None
+    return Received(tmp, sink.files, spec_text, received)
+
+
+async def stream_multipart(request: Request, settings: Any, boundary: bytes, sink: Any, callbacks: tuple[str, ...],
+                           *, body: str, kind: str) -> int:  # fmt: skip
+    """Feed the request body, as it arrives, to a python-multipart parser calling ``sink``'s ``callbacks``;
+    returns the bytes received and always closes the sink.  Problems: 413 over ``max_upload_mb`` (naming
+    ``body``), 507 when the disk fills, 400 when the ``kind`` body cannot be parsed."""
+    import python_multipart
+
+    limit = int(settings.max_upload_mb) * MB
     received = 0
     try:
-        parser = python_multipart.MultipartParser(boundary, callbacks)
+        parser = python_multipart.MultipartParser(boundary, {k: getattr(sink, k) for k in callbacks})
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
-                raise too_large(settings, "the upload")
+                raise too_large(settings, body)
             if chunk:
                 await run_in_threadpool(parser.write, chunk)
         parser.finalize()
     except ProblemError:
-        sink.close()
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     except OSError as exc:
-        sink.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == 28:  # ENOSPC
-            raise ProblemError(507, "Insufficient storage", "the disk filled up while receiving the upload",
+        if exc.errno == errno.ENOSPC:
+            raise ProblemError(507, "Insufficient storage", f"the disk filled up while receiving {body}",
                                slug="insufficient-storage") from None  # fmt: skip
         raise
-    except Exception as exc:  # malformed multipart, client went away
-        sink.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ProblemError(400, "Bad request", f"the multipart body could not be read ({type(exc).__name__})",
+    except Exception as exc:  # noqa: BLE001 - malformed multipart, client went away
+        raise ProblemError(400, "Bad request", f"the {kind} body could not be read ({type(exc).__name__})",
                            slug="bad-request") from None  # fmt: skip
-    sink.close()
-    spec_text = bytes(sink.spec).decode("utf-8", "replace") if sink.spec_parts else None
-    return Received(tmp, sink.files, spec_text, received)
+    finally:
+        sink.close()
+    return received
 
 
 # ------------------------------------------------------------------------------------------- zip
@@ -391,18 +400,27 @@ def receive_series(store: Any, series_instance_uids: list[str], settings: Any) -
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     tmp.mkdir()
-    files = []
     try:
-        for inst in instances:
-            sub = tmp / inst.series_instance_uid
-            sub.mkdir(exist_ok=True)
-            dst = sub / f"{inst.sop_instance_uid}.dcm"
-            try:
-                os.link(inst.path, dst)
-            except OSError:
-                shutil.copy2(inst.path, dst)
-            files.append(dst)
+        files = link_files([Path(i.path) for i in instances], tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Received(tmp=tmp, files=files, spec_text=None, bytes=sum(i.size for i in instances))
+
+
+def link_files(paths: list[Path], folder: Path) -> list[Path]:
+    """Hard links (copies across file systems) of received files in ``folder/<series>/<name>``, the layout
+    of the DICOM store (``dicom/<study>/<series>/<SOP>.dcm``).  The received files are never moved or changed."""
+    out = []
+    for n, src in enumerate(sorted(set(paths))):
+        sub = folder / src.parent.name
+        sub.mkdir(exist_ok=True)
+        dst = sub / src.name
+        if dst.exists():
+            dst = sub / f"{n}-{src.name}"
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        out.append(dst)
+    return out

@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 NM = "1.2.840.10008.5.1.4.1.1.20"
 CT = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def _base(sop_class: str, patient_id: str, study_uid: str, series_uid: str, for_uid: str, modality: str) -> Dataset:
@@ -45,6 +46,13 @@ def _pixels(ds: Dataset, arr: np.ndarray) -> None:
     ds.HighBit = 15
     ds.PixelRepresentation = 1 if arr.dtype == np.int16 else 0
     ds.PixelData = arr.tobytes()
+
+
+def secondary_capture(patient_id: str = "SC1", size: int = 8) -> Dataset:
+    """A valid PS3.10 Secondary Capture image (a SOP class voxeldose neither reads nor accepts)."""
+    ds = _base(SECONDARY_CAPTURE, patient_id, generate_uid(), generate_uid(), generate_uid(), "OT")
+    _pixels(ds, np.zeros((size, size), np.uint16))
+    return ds
 
 
 def nm_tomo(

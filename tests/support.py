@@ -5,6 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
+
+def stored_files(node: Any) -> list[Path]:
+    """Every file under a DICOM node's store (``data_dir/dicom``), sorted."""
+    root = node.settings.dicom_dir
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
 
 def dciodvfy_errors(exe: str, path: Path) -> list[str]:
     """Lines of dciodvfy's report on ``path`` that are errors."""

@@ -276,8 +276,12 @@ def test_phantom_ct_numbers_give_back_the_truth_densities():
         assert hu == int(hu), name  # the CT stores whole HU
         assert hu_to_density(hu) == pytest.approx(rho, rel=0.02), (name, hu, hu_to_density(hu), rho)
     hu_bone = by_name["cortical_bone"][0]
-    # Schneider et al. 2000 (Phys Med Biol 45:459), bone segment above 100 HU: ρ = 1.017 + 0.592e-3 · HU g/cm³
-    assert 1.017 + 0.592e-3 * hu_bone == pytest.approx(1.92, rel=0.01)
+    # Schneider et al. 2000 (Phys Med Biol 45:459), bone segment above 100 HU: ρ = 1.017 + 0.592e-3 · HU g/cm³,
+    # typed here from the paper: the phantom's bone HU must give ICRU 44's cortical bone (1.92 g/cm³) on it…
+    published = 1.017 + 0.592e-3 * hu_bone
+    assert published == pytest.approx(1.92, rel=0.01)
+    # …and the code's HU → density conversion must be that published line there (float32 arithmetic)
+    assert hu_to_density(hu_bone) == pytest.approx(published, rel=1e-6)
 
 
 def test_phantom_ct_maps_to_tissue_densities_voxel_by_voxel():

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 
 from .. import uploads
+from ..dicom_node import valid_uid
 from .deps import Principal, require
 from .problems import ProblemError, responses
 
@@ -64,15 +64,6 @@ FAIL_STUDY_MISMATCH = 0xA901  # implementation-specific: StudyInstanceUID is not
 # Warning Reason (0008,1196), implementation-specific: same SOPInstanceUID as a stored instance, other bytes;
 # kept next to the first copy as a conflict (the first copy stays the one used).
 WARN_CONFLICT = 0xB00E
-
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-def _valid_uid(value: Any) -> str | None:
-    """The UID as the DICOM node reads it (digits and dots, at most 64 characters), else None."""
-    s = str(value or "").strip().rstrip("\x00")
-    return s if s and len(s) <= 64 and _UID_RE.match(s) else None
 
 
 # ------------------------------------------------------------------------------------- media types
@@ -175,35 +166,10 @@ class _Sink:
 
 async def _receive(request: Request, settings: Any, boundary: bytes, tmp: Path) -> list[_Part]:
     """Stream the body into ``tmp`` (the caller creates and removes it); ProblemError on a bad body."""
-    import python_multipart
-
-    limit = int(settings.max_upload_mb) * uploads.MB
     sink = _Sink(tmp)
-    callbacks = {k: getattr(sink, k) for k in (
+    await uploads.stream_multipart(request, settings, boundary, sink, (
         "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end",
-        "on_end")}  # fmt: skip
-    received = 0
-    try:
-        parser = python_multipart.MultipartParser(boundary, callbacks)
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise uploads.too_large(settings, "the request body")
-            if chunk:
-                await run_in_threadpool(parser.write, chunk)
-        parser.finalize()
-    except ProblemError:
-        raise
-    except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
-            raise ProblemError(507, "Insufficient storage", "the disk filled up while receiving the request",
-                               slug="insufficient-storage") from None  # fmt: skip
-        raise
-    except Exception as exc:  # noqa: BLE001 - malformed multipart, client went away
-        raise ProblemError(400, "Bad request", f"the multipart/related body could not be read ({type(exc).__name__})",
-                           slug="bad-request") from None  # fmt: skip
-    finally:
-        sink.close()
+        "on_end"), body="the request body", kind="multipart/related")  # fmt: skip
     if not sink.ended:
         raise ProblemError(400, "Bad request", "the multipart/related body ends before its closing boundary",
                            slug="bad-request")  # fmt: skip
@@ -236,14 +202,14 @@ def _peek(path: Path) -> tuple[str | None, str | None, str | None, str | None]:
     out: list[str | None] = []
     for v in values:
         try:
-            out.append(_valid_uid(v))
+            out.append(valid_uid(v))
         except Exception:  # noqa: BLE001
             out.append(None)
     return out[0], out[1], out[2], out[3]
 
 
 def _store_one(node: Any, part: _Part, study: str | None) -> _Result:
-    from ..dicom_node import STATUS_SUCCESS, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+    from ..dicom_node import STATUS_SUCCESS, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES  # what an association may carry
 
     ptype, _ = _params(part.content_type)
     sop_class, sop_instance, study_uid, ts = _peek(part.path)
@@ -348,7 +314,7 @@ async def _stow(request: Request, who: Principal, study: str | None) -> Response
     settings = request.app.state.settings
     node = request.app.state.dicom_node
     boundary = _check_media_types(request)
-    if study is not None and _valid_uid(study) != study:
+    if study is not None and valid_uid(study) != study:
         raise ProblemError(400, "Bad request", "the study in the URL is not a valid UID (digits and dots, at most "
                            "64 characters)", slug="bad-request")  # fmt: skip
     uploads.check_free_disk(settings)

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import uploads
+from ..models import utcnow
 from .deps import Principal, get_store, may_read, principal, require
 from .problems import PROBLEM_JSON, ProblemError, responses
 
@@ -290,10 +291,8 @@ def get_job(job_id: str, who: Principal = Depends(principal), store: Any = Depen
 )
 def resend_job(request: Request, job_id: str, who: Principal = Depends(require("physicist")),
                store: Any = Depends(get_store)) -> Job:  # fmt: skip
-    from datetime import timezone
-
     rec = readable_job(store, job_id, who)
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     dest = request.app.state.settings.dicom_destination
     queued = 0
     if dest and rec.state == "succeeded" and rec.result_dir:
@@ -374,8 +373,8 @@ def get_report(job_id: str, who: Principal = Depends(principal), store: Any = De
 
 
 def load_summary(rec: Any) -> dict[str, Any] | None:
-    if rec.state != "succeeded" or not rec.result_dir:
-        return None
+    """The job's summary.json, or None (see :meth:`service.store.JobRecord.summary`)."""
+    return rec.summary()
     p = Path(rec.result_dir) / "summary.json"
     try:
         return json.loads(p.read_text())

@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ pytest.importorskip("sqlalchemy")
 httpx = pytest.importorskip("httpx")
 
 import serverproc  # tests/service, on sys.path through conftest.py
-from serverproc import ServerProc, auth, child_env, free_port, kill_session, session_pids, voxeldose_cmd
+from serverproc import ServerProc, auth, child_env, free_port, stop_session, voxeldose_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -111,21 +110,7 @@ class RayNode:
         """SIGTERM to ``ray start --block`` (it stops its node's processes), then SIGKILL of the session's rest."""
         if self.proc is None:
             return
-        sid = self.proc.pid
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.monotonic() + 20
-        while session_pids(sid) and time.monotonic() < deadline:
-            kill_session(sid)
-            time.sleep(0.2)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        left = session_pids(sid)
+        left = stop_session(self.proc, term_timeout=30.0, linger_s=20.0)
         self.proc = None
         assert not left, f"processes of ray start ({self.name}) survived: {left}"
 

@@ -7,6 +7,8 @@
   own, dropped afterwards); ``bash tests/service/postgres.sh`` starts one and prints the URL.
 - ``make_settings``: :class:`service.config.Settings` on a data folder in ``tmp_path``.
 - ``small_phantom``: the small synthetic patient, written once per session.
+- ``start_node``: ``start(**settings)`` → a listening :class:`service.dicom_node.DicomNode` on a free port
+  (calling AE titles allowed: the test module's ``NODE_ALLOWED_AETS``), stopped after the test.
 """
 
 from __future__ import annotations
@@ -102,3 +104,23 @@ def small_phantom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_phantom(d, PhantomSettings.small())
     truth = json.loads((d / "truth" / "truth.json").read_text())
     return {"dir": d, "dicom": d / "dicom", "truth": truth}
+
+
+@pytest.fixture
+def start_node(request: pytest.FixtureRequest, make_settings: Callable[..., Any], store: Any) -> Iterator[Callable[..., Any]]:
+    from service.dicom_node import DicomNode
+
+    allowed = list(getattr(request.module, "NODE_ALLOWED_AETS", []))
+    nodes: list[Any] = []
+
+    def start(**overrides: Any) -> Any:
+        kw: dict[str, Any] = dict(dicom_host="127.0.0.1", dicom_port=0, dicom_allowed_aets=allowed, dicom_min_free_mb=0)
+        kw.update(overrides)
+        node = DicomNode(make_settings(**kw), store)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for n in nodes:
+        n.stop()

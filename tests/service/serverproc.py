@@ -161,32 +161,37 @@ class ServerProc:
 
     def kill9(self) -> None:
         """SIGKILL the server and everything it started (its session), as a power cut would."""
-        if self.proc is None:
-            return
-        sid = self.proc.pid
-        kill_session(sid)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        # Ray processes the server started are now orphans; make sure none lingers
-        deadline = time.monotonic() + 10
-        while session_pids(sid) and time.monotonic() < deadline:
-            kill_session(sid)
-            time.sleep(0.2)
+        if self.proc is not None:
+            stop_session(self.proc, term_timeout=None)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (clean shutdown: dispatcher stop, ray.shutdown), then SIGKILL of whatever is left."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-                self.proc.wait(timeout=timeout)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                pass
-        self.kill9()
-        self.proc = None
+        if self.proc is not None:
+            stop_session(self.proc, term_timeout=timeout)
+            self.proc = None
+
+
+def stop_session(proc: subprocess.Popen, *, term_timeout: float | None = 30.0, linger_s: float = 10.0) -> list[int]:
+    """Stop ``proc``, started with ``start_new_session=True``, and everything in its session: SIGTERM and up to
+    ``term_timeout`` s for a clean exit (None: straight to SIGKILL), then SIGKILL of the session until none is
+    left (up to ``linger_s``: orphans such as Ray's workers).  Returns the pids that survived."""
+    sid = proc.pid
+    if term_timeout is not None and proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=term_timeout)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+    kill_session(sid)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    deadline = time.monotonic() + linger_s
+    while session_pids(sid) and time.monotonic() < deadline:
+        kill_session(sid)
+        time.sleep(0.2)
+    return session_pids(sid)
 
 
 # ------------------------------------------------------------------------------------ client helpers

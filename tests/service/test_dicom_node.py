@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -20,36 +20,16 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from dicom_factory import secondary_capture  # noqa: E402
+from support import stored_files  # noqa: E402
+
 needs_dcmtk = pytest.mark.skipif(
     shutil.which("storescu") is None or shutil.which("echoscu") is None, reason="dcmtk (echoscu, storescu) not installed"
 )
 
 SCU = "TESTSCU"
+NODE_ALLOWED_AETS = [SCU]  # for the start_node fixture (conftest.py)
 AET = "VOXELDOSE"
-
-
-@pytest.fixture
-def start_node(make_settings: Callable[..., Any], store: Any) -> Iterator[Callable[..., Any]]:
-    from service.dicom_node import DicomNode
-
-    nodes: list[Any] = []
-
-    def start(**overrides: Any) -> Any:
-        kw: dict[str, Any] = dict(dicom_host="127.0.0.1", dicom_port=0, dicom_allowed_aets=[SCU], dicom_min_free_mb=0)
-        kw.update(overrides)
-        node = DicomNode(make_settings(**kw), store)
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for n in nodes:
-        n.stop()
-
-
-def _dcm_files(node: Any) -> list[Path]:
-    root = node.settings.dicom_dir
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
 def echoscu(node: Any, calling: str = SCU, called: str = AET) -> subprocess.CompletedProcess:
@@ -135,7 +115,7 @@ def test_store_a_study_dedup_and_conflict(start_node: Callable[..., Any], store:
     sent = sorted(p for p in small_phantom["dicom"].rglob("*") if p.is_file())
     r = storescu(node, small_phantom["dicom"])
     assert r.returncode == 0, r.stderr[-2000:]
-    files = _dcm_files(node)
+    files = stored_files(node)
     assert len(files) == len(sent) == store.count_instances()
     assert all(f.suffix == ".dcm" and not f.name.startswith(".") for f in files)
     # layout <Study>/<Series>/<SOP>.dcm, valid Part 10 files
@@ -157,7 +137,7 @@ def test_store_a_study_dedup_and_conflict(start_node: Callable[..., Any], store:
     # the same study again: no second copy
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     assert storescu(node, small_phantom["dicom"]).returncode == 0
-    assert _dcm_files(node) == files and store.count_instances() == len(sent)
+    assert stored_files(node) == files and store.count_instances() == len(sent)
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
 
     # a changed instance with the same SOPInstanceUID: kept next to the first, flagged
@@ -176,10 +156,10 @@ def test_store_a_study_dedup_and_conflict(start_node: Callable[..., Any], store:
     assert cpath.parent == Path(rec.path).parent and cpath.name == f"{changed.SOPInstanceUID}.conflict-{conflicts[0]['sha256'][:8]}.dcm"
     assert dcmread(cpath).SeriesDescription == "changed on the way"
     assert dcmread(rec.path).get("SeriesDescription") != "changed on the way"
-    assert len(_dcm_files(node)) == len(sent) + 1
+    assert len(stored_files(node)) == len(sent) + 1
     # the same changed copy again: nothing new
     assert storescu(node, mod.parent).returncode == 0
-    assert len(_dcm_files(node)) == len(sent) + 1 and len(store.instance_conflicts(changed.SOPInstanceUID)) == 1
+    assert len(stored_files(node)) == len(sent) + 1 and len(store.instance_conflicts(changed.SOPInstanceUID)) == 1
     assert sum(s["conflicts"] for s in store.series_summary()) == 1
 
 
@@ -188,11 +168,11 @@ def test_unsupported_sop_class_is_refused_at_association(start_node: Callable[..
     node = start_node()
     sc = tmp_path / "sc" / "sc.dcm"
     sc.parent.mkdir()
-    _secondary_capture().save_as(sc, enforce_file_format=True)
+    secondary_capture().save_as(sc, enforce_file_format=True)
     r = storescu(node, sc.parent)
     assert r.returncode != 0
     assert "presentation context" in (r.stdout + r.stderr).lower()
-    assert _dcm_files(node) == [] and store.count_instances() == 0
+    assert stored_files(node) == [] and store.count_instances() == 0
 
 
 def test_garbage_and_truncated_data_sets_get_c000(start_node: Callable[..., Any], store: Any, small_phantom: dict, tmp_path: Path) -> None:
@@ -219,7 +199,7 @@ def test_garbage_and_truncated_data_sets_get_c000(start_node: Callable[..., Any]
     assert pynet_store(node, trunc, CTImageStorage, chunked=True) == 0xC000
     # the whole CT then succeeds (the node is still fine)
     assert pynet_store(node, ct, CTImageStorage, chunked=True) == 0x0000
-    assert [p.name for p in _dcm_files(node)] == [f"{ds.SOPInstanceUID}.dcm"]
+    assert [p.name for p in stored_files(node)] == [f"{ds.SOPInstanceUID}.dcm"]
     assert store.count_instances() == 1
 
 
@@ -231,7 +211,7 @@ def test_unsafe_uids_never_become_paths(start_node: Callable[..., Any], store: A
     ds.save_as(bad, enforce_file_format=True)
     out = node.receive_file(bad, calling_ae=SCU)
     assert out.status == 0xC000 and out.result == "refused"
-    assert _dcm_files(node) == [] and not (tmp_path / "escape").exists() and store.count_instances() == 0
+    assert stored_files(node) == [] and not (tmp_path / "escape").exists() and store.count_instances() == 0
 
 
 def test_low_disk_gives_a700_and_no_file(start_node: Callable[..., Any], store: Any, small_phantom: dict) -> None:
@@ -239,7 +219,7 @@ def test_low_disk_gives_a700_and_no_file(start_node: Callable[..., Any], store: 
 
     node = start_node(dicom_min_free_mb=10**9)
     assert pynet_store(node, _a_ct_file(small_phantom), CTImageStorage, chunked=False) == 0xA700
-    assert _dcm_files(node) == [] and store.count_instances() == 0
+    assert stored_files(node) == [] and store.count_instances() == 0
 
 
 def test_leftover_partials_are_removed_at_start(make_settings: Callable[..., Any], store: Any) -> None:
@@ -287,24 +267,3 @@ def test_voxeldose_dicom_node_command(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _secondary_capture() -> Dataset:
-    import numpy as np
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.Modality = "SC1", "OT"
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.PixelData = np.zeros((8, 8), np.uint16).tobytes()
-    return ds

@@ -23,13 +23,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("pynetdicom")
 pytest.importorskip("python_multipart")
 from fastapi.testclient import TestClient
+
+import dicom_factory
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from service.app import create_app
@@ -162,22 +160,8 @@ def truncated(data: bytes, cut: int = 1000) -> bytes:
 
 def secondary_capture() -> bytes:
     """A valid PS3.10 instance of a SOP class the DICOM node does not accept."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.Modality = "SC-1", "OT"
-    ds.Rows = ds.Columns = 4
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    dicom_factory.secondary_capture("SC-1", 4).save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 

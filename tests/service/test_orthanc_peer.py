@@ -26,10 +26,12 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from orthanc import Orthanc, OrthancError, require_orthanc, start_orthanc  # noqa: E402
+from support import stored_files  # noqa: E402
 
 pytestmark = [pytest.mark.xdist_group("orthanc")]
 
 PACS_AET = "ORTHANC"
+NODE_ALLOWED_AETS = [PACS_AET]  # for the start_node fixture (conftest.py)
 OUR_AET = "VOXELDOSE"
 
 
@@ -59,30 +61,6 @@ def study_in_pacs(pacs: Orthanc, small_phantom: dict) -> dict[str, Any]:
     return {"id": studies[0]["ID"], "uid": study_uid, "files": files, "sops": sops}
 
 
-@pytest.fixture
-def start_node(make_settings: Callable[..., Any], store: Any) -> Iterator[Callable[..., Any]]:
-    from service.dicom_node import DicomNode
-
-    nodes: list[Any] = []
-
-    def start(**overrides: Any) -> Any:
-        kw: dict[str, Any] = dict(dicom_host="127.0.0.1", dicom_port=0, dicom_allowed_aets=[PACS_AET], dicom_min_free_mb=0)
-        kw.update(overrides)
-        node = DicomNode(make_settings(**kw), store)
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for n in nodes:
-        n.stop()
-
-
-def _dcm_files(node: Any) -> list[Path]:
-    root = node.settings.dicom_dir
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
 # ------------------------------------------------------------------ Orthanc → voxeldose
 def test_orthanc_pushes_a_study_to_our_node(pacs: Orthanc, study_in_pacs: dict, start_node: Callable[..., Any], store: Any) -> None:
     node = start_node()
@@ -96,7 +74,7 @@ def test_orthanc_pushes_a_study_to_our_node(pacs: Orthanc, study_in_pacs: dict, 
     assert (ans["LocalAet"], ans["RemoteAet"]) == (PACS_AET, OUR_AET)
 
     # every instance Orthanc holds is in our store, series by series
-    assert store.count_instances() == len(in_pacs) == len(_dcm_files(node))
+    assert store.count_instances() == len(in_pacs) == len(stored_files(node))
     pacs_series = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in pacs.find("Series", {"StudyInstanceUID": study_in_pacs["uid"]})}
     ours = {s["series_instance_uid"]: s for s in store.series_summary(study_instance_uid=study_in_pacs["uid"])}
     assert set(ours) == set(pacs_series)
@@ -121,7 +99,7 @@ def test_orthanc_pushes_a_study_to_our_node(pacs: Orthanc, study_in_pacs: dict, 
     nm = next(s for s in pacs_series.values() if s["MainDicomTags"]["Modality"] == "NM")
     ans = pacs.push("voxeldose", [nm["ID"]])
     assert (ans["InstancesCount"], ans["FailedInstancesCount"]) == (len(nm["Instances"]), 0)
-    assert store.count_instances() == len(in_pacs) == len(_dcm_files(node))
+    assert store.count_instances() == len(in_pacs) == len(stored_files(node))
 
 
 def test_orthanc_under_an_aet_we_do_not_allow_is_refused(pacs: Orthanc, study_in_pacs: dict, start_node: Callable[..., Any], store: Any) -> None:
@@ -133,7 +111,7 @@ def test_orthanc_under_an_aet_we_do_not_allow_is_refused(pacs: Orthanc, study_in
         pacs.push_study("stranger", study_in_pacs["id"])
     assert err.value.status is not None and err.value.status >= 400
     assert "rejected" in str(err.value.body.get("Details", "")).lower(), err.value.body
-    assert store.count_instances() == 0 and _dcm_files(node) == []
+    assert store.count_instances() == 0 and stored_files(node) == []
     # allowed under its own AET on the same node: the refusal was the AE title, nothing else
     pacs.put_modality("voxeldose", OUR_AET, "127.0.0.1", node.port)
     assert pacs.echo("voxeldose")
