@@ -6,11 +6,12 @@ PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test setup bench clean help
+.PHONY: demo test lint setup bench clean help
 
 help:
 	@echo "make demo   - set up .venv and run the main job on the embedded synthetic patient"
-	@echo "make test   - set up .venv and run the test suite"
+	@echo "make test   - set up .venv, run the linters and the test suite"
+	@echo "make lint   - ruff (lint + format check), mypy, import-linter"
 	@echo "make bench  - run the CPU benchmarks (figures go to benchmarks/RESULTS.md by hand)"
 
 $(STAMP): pyproject.toml
@@ -24,6 +25,12 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/voxeldose demo --out demo-output
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q

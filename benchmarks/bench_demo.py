@@ -50,7 +50,14 @@ def main() -> None:
     wall = time.perf_counter() - t
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     info = json.loads(res.stdout.strip().splitlines()[-1])
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
     print(f"machine: {os.cpu_count()} cores, {cpu}")
     print("stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in info["stages"].items()))
     print(f"outputs (RT Dose, summary.json, report.html): {info['outputs_s']:.2f} s")

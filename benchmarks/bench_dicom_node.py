@@ -62,10 +62,23 @@ def main() -> int:
     try:
         t = time.perf_counter()
         r = subprocess.run(
-            ["storescu", "-aet", "BENCH", "-aec", settings.dicom_ae_title, "-R", "+sd", "+r",
-             "127.0.0.1", str(node.port), str(phantom / "dicom")],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
+            [
+                "storescu",
+                "-aet",
+                "BENCH",
+                "-aec",
+                settings.dicom_ae_title,
+                "-R",
+                "+sd",
+                "+r",
+                "127.0.0.1",
+                str(node.port),
+                str(phantom / "dicom"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         wall = time.perf_counter() - t
     finally:
         node.stop()
@@ -80,8 +93,10 @@ def main() -> int:
     if r.returncode != 0 or n != len(files) or [d.state for d in decisions] != ["started"]:
         print(f"FAILED: storescu rc={r.returncode}, {n}/{len(files)} stored\n{r.stderr[-2000:]}", file=sys.stderr)
         return 1
-    print(f"{n} instances ({size_mb:.0f} MB) in {wall:.2f} s: {n / wall:.0f} instances/s, {size_mb / wall:.1f} MB/s"
-          f" (storescu {'with Nagle' if args.nagle else 'TCP_NODELAY=1'})")
+    print(
+        f"{n} instances ({size_mb:.0f} MB) in {wall:.2f} s: {n / wall:.0f} instances/s, {size_mb / wall:.1f} MB/s"
+        f" (storescu {'with Nagle' if args.nagle else 'TCP_NODELAY=1'})"
+    )
     print(f"trigger after the release: {[d.state for d in decisions]} in {t_trigger:.2f} s")
     return 0
 

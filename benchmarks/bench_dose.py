@@ -43,7 +43,12 @@ def dose_like_map(n: int, seed: int = 0) -> np.ndarray:
     s = n / 256.0
     body = ((x / (110 * s)) ** 2 + (y / (80 * s)) ** 2 + (z / (120 * s)) ** 2 < 1).astype(np.float32)
     a = 2e8 * body
-    for cx, cy, cz, r, act in [(-45, 10, 0, 18, 4e10), (45, 10, 5, 18, 4e10), (20, -20, 30, 35, 8e9), (-10, 25, -40, 8, 1e11)]:
+    for cx, cy, cz, r, act in [
+        (-45, 10, 0, 18, 4e10),
+        (45, 10, 5, 18, 4e10),
+        (20, -20, 30, 35, 8e9),
+        (-10, 25, -40, 8, 1e11),
+    ]:
         a += act * (((x - cx * s) ** 2 + (y - cy * s) ** 2 + (z - cz * s) ** 2) < (r * s) ** 2)
     a *= 1 + 0.15 * rng.standard_normal(a.shape, dtype=np.float32)
     return np.clip(a, 0, None).astype(np.float32)
@@ -96,7 +101,9 @@ def main() -> None:
     tia32 = dose_like_map(n)
     k64 = dvk_like_kernel(m)
     L = padded_shape(tia32.shape, k64.shape)
-    print(f"# padded grid (ours) {L}; fftconvolve pads to {n + m - 1} → {sfft.next_fast_len(n + m - 1, real=True)} per axis")
+    print(
+        f"# padded grid (ours) {L}; fftconvolve pads to {n + m - 1} → {sfft.next_fast_len(n + m - 1, real=True)} per axis"
+    )
 
     res: dict[str, float] = {}
     tia64 = tia32.astype(np.float64)
@@ -169,7 +176,12 @@ def main() -> None:
         print("\n## absorbed_dose, hand-made 5³-electron + photon kernel (median, s)")
         for method, kw in [("dvk", {}), ("dvk-density", {"density": dens}), ("led", {"density": dens})]:
             absorbed_dose(tia, method=method, kernel=kern, **kw)
-            t = statistics.median(timeit(lambda method=method, kw=kw: absorbed_dose(tia, method=method, kernel=kern, **kw), max(1, args.repeat // 2)))
+            t = statistics.median(
+                timeit(
+                    lambda method=method, kw=kw: absorbed_dose(tia, method=method, kernel=kern, **kw),
+                    max(1, args.repeat // 2),
+                )
+            )
             print(f"absorbed_dose(method={method!r}) : {t:.3f}")
 
 

@@ -42,7 +42,14 @@ def main() -> None:
     ref = read_spect(cycle.timepoints[0].spect).volume.grid
     vois = load_vois(cycle.vois[0], ref)
     t3 = time.perf_counter()
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     print(f"machine: {os.cpu_count()} cores, {cpu}")
     print(f"files: {files}; time points: {len(cycle.timepoints)}; VOIs: {len(vois)} from {cycle.vois[0].kind}")
     print(f"scan + group:        {t1 - t0:6.2f} s")

@@ -55,8 +55,13 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def stats(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "median": statistics.median(xs) if xs else float("nan"), "p95": pct(xs, 0.95),
-            "max": max(xs) if xs else float("nan"), "min": min(xs) if xs else float("nan")}  # fmt: skip
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs) if xs else float("nan"),
+        "p95": pct(xs, 0.95),
+        "max": max(xs) if xs else float("nan"),
+        "min": min(xs) if xs else float("nan"),
+    }
 
 
 def fmt(s: dict[str, float]) -> str:
@@ -92,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server ready in {time.monotonic() - t0:.1f} s on {server.base_url} (log {root / 'server.log'})", flush=True)
     out: dict = {}
     try:
-        client = httpx.Client(base_url=server.base_url, timeout=600,
-                              limits=httpx.Limits(max_connections=args.jobs + 10, max_keepalive_connections=args.jobs + 10))  # fmt: skip
+        client = httpx.Client(
+            base_url=server.base_url,
+            timeout=600,
+            limits=httpx.Limits(max_connections=args.jobs + 10, max_keepalive_connections=args.jobs + 10),
+        )
 
         # ---- warm-up
         t0 = time.monotonic()
@@ -134,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             t_send = time.time()
             resp = submit(client, token, payload, spec)
             t_202 = time.time()
-            accepted[i] = {"i": i, "status": resp.status_code, "id": resp.json().get("id"), "t_send": t_send,
-                           "t_202": t_202, "body": resp.text if resp.status_code != 202 else None}  # fmt: skip
+            accepted[i] = {
+                "i": i,
+                "status": resp.status_code,
+                "id": resp.json().get("id"),
+                "t_send": t_send,
+                "t_202": t_202,
+                "body": resp.text if resp.status_code != 202 else None,
+            }
 
         t_sub = time.time()
         with ThreadPoolExecutor(max_workers=args.jobs) as ex:
@@ -197,16 +211,27 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()} nproc={__import__('os').cpu_count()} "
-                       f"Python {platform.python_version()}",
-            "jobs": args.jobs, "warmup_s": warm_s, "submit_all_s": submit_all_s, "all_done_s": all_done_s,
-            "non_202": len(bad), "states": states, "unique_ids": len(set(ids)), "attempts": attempts,
-            "list_total": listing["total"], "expected_total": args.jobs + 1,
-            "missed_by_poller": len(missed), "poll_errors": poll_errors[0],
-            "accept_s": stats(accept), "submit_to_running_s": stats(sub_run),
-            "server_created_to_started_s": stats(server_sub_run), "dispatch_latency_s": stats(dispatch),
-            "first_slot_submit_to_running_s": stats(first_slot), "job_run_s": stats(run_s),
+            f"Python {platform.python_version()}",
+            "jobs": args.jobs,
+            "warmup_s": warm_s,
+            "submit_all_s": submit_all_s,
+            "all_done_s": all_done_s,
+            "non_202": len(bad),
+            "states": states,
+            "unique_ids": len(set(ids)),
+            "attempts": attempts,
+            "list_total": listing["total"],
+            "expected_total": args.jobs + 1,
+            "missed_by_poller": len(missed),
+            "poll_errors": poll_errors[0],
+            "accept_s": stats(accept),
+            "submit_to_running_s": stats(sub_run),
+            "server_created_to_started_s": stats(server_sub_run),
+            "dispatch_latency_s": stats(dispatch),
+            "first_slot_submit_to_running_s": stats(first_slot),
+            "job_run_s": stats(run_s),
             "throughput_jobs_per_min": 60.0 * states.get("succeeded", 0) / all_done_s,
-        }  # fmt: skip
+        }
     finally:
         server.stop()
     print()
@@ -218,13 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dispatch latency (free slot→running): {fmt(out['dispatch_latency_s'])}")
     print(f"first-slot jobs submit→running:       {fmt(out['first_slot_submit_to_running_s'])}")
     print(f"job run time (started→finished):      {fmt(out['job_run_s'])}")
-    print(f"all {args.jobs} finished {out['all_done_s']:.1f} s after the first submit "
-          f"({out['throughput_jobs_per_min']:.1f} jobs/min); states {out['states']}")  # fmt: skip
-    print(f"ids unique: {out['unique_ids']}/{args.jobs}; attempts {out['attempts']}; /v1/jobs total "
-          f"{out['list_total']} (expected {out['expected_total']}); non-202 {out['non_202']}; "
-          f"jobs the poller never saw running {out['missed_by_poller']}")  # fmt: skip
-    ok = (out["states"].get("succeeded", 0) == args.jobs and out["unique_ids"] == args.jobs
-          and out["list_total"] == out["expected_total"] and out["attempts"] == [1] and not out["non_202"])  # fmt: skip
+    print(
+        f"all {args.jobs} finished {out['all_done_s']:.1f} s after the first submit "
+        f"({out['throughput_jobs_per_min']:.1f} jobs/min); states {out['states']}"
+    )
+    print(
+        f"ids unique: {out['unique_ids']}/{args.jobs}; attempts {out['attempts']}; /v1/jobs total "
+        f"{out['list_total']} (expected {out['expected_total']}); non-202 {out['non_202']}; "
+        f"jobs the poller never saw running {out['missed_by_poller']}"
+    )
+    ok = (
+        out["states"].get("succeeded", 0) == args.jobs
+        and out["unique_ids"] == args.jobs
+        and out["list_total"] == out["expected_total"]
+        and out["attempts"] == [1]
+        and not out["non_202"]
+    )
     print("RESULT:", "OK" if ok else "PROBLEM")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

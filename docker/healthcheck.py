@@ -34,7 +34,7 @@ def check(kind: str) -> str | None:
         port = os.environ.get("VOXELDOSE_PORT", "8000")
         url = f"http://127.0.0.1:{port}/healthz"
         try:
-            with urllib.request.urlopen(url, timeout=4) as r:  # noqa: S310 - fixed loopback URL
+            with urllib.request.urlopen(url, timeout=4) as r:
                 return None if r.status == 200 else f"{url}: HTTP {r.status}"
         except OSError as exc:
             return f"{url}: {exc}"

@@ -68,9 +68,21 @@ def resolve(pins: dict[str, str]) -> dict[str, str]:
         cons = Path(tmp) / "pins.txt"
         cons.write_text("".join(f"{n}=={v}\n" for n, v in sorted(pins.items())))
         report = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-               "--disable-pip-version-check", "--report", str(report), "-c", str(cons),
-               f"{REPO}[{','.join(ROOT_EXTRAS)}]"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--report",
+            str(report),
+            "-c",
+            str(cons),
+            f"{REPO}[{','.join(ROOT_EXTRAS)}]",
+        ]
         subprocess.run(cmd, check=True)
         data = json.loads(report.read_text())
     out = {}

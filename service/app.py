@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from . import uploads
-from .api import node as node_api
 from .api import dicomweb, health, jobs, patients, problems
+from .api import node as node_api
 from .metrics import Metrics, RequestMetricsMiddleware
 
 log = logging.getLogger("service.app")
@@ -69,7 +69,6 @@ def create_app(settings: Any, store: Any, dispatcher: Any = None, node: Any = No
     app.state.metrics = Metrics(store, dispatcher)
     if node is None:
         from .dicom_node import DicomNode
-
         from .trigger import Trigger
 
         node = DicomNode(settings, store, Trigger(settings, store))  # marks patients; serve's trigger starts jobs

@@ -17,8 +17,11 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from pydantic import ValidationError
 
 log = logging.getLogger("service")
 
@@ -49,7 +52,7 @@ def serve(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     try:
         settings = _settings(host=args.host, port=args.port, data_dir=args.data_dir)
-    except Exception as exc:  # pydantic.ValidationError
+    except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_json)
@@ -79,16 +82,22 @@ def serve(argv: Sequence[str]) -> int:
             try:
                 runtime = start_node(settings, store)
             except OSError as exc:
-                print(f"error: the DICOM node cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc} "
-                      "(VOXELDOSE_DICOM_PORT, or VOXELDOSE_DICOM_ENABLED=false)", file=sys.stderr)  # fmt: skip
+                print(
+                    f"error: the DICOM node cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc} "
+                    "(VOXELDOSE_DICOM_PORT, or VOXELDOSE_DICOM_ENABLED=false)",
+                    file=sys.stderr,
+                )
                 return 3
         dispatcher = Dispatcher(store, settings)
         try:
             dispatcher.start()
         except (ConnectionError, TimeoutError, RuntimeError) as exc:  # ray.init: cluster unreachable
             where = settings.ray_address or "(a local Ray started here)"
-            print(f"error: cannot start or join the Ray cluster {where}: {type(exc).__name__}: {exc} "
-                  "(RAY_ADDRESS: host:6379 on a Ray node, or ray://host:10001)", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: cannot start or join the Ray cluster {where}: {type(exc).__name__}: {exc} "
+                "(RAY_ADDRESS: host:6379 on a Ray node, or ray://host:10001)",
+                file=sys.stderr,
+            )
             dispatcher = None
             return 3
         app = _create_app(create_app, settings, store, dispatcher, runtime)
@@ -96,7 +105,9 @@ def serve(argv: Sequence[str]) -> int:
         # re-raises whatever handler it finds, so put ours back: SIGTERM ends with status 0.
         signal.signal(signal.SIGTERM, _term)
         log.info("serving on http://%s:%d (data in %s)", settings.host, settings.port, settings.data_dir)
-        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+        )
         server.run()  # returns on SIGINT/SIGTERM (uvicorn's handlers, restored afterwards)
         return 0
     except (KeyboardInterrupt, _Terminated):
@@ -112,7 +123,7 @@ def serve(argv: Sequence[str]) -> int:
 
             if ray.is_initialized():
                 ray.shutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("ray.shutdown failed", exc_info=True)
         if store is not None:
             store.dispose()
@@ -146,7 +157,7 @@ def token(argv: Sequence[str]) -> int:
 
     try:
         settings = _settings(data_dir=args.data_dir)
-    except Exception as exc:  # pydantic.ValidationError
+    except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     store = Store(settings.database_url)
@@ -168,7 +179,9 @@ def token(argv: Sequence[str]) -> int:
             for t in rows:
                 last = t["last_used_at"].isoformat(timespec="seconds") if t["last_used_at"] else "never used"
                 state = "active" if t["active"] else f"revoked {t['revoked_at'].isoformat(timespec='seconds')}"
-                print(f"{t['name']:<24} {t['role']:<10} created {t['created_at'].isoformat(timespec='seconds')}  {last}  {state}")
+                print(
+                    f"{t['name']:<24} {t['role']:<10} created {t['created_at'].isoformat(timespec='seconds')}  {last}  {state}"
+                )
             return 0
         if store.revoke_token(args.name):
             print(f"revoked {args.name!r}")
@@ -187,14 +200,24 @@ def dicom_node(argv: Sequence[str]) -> int:
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="DICOM port (default 11112)")
     p.add_argument("--ae-title", default=None, help="our AE title (default VOXELDOSE)")
-    p.add_argument("--allow-aet", action="append", default=None, metavar="AET",
-                   help="calling AE title allowed to send (repeat; default from VOXELDOSE_DICOM_ALLOWED_AETS)")
+    p.add_argument(
+        "--allow-aet",
+        action="append",
+        default=None,
+        metavar="AET",
+        help="calling AE title allowed to send (repeat; default from VOXELDOSE_DICOM_ALLOWED_AETS)",
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="data folder (default ./voxeldose-data)")
     args = p.parse_args(list(argv))
     try:
-        settings = _settings(dicom_host=args.host, dicom_port=args.port, dicom_ae_title=args.ae_title,
-                             dicom_allowed_aets=args.allow_aet, data_dir=args.data_dir)
-    except Exception as exc:  # pydantic.ValidationError
+        settings = _settings(
+            dicom_host=args.host,
+            dicom_port=args.port,
+            dicom_ae_title=args.ae_title,
+            dicom_allowed_aets=args.allow_aet,
+            data_dir=args.data_dir,
+        )
+    except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_json)

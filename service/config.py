@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     log_json: bool = False
     auth_disabled: bool = Field(False, description="tests only; refused unless host is loopback")
     # DICOM node (``voxeldose dicom-node``, :mod:`service.dicom_node`) ---------------------------
-    dicom_ae_title: str = Field("VOXELDOSE", min_length=1, max_length=16, description="our AE title (Called AE must match)")
+    dicom_ae_title: str = Field(
+        "VOXELDOSE", min_length=1, max_length=16, description="our AE title (Called AE must match)"
+    )
     dicom_host: str = Field("127.0.0.1", description="address the Storage SCP listens on")
     dicom_port: int = Field(11112, ge=0, le=65535)
     dicom_allowed_aets: list[str] = Field(
@@ -75,18 +77,26 @@ class Settings(BaseSettings):
     dicom_enabled: bool = Field(True, description="`voxeldose serve` also runs the DICOM node and its job trigger")
     # Job trigger (:mod:`service.trigger`) ------------------------------------------------------
     dicom_quiet_period_s: float = Field(
-        30.0, ge=0, description="a patient's series count as complete this long after the last instance (or at association release)"
+        30.0,
+        ge=0,
+        description="a patient's series count as complete this long after the last instance (or at association release)",
     )
-    trigger_min_timepoints: int = Field(3, ge=1, description="SPECT time points (each with its CT) that start a job, with VOIs")
+    trigger_min_timepoints: int = Field(
+        3, ge=1, description="SPECT time points (each with its CT) that start a job, with VOIs"
+    )
     trigger_deadline_h: float = Field(
-        240.0, ge=0, description="hours after a cycle's first series: start with what exists (1 time point: single-time-point method); 0: never"
+        240.0,
+        ge=0,
+        description="hours after a cycle's first series: start with what exists (1 time point: single-time-point method); 0: never",
     )
     trigger_spec: dict[str, Any] = Field(
         default_factory=dict, description="JobSpec fields for node-started jobs (JSON), e.g. calibration, fit, dose"
     )
     trigger_interval_s: float = Field(2.0, gt=0, description="how often the trigger and the sender look for work")
     # Results back to the PACS (:mod:`service.sender`) ----------------------------------------
-    dicom_destination_ae_title: str | None = Field(None, max_length=16, description="AE title results are sent to; unset: none sent")
+    dicom_destination_ae_title: str | None = Field(
+        None, max_length=16, description="AE title results are sent to; unset: none sent"
+    )
     dicom_destination_host: str | None = None
     dicom_destination_port: int | None = Field(None, ge=1, le=65535)
     dicom_send_sources: list[str] = Field(
@@ -100,7 +110,7 @@ class Settings(BaseSettings):
     dicom_send_timeout_s: float = Field(60.0, gt=0, description="association and DIMSE timeout when sending")
 
     @model_validator(mode="after")
-    def _derive(self) -> "Settings":
+    def _derive(self) -> Settings:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'voxeldose.db'}"
@@ -129,7 +139,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"trigger_spec may not set {sorted(fixed)}: the trigger fills them in")
             try:
                 JobSpec.model_validate({**self.trigger_spec, "inputs": ["."]})
-            except Exception as exc:  # pydantic's message names the field
+            except (ValidationError, ValueError) as exc:  # pydantic's message names the field
                 raise ValueError(f"trigger_spec is not a valid job spec: {exc}") from None
         if self.auth_disabled and not is_loopback(self.host):
             raise ValueError(

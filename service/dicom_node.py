@@ -48,11 +48,12 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -293,7 +294,7 @@ class DicomNode:
             return
         try:
             self.trigger.released(pids)
-        except Exception:  # noqa: BLE001 - the quiet period still applies; never fail a release for it
+        except Exception:
             log.exception("could not mark the released patients for the trigger")
 
     def _touch(self, patient_id: str | None, ahead_s: float = 0.0) -> None:
@@ -302,7 +303,7 @@ class DicomNode:
             return
         try:
             self.trigger.touch(patient_id, utcnow() + timedelta(seconds=ahead_s))
-        except Exception:  # noqa: BLE001 - the instance is stored; a later one (or the release) marks again
+        except Exception:
             log.exception("could not mark the patient for the trigger")
 
     def _touch_in_association(self, assoc: Any, patient_id: str) -> None:
@@ -333,7 +334,7 @@ class DicomNode:
             if outcome.patient_id and outcome.status == STATUS_SUCCESS:
                 self._touch_in_association(event.assoc, outcome.patient_id)
             return outcome.status
-        except Exception:  # noqa: BLE001 - never let a bug look like success; the peer may resend
+        except Exception:
             log.exception("C-STORE failed unexpectedly")
             return STATUS_OUT_OF_RESOURCES
 
@@ -359,8 +360,11 @@ class DicomNode:
         need = size + self.settings.dicom_min_free_mb * _MB
         self.root.mkdir(parents=True, exist_ok=True)
         if shutil.disk_usage(self.root).free < need:
-            log.error("C-STORE refused 0xA700 (%s): free disk below dicom_min_free_mb=%d", cls_name,
-                      self.settings.dicom_min_free_mb)  # fmt: skip
+            log.error(
+                "C-STORE refused 0xA700 (%s): free disk below dicom_min_free_mb=%d",
+                cls_name,
+                self.settings.dicom_min_free_mb,
+            )
             return StoreOutcome(STATUS_OUT_OF_RESOURCES, "refused")
 
         folder = self.root / header["study_instance_uid"] / header["series_instance_uid"]
@@ -397,8 +401,12 @@ class DicomNode:
         if not whole:
             raise _Refused(STATUS_CANNOT_UNDERSTAND, "truncated pixel data")
         out: dict[str, Any] = {}
-        for kw, key in (("SOPInstanceUID", "sop_instance_uid"), ("SOPClassUID", "sop_class_uid"),
-                        ("StudyInstanceUID", "study_instance_uid"), ("SeriesInstanceUID", "series_instance_uid")):  # fmt: skip
+        for kw, key in (
+            ("SOPInstanceUID", "sop_instance_uid"),
+            ("SOPClassUID", "sop_class_uid"),
+            ("StudyInstanceUID", "study_instance_uid"),
+            ("SeriesInstanceUID", "series_instance_uid"),
+        ):
             try:
                 v = valid_uid(ds.get(kw))
             except Exception:  # noqa: BLE001
@@ -462,8 +470,9 @@ class DicomNode:
             raise
         return dst, h.hexdigest(), n
 
-    def _place(self, partial: Path, folder: Path, header: dict[str, Any], sha: str, size: int,
-               calling_ae: str | None) -> StoreOutcome:  # fmt: skip
+    def _place(
+        self, partial: Path, folder: Path, header: dict[str, Any], sha: str, size: int, calling_ae: str | None
+    ) -> StoreOutcome:
         """Under the lock: decide new / duplicate / conflict, rename, fsync the folder, index."""
         sop = header["sop_instance_uid"]
         existing = self.store.get_instance(sop)
@@ -472,9 +481,8 @@ class DicomNode:
             os.replace(partial, final)
             _fsync_dir(folder)
             try:
-                self.store.record_instance(**header, path=str(final), sha256=sha, size=size,
-                                           calling_ae=calling_ae)  # fmt: skip
-            except Exception:  # noqa: BLE001
+                self.store.record_instance(**header, path=str(final), sha256=sha, size=size, calling_ae=calling_ae)
+            except Exception:
                 log.exception("C-STORE: the database could not be written")
                 return StoreOutcome(STATUS_DB_FAILED, "stored", final, header["patient_id"])
             return StoreOutcome(STATUS_SUCCESS, "stored", final, header["patient_id"])
@@ -491,8 +499,10 @@ class DicomNode:
         os.replace(partial, final)
         _fsync_dir(old_folder)
         try:
-            self.store.record_conflict(sop_instance_uid=sop, path=str(final), sha256=sha, size=size, calling_ae=calling_ae)
-        except Exception:  # noqa: BLE001
+            self.store.record_conflict(
+                sop_instance_uid=sop, path=str(final), sha256=sha, size=size, calling_ae=calling_ae
+            )
+        except Exception:
             log.exception("C-STORE: the database could not be written")
             return StoreOutcome(STATUS_DB_FAILED, "conflict", final, header["patient_id"])
         log.warning("C-STORE conflict: an instance arrived again with different content (bytes %s)", sha[:8])

@@ -30,9 +30,10 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import Settings
 from .store import JobRecord, Store
@@ -114,7 +115,9 @@ class Dispatcher:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="voxeldose-dispatcher", daemon=True)
         self._thread.start()
-        log.info("dispatcher started (device %s, %d job(s) in flight at most)", self.device(), self.settings.jobs_in_flight)
+        log.info(
+            "dispatcher started (device %s, %d job(s) in flight at most)", self.device(), self.settings.jobs_in_flight
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop; running tasks are cancelled and their jobs queued again (the attempt is
@@ -172,7 +175,7 @@ class Dispatcher:
             try:
                 self.tick()
                 self.last_error = None
-            except Exception as exc:  # noqa: BLE001 - keep dispatching; the database or Ray may come back
+            except Exception as exc:
                 self.last_error = type(exc).__name__
                 log.exception("dispatcher tick failed")
             self._stop.wait(self.settings.dispatch_interval_s)
@@ -202,8 +205,15 @@ class Dispatcher:
         import ray
         from ray import exceptions as rex
 
-        lost = (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError,
-                rex.RaySystemError, rex.OutOfMemoryError, rex.TaskUnschedulableError)  # fmt: skip
+        lost = (
+            rex.WorkerCrashedError,
+            rex.NodeDiedError,
+            rex.LocalRayletDiedError,
+            rex.ObjectLostError,
+            rex.RaySystemError,
+            rex.OutOfMemoryError,
+            rex.TaskUnschedulableError,
+        )
         try:
             out = ray.get(ref, timeout=0)
         except rex.TaskCancelledError:
@@ -218,13 +228,13 @@ class Dispatcher:
             return
         except rex.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
-            if isinstance(cause, (SystemExit, KeyboardInterrupt)) or isinstance(cause, lost):
+            if isinstance(cause, (SystemExit, KeyboardInterrupt, *lost)):
                 self.store.requeue(job_id, f"worker exited: {type(cause).__name__}")
             else:  # the task function itself raised (it should return failures): a bug
                 log.error("job %s: task raised %s", job_id, type(cause).__name__, exc_info=exc)
                 self.store.fail(job_id, INTERNAL_ERROR.format(job_id=job_id))
             return
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.error("job %s: unexpected %s from Ray", job_id, type(exc).__name__, exc_info=exc)
             self.store.requeue(job_id, f"unexpected {type(exc).__name__}")
             return
@@ -266,7 +276,7 @@ class Dispatcher:
             import ray
 
             ray.cancel(ref, force=True)
-        except Exception:  # noqa: BLE001 - already finished or Ray gone
+        except Exception:
             log.debug("ray.cancel failed", exc_info=True)
 
     def _task(self) -> Any:
@@ -292,10 +302,12 @@ class Dispatcher:
         resources = {"num_gpus": 1} if self._has_gpu() else {"num_cpus": 1}
         out_dir = str(self.settings.job_out_dir(job.id))
         try:
-            ref = self._task().options(name=f"voxeldose-job-{job.id}", **resources).remote(
-                job.id, job.spec, out_dir, self.store.url
+            ref = (
+                self._task()
+                .options(name=f"voxeldose-job-{job.id}", **resources)
+                .remote(job.id, job.spec, out_dir, self.store.url)
             )
-        except Exception:  # noqa: BLE001 - Ray unavailable: give the job back untouched
+        except Exception:
             log.exception("job %s: could not submit to Ray", job.id)
             self.store.requeue(job.id, "could not submit to Ray", count_attempt=False)
             raise

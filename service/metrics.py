@@ -72,15 +72,18 @@ class _StoreCollector(Collector):
             node = self.m.store.node_counts()
         except Exception:  # noqa: BLE001
             log.warning("metrics: could not read the DICOM node's counts")
-        yield GaugeMetricFamily("voxeldose_dicom_instances", "DICOM instances received (DICOM node, STOW-RS)",
-                                value=node["instances"])  # fmt: skip
-        c = GaugeMetricFamily("voxeldose_dicom_cycles", "Therapy cycles seen by the trigger, by state",
-                              labels=["state"])  # fmt: skip
+        yield GaugeMetricFamily(
+            "voxeldose_dicom_instances", "DICOM instances received (DICOM node, STOW-RS)", value=node["instances"]
+        )
+        c = GaugeMetricFamily(
+            "voxeldose_dicom_cycles", "Therapy cycles seen by the trigger, by state", labels=["state"]
+        )
         for state in ("waiting", "started", "error"):
             c.add_metric([state], node["cycles"].get(state, 0))
         yield c
-        dl = GaugeMetricFamily("voxeldose_deliveries", "Results sent to the PACS, by state (failed: gave up)",
-                               labels=["state"])  # fmt: skip
+        dl = GaugeMetricFamily(
+            "voxeldose_deliveries", "Results sent to the PACS, by state (failed: gave up)", labels=["state"]
+        )
         for state in ("pending", "sent", "failed"):
             dl.add_metric([state], node["deliveries"].get(state, 0))
         yield dl
@@ -96,12 +99,22 @@ class Metrics:
         self.started = datetime.now(UTC)
         self._seen: set[str] = set()
         self._lock = threading.Lock()
-        self.requests = Counter("voxeldose_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)  # fmt: skip
-        self.latency = Histogram("voxeldose_http_request_duration_seconds", "HTTP request duration",
-                                 ["method", "route"], registry=self.registry)  # fmt: skip
-        self.job_duration = Histogram("voxeldose_job_duration_seconds", "Run time of finished jobs (start to end)",
-                                      ["state"], buckets=DURATION_BUCKETS, registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "voxeldose_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "voxeldose_http_request_duration_seconds",
+            "HTTP request duration",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.job_duration = Histogram(
+            "voxeldose_job_duration_seconds",
+            "Run time of finished jobs (start to end)",
+            ["state"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_StoreCollector(self))
 
     def observe_finished(self) -> None:
@@ -123,7 +136,9 @@ class Metrics:
                         if r.id in self._seen or r.started_at is None:
                             continue
                         self._seen.add(r.id)
-                        self.job_duration.labels(state).observe(max(0.0, (r.finished_at - r.started_at).total_seconds()))
+                        self.job_duration.labels(state).observe(
+                            max(0.0, (r.finished_at - r.started_at).total_seconds())
+                        )
                     offset += len(rows)
                     if not rows or (not fresh and rows[-1].created_at < self.started) or offset >= 5000:
                         break

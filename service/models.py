@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -32,19 +32,19 @@ class UTCDateTime(TypeDecorator):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -171,7 +171,10 @@ class TriggerCycle(Base):
     timepoints: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     job_id: Mapped[str | None] = mapped_column(String(32))
 
-    __table_args__ = (Index("ix_trigger_cycles_patient", "patient_id"), Index("ix_trigger_cycles_deadline", "state", "deadline_at"))
+    __table_args__ = (
+        Index("ix_trigger_cycles_patient", "patient_id"),
+        Index("ix_trigger_cycles_deadline", "state", "deadline_at"),
+    )
 
 
 class OutputSeries(Base):

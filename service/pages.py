@@ -109,11 +109,19 @@ async def login(request: Request, token: str = Form(..., max_length=512), next: 
     store = request.app.state.store
     found = await run_in_threadpool(store.verify_token, token.strip())
     if not found:
-        return render("login.html", request, None, status=401, next=_safe_next(next),
-                      error="This token is unknown or revoked.")  # fmt: skip
+        return render(
+            "login.html", request, None, status=401, next=_safe_next(next), error="This token is unknown or revoked."
+        )
     resp = RedirectResponse(_safe_next(next), status_code=303)
-    resp.set_cookie(COOKIE, token.strip(), max_age=COOKIE_MAX_AGE, httponly=True, samesite="strict",
-                    secure=request.url.scheme == "https", path="/")  # fmt: skip
+    resp.set_cookie(
+        COOKIE,
+        token.strip(),
+        max_age=COOKIE_MAX_AGE,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
     return resp
 
 
@@ -137,11 +145,21 @@ def job_list(
     if state not in (None, "", "queued", "running", "succeeded", "failed", "cancelled"):
         state = None
     limit = 50
-    rows, total = list_visible(request.app.state.store, who, state=state or None, patient_id=None, limit=limit,
-                               offset=offset)  # fmt: skip
+    rows, total = list_visible(
+        request.app.state.store, who, state=state or None, patient_id=None, limit=limit, offset=offset
+    )
     jobs = [job_out(r) for r in rows]
-    return render("jobs.html", request, who, jobs=jobs, total=total, state=state or "", offset=offset, limit=limit,
-                  refresh=any(j.state in ACTIVE for j in jobs))  # fmt: skip
+    return render(
+        "jobs.html",
+        request,
+        who,
+        jobs=jobs,
+        total=total,
+        state=state or "",
+        offset=offset,
+        limit=limit,
+        refresh=any(j.state in ACTIVE for j in jobs),
+    )
 
 
 # ------------------------------------------------------------------------------------ job page
@@ -150,8 +168,25 @@ def _dose_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for name, v in (summary.get("vois") or {}).items():
         if not isinstance(v, dict):
             continue
-        rows.append({"name": name, **{k: v.get(k) for k in (
-            "role", "volume_ml", "mass_g", "mean_gy", "D2_gy", "D50_gy", "D98_gy", "gy_per_gbq", "bed_gy")}})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                **{
+                    k: v.get(k)
+                    for k in (
+                        "role",
+                        "volume_ml",
+                        "mass_g",
+                        "mean_gy",
+                        "D2_gy",
+                        "D50_gy",
+                        "D98_gy",
+                        "gy_per_gbq",
+                        "bed_gy",
+                    )
+                },
+            }
+        )
     order = {"kidney": 0, "marrow": 1, "tumour": 2, "organ": 3, "body": 4}
     rows.sort(key=lambda r: (order.get(str(r["role"]), 9), r["name"]))
     return rows
@@ -173,9 +208,28 @@ def _limit_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 #: 20 distinguishable colours (matplotlib's tab10 then its lighter tab20 partners): a study has 13+ VOIs.
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
-           "#bcbd22", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5", "#ffbb78", "#c49c94", "#f7b6d2", "#9edae5",
-           "#c7c7c7", "#dbdb8d"]  # fmt: skip
+PALETTE = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#7f7f7f",
+    "#bcbd22",
+    "#aec7e8",
+    "#ff9896",
+    "#98df8a",
+    "#c5b0d5",
+    "#ffbb78",
+    "#c49c94",
+    "#f7b6d2",
+    "#9edae5",
+    "#c7c7c7",
+    "#dbdb8d",
+]
 
 
 def dvh_svg(summary: dict[str, Any], width: int = 640, height: int = 360) -> Markup:
@@ -202,28 +256,40 @@ def dvh_svg(summary: dict[str, Any], width: int = 640, height: int = 360) -> Mar
     def y(f: float) -> float:
         return top + ph * (1.0 - f)
 
-    out = [f'<svg id="dvh-plot" class="dvh" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-           'xmlns="http://www.w3.org/2000/svg"><title>Cumulative dose-volume histograms</title>',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>']  # fmt: skip
+    out = [
+        f'<svg id="dvh-plot" class="dvh" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        'xmlns="http://www.w3.org/2000/svg"><title>Cumulative dose-volume histograms</title>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>',
+    ]
     for i in range(6):
         dv = dmax * i / 5
-        out.append(f'<line x1="{x(dv):.1f}" y1="{top}" x2="{x(dv):.1f}" y2="{top + ph}" stroke="#eee"/>'
-                   f'<text x="{x(dv):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{dv:g}</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{x(dv):.1f}" y1="{top}" x2="{x(dv):.1f}" y2="{top + ph}" stroke="#eee"/>'
+            f'<text x="{x(dv):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{dv:g}</text>'
+        )
         fv = i / 5
-        out.append(f'<line x1="{left}" y1="{y(fv):.1f}" x2="{left + pw}" y2="{y(fv):.1f}" stroke="#eee"/>'
-                   f'<text x="{left - 6}" y="{y(fv) + 4:.1f}" font-size="11" text-anchor="end">{fv * 100:.0f}</text>')  # fmt: skip
-    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" font-size="12" text-anchor="middle">Absorbed dose (Gy)</text>'
-               f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" '
-               f'transform="rotate(-90 14 {top + ph / 2})">Volume (%)</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{left}" y1="{y(fv):.1f}" x2="{left + pw}" y2="{y(fv):.1f}" stroke="#eee"/>'
+            f'<text x="{left - 6}" y="{y(fv) + 4:.1f}" font-size="11" text-anchor="end">{fv * 100:.0f}</text>'
+        )
+    out.append(
+        f'<text x="{left + pw / 2}" y="{height - 6}" font-size="12" text-anchor="middle">Absorbed dose (Gy)</text>'
+        f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + ph / 2})">Volume (%)</text>'
+    )
     for i, (name, pts) in enumerate(curves):
         color = PALETTE[i % len(PALETTE)]
         step = max(1, len(pts) // 400)
         poly = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in pts[::step] + [pts[-1]])
-        out.append(f'<polyline class="dvh-curve" data-voi="{escape(name)}" fill="none" stroke="{color}" '
-                   f'stroke-width="1.5" points="{poly}"/>')  # fmt: skip
+        out.append(
+            f'<polyline class="dvh-curve" data-voi="{escape(name)}" fill="none" stroke="{color}" '
+            f'stroke-width="1.5" points="{poly}"/>'
+        )
         ly = top + 14 + 16 * i
-        out.append(f'<line x1="{left + pw + 10}" y1="{ly - 4}" x2="{left + pw + 28}" y2="{ly - 4}" stroke="{color}" '
-                   f'stroke-width="2"/><text x="{left + pw + 32}" y="{ly}" font-size="11">{escape(name)}</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{left + pw + 10}" y1="{ly - 4}" x2="{left + pw + 28}" y2="{ly - 4}" stroke="{color}" '
+            f'stroke-width="2"/><text x="{left + pw + 32}" y="{ly}" font-size="11">{escape(name)}</text>'
+        )
     out.append("</svg>")
     return Markup("".join(out))
 
@@ -256,12 +322,18 @@ def job_page(request: Request, job_id: str, who: Principal | None = Depends(page
     if summary is not None:
         cum = summary.get("cumulative") or {}
         ctx.update(
-            dose_rows=_dose_rows(summary), limit_rows=_limit_rows(summary), cycles_left=cum.get("cycles_left") or {},
-            totals=cum.get("total") or {}, cycles=cum.get("cycles") or [], dvh=dvh_svg(summary),
-            warnings=[str(w) for w in summary.get("warnings") or []], patient=summary.get("patient") or {},
-            cycle=summary.get("cycle") or {}, marrow=(summary.get("marrow") or {}),
+            dose_rows=_dose_rows(summary),
+            limit_rows=_limit_rows(summary),
+            cycles_left=cum.get("cycles_left") or {},
+            totals=cum.get("total") or {},
+            cycles=cum.get("cycles") or [],
+            dvh=dvh_svg(summary),
+            warnings=[str(w) for w in summary.get("warnings") or []],
+            patient=summary.get("patient") or {},
+            cycle=summary.get("cycle") or {},
+            marrow=(summary.get("marrow") or {}),
             methods=summary.get("methods") or {},
-        )  # fmt: skip
+        )
     return render("job.html", request, who, **ctx)
 
 
@@ -282,7 +354,9 @@ def patient_page(request: Request, patient_id: str, who: Principal | None = Depe
     if who is None:
         return _login_redirect(request)
     if not who.at_least("physicist"):
-        raise ProblemError(403, "Forbidden", "only a physicist or an admin may open a patient's cycles", slug="forbidden")
+        raise ProblemError(
+            403, "Forbidden", "only a physicist or an admin may open a patient's cycles", slug="forbidden"
+        )
     data = patient_cycles(request.app.state.store, patient_id)
     limits = []
     for lim in data.limits:

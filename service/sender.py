@@ -90,8 +90,9 @@ class Sender:
         s = settings
         self.destination = (
             Destination(s.dicom_destination_ae_title, s.dicom_destination_host, int(s.dicom_destination_port))
-            if s.dicom_destination_ae_title and s.dicom_destination_host and s.dicom_destination_port else None
-        )  # fmt: skip
+            if s.dicom_destination_ae_title and s.dicom_destination_host and s.dicom_destination_port
+            else None
+        )
 
     def retry_delay_s(self, attempts: int) -> float:
         """Seconds before the next try after ``attempts`` failed ones (1, 2, …)."""
@@ -123,16 +124,26 @@ class Sender:
             log.error("job %s: %s", d["job_id"], error)
             return False
         try:
-            send_files(files, self.destination, calling_ae=self.settings.dicom_ae_title,
-                       timeout_s=self.settings.dicom_send_timeout_s)  # fmt: skip
+            send_files(
+                files,
+                self.destination,
+                calling_ae=self.settings.dicom_ae_title,
+                timeout_s=self.settings.dicom_send_timeout_s,
+            )
         except Exception as exc:  # noqa: BLE001 - SendError, or unreadable files
             error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
             retry = None
             if attempts < self.settings.dicom_send_max_attempts:  # counted from the end of this attempt
                 retry = max(now, utcnow()) + timedelta(seconds=self.retry_delay_s(attempts))
             self.store.delivery_attempted(d["id"], ok=False, error=error, now=now, next_attempt_at=retry)
-            log.warning("job %s: sending results to %s failed (attempt %d%s): %s", d["job_id"], self.destination,
-                        attempts, "" if retry else ", giving up", error)  # fmt: skip
+            log.warning(
+                "job %s: sending results to %s failed (attempt %d%s): %s",
+                d["job_id"],
+                self.destination,
+                attempts,
+                "" if retry else ", giving up",
+                error,
+            )
             return False
         self.store.delivery_attempted(d["id"], ok=True, error=None, now=now, next_attempt_at=None)
         log.info("job %s: %d result file(s) sent to %s", d["job_id"], len(files), self.destination)

@@ -16,11 +16,12 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import case, create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import Engine, make_url
@@ -117,13 +118,28 @@ class JobRecord:
 
 def _record(j: Job) -> JobRecord:
     return JobRecord(
-        id=j.id, state=j.state, stage=j.stage, progress=float(j.progress or 0.0), created_at=j.created_at,
-        started_at=j.started_at, finished_at=j.finished_at, attempts=j.attempts, error=j.error,
-        patient_id=j.patient_id, idempotency_key=j.idempotency_key, input_hash=j.input_hash,
-        input_dir=j.input_dir, result_dir=j.result_dir, spec=dict(j.spec or {}), submitted_by=j.submitted_by,
-        cancel_requested=bool(j.cancel_requested), source=j.source, cycle_key=j.cycle_key, version=j.version,
+        id=j.id,
+        state=j.state,
+        stage=j.stage,
+        progress=float(j.progress or 0.0),
+        created_at=j.created_at,
+        started_at=j.started_at,
+        finished_at=j.finished_at,
+        attempts=j.attempts,
+        error=j.error,
+        patient_id=j.patient_id,
+        idempotency_key=j.idempotency_key,
+        input_hash=j.input_hash,
+        input_dir=j.input_dir,
+        result_dir=j.result_dir,
+        spec=dict(j.spec or {}),
+        submitted_by=j.submitted_by,
+        cancel_requested=bool(j.cancel_requested),
+        source=j.source,
+        cycle_key=j.cycle_key,
+        version=j.version,
         supersedes=j.supersedes,
-    )  # fmt: skip
+    )
 
 
 def spec_hash(spec: dict) -> str:
@@ -144,7 +160,7 @@ def normalise_url(url: str) -> str:
     """``postgresql://`` and ``postgres://`` mean psycopg 3 here (psycopg2 is not a dependency)."""
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -183,7 +199,9 @@ class Store:
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(self.url)
         else:
-            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10, hide_parameters=True)
+            self.engine = create_engine(
+                self.url, pool_pre_ping=True, pool_size=5, max_overflow=10, hide_parameters=True
+            )
         # Writers: BEGIN IMMEDIATE on SQLite (the lock first, so read-then-write cannot deadlock/race).
         self._writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
 
@@ -227,7 +245,7 @@ class Store:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
             return True
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("database ping failed", exc_info=True)
             return False
 
@@ -266,12 +284,24 @@ class Store:
                         log.info("job %s: same input set and spec submitted again", j.id)
                         return _record(j), False
                     j = Job(
-                        id=uuid.uuid4().hex, state="queued", progress=0.0, created_at=utcnow(), attempts=0,
-                        patient_id=patient_id, idempotency_key=idempotency_key, input_hash=input_hash,
-                        spec_hash=s_hash, input_dir=str(input_dir), spec=dict(spec), submitted_by=submitted_by,
-                        cancel_requested=False, source=source, cycle_key=cycle_key, version=version,
+                        id=uuid.uuid4().hex,
+                        state="queued",
+                        progress=0.0,
+                        created_at=utcnow(),
+                        attempts=0,
+                        patient_id=patient_id,
+                        idempotency_key=idempotency_key,
+                        input_hash=input_hash,
+                        spec_hash=s_hash,
+                        input_dir=str(input_dir),
+                        spec=dict(spec),
+                        submitted_by=submitted_by,
+                        cancel_requested=False,
+                        source=source,
+                        cycle_key=cycle_key,
+                        version=version,
                         supersedes=supersedes,
-                    )  # fmt: skip
+                    )
                     s.add(j)
                     s.flush()
                     rec = _record(j)
@@ -288,7 +318,12 @@ class Store:
             return None if j is None else _record(j)
 
     def list_jobs(
-        self, *, state: str | None = None, patient_id: str | None = None, limit: int = 50, offset: int = 0,
+        self,
+        *,
+        state: str | None = None,
+        patient_id: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
         submitted_by: str | None = None,
     ) -> tuple[list[JobRecord], int]:
         """Newest first, and the total number matching (``submitted_by``: one token name's jobs only)."""
@@ -302,7 +337,11 @@ class Store:
         with self._read() as s:
             total = s.scalar(select(func.count()).select_from(Job).where(*conds)) or 0
             rows = s.scalars(
-                select(Job).where(*conds).order_by(Job.created_at.desc(), Job.id).limit(max(0, limit)).offset(max(0, offset))
+                select(Job)
+                .where(*conds)
+                .order_by(Job.created_at.desc(), Job.id)
+                .limit(max(0, limit))
+                .offset(max(0, offset))
             ).all()
             return [_record(j) for j in rows], int(total)
 
@@ -348,8 +387,9 @@ class Store:
 
     def finish(self, job_id: str, result_dir: str, patient_id: str | None, output_series: list[str] = ()) -> None:
         """Running → succeeded; ``output_series``: the SeriesInstanceUIDs the job wrote (never inputs later)."""
-        values: dict[str, Any] = dict(state="succeeded", result_dir=str(result_dir), stage="done", progress=1.0,
-                                      error=None, finished_at=utcnow())  # fmt: skip
+        values: dict[str, Any] = dict(
+            state="succeeded", result_dir=str(result_dir), stage="done", progress=1.0, error=None, finished_at=utcnow()
+        )
         if patient_id:
             values["patient_id"] = patient_id
         with self._write() as s:
@@ -367,9 +407,10 @@ class Store:
         """Queued/running → failed with a message for the physicist."""
         with self._write() as s:
             n = s.execute(
-                update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
                 .values(state="failed", error=error, finished_at=utcnow())
-            ).rowcount  # fmt: skip
+            ).rowcount
         if n:
             log.info("job %s failed", job_id)
         else:
@@ -401,9 +442,10 @@ class Store:
     def mark_cancelled(self, job_id: str) -> None:
         with self._write() as s:
             s.execute(
-                update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
                 .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
-            )  # fmt: skip
+            )
         log.info("job %s cancelled", job_id)
 
     def recover_after_restart(self) -> int:
@@ -436,7 +478,9 @@ class Store:
         """The patient's succeeded jobs, oldest first (one per therapy cycle, normally)."""
         with self._read() as s:
             rows = s.scalars(
-                select(Job).where(Job.patient_id == patient_id, Job.state == "succeeded").order_by(Job.created_at, Job.id)
+                select(Job)
+                .where(Job.patient_id == patient_id, Job.state == "succeeded")
+                .order_by(Job.created_at, Job.id)
             ).all()
             return [_record(j) for j in rows]
 
@@ -470,7 +514,7 @@ class Store:
             try:
                 with self._write() as s:
                     s.execute(update(Token).where(Token.id == tid).values(last_used_at=now))
-            except Exception:  # noqa: BLE001 - bookkeeping only
+            except Exception:
                 log.debug("could not update last_used_at", exc_info=True)
         return name, role
 
@@ -479,10 +523,16 @@ class Store:
         with self._read() as s:
             rows = s.scalars(select(Token).order_by(Token.created_at, Token.id)).all()
             return [
-                {"name": t.name, "role": t.role, "created_at": t.created_at, "last_used_at": t.last_used_at,
-                 "revoked_at": t.revoked_at, "active": t.revoked_at is None}
+                {
+                    "name": t.name,
+                    "role": t.role,
+                    "created_at": t.created_at,
+                    "last_used_at": t.last_used_at,
+                    "revoked_at": t.revoked_at,
+                    "active": t.revoked_at is None,
+                }
                 for t in rows
-            ]  # fmt: skip
+            ]
 
     def revoke_token(self, name: str) -> bool:
         """Revoke the active token(s) with this name; False when there was none."""
@@ -495,9 +545,20 @@ class Store:
         return bool(n)
 
     # ------------------------------------------------------------------ DICOM node (received instances)
-    def record_instance(self, *, sop_instance_uid: str, sop_class_uid: str, study_instance_uid: str,
-                         series_instance_uid: str, patient_id: str | None, modality: str | None, path: str,
-                         sha256: str, size: int, calling_ae: str | None) -> tuple[InstanceRecord, bool]:
+    def record_instance(
+        self,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        patient_id: str | None,
+        modality: str | None,
+        path: str,
+        sha256: str,
+        size: int,
+        calling_ae: str | None,
+    ) -> tuple[InstanceRecord, bool]:
         """Index a received instance; returns ``(record, created)``.  An existing row for the SOPInstanceUID
         is returned unchanged (``created=False``): the caller compares hashes and records a conflict."""
         with self._write() as s:
@@ -505,10 +566,19 @@ class Store:
             if row is not None:
                 return _instance_record(row), False
             row = Instance(
-                sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, study_instance_uid=study_instance_uid,
-                series_instance_uid=series_instance_uid, patient_id=patient_id, modality=modality, path=path,
-                sha256=sha256, size=size, received_at=utcnow(), calling_ae=calling_ae, flagged_conflict=False,
-            )  # fmt: skip
+                sop_instance_uid=sop_instance_uid,
+                sop_class_uid=sop_class_uid,
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=series_instance_uid,
+                patient_id=patient_id,
+                modality=modality,
+                path=path,
+                sha256=sha256,
+                size=size,
+                received_at=utcnow(),
+                calling_ae=calling_ae,
+                flagged_conflict=False,
+            )
             s.add(row)
             s.flush()
             return _instance_record(row), True
@@ -518,8 +588,9 @@ class Store:
             row = s.get(Instance, sop_instance_uid)
             return None if row is None else _instance_record(row)
 
-    def record_conflict(self, *, sop_instance_uid: str, path: str, sha256: str, size: int,
-                         calling_ae: str | None) -> bool:
+    def record_conflict(
+        self, *, sop_instance_uid: str, path: str, sha256: str, size: int, calling_ae: str | None
+    ) -> bool:
         """Record a later copy with different content and flag the instance; False when this exact
         content was recorded before (nothing changed)."""
         with self._write() as s:
@@ -530,26 +601,47 @@ class Store:
             ).first()
             if exists is not None:
                 return False
-            s.add(InstanceConflict(sop_instance_uid=sop_instance_uid, path=path, sha256=sha256, size=size,
-                                   received_at=utcnow(), calling_ae=calling_ae))  # fmt: skip
-            s.execute(update(Instance).where(Instance.sop_instance_uid == sop_instance_uid).values(flagged_conflict=True))
+            s.add(
+                InstanceConflict(
+                    sop_instance_uid=sop_instance_uid,
+                    path=path,
+                    sha256=sha256,
+                    size=size,
+                    received_at=utcnow(),
+                    calling_ae=calling_ae,
+                )
+            )
+            s.execute(
+                update(Instance).where(Instance.sop_instance_uid == sop_instance_uid).values(flagged_conflict=True)
+            )
         return True
 
     def instance_conflicts(self, sop_instance_uid: str) -> list[dict]:
         """The conflicting copies of one instance, oldest first: ``path, sha256, size, received_at, calling_ae``."""
         with self._read() as s:
             rows = s.scalars(
-                select(InstanceConflict).where(InstanceConflict.sop_instance_uid == sop_instance_uid)
+                select(InstanceConflict)
+                .where(InstanceConflict.sop_instance_uid == sop_instance_uid)
                 .order_by(InstanceConflict.received_at, InstanceConflict.id)
-            ).all()  # fmt: skip
-            return [{"path": c.path, "sha256": c.sha256, "size": int(c.size), "received_at": c.received_at,
-                     "calling_ae": c.calling_ae} for c in rows]  # fmt: skip
+            ).all()
+            return [
+                {
+                    "path": c.path,
+                    "sha256": c.sha256,
+                    "size": int(c.size),
+                    "received_at": c.received_at,
+                    "calling_ae": c.calling_ae,
+                }
+                for c in rows
+            ]
 
     def series_instances(self, series_instance_uid: str) -> list[InstanceRecord]:
         """Every instance of one series (ordered by SOPInstanceUID)."""
         with self._read() as s:
             rows = s.scalars(
-                select(Instance).where(Instance.series_instance_uid == series_instance_uid).order_by(Instance.sop_instance_uid)
+                select(Instance)
+                .where(Instance.series_instance_uid == series_instance_uid)
+                .order_by(Instance.sop_instance_uid)
             ).all()
             return [_instance_record(i) for i in rows]
 
@@ -557,10 +649,15 @@ class Store:
         """One dict per received series: ``study_instance_uid, series_instance_uid, patient_id, modality,
         instances, conflicts, first_received_at, last_received_at`` (oldest series first)."""
         q = select(
-            Instance.study_instance_uid, Instance.series_instance_uid, func.min(Instance.patient_id),
-            func.min(Instance.modality), func.count(), func.sum(case((Instance.flagged_conflict.is_(True), 1), else_=0)),
-            func.min(Instance.received_at), func.max(Instance.received_at),
-        ).group_by(Instance.study_instance_uid, Instance.series_instance_uid)  # fmt: skip
+            Instance.study_instance_uid,
+            Instance.series_instance_uid,
+            func.min(Instance.patient_id),
+            func.min(Instance.modality),
+            func.count(),
+            func.sum(case((Instance.flagged_conflict.is_(True), 1), else_=0)),
+            func.min(Instance.received_at),
+            func.max(Instance.received_at),
+        ).group_by(Instance.study_instance_uid, Instance.series_instance_uid)
         if study_instance_uid is not None:
             q = q.where(Instance.study_instance_uid == study_instance_uid)
         if patient_id is not None:
@@ -577,11 +674,19 @@ class Store:
         with self._read() as s:
             rows = s.execute(q).all()
         out = [
-            {"study_instance_uid": st, "series_instance_uid": se, "patient_id": pid, "modality": mod,
-             "instances": int(n), "conflicts": int(nc or 0), "first_received_at": as_utc(t0), "last_received_at": as_utc(t1)}
+            {
+                "study_instance_uid": st,
+                "series_instance_uid": se,
+                "patient_id": pid,
+                "modality": mod,
+                "instances": int(n),
+                "conflicts": int(nc or 0),
+                "first_received_at": as_utc(t0),
+                "last_received_at": as_utc(t1),
+            }
             for st, se, pid, mod, n, nc, t0, t1 in rows
-        ]  # fmt: skip
-        out.sort(key=lambda d: (d["first_received_at"] or datetime.min.replace(tzinfo=timezone.utc), d["series_instance_uid"]))
+        ]
+        out.sort(key=lambda d: (d["first_received_at"] or datetime.min.replace(tzinfo=UTC), d["series_instance_uid"]))
         return out
 
     def count_instances(self) -> int:
@@ -593,17 +698,19 @@ class Store:
         """The first copies of every instance received for one patient (by series, then SOPInstanceUID)."""
         with self._read() as s:
             rows = s.scalars(
-                select(Instance).where(Instance.patient_id == patient_id)
+                select(Instance)
+                .where(Instance.patient_id == patient_id)
                 .order_by(Instance.series_instance_uid, Instance.sop_instance_uid)
-            ).all()  # fmt: skip
+            ).all()
             return [_instance_record(i) for i in rows]
 
     def instances_of_series(self, series_instance_uids: list[str]) -> list[InstanceRecord]:
         with self._read() as s:
             rows = s.scalars(
-                select(Instance).where(Instance.series_instance_uid.in_(list(series_instance_uids)))
+                select(Instance)
+                .where(Instance.series_instance_uid.in_(list(series_instance_uids)))
                 .order_by(Instance.series_instance_uid, Instance.sop_instance_uid)
-            ).all()  # fmt: skip
+            ).all()
             return [_instance_record(i) for i in rows]
 
     def touch_patient(self, patient_id: str, ready_at: datetime) -> None:
@@ -616,8 +723,9 @@ class Store:
             from sqlalchemy.dialects.sqlite import insert
         # one statement (an upsert), so concurrent marks and a concurrent clear cannot lose a mark
         stmt = insert(PendingPatient).values(patient_id=patient_id, ready_at=ready_at, touched_at=now)
-        stmt = stmt.on_conflict_do_update(index_elements=[PendingPatient.patient_id],
-                                          set_={"ready_at": ready_at, "touched_at": now})  # fmt: skip
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[PendingPatient.patient_id], set_={"ready_at": ready_at, "touched_at": now}
+        )
         with self._write() as s:
             s.execute(stmt)
 
@@ -625,31 +733,56 @@ class Store:
         """``(patient_id, touched_at)`` of the pending patients whose ``ready_at`` has passed."""
         with self._read() as s:
             rows = s.execute(
-                select(PendingPatient.patient_id, PendingPatient.touched_at).where(PendingPatient.ready_at <= now)
+                select(PendingPatient.patient_id, PendingPatient.touched_at)
+                .where(PendingPatient.ready_at <= now)
                 .order_by(PendingPatient.ready_at)
-            ).all()  # fmt: skip
+            ).all()
             return [(p, t) for p, t in rows]
 
     def clear_patient(self, patient_id: str, touched_at: datetime) -> bool:
         """Remove a pending patient unless it was touched again after ``touched_at`` (then it stays)."""
         with self._write() as s:  # one statement: a mark committed meanwhile has a later touched_at and stays
             n = s.execute(
-                delete(PendingPatient).where(PendingPatient.patient_id == patient_id, PendingPatient.touched_at <= touched_at)
-            ).rowcount  # fmt: skip
+                delete(PendingPatient).where(
+                    PendingPatient.patient_id == patient_id, PendingPatient.touched_at <= touched_at
+                )
+            ).rowcount
         return bool(n)
 
-    def upsert_trigger_cycle(self, *, cycle_key: str, patient_id: str, injection: str | None, state: str,
-                             reason: str | None, timepoints: int, job_id: str | None,
-                             deadline_after: timedelta | None, now: datetime) -> dict:  # fmt: skip
+    def upsert_trigger_cycle(
+        self,
+        *,
+        cycle_key: str,
+        patient_id: str,
+        injection: str | None,
+        state: str,
+        reason: str | None,
+        timepoints: int,
+        job_id: str | None,
+        deadline_after: timedelta | None,
+        now: datetime,
+    ) -> dict:
         """Record what the trigger decided for a cycle; ``first_seen_at`` is kept from the first call and
         the deadline is ``first_seen_at + deadline_after``.  Returns the row as a dict."""
         with self._write() as s:
             row = s.get(TriggerCycle, cycle_key)
             if row is None:
-                row = TriggerCycle(cycle_key=cycle_key, patient_id=patient_id, first_seen_at=now, evaluated_at=now,
-                                   state=state, timepoints=timepoints)  # fmt: skip
+                row = TriggerCycle(
+                    cycle_key=cycle_key,
+                    patient_id=patient_id,
+                    first_seen_at=now,
+                    evaluated_at=now,
+                    state=state,
+                    timepoints=timepoints,
+                )
                 s.add(row)
-            row.injection, row.state, row.reason, row.timepoints, row.evaluated_at = injection, state, reason, timepoints, now
+            row.injection, row.state, row.reason, row.timepoints, row.evaluated_at = (
+                injection,
+                state,
+                reason,
+                timepoints,
+                now,
+            )
             if job_id is not None:
                 row.job_id = job_id
             row.deadline_at = None if deadline_after is None else row.first_seen_at + deadline_after
@@ -661,9 +794,12 @@ class Store:
         started rows stay as history)."""
         with self._write() as s:
             return s.execute(
-                delete(TriggerCycle).where(TriggerCycle.patient_id == patient_id, TriggerCycle.state.in_(("waiting", "error")),
-                                           TriggerCycle.cycle_key.not_in(list(keep) or [""]))
-            ).rowcount  # fmt: skip
+                delete(TriggerCycle).where(
+                    TriggerCycle.patient_id == patient_id,
+                    TriggerCycle.state.in_(("waiting", "error")),
+                    TriggerCycle.cycle_key.not_in(list(keep) or [""]),
+                )
+            ).rowcount
 
     def trigger_cycles(self, *, patient_id: str | None = None) -> list[dict]:
         """What the trigger knows of each cycle (newest first)."""
@@ -681,9 +817,15 @@ class Store:
     def deadline_patients(self, now: datetime) -> list[str]:
         """Patients with a waiting cycle whose deadline has passed."""
         with self._read() as s:
-            return list(dict.fromkeys(s.scalars(
-                select(TriggerCycle.patient_id).where(TriggerCycle.state == "waiting", TriggerCycle.deadline_at <= now)
-            ).all()))  # fmt: skip
+            return list(
+                dict.fromkeys(
+                    s.scalars(
+                        select(TriggerCycle.patient_id).where(
+                            TriggerCycle.state == "waiting", TriggerCycle.deadline_at <= now
+                        )
+                    ).all()
+                )
+            )
 
     def jobs_for_input(self, input_hash: str) -> list[JobRecord]:
         """Every job ever created for this input set, oldest first."""
@@ -702,9 +844,13 @@ class Store:
         if not series_instance_uids:
             return set()
         with self._read() as s:
-            return set(s.scalars(
-                select(OutputSeries.series_instance_uid).where(OutputSeries.series_instance_uid.in_(list(series_instance_uids)))
-            ).all())  # fmt: skip
+            return set(
+                s.scalars(
+                    select(OutputSeries.series_instance_uid).where(
+                        OutputSeries.series_instance_uid.in_(list(series_instance_uids))
+                    )
+                ).all()
+            )
 
     def node_counts(self) -> dict[str, Any]:
         """For metrics: received instances, trigger cycles by state, deliveries by state."""
@@ -712,32 +858,52 @@ class Store:
             instances = int(s.scalar(select(func.count()).select_from(Instance)) or 0)
             cycles = dict(s.execute(select(TriggerCycle.state, func.count()).group_by(TriggerCycle.state)).all())
             deliveries = dict(s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
-        return {"instances": instances, "cycles": {k: int(v) for k, v in cycles.items()},
-                "deliveries": {k: int(v) for k, v in deliveries.items()}}  # fmt: skip
+        return {
+            "instances": instances,
+            "cycles": {k: int(v) for k, v in cycles.items()},
+            "deliveries": {k: int(v) for k, v in deliveries.items()},
+        }
 
     # ------------------------------------------------------------------ deliveries (results → PACS)
-    def jobs_needing_delivery(self, sources: tuple[str, ...], destination: str, finished_after: datetime,
-                              limit: int = 20) -> list[JobRecord]:  # fmt: skip
+    def jobs_needing_delivery(
+        self, sources: tuple[str, ...], destination: str, finished_after: datetime, limit: int = 20
+    ) -> list[JobRecord]:
         """Succeeded jobs of these sources, finished after ``finished_after``, with no delivery row for
         ``destination`` yet (a new destination does not receive the whole history)."""
         with self._read() as s:
             have = select(Delivery.job_id).where(Delivery.destination == destination)
             rows = s.scalars(
-                select(Job).where(Job.state == "succeeded", Job.source.in_(sources), Job.id.not_in(have),
-                                  Job.finished_at >= finished_after)
-                .order_by(Job.finished_at, Job.id).limit(limit)
-            ).all()  # fmt: skip
+                select(Job)
+                .where(
+                    Job.state == "succeeded",
+                    Job.source.in_(sources),
+                    Job.id.not_in(have),
+                    Job.finished_at >= finished_after,
+                )
+                .order_by(Job.finished_at, Job.id)
+                .limit(limit)
+            ).all()
             return [_record(j) for j in rows]
 
     def add_delivery(self, job_id: str, destination: str, now: datetime) -> bool:
         """A pending delivery, due at once; False when it exists."""
         try:
             with self._write() as s:
-                exists = s.scalars(select(Delivery.id).where(Delivery.job_id == job_id, Delivery.destination == destination)).first()
+                exists = s.scalars(
+                    select(Delivery.id).where(Delivery.job_id == job_id, Delivery.destination == destination)
+                ).first()
                 if exists is not None:
                     return False
-                s.add(Delivery(job_id=job_id, destination=destination, state="pending", attempts=0,
-                               next_attempt_at=now, created_at=now))  # fmt: skip
+                s.add(
+                    Delivery(
+                        job_id=job_id,
+                        destination=destination,
+                        state="pending",
+                        attempts=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                )
             return True
         except IntegrityError:
             return False
@@ -745,14 +911,18 @@ class Store:
     def due_deliveries(self, now: datetime, destination: str, limit: int = 10) -> list[dict]:
         with self._read() as s:
             rows = s.scalars(
-                select(Delivery).where(Delivery.state == "pending", Delivery.next_attempt_at <= now,
-                                       Delivery.destination == destination)
-                .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)
-            ).all()  # fmt: skip
+                select(Delivery)
+                .where(
+                    Delivery.state == "pending", Delivery.next_attempt_at <= now, Delivery.destination == destination
+                )
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(limit)
+            ).all()
             return [_delivery_dict(d) for d in rows]
 
-    def delivery_attempted(self, delivery_id: int, *, ok: bool, error: str | None, now: datetime,
-                           next_attempt_at: datetime | None) -> None:  # fmt: skip
+    def delivery_attempted(
+        self, delivery_id: int, *, ok: bool, error: str | None, now: datetime, next_attempt_at: datetime | None
+    ) -> None:
         """Record one attempt: sent, or failed with a retry at ``next_attempt_at`` (None: given up)."""
         with self._write() as s:
             d = s.get(Delivery, delivery_id)
@@ -775,9 +945,10 @@ class Store:
         """Failed deliveries of a job back to pending (an operator's retry); returns how many."""
         with self._write() as s:
             return s.execute(
-                update(Delivery).where(Delivery.job_id == job_id, Delivery.state == "failed")
+                update(Delivery)
+                .where(Delivery.job_id == job_id, Delivery.state == "failed")
                 .values(state="pending", next_attempt_at=now)
-            ).rowcount  # fmt: skip
+            ).rowcount
 
 
 # ---------------------------------------------------------------------- DICOM node records
@@ -801,11 +972,19 @@ class InstanceRecord:
 
 def _instance_record(i: Instance) -> InstanceRecord:
     return InstanceRecord(
-        sop_instance_uid=i.sop_instance_uid, sop_class_uid=i.sop_class_uid, study_instance_uid=i.study_instance_uid,
-        series_instance_uid=i.series_instance_uid, patient_id=i.patient_id, modality=i.modality, path=i.path,
-        sha256=i.sha256, size=int(i.size), received_at=i.received_at, calling_ae=i.calling_ae,
+        sop_instance_uid=i.sop_instance_uid,
+        sop_class_uid=i.sop_class_uid,
+        study_instance_uid=i.study_instance_uid,
+        series_instance_uid=i.series_instance_uid,
+        patient_id=i.patient_id,
+        modality=i.modality,
+        path=i.path,
+        sha256=i.sha256,
+        size=int(i.size),
+        received_at=i.received_at,
+        calling_ae=i.calling_ae,
         flagged_conflict=bool(i.flagged_conflict),
-    )  # fmt: skip
+    )
 
 
 def _iso(d: datetime | None) -> str | None:
@@ -813,13 +992,29 @@ def _iso(d: datetime | None) -> str | None:
 
 
 def _cycle_dict(r: TriggerCycle) -> dict:
-    return {"cycle_key": r.cycle_key, "patient_id": r.patient_id, "injection": r.injection, "state": r.state,
-            "reason": r.reason, "timepoints": int(r.timepoints or 0), "job_id": r.job_id,
-            "first_seen_at": _iso(r.first_seen_at), "evaluated_at": _iso(r.evaluated_at),
-            "deadline_at": _iso(r.deadline_at)}  # fmt: skip
+    return {
+        "cycle_key": r.cycle_key,
+        "patient_id": r.patient_id,
+        "injection": r.injection,
+        "state": r.state,
+        "reason": r.reason,
+        "timepoints": int(r.timepoints or 0),
+        "job_id": r.job_id,
+        "first_seen_at": _iso(r.first_seen_at),
+        "evaluated_at": _iso(r.evaluated_at),
+        "deadline_at": _iso(r.deadline_at),
+    }
 
 
 def _delivery_dict(d: Delivery) -> dict:
-    return {"id": int(d.id), "job_id": d.job_id, "destination": d.destination, "state": d.state,
-            "attempts": int(d.attempts), "next_attempt_at": _iso(d.next_attempt_at), "last_error": d.last_error,
-            "created_at": _iso(d.created_at), "sent_at": _iso(d.sent_at)}  # fmt: skip
+    return {
+        "id": int(d.id),
+        "job_id": d.job_id,
+        "destination": d.destination,
+        "state": d.state,
+        "attempts": int(d.attempts),
+        "next_attempt_at": _iso(d.next_attempt_at),
+        "last_error": d.last_error,
+        "created_at": _iso(d.created_at),
+        "sent_at": _iso(d.sent_at),
+    }

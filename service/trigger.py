@@ -42,10 +42,11 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from voxeldose.errors import VoxeldoseError
 
@@ -99,8 +100,9 @@ def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:
     return final
 
 
-def earlier_cycle_entry(number: int, injection: datetime, activity_mbq: float,
-                        summary: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+def earlier_cycle_entry(
+    number: int, injection: datetime, activity_mbq: float, summary: dict[str, Any] | None
+) -> dict[str, Any]:
     """An ``earlier_cycles`` item of the job spec: the doses of that cycle's newest result (its ``summary``),
     when there is one."""
     entry: dict[str, Any] = {"number": number, "date": injection.date().isoformat(), "activity_mbq": activity_mbq}
@@ -149,7 +151,7 @@ class Trigger:
         for pid, touched in due.items():
             try:
                 out += self.evaluate_patient(pid, now)
-            except Exception:  # noqa: BLE001 - one patient's bad data must not stop the others
+            except Exception:
                 log.exception("trigger: evaluating a patient failed")
                 if touched is not None:  # look again later rather than spin on it
                     self.store.touch_patient(pid, now + timedelta(seconds=RECHECK_S * 10))
@@ -175,7 +177,9 @@ class Trigger:
             return [self._record_error(patient_id, str(err), now)]
         errors = [p for p in list(index.errors) + problems if p.severity == "error"]
         if not cycles:
-            why = "; ".join(p.message for p in errors[:3]) or "no reconstructed SPECT with injection information received"
+            why = (
+                "; ".join(p.message for p in errors[:3]) or "no reconstructed SPECT with injection information received"
+            )
             return [self._record_error(patient_id, why, now)]
 
         ordered = sorted(cycles, key=lambda c: c.injection.start)
@@ -191,14 +195,17 @@ class Trigger:
             deadline_h = self.settings.trigger_deadline_h
             deadline_after = timedelta(hours=deadline_h) if deadline_h else None
             past_deadline = deadline_after is not None and now >= first_seen + deadline_after
-            base = dict(cycle_key=key, patient_id=patient_id, injection=c.injection.start.isoformat(),
-                        timepoints=n_tp, now=now)  # fmt: skip
+            base = dict(
+                cycle_key=key, patient_id=patient_id, injection=c.injection.start.isoformat(), timepoints=n_tp, now=now
+            )
             series = [s for tp in c.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(c.vois)
             files = {str(p) for s in series for p in s.paths}
             bad = [p for p in errors if p.path and (p.path in files or any(f in p.path for f in files))]
             if bad:  # e.g. two SPECT reconstructions at one time: a job would fail; say why instead
                 reason = "cannot start: " + "; ".join(p.message for p in bad[:3])
-                self.store.upsert_trigger_cycle(**base, state="error", reason=reason[:4000], job_id=None, deadline_after=None)
+                self.store.upsert_trigger_cycle(
+                    **base, state="error", reason=reason[:4000], job_id=None, deadline_after=None
+                )
                 decisions.append(Decision(key, "error", reason, timepoints=n_tp))
                 continue
             complete = n_tp >= self.settings.trigger_min_timepoints and has_vois
@@ -214,22 +221,26 @@ class Trigger:
                     deadline_after = None
                 elif deadline_after is not None:
                     reason += f" (deadline {deadline_h:g} h after the first series)"
-                self.store.upsert_trigger_cycle(**base, state="waiting", reason=reason, job_id=None,
-                                                deadline_after=deadline_after)  # fmt: skip
+                self.store.upsert_trigger_cycle(
+                    **base, state="waiting", reason=reason, job_id=None, deadline_after=deadline_after
+                )
                 decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
                 continue
             earlier, busy = self._earlier_cycles(patient_id, ordered, history, c, numbers)
             if busy:
                 reason = f"waiting for the job of earlier cycle {busy} to finish"
-                self.store.upsert_trigger_cycle(**base, state="waiting", reason=reason, job_id=None, deadline_after=None)
+                self.store.upsert_trigger_cycle(
+                    **base, state="waiting", reason=reason, job_id=None, deadline_after=None
+                )
                 self.store.touch_patient(patient_id, now + timedelta(seconds=RECHECK_S))
                 decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
                 continue
             spec = copy.deepcopy(self.settings.trigger_spec)
             if not complete and len(c.timepoints) == 1:
                 spec.setdefault("fit", {})["model"] = "stp"
-            spec.update(patient_id=patient_id, cycle_number=numbers[_slot(numbers, c.injection.start)],
-                        earlier_cycles=earlier)  # fmt: skip
+            spec.update(
+                patient_id=patient_id, cycle_number=numbers[_slot(numbers, c.injection.start)], earlier_cycles=earlier
+            )
             fp = input_fingerprint(c)
             digest = fp["sop_instance_uids_sha256"]
             wanted = spec_hash({**spec, "inputs": ["."]})
@@ -237,9 +248,12 @@ class Trigger:
             if same:  # this input set with this job description: never a second job, whatever the first became
                 j = same[-1]
                 reason = f"this input set already has job {j.id} ({j.state})"
-                self.store.upsert_trigger_cycle(**base, state="started", reason=reason, job_id=None, deadline_after=None)
-                decisions.append(Decision(key, "exists", reason, job_id=j.id, version=j.version, timepoints=n_tp,
-                                          input_hash=digest))  # fmt: skip
+                self.store.upsert_trigger_cycle(
+                    **base, state="started", reason=reason, job_id=None, deadline_after=None
+                )
+                decisions.append(
+                    Decision(key, "exists", reason, job_id=j.id, version=j.version, timepoints=n_tp, input_hash=digest)
+                )
                 continue
             previous = self.store.cycle_jobs(key)
             version = (max((j.version or 0) for j in previous) + 1) if previous else 1
@@ -247,10 +261,17 @@ class Trigger:
             input_dir = link_inputs([p for s in series for p in s.paths], self.settings.incoming_dir, name)
             spec["inputs"] = [str(input_dir)]
             job, created = self.store.create_job(
-                spec=spec, input_dir=str(input_dir), input_hash=digest, patient_id=patient_id, idempotency_key=None,
-                submitted_by=f"dicom:{self.settings.dicom_ae_title}", source="dicom", cycle_key=key, version=version,
+                spec=spec,
+                input_dir=str(input_dir),
+                input_hash=digest,
+                patient_id=patient_id,
+                idempotency_key=None,
+                submitted_by=f"dicom:{self.settings.dicom_ae_title}",
+                source="dicom",
+                cycle_key=key,
+                version=version,
                 supersedes=previous[-1].id if previous else None,
-            )  # fmt: skip
+            )
             if not created:  # another process won the race for the same input set
                 shutil.rmtree(input_dir, ignore_errors=True)
             how = "complete" if complete else f"deadline of {deadline_h:g} h reached"
@@ -260,10 +281,25 @@ class Trigger:
             if missing and not complete:
                 reason += "; missing: " + "; ".join(missing)
             self.store.upsert_trigger_cycle(**base, state="started", reason=reason, job_id=job.id, deadline_after=None)
-            log.info("trigger: job %s version %s queued for a cycle with %d time point(s) (%s)",
-                     job.id, job.version, n_tp, how)  # fmt: skip
-            decisions.append(Decision(key, "started", reason, job_id=job.id, version=job.version, timepoints=n_tp,
-                                      input_hash=digest, spec=spec))  # fmt: skip
+            log.info(
+                "trigger: job %s version %s queued for a cycle with %d time point(s) (%s)",
+                job.id,
+                job.version,
+                n_tp,
+                how,
+            )
+            decisions.append(
+                Decision(
+                    key,
+                    "started",
+                    reason,
+                    job_id=job.id,
+                    version=job.version,
+                    timepoints=n_tp,
+                    input_hash=digest,
+                    spec=spec,
+                )
+            )
         # rows of cycles no longer formed (e.g. an error before the SPECT arrived, a changed injection time)
         self.store.retire_trigger_cycles(patient_id, {d.cycle_key for d in decisions})
         return decisions
@@ -272,8 +308,17 @@ class Trigger:
     def _record_error(self, patient_id: str, why: str, now: datetime) -> Decision:
         key = cycle_key(patient_id, None)
         reason = f"cannot form a therapy cycle: {why}"
-        self.store.upsert_trigger_cycle(cycle_key=key, patient_id=patient_id, injection=None, state="error",
-                                        reason=reason[:4000], timepoints=0, job_id=None, deadline_after=None, now=now)  # fmt: skip
+        self.store.upsert_trigger_cycle(
+            cycle_key=key,
+            patient_id=patient_id,
+            injection=None,
+            state="error",
+            reason=reason[:4000],
+            timepoints=0,
+            job_id=None,
+            deadline_after=None,
+            now=now,
+        )
         self.store.retire_trigger_cycles(patient_id, {key})
         log.warning("trigger: a patient's data cannot form a therapy cycle (see GET /v1/dicom/cycles)")
         return Decision(key, "error", reason)
@@ -305,8 +350,14 @@ class Trigger:
                 merged.append(t)
         return {t: n for n, t in enumerate(merged, start=1)}
 
-    def _earlier_cycles(self, patient_id: str, ordered: list[Any], history: list[tuple[datetime, dict[str, Any]]], this: Any,
-                        numbers: dict[datetime, int]) -> tuple[list[dict[str, Any]], int | None]:  # fmt: skip
+    def _earlier_cycles(
+        self,
+        patient_id: str,
+        ordered: list[Any],
+        history: list[tuple[datetime, dict[str, Any]]],
+        this: Any,
+        numbers: dict[datetime, int],
+    ) -> tuple[list[dict[str, Any]], int | None]:
         """``earlier_cycles`` for the job of ``this`` cycle — every cycle injected before it, received here
         or known from a result — and the number of an earlier cycle whose job is still queued or running
         (then wait)."""
@@ -315,7 +366,9 @@ class Trigger:
         for when, n in sorted(numbers.items(), key=lambda kv: kv[1]):
             if when >= limit:
                 continue
-            received = next((c for c in ordered if abs((c.injection.start - when).total_seconds()) <= SAME_CYCLE_S), None)
+            received = next(
+                (c for c in ordered if abs((c.injection.start - when).total_seconds()) <= SAME_CYCLE_S), None
+            )
             result = next((r for t, r in history if abs((t - when).total_seconds()) <= SAME_CYCLE_S), None)
             activity: float | None = None
             if received is not None:
@@ -371,7 +424,7 @@ class Automation:
                 try:
                     tick()
                     self.last_error = None
-                except Exception as exc:  # noqa: BLE001 - keep running; the log has the traceback
+                except Exception as exc:
                     self.last_error = type(exc).__name__
                     log.exception("automation: a round failed")
             self._stop.wait(self.settings.trigger_interval_s)

@@ -61,18 +61,21 @@ def check_free_disk(settings: Any, extra_bytes: int = 0) -> None:
     free = free_mb(incoming_dir(settings)) - extra_bytes / MB
     if free < need:
         raise ProblemError(
-            507, "Insufficient storage",
+            507,
+            "Insufficient storage",
             f"not enough free disk space for this upload: {max(free, 0):.0f} MB would be left, the service keeps "
             f"at least {need:.0f} MB free (min_free_disk_mb)",
             slug="insufficient-storage",
-        )  # fmt: skip
+        )
 
 
 def too_large(settings: Any, what: str) -> ProblemError:
     return ProblemError(
-        413, "Upload too large", f"{what} is larger than the limit of {settings.max_upload_mb} MB (max_upload_mb)",
+        413,
+        "Upload too large",
+        f"{what} is larger than the limit of {settings.max_upload_mb} MB (max_upload_mb)",
         slug="upload-too-large",
-    )  # fmt: skip
+    )
 
 
 def invalid(detail: str, *, slug: str = "invalid-upload", title: str = "Upload not usable") -> ProblemError:
@@ -165,7 +168,9 @@ class _MultipartSink:
             self._fh.write(data[start:end])
         elif self._field == "spec":
             if len(self.spec) + (end - start) > MAX_SPEC_BYTES:
-                raise invalid("the 'spec' field is larger than 1 MB", slug="invalid-spec", title="Invalid job description")
+                raise invalid(
+                    "the 'spec' field is larger than 1 MB", slug="invalid-spec", title="Invalid job description"
+                )
             self.spec.extend(data[start:end])
         # other fields are ignored
 
@@ -195,9 +200,23 @@ async def receive_multipart(request: Request, settings: Any) -> Received:
     tmp.mkdir()
     sink = _MultipartSink(tmp)
     try:
-        received = await stream_multipart(request, settings, boundary, sink, (
-            "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
-            "on_header_end", "on_headers_finished"), body="the upload", kind="multipart")  # fmt: skip
+        received = await stream_multipart(
+            request,
+            settings,
+            boundary,
+            sink,
+            (
+                "on_part_begin",
+                "on_part_data",
+                "on_part_end",
+                "on_header_field",
+                "on_header_value",
+                "on_header_end",
+                "on_headers_finished",
+            ),
+            body="the upload",
+            kind="multipart",
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -205,8 +224,9 @@ async def receive_multipart(request: Request, settings: Any) -> Received:
     return Received(tmp, sink.files, spec_text, received)
 
 
-async def stream_multipart(request: Request, settings: Any, boundary: bytes, sink: Any, callbacks: tuple[str, ...],
-                           *, body: str, kind: str) -> int:  # fmt: skip
+async def stream_multipart(
+    request: Request, settings: Any, boundary: bytes, sink: Any, callbacks: tuple[str, ...], *, body: str, kind: str
+) -> int:
     """Feed the request body, as it arrives, to a python-multipart parser calling ``sink``'s ``callbacks``;
     returns the bytes received and always closes the sink.  Problems: 413 over ``max_upload_mb`` (naming
     ``body``), 507 when the disk fills, 400 when the ``kind`` body cannot be parsed."""
@@ -227,12 +247,14 @@ async def stream_multipart(request: Request, settings: Any, boundary: bytes, sin
         raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise ProblemError(507, "Insufficient storage", f"the disk filled up while receiving {body}",
-                               slug="insufficient-storage") from None  # fmt: skip
+            raise ProblemError(
+                507, "Insufficient storage", f"the disk filled up while receiving {body}", slug="insufficient-storage"
+            ) from None
         raise
     except Exception as exc:  # noqa: BLE001 - malformed multipart, client went away
-        raise ProblemError(400, "Bad request", f"the {kind} body could not be read ({type(exc).__name__})",
-                           slug="bad-request") from None  # fmt: skip
+        raise ProblemError(
+            400, "Bad request", f"the {kind} body could not be read ({type(exc).__name__})", slug="bad-request"
+        ) from None
     finally:
         sink.close()
     return received
@@ -263,8 +285,10 @@ def extract_zip(zpath: Path, dest: Path, settings: Any) -> None:
             raw = m.filename
             parts = re.split(r"[\\/]+", raw)
             if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or ".." in parts or "\x00" in raw:
-                raise invalid(f"{name}: unsafe member path {raw!r} (absolute, drive letter or '..'); refused",
-                              slug="unsafe-archive")  # fmt: skip
+                raise invalid(
+                    f"{name}: unsafe member path {raw!r} (absolute, drive letter or '..'); refused",
+                    slug="unsafe-archive",
+                )
             mode = (m.external_attr >> 16) & 0o170000
             if mode in (stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
                 raise invalid(f"{name}: member {raw!r} is a link or device, not a file; refused", slug="unsafe-archive")
@@ -318,14 +342,23 @@ def parse_spec_fields(text: str | None) -> dict[str, Any]:
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise invalid(f"the 'spec' field is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-                      slug="invalid-spec", title="Invalid job description") from None  # fmt: skip
+        raise invalid(
+            f"the 'spec' field is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+            slug="invalid-spec",
+            title="Invalid job description",
+        ) from None
     if not isinstance(fields, dict):
-        raise invalid("the 'spec' field must be a JSON object of job fields (calibration, fit, dose, limits, …)",
-                      slug="invalid-spec", title="Invalid job description")  # fmt: skip
+        raise invalid(
+            "the 'spec' field must be a JSON object of job fields (calibration, fit, dose, limits, …)",
+            slug="invalid-spec",
+            title="Invalid job description",
+        )
     if "inputs" in fields:
-        raise invalid("the 'spec' field must not name 'inputs': the uploaded files are the inputs",
-                      slug="invalid-spec", title="Invalid job description")  # fmt: skip
+        raise invalid(
+            "the 'spec' field must not name 'inputs': the uploaded files are the inputs",
+            slug="invalid-spec",
+            title="Invalid job description",
+        )
     return fields
 
 
@@ -371,10 +404,11 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: An
                     raise VoxeldoseError(
                         f"SPECT series {tp.spect.description or tp.spect.series_instance_uid} holds raw counts and no "
                         "calibration factor was given",
-                        path=tp.spect.instances[0].path, tag="calibration.cps_per_mbq",
+                        path=tp.spect.instances[0].path,
+                        tag="calibration.cps_per_mbq",
                         expected="the camera's volume sensitivity in cps/MBq in the job: "
                         '{"calibration": {"cps_per_mbq": …}}',
-                    )  # fmt: skip
+                    )
     except VoxeldoseError as err:
         raise _relativise(err, received.tmp) from None
     fingerprint = input_fingerprint(cycle)  # the digest the pipeline records in provenance.inputs
@@ -392,10 +426,13 @@ def receive_series(store: Any, series_instance_uids: list[str], settings: Any) -
     found = {i.series_instance_uid for i in instances}
     missing = [u for u in uids if u not in found]
     if missing:
-        raise ProblemError(404, "Series not received",
-                           f"no instances received for series {', '.join(missing[:5])}"
-                           + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""),
-                           slug="series-not-found")  # fmt: skip
+        raise ProblemError(
+            404,
+            "Series not received",
+            f"no instances received for series {', '.join(missing[:5])}"
+            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""),
+            slug="series-not-found",
+        )
     root = incoming_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"

@@ -19,8 +19,9 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def progress_writer(job_id: str, store: Any, *, min_interval_s: float = 0.5) -> 
                 job = store.get_job(job_id)
                 overall = job.progress if job is not None else 0.0
             store.set_progress(job_id, stage, overall)
-        except Exception:  # noqa: BLE001 - progress is cosmetic; never fail a dose for it
+        except Exception:
             log.warning("job %s: could not record progress", job_id, exc_info=True)
         last.update(stage=stage, t=now)
 
@@ -105,7 +106,7 @@ def write_atomically(result: Any, out_dir: Path) -> Path:
     try:
         try:  # first, so that a warning about them reaches summary.json and the report
             write_pacs_objects(result, tmp)
-        except Exception as err:  # noqa: BLE001 - best effort: the dose itself is not in question
+        except Exception as err:
             why = str(err) if isinstance(err, VoxeldoseError) else f"internal error ({type(err).__name__})"
             result.summary.setdefault("warnings", []).append(f"no SEG/SR for the PACS: {why}")
             log.warning("SEG/SR not written: %s", type(err).__name__, exc_info=not isinstance(err, VoxeldoseError))
@@ -139,13 +140,17 @@ def run_job(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict[st
     except VoxeldoseError as err:
         log.info("job %s: bad input (%.1f s)", job_id, time.monotonic() - t0)
         return {"error": _strip_roots(str(err), roots), "internal": False}
-    except Exception:  # noqa: BLE001 - a bug: traceback to the log (job id only), a generic message to the user
+    except Exception:
         log.exception("job %s: internal error", job_id)
         return {"error": INTERNAL_ERROR.format(job_id=job_id), "internal": True}
     patient = (result.summary.get("patient") or {}).get("id")
     log.info("job %s: done in %.1f s", job_id, time.monotonic() - t0)
-    return {"result_dir": str(out), "patient_id": patient, "warnings": result.warnings,
-            "output_series": output_series(out)}  # fmt: skip
+    return {
+        "result_dir": str(out),
+        "patient_id": patient,
+        "warnings": result.warnings,
+        "output_series": output_series(out),
+    }
 
 
 def output_series(out_dir: Path) -> list[str]:

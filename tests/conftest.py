@@ -13,9 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-
-from support import DVH_REQUIREMENTS, DVH_VENV, REPO, _dvh_python_ok  # noqa: F401
+from support import DVH_REQUIREMENTS, DVH_VENV, REPO, _dvh_python_ok
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +22,9 @@ def dciodvfy_exe() -> str:
     exe = shutil.which("dciodvfy")
     if exe is None:
         if os.environ.get("VOXELDOSE_REQUIRE_DCIODVFY"):
-            pytest.fail("dciodvfy is required (VOXELDOSE_REQUIRE_DCIODVFY is set) but not on PATH: apt-get install dicom3tools")
+            pytest.fail(
+                "dciodvfy is required (VOXELDOSE_REQUIRE_DCIODVFY is set) but not on PATH: apt-get install dicom3tools"
+            )
         pytest.skip("dciodvfy (Debian package dicom3tools) is not on PATH")
     return exe
 
@@ -45,7 +45,13 @@ def dvh_python() -> Path:
                 t0 = time.monotonic()
                 cmds = [
                     [sys.executable, "-m", "venv", "--clear", str(DVH_VENV)],
-                    [str(DVH_VENV / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", *DVH_REQUIREMENTS],
+                    [
+                        str(DVH_VENV / "bin" / "pip"),
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        *DVH_REQUIREMENTS,
+                    ],
                 ]
                 for cmd in cmds:
                     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -63,5 +69,3 @@ def dvh_python() -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return py
-
-

@@ -85,7 +85,9 @@ def nm_tomo(
 
     ``slice_vector`` (default 1..N) is written as SliceVector (0054,0080): frame f holds slice
     ``slice_vector[f]``; the slice order along the normal is the slice number's, not the frame's."""
-    ds = _base(NM, patient_id, study_uid or generate_uid(), series_uid or generate_uid(), for_uid or generate_uid(), "NM")
+    ds = _base(
+        NM, patient_id, study_uid or generate_uid(), series_uid or generate_uid(), for_uid or generate_uid(), "NM"
+    )
     ds.ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
     ds.SeriesDescription = "SPECT"
     ds.NumberOfFrames = counts.shape[0]
@@ -197,8 +199,22 @@ def timepoint(root: Path, hours: float, *, patient_id="P1", injection=datetime(2
     for_uid, study_uid = generate_uid(), generate_uid()
     acq = injection + timedelta(hours=hours)
     counts = rng.poisson(50, size=(6, 8, 10))
-    nm = nm_tomo(root / "NM" / "spect.dcm", counts, patient_id=patient_id, study_uid=study_uid, for_uid=for_uid,
-                 acquisition=acq, injection=injection, **nm_kwargs)
-    ct = ct_series(root / "CT", rng.integers(-1000, 1000, size=(12, 16, 20)).astype(np.int16), patient_id=patient_id,
-                   study_uid=study_uid, for_uid=for_uid, acquisition=acq)
+    nm = nm_tomo(
+        root / "NM" / "spect.dcm",
+        counts,
+        patient_id=patient_id,
+        study_uid=study_uid,
+        for_uid=for_uid,
+        acquisition=acq,
+        injection=injection,
+        **nm_kwargs,
+    )
+    ct = ct_series(
+        root / "CT",
+        rng.integers(-1000, 1000, size=(12, 16, 20)).astype(np.int16),
+        patient_id=patient_id,
+        study_uid=study_uid,
+        for_uid=for_uid,
+        acquisition=acq,
+    )
     return nm, ct, counts

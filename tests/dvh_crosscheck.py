@@ -27,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("rtdose", help="RT Dose file")
     ap.add_argument("--roi", action="append", default=None, help="ROI name (repeatable; default: all)")
     ap.add_argument(
-        "--interpolation-mm", type=float, default=None,
+        "--interpolation-mm",
+        type=float,
+        default=None,
         help="in-plane resolution (mm) to resample structure masks and dose to (needs scikit-image; "
         "the dose pixel spacing must be square and a multiple of it)",
-    )  # fmt: skip
+    )
     args = ap.parse_args(argv)
 
     import pydicom

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+
 def stored_files(node: Any) -> list[Path]:
     """Every file under a DICOM node's store (``data_dir/dicom``), sorted."""
     root = node.settings.dicom_dir
@@ -46,9 +47,9 @@ def dicompyler(py: Path, rs: Path, rd: Path, interpolation_mm: float | None = 1.
     extra = [] if interpolation_mm is None else ["--interpolation-mm", repr(interpolation_mm)]
     res = subprocess.run(
         [str(py), str(REPO / "tests" / "dvh_crosscheck.py"), str(rs), str(rd), *extra],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
-
-

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from support import dciodvfy_errors
 
 VOXELDOSE = [sys.executable, "-m", "voxeldose.cli"]
@@ -39,8 +38,21 @@ def test_inspect_json_reports_the_cycle(small_phantom: Path) -> None:
     assert all(tp["spect"]["kind"] == "spect" and tp["ct"]["kind"] == "ct" for tp in cycle["timepoints"])
     assert cycle["injection"]["activity_MBq"] == pytest.approx(7400.0)
     assert cycle["injection"]["nuclide"] == "Lu-177"
-    expected = {"Lung_L", "Lung_R", "Liver", "Spleen", "Kidney_L", "Kidney_R", "Marrow_L2L4", "Bladder",
-                "Tumor_1", "Tumor_2", "Tumor_3", "Tumor_4", "Tumor_5"}
+    expected = {
+        "Lung_L",
+        "Lung_R",
+        "Liver",
+        "Spleen",
+        "Kidney_L",
+        "Kidney_R",
+        "Marrow_L2L4",
+        "Bladder",
+        "Tumor_1",
+        "Tumor_2",
+        "Tumor_3",
+        "Tumor_4",
+        "Tumor_5",
+    }
     for voi in cycle["vois"]:
         assert expected <= set(voi["roi_names"])
     assert {v["kind"] for v in cycle["vois"]} == {"rtstruct", "seg"}
@@ -61,7 +73,9 @@ def test_every_written_file_passes_dciodvfy(small_phantom: Path, dciodvfy_exe: s
     other = [f for f in files if f.parent.name not in ("NM", "CT")]
     assert len(nm) == 4 and len(other) == 2
     # every NM, RTSTRUCT and SEG; CT: first, middle and last slice of each series (same writer, same attributes)
-    chosen = nm + other + [s for tp in {f.parent for f in ct} for s in (sorted(tp.glob("*.dcm"))[i] for i in (0, 29, -1))]
+    chosen = (
+        nm + other + [s for tp in {f.parent for f in ct} for s in (sorted(tp.glob("*.dcm"))[i] for i in (0, 29, -1))]
+    )
     bad = {str(f): e for f in chosen if (e := dciodvfy_errors(dciodvfy_exe, f))}
     assert not bad
 
@@ -135,8 +149,18 @@ def test_run_command_writes_outputs_and_refuses_counts_without_calibration(tmp_p
     res = run("run", str(small_phantom / "dicom"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "calibration" in res.stderr and "Traceback" not in res.stderr
     truth = json.loads((small_phantom / "truth" / "truth.json").read_text())
-    res = run("run", str(small_phantom / "dicom"), "--out", str(tmp_path / "o"), "--calibration",
-              str(truth["calibration_cps_per_mbq"]), "--method", "led", "--fit", "monoexp")
+    res = run(
+        "run",
+        str(small_phantom / "dicom"),
+        "--out",
+        str(tmp_path / "o"),
+        "--calibration",
+        str(truth["calibration_cps_per_mbq"]),
+        "--method",
+        "led",
+        "--fit",
+        "monoexp",
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["methods"]["dose"] == "led" and summary["methods"]["fit"] == "monoexp"
@@ -150,7 +174,19 @@ def test_phantom_cli_rejects_bad_hours(tmp_path: Path) -> None:
 
 def test_kernel_command_prints_energy_balance(tmp_path: Path) -> None:
     out = tmp_path / "k.npy"
-    res = run("kernel", "--nuclide", "Lu-177", "--voxel-mm", "4.8", "--medium", "soft-tissue", "--size", "11", "--out", str(out))
+    res = run(
+        "kernel",
+        "--nuclide",
+        "Lu-177",
+        "--voxel-mm",
+        "4.8",
+        "--medium",
+        "soft-tissue",
+        "--size",
+        "11",
+        "--out",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr
     k = np.load(out)
     assert k.shape == (11, 11, 11) and np.unravel_index(np.argmax(k), k.shape) == (5, 5, 5)
@@ -166,7 +202,9 @@ def test_kernel_command_rejects_bad_voxel(tmp_path: Path) -> None:
     assert res.returncode == 2 and "--voxel-mm" in res.stderr and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("content", ['[1, 2]', '{"calibration": null, "dose": 3}', '{"fit": {"model": "magic"}}', "{oops"])
+@pytest.mark.parametrize(
+    "content", ["[1, 2]", '{"calibration": null, "dose": 3}', '{"fit": {"model": "magic"}}', "{oops"]
+)
 def test_bad_spec_files_give_one_line_errors(tmp_path: Path, content: str) -> None:
     spec = tmp_path / "job.json"
     spec.write_text(content)

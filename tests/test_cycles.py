@@ -13,8 +13,14 @@ from voxeldose.metrics import bed
 
 
 def _cycle(n, kidney, marrow=0.1, g=0.1, **kw):
-    return CycleDose(n, dt.date(2024, 1, 1) + dt.timedelta(weeks=8 * (n - 1)), 7.4e9,
-                     {"kidney": kidney, "marrow": marrow}, g_factor={"kidney": g}, **kw)
+    return CycleDose(
+        n,
+        dt.date(2024, 1, 1) + dt.timedelta(weeks=8 * (n - 1)),
+        7.4e9,
+        {"kidney": kidney, "marrow": marrow},
+        g_factor={"kidney": g},
+        **kw,
+    )
 
 
 def test_cumulative_sums_dose_and_bed():
@@ -51,8 +57,9 @@ def test_cumulative_bed_omitted_when_a_cycle_lacks_it():
 
 def test_cycles_left_absorbed_dose_hand_example():
     # 10 Gy so far, 4.2 Gy per 7.4 GBq cycle: floor((23 − 10)/4.2) = floor(3.095) = 3 → 22.6 Gy
-    res = cycles_left(cumulative_dose_gy={"kidney": 10.0}, dose_per_gbq={"kidney": 4.2 / 7.4},
-                      activity_per_cycle_bq=7.4e9)
+    res = cycles_left(
+        cumulative_dose_gy={"kidney": 10.0}, dose_per_gbq={"kidney": 4.2 / 7.4}, activity_per_cycle_bq=7.4e9
+    )
     row = res["limits"][0]
     assert res["cycles_left"] == 3 and res["binding_limit"] == "kidney absorbed dose"
     assert row["per_cycle_gy"] == pytest.approx(4.2)
@@ -62,8 +69,7 @@ def test_cycles_left_absorbed_dose_hand_example():
 
 
 def test_cycles_left_landing_exactly_on_the_limit():
-    res = cycles_left(cumulative_dose_gy={"kidney": 0.0}, dose_per_gbq={"kidney": 5.75},
-                      activity_per_cycle_bq=1e9)
+    res = cycles_left(cumulative_dose_gy={"kidney": 0.0}, dose_per_gbq={"kidney": 5.75}, activity_per_cycle_bq=1e9)
     assert res["cycles_left"] == 4 and res["limits"][0]["after_cycles_gy"] == pytest.approx(23.0)
 
 
@@ -72,9 +78,13 @@ def test_cycles_left_bed_limited_hand_example():
     # BED per cycle = 4.2 + 0.1·4.2²/2.6 = 4.87846…; with risk factors (28 Gy):
     # floor((28 − 15)/4.87846) = floor(2.665) = 2 → binding (dose allows 3)
     b = 4.2 + 0.1 * 4.2**2 / 2.6
-    kw = {"cumulative_dose_gy": {"kidney": 10.0, "marrow": 0.3}, "cumulative_bed_gy": {"kidney": 15.0},
-              "dose_per_gbq": {"kidney": 4.2 / 7.4, "marrow": 0.04}, "g_factor": {"kidney": 0.1},
-              "activity_per_cycle_bq": 7.4e9}
+    kw = {
+        "cumulative_dose_gy": {"kidney": 10.0, "marrow": 0.3},
+        "cumulative_bed_gy": {"kidney": 15.0},
+        "dose_per_gbq": {"kidney": 4.2 / 7.4, "marrow": 0.04},
+        "g_factor": {"kidney": 0.1},
+        "activity_per_cycle_bq": 7.4e9,
+    }
     res = cycles_left(**kw)
     rows = {r["limit"]: r for r in res["limits"]}
     bed_row = rows["kidney BED (with risk factors)"]
@@ -87,18 +97,27 @@ def test_cycles_left_bed_limited_hand_example():
     # without risk factors (40 Gy): floor(25/4.87846) = 5 → the absorbed dose (3) binds
     res2 = cycles_left(**kw, limits=Limits(kidney_risk_factors=False))
     assert res2["cycles_left"] == 3 and res2["binding_limit"] == "kidney absorbed dose"
-    assert {r["limit"]: r for r in res2["limits"]}["kidney BED (without risk factors)"]["cycles_left"] == math.floor(25 / b)
+    assert {r["limit"]: r for r in res2["limits"]}["kidney BED (without risk factors)"]["cycles_left"] == math.floor(
+        25 / b
+    )
 
 
 def test_cycles_left_zero_when_exceeded_with_message():
-    res = cycles_left(cumulative_dose_gy={"kidney": 24.1, "marrow": 0.5},
-                      dose_per_gbq={"kidney": 0.6, "marrow": 0.03}, activity_per_cycle_bq=7.4e9)
+    res = cycles_left(
+        cumulative_dose_gy={"kidney": 24.1, "marrow": 0.5},
+        dose_per_gbq={"kidney": 0.6, "marrow": 0.03},
+        activity_per_cycle_bq=7.4e9,
+    )
     assert res["cycles_left"] == 0
     row = res["limits"][0]
     assert row["exceeded"] and "exceeds" in row["message"] and "no further cycle" in res["message"]
     # a configurable limit
-    res2 = cycles_left(cumulative_dose_gy={"marrow": 0.5}, dose_per_gbq={"marrow": 0.05},
-                       activity_per_cycle_bq=7.4e9, limits=Limits(marrow_dose_gy=1.5))
+    res2 = cycles_left(
+        cumulative_dose_gy={"marrow": 0.5},
+        dose_per_gbq={"marrow": 0.05},
+        activity_per_cycle_bq=7.4e9,
+        limits=Limits(marrow_dose_gy=1.5),
+    )
     assert res2["cycles_left"] == math.floor(1.0 / 0.37)
 
 

@@ -87,9 +87,14 @@ def test_nm_counts_axial_round_trip(tmp_path: Path, ctx: dw.PatientStudy) -> Non
     vol = Volume(_counts(), AXIAL, FOR_UID, "counts")
     series = _series(3, "SPECT counts")
     dw.write_nm_tomo(
-        tmp_path / "nm.dcm", vol, ctx=ctx, series=series, injection=INJ, acquisition=ACQ,
+        tmp_path / "nm.dcm",
+        vol,
+        ctx=ctx,
+        series=series,
+        injection=INJ,
+        acquisition=ACQ,
         pixel_mode="counts",
-    )  # fmt: skip
+    )
     ds = pydicom.dcmread(tmp_path / "nm.dcm")
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.20"
@@ -112,8 +117,11 @@ def test_nm_counts_axial_round_trip(tmp_path: Path, ctx: dw.PatientStudy) -> Non
     assert (ds.AcquisitionDate, ds.AcquisitionTime) == ("20240302", "100500")
     assert ds.AcquisitionDateTime == "20240302100500"
     assert (ds.SeriesDate, ds.SeriesTime, ds.ContentDate, ds.ContentTime) == (
-        "20240302", "100500", "20240302", "100500",
-    )  # fmt: skip
+        "20240302",
+        "100500",
+        "20240302",
+        "100500",
+    )
     assert (ds.StudyDate, ds.StudyTime) == ("20240301", "090000")
     # patient / study / series
     assert str(ds.PatientName) == "PHANTOM^LU177" and ds.PatientID == "VXD-001"
@@ -129,8 +137,10 @@ def test_nm_counts_axial_round_trip(tmp_path: Path, ctx: dw.PatientStudy) -> Non
     assert rp.RadiopharmaceuticalStartDateTime == "20240301113015"
     code = rp.RadionuclideCodeSequence[0]
     assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == (
-        "447553000", "SCT", "^177^Lutetium",
-    )  # fmt: skip
+        "447553000",
+        "SCT",
+        "^177^Lutetium",
+    )
     assert rp.RadiopharmaceuticalCodeSequence[0].CodeValue == "781259000"
     win = ds.EnergyWindowInformationSequence[0]
     assert float(win.EnergyWindowRangeSequence[0].EnergyWindowLowerLimit) == 187.5
@@ -145,16 +155,19 @@ def test_nm_oblique_flipped_geometry(tmp_path: Path, ctx: dw.PatientStudy) -> No
     arr = _counts(1)
     vol = Volume(arr, OBLIQUE_FLIPPED, FOR_UID, "counts")
     dw.write_nm_tomo(
-        tmp_path / "nm.dcm", vol, ctx=ctx, series=_series(3, "SPECT"), injection=INJ,
-        acquisition=ACQ, pixel_mode="counts",
-    )  # fmt: skip
+        tmp_path / "nm.dcm",
+        vol,
+        ctx=ctx,
+        series=_series(3, "SPECT"),
+        injection=INJ,
+        acquisition=ACQ,
+        pixel_mode="counts",
+    )
     ds = pydicom.dcmread(tmp_path / "nm.dcm")
     n = SHAPE[0]
 
     def world(i: int, j: int, k: int) -> np.ndarray:  # by hand from the grid definition
-        return np.array(
-            [10.0 + 4 * i * C30 - 3 * j * S30, 20.0 + 4 * i * S30 + 3 * j * C30, 30.0 - 5.0 * k]
-        )
+        return np.array([10.0 + 4 * i * C30 - 3 * j * S30, 20.0 + 4 * i * S30 + 3 * j * C30, 30.0 - 5.0 * k])
 
     # NM has no per-frame position: frames must run along +X×Y = +z, i.e. slice k = n-1-f.
     for f, r, c in [(0, 0, 0), (2, 5, 7), (7, 15, 3), (4, 9, 12)]:
@@ -162,9 +175,7 @@ def test_nm_oblique_flipped_geometry(tmp_path: Path, ctx: dw.PatientStudy) -> No
         np.testing.assert_allclose(_nm_position(ds, f, r, c), world(c, r, k), atol=1e-4)
         assert ds.pixel_array[f, r, c] == arr[k, r, c]
     # first frame at z = 30 - 5*7 = -5
-    np.testing.assert_allclose(
-        np.array(ds.DetectorInformationSequence[0].ImagePositionPatient, dtype=float)[2], -5.0
-    )
+    np.testing.assert_allclose(np.array(ds.DetectorInformationSequence[0].ImagePositionPatient, dtype=float)[2], -5.0)
 
 
 def test_nm_refuses_sheared_stack(tmp_path: Path, ctx: dw.PatientStudy) -> None:
@@ -172,9 +183,14 @@ def test_nm_refuses_sheared_stack(tmp_path: Path, ctx: dw.PatientStudy) -> None:
     sheared[0, 2] = 1.0  # slice vector (1, 0, 5) not along X × Y
     with pytest.raises(ValueError, match="parallel"):
         dw.write_nm_tomo(
-            tmp_path / "nm.dcm", Volume(_counts(), sheared, FOR_UID), ctx=ctx,
-            series=_series(3, "x"), injection=INJ, acquisition=ACQ, pixel_mode="counts",
-        )  # fmt: skip
+            tmp_path / "nm.dcm",
+            Volume(_counts(), sheared, FOR_UID),
+            ctx=ctx,
+            series=_series(3, "x"),
+            injection=INJ,
+            acquisition=ACQ,
+            pixel_mode="counts",
+        )
 
 
 @pytest.mark.parametrize(
@@ -185,28 +201,34 @@ def test_nm_refuses_sheared_stack(tmp_path: Path, ctx: dw.PatientStudy) -> None:
         (np.full(SHAPE, -1.0), "non-negative"),
     ],
 )
-def test_nm_counts_rejects_bad_counts(
-    tmp_path: Path, ctx: dw.PatientStudy, array: np.ndarray, match: str
-) -> None:
+def test_nm_counts_rejects_bad_counts(tmp_path: Path, ctx: dw.PatientStudy, array: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         dw.write_nm_tomo(
-            tmp_path / "nm.dcm", Volume(array, AXIAL, FOR_UID), ctx=ctx, series=_series(3, "x"),
-            injection=INJ, acquisition=ACQ, pixel_mode="counts",
-        )  # fmt: skip
+            tmp_path / "nm.dcm",
+            Volume(array, AXIAL, FOR_UID),
+            ctx=ctx,
+            series=_series(3, "x"),
+            injection=INJ,
+            acquisition=ACQ,
+            pixel_mode="counts",
+        )
 
 
 @pytest.mark.parametrize("offset", [0.0, -250.0])
-def test_nm_bqml_real_world_value_mapping(
-    tmp_path: Path, ctx: dw.PatientStudy, offset: float
-) -> None:
+def test_nm_bqml_real_world_value_mapping(tmp_path: Path, ctx: dw.PatientStudy, offset: float) -> None:
     rng = np.random.default_rng(2)
     bqml = rng.random(SHAPE) * 12345.6 + offset
     bqml[0, 0, 0] = 12345.6  # the maximum, exactly
     vol = Volume(bqml, AXIAL, FOR_UID, "Bq/ml")
     dw.write_nm_tomo(
-        tmp_path / "nm.dcm", vol, ctx=ctx, series=_series(3, "SPECT Bq/ml"), injection=INJ,
-        acquisition=ACQ, pixel_mode="bqml",
-    )  # fmt: skip
+        tmp_path / "nm.dcm",
+        vol,
+        ctx=ctx,
+        series=_series(3, "SPECT Bq/ml"),
+        injection=INJ,
+        acquisition=ACQ,
+        pixel_mode="bqml",
+    )
     ds = pydicom.dcmread(tmp_path / "nm.dcm")
     assert "RescaleSlope" not in ds and "Units" not in ds
     rwvm = ds.RealWorldValueMappingSequence[0]
@@ -221,9 +243,14 @@ def test_nm_bqml_real_world_value_mapping(
 def test_nm_radionuclide_total_dose_is_mbq(tmp_path: Path, ctx: dw.PatientStudy) -> None:
     inj = dw.Injection("Lu-177", 6.85e9, datetime(2024, 2, 28, 23, 59, 59))
     ds = dw.write_nm_tomo(
-        tmp_path / "nm.dcm", Volume(_counts(), AXIAL, FOR_UID), ctx=ctx, series=_series(3, "x"),
-        injection=inj, acquisition=ACQ, pixel_mode="counts",
-    )  # fmt: skip
+        tmp_path / "nm.dcm",
+        Volume(_counts(), AXIAL, FOR_UID),
+        ctx=ctx,
+        series=_series(3, "x"),
+        injection=inj,
+        acquisition=ACQ,
+        pixel_mode="counts",
+    )
     rp = pydicom.dcmread(tmp_path / "nm.dcm").RadiopharmaceuticalInformationSequence[0]
     assert float(rp.RadionuclideTotalDose) == pytest.approx(6850.0)
     assert rp.RadiopharmaceuticalStartDateTime == "20240228235959"  # the date survives
@@ -380,24 +407,18 @@ def _masks() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("affine_name", ["axial", "oblique_flipped"])
 def test_rtstruct_contours_on_ct_planes(tmp_path: Path, ctx: dw.PatientStudy, affine_name: str) -> None:
     affine = AXIAL if affine_name == "axial" else OBLIQUE_FLIPPED
-    ct = dw.write_ct_series(
-        tmp_path / "ct", Volume(np.zeros(SHAPE), affine, FOR_UID), ctx=ctx, series=_series(2, "CT")
-    )
+    ct = dw.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), affine, FOR_UID), ctx=ctx, series=_series(2, "CT"))
     masks = _masks()
     contours = {name: dw.contours_from_mask(m, affine) for name, m in masks.items()}
     rs_series = _series(10, "Contours")
-    dw.write_rtstruct(
-        tmp_path / "rs.dcm", contours, ctx=ctx, series=rs_series, referenced_ct=ct
-    )
+    dw.write_rtstruct(tmp_path / "rs.dcm", contours, ctx=ctx, series=rs_series, referenced_ct=ct)
     ds = pydicom.dcmread(tmp_path / "rs.dcm")
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3" and ds.Modality == "RTSTRUCT"
     ref = ds.ReferencedFrameOfReferenceSequence[0]
     assert ref.FrameOfReferenceUID == FOR_UID
     rser = ref.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
     assert rser.SeriesInstanceUID == ct[0].SeriesInstanceUID
-    assert [c.ReferencedSOPInstanceUID for c in rser.ContourImageSequence] == [
-        c.SOPInstanceUID for c in ct
-    ]
+    assert [c.ReferencedSOPInstanceUID for c in rser.ContourImageSequence] == [c.SOPInstanceUID for c in ct]
     names = {r.ROINumber: r.ROIName for r in ds.StructureSetROISequence}
     assert names == {1: "Kidney_L", 2: "Tumor_1"}
     assert all(r.ReferencedFrameOfReferenceUID == FOR_UID for r in ds.StructureSetROISequence)
@@ -421,14 +442,10 @@ def test_rtstruct_contours_on_ct_planes(tmp_path: Path, ctx: dw.PatientStudy, af
 
 
 def test_rtstruct_rejects_contour_between_slices(tmp_path: Path, ctx: dw.PatientStudy) -> None:
-    ct = dw.write_ct_series(
-        tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT")
-    )
+    ct = dw.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT"))
     tri = np.array([[0.0, 0.0, -7.5], [4.0, 0.0, -7.5], [0.0, 3.0, -7.5]])  # between z=-10 and -5
     with pytest.raises(ValueError, match="no CT slice"):
-        dw.write_rtstruct(
-            tmp_path / "rs.dcm", {"Liver": [tri]}, ctx=ctx, series=_series(10, "x"), referenced_ct=ct
-        )
+        dw.write_rtstruct(tmp_path / "rs.dcm", {"Liver": [tri]}, ctx=ctx, series=_series(10, "x"), referenced_ct=ct)
 
 
 # ----------------------------------------------------------------------------------------- SEG
@@ -437,9 +454,7 @@ def test_rtstruct_rejects_contour_between_slices(tmp_path: Path, ctx: dw.Patient
 def test_seg_round_trip(tmp_path: Path, ctx: dw.PatientStudy) -> None:
     import highdicom as hd
 
-    ct = dw.write_ct_series(
-        tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT")
-    )
+    ct = dw.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT"))
     masks = _masks()
     seg_series = _series(11, "Segments")
     dw.write_seg(tmp_path / "seg.dcm", masks, ctx=ctx, series=seg_series, referenced_ct=ct)
@@ -471,18 +486,30 @@ def test_dciodvfy_no_errors(tmp_path: Path, ctx: dw.PatientStudy, dciodvfy_exe: 
     for mode, arr, bp in [("counts", _counts(), None), ("bqml", _counts() * 1.7, "ABDOMEN")]:
         p = tmp_path / f"nm_{mode}.dcm"
         dw.write_nm_tomo(
-            p, Volume(arr, OBLIQUE_FLIPPED, FOR_UID), ctx=ctx, series=_series(3, "SPECT"),
-            injection=INJ, acquisition=ACQ, pixel_mode=mode, body_part_examined=bp,
-        )  # fmt: skip
+            p,
+            Volume(arr, OBLIQUE_FLIPPED, FOR_UID),
+            ctx=ctx,
+            series=_series(3, "SPECT"),
+            injection=INJ,
+            acquisition=ACQ,
+            pixel_mode=mode,
+            body_part_examined=bp,
+        )
         files.append(p)
     ct = dw.write_ct_series(
-        tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT"),
-        body_part_examined="ABDOMEN", kvp=120,
-    )  # fmt: skip
+        tmp_path / "ct",
+        Volume(np.zeros(SHAPE), AXIAL, FOR_UID),
+        ctx=ctx,
+        series=_series(2, "CT"),
+        body_part_examined="ABDOMEN",
+        kvp=120,
+    )
     dw.write_ct_series(
-        tmp_path / "ct2", Volume(np.zeros(SHAPE), OBLIQUE_FLIPPED, FOR_UID), ctx=ctx,
+        tmp_path / "ct2",
+        Volume(np.zeros(SHAPE), OBLIQUE_FLIPPED, FOR_UID),
+        ctx=ctx,
         series=_series(4, "CT oblique"),
-    )  # fmt: skip
+    )
     files += sorted((tmp_path / "ct").glob("*.dcm"))[:2] + sorted((tmp_path / "ct2").glob("*.dcm"))[:1]
     masks = _masks()
     contours = {n: dw.contours_from_mask(m, AXIAL) for n, m in masks.items()}

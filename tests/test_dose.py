@@ -374,7 +374,7 @@ def test_energy_per_decay_and_j_per_mev_have_one_source():
     assert e_el * 1e3 == pytest.approx(147.9, abs=0.1) and e_ph * 1e3 == pytest.approx(35.1, abs=0.1)
     j_per_mev = physical_constants["electron volt-joule relationship"][0] * 1e6  # 1.602176634e-13
     for mod in (nuclides, kernels, metrics):
-        assert mod.J_PER_MEV == pytest.approx(j_per_mev, rel=1e-15), mod.__name__
+        assert pytest.approx(j_per_mev, rel=1e-15) == mod.J_PER_MEV, mod.__name__
     assert J_PER_MEV is nuclides.J_PER_MEV
     for f in (nuclides.electron_energy_per_decay_MeV, electron_energy_per_decay_MeV):
         assert f("Lu-177") == pytest.approx(e_el, rel=1e-12)
@@ -383,5 +383,5 @@ def test_energy_per_decay_and_j_per_mev_have_one_source():
         assert f("Lu-177") == pytest.approx(e_ph, rel=1e-12)
     assert phantom.electron_energy_per_decay_j("Lu-177") == pytest.approx(e_el * j_per_mev, rel=1e-12)
     assert metrics.marrow_blood_based([(1.0, 100.0), (24.0, 50.0), (96.0, 10.0)])[
-        "electron_energy_per_decay_mev"] == pytest.approx(e_el, rel=1e-12)
-
+        "electron_energy_per_decay_mev"
+    ] == pytest.approx(e_el, rel=1e-12)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dicom_factory import ct_series, nm_tomo, timepoint
+
 from voxeldose.errors import VoxeldoseError
 from voxeldose.ingest import group_cycles, load_cycle, read_ct, read_spect, scan
 
@@ -71,7 +71,11 @@ def test_ct_sorted_along_normal_with_hu(tmp_path):
 def test_inconsistent_ct_spacing_is_an_error(tmp_path):
     hu = np.zeros((4, 4, 4), dtype=np.int16)
     ct_series(tmp_path / "CT", hu, z_positions=[0.0, 2.5, 5.0, 10.0])
-    nm_tomo(tmp_path / "NM" / "nm.dcm", np.ones((2, 2, 2)), for_uid=scan(tmp_path / "CT").by_kind("ct")[0].frame_of_reference_uid)
+    nm_tomo(
+        tmp_path / "NM" / "nm.dcm",
+        np.ones((2, 2, 2)),
+        for_uid=scan(tmp_path / "CT").by_kind("ct")[0].frame_of_reference_uid,
+    )
     with pytest.raises(VoxeldoseError, match=r"inconsistent slice spacing.*ImagePositionPatient \(0020,0032\)"):
         load_cycle(tmp_path)
 
@@ -103,7 +107,9 @@ def test_caller_overrides_are_recorded(tmp_path):
 
 
 def test_acquisition_datetime_preferred(tmp_path):
-    nm_tomo(tmp_path / "nm.dcm", np.ones((2, 2, 2)), acquisition=datetime(2026, 1, 9, 9, 30), acquisition_as_datetime=True)
+    nm_tomo(
+        tmp_path / "nm.dcm", np.ones((2, 2, 2)), acquisition=datetime(2026, 1, 9, 9, 30), acquisition_as_datetime=True
+    )
     tp = load_cycle(tmp_path).timepoints[0]
     assert tp.hours_after_injection == pytest.approx(96.0)
     assert tp.acquisition_source.startswith("AcquisitionDateTime")
@@ -139,11 +145,14 @@ def _broken_files(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize(("which", "pattern"), [
-    ("truncated", r"truncated.*PixelData \(7FE0,0010\)"),
-    ("random", r"not a DICOM file"),
-    ("text", r"not a DICOM file"),
-])
+@pytest.mark.parametrize(
+    ("which", "pattern"),
+    [
+        ("truncated", r"truncated.*PixelData \(7FE0,0010\)"),
+        ("random", r"not a DICOM file"),
+        ("text", r"not a DICOM file"),
+    ],
+)
 def test_broken_files_named_explicitly_are_errors(tmp_path, which, pattern):
     path = _broken_files(tmp_path)[which]
     with pytest.raises(VoxeldoseError, match=pattern) as info:
@@ -173,8 +182,15 @@ def test_per_slice_nm_storage(tmp_path):
     counts = np.arange(4 * 3 * 2).reshape(4, 3, 2)
     series_uid, for_uid = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
     for k in [2, 0, 3, 1]:  # written out of order
-        ds = nm_tomo(tmp_path / f"s{k}.dcm", counts[k : k + 1], series_uid=series_uid, for_uid=for_uid,
-                     study_uid="1.2.826.0.1.3680043.8.498.3", ipp=(0.0, 0.0, 10.0 + 3.0 * k), slice_spacing=3.0)
+        ds = nm_tomo(
+            tmp_path / f"s{k}.dcm",
+            counts[k : k + 1],
+            series_uid=series_uid,
+            for_uid=for_uid,
+            study_uid="1.2.826.0.1.3680043.8.498.3",
+            ipp=(0.0, 0.0, 10.0 + 3.0 * k),
+            slice_spacing=3.0,
+        )
         ds = pydicom.dcmread(tmp_path / f"s{k}.dcm")
         ds.ImagePositionPatient = ds.DetectorInformationSequence[0].ImagePositionPatient
         ds.ImageOrientationPatient = ds.DetectorInformationSequence[0].ImageOrientationPatient
@@ -262,8 +278,9 @@ def test_rtdose_offsets_neither_relative_nor_absolute_is_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------ time zones
-def _set_times(path: Path, *, injection_dt: str | None = None, acquisition_dt: str | None = None,
-               tz: str | None = None) -> None:
+def _set_times(
+    path: Path, *, injection_dt: str | None = None, acquisition_dt: str | None = None, tz: str | None = None
+) -> None:
     import pydicom
 
     ds = pydicom.dcmread(path)
@@ -306,7 +323,9 @@ def test_injection_and_acquisition_in_different_offsets_is_an_error(tmp_path, tz
     overrides TimezoneOffsetFromUTC (PS3.3 C.12.1.1.8)."""
     nm_tomo(tmp_path / "nm.dcm", np.ones((2, 2, 2)))
     _set_times(tmp_path / "nm.dcm", injection_dt="20260327093000+0100", acquisition_dt="20260330100000+0200", tz=tz)
-    with pytest.raises(VoxeldoseError, match=r"different UTC offsets.*\+0100.*\+0200.*AcquisitionDateTime \(0008,002A\)"):
+    with pytest.raises(
+        VoxeldoseError, match=r"different UTC offsets.*\+0100.*\+0200.*AcquisitionDateTime \(0008,002A\)"
+    ):
         load_cycle(tmp_path)
 
 

@@ -140,7 +140,9 @@ def test_photon_first_collision_energy_transfer_matches_mu_en(e_mev):
     name = "Water, Liquid"
     k = e_mev * 1e3
     mu = xraylib.CS_Photo_CP(name, k) + xraylib.CS_Compt_CP(name, k) + xraylib.CS_Rayl_CP(name, k)
-    res = K.simulate_photon_radial([(e_mev, 1.0)], "water", 100_000, rng=np.random.default_rng(5), first_collision_only=True)
+    res = K.simulate_photon_radial(
+        [(e_mev, 1.0)], "water", 100_000, rng=np.random.default_rng(5), first_collision_only=True
+    )
     assert res["fraction"].sum() == pytest.approx(xraylib.CS_Energy_CP(name, k) / mu, rel=0.03)
 
 
@@ -311,7 +313,10 @@ def test_shipped_kernel_4p8mm_soft_tissue_energy_balance_and_photon_bounds():
         return sum(f(name, e * 1e3) for f in (xraylib.CS_Photo_CP, xraylib.CS_Compt_CP, xraylib.CS_Rayl_CP))
 
     r_in, r_out = 12.24 * kern.density_g_cm3, 21.2 * kern.density_g_cm3
-    lower = sum(e * y * xraylib.CS_Energy_CP(name, e * 1e3) / mu(e) * (1 - math.exp(-mu(e) * r_in)) for e, y in lines) / e_ph
+    lower = (
+        sum(e * y * xraylib.CS_Energy_CP(name, e * 1e3) / mu(e) * (1 - math.exp(-mu(e) * r_in)) for e, y in lines)
+        / e_ph
+    )
     upper = 1 - sum(e * y * math.exp(-mu(e) * r_out) for e, y in lines) / e_ph
     f_ph = kern.photon.sum() * mass_kg / K.J_PER_MEV / e_ph
     assert lower < f_ph < upper

@@ -110,8 +110,15 @@ def test_dx_bounds_monotonic_and_v_matches_counting():
 def test_dcc_beyond_volume_and_voi_metrics_keys():
     dose = np.linspace(0, 10, 1000).reshape(10, 10, 10)
     w = np.ones_like(dose)
-    met = M.voi_metrics(dose, w, voxel_ml=0.001, injected_activity_bq=7.4e9, dose_cc=(0.5, 2.0),
-                        v_gy=(5, 7.5), d_percent=(2, 50, 98, 99.5))
+    met = M.voi_metrics(
+        dose,
+        w,
+        voxel_ml=0.001,
+        injected_activity_bq=7.4e9,
+        dose_cc=(0.5, 2.0),
+        v_gy=(5, 7.5),
+        d_percent=(2, 50, 98, 99.5),
+    )
     assert met["volume_ml"] == pytest.approx(1.0)
     assert met["D2cc_gy"] is None and any("D2cc" in n for n in met["notes"])
     assert met["D0.5cc_gy"] == pytest.approx(5.0, abs=0.01)
@@ -165,18 +172,19 @@ def _g_numeric(coeffs, rates_per_h, t_rep_h):
         return sum(c * math.exp(-k * t) for c, k in zip(coeffs, rates_per_h))
 
     dose = sum(c / k for c, k in zip(coeffs, rates_per_h))
-    inner, _ = integrate.dblquad(lambda tp, t: r(t) * r(tp) * math.exp(-mu * (t - tp)),
-                                 0, np.inf, 0, lambda t: t, epsabs=1e-13, epsrel=1e-11)
+    inner, _ = integrate.dblquad(
+        lambda tp, t: r(t) * r(tp) * math.exp(-mu * (t - tp)), 0, np.inf, 0, lambda t: t, epsabs=1e-13, epsrel=1e-11
+    )
     return 2 * inner / dose**2
 
 
 @pytest.mark.parametrize(
     "coeffs, half_lives_h, t_rep_h",
     [
-        ([-1.0, 1.0], [1.5, 60.0], 2.8),          # uptake (negative coefficient) + clearance: kidney-like
-        ([0.3, 0.7], [4.0, 50.0], 1.5),           # fast + slow clearance
+        ([-1.0, 1.0], [1.5, 60.0], 2.8),  # uptake (negative coefficient) + clearance: kidney-like
+        ([0.3, 0.7], [4.0, 50.0], 1.5),  # fast + slow clearance
         ([-2.0, 0.5, 1.5], [0.5, 10.0, 80.0], 2.8),  # tri-exponential
-        ([-1.0, 1.0], [2.8, 40.0], 2.8),          # a rate equal to μ (the μ − k cancels)
+        ([-1.0, 1.0], [2.8, 40.0], 2.8),  # a rate equal to μ (the μ − k cancels)
     ],
 )
 def test_g_closed_form_matches_double_integral(coeffs, half_lives_h, t_rep_h):
@@ -197,7 +205,8 @@ def test_g_mono_exponential_is_dale():
     # coefficient scale cancels
     ex = [(-5.0, LN2 / (2 * H)), (5.0, LN2 / (70 * H))]
     assert M.lea_catcheside_g(ex, 2.8 * H) == pytest.approx(
-        M.lea_catcheside_g([(c * 1e9, k) for c, k in ex], 2.8 * H), rel=1e-12)
+        M.lea_catcheside_g([(c * 1e9, k) for c, k in ex], 2.8 * H), rel=1e-12
+    )
 
 
 def test_with_physical_decay():
@@ -276,8 +285,9 @@ def test_marrow_blood_based_mono_exponential_by_hand():
     assert res["red_marrow_gy"] == res["self_dose_gy"] and any("cross-dose" in n for n in res["notes"])
     assert res["red_marrow_tia_bq_s"] == pytest.approx(tia * 1170.0, rel=1e-9)
     # marrow mass cancels in the self-dose; RMBLR scales it; cross-dose adds
-    res2 = M.marrow_blood_based(samples, electron_energy_per_decay_mev=e_mev, patient_mass_kg=90.0,
-                                rmblr=0.5, cross_dose_gy=0.01)
+    res2 = M.marrow_blood_based(
+        samples, electron_energy_per_decay_mev=e_mev, patient_mass_kg=90.0, rmblr=0.5, cross_dose_gy=0.01
+    )
     assert res2["red_marrow_mass_g"] == pytest.approx(1170.0 * 90 / 73)
     assert res2["self_dose_gy"] == pytest.approx(0.5 * expected, rel=1e-9)
     assert res2["red_marrow_gy"] == pytest.approx(0.5 * expected + 0.01, rel=1e-9)
@@ -333,10 +343,13 @@ def test_job_spec_radiobiology_defaults_come_from_metrics():
     finally:
         M.RADIOBIOLOGY_DEFAULTS["kidney"] = orig
     # per-VOI, then per-role values from the spec win; roles without defaults get none
-    job2 = S.JobSpec(inputs=["x"], radiobiology={
-        "Kidney_L": {"alpha_beta_gy": 2.0, "repair_half_time_h": 1.0},
-        "kidney": {"alpha_beta_gy": 2.4, "repair_half_time_h": 2.5},
-    })
+    job2 = S.JobSpec(
+        inputs=["x"],
+        radiobiology={
+            "Kidney_L": {"alpha_beta_gy": 2.0, "repair_half_time_h": 1.0},
+            "kidney": {"alpha_beta_gy": 2.4, "repair_half_time_h": 2.5},
+        },
+    )
     assert S.radiobiology_for("Kidney_L", "kidney", job2).alpha_beta_gy == 2.0
     assert S.radiobiology_for("Kidney_R", "kidney", job2).alpha_beta_gy == 2.4
     assert S.radiobiology_for("Liver", "organ", job) is None

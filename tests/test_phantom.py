@@ -43,7 +43,10 @@ def test_electron_energy_per_decay_is_icrp107_value():
 def test_kinetic_integral_matches_quadrature(name):
     k = default_kinetics()[name]
     a_inj = 7.4e9
-    f = lambda t_h: float(k.activity_bq(t_h * 3600.0, 1.0))
+
+    def f(t_h: float) -> float:
+        return float(k.activity_bq(t_h * 3600.0, 1.0))
+
     edges = [0.0, 12.0, 96.0, 500.0, 3000.0]
     num_h = sum(quad(f, a, b, limit=200, epsabs=1e-13)[0] for a, b in itertools.pairwise(edges))
     num_h += quad(f, edges[-1], np.inf, limit=200, epsabs=1e-13)[0]
@@ -255,8 +258,16 @@ def test_default_phantom_writes_fast_and_is_clinical(tmp_path):
 
 # ICRU Report 44 (1989) densities, g/cm³, of the phantom's tissues (urine, spongiosa, tumour: the phantom's
 # own stated values).
-ICRU44_DENSITY = {"air": 0.0012, "adipose": 0.95, "soft_tissue": 1.05, "lung": 0.26, "liver": 1.06, "spleen": 1.06,
-                  "kidney": 1.05, "cortical_bone": 1.92}
+ICRU44_DENSITY = {
+    "air": 0.0012,
+    "adipose": 0.95,
+    "soft_tissue": 1.05,
+    "lung": 0.26,
+    "liver": 1.06,
+    "spleen": 1.06,
+    "kidney": 1.05,
+    "cortical_bone": 1.92,
+}
 
 
 def test_phantom_ct_numbers_give_back_the_truth_densities():
@@ -270,8 +281,19 @@ def test_phantom_ct_numbers_give_back_the_truth_densities():
     by_name = {name: (hu, rho) for name, hu, rho, _ in TISSUES.values()}
     for name, rho in ICRU44_DENSITY.items():
         assert by_name[name][1] == rho, name
-    for name in ("lung", "adipose", "soft_tissue", "liver", "spleen", "kidney", "cortical_bone", "spongiosa",
-                 "urine", "tumour", "air"):
+    for name in (
+        "lung",
+        "adipose",
+        "soft_tissue",
+        "liver",
+        "spleen",
+        "kidney",
+        "cortical_bone",
+        "spongiosa",
+        "urine",
+        "tumour",
+        "air",
+    ):
         hu, rho = by_name[name]
         assert hu == int(hu), name  # the CT stores whole HU
         assert hu_to_density(hu) == pytest.approx(rho, rel=0.02), (name, hu, hu_to_density(hu), rho)

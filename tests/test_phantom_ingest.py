@@ -54,7 +54,9 @@ def test_activity_read_back_equals_truth(written):
         tol = 5 * math.sqrt(expected_counts) + (0.0 if img.pixel_mode == "counts" else 1e-4 * counts)
         assert counts == pytest.approx(expected_counts, abs=tol)
         # and the expected counts are the torso activity through the stated model
-        model = ttp["torso_activity_bq"] / 1e6 * cf * ttp["acquisition_duration_s"] * ttp["decay_during_acquisition_factor"]
+        model = (
+            ttp["torso_activity_bq"] / 1e6 * cf * ttp["acquisition_duration_s"] * ttp["decay_during_acquisition_factor"]
+        )
         assert expected_counts == pytest.approx(model, rel=1e-3)
 
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter
 from scipy.integrate import quad
+from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
-
 from support import dciodvfy_errors, dicompyler
+
 from voxeldose.dose import default_kernel_size
 from voxeldose.errors import VoxeldoseError
 from voxeldose.kernels import get_kernel
@@ -54,7 +54,9 @@ def _truth_dose(result, tia_true: np.ndarray, fwhm_mm: float = 0.0) -> dict[str,
     k = get_kernel("Lu-177", sp, "soft-tissue", default_kernel_size(sp, result.tia.shape))
     tia = tia_true
     if fwhm_mm > 0:
-        tia = gaussian_filter(tia_true, fwhm_mm / (2 * math.sqrt(2 * math.log(2))) / np.asarray(sp)[::-1], mode="constant")
+        tia = gaussian_filter(
+            tia_true, fwhm_mm / (2 * math.sqrt(2 * math.log(2))) / np.asarray(sp)[::-1], mode="constant"
+        )
     d = fftconvolve(tia, k.array, mode="same")
     return {n: float((v.fraction * d).sum() / v.fraction.sum()) for n, v in result.vois.items()}
 
@@ -130,8 +132,9 @@ def test_kidney_dose_per_gbq_in_the_clinical_range(realistic) -> None:
     _assert_cycles_left_by_hand(result.summary, earlier_kidney_gy=0.0, earlier_kidney_bed_gy=0.0, earlier_marrow_gy=0.0)
 
 
-def _assert_cycles_left_by_hand(summary: dict, *, earlier_kidney_gy: float, earlier_kidney_bed_gy: float,
-                                earlier_marrow_gy: float) -> None:
+def _assert_cycles_left_by_hand(
+    summary: dict, *, earlier_kidney_gy: float, earlier_kidney_bed_gy: float, earlier_marrow_gy: float
+) -> None:
     """Cycles left recomputed by hand from the summary's own per-cycle figures and the default limits:
     n = floor((limit − cumulative) / per cycle) for kidney dose 23 Gy, kidney BED 28 Gy (per cycle
     d + G d²/(α/β)) and marrow 2 Gy; the answer is the smallest."""
@@ -155,8 +158,22 @@ def test_outputs_rtdose_summary_report(realistic, dciodvfy_exe: str) -> None:
     summary = json.loads(paths["summary"].read_text())
     assert summary["schema"] == "voxeldose.summary/1"
     kid = summary["vois"]["Kidney_L"]
-    for key in ("volume_ml", "mass_g", "mean_gy", "min_gy", "max_gy", "D2_gy", "D50_gy", "D98_gy", "gy_per_gbq",
-                "bed_gy", "eqd2_gy", "dvh", "time_activity", "tia_bqs"):
+    for key in (
+        "volume_ml",
+        "mass_g",
+        "mean_gy",
+        "min_gy",
+        "max_gy",
+        "D2_gy",
+        "D50_gy",
+        "D98_gy",
+        "gy_per_gbq",
+        "bed_gy",
+        "eqd2_gy",
+        "dvh",
+        "time_activity",
+        "tia_bqs",
+    ):
         assert key in kid, key
     assert kid["D98_gy"] <= kid["D50_gy"] <= kid["D2_gy"] <= kid["max_gy"]
     # mass from CT: kidney tissue 1.05 g/ml (ICRU 44, the phantom's CT number maps back through Schneider)
@@ -221,10 +238,16 @@ def test_blood_based_marrow_and_earlier_cycles(tmp_path: Path) -> None:
     c0, t_half_eff = 500.0, 40.0 * 3600
     k = math.log(2) / t_half_eff
     samples = [{"hours_after_injection": h, "bq_per_ml": c0 * math.exp(-k * h * 3600)} for h in (4, 24, 96)]
-    spec = _spec(tmp_path, truth, marrow={"blood_samples": samples},
-                 earlier_cycles=[{"number": 1, "activity_mbq": 7400, "kidney_gy": 5.0, "marrow_gy": 0.1},
-                                 {"number": 2, "activity_mbq": 3700}],  # no dosimetry in cycle 2
-                 cycle_number=3)
+    spec = _spec(
+        tmp_path,
+        truth,
+        marrow={"blood_samples": samples},
+        earlier_cycles=[
+            {"number": 1, "activity_mbq": 7400, "kidney_gy": 5.0, "marrow_gy": 0.1},
+            {"number": 2, "activity_mbq": 3700},
+        ],  # no dosimetry in cycle 2
+        cycle_number=3,
+    )
     res = run(spec)
     bb = res.summary["marrow"]["blood_based"]
     e_e_j = truth["electron_energy_per_decay_j"]
@@ -242,8 +265,9 @@ def test_blood_based_marrow_and_earlier_cycles(tmp_path: Path) -> None:
     assert any("cycle 2 has no kidney dosimetry" in w for w in res.summary["warnings"])
     # earlier cycles' BED with this cycle's G (their kinetics are not known)
     earlier_bed = (5.0 + g * 25.0 / ab) + (est_k + g * est_k**2 / ab)
-    _assert_cycles_left_by_hand(res.summary, earlier_kidney_gy=5.0 + est_k, earlier_kidney_bed_gy=earlier_bed,
-                                earlier_marrow_gy=0.1 + est_m)
+    _assert_cycles_left_by_hand(
+        res.summary, earlier_kidney_gy=5.0 + est_k, earlier_kidney_bed_gy=earlier_bed, earlier_marrow_gy=0.1 + est_m
+    )
 
 
 def test_density_corrected_dose_through_the_pipeline(tmp_path: Path) -> None:

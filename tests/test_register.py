@@ -43,11 +43,14 @@ from voxeldose.register import (
 ST = PhantomSettings.small()
 SCALE = ST.anatomy_scale
 #: 8 corners of the torso's box (34 × 22 × 40 cm at scale 1) and the kidney centres, reference LPS mm.
-POINTS = np.array(
-    [[sx * 170, sy * 110, sz * 200] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]
-    + [[75, 58, -22], [-75, 58, -40]],
-    dtype=float,
-) * SCALE
+POINTS = (
+    np.array(
+        [[sx * 170, sy * 110, sz * 200] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]
+        + [[75, 58, -22], [-75, 58, -40]],
+        dtype=float,
+    )
+    * SCALE
+)
 
 
 def rigid(angles_deg, t_mm) -> np.ndarray:
@@ -118,8 +121,14 @@ def test_itk_transform_maps_fixed_to_moving_as_assumed():
     p = np.array([11.0, -7.0, 42.0])
     np.testing.assert_allclose(tx.TransformPoint(p.tolist()), ref_to_mov[:3, :3] @ p + ref_to_mov[:3, 3], atol=1e-9)
     target = Grid.axial((8, 9, 10), (4.0, 4.0, 4.0), (6.0, 8.0, 10.0))
-    via_itk = sitk.Resample(to_sitk(big), to_sitk(Volume(np.zeros(target.shape, np.float32), target.affine)), tx,
-                            sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    via_itk = sitk.Resample(
+        to_sitk(big),
+        to_sitk(Volume(np.zeros(target.shape, np.float32), target.affine)),
+        tx,
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkFloat32,
+    )
     ours = resample(big, target, order=1, moving_to_target=np.linalg.inv(ref_to_mov))
     np.testing.assert_allclose(sitk.GetArrayFromImage(via_itk), ours.array, atol=1e-4)
 
@@ -137,7 +146,9 @@ def test_identity_pair_gives_identity(reference):
 
 
 CASES = {
-    "phantom repositioning": repositioning_transforms(PhantomSettings.small(repositioning_mm=6.0, repositioning_deg=4.0))[2],
+    "phantom repositioning": repositioning_transforms(
+        PhantomSettings.small(repositioning_mm=6.0, repositioning_deg=4.0)
+    )[2],
     "15 mm and 5 degrees": rigid((-5.0, 4.0, 5.0), (12.0, -6.0, -15.0)),
 }
 

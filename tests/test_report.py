@@ -45,33 +45,74 @@ def _ct() -> Volume:
 def _voi(role: str, mean: float, **extra) -> dict:
     x = np.linspace(0, mean * 1.5, 30)
     return {
-        "role": role, "volume_ml": 152.34, "mass_g": 158.1, "mean_gy": mean, "min_gy": mean * 0.4,
-        "max_gy": mean * 1.5, "D2_gy": mean * 1.35, "d50_gy": mean * 0.98, "d98_gy": mean * 0.6,
-        "gy_per_gbq": mean / 7.4, "tia_bqs": 1.234e14,
+        "role": role,
+        "volume_ml": 152.34,
+        "mass_g": 158.1,
+        "mean_gy": mean,
+        "min_gy": mean * 0.4,
+        "max_gy": mean * 1.5,
+        "D2_gy": mean * 1.35,
+        "d50_gy": mean * 0.98,
+        "d98_gy": mean * 0.6,
+        "gy_per_gbq": mean / 7.4,
+        "tia_bqs": 1.234e14,
         "dvh": {"dose_gy": x.tolist(), "volume_fraction": np.clip(1 - (x / (mean * 1.5)) ** 3, 0, 1).tolist()},
         "time_activity": {
-            "times_h": [4.0, 24.0, 96.0], "activity_mbq": [120.0, 95.0, 40.0], "model": "biexponential",
-            "curve": {"times_h": np.linspace(0, 150, 40).tolist(), "activity_mbq": (130 * np.exp(-np.linspace(0, 150, 40) / 90)).tolist()},
+            "times_h": [4.0, 24.0, 96.0],
+            "activity_mbq": [120.0, 95.0, 40.0],
+            "model": "biexponential",
+            "curve": {
+                "times_h": np.linspace(0, 150, 40).tolist(),
+                "activity_mbq": (130 * np.exp(-np.linspace(0, 150, 40) / 90)).tolist(),
+            },
         },
         **extra,
-    }  # fmt: skip
+    }
 
 
 def _summary() -> dict:
     return {
         "schema": "voxeldose.summary/1",
         "patient": {"id": "VXD-0042", "name": "DOE^JANE"},
-        "cycle": {"number": 3, "injection": {"datetime": "2024-05-02T10:15:00", "activity_MBq": 7400.0,
-                                             "nuclide": "Lu-177", "radiopharmaceutical": "Lu-177-DOTATATE"}},
+        "cycle": {
+            "number": 3,
+            "injection": {
+                "datetime": "2024-05-02T10:15:00",
+                "activity_MBq": 7400.0,
+                "nuclide": "Lu-177",
+                "radiopharmaceutical": "Lu-177-DOTATATE",
+            },
+        },
         "timepoints": [
-            {"hours": 4.1, "acquisition_datetime": "2024-05-02T14:21:00", "spect_series_uid": "1.2.826.0.1.9.1",
-             "registration": {"quality": "good", "message": "", "translation_mm": [0, 0, 0], "rotation_deg": [0, 0, 0]}},
-            {"hours": 96.0, "acquisition_datetime": "2024-05-06T10:20:00", "spect_series_uid": "1.2.826.0.1.9.2",
-             "registration": {"quality": "poor", "message": "mutual information dropped after registration",
-                              "translation_mm": [12.5, -3.0, 40.2], "rotation_deg": [1.0, 0.5, 7.9]}},
+            {
+                "hours": 4.1,
+                "acquisition_datetime": "2024-05-02T14:21:00",
+                "spect_series_uid": "1.2.826.0.1.9.1",
+                "registration": {
+                    "quality": "good",
+                    "message": "",
+                    "translation_mm": [0, 0, 0],
+                    "rotation_deg": [0, 0, 0],
+                },
+            },
+            {
+                "hours": 96.0,
+                "acquisition_datetime": "2024-05-06T10:20:00",
+                "spect_series_uid": "1.2.826.0.1.9.2",
+                "registration": {
+                    "quality": "poor",
+                    "message": "mutual information dropped after registration",
+                    "translation_mm": [12.5, -3.0, 40.2],
+                    "rotation_deg": [1.0, 0.5, 7.9],
+                },
+            },
         ],
-        "methods": {"quantification": {"calibration_cps_per_mbq": 9.8, "method": "MIRD 26"},
-                    "fit": "biexponential (AICc)", "dose": "dvk", "kernel_id": "Lu-177_soft-tissue_4.8mm_51_473ede"},
+        "methods": {
+            "quantification": {"calibration_cps_per_mbq": 9.8, "method": "MIRD 26"},
+            "fit": "biexponential (AICc)",
+            "dose": "dvk",
+            "kernel_id": "Lu-177_soft-tissue_4.8mm_51_473ede",
+        },
         "vois": {
             "Kidney_L": _voi("kidney", 21.5, bed_gy=24.3, eqd2_gy=14.6),  # 93 % of 23 Gy: close
             "Kidney_R": _voi("kidney", 4.1234, bed_gy=4.5, eqd2_gy=2.7),
@@ -81,19 +122,49 @@ def _summary() -> dict:
         },
         "cumulative": {
             "cycles": [
-                {"number": 1, "date": "2024-01-10", "activity_MBq": 7400, "kidney_gy": 4.0, "kidney_bed_gy": 4.4, "marrow_gy": 0.3},
-                {"number": 2, "date": "2024-03-06", "activity_MBq": 7400, "kidney_gy": 4.2, "kidney_bed_gy": 4.6, "marrow_gy": 0.35},
-                {"number": 3, "date": "2024-05-02", "activity_MBq": 7400, "kidney_gy": 5.1, "kidney_bed_gy": 5.7, "marrow_gy": 0.4},
+                {
+                    "number": 1,
+                    "date": "2024-01-10",
+                    "activity_MBq": 7400,
+                    "kidney_gy": 4.0,
+                    "kidney_bed_gy": 4.4,
+                    "marrow_gy": 0.3,
+                },
+                {
+                    "number": 2,
+                    "date": "2024-03-06",
+                    "activity_MBq": 7400,
+                    "kidney_gy": 4.2,
+                    "kidney_bed_gy": 4.6,
+                    "marrow_gy": 0.35,
+                },
+                {
+                    "number": 3,
+                    "date": "2024-05-02",
+                    "activity_MBq": 7400,
+                    "kidney_gy": 5.1,
+                    "kidney_bed_gy": 5.7,
+                    "marrow_gy": 0.4,
+                },
             ],
             "limits": {"kidney_gy": 23.0, "kidney_bed_gy": 28.0, "marrow_gy": 2.0},
-            "cycles_left": {"kidney_dose": 1, "kidney_bed": 2, "marrow": 5, "binding": "kidney absorbed dose",
-                            "message": "1 further cycle at 7.4 GBq; binding limit: kidney absorbed dose"},
+            "cycles_left": {
+                "kidney_dose": 1,
+                "kidney_bed": 2,
+                "marrow": 5,
+                "binding": "kidney absorbed dose",
+                "message": "1 further cycle at 7.4 GBq; binding limit: kidney absorbed dose",
+            },
         },
         "warnings": ["Kidney_R: partial-volume recovery uncertain (VOI < 60 ml) & check"],
-        "provenance": {"software": {"voxeldose": "0.1.0", "numpy": "2.1.0"}, "kernel_id": "Lu-177_soft-tissue_4.8mm_51_473ede",
-                       "calibration": {"cps_per_mbq": 9.8, "date": "2024-01-03"}, "inputs": {"ct": "1.2.826.0.1.9.9"},
-                       "created_utc": "2024-05-09T08:00:00+00:00"},
-    }  # fmt: skip
+        "provenance": {
+            "software": {"voxeldose": "0.1.0", "numpy": "2.1.0"},
+            "kernel_id": "Lu-177_soft-tissue_4.8mm_51_473ede",
+            "calibration": {"cps_per_mbq": 9.8, "date": "2024-01-03"},
+            "inputs": {"ct": "1.2.826.0.1.9.9"},
+            "created_utc": "2024-05-09T08:00:00+00:00",
+        },
+    }
 
 
 def _render(tmp_path: Path, summary: dict, ct: Volume | None = None, name: str = "report.html") -> str:
@@ -115,16 +186,35 @@ def test_full_report(tmp_path: Path) -> None:
     # one <img> per plot: DVH + 5 time-activity curves + kidneys + 2 tumours
     assert len(re.findall(r"<img\b", html_text)) == 1 + 5 + 1 + 2
     # content: names and formatted numbers
-    for text in ["VXD-0042", "DOE JANE", "Lu-177-DOTATATE", "7\u202f400 MBq", "Kidney_L", "Kidney_R", "Tumor_1",
-                 "Bone_marrow", "21.50", "4.12", "38.76", "152.3", "158.1", "24.30", "14.60", "93 % of 23 Gy",
-                 "biexponential", "Lu-177_soft-tissue_4.8mm_51_473ede", "1.2.826.0.1.9.2", "9.8"]:  # fmt: skip
+    for text in [
+        "VXD-0042",
+        "DOE JANE",
+        "Lu-177-DOTATATE",
+        "7\u202f400 MBq",
+        "Kidney_L",
+        "Kidney_R",
+        "Tumor_1",
+        "Bone_marrow",
+        "21.50",
+        "4.12",
+        "38.76",
+        "152.3",
+        "158.1",
+        "24.30",
+        "14.60",
+        "93 % of 23 Gy",
+        "biexponential",
+        "Lu-177_soft-tissue_4.8mm_51_473ede",
+        "1.2.826.0.1.9.2",
+        "9.8",
+    ]:
         assert text in html_text, text
     # colour flags: the left kidney is close to its limit, the marrow over it; cumulative kidney 13.3 Gy
     assert re.search(r"<tr class='close'><td class='name'>Kidney_L", html_text)
     assert re.search(r"<tr class='over'><td class='name'>Bone_marrow", html_text)
     assert "13.30" in html_text and "1 further cycle" in html_text
     # warnings: prominent, first after the header, with the poor registration and its numbers
-    warn = html_text[html_text.index("id='warnings'"):]
+    warn = html_text[html_text.index("id='warnings'") :]
     warn = warn[: warn.index("</section>")]
     assert "Poor registration" in warn and "mutual information dropped" in warn and "12.5, -3.0, 40.2" in warn
     assert "partial-volume recovery uncertain (VOI &lt; 60 ml) &amp; check" in warn
@@ -157,7 +247,11 @@ def _missing_key_cases() -> list[dict]:
     s = copy.deepcopy(full)
     s["vois"]["Kidney_L"]["mean_gy"] = None
     s["vois"]["Kidney_R"]["dvh"] = {"dose_gy": [1, 2, 3], "volume_fraction": [1.0]}
-    s["vois"]["Tumor_1"]["time_activity"] = {"model": "monoexponential", "times_h": [1, None], "activity_mbq": [3.0, float("nan")]}
+    s["vois"]["Tumor_1"]["time_activity"] = {
+        "model": "monoexponential",
+        "times_h": [1, None],
+        "activity_mbq": [3.0, float("nan")],
+    }
     s["vois"]["Bone_marrow"] = "nonsense"
     s["cumulative"] = {"cycles": [{"number": 1}, "x"], "cycles_left": {}, "limits": {"kidney_gy": "?"}}
     s["timepoints"] = [{"registration": None}, "nonsense", {"registration": {"quality": "poor"}}]
@@ -188,13 +282,28 @@ def test_without_ct_and_actual_pipeline_shapes(tmp_path: Path) -> None:
     """The pipeline's own shapes: time_activity with times_s/activities_bq, cycles_left with rows."""
     s = _summary()
     ta = s["vois"]["Kidney_R"]["time_activity"]
-    s["vois"]["Kidney_R"]["time_activity"] = {"model": "monoexponential", "times_s": [h * 3600 for h in ta["times_h"]],
-                                              "activities_bq": [a * 1e6 for a in ta["activity_mbq"]], "tia_bqs": 2e13}
+    s["vois"]["Kidney_R"]["time_activity"] = {
+        "model": "monoexponential",
+        "times_s": [h * 3600 for h in ta["times_h"]],
+        "activities_bq": [a * 1e6 for a in ta["activity_mbq"]],
+        "tia_bqs": 2e13,
+    }
     s["cumulative"]["cycles_left"] = {
-        "cycles_left": 0, "binding_limit": "red marrow absorbed dose", "message": "no further cycle at 7.4 GBq",
-        "limits": [{"limit": "red marrow absorbed dose", "limit_gy": 2.0, "current_gy": 2.05, "per_cycle_gy": 0.4,
-                    "cycles_left": 0, "exceeded": True, "message": "exceeds the 2 Gy limit"}],
-    }  # fmt: skip
+        "cycles_left": 0,
+        "binding_limit": "red marrow absorbed dose",
+        "message": "no further cycle at 7.4 GBq",
+        "limits": [
+            {
+                "limit": "red marrow absorbed dose",
+                "limit_gy": 2.0,
+                "current_gy": 2.05,
+                "per_cycle_gy": 0.4,
+                "cycles_left": 0,
+                "exceeded": True,
+                "message": "exceeds the 2 Gy limit",
+            }
+        ],
+    }
     text = _render(tmp_path, s, ct=None)
     assert "no further cycle at 7.4 GBq" in text and "exceeds the 2 Gy limit" in text
     assert "the dose alone (no CT given)" in text

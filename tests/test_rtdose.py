@@ -17,8 +17,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from scipy.special import erf
-
 from support import dciodvfy_errors, dicompyler
+
 from voxeldose import dicom_writers as dw
 from voxeldose import ingest
 from voxeldose.geometry import Volume
@@ -94,9 +94,12 @@ def test_round_trip_axial(tmp_path: Path, ctx: dw.PatientStudy) -> None:
     arr = _smooth_dose()
     series = _series(20, "Absorbed dose cycle 1")
     ds = dw.write_rtdose(
-        tmp_path / "rd" / "RD.dcm", Volume(arr, AXIAL, FOR_UID, "Gy"), ctx=ctx, series=series,
+        tmp_path / "rd" / "RD.dcm",
+        Volume(arr, AXIAL, FOR_UID, "Gy"),
+        ctx=ctx,
+        series=series,
         comment="cycle 1, 7.4 GBq",
-    )  # fmt: skip
+    )
     back, s = _read_back(tmp_path / "rd")
     # geometry: the same voxel centres
     np.testing.assert_allclose(back.affine, AXIAL, atol=1e-6)
@@ -131,7 +134,9 @@ def test_round_trip_axial(tmp_path: Path, ctx: dw.PatientStudy) -> None:
 @pytest.mark.parametrize("affine", [OBLIQUE_FLIPPED, REVERSED_INPLANE], ids=["oblique-flipped", "reversed-inplane"])
 def test_round_trip_oblique_and_flipped(tmp_path: Path, ctx: dw.PatientStudy, affine: np.ndarray) -> None:
     arr = _smooth_dose(seed=3)
-    ds = dw.write_rtdose(tmp_path / "rd" / "RD.dcm", Volume(arr, affine, FOR_UID, "Gy"), ctx=ctx, series=_series(21, "Dose"))
+    ds = dw.write_rtdose(
+        tmp_path / "rd" / "RD.dcm", Volume(arr, affine, FOR_UID, "Gy"), ctx=ctx, series=_series(21, "Dose")
+    )
     back, _ = _read_back(tmp_path / "rd")
     scale = float(ds.DoseGridScaling)
     # Compare voxel by voxel in space: map every read-back voxel centre to the input's indices.
@@ -158,15 +163,22 @@ def test_round_trip_oblique_and_flipped(tmp_path: Path, ctx: dw.PatientStudy, af
 
 def test_sixteen_bit_option(tmp_path: Path, ctx: dw.PatientStudy) -> None:
     arr = _smooth_dose()
-    ds = dw.write_rtdose(tmp_path / "rd" / "RD.dcm", Volume(arr, AXIAL, FOR_UID, "Gy"), ctx=ctx,
-                         series=_series(22, "Dose"), bits_allocated=16)  # fmt: skip
+    ds = dw.write_rtdose(
+        tmp_path / "rd" / "RD.dcm",
+        Volume(arr, AXIAL, FOR_UID, "Gy"),
+        ctx=ctx,
+        series=_series(22, "Dose"),
+        bits_allocated=16,
+    )
     back, _ = _read_back(tmp_path / "rd")
     assert ds.BitsAllocated == 16 and pydicom.dcmread(tmp_path / "rd" / "RD.dcm").pixel_array.dtype == np.uint16
     assert np.max(np.abs(back.array - arr)) <= float(ds.DoseGridScaling) / 2 * (1 + 1e-9)
 
 
 def test_zero_dose_and_round_off_negatives(tmp_path: Path, ctx: dw.PatientStudy) -> None:
-    dw.write_rtdose(tmp_path / "z" / "RD.dcm", Volume(np.zeros(SHAPE), AXIAL, FOR_UID, "Gy"), ctx=ctx, series=_series(23, "Dose"))
+    dw.write_rtdose(
+        tmp_path / "z" / "RD.dcm", Volume(np.zeros(SHAPE), AXIAL, FOR_UID, "Gy"), ctx=ctx, series=_series(23, "Dose")
+    )
     back, _ = _read_back(tmp_path / "z")
     assert not back.array.any()
     arr = _smooth_dose()
@@ -203,8 +215,13 @@ def test_refusals(tmp_path: Path, ctx: dw.PatientStudy) -> None:
 
 def test_long_comment_is_kept_whole_in_derivation_description(tmp_path: Path, ctx: dw.PatientStudy) -> None:
     comment = "voxeldose 0.1.0; kernel Lu-177_soft-tissue_4.7952x4.7952x4.7952mm_51_536d671f53b6b6e3"
-    ds = dw.write_rtdose(tmp_path / "rd.dcm", Volume(_smooth_dose(), AXIAL, FOR_UID, "Gy"), ctx=ctx,
-                         series=_series(26, "Dose"), comment=comment)  # fmt: skip
+    ds = dw.write_rtdose(
+        tmp_path / "rd.dcm",
+        Volume(_smooth_dose(), AXIAL, FOR_UID, "Gy"),
+        ctx=ctx,
+        series=_series(26, "Dose"),
+        comment=comment,
+    )
     f = pydicom.dcmread(tmp_path / "rd.dcm")
     assert len(f.DoseComment) == 64 and comment.startswith(f.DoseComment[:-3])
     assert comment in f.DerivationDescription and ds.DoseComment == f.DoseComment
@@ -226,9 +243,13 @@ DOSE_SHAPE = (26, 33, 33)
 
 # Dose field: D = A + B exp(-Σ (x_a - c_a)² / (2 σ_a²)) + G · (p - p0), Gy, p in mm.
 FIELD = {
-    "A": 8.0, "B": 14.0, "c": np.array([-10.0, 0.0, 0.0]), "s": np.array([45.0, 40.0, 50.0]),
-    "G": np.array([0.03, 0.0, 0.03]), "p0": np.zeros(3),
-}  # fmt: skip
+    "A": 8.0,
+    "B": 14.0,
+    "c": np.array([-10.0, 0.0, 0.0]),
+    "s": np.array([45.0, 40.0, 50.0]),
+    "G": np.array([0.03, 0.0, 0.03]),
+    "p0": np.zeros(3),
+}
 
 
 def _field(p: np.ndarray) -> np.ndarray:
@@ -242,7 +263,11 @@ def _box_integral(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     g = np.ones(len(lo))
     for a in range(3):
         s, c = FIELD["s"][a], FIELD["c"][a]
-        g *= s * math.sqrt(math.pi / 2) * (erf((hi[:, a] - c) / (s * math.sqrt(2))) - erf((lo[:, a] - c) / (s * math.sqrt(2))))
+        g *= (
+            s
+            * math.sqrt(math.pi / 2)
+            * (erf((hi[:, a] - c) / (s * math.sqrt(2))) - erf((lo[:, a] - c) / (s * math.sqrt(2))))
+        )
     mid = 0.5 * (lo + hi)  # a linear term integrates to its value at the centre × volume
     return FIELD["A"] * vol + FIELD["B"] * g + ((mid - FIELD["p0"]) @ FIELD["G"]) * vol
 
@@ -265,13 +290,17 @@ def _ct_masks() -> dict[str, np.ndarray]:
 
 
 def _write_case(folder: Path, ctx: dw.PatientStudy, *, bits: int = 32) -> tuple[Path, Path, dict[str, np.ndarray]]:
-    ct = dw.write_ct_series(folder / "ct", Volume(np.zeros(CT_SHAPE), CT_AFFINE, FOR_UID, "HU"), ctx=ctx, series=_series(2, "CT"))
+    ct = dw.write_ct_series(
+        folder / "ct", Volume(np.zeros(CT_SHAPE), CT_AFFINE, FOR_UID, "HU"), ctx=ctx, series=_series(2, "CT")
+    )
     masks = _ct_masks()
     contours = {n: dw.contours_from_mask(m, CT_AFFINE) for n, m in masks.items()}
     rs = dw.write_rtstruct(folder / "RS.dcm", contours, ctx=ctx, series=_series(10, "VOIs"), referenced_ct=ct)
     dgrid = Volume(np.zeros(DOSE_SHAPE), DOSE_AFFINE, FOR_UID).grid
     dose = Volume(_field(dgrid.world_coordinates()), DOSE_AFFINE, FOR_UID, "Gy")
-    dw.write_rtdose(folder / "RD.dcm", dose, ctx=ctx, series=_series(20, "Dose"), referenced_rtstruct=rs, bits_allocated=bits)
+    dw.write_rtdose(
+        folder / "RD.dcm", dose, ctx=ctx, series=_series(20, "Dose"), referenced_rtstruct=rs, bits_allocated=bits
+    )
     return folder / "RS.dcm", folder / "RD.dcm", masks
 
 
@@ -299,7 +328,13 @@ def test_rtstruct_reference_and_dvh(tmp_path: Path, ctx: dw.PatientStudy) -> Non
     assert back.shape == DOSE_SHAPE
     other = dw.SeriesInfo(generate_uid(), 21, "Dose", generate_uid(), datetime(2024, 5, 9, 15, 0))
     with pytest.raises(ValueError, match="Frame of Reference"):
-        dw.write_rtdose(tmp_path / "x.dcm", Volume(np.ones(DOSE_SHAPE), DOSE_AFFINE, None, "Gy"), ctx=ctx, series=other, referenced_rtstruct=rs)
+        dw.write_rtdose(
+            tmp_path / "x.dcm",
+            Volume(np.ones(DOSE_SHAPE), DOSE_AFFINE, None, "Gy"),
+            ctx=ctx,
+            series=other,
+            referenced_rtstruct=rs,
+        )
 
 
 # ------------------------------------------------------------------------------------ dciodvfy
@@ -324,8 +359,14 @@ def _sixteen_bit_twin(src: Path, dst: Path) -> None:
 def test_dciodvfy_no_errors(tmp_path: Path, ctx: dw.PatientStudy, dciodvfy_exe: str) -> None:
     _, rd16, _ = _write_case(tmp_path / "c16", ctx, bits=16)
     _, rd32, _ = _write_case(tmp_path / "c32", ctx, bits=32)
-    dw.write_rtdose(tmp_path / "obl.dcm", Volume(_smooth_dose(), OBLIQUE_FLIPPED, FOR_UID, "Gy"), ctx=ctx,
-                    series=_series(30, "Dose"), bits_allocated=16, comment="c" * 80)  # fmt: skip
+    dw.write_rtdose(
+        tmp_path / "obl.dcm",
+        Volume(_smooth_dose(), OBLIQUE_FLIPPED, FOR_UID, "Gy"),
+        ctx=ctx,
+        series=_series(30, "Dose"),
+        bits_allocated=16,
+        comment="c" * 80,
+    )
     for f in (rd16, tmp_path / "obl.dcm"):
         rc, text = _run_dciodvfy(dciodvfy_exe, f)
         assert rc >= 0 and "RTDose" in text, f"dciodvfy did not complete on {f.name}:\n{text}"
@@ -348,7 +389,6 @@ def test_dciodvfy_no_errors(tmp_path: Path, ctx: dw.PatientStudy, dciodvfy_exe: 
 
 
 # ------------------------------------------------------------------- dicompyler-core cross-check
-
 
 
 def _dicompyler(py: Path, rs: Path, rd: Path) -> dict[str, dict]:

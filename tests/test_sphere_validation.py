@@ -111,24 +111,27 @@ ESTAR_WATER_RANGE = np.array([(0.01, 2.515e-4), (0.05, 4.320e-3), (0.1, 1.431e-2
 # ANSI/ANS-6.4.3-1991, water: mass attenuation coefficient (cm²/g, coherent scattering excluded) and G-P
 # exposure buildup coefficients (b, c, a, X_k, d), as transcribed in ZapMeNot's materialLibrary.yml.
 ANS_MU_E = np.array([0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5])
-ANS_MU = np.array([5.157, 1.579, 0.7505, 0.3455, 0.2502, 0.2149, 0.1973, 0.1786, 0.1674, 0.1490, 0.1361, 0.1183,
-                   0.1059, 0.09667])
+ANS_MU = np.array(
+    [5.157, 1.579, 0.7505, 0.3455, 0.2502, 0.2149, 0.1973, 0.1786, 0.1674, 0.1490, 0.1361, 0.1183, 0.1059, 0.09667]
+)
 ANS_GP_E = np.array([0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5])
-ANS_GP = np.array([
-    [1.182, 0.463, 0.175, 14.23, -0.0908],
-    [1.427, 0.549, 0.143, 14.86, -0.0707],
-    [2.335, 0.736, 0.087, 13.28, -0.0419],
-    [3.477, 1.117, -0.019, 11.67, 0.0026],
-    [4.461, 1.457, -0.084, 13.62, 0.0341],
-    [4.983, 1.730, -0.126, 13.64, 0.0561],
-    [5.059, 2.059, -0.168, 13.67, 0.0770],
-    [4.663, 2.221, -0.186, 13.33, 0.0826],
-    [3.897, 2.242, -0.185, 14.19, 0.0777],
-    [3.478, 2.154, -0.176, 14.50, 0.0774],
-    [2.920, 2.022, -0.164, 14.21, 0.0655],
-    [2.660, 1.882, -0.149, 14.24, 0.0595],
-    [2.500, 1.766, -0.135, 14.33, 0.0546],
-])
+ANS_GP = np.array(
+    [
+        [1.182, 0.463, 0.175, 14.23, -0.0908],
+        [1.427, 0.549, 0.143, 14.86, -0.0707],
+        [2.335, 0.736, 0.087, 13.28, -0.0419],
+        [3.477, 1.117, -0.019, 11.67, 0.0026],
+        [4.461, 1.457, -0.084, 13.62, 0.0341],
+        [4.983, 1.730, -0.126, 13.64, 0.0561],
+        [5.059, 2.059, -0.168, 13.67, 0.0770],
+        [4.663, 2.221, -0.186, 13.33, 0.0826],
+        [3.897, 2.242, -0.185, 14.19, 0.0777],
+        [3.478, 2.154, -0.176, 14.50, 0.0774],
+        [2.920, 2.022, -0.164, 14.21, 0.0655],
+        [2.660, 1.882, -0.149, 14.24, 0.0595],
+        [2.500, 1.766, -0.135, 14.33, 0.0546],
+    ]
+)
 GP_MIN_MEV = 0.015
 
 
@@ -207,7 +210,9 @@ def csda_range_mm(e_mev, scale: float = 1.0) -> np.ndarray:
     x = np.log(np.maximum(np.asarray(e_mev, dtype=float), 1e-7))
     s0 = (lr[1] - lr[0]) / (le[1] - le[0])
     s1 = (lr[-1] - lr[-2]) / (le[-1] - le[-2])
-    y = np.where(x < le[0], lr[0] + s0 * (x - le[0]), np.where(x > le[-1], lr[-1] + s1 * (x - le[-1]), np.interp(x, le, lr)))
+    y = np.where(
+        x < le[0], lr[0] + s0 * (x - le[0]), np.where(x > le[-1], lr[-1] + s1 * (x - le[-1]), np.interp(x, le, lr))
+    )
     return 10.0 * scale * np.exp(y)
 
 
@@ -385,9 +390,23 @@ def compute_case(radius: float, h: float, kern) -> Case:
     g_mach = float(pc[0] * c_g[0] + np.sum(cg(0.5 * (pe[1:] + pe[:-1])) * np.diff(pc)))
 
     return Case(
-        radius, h, n, sum_f * vox / (4.0 / 3.0 * math.pi * radius**3), float((f * f).sum() / sum_f),
-        bool(np.all(np.diff(c_e) <= 1e-12)), phi_e, phi_g, dose_engine, e_lo, float(c_e[0]), g_ind,
-        e_lo_ideal, g_ind_ideal, e_mach, g_mach, g_beyond,
+        radius,
+        h,
+        n,
+        sum_f * vox / (4.0 / 3.0 * math.pi * radius**3),
+        float((f * f).sum() / sum_f),
+        bool(np.all(np.diff(c_e) <= 1e-12)),
+        phi_e,
+        phi_g,
+        dose_engine,
+        e_lo,
+        float(c_e[0]),
+        g_ind,
+        e_lo_ideal,
+        g_ind_ideal,
+        e_mach,
+        g_mach,
+        g_beyond,
     )
 
 
@@ -468,8 +487,10 @@ def test_total_mean_dose_vs_ideal_sphere_within_voxelisation_effect(cases, radiu
     c = cases[(radius, h)]
     lo_i = c.dose(c.e_lo_ideal, c.g_ind_ideal * (1 - PHOTON_REL_TOL))
     hi_i = c.dose(1.0, c.g_ind_ideal * (1 + PHOTON_REL_TOL))
-    vox = max(abs(c.dose(c.e_lo, c.g_ind) - c.dose(c.e_lo_ideal, c.g_ind_ideal)),
-              abs(c.dose(c.e_hi, c.g_ind) - c.dose(1.0, c.g_ind_ideal)))
+    vox = max(
+        abs(c.dose(c.e_lo, c.g_ind) - c.dose(c.e_lo_ideal, c.g_ind_ideal)),
+        abs(c.dose(c.e_hi, c.g_ind) - c.dose(1.0, c.g_ind_ideal)),
+    )
     eps = c.dose(EPS_NUMERIC, 0.0)
     assert lo_i - vox - eps <= c.dose_engine <= hi_i + vox + eps
 

@@ -54,8 +54,8 @@ TRI = {
 }
 
 
-def mono(t, A0=MONO["A0"], l=MONO["l"]):
-    return A0 * np.exp(-l * t)
+def mono(t, A0=MONO["A0"], lam=MONO["l"]):
+    return A0 * np.exp(-lam * t)
 
 
 def bi(t, A0=BI["A0"], l1=BI["l1"], l2=BI["l2"]):
@@ -68,9 +68,7 @@ def tri(t, A1=TRI["A1"], A2=TRI["A2"], l1=TRI["l1"], l2=TRI["l2"], l3=TRI["l3"])
 
 TIA_MONO = MONO["A0"] / MONO["l"]
 TIA_BI = BI["A0"] * (1 / BI["l1"] - 1 / BI["l2"])
-TIA_TRI = (
-    TRI["A1"] / TRI["l1"] + TRI["A2"] / TRI["l2"] - (TRI["A1"] + TRI["A2"]) / TRI["l3"]
-)
+TIA_TRI = TRI["A1"] / TRI["l1"] + TRI["A2"] / TRI["l2"] - (TRI["A1"] + TRI["A2"]) / TRI["l3"]
 
 T5 = np.array([4.0, 24.0, 48.0, 96.0, 168.0]) * H
 T6 = np.array([1.0, 4.0, 24.0, 48.0, 96.0, 168.0]) * H
@@ -104,9 +102,7 @@ def test_exact_data_recovered(model, curve, times, tia, rates, requested):
     assert fitted_rates == pytest.approx(sorted(rates), rel=1e-4)
     # the exponentials describe the same curve, and the analytic integral is Σ c/k
     tt = np.linspace(0, 400 * H, 50)
-    assert r.activity(tt) == pytest.approx(
-        curve(tt), rel=1e-5, abs=1e-6 * curve(times).max()
-    )
+    assert r.activity(tt) == pytest.approx(curve(tt), rel=1e-5, abs=1e-6 * curve(times).max())
     assert sum(c / k for c, k in r.exponentials) == pytest.approx(r.tia_bqs, rel=1e-12)
     assert all(k >= LP for _, k in r.exponentials)
     assert r.n_points == len(times)
@@ -144,9 +140,7 @@ def _linearised_sd_tia(curve, tia_of, theta, t, sigma_rel):
     for j in range(theta.size):
         d = np.zeros_like(theta)
         d[j] = 1e-6 * abs(theta[j])
-        J[:, j] = (np.log(curve(t, *(theta + d))) - np.log(curve(t, *(theta - d)))) / (
-            2 * d[j]
-        )
+        J[:, j] = (np.log(curve(t, *(theta + d))) - np.log(curve(t, *(theta - d)))) / (2 * d[j])
         g[j] = (tia_of(*(theta + d)) - tia_of(*(theta - d))) / (2 * d[j])
     cov = sigma_rel**2 * np.linalg.inv(J.T @ J)
     return float(np.sqrt(g @ cov @ g))
@@ -155,7 +149,7 @@ def _linearised_sd_tia(curve, tia_of, theta, t, sigma_rel):
 @pytest.mark.parametrize(
     "model, curve, tia_of, theta, times",
     [
-        ("monoexp", mono, lambda A0, l: A0 / l, [MONO["A0"], MONO["l"]], T5),
+        ("monoexp", mono, lambda A0, lam: A0 / lam, [MONO["A0"], MONO["l"]], T5),
         (
             "biexp",
             bi,
@@ -169,9 +163,7 @@ def test_noisy_tia_within_derived_tolerance(model, curve, tia_of, theta, times):
     sigma = 0.05
     sd = _linearised_sd_tia(curve, tia_of, theta, times, sigma)
     true = tia_of(*theta)
-    assert (
-        0.005 < sd / true < 0.1
-    )  # the tolerance is meaningful: neither trivial nor huge
+    assert 0.005 < sd / true < 0.1  # the tolerance is meaningful: neither trivial nor huge
     rng = np.random.default_rng(20240601)
     errors = []
     for _ in range(20):
@@ -188,9 +180,7 @@ def test_noisy_tia_within_derived_tolerance(model, curve, tia_of, theta, times):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "times", [T5, T6, np.array([2.0, 4.0, 24.0, 48.0, 72.0, 96.0, 168.0]) * H]
-)
+@pytest.mark.parametrize("times", [T5, T6, np.array([2.0, 4.0, 24.0, 48.0, 72.0, 96.0, 168.0]) * H])
 def test_auto_picks_monoexp_for_mono_data(times):
     # exact data: biexp fits no better (relative RMS floor), so the AICc penalty decides
     r = fit_voi(times, mono(times), decay_constant_per_s=LP)
@@ -207,10 +197,7 @@ def test_auto_keeps_every_candidate_and_their_diagnostics():
     r = fit_voi(T6, bi(T6), decay_constant_per_s=LP)
     assert r.model == "biexp"
     assert set(r.candidates) == {"monoexp", "biexp", "triexp"}
-    assert (
-        r.candidates["monoexp"]["success"]
-        and r.candidates["monoexp"]["aicc"] is not None
-    )
+    assert r.candidates["monoexp"]["success"] and r.candidates["monoexp"]["aicc"] is not None
     assert r.candidates["triexp"]["success"] is False  # 6 points: k = 5 is not < n − 1
     assert "not fitted" in r.candidates["triexp"]["message"]
     assert r.aicc == r.candidates["biexp"]["aicc"]
@@ -242,9 +229,7 @@ def test_unmeasured_early_peak_is_not_chosen():
     }
     A = tri(t, **spike)
     early = np.geomspace(t[0] * 1e-3, t[0], 200)
-    assert (
-        tri(early, **spike).max() > 10 * A.max()
-    )  # the generating curve does peak unseen
+    assert tri(early, **spike).max() > 10 * A.max()  # the generating curve does peak unseen
     r = fit_voi(t, A, decay_constant_per_s=LP)
     assert r.model != "triexp"
     assert float(np.max(r.activity(early))) <= 2 * A.max()
@@ -283,9 +268,7 @@ def test_trapezoid_clinical_four_points_within_derived_bound():
     assert low <= err <= high
     # the parts add up and are what the rule says
     p = r.params
-    assert p["tia_uptake_bqs"] + p["tia_measured_bqs"] + p[
-        "tia_tail_bqs"
-    ] == pytest.approx(r.tia_bqs, rel=1e-12)
+    assert p["tia_uptake_bqs"] + p["tia_measured_bqs"] + p["tia_tail_bqs"] == pytest.approx(r.tia_bqs, rel=1e-12)
     assert p["tia_tail_bqs"] == pytest.approx(mono(t[-1]) / LP, rel=1e-12)
     assert p["tia_uptake_bqs"] == pytest.approx(0.5 * mono(t[0]) * t[0], rel=1e-12)
 
@@ -296,9 +279,7 @@ def test_trapezoid_converges_with_denser_sampling():
     errors = []
     for step_h in (48.0, 24.0, 12.0, 6.0, 3.0, 1.0):
         t = np.arange(step_h, 800.0 + step_h / 2, step_h) * H
-        r = fit_voi(
-            t, A0 * np.exp(-lam * t), decay_constant_per_s=LP, model="trapezoid"
-        )
+        r = fit_voi(t, A0 * np.exp(-lam * t), decay_constant_per_s=LP, model="trapezoid")
         low, high = _trapezoid_bracket(t, A0, lam, LP, exact_tail=True)
         err = r.tia_bqs - A0 / lam
         assert low - 1e-9 * A0 / lam <= err <= high + 1e-9 * A0 / lam
@@ -315,9 +296,7 @@ def test_trapezoid_curve_evaluator():
     assert float(r.activity(0.0)) == 0.0
     assert float(r.activity(t[0] / 2)) == pytest.approx(A[0] / 2, rel=1e-12)
     later = t[-1] + 10 * 24 * H
-    assert float(r.activity(later)) == pytest.approx(
-        A[-1] * math.exp(-LP * 10 * 24 * H), rel=1e-12
-    )
+    assert float(r.activity(later)) == pytest.approx(A[-1] * math.exp(-LP * 10 * 24 * H), rel=1e-12)
 
 
 def test_to_dict_is_json_ready():
@@ -413,13 +392,9 @@ def test_voxel_hybrid_matches_analytic_within_trapezoid_bound():
         # the tail through the last two exact points has the true rate: only the trapezoid part errs
         low, high = _trapezoid_bracket(t, A0[idx], lam[idx], None, exact_tail=True)
         err = res.tia[idx] - A0[idx] / lam[idx]
-        assert (
-            low - 1e-9 * A0[idx] / lam[idx] <= err <= high + 1e-9 * A0[idx] / lam[idx]
-        )
+        assert low - 1e-9 * A0[idx] / lam[idx] <= err <= high + 1e-9 * A0[idx] / lam[idx]
         # quality = share of the TIA after the last scan
-        assert res.quality[idx] == pytest.approx(
-            stack[(-1, *idx)] / lam[idx] / res.tia[idx], rel=1e-9
-        )
+        assert res.quality[idx] == pytest.approx(stack[(-1, *idx)] / lam[idx] / res.tia[idx], rel=1e-9)
 
 
 @pytest.mark.parametrize("tail_points", [2, 3, 4])
@@ -446,11 +421,7 @@ def test_voxel_float32_stays_float32_and_agrees():
     s64, _, _ = _mono_stack(t)
     r64 = voxel_tia(s64, t, decay_constant_per_s=LP)
     r32 = voxel_tia(s64.astype(np.float32), t, decay_constant_per_s=LP)
-    assert (
-        r32.tia.dtype == np.float32
-        and r32.quality.dtype == np.float32
-        and r32.flags.dtype == np.int8
-    )
+    assert r32.tia.dtype == np.float32 and r32.quality.dtype == np.float32 and r32.flags.dtype == np.int8
     np.testing.assert_allclose(r32.tia, r64.tia, rtol=1e-5)
 
 
@@ -460,9 +431,7 @@ def test_voxel_integer_counts_promoted_to_float():
     counts = np.round(s64).astype(np.int16)
     res = voxel_tia(counts, t, decay_constant_per_s=LP)
     assert res.tia.dtype == np.float32
-    np.testing.assert_allclose(
-        res.tia, voxel_tia(np.round(s64), t, decay_constant_per_s=LP).tia, rtol=1e-5
-    )
+    np.testing.assert_allclose(res.tia, voxel_tia(np.round(s64), t, decay_constant_per_s=LP).tia, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["hybrid", "monoexp"])
@@ -472,23 +441,15 @@ def test_voxel_fallback_flags(method):
     stack = stack.copy()
     stack[:, 0, 0, 0] = 0.0  # no activity at any time → 0 TIA
     stack[-1, 0, 0, 1] = -5.0  # last value ≤ 0 → physical-decay tail of nothing
-    stack[:, 0, 1, 0] = 100.0 * (
-        1.0 + t / t[-1]
-    )  # still rising at the end (continued uptake)
+    stack[:, 0, 1, 0] = 100.0 * (1.0 + t / t[-1])  # still rising at the end (continued uptake)
     res = voxel_tia(stack, t, decay_constant_per_s=LP, method=method)
-    assert (
-        res.flags[0, 0, 0] == FLAG_NO_DATA
-        and res.tia[0, 0, 0] == 0.0
-        and res.quality[0, 0, 0] == 0.0
-    )
+    assert res.flags[0, 0, 0] == FLAG_NO_DATA and res.tia[0, 0, 0] == 0.0 and res.quality[0, 0, 0] == 0.0
     assert res.flags[0, 0, 1] == FLAG_PHYSICAL
     assert res.flags[0, 1, 0] == FLAG_PHYSICAL
     assert res.flags[0, 1, 1] == FLAG_FIT
     # the physical-decay fallback = trapezoid from (0, 0) with negatives as 0, plus A_n/λ_phys
     a = np.maximum(stack[:, 0, 1, 0], 0)
-    expected = (
-        0.5 * a[0] * t[0] + np.sum(0.5 * (a[1:] + a[:-1]) * np.diff(t)) + a[-1] / LP
-    )
+    expected = 0.5 * a[0] * t[0] + np.sum(0.5 * (a[1:] + a[:-1]) * np.diff(t)) + a[-1] / LP
     assert res.tia[0, 1, 0] == pytest.approx(expected, rel=1e-12)
     a = np.maximum(stack[:, 0, 0, 1], 0)
     expected = 0.5 * a[0] * t[0] + np.sum(0.5 * (a[1:] + a[:-1]) * np.diff(t))
@@ -503,9 +464,7 @@ def test_voxel_fallback_flags(method):
 def test_voxel_min_activity_widens_fallback():
     t = CLINICAL
     stack, _, _ = _mono_stack(t)
-    res = voxel_tia(
-        stack, t, decay_constant_per_s=LP, min_activity=float(stack[-1].max()) * 2
-    )
+    res = voxel_tia(stack, t, decay_constant_per_s=LP, min_activity=float(stack[-1].max()) * 2)
     assert np.all(res.flags == FLAG_PHYSICAL)
 
 
@@ -579,20 +538,14 @@ def test_hanscheid_exact_conditions():
     x1 = -lambertw(-LN2 / 2, 0).real
     x2 = -lambertw(-LN2 / 2, -1).real
     assert x1 == pytest.approx(LN2, rel=1e-12)  # t = T_eff
-    assert x2 == pytest.approx(
-        2 * LN2, rel=1e-12
-    )  # t = 2 T_eff: 2ln2·e^{−2ln2} = ln2/2
+    assert x2 == pytest.approx(2 * LN2, rel=1e-12)  # t = 2 T_eff: 2ln2·e^{−2ln2} = ln2/2
     for x in (x1, x2):
         lam = x / t
         A0 = 5e7
-        assert stp_hanscheid(A0 * math.exp(-lam * t), t) == pytest.approx(
-            A0 / lam, rel=1e-12
-        )
+        assert stp_hanscheid(A0 * math.exp(-lam * t), t) == pytest.approx(A0 / lam, rel=1e-12)
     # maximal overestimate at x = 1 (t = T_eff/ln 2): 2/(e ln 2)
     lam = 1.0 / t
-    assert stp_hanscheid(math.exp(-1.0), t) * lam == pytest.approx(
-        2 / (math.e * LN2), rel=1e-12
-    )
+    assert stp_hanscheid(math.exp(-1.0), t) * lam == pytest.approx(2 / (math.e * LN2), rel=1e-12)
     xs = np.linspace(0.05, 5, 200)
     assert np.all(_hanscheid_ratio(xs) <= 2 / (math.e * LN2) + 1e-12)
 
@@ -612,13 +565,9 @@ def test_madsen_exact_for_mono_with_population_half_life():
     A0 = np.array([1e6, 2e6, 3e6])
     A_t = A0 * np.exp(-lam * t)
     np.testing.assert_allclose(stp_madsen(A_t, t, T_eff), A0 / lam, rtol=1e-12)
-    assert stp_madsen(float(A_t[1]), t, float(T_eff[1])) == pytest.approx(
-        A0[1] / lam[1], rel=1e-12
-    )
+    assert stp_madsen(float(A_t[1]), t, float(T_eff[1])) == pytest.approx(A0[1] / lam[1], rel=1e-12)
     # Hänscheid and Madsen agree when the scan is at t = T_eff
-    assert stp_madsen(1.0, 50 * H, 50 * H) == pytest.approx(
-        stp_hanscheid(1.0, 50 * H), rel=1e-12
-    )
+    assert stp_madsen(1.0, 50 * H, 50 * H) == pytest.approx(stp_hanscheid(1.0, 50 * H), rel=1e-12)
 
 
 def test_stp_errors():

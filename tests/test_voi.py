@@ -44,7 +44,10 @@ def _rtstruct(rois: dict[str, list[np.ndarray]]) -> Dataset:
 
 def _sphere_contours(center, radius, slice_mm):
     """Circles of a sphere cut by CT planes every ``slice_mm`` (planes at multiples of slice_mm)."""
-    zs = np.arange(math.floor((center[2] - radius) / slice_mm), math.ceil((center[2] + radius) / slice_mm) + 1) * slice_mm
+    zs = (
+        np.arange(math.floor((center[2] - radius) / slice_mm), math.ceil((center[2] + radius) / slice_mm) + 1)
+        * slice_mm
+    )
     out = []
     for z in zs:
         h = z - center[2]
@@ -97,7 +100,9 @@ def test_oblique_grid_uses_the_general_path_and_agrees():
     ds = _rtstruct({"Tumor_1": _sphere_contours((1.3, -2.1, 0.7), r, 2.0)})
     voi = rasterise_rtstruct(ds, grid)["Tumor_1"]
     assert voi.volume_ml == pytest.approx(4.0 / 3.0 * math.pi * r**3 / 1000.0, rel=0.02)
-    axial = rasterise_rtstruct(ds, Grid.axial((21, 21, 21), (4.8, 4.8, 4.8), origin_mm=(-48.0, -48.0, -48.0)))["Tumor_1"]
+    axial = rasterise_rtstruct(ds, Grid.axial((21, 21, 21), (4.8, 4.8, 4.8), origin_mm=(-48.0, -48.0, -48.0)))[
+        "Tumor_1"
+    ]
     assert voi.volume_ml == pytest.approx(axial.volume_ml, rel=0.01)
 
 

@@ -12,7 +12,7 @@ from .errors import VoxeldoseError
 from .geometry import Grid, Volume, resample
 
 
-def absorbed_dose(tia, nuclide="Lu-177", method="dvk", density=None, **kwargs):  # noqa: ANN001, ANN201
+def absorbed_dose(tia, nuclide="Lu-177", method="dvk", density=None, **kwargs):
     """Absorbed dose (Gy) from a time-integrated activity Volume (Bq·s); see :func:`voxeldose.dose.absorbed_dose`."""
     from .dose import absorbed_dose as _absorbed_dose
 

@@ -120,9 +120,7 @@ def namespace(device: str) -> ModuleType:
     if device == "gpu":
         cupy, reason = _probe_cupy()
         if cupy is None:
-            raise VoxeldoseError(
-                f"the GPU is not usable ({reason})", tag=ENV_VAR, expected="a working CUDA device"
-            )
+            raise VoxeldoseError(f"the GPU is not usable ({reason})", tag=ENV_VAR, expected="a working CUDA device")
         return cupy
     raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
 

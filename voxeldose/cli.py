@@ -21,9 +21,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import __version__
 from .errors import VoxeldoseError
@@ -43,10 +44,13 @@ def _parse_datetime(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an ISO date and time such as 2026-01-05T09:30, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO date and time such as 2026-01-05T09:30, got {text!r}"
+        ) from None
     if value.utcoffset() is not None:
         raise argparse.ArgumentTypeError(
-            f"give the local date and time without a UTC offset, as DICOM stores it (got {text!r})")
+            f"give the local date and time without a UTC offset, as DICOM stores it (got {text!r})"
+        )
     return value
 
 
@@ -58,7 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ph = sub.add_parser("phantom", help="write the synthetic 177Lu patient (DICOM + ground truth)")
     ph.add_argument("--out", required=True, type=Path, help="output folder")
     ph.add_argument("--seed", type=int, default=0, help="random seed (noise, repositioning); default 0")
-    ph.add_argument("--hours", type=_parse_hours, default=None, help="imaging times after injection, h (default 4,24,96,168)")
+    ph.add_argument(
+        "--hours", type=_parse_hours, default=None, help="imaging times after injection, h (default 4,24,96,168)"
+    )
     ph.add_argument("--bqml", action="store_true", help="write SPECT as Bq/ml real-world values instead of counts")
     ph.add_argument("--small", action="store_true", help="a coarse, fast phantom (for tests)")
 
@@ -71,11 +77,20 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("paths", nargs="+", type=Path, help="DICOM folders (recursive) or files of one cycle")
     run.add_argument("--out", required=True, type=Path, help="output folder")
     run.add_argument("--spec", type=Path, default=None, help="job description (JSON); options below override it")
-    run.add_argument("--calibration", type=float, default=None, metavar="CPS_PER_MBQ",
-                     help="camera volume sensitivity, cps/MBq (needed for count-valued SPECT)")
+    run.add_argument(
+        "--calibration",
+        type=float,
+        default=None,
+        metavar="CPS_PER_MBQ",
+        help="camera volume sensitivity, cps/MBq (needed for count-valued SPECT)",
+    )
     run.add_argument("--method", choices=["dvk", "dvk-density", "led"], default=None, help="dose method (default dvk)")
-    run.add_argument("--fit", choices=["auto", "monoexp", "biexp", "triexp", "trapezoid", "stp"], default=None,
-                     help="VOI time-activity model (default auto: AICc)")
+    run.add_argument(
+        "--fit",
+        choices=["auto", "monoexp", "biexp", "triexp", "trapezoid", "stp"],
+        default=None,
+        help="VOI time-activity model (default auto: AICc)",
+    )
     run.add_argument("--cycle", type=int, default=None, help="cycle number of this therapy (default 1)")
     _add_injection_options(run)
 
@@ -119,8 +134,12 @@ def _plugin_help(ep: Any) -> str:
 
 
 def _add_injection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--injection-datetime", type=_parse_datetime, default=None,
-                   help="injection date and time (ISO), when the files lack it or are wrong")
+    p.add_argument(
+        "--injection-datetime",
+        type=_parse_datetime,
+        default=None,
+        help="injection date and time (ISO), when the files lack it or are wrong",
+    )
     p.add_argument("--activity-mbq", type=float, default=None, help="injected activity, MBq, when the files lack it")
     p.add_argument("--nuclide", default=None, help="radionuclide, e.g. Lu-177, when the files lack it")
 
@@ -179,13 +198,17 @@ def _print_inspect(rep: dict[str, Any]) -> None:
         print(f"patient {pat['patient_id']}  {pat['patient_name']}")
     for n, c in enumerate(rep["cycles"], start=1):
         inj = c["injection"]
-        print(f"cycle {n}: {inj['nuclide']} {inj['radiopharmaceutical'] or ''}, "
-              f"{inj['activity_MBq']:.0f} MBq at {inj['datetime']}")
+        print(
+            f"cycle {n}: {inj['nuclide']} {inj['radiopharmaceutical'] or ''}, "
+            f"{inj['activity_MBq']:.0f} MBq at {inj['datetime']}"
+        )
         print(f"  injection time from {inj['datetime_source']}; activity from {inj['activity_source']}")
         for t, tp in enumerate(c["timepoints"], start=1):
             sp, ct = tp["spect"], tp["ct"]
-            print(f"  time point {t}: {tp['hours_after_injection']:.1f} h after injection "
-                  f"(acquired {tp['acquisition_datetime']}, from {tp['acquisition_time_source']})")
+            print(
+                f"  time point {t}: {tp['hours_after_injection']:.1f} h after injection "
+                f"(acquired {tp['acquisition_datetime']}, from {tp['acquisition_time_source']})"
+            )
             print(f"    SPECT {sp['description']!r}: {sp['instances']} instance(s), values {sp['pixel_values']}")
             print(f"    CT    {ct['description']!r}: {ct['instances']} slice(s)" if ct else "    CT    none")
         for v in c["vois"]:
@@ -197,7 +220,10 @@ def _print_inspect(rep: dict[str, Any]) -> None:
     if rep["problems"]:
         print("problems:")
         for p in rep["problems"]:
-            print(f"  [{p['severity']}] {p['message']}" + (f" — {p['path']}" if p["path"] and p["path"] not in p["message"] else ""))
+            print(
+                f"  [{p['severity']}] {p['message']}"
+                + (f" — {p['path']}" if p["path"] and p["path"] not in p["message"] else "")
+            )
     else:
         print("problems: none")
 
@@ -212,7 +238,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if rep["ok"] else 1
 
 
-def build_spec(args: argparse.Namespace) -> "Any":
+def build_spec(args: argparse.Namespace) -> Any:
     """A JobSpec from ``--spec`` and the command-line options (options win)."""
     from .spec import JobSpec
 
@@ -221,19 +247,25 @@ def build_spec(args: argparse.Namespace) -> "Any":
         try:
             base = json.loads(args.spec.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise VoxeldoseError(f"cannot read the job description ({exc})", path=args.spec, expected="a JSON object") from None
+            raise VoxeldoseError(
+                f"cannot read the job description ({exc})", path=args.spec, expected="a JSON object"
+            ) from None
         if not isinstance(base, dict):
-            raise VoxeldoseError("the job description is not a JSON object", path=args.spec,
-                                 expected="a JSON object such as {\"calibration\": {\"cps_per_mbq\": 5.67}}",
-                                 found=type(base).__name__)
+            raise VoxeldoseError(
+                "the job description is not a JSON object",
+                path=args.spec,
+                expected='a JSON object such as {"calibration": {"cps_per_mbq": 5.67}}',
+                found=type(base).__name__,
+            )
 
     def section(key: str) -> dict[str, Any]:
         value = base.get(key)
         if value is None:
             value = base[key] = {}
         if not isinstance(value, dict):
-            raise VoxeldoseError(f"the job description's {key!r} must be an object", path=args.spec, tag=key,
-                                 found=type(value).__name__)
+            raise VoxeldoseError(
+                f"the job description's {key!r} must be an object", path=args.spec, tag=key, found=type(value).__name__
+            )
         return value
 
     base["inputs"] = [str(p) for p in args.paths]
@@ -258,7 +290,9 @@ def build_spec(args: argparse.Namespace) -> "Any":
     try:
         return JobSpec.model_validate(base)
     except ValidationError as exc:
-        raise VoxeldoseError(f"invalid job description: {validation_message(exc)}", path=args.spec, tag="spec") from None
+        raise VoxeldoseError(
+            f"invalid job description: {validation_message(exc)}", path=args.spec, tag="spec"
+        ) from None
 
 
 def validation_message(exc: Any) -> str:
@@ -270,7 +304,7 @@ def validation_message(exc: Any) -> str:
     return "; ".join(parts)
 
 
-def _progress_printer() -> "Any":
+def _progress_printer() -> Any:
     last = {"stage": None, "t": time.perf_counter()}
 
     def progress(stage: str, frac: float) -> None:
@@ -279,6 +313,7 @@ def _progress_printer() -> "Any":
             if last["stage"] is not None:
                 print(f"  {last['stage']:<14} done in {now - last['t']:5.1f} s", flush=True)
             last.update(stage=stage, t=now)
+
     return progress
 
 
@@ -311,7 +346,9 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     try:
         voxel = [float(v) for v in str(args.voxel_mm).split(",")]
     except ValueError:
-        raise VoxeldoseError("--voxel-mm expects one number or three comma-separated numbers (mm)", found=args.voxel_mm) from None
+        raise VoxeldoseError(
+            "--voxel-mm expects one number or three comma-separated numbers (mm)", found=args.voxel_mm
+        ) from None
     if len(voxel) not in (1, 3) or any(v <= 0 for v in voxel):
         raise VoxeldoseError("--voxel-mm expects one or three positive sizes in mm", found=args.voxel_mm)
     print(kernel_command(args.nuclide, voxel[0] if len(voxel) == 1 else tuple(voxel), args.medium, args.size, args.out))
@@ -356,11 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback to a user
+    except Exception as exc:
         if os.environ.get("VOXELDOSE_DEBUG"):
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} — please report it with VOXELDOSE_DEBUG=1 output",
-              file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {exc} — please report it with VOXELDOSE_DEBUG=1 output",
+            file=sys.stderr,
+        )
         return 3
 
 

@@ -316,4 +316,3 @@ def _convolve(xp, fft, tia, k_host, key, shape, half, dtype, out, chunk):
             out[lo:k0] += r[lk - (k0 - lo) :, :nj, :ni]
         del r
     return out
-

@@ -71,16 +71,21 @@ class CycleDose:
 
     def __post_init__(self) -> None:
         if not (self.activity_bq > 0 and math.isfinite(self.activity_bq)):
-            raise VoxeldoseError(f"cycle {self.cycle}: the administered activity must be > 0 Bq",
-                                 tag="activity_bq", found=self.activity_bq)
+            raise VoxeldoseError(
+                f"cycle {self.cycle}: the administered activity must be > 0 Bq",
+                tag="activity_bq",
+                found=self.activity_bq,
+            )
         for name, d in self.dose_gy.items():
             if not (d >= 0 and math.isfinite(d)):
-                raise VoxeldoseError(f"cycle {self.cycle}: absorbed dose of {name!r} must be ≥ 0 Gy",
-                                     tag="dose_gy", found=d)
+                raise VoxeldoseError(
+                    f"cycle {self.cycle}: absorbed dose of {name!r} must be ≥ 0 Gy", tag="dose_gy", found=d
+                )
         for name, g in self.g_factor.items():
             if not 0 <= g <= 1:
-                raise VoxeldoseError(f"cycle {self.cycle}: G factor of {name!r} must lie in [0, 1]",
-                                     tag="g_factor", found=g)
+                raise VoxeldoseError(
+                    f"cycle {self.cycle}: G factor of {name!r} must lie in [0, 1]", tag="g_factor", found=g
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,7 +144,9 @@ def cumulative(cycles: Sequence[CycleDose], *, alpha_beta_gy: Mapping[str, float
     notes = []
     for name, missing in missing_bed.items():
         if name in beds:
-            notes.append(f"cumulative BED of {name!r} not reported: no BED (nor G factor and α/β) for cycle(s) {missing}")
+            notes.append(
+                f"cumulative BED of {name!r} not reported: no BED (nor G factor and α/β) for cycle(s) {missing}"
+            )
             del beds[name]
     return {
         "n_cycles": len(ordered),
@@ -165,20 +172,27 @@ class Limits:
     #: names of the dose entries that are the kidneys and the red marrow
     kidney_key: str = "kidney"
     marrow_key: str = "marrow"
-    sources: Mapping[str, str] = field(default_factory=lambda: {
-        "kidney_dose_gy": "Garske-Román et al. 2018, Eur J Nucl Med Mol Imaging, doi:10.1007/s00259-018-4106-2",
-        "kidney_bed_gy": "Bodei et al. 2008, Eur J Nucl Med Mol Imaging 35(10):1847–1856 "
-                         "(28 Gy with risk factors, 40 Gy without)",
-        "marrow_dose_gy": "classical 2 Gy red-marrow limit (e.g. Menda et al. 2018, J Nucl Med 59(11):1692)",
-    })
+    sources: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "kidney_dose_gy": "Garske-Román et al. 2018, Eur J Nucl Med Mol Imaging, doi:10.1007/s00259-018-4106-2",
+            "kidney_bed_gy": "Bodei et al. 2008, Eur J Nucl Med Mol Imaging 35(10):1847–1856 "
+            "(28 Gy with risk factors, 40 Gy without)",
+            "marrow_dose_gy": "classical 2 Gy red-marrow limit (e.g. Menda et al. 2018, J Nucl Med 59(11):1692)",
+        }
+    )
 
     @property
     def kidney_bed_gy(self) -> float:
-        return self.kidney_bed_gy_with_risk_factors if self.kidney_risk_factors else self.kidney_bed_gy_without_risk_factors
+        return (
+            self.kidney_bed_gy_with_risk_factors
+            if self.kidney_risk_factors
+            else self.kidney_bed_gy_without_risk_factors
+        )
 
 
-def _one_limit(*, name: str, quantity: str, limit_gy: float, current_gy: float, per_cycle_gy: float,
-               source: str) -> dict[str, Any]:
+def _one_limit(
+    *, name: str, quantity: str, limit_gy: float, current_gy: float, per_cycle_gy: float, source: str
+) -> dict[str, Any]:
     if not (limit_gy > 0 and math.isfinite(limit_gy)):
         raise VoxeldoseError(f"the {name} limit must be a positive number of Gy", tag=name, found=limit_gy)
     if not (current_gy >= 0 and math.isfinite(current_gy)):
@@ -186,25 +200,42 @@ def _one_limit(*, name: str, quantity: str, limit_gy: float, current_gy: float, 
     if not (per_cycle_gy >= 0 and math.isfinite(per_cycle_gy)):
         raise VoxeldoseError(f"the per-cycle {quantity} for {name} must be ≥ 0 Gy", tag=name, found=per_cycle_gy)
     row: dict[str, Any] = {
-        "limit": name, "quantity": quantity, "limit_gy": limit_gy, "source": source,
-        "current_gy": current_gy, "per_cycle_gy": per_cycle_gy,
+        "limit": name,
+        "quantity": quantity,
+        "limit_gy": limit_gy,
+        "source": source,
+        "current_gy": current_gy,
+        "per_cycle_gy": per_cycle_gy,
     }
     if current_gy >= limit_gy * (1 - _EPS):
-        row.update(cycles_left=0, after_cycles_gy=current_gy, after_next_cycle_gy=current_gy + per_cycle_gy,
-                   exceeded=current_gy > limit_gy * (1 + _EPS),
-                   message=f"{name}: cumulative {quantity} {current_gy:.2f} Gy already "
-                           f"{'exceeds' if current_gy > limit_gy * (1 + _EPS) else 'reaches'} the "
-                           f"{limit_gy:g} Gy limit — no further cycle")
+        row.update(
+            cycles_left=0,
+            after_cycles_gy=current_gy,
+            after_next_cycle_gy=current_gy + per_cycle_gy,
+            exceeded=current_gy > limit_gy * (1 + _EPS),
+            message=f"{name}: cumulative {quantity} {current_gy:.2f} Gy already "
+            f"{'exceeds' if current_gy > limit_gy * (1 + _EPS) else 'reaches'} the "
+            f"{limit_gy:g} Gy limit — no further cycle",
+        )
         return row
     if per_cycle_gy == 0:
-        row.update(cycles_left=None, after_cycles_gy=current_gy, after_next_cycle_gy=current_gy, exceeded=False,
-                   message=f"{name}: no {quantity} per cycle — this limit sets no bound")
+        row.update(
+            cycles_left=None,
+            after_cycles_gy=current_gy,
+            after_next_cycle_gy=current_gy,
+            exceeded=False,
+            message=f"{name}: no {quantity} per cycle — this limit sets no bound",
+        )
         return row
     n = math.floor((limit_gy - current_gy) / per_cycle_gy + _EPS)
-    row.update(cycles_left=n, after_cycles_gy=current_gy + n * per_cycle_gy,
-               after_next_cycle_gy=current_gy + (n + 1) * per_cycle_gy, exceeded=False,
-               message=f"{name}: {n} more cycle(s) at {per_cycle_gy:.2f} Gy each reach "
-                       f"{current_gy + n * per_cycle_gy:.2f} of {limit_gy:g} Gy")
+    row.update(
+        cycles_left=n,
+        after_cycles_gy=current_gy + n * per_cycle_gy,
+        after_next_cycle_gy=current_gy + (n + 1) * per_cycle_gy,
+        exceeded=False,
+        message=f"{name}: {n} more cycle(s) at {per_cycle_gy:.2f} Gy each reach "
+        f"{current_gy + n * per_cycle_gy:.2f} of {limit_gy:g} Gy",
+    )
     return row
 
 
@@ -229,8 +260,9 @@ def cycles_left(
     """
     lim = limits or Limits()
     if not (activity_per_cycle_bq > 0 and math.isfinite(activity_per_cycle_bq)):
-        raise VoxeldoseError("the planned activity per cycle must be > 0 Bq", tag="activity_per_cycle_bq",
-                             found=activity_per_cycle_bq)
+        raise VoxeldoseError(
+            "the planned activity per cycle must be > 0 Bq", tag="activity_per_cycle_bq", found=activity_per_cycle_bq
+        )
     gbq = activity_per_cycle_bq / 1e9
     bed_cum = dict(cumulative_bed_gy or {})
     gf = dict(g_factor or {})
@@ -241,21 +273,38 @@ def cycles_left(
 
     def per_cycle(name: str) -> float:
         if name not in dose_per_gbq:
-            raise VoxeldoseError(f"no absorbed dose per GBq for {name!r}", tag="dose_per_gbq",
-                                 expected=f"a value for {name!r}", found=sorted(dose_per_gbq))
+            raise VoxeldoseError(
+                f"no absorbed dose per GBq for {name!r}",
+                tag="dose_per_gbq",
+                expected=f"a value for {name!r}",
+                found=sorted(dose_per_gbq),
+            )
         return float(dose_per_gbq[name]) * gbq
 
     if k in cumulative_dose_gy:
         d_k = per_cycle(k)
-        rows.append(_one_limit(name="kidney absorbed dose", quantity="absorbed dose", limit_gy=lim.kidney_dose_gy,
-                               current_gy=float(cumulative_dose_gy[k]), per_cycle_gy=d_k,
-                               source=lim.sources.get("kidney_dose_gy", "")))
+        rows.append(
+            _one_limit(
+                name="kidney absorbed dose",
+                quantity="absorbed dose",
+                limit_gy=lim.kidney_dose_gy,
+                current_gy=float(cumulative_dose_gy[k]),
+                per_cycle_gy=d_k,
+                source=lim.sources.get("kidney_dose_gy", ""),
+            )
+        )
         if k in bed_cum and k in gf:
             a = float(ab.get(k, RADIOBIOLOGY_DEFAULTS["kidney"].alpha_beta_gy))
             b_k = bed(d_k, float(gf[k]), a)
             rf = "with" if lim.kidney_risk_factors else "without"
-            row = _one_limit(name=f"kidney BED ({rf} risk factors)", quantity="BED", limit_gy=lim.kidney_bed_gy,
-                             current_gy=float(bed_cum[k]), per_cycle_gy=b_k, source=lim.sources.get("kidney_bed_gy", ""))
+            row = _one_limit(
+                name=f"kidney BED ({rf} risk factors)",
+                quantity="BED",
+                limit_gy=lim.kidney_bed_gy,
+                current_gy=float(bed_cum[k]),
+                per_cycle_gy=b_k,
+                source=lim.sources.get("kidney_bed_gy", ""),
+            )
             row.update(g_factor=float(gf[k]), alpha_beta_gy=a)
             rows.append(row)
         else:
@@ -263,14 +312,25 @@ def cycles_left(
     else:
         notes.append("no kidney dose given: kidney limits not checked")
     if m in cumulative_dose_gy:
-        rows.append(_one_limit(name="red marrow absorbed dose", quantity="absorbed dose", limit_gy=lim.marrow_dose_gy,
-                               current_gy=float(cumulative_dose_gy[m]), per_cycle_gy=per_cycle(m),
-                               source=lim.sources.get("marrow_dose_gy", "")))
+        rows.append(
+            _one_limit(
+                name="red marrow absorbed dose",
+                quantity="absorbed dose",
+                limit_gy=lim.marrow_dose_gy,
+                current_gy=float(cumulative_dose_gy[m]),
+                per_cycle_gy=per_cycle(m),
+                source=lim.sources.get("marrow_dose_gy", ""),
+            )
+        )
     else:
         notes.append("no red-marrow dose given: marrow limit not checked")
     if not rows:
-        raise VoxeldoseError("no organ at risk to plan cycles for", tag="cumulative_dose_gy",
-                             expected=f"doses for {k!r} and/or {m!r}", found=sorted(cumulative_dose_gy))
+        raise VoxeldoseError(
+            "no organ at risk to plan cycles for",
+            tag="cumulative_dose_gy",
+            expected=f"doses for {k!r} and/or {m!r}",
+            found=sorted(cumulative_dose_gy),
+        )
     bounded = [r for r in rows if r["cycles_left"] is not None]
     if bounded:
         binding = min(bounded, key=lambda r: r["cycles_left"])
@@ -278,7 +338,9 @@ def cycles_left(
         if n_left == 0:
             message = f"no further cycle at {gbq:g} GBq: {binding['message']}"
         else:
-            message = f"{n_left} further cycle(s) at {gbq:g} GBq; binding limit: {binding['limit']} ({binding['message']})"
+            message = (
+                f"{n_left} further cycle(s) at {gbq:g} GBq; binding limit: {binding['limit']} ({binding['message']})"
+            )
         binding_name: str | None = binding["limit"]
     else:
         n_left, binding_name = None, None

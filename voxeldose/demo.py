@@ -45,8 +45,10 @@ def run_demo(out: Path, *, small: bool = False) -> int:
     root = _phantom(out, settings)
     truth = json.loads((root / "truth" / "truth.json").read_text())
 
-    print("[2/2] dosimetry (voxeldose run) on its DICOM, with the phantom's stated camera calibration "
-          f"{truth['calibration_cps_per_mbq']} cps/MBq")
+    print(
+        "[2/2] dosimetry (voxeldose run) on its DICOM, with the phantom's stated camera calibration "
+        f"{truth['calibration_cps_per_mbq']} cps/MBq"
+    )
     spec = JobSpec(
         inputs=[str(root / "dicom")],
         calibration={"cps_per_mbq": truth["calibration_cps_per_mbq"], "source": truth.get("calibration_source")},

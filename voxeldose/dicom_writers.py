@@ -36,10 +36,11 @@ Choices worth knowing
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -237,9 +238,7 @@ def _plane_geometry(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, 
         raise ValueError("affine has a zero pixel spacing")
     x, y = a[:3, 0] / dc, a[:3, 1] / dr
     if abs(float(x @ y)) > 1e-4:
-        raise ValueError(
-            f"row and column directions are not orthogonal (X·Y = {float(x @ y):.2e})"
-        )
+        raise ValueError(f"row and column directions are not orthogonal (X·Y = {float(x @ y):.2e})")
     return x, y, dc, dr, a[:3, 2].copy()
 
 
@@ -331,9 +330,7 @@ def _save(ds: Dataset, path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _nm_pixels(
-    array: np.ndarray, pixel_mode: str
-) -> tuple[np.ndarray, tuple[float, float] | None]:
+def _nm_pixels(array: np.ndarray, pixel_mode: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Stored uint16 frames and, for ``bqml``, (slope, intercept) with value = stored*slope + b."""
     a = np.asarray(array)
     if not np.all(np.isfinite(a)):
@@ -500,9 +497,7 @@ def write_nm_tomo(
     rng = Dataset()
     lo_kev, hi_kev = (float(v) for v in acquisition.energy_window_keV)
     if not 0 < lo_kev < hi_kev:
-        raise ValueError(
-            f"energy window must satisfy 0 < lower < upper keV, got {(lo_kev, hi_kev)}"
-        )
+        raise ValueError(f"energy window must satisfy 0 < lower < upper keV, got {(lo_kev, hi_kev)}")
     rng.EnergyWindowLowerLimit = _ds(lo_kev, 3)
     rng.EnergyWindowUpperLimit = _ds(hi_kev, 3)
     window.EnergyWindowRangeSequence = DicomSequence([rng])
@@ -535,11 +530,7 @@ def write_nm_tomo(
     if rotation_direction not in ("CW", "CC"):
         raise ValueError(f"rotation_direction must be 'CW' or 'CC', got {rotation_direction!r}")
     rot.RotationDirection = rotation_direction
-    arc = (
-        acquisition.angular_step_deg * acquisition.frames_in_rotation
-        if scan_arc_deg is None
-        else scan_arc_deg
-    )
+    arc = acquisition.angular_step_deg * acquisition.frames_in_rotation if scan_arc_deg is None else scan_arc_deg
     rot.ScanArc = _ds(arc, 3)
     rot.ActualFrameDuration = int(acquisition.frame_duration_ms)
     rot.NumberOfFramesInRotation = int(acquisition.frames_in_rotation)
@@ -750,9 +741,17 @@ def contours_from_mask(mask: np.ndarray, grid_affine: np.ndarray) -> list[np.nda
 
 
 _COLOURS = [
-    (255, 0, 0), (0, 160, 255), (0, 200, 0), (255, 160, 0), (200, 0, 200),
-    (0, 200, 200), (160, 100, 40), (255, 255, 0), (120, 120, 255), (255, 120, 160),
-]  # fmt: skip
+    (255, 0, 0),
+    (0, 160, 255),
+    (0, 200, 0),
+    (255, 160, 0),
+    (200, 0, 200),
+    (0, 200, 200),
+    (160, 100, 40),
+    (255, 255, 0),
+    (120, 120, 255),
+    (255, 120, 160),
+]
 
 
 def _interpreted_type(name: str) -> str:
@@ -869,9 +868,7 @@ def write_rtstruct(
         for cnum, poly in enumerate(polys, start=1):
             pts = np.asarray(poly, dtype=float)
             if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < 3:
-                raise ValueError(
-                    f"ROI {name!r} contour {cnum}: need an (N>=3, 3) array, got {pts.shape}"
-                )
+                raise ValueError(f"ROI {name!r} contour {cnum}: need an (N>=3, 3) array, got {pts.shape}")
             pts = np.round(pts, decimals)
             d = pts @ normal
             if np.ptp(d) > 2 * plane_tolerance_mm:
@@ -1049,6 +1046,7 @@ RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
 #: reports it as an unrecognised defined term (a warning, not an error).  Readers that only
 #: accept PLAN should be configured to ignore the summation type; the dose values are unaffected.
 RTDOSE_SUMMATION_TYPE = "ADMINISTRATION"
+
 
 def _dose_scaling(max_gy: float, top: int) -> float:
     """DoseGridScaling (Gy per stored unit, as read back from its DS string) for stored values <= top."""

@@ -113,8 +113,12 @@ MAX_KERNEL_SIZE = 101
 _RHO_AIR_SCHNEIDER = 0.00121
 _RHO_M98 = 1.018 + 0.893e-3 * -98.0
 SCHNEIDER_2000: tuple[tuple[float, float, float, float], ...] = (
-    (-math.inf, -98.0, _RHO_AIR_SCHNEIDER + (_RHO_M98 - _RHO_AIR_SCHNEIDER) * 1000.0 / 902.0,
-     (_RHO_M98 - _RHO_AIR_SCHNEIDER) / 902.0),
+    (
+        -math.inf,
+        -98.0,
+        _RHO_AIR_SCHNEIDER + (_RHO_M98 - _RHO_AIR_SCHNEIDER) * 1000.0 / 902.0,
+        (_RHO_M98 - _RHO_AIR_SCHNEIDER) / 902.0,
+    ),
     (-98.0, 14.0, 1.018, 0.893e-3),
     (14.0, 23.0, 1.03, 0.0),
     (23.0, 100.0, 1.003, 1.169e-3),
@@ -157,9 +161,7 @@ def medium_density(medium: str) -> float:
     except ImportError:  # pragma: no cover - kernels without media table
         pass
     if medium not in _NIST_NAMES:
-        raise VoxeldoseError(
-            f"unknown medium {medium!r}", tag="medium", expected=", ".join(_NIST_NAMES), found=medium
-        )
+        raise VoxeldoseError(f"unknown medium {medium!r}", tag="medium", expected=", ".join(_NIST_NAMES), found=medium)
     import xraylib
 
     return float(xraylib.GetCompoundDataNISTByName(_NIST_NAMES[medium])["density"])
@@ -361,9 +363,7 @@ def _check_kernel(kernel: Any, tia: Volume, nuclide: str) -> None:
         )
     kn = getattr(kernel, "nuclide", None)
     if kn and nuclides.canonical_name(kn) != nuclides.canonical_name(nuclide):
-        raise VoxeldoseError(
-            "the dose kernel is for another nuclide", tag="kernel.nuclide", expected=nuclide, found=kn
-        )
+        raise VoxeldoseError("the dose kernel is for another nuclide", tag="kernel.nuclide", expected=nuclide, found=kn)
 
 
 def absorbed_dose(
@@ -495,5 +495,7 @@ def absorbed_dose(
     out = Volume(dose_host_or_dev, tia.affine, tia.frame_of_reference_uid, "Gy", meta)
     if grid == "ct":
         out = resample(out, ct, order=1, fill=0.0)
-        out = Volume(out.array, out.affine, out.frame_of_reference_uid, "Gy", {**meta, "dose_grid": "ct (trilinear from spect)"})
+        out = Volume(
+            out.array, out.affine, out.frame_of_reference_uid, "Gy", {**meta, "dose_grid": "ct (trilinear from spect)"}
+        )
     return out

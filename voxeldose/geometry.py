@@ -17,8 +17,9 @@ Conventions (see shared DESIGN.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -150,9 +151,7 @@ class Grid:
 
     def same_as(self, other: Grid, tol_mm: float = 1e-3) -> bool:
         """True when both grids have the same shape and voxel centres within ``tol_mm``."""
-        return self.shape == other.shape and bool(
-            np.allclose(self.affine, other.affine, atol=tol_mm, rtol=0)
-        )
+        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=tol_mm, rtol=0))
 
 
 @dataclass(frozen=True)
@@ -223,9 +222,11 @@ def resample(
     """
     grid = target.grid if isinstance(target, Volume) else target
     # index_target -> world_target -> world_moving -> index_moving
-    m = np.linalg.inv(volume.affine) @ (
-        np.eye(4) if moving_to_target is None else np.linalg.inv(moving_to_target)
-    ) @ grid.affine
+    m = (
+        np.linalg.inv(volume.affine)
+        @ (np.eye(4) if moving_to_target is None else np.linalg.inv(moving_to_target))
+        @ grid.affine
+    )
     # affine_transform works in array axis order (k, j, i); m works on (i, j, k).
     perm = np.array([2, 1, 0])
     matrix = m[:3, :3][np.ix_(perm, perm)]

@@ -23,10 +23,11 @@ import math
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -398,9 +399,7 @@ def scan(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> In
             )
         )
     if index.files_read == 0 and not index.errors:
-        index.problems.append(
-            Problem("error", "no DICOM files found", ", ".join(str(p) for p in paths))
-        )
+        index.problems.append(Problem("error", "no DICOM files found", ", ".join(str(p) for p in paths)))
     for s in index.series.values():
         if s.kind == "unsupported":
             index.problems.append(
@@ -521,7 +520,9 @@ def _require_naive(value: datetime | None, what: str) -> None:
     if value is not None and value.tzinfo is not None and value.utcoffset() is not None:
         raise VoxeldoseError(
             f"the {what} has a UTC offset: give the local date and time without a UTC offset, as DICOM stores it",
-            tag=what, expected="a date and time such as 2026-01-05T09:30", found=value.isoformat(),
+            tag=what,
+            expected="a date and time such as 2026-01-05T09:30",
+            found=value.isoformat(),
         )
 
 
@@ -543,8 +544,11 @@ def _acquisition(ds: Dataset, path: Path | str | None = None) -> tuple[datetime,
     d = _parse_da(getattr(ds, "AcquisitionDate", None))
     t = _parse_tm(getattr(ds, "AcquisitionTime", None))
     if d is not None and t is not None:
-        return (datetime.combine(d, t), f"{_tag('AcquisitionDate')} + {_tag('AcquisitionTime')}",
-                *_stated_offset(ds, None, "AcquisitionTime"))
+        return (
+            datetime.combine(d, t),
+            f"{_tag('AcquisitionDate')} + {_tag('AcquisitionTime')}",
+            *_stated_offset(ds, None, "AcquisitionTime"),
+        )
     raise VoxeldoseError(
         "the acquisition time is missing",
         path=path,
@@ -690,7 +694,9 @@ def load_cycle(
         cycles = [c for c in cycles if c.patient_id == patient_id]
     if errors:
         e = errors[0]
-        more = f" (and {len(errors) - 1} more problem(s); run 'voxeldose inspect' to list them)" if len(errors) > 1 else ""
+        more = (
+            f" (and {len(errors) - 1} more problem(s); run 'voxeldose inspect' to list them)" if len(errors) > 1 else ""
+        )
         raise VoxeldoseError(e.message + more, tag=None)
     if not cycles:
         raise VoxeldoseError(
@@ -821,22 +827,38 @@ def group_cycles(
                         tp.acquisition_source,
                     )
                 )
-        stated = ([(c.injection.utc_offset, "injection", injection_path[id(c)],
-                    c.injection.utc_offset_source)] if c.injection.utc_offset else [])
-        stated += [(tp.utc_offset, f"acquisition {tp.acquisition:%Y-%m-%d %H:%M}", tp.spect.instances[0].path,
-                    tp.utc_offset_source) for tp in c.timepoints if tp.utc_offset]
+        stated = (
+            [(c.injection.utc_offset, "injection", injection_path[id(c)], c.injection.utc_offset_source)]
+            if c.injection.utc_offset
+            else []
+        )
+        stated += [
+            (
+                tp.utc_offset,
+                f"acquisition {tp.acquisition:%Y-%m-%d %H:%M}",
+                tp.spect.instances[0].path,
+                tp.utc_offset_source,
+            )
+            for tp in c.timepoints
+            if tp.utc_offset
+        ]
         if len({o for o, *_ in stated}) > 1:
             first = stated[0]
             odd = next(x for x in stated if x[0] != first[0])
             listing = "; ".join(f"{what} {off} from {src}" for off, what, _, src in stated)
-            problems.append(Problem.from_error(VoxeldoseError(
-                f"the times of this cycle are stated in different UTC offsets ({listing}): the hours after "
-                "injection, computed from local times, would be off by the difference",
-                path=odd[2], tag=odd[3],
-                expected=f"one UTC offset ({first[0]}), or the injection date and time (and acquisition times) "
-                "passed as local times in one offset",
-                found=odd[0],
-            )))
+            problems.append(
+                Problem.from_error(
+                    VoxeldoseError(
+                        f"the times of this cycle are stated in different UTC offsets ({listing}): the hours after "
+                        "injection, computed from local times, would be off by the difference",
+                        path=odd[2],
+                        tag=odd[3],
+                        expected=f"one UTC offset ({first[0]}), or the injection date and time (and acquisition times) "
+                        "passed as local times in one offset",
+                        found=odd[0],
+                    )
+                )
+            )
         for a, b in zip(c.timepoints, c.timepoints[1:]):
             if abs((b.acquisition - a.acquisition).total_seconds()) < 60:
                 problems.append(
@@ -881,8 +903,10 @@ def _time_gap(series: Series, when: datetime) -> float:
 # ------------------------------------------------------------------------------------ geometry
 def _require(ds: Dataset, keyword: str, path: Path | str, expected: str) -> Any:
     value = getattr(ds, keyword, None)
-    if value is None or (isinstance(value, (str, bytes)) and not str(value).strip()) or (
-        hasattr(value, "__len__") and not isinstance(value, (str, bytes)) and len(value) == 0
+    if (
+        value is None
+        or (isinstance(value, (str, bytes)) and not str(value).strip())
+        or (hasattr(value, "__len__") and not isinstance(value, (str, bytes)) and len(value) == 0)
     ):
         raise VoxeldoseError("required attribute missing", path=path, tag=_tag(keyword), expected=expected)
     return value
@@ -890,11 +914,17 @@ def _require(ds: Dataset, keyword: str, path: Path | str, expected: str) -> Any:
 
 def _floats(value: Any, n: int, ds_path: Path | str, keyword: str) -> np.ndarray:
     try:
-        arr = np.array([float(v) for v in (value if hasattr(value, "__iter__") and not isinstance(value, str) else [value])])
+        arr = np.array(
+            [float(v) for v in (value if hasattr(value, "__iter__") and not isinstance(value, str) else [value])]
+        )
     except (TypeError, ValueError):
-        raise VoxeldoseError("value is not numeric", path=ds_path, tag=_tag(keyword), expected=f"{n} numbers", found=value) from None
+        raise VoxeldoseError(
+            "value is not numeric", path=ds_path, tag=_tag(keyword), expected=f"{n} numbers", found=value
+        ) from None
     if arr.size != n or not np.all(np.isfinite(arr)):
-        raise VoxeldoseError("wrong number of values", path=ds_path, tag=_tag(keyword), expected=f"{n} numbers", found=list(arr))
+        raise VoxeldoseError(
+            "wrong number of values", path=ds_path, tag=_tag(keyword), expected=f"{n} numbers", found=list(arr)
+        )
     return arr
 
 
@@ -910,15 +940,25 @@ def _stack_geometry(series: Series, what: str) -> _StackGeometry:
     positions, orient, spacing = [], None, None
     for inst in series.instances:
         ds, path = inst.header, inst.path
-        iop = _floats(_require(ds, "ImageOrientationPatient", path, "six direction cosines"), 6, path, "ImageOrientationPatient")
-        ipp = _floats(_require(ds, "ImagePositionPatient", path, "the x, y, z of the first voxel, mm"), 3, path, "ImagePositionPatient")
+        iop = _floats(
+            _require(ds, "ImageOrientationPatient", path, "six direction cosines"), 6, path, "ImageOrientationPatient"
+        )
+        ipp = _floats(
+            _require(ds, "ImagePositionPatient", path, "the x, y, z of the first voxel, mm"),
+            3,
+            path,
+            "ImagePositionPatient",
+        )
         ps = _floats(_require(ds, "PixelSpacing", path, "row and column spacing, mm"), 2, path, "PixelSpacing")
         if orient is None:
             orient, spacing = iop, ps
         elif not np.allclose(iop, orient, atol=1e-4):
             raise VoxeldoseError(
-                f"{what} slices have different orientations", path=path, tag=_tag("ImageOrientationPatient"),
-                expected=list(np.round(orient, 5)), found=list(iop),
+                f"{what} slices have different orientations",
+                path=path,
+                tag=_tag("ImageOrientationPatient"),
+                expected=list(np.round(orient, 5)),
+                found=list(iop),
             )
         positions.append(ipp)
     normal = np.cross(orient[:3], orient[3:])
@@ -944,8 +984,10 @@ def _stack_geometry(series: Series, what: str) -> _StackGeometry:
         thick = getattr(series.first, "SliceThickness", None) or getattr(series.first, "SpacingBetweenSlices", None)
         if thick is None:
             raise VoxeldoseError(
-                f"single-slice {what} without SliceThickness", path=series.instances[0].path,
-                tag=_tag("SliceThickness"), expected="slice thickness, mm",
+                f"single-slice {what} without SliceThickness",
+                path=series.instances[0].path,
+                tag=_tag("SliceThickness"),
+                expected="slice thickness, mm",
             )
         slice_vec = normal * float(thick)
     ds0 = series.instances[order[0]].header
@@ -957,7 +999,9 @@ def _ct_geometry(series: Series) -> _StackGeometry:
     for inst in series.instances:
         nf = int(getattr(inst.header, "NumberOfFrames", 1) or 1)
         if nf != 1:
-            raise VoxeldoseError("multi-frame CT is not supported", path=inst.path, tag=_tag("NumberOfFrames"), expected="1", found=nf)
+            raise VoxeldoseError(
+                "multi-frame CT is not supported", path=inst.path, tag=_tag("NumberOfFrames"), expected="1", found=nf
+            )
     return _stack_geometry(series, "CT")
 
 
@@ -977,15 +1021,23 @@ def _nm_slice_header(ds: Dataset) -> Dataset:
 def _spect_geometry(series: Series) -> _StackGeometry:
     """Geometry of a reconstructed SPECT (multi-frame RECON TOMO or per-slice storage)."""
     if len(series.instances) > 1:
-        lifted = Series(**{**series.__dict__, "instances": [
-            Instance(i.path, i.sop_instance_uid, i.sop_class_uid, _nm_slice_header(i.header)) for i in series.instances
-        ]})
+        lifted = Series(
+            **{
+                **series.__dict__,
+                "instances": [
+                    Instance(i.path, i.sop_instance_uid, i.sop_class_uid, _nm_slice_header(i.header))
+                    for i in series.instances
+                ],
+            }
+        )
         for inst in lifted.instances:
             nf = int(getattr(inst.header, "NumberOfFrames", 1) or 1)
             if nf != 1:
                 raise VoxeldoseError(
                     "a SPECT series with several multi-frame objects: which one is the volume is ambiguous",
-                    path=inst.path, tag=_tag("NumberOfFrames"), expected="one multi-frame object or single-frame slices",
+                    path=inst.path,
+                    tag=_tag("NumberOfFrames"),
+                    expected="one multi-frame object or single-frame slices",
                     found=nf,
                 )
         return _stack_geometry(lifted, "SPECT")
@@ -994,20 +1046,23 @@ def _spect_geometry(series: Series) -> _StackGeometry:
     if not det_seq:
         raise VoxeldoseError(
             "reconstructed SPECT without a Detector Information Sequence: its position and orientation are unknown",
-            path=path, tag=_tag("DetectorInformationSequence"),
+            path=path,
+            tag=_tag("DetectorInformationSequence"),
             expected="an item with ImagePositionPatient and ImageOrientationPatient",
         )
     det = det_seq[0]
     if "ImageOrientationPatient" not in det:
         raise VoxeldoseError(
             "missing orientation: the SPECT's orientation is not given and will not be guessed",
-            path=path, tag=f"{_tag('DetectorInformationSequence')} > {_tag('ImageOrientationPatient')}",
+            path=path,
+            tag=f"{_tag('DetectorInformationSequence')} > {_tag('ImageOrientationPatient')}",
             expected="six direction cosines",
         )
     if "ImagePositionPatient" not in det:
         raise VoxeldoseError(
             "missing position: the SPECT's first-voxel position is not given",
-            path=path, tag=f"{_tag('DetectorInformationSequence')} > {_tag('ImagePositionPatient')}",
+            path=path,
+            tag=f"{_tag('DetectorInformationSequence')} > {_tag('ImagePositionPatient')}",
             expected="the x, y, z of the first voxel, mm",
         )
     iop = _floats(det.ImageOrientationPatient, 6, path, "ImageOrientationPatient")
@@ -1019,7 +1074,9 @@ def _spect_geometry(series: Series) -> _StackGeometry:
         spacing = getattr(ds, "SliceThickness", None)
         if spacing is None:
             raise VoxeldoseError(
-                "the distance between SPECT slices is not given", path=path, tag=_tag("SpacingBetweenSlices"),
+                "the distance between SPECT slices is not given",
+                path=path,
+                tag=_tag("SpacingBetweenSlices"),
                 expected="slice spacing, mm (or SliceThickness)",
             )
     spacing = float(spacing)
@@ -1028,8 +1085,11 @@ def _spect_geometry(series: Series) -> _StackGeometry:
     sv = getattr(ds, "SliceVector", None)
     if sv is not None and len(sv) != n:
         raise VoxeldoseError(
-            "SliceVector does not list one entry per frame", path=path, tag=_tag("SliceVector"),
-            expected=f"{n} values", found=len(sv),
+            "SliceVector does not list one entry per frame",
+            path=path,
+            tag=_tag("SliceVector"),
+            expected=f"{n} values",
+            found=len(sv),
         )
     # SliceVector (0054,0080), PS3.3 C.8.4.8.1: frame f holds slice number sv[f] (1-based).  The slice
     # in position s of the volume is therefore the frame whose entry is s + 1: order = argsort(sv).
@@ -1041,7 +1101,10 @@ def _spect_geometry(series: Series) -> _StackGeometry:
         if sv_int is None or sorted(sv_int) != list(range(1, n + 1)):
             raise VoxeldoseError(
                 "SliceVector is not a permutation of the slice numbers 1..N: which frame is which slice is unknown",
-                path=path, tag=_tag("SliceVector"), expected=f"each of 1..{n} exactly once", found=list(sv),
+                path=path,
+                tag=_tag("SliceVector"),
+                expected=f"each of 1..{n} exactly once",
+                found=list(sv),
             )
         order = [int(i) for i in np.argsort(sv_int, kind="stable")]
     else:
@@ -1060,8 +1123,11 @@ def spect_pixel_mode(ds: Dataset, path: Path | str | None = None) -> PixelMode:
         return "bqml-units"
     if units not in ("", "CNTS", "COUNTS"):
         raise VoxeldoseError(
-            f"SPECT pixel units {units!r} are not supported", path=path, tag=_tag("Units"),
-            expected="BQML, CNTS, or a Real World Value Mapping in Bq/ml", found=units,
+            f"SPECT pixel units {units!r} are not supported",
+            path=path,
+            tag=_tag("Units"),
+            expected="BQML, CNTS, or a Real World Value Mapping in Bq/ml",
+            found=units,
         )
     return "counts"
 
@@ -1102,7 +1168,9 @@ def _pixels(inst: Instance) -> np.ndarray:
         return ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
         raise VoxeldoseError(
-            f"pixel data cannot be decoded ({exc})", path=inst.path, tag=_tag("PixelData"),
+            f"pixel data cannot be decoded ({exc})",
+            path=inst.path,
+            tag=_tag("PixelData"),
             expected="uncompressed or supported-compressed pixel data",
         ) from None
 
@@ -1124,7 +1192,12 @@ def read_spect(series: Series) -> SpectImage:
         slope = float(getattr(item, "RealWorldValueSlope", 1.0))
         intercept = float(getattr(item, "RealWorldValueIntercept", 0.0))
         if "RealWorldValueLUTData" in item:
-            raise VoxeldoseError("Real World Value LUTs are not supported", path=path, tag=_tag("RealWorldValueLUTData"), expected="a slope and intercept")
+            raise VoxeldoseError(
+                "Real World Value LUTs are not supported",
+                path=path,
+                tag=_tag("RealWorldValueLUTData"),
+                expected="a slope and intercept",
+            )
         values, units = arr * slope + intercept, "Bq/ml"
     elif mode == "bqml-units":
         if len(series.instances) == 1:
@@ -1146,8 +1219,13 @@ def read_spect(series: Series) -> SpectImage:
     frame_ms = float(frame_ms) if frame_ms is not None else None
     frames = int(frames) if frames is not None else None
     duration = frame_ms / 1000.0 * frames if (frame_ms and frames) else None
-    vol = Volume(values, geo.affine, series.frame_of_reference_uid, units,
-                 {"series_instance_uid": series.series_instance_uid, "modality": "NM"})
+    vol = Volume(
+        values,
+        geo.affine,
+        series.frame_of_reference_uid,
+        units,
+        {"series_instance_uid": series.series_instance_uid, "modality": "NM"},
+    )
     return SpectImage(vol, mode, duration, frame_ms, frames, float(arr.sum()) if mode == "counts" else None)
 
 
@@ -1163,9 +1241,20 @@ def read_ct(series: Series) -> Volume:
         slices.append(px * slope + intercept)
     shapes = {s.shape for s in slices}
     if len(shapes) != 1:
-        raise VoxeldoseError("CT slices have different sizes", path=series.instances[0].path, tag=_tag("Rows"), expected="equal Rows and Columns", found=sorted(shapes))
-    return Volume(np.stack(slices), geo.affine, series.frame_of_reference_uid, "HU",
-                  {"series_instance_uid": series.series_instance_uid, "modality": "CT"})
+        raise VoxeldoseError(
+            "CT slices have different sizes",
+            path=series.instances[0].path,
+            tag=_tag("Rows"),
+            expected="equal Rows and Columns",
+            found=sorted(shapes),
+        )
+    return Volume(
+        np.stack(slices),
+        geo.affine,
+        series.frame_of_reference_uid,
+        "HU",
+        {"series_instance_uid": series.series_instance_uid, "modality": "CT"},
+    )
 
 
 def read_rtdose(series: Series) -> Volume:
@@ -1175,13 +1264,23 @@ def read_rtdose(series: Series) -> Volume:
     units = str(getattr(ds, "DoseUnits", "")).upper()
     if units != "GY":
         raise VoxeldoseError("RT Dose not in Gy", path=path, tag=_tag("DoseUnits"), expected="GY", found=units)
-    iop = _floats(_require(ds, "ImageOrientationPatient", path, "six direction cosines"), 6, path, "ImageOrientationPatient")
-    ipp = _floats(_require(ds, "ImagePositionPatient", path, "x, y, z of the first voxel"), 3, path, "ImagePositionPatient")
+    iop = _floats(
+        _require(ds, "ImageOrientationPatient", path, "six direction cosines"), 6, path, "ImageOrientationPatient"
+    )
+    ipp = _floats(
+        _require(ds, "ImagePositionPatient", path, "x, y, z of the first voxel"), 3, path, "ImagePositionPatient"
+    )
     ps = _floats(_require(ds, "PixelSpacing", path, "row and column spacing"), 2, path, "PixelSpacing")
     offsets = np.array([float(v) for v in _require(ds, "GridFrameOffsetVector", path, "offsets of each frame, mm")])
     n = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if offsets.size != n:
-        raise VoxeldoseError("GridFrameOffsetVector length differs from NumberOfFrames", path=path, tag=_tag("GridFrameOffsetVector"), expected=f"{n} values", found=offsets.size)
+        raise VoxeldoseError(
+            "GridFrameOffsetVector length differs from NumberOfFrames",
+            path=path,
+            tag=_tag("GridFrameOffsetVector"),
+            expected=f"{n} values",
+            found=offsets.size,
+        )
     normal = np.cross(iop[:3], iop[3:])
     # PS3.3 C.8.8.3.2: a first element of 0 means offsets relative to ImagePositionPatient (the first
     # frame is at IPP); otherwise they are absolute coordinates along the normal and the first equals
@@ -1191,14 +1290,22 @@ def read_rtdose(series: Series) -> Volume:
         raise VoxeldoseError(
             "GridFrameOffsetVector starts neither at 0 (relative offsets) nor at the ImagePositionPatient "
             "coordinate along the slice normal (absolute offsets): where the frames are is ambiguous",
-            path=path, tag=_tag("GridFrameOffsetVector"),
-            expected=f"first value 0 or {ipp_along_normal:g} mm", found=float(offsets[0]),
+            path=path,
+            tag=_tag("GridFrameOffsetVector"),
+            expected=f"first value 0 or {ipp_along_normal:g} mm",
+            found=float(offsets[0]),
         )
     rel = offsets - offsets[0]
     if n > 1:
         d = np.diff(rel)
         if np.any(np.abs(d - d[0]) > SLICE_SPACING_RTOL * abs(d[0]) + 1e-3) or d[0] == 0:
-            raise VoxeldoseError("RT Dose frames are not evenly spaced", path=path, tag=_tag("GridFrameOffsetVector"), expected="uniform spacing", found=list(offsets))
+            raise VoxeldoseError(
+                "RT Dose frames are not evenly spaced",
+                path=path,
+                tag=_tag("GridFrameOffsetVector"),
+                expected="uniform spacing",
+                found=list(offsets),
+            )
         step = float(d[0])
     else:
         step = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
@@ -1207,8 +1314,13 @@ def read_rtdose(series: Series) -> Volume:
     if arr.ndim == 2:
         arr = arr[None]
     scale = float(_require(ds, "DoseGridScaling", path, "Gy per stored value"))
-    return Volume(arr * scale, affine, series.frame_of_reference_uid, "Gy",
-                  {"series_instance_uid": series.series_instance_uid, "modality": "RTDOSE"})
+    return Volume(
+        arr * scale,
+        affine,
+        series.frame_of_reference_uid,
+        "Gy",
+        {"series_instance_uid": series.series_instance_uid, "modality": "RTDOSE"},
+    )
 
 
 def roi_names(series: Series) -> list[str]:

@@ -134,7 +134,9 @@ class Medium:
 MEDIUM_DATA: dict[str, Medium] = {
     "water": Medium("water", "Water, Liquid", 1.00, 75.0, "ICRU 37; NIST compound 'Water, Liquid'"),
     "soft-tissue": Medium("soft-tissue", "Tissue, Soft (ICRP)", 1.00, 72.3, "ICRU 37; NIST 'Tissue, Soft (ICRP)'"),
-    "cortical-bone": Medium("cortical-bone", "Bone, Cortical (ICRP)", 1.85, 106.4, "ICRU 37; NIST 'Bone, Cortical (ICRP)'"),
+    "cortical-bone": Medium(
+        "cortical-bone", "Bone, Cortical (ICRP)", 1.85, 106.4, "ICRU 37; NIST 'Bone, Cortical (ICRP)'"
+    ),
     "lung": Medium("lung", "Lung (ICRP)", 0.26, 75.3, "ICRU 37 composition; inflated density ICRP 23"),
 }
 
@@ -223,8 +225,21 @@ def _transport_xs_per_g(energy_MeV: np.ndarray, med: Medium) -> np.ndarray:
     pv = pc2 / (e + m)
     out = np.zeros_like(e)
     for z, w in med.composition:
-        eta = 0.25 * (FINE_STRUCTURE * z ** (1.0 / 3.0) / 0.885) ** 2 * m**2 / pc2 * (1.13 + 3.76 * (FINE_STRUCTURE * z) ** 2 / beta2)
-        sigma1 = 2.0 * math.pi * z * (z + 1.0) * (CLASSICAL_ELECTRON_RADIUS_CM * m / pv) ** 2 * (np.log1p(1.0 / eta) - 1.0 / (1.0 + eta))
+        eta = (
+            0.25
+            * (FINE_STRUCTURE * z ** (1.0 / 3.0) / 0.885) ** 2
+            * m**2
+            / pc2
+            * (1.13 + 3.76 * (FINE_STRUCTURE * z) ** 2 / beta2)
+        )
+        sigma1 = (
+            2.0
+            * math.pi
+            * z
+            * (z + 1.0)
+            * (CLASSICAL_ELECTRON_RADIUS_CM * m / pv) ** 2
+            * (np.log1p(1.0 / eta) - 1.0 / (1.0 + eta))
+        )
         out += AVOGADRO_PER_MOL * w / _atomic_weight(z) * sigma1
     return out
 
@@ -353,7 +368,9 @@ def simulate_electron_dpk(
     return hist
 
 
-def build_electron_table(medium: str, n_histories: int = ELECTRON_TABLE_HISTORIES, seed: int = ELECTRON_TABLE_SEED) -> dict[str, Any]:
+def build_electron_table(
+    medium: str, n_histories: int = ELECTRON_TABLE_HISTORIES, seed: int = ELECTRON_TABLE_SEED
+) -> dict[str, Any]:
     """Monoenergetic scaled-DPK table for :data:`ELECTRON_TABLE_ENERGIES_MEV` (see :func:`simulate_electron_dpk`)."""
     med = get_medium(medium)
     rng = np.random.default_rng(seed)
@@ -497,7 +514,14 @@ def simulate_photon_radial(
 
     def score(p: np.ndarray, w: np.ndarray) -> None:
         r = np.linalg.norm(p, axis=1)
-        k = np.where(r < PHOTON_R_MIN_G_CM2, 0, 1 + np.floor((np.log(np.maximum(r, PHOTON_R_MIN_G_CM2)) - log_lo) / (log_hi - log_lo) * (nb - 1)).astype(np.int64))
+        k = np.where(
+            r < PHOTON_R_MIN_G_CM2,
+            0,
+            1
+            + np.floor((np.log(np.maximum(r, PHOTON_R_MIN_G_CM2)) - log_lo) / (log_hi - log_lo) * (nb - 1)).astype(
+                np.int64
+            ),
+        )
         dep[:] += np.bincount(np.minimum(k, nb - 1), weights=w, minlength=nb)
 
     low = e < PHOTON_CUTOFF_MEV * 1e3
@@ -541,7 +565,9 @@ def simulate_photon_radial(
     return {"edges_g_cm2": edges, "fraction": dep / e_emitted, "escaped_fraction": escaped / e_emitted}
 
 
-def build_photon_table(nuclide: str, medium: str, n_histories: int = PHOTON_TABLE_HISTORIES, seed: int = PHOTON_TABLE_SEED) -> dict[str, Any]:
+def build_photon_table(
+    nuclide: str, medium: str, n_histories: int = PHOTON_TABLE_HISTORIES, seed: int = PHOTON_TABLE_SEED
+) -> dict[str, Any]:
     """Radial photon energy-deposition table for a nuclide's lines ≥ :data:`PHOTON_CUTOFF_MEV` in a medium."""
     nuc = _nuc.load(nuclide)
     med = get_medium(medium)
@@ -590,7 +616,9 @@ def cache_dir() -> Path:
 def _save_npz(path: Path, arrays: dict[str, Any], provenance: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()}, provenance=np.array(json.dumps(provenance)))
+    np.savez_compressed(
+        tmp, **{k: np.asarray(v) for k, v in arrays.items()}, provenance=np.array(json.dumps(provenance))
+    )
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
@@ -830,7 +858,12 @@ def voxelise(
         r_mid = np.cbrt(0.5 * (edges_mm[1:] ** 3 + edges_mm[:-1] ** 3))
         good = (de > 0) & (r_mid > 0)
         lr, lg = np.log(r_mid[good]), np.log(de[good] / vol[good])
-        kk, jj, ii = np.meshgrid(np.arange(-half[2], half[2] + 1), np.arange(-half[1], half[1] + 1), np.arange(-half[0], half[0] + 1), indexing="ij")
+        kk, jj, ii = np.meshgrid(
+            np.arange(-half[2], half[2] + 1),
+            np.arange(-half[1], half[1] + 1),
+            np.arange(-half[0], half[0] + 1),
+            indexing="ij",
+        )
         far = np.maximum(np.maximum(np.abs(ii), np.abs(jj)), np.abs(kk)) > NEAR_FIELD
         ci, cj, ck = ii[far] * dx, jj[far] * dy, kk[far] * dz
         t, w = _gauss_tent(gauss_points)
@@ -873,8 +906,15 @@ class DoseKernel:
     def id(self) -> str:
         """Stable identifier of the kernel (hash of its parameters and data versions)."""
         size = tuple(int(s) for s in self.array.shape[::-1])
-        return kernel_id(self.nuclide, self.voxel_mm, self.medium, size, self.density_g_cm3,
-                         self.provenance.get("data_versions"), self.provenance.get("n_samples", DEFAULT_SAMPLES))
+        return kernel_id(
+            self.nuclide,
+            self.voxel_mm,
+            self.medium,
+            size,
+            self.density_g_cm3,
+            self.provenance.get("data_versions"),
+            self.provenance.get("n_samples", DEFAULT_SAMPLES),
+        )
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -884,14 +924,18 @@ class DoseKernel:
 def _norm_voxel(voxel_mm: float | Sequence[float]) -> tuple[float, float, float]:
     v = (float(voxel_mm),) * 3 if np.isscalar(voxel_mm) else tuple(float(x) for x in voxel_mm)  # type: ignore[arg-type]
     if len(v) != 3 or not all(math.isfinite(x) and x > 0 for x in v):
-        raise VoxeldoseError("kernel voxel size must be one positive number or three (di, dj, dk) in mm", found=voxel_mm)
+        raise VoxeldoseError(
+            "kernel voxel size must be one positive number or three (di, dj, dk) in mm", found=voxel_mm
+        )
     return tuple(round(x, 6) for x in v)  # type: ignore[return-value]
 
 
 def _norm_size(size: int | Sequence[int]) -> tuple[int, int, int]:
     s = (int(size),) * 3 if np.isscalar(size) else tuple(int(x) for x in size)  # type: ignore[arg-type]
     if len(s) != 3 or not all(x >= 1 and x % 2 == 1 for x in s):
-        raise VoxeldoseError("kernel size must be odd (one number or (ni, nj, nk)), so that the source voxel is central", found=size)
+        raise VoxeldoseError(
+            "kernel size must be odd (one number or (ni, nj, nk)), so that the source voxel is central", found=size
+        )
     return s  # type: ignore[return-value]
 
 
@@ -973,8 +1017,12 @@ def build_kernel(
         "photon_escaped_beyond_tally_fraction": esc_tally,
         "electron_self_voxel_fraction": self_el,
         "photon_self_voxel_fraction": self_ph,
-        "electron_self_voxel_rel_uncertainty": math.sqrt(max(self_el * (1 - self_el), 0.0) / n_samples) / self_el if self_el > 0 else float("nan"),
-        "photon_self_voxel_rel_uncertainty": math.sqrt(max(self_ph * (1 - self_ph), 0.0) / n_samples) / self_ph if self_ph > 0 else float("nan"),
+        "electron_self_voxel_rel_uncertainty": math.sqrt(max(self_el * (1 - self_el), 0.0) / n_samples) / self_el
+        if self_el > 0
+        else float("nan"),
+        "photon_self_voxel_rel_uncertainty": math.sqrt(max(self_ph * (1 - self_ph), 0.0) / n_samples) / self_ph
+        if self_ph > 0
+        else float("nan"),
         "electron_escape_from_source_voxel_fraction": 1.0 - self_el,
         "electron_mean_deposition_radius_mm": mean_r_el,
         "electron_max_csda_range_mm": float(re[-1] * to_mm) if e_el > 0 else 0.0,
@@ -1016,10 +1064,21 @@ def save_kernel(kernel: DoseKernel, folder: Path) -> Path:
     """Write ``kernel`` as compressed .npz (+ provenance .json) into ``folder``; returns the .npz path."""
     shape = kernel.array.shape[::-1]
     p = Path(folder) / _kernel_filename(kernel.id, kernel.nuclide, kernel.medium, kernel.voxel_mm, shape)
-    prov = {**kernel.provenance, "energy_balance": kernel.energy_balance, "storage": "octant [k>=0, j>=0, i>=0], float32; mirrored on load"}
+    prov = {
+        **kernel.provenance,
+        "energy_balance": kernel.energy_balance,
+        "storage": "octant [k>=0, j>=0, i>=0], float32; mirrored on load",
+    }
     c = tuple(n // 2 for n in kernel.array.shape)
     octant = (slice(c[0], None), slice(c[1], None), slice(c[2], None))
-    _save_npz(p, {"electron_octant": kernel.electron[octant].astype(np.float32), "photon_octant": kernel.photon[octant].astype(np.float32)}, prov)
+    _save_npz(
+        p,
+        {
+            "electron_octant": kernel.electron[octant].astype(np.float32),
+            "photon_octant": kernel.photon[octant].astype(np.float32),
+        },
+        prov,
+    )
     return p
 
 
@@ -1036,7 +1095,17 @@ def load_kernel(path: Path) -> DoseKernel:
     arrays, prov = _load_npz(Path(path))
     bal = prov.pop("energy_balance", {})
     el, ph = _unfold(arrays["electron_octant"]), _unfold(arrays["photon_octant"])
-    return DoseKernel(el + ph, el, ph, prov["nuclide"], tuple(prov["voxel_mm"]), prov["medium"], float(prov["density_g_cm3"]), bal, prov)
+    return DoseKernel(
+        el + ph,
+        el,
+        ph,
+        prov["nuclide"],
+        tuple(prov["voxel_mm"]),
+        prov["medium"],
+        float(prov["density_g_cm3"]),
+        bal,
+        prov,
+    )
 
 
 def get_kernel(
@@ -1068,7 +1137,7 @@ def get_kernel(
             if p.exists():
                 try:
                     return load_kernel(p)
-                except Exception:  # a corrupt cache entry is rebuilt
+                except Exception:  # noqa: BLE001 - a corrupt cache entry (any reader error) is rebuilt
                     pass
     k = build_kernel(canon, vox, med.name, shape, density_g_cm3=rho, n_samples=n_samples)
     if use_cache:
@@ -1119,7 +1188,9 @@ def kernel_command(
             p = p.with_suffix(".npy")
         p.parent.mkdir(parents=True, exist_ok=True)
         np.save(p, k.array)
-        p.with_suffix(".json").write_text(json.dumps({**k.provenance, "energy_balance": k.energy_balance}, indent=2, sort_keys=True) + "\n")
+        p.with_suffix(".json").write_text(
+            json.dumps({**k.provenance, "energy_balance": k.energy_balance}, indent=2, sort_keys=True) + "\n"
+        )
         text += f"\n  written: {p}"
     return text
 

@@ -229,18 +229,27 @@ def dvh(dose: Any, weights: Any, *, voxel_ml: float, bin_gy: float | None = None
         d, w = np.broadcast_arrays(d, w)
     except ValueError:
         raise VoxeldoseError(
-            "the dose map and the VOI occupancy are on different grids", tag="VOI fraction",
-            expected=f"shape {d.shape}", found=w.shape,
+            "the dose map and the VOI occupancy are on different grids",
+            tag="VOI fraction",
+            expected=f"shape {d.shape}",
+            found=w.shape,
         ) from None
     if voxel_ml <= 0 or not math.isfinite(voxel_ml):
         raise VoxeldoseError("the voxel volume must be a positive number of ml", tag="voxel_ml", found=voxel_ml)
     if np.any(w < 0) or np.any(w > 1 + 1e-6) or not np.all(np.isfinite(w)):
-        raise VoxeldoseError("VOI occupancy must lie in [0, 1]", tag="VOI fraction",
-                             expected="values in [0, 1]", found=(float(np.nanmin(w)), float(np.nanmax(w))))
+        raise VoxeldoseError(
+            "VOI occupancy must lie in [0, 1]",
+            tag="VOI fraction",
+            expected="values in [0, 1]",
+            found=(float(np.nanmin(w)), float(np.nanmax(w))),
+        )
     sel = w > 0
     if not np.any(sel):
-        raise VoxeldoseError("the VOI is empty on the dose grid (no voxel has a non-zero occupancy)",
-                             tag="VOI fraction", expected="a VOI overlapping the dose map")
+        raise VoxeldoseError(
+            "the VOI is empty on the dose grid (no voxel has a non-zero occupancy)",
+            tag="VOI fraction",
+            expected="a VOI overlapping the dose map",
+        )
     dv, wv = d[sel], w[sel]
     if not np.all(np.isfinite(dv)):
         raise VoxeldoseError("the dose map has non-finite values inside the VOI", tag="dose", expected="finite Gy")
@@ -255,8 +264,12 @@ def dvh(dose: Any, weights: Any, *, voxel_ml: float, bin_gy: float | None = None
         raise VoxeldoseError("the DVH bin width must be a positive number of Gy", tag="bin_gy", found=bin_gy)
     n_bins = math.floor(max_gy / bin_gy) + 2  # last edge strictly above max → volume 0 there
     if n_bins > 1_000_000:
-        raise VoxeldoseError("the DVH bin width is too small for this dose range", tag="bin_gy",
-                             expected=f"≥ {max_gy / 1e6:.3g} Gy", found=bin_gy)
+        raise VoxeldoseError(
+            "the DVH bin width is too small for this dose range",
+            tag="bin_gy",
+            expected=f"≥ {max_gy / 1e6:.3g} Gy",
+            found=bin_gy,
+        )
     edges = np.arange(n_bins, dtype=np.float64) * bin_gy
     # fraction with dose >= edge: cumulative weights of the ascending doses from the top
     d_asc, w_asc = d_desc[::-1], w_desc[::-1]
@@ -291,8 +304,11 @@ def voi_metrics(
     ``dvh`` and ``notes``.
     """
     if not (injected_activity_bq > 0 and math.isfinite(injected_activity_bq)):
-        raise VoxeldoseError("the injected activity must be a positive number of Bq",
-                             tag="RadionuclideTotalDose (0018,1074)", found=injected_activity_bq)
+        raise VoxeldoseError(
+            "the injected activity must be a positive number of Bq",
+            tag="RadionuclideTotalDose (0018,1074)",
+            found=injected_activity_bq,
+        )
     h = dvh(dose, voi_fraction, voxel_ml=voxel_ml, bin_gy=bin_gy)
     d = _host(dose)
     w = np.broadcast_to(_host(voi_fraction), d.shape)
@@ -304,13 +320,16 @@ def voi_metrics(
         mass_g = None
         mean_gy = float(np.sum(wv * dv) / np.sum(wv))
         weighting = "volume"
-        notes.append("no density map: mass not computed; mean dose is volume-weighted "
-                     "(equal to the mass-weighted mean for a uniform density)")
+        notes.append(
+            "no density map: mass not computed; mean dose is volume-weighted "
+            "(equal to the mass-weighted mean for a uniform density)"
+        )
     else:
         rho = np.broadcast_to(_host(density_g_per_ml), d.shape)[sel]
         if np.any(~np.isfinite(rho)) or np.any(rho <= 0):
-            raise VoxeldoseError("the density map must be positive inside the VOI", tag="density_g_per_ml",
-                                 expected="g/ml > 0")
+            raise VoxeldoseError(
+                "the density map must be positive inside the VOI", tag="density_g_per_ml", expected="g/ml > 0"
+            )
         m = wv * rho * voxel_ml
         mass_g = float(m.sum())
         mean_gy = float(np.sum(m * dv) / mass_g)
@@ -370,7 +389,8 @@ class Radiobiology:
 #: :mod:`voxeldose.cycles` are built from it.
 RADIOBIOLOGY_DEFAULTS: dict[str, Radiobiology] = {
     "kidney": Radiobiology(
-        2.6, 2.8 * HOUR_S,
+        2.6,
+        2.8 * HOUR_S,
         "kidney α/β 2.6 Gy, T_rep 2.8 h as used for PRRT kidney BED by Barone et al. 2005 "
         "(J Nucl Med 46 Suppl 1:99S) and Bodei et al. 2008 (Eur J Nucl Med Mol Imaging 35:1847)",
     ),
@@ -378,8 +398,9 @@ RADIOBIOLOGY_DEFAULTS: dict[str, Radiobiology] = {
 }
 
 
-def radiobiology_for(role: str, *, alpha_beta_gy: float | None = None,
-                     repair_half_time_s: float | None = None) -> Radiobiology:
+def radiobiology_for(
+    role: str, *, alpha_beta_gy: float | None = None, repair_half_time_s: float | None = None
+) -> Radiobiology:
     """The default parameters for ``role`` ('kidney', 'tumour'; 'kidneys'/'tumor' accepted), with
     optional per-VOI overrides.  An unknown role needs both values given."""
     key = role.strip().lower().rstrip("s")
@@ -387,7 +408,8 @@ def radiobiology_for(role: str, *, alpha_beta_gy: float | None = None,
     base = RADIOBIOLOGY_DEFAULTS.get(key)
     if base is None and (alpha_beta_gy is None or repair_half_time_s is None):
         raise VoxeldoseError(
-            f"no default radiobiological parameters for VOI role {role!r}", tag="role",
+            f"no default radiobiological parameters for VOI role {role!r}",
+            tag="role",
             expected=f"one of {sorted(RADIOBIOLOGY_DEFAULTS)} or both alpha_beta_gy and repair_half_time_s",
         )
     ab = alpha_beta_gy if alpha_beta_gy is not None else base.alpha_beta_gy  # type: ignore[union-attr]
@@ -395,8 +417,9 @@ def radiobiology_for(role: str, *, alpha_beta_gy: float | None = None,
     if not ab > 0:
         raise VoxeldoseError("α/β must be positive", tag="alpha_beta_gy", found=ab)
     if not (tr > 0 and math.isfinite(tr)):
-        raise VoxeldoseError("the repair half-time must be a positive number of seconds",
-                             tag="repair_half_time_s", found=tr)
+        raise VoxeldoseError(
+            "the repair half-time must be a positive number of seconds", tag="repair_half_time_s", found=tr
+        )
     src = base.source if base is not None and alpha_beta_gy is None and repair_half_time_s is None else "user-supplied"
     return Radiobiology(float(ab), float(tr), src)
 
@@ -405,23 +428,32 @@ def _check_exponentials(exponentials: Sequence[tuple[float, float]]) -> tuple[np
     try:
         arr = np.asarray([(float(c), float(k)) for c, k in exponentials], dtype=np.float64)
     except (TypeError, ValueError):
-        raise VoxeldoseError("a time–activity curve must be a list of (coefficient, rate_per_s) pairs",
-                             tag="exponentials", found=exponentials) from None
+        raise VoxeldoseError(
+            "a time–activity curve must be a list of (coefficient, rate_per_s) pairs",
+            tag="exponentials",
+            found=exponentials,
+        ) from None
     if arr.size == 0:
         raise VoxeldoseError("the time–activity curve has no exponential term", tag="exponentials")
     c, k = arr[:, 0], arr[:, 1]
     if not np.all(np.isfinite(arr)):
-        raise VoxeldoseError("the time–activity curve has non-finite parameters", tag="exponentials", found=exponentials)
+        raise VoxeldoseError(
+            "the time–activity curve has non-finite parameters", tag="exponentials", found=exponentials
+        )
     if np.any(k <= 0):
         raise VoxeldoseError(
             "every exponential of the time–activity curve must decay (rate > 0): otherwise the dose is infinite",
-            tag="exponentials", expected="effective rates k_i > 0 s⁻¹", found=exponentials,
+            tag="exponentials",
+            expected="effective rates k_i > 0 s⁻¹",
+            found=exponentials,
         )
     scale = float(np.abs(c).sum())
     if c.sum() < -1e-9 * scale or c[np.argmin(k)] <= 0 or (c / k).sum() <= 0:
         raise VoxeldoseError(
             "the time–activity curve is negative at some time (a negative activity has no dose rate)",
-            tag="exponentials", expected="A(0) ≥ 0 and a positive slowest term", found=exponentials,
+            tag="exponentials",
+            expected="A(0) ≥ 0 and a positive slowest term",
+            found=exponentials,
         )
     return c, k
 
@@ -434,16 +466,20 @@ def lea_catcheside_g(exponentials: Sequence[tuple[float, float]], repair_half_ti
     0 < G ≤ 1; G → 1 for an instantaneous dose, G → 0 for a slow one."""
     c, k = _check_exponentials(exponentials)
     if not (repair_half_time_s > 0 and math.isfinite(repair_half_time_s)):
-        raise VoxeldoseError("the repair half-time must be a positive number of seconds",
-                             tag="repair_half_time_s", found=repair_half_time_s)
+        raise VoxeldoseError(
+            "the repair half-time must be a positive number of seconds",
+            tag="repair_half_time_s",
+            found=repair_half_time_s,
+        )
     mu = math.log(2.0) / repair_half_time_s
     total = float(np.sum(c / k))
     num = float(np.sum(np.outer(c, c) / ((k[:, None] + k[None, :]) * (k[:, None] + mu))))
     return 2.0 * num / total**2
 
 
-def with_physical_decay(exponentials: Sequence[tuple[float, float]], decay_constant_per_s: float
-                        ) -> list[tuple[float, float]]:
+def with_physical_decay(
+    exponentials: Sequence[tuple[float, float]], decay_constant_per_s: float
+) -> list[tuple[float, float]]:
     """Biological rates → effective rates: ``k_eff = k_bio + λ_phys`` (for a decay-corrected fit)."""
     return [(float(c), float(k) + decay_constant_per_s) for c, k in exponentials]
 
@@ -469,8 +505,9 @@ def eqd2(bed_gy: Any, alpha_beta_gy: float) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
-def bed_from_exponentials(dose_gy: Any, exponentials: Sequence[tuple[float, float]], *,
-                          params: Radiobiology) -> dict[str, Any]:
+def bed_from_exponentials(
+    dose_gy: Any, exponentials: Sequence[tuple[float, float]], *, params: Radiobiology
+) -> dict[str, Any]:
     """BED and EQD2 of a VOI dose delivered with the kinetics ``exponentials`` (one cycle)."""
     g = lea_catcheside_g(exponentials, params.repair_half_time_s)
     b = bed(dose_gy, g, params.alpha_beta_gy)
@@ -504,11 +541,16 @@ def marrow_image_based(mean_dose_l2l4_gy: float, *, recovery_coefficient: float 
     be left out of the VOI.  ``RC = 1`` means no correction.
     """
     if not (recovery_coefficient > 0 and math.isfinite(recovery_coefficient)):
-        raise VoxeldoseError("the recovery coefficient must be a positive number", tag="recovery_coefficient",
-                             expected="0 < RC ≤ 1 (typically)", found=recovery_coefficient)
+        raise VoxeldoseError(
+            "the recovery coefficient must be a positive number",
+            tag="recovery_coefficient",
+            expected="0 < RC ≤ 1 (typically)",
+            found=recovery_coefficient,
+        )
     if not (mean_dose_l2l4_gy >= 0 and math.isfinite(mean_dose_l2l4_gy)):
-        raise VoxeldoseError("the L2–L4 mean absorbed dose must be a number ≥ 0 Gy", tag="mean_dose_l2l4_gy",
-                             found=mean_dose_l2l4_gy)
+        raise VoxeldoseError(
+            "the L2–L4 mean absorbed dose must be a number ≥ 0 Gy", tag="mean_dose_l2l4_gy", found=mean_dose_l2l4_gy
+        )
     notes = ["L2–L4 vertebral-body dose taken to stand for the whole red marrow"]
     if recovery_coefficient == 1.0:
         notes.append("no partial-volume (recovery) correction applied")
@@ -548,11 +590,15 @@ def _fit_exponentials(t: np.ndarray, c: np.ndarray, n_terms: int) -> list[tuple[
 
         def f(tt: np.ndarray, a1: float, k1: float, a2: float, k2: float) -> np.ndarray:  # type: ignore[misc]
             return a1 * np.exp(-k1 * tt) + a2 * np.exp(-k2 * tt)
+
     try:
         popt, _ = curve_fit(f, t, c, p0=p0, sigma=c, maxfev=20000, bounds=(0.0, np.inf))
     except (RuntimeError, ValueError) as exc:
-        raise VoxeldoseError(f"the blood time–activity fit did not converge ({exc})", tag="blood_samples",
-                             expected=f"{n_terms}-exponential clearance") from None
+        raise VoxeldoseError(
+            f"the blood time–activity fit did not converge ({exc})",
+            tag="blood_samples",
+            expected=f"{n_terms}-exponential clearance",
+        ) from None
     pairs = [(float(popt[2 * i]), float(popt[2 * i + 1])) for i in range(n_terms)]
     return [(a, k) for a, k in pairs if a > 0 and k > 0]
 
@@ -574,19 +620,26 @@ def blood_time_integrated_concentration(
     A small self-contained helper (voxeldose.timeactivity handles image-based curves).
     """
     if len(samples) < 2:
-        raise VoxeldoseError("blood-based marrow dosimetry needs at least two blood samples",
-                             tag="blood_samples", found=len(samples))
+        raise VoxeldoseError(
+            "blood-based marrow dosimetry needs at least two blood samples", tag="blood_samples", found=len(samples)
+        )
     arr = np.asarray(sorted((float(t), float(c)) for t, c in samples), dtype=np.float64)
     t, c = arr[:, 0], arr[:, 1]
     if np.any(t < 0) or np.any(np.diff(t) <= 0) or np.any(c <= 0) or not np.all(np.isfinite(arr)):
-        raise VoxeldoseError("blood samples must have distinct times ≥ 0 s and concentrations > 0 Bq/ml",
-                             tag="blood_samples", found=samples)
+        raise VoxeldoseError(
+            "blood samples must have distinct times ≥ 0 s and concentrations > 0 Bq/ml",
+            tag="blood_samples",
+            found=samples,
+        )
     lam = float(decay_constant_per_s)
     if model == "mono" or model == "bi":
         n_terms = 1 if model == "mono" else 2
         if len(t) < 2 * n_terms:
-            raise VoxeldoseError(f"a {model}-exponential blood fit needs at least {2 * n_terms} samples",
-                                 tag="blood_samples", found=len(t))
+            raise VoxeldoseError(
+                f"a {model}-exponential blood fit needs at least {2 * n_terms} samples",
+                tag="blood_samples",
+                found=len(t),
+            )
         if n_terms == 1 and len(t) == 2:
             k = -math.log(c[1] / c[0]) / (t[1] - t[0])
             terms = [(c[0] * math.exp(k * t[0]), k)]
@@ -595,7 +648,8 @@ def blood_time_integrated_concentration(
         if not terms or any(k < lam * (1 - 1e-6) for _, k in terms):
             raise VoxeldoseError(
                 "the fitted blood clearance is slower than physical decay (or rising): check the samples",
-                tag="blood_samples", expected=f"effective rates ≥ λ_phys = {lam:.3g} s⁻¹",
+                tag="blood_samples",
+                expected=f"effective rates ≥ λ_phys = {lam:.3g} s⁻¹",
                 found=terms,
             )
         tia = float(sum(a / k for a, k in terms))
@@ -607,10 +661,16 @@ def blood_time_integrated_concentration(
         k_end = -math.log(c[-1] / c[-2]) / (t[-1] - t[-2])
         k_end = max(k_end, lam)
         tail = c[-1] / k_end
-        return {"tia_bq_s_per_ml": head + area + tail, "model": model,
-                "head_bq_s_per_ml": head, "tail_bq_s_per_ml": tail, "tail_rate_per_s": k_end}
-    raise VoxeldoseError("unknown blood time–activity model", tag="model",
-                         expected="'mono', 'bi' or 'trapezoid'", found=model)
+        return {
+            "tia_bq_s_per_ml": head + area + tail,
+            "model": model,
+            "head_bq_s_per_ml": head,
+            "tail_bq_s_per_ml": tail,
+            "tail_rate_per_s": k_end,
+        }
+    raise VoxeldoseError(
+        "unknown blood time–activity model", tag="model", expected="'mono', 'bi' or 'trapezoid'", found=model
+    )
 
 
 def marrow_blood_based(
@@ -669,8 +729,10 @@ def marrow_blood_based(
     self_gy = tia_rm * e_mev * J_PER_MEV * electron_absorbed_fraction / (m_rm * 1e-3)
     notes = []
     if cross_dose_gy == 0.0:
-        notes.append("cross-dose from the remainder of the body, organs and tumours not included "
-                     "(give cross_dose_gy): the result is the marrow self-dose only")
+        notes.append(
+            "cross-dose from the remainder of the body, organs and tumours not included "
+            "(give cross_dose_gy): the result is the marrow self-dose only"
+        )
     if electron_absorbed_fraction == 1.0:
         notes.append("electron absorbed fraction in marrow taken as 1 (approximation)")
     return {

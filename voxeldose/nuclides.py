@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from .errors import VoxeldoseError
@@ -62,7 +62,7 @@ def canonical_name(name: str) -> str:
     return f"{letters.capitalize()}-{digits}{meta}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name: str) -> Nuclide:
     """Load a nuclide's ICRP-107 record (any spelling :func:`canonical_name` accepts)."""
     canon = canonical_name(name)
@@ -76,9 +76,7 @@ def load(name: str) -> Nuclide:
     if isinstance(data, str):  # the package stores each record as a JSON-encoded string
         data = json.loads(data)
     unit = data["time_unit"]
-    emissions = {
-        kind: tuple((float(e), float(y)) for e, y in pairs) for kind, pairs in data["emissions"].items()
-    }
+    emissions = {kind: tuple((float(e), float(y)) for e, y in pairs) for kind, pairs in data["emissions"].items()}
     return Nuclide(canon, float(data["half_life"]) * _TIME_UNIT_S[unit], emissions)
 
 

@@ -109,9 +109,16 @@ def write_all(result: Any, out_dir: Path) -> dict[str, Path]:
     try:
         # 16-bit dose values: a resolution of max/65535 (≈ 1e-5 of the maximum) is far below any
         # clinical significance, and every DICOM consumer (and dciodvfy) reads 16-bit RT Dose.
-        write_rtdose(tmp, dose, ctx=ctx, series=series, referenced_rtstruct=rtstruct, bits_allocated=16,
-                     comment=f"voxeldose {result.summary['provenance']['software']['voxeldose']}; "
-                             f"kernel {result.summary['methods'].get('kernel_id')}")
+        write_rtdose(
+            tmp,
+            dose,
+            ctx=ctx,
+            series=series,
+            referenced_rtstruct=rtstruct,
+            bits_allocated=16,
+            comment=f"voxeldose {result.summary['provenance']['software']['voxeldose']}; "
+            f"kernel {result.summary['methods'].get('kernel_id')}",
+        )
         os.replace(tmp, rt_path)
     except (OSError, ValueError) as exc:
         tmp.unlink(missing_ok=True)
@@ -129,7 +136,9 @@ def write_all(result: Any, out_dir: Path) -> dict[str, Path]:
 
         ct_on_dose = resample(result.ct, result.dose.grid, order=1, fill=-1000.0)
     tmp_report = out_dir / ".report.html.tmp"
-    render_report(json.loads(summary_json(result.summary)), dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report)
+    render_report(
+        json.loads(summary_json(result.summary)), dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report
+    )
     os.replace(tmp_report, paths["report"])
     return paths
 

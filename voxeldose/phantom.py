@@ -178,7 +178,12 @@ class PhantomSettings:
     def ideal(cls, base: PhantomSettings | None = None, **overrides: Any) -> PhantomSettings:
         """``base`` (default: the default phantom) with a perfect camera: no blur, no noise, no
         repositioning — the images are the truth sampled on the SPECT grid.  For validating the pipeline."""
-        changes: dict[str, Any] = {"fwhm_mm": 0.0, "poisson_noise": False, "repositioning_mm": 0.0, "repositioning_deg": 0.0}
+        changes: dict[str, Any] = {
+            "fwhm_mm": 0.0,
+            "poisson_noise": False,
+            "repositioning_mm": 0.0,
+            "repositioning_deg": 0.0,
+        }
         changes.update(overrides)
         return dataclasses.replace(base or cls(), **changes)
 
@@ -214,6 +219,7 @@ VOI_NAMES: dict[int, str] = {
     14: "Tumor_5",
 }
 _LABEL = {name: lab for lab, name in VOI_NAMES.items()}
+
 
 def _hu_for_density(rho: float) -> float:
     """The CT number (integer HU) that the pipeline's HU → density calibration maps to ``rho`` g/cm³.
@@ -352,8 +358,14 @@ def _paint(grid: Grid, transform: np.ndarray | None, scale: float) -> tuple[np.n
         c = np.asarray(sh.center, dtype=float)
         a = np.asarray(sh.semi_axes, dtype=float)
         # bounding box in grid indices (transform the 8 corners of the shape's box)
-        corners = np.array([[c[0] + sx * a[0], c[1] + sy * a[1], c[2] + sz * a[2], 1.0]
-                            for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+        corners = np.array(
+            [
+                [c[0] + sx * a[0], c[1] + sy * a[1], c[2] + sz * a[2], 1.0]
+                for sx in (-1, 1)
+                for sy in (-1, 1)
+                for sz in (-1, 1)
+            ]
+        )
         idx = corners @ minv.T
         lo = np.floor(idx[:, :3].min(axis=0)).astype(int) - 1
         hi = np.ceil(idx[:, :3].max(axis=0)).astype(int) + 2
@@ -786,9 +798,7 @@ def simulate(settings: PhantomSettings | None = None) -> PhantomData:
     for n, (h, tr) in enumerate(zip(st.hours, transforms)):
         t_s = h * 3600.0
         acts = {name: float(k.activity_bq(t_s, a_inj, scale)) for name, k in kin.items()}
-        act_img, _ = voxel_sums(
-            grid, acts, settings=st, supersample=st.imaging_supersample, transform=tr
-        )
+        act_img, _ = voxel_sums(grid, acts, settings=st, supersample=st.imaging_supersample, transform=tr)
         assert act_img is not None
         if st.fwhm_mm > 0:
             blurred = gaussian_filter(act_img, sigma=sigma_vox, mode="constant", cval=0.0, truncate=4.0)
@@ -1095,9 +1105,15 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             "affine": g.affine.tolist(),
             "frame_of_reference_uid": for_uids[0],
         },
-        "reference_ct_grid": {"shape_kji": list(cg0.shape), "affine": cg0.affine.tolist(), "frame_of_reference_uid": for_uids[0]},
+        "reference_ct_grid": {
+            "shape_kji": list(cg0.shape),
+            "affine": cg0.affine.tolist(),
+            "frame_of_reference_uid": for_uids[0],
+        },
         "labels": {str(k): v for k, v in VOI_NAMES.items()},
-        "tissues": {str(k): {"name": v[0], "hu": v[1], "density_g_per_ml": v[2], "source": v[3]} for k, v in TISSUES.items()},
+        "tissues": {
+            str(k): {"name": v[0], "hu": v[1], "density_g_per_ml": v[2], "source": v[3]} for k, v in TISSUES.items()
+        },
         "electron_energy_per_decay_j": data.electron_energy_j,
         "electron_energy_per_decay_kev": data.electron_energy_j / (J_PER_MEV * 1e-3),
         "dose_method": (

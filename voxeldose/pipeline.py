@@ -15,11 +15,12 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -101,8 +102,10 @@ def _choose_reference(cycle: Cycle, spec: JobSpec) -> int:
     if spec.reference_timepoint is not None:
         if spec.reference_timepoint >= len(cycle.timepoints):
             raise VoxeldoseError(
-                f"reference time point {spec.reference_timepoint} does not exist", tag="reference_timepoint",
-                expected=f"0 … {len(cycle.timepoints) - 1}", found=spec.reference_timepoint,
+                f"reference time point {spec.reference_timepoint} does not exist",
+                tag="reference_timepoint",
+                expected=f"0 … {len(cycle.timepoints) - 1}",
+                found=spec.reference_timepoint,
             )
         return spec.reference_timepoint
     fors = {s.frame_of_reference_uid for s in cycle.vois}
@@ -134,7 +137,9 @@ def input_fingerprint(cycle: Cycle) -> dict[str, Any]:
     for tp in cycle.timepoints:
         for s in (tp.spect, tp.ct):
             if s is not None:
-                series.append({"kind": s.kind, "series_instance_uid": s.series_instance_uid, "instances": len(s.instances)})
+                series.append(
+                    {"kind": s.kind, "series_instance_uid": s.series_instance_uid, "instances": len(s.instances)}
+                )
                 uids += [i.sop_instance_uid for i in s.instances]
     for s in cycle.vois:
         series.append({"kind": s.kind, "series_instance_uid": s.series_instance_uid, "instances": len(s.instances)})
@@ -176,7 +181,8 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     if spec.dose.method == "dvk-density" and ref_tp.ct is None:
         raise VoxeldoseError(
             "the density-corrected dose needs the reference time point's CT, and it has none",
-            path=ref_tp.spect.instances[0].path, tag="dose.method",
+            path=ref_tp.spect.instances[0].path,
+            tag="dose.method",
             expected="a CT with the reference SPECT's FrameOfReferenceUID, or dose.method 'dvk'",
         )
     timings["ingest"] = time.perf_counter() - t
@@ -218,14 +224,20 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
             continue
         if spec.registration == "none":
             aligned.append(resample(c, ref_grid, order=1, fill=0.0))
-            registrations.append({"quality": "not registered", "message": "registration switched off by the job: scanner coordinates taken as aligned"})
+            registrations.append(
+                {
+                    "quality": "not registered",
+                    "message": "registration switched off by the job: scanner coordinates taken as aligned",
+                }
+            )
             warnings.append(f"time point {tp.hours_after_injection:.1f} h not registered (registration: none)")
             continue
         if cts[n] is None or ref_ct is None:
             raise VoxeldoseError(
                 f"time point {tp.hours_after_injection:.1f} h cannot be registered: "
                 + ("it has no CT" if cts[n] is None else "the reference time point has no CT"),
-                path=tp.spect.instances[0].path, tag="CT series with the SPECT's FrameOfReferenceUID",
+                path=tp.spect.instances[0].path,
+                tag="CT series with the SPECT's FrameOfReferenceUID",
                 expected="a CT per time point (or registration: none in the job)",
             )
         reg = register.register_rigid(ref_ct, cts[n])
@@ -242,14 +254,21 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     vois = load_vois(voi_series, ref_grid, default_slab_mm=_slice_thickness(ref_ct))
     for name in roi_names(voi_series):
         if name not in vois:
-            warnings.append(f"VOI {name!r} has no contours in {voi_series.kind.upper()} {voi_series.description!r}: not evaluated")
+            warnings.append(
+                f"VOI {name!r} has no contours in {voi_series.kind.upper()} {voi_series.description!r}: not evaluated"
+            )
     for name in [n for n, v in vois.items() if float(v.fraction.sum()) == 0.0]:
-        warnings.append(f"VOI {name!r} has no voxel on the dose grid (empty, or outside the SPECT field of view): not evaluated")
+        warnings.append(
+            f"VOI {name!r} has no voxel on the dose grid (empty, or outside the SPECT field of view): not evaluated"
+        )
         del vois[name]
     if not vois:
-        raise VoxeldoseError("the VOI series holds no ROI with contours or segments on the SPECT grid",
-                             path=voi_series.instances[0].path, tag="ROIContourSequence / SegmentSequence",
-                             expected="at least one contoured ROI or non-empty segment")
+        raise VoxeldoseError(
+            "the VOI series holds no ROI with contours or segments on the SPECT grid",
+            path=voi_series.instances[0].path,
+            tag="ROIContourSequence / SegmentSequence",
+            expected="at least one contoured ROI or non-empty segment",
+        )
     timings["vois"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- time-activity
@@ -268,13 +287,15 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         raise VoxeldoseError(
             f"the {spec.fit.model!r} time-activity model needs several time points; only one "
             f"({cycle.timepoints[0].hours_after_injection:.1f} h) was given",
-            tag="fit.model", expected="a single-time-point method: fit.model 'stp' (Hänscheid 2018 or Madsen 2018)",
+            tag="fit.model",
+            expected="a single-time-point method: fit.model 'stp' (Hänscheid 2018 or Madsen 2018)",
         )
     if spec.fit.model == "stp" or n_t == 1:
         if n_t != 1 and spec.fit.model == "stp":
             raise VoxeldoseError(
                 f"a single-time-point method was requested but {n_t} time points were given",
-                tag="fit.model", expected="one time point, or a multi-point model (auto, monoexp, biexp, trapezoid)",
+                tag="fit.model",
+                expected="one time point, or a multi-point model (auto, monoexp, biexp, trapezoid)",
             )
         tia_arr, fit_note = _stp_tia(stack[0], times_s[0], spec, timeactivity)
         method_note = fit_note
@@ -312,7 +333,9 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         if outside.any():
             for name, voi in vois.items():
                 if float(voi.fraction[outside].sum()) > 0:
-                    warnings.append(f"VOI {name!r} extends beyond the CT field of view: density {fill} g/ml assumed there")
+                    warnings.append(
+                        f"VOI {name!r} extends beyond the CT field of view: density {fill} g/ml assumed there"
+                    )
             density = density.with_array(np.where(outside, fill, density.array))
     dose = absorbed_dose(
         tia,
@@ -337,9 +360,13 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         # Mean absorbed dose = energy / mass.  With dvk-density the dose map is already per the voxel's
         # own mass, so the mean is mass-weighted; with dvk (and led without a density map) every voxel's
         # dose assumes the kernel medium, so the mean is volume-weighted (as in the RT Dose DVH).
-        m = metrics.voi_metrics(dose_arr, voi.fraction, voxel_ml=voxel_ml,
-                                density_g_per_ml=rho if spec.dose.method == "dvk-density" else None,
-                                injected_activity_bq=a_inj)
+        m = metrics.voi_metrics(
+            dose_arr,
+            voi.fraction,
+            voxel_ml=voxel_ml,
+            density_g_per_ml=rho if spec.dose.method == "dvk-density" else None,
+            injected_activity_bq=a_inj,
+        )
         if rho is not None:
             m["mass_g"] = float((voi.fraction * rho).sum(dtype=np.float64) * voxel_ml)
             m["notes"] = [n for n in m.get("notes", []) if not n.startswith("no density map")]
@@ -351,8 +378,10 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
             phys = float(voi.fraction[w & (voxel_flags == 1)].sum() / max(voi.fraction[w].sum(), 1e-12))
             entry["voxel_tia_physical_decay_tail_fraction"] = phys
             if phys > 0.5 and role in ("kidney", "tumour", "marrow"):
-                warnings.append(f"VOI {name!r}: {100 * phys:.0f} % of its voxels have no measurable washout after the "
-                                "last scan; their tail assumes physical decay only (an upper bound)")
+                warnings.append(
+                    f"VOI {name!r}: {100 * phys:.0f} % of its voxels have no measurable washout after the "
+                    "last scan; their tail assumes physical decay only (an upper bound)"
+                )
         fr = fits.get(name)
         rb = radiobiology_for(name, role, spec)
         if fr is not None and not isinstance(fr, dict):
@@ -367,9 +396,16 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
             else:
                 g = metrics.lea_catcheside_g(exps, rb.repair_half_time_h * 3600.0)
                 b = metrics.bed(entry["mean_gy"], g, rb.alpha_beta_gy)
-                entry.update({"bed_gy": b, "eqd2_gy": metrics.eqd2(b, rb.alpha_beta_gy), "g_factor": g,
-                              "alpha_beta_gy": rb.alpha_beta_gy, "repair_half_time_h": rb.repair_half_time_h,
-                              "bed_kinetics": bed_model})
+                entry.update(
+                    {
+                        "bed_gy": b,
+                        "eqd2_gy": metrics.eqd2(b, rb.alpha_beta_gy),
+                        "g_factor": g,
+                        "alpha_beta_gy": rb.alpha_beta_gy,
+                        "repair_half_time_h": rb.repair_half_time_h,
+                        "bed_kinetics": bed_model,
+                    }
+                )
         entry["tia_voxel_sum_bqs"] = float((voi.fraction * tia_arr).sum(dtype=np.float64))
         voi_out[name] = entry
     marrow = _marrow(voi_out, spec, lam, metrics)
@@ -404,9 +440,16 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
             for tp, q, r in zip(cycle.timepoints, quants, registrations)
         ],
         "methods": {
-            "quantification": "; ".join(sorted({
-                f"counts → Bq/ml with {q.calibration_cps_per_mbq} cps/MBq (MIRD 26), decay during acquisition corrected"
-                if q.pixel_mode == "counts" else f"{q.pixel_mode}: {q.decay_correction}" for q in quants})),
+            "quantification": "; ".join(
+                sorted(
+                    {
+                        f"counts → Bq/ml with {q.calibration_cps_per_mbq} cps/MBq (MIRD 26), decay during acquisition corrected"
+                        if q.pixel_mode == "counts"
+                        else f"{q.pixel_mode}: {q.decay_correction}"
+                        for q in quants
+                    }
+                )
+            ),
             "fit": spec.fit.model,
             "voxel_tia": method_note,
             "dose": spec.dose.method,
@@ -423,12 +466,15 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         "provenance": {
             "software": _versions(),
             "kernel_id": kernel_id,
-            "nuclide": {"name": nuclide.name, "half_life_s": nuclide.half_life_s, "data": "ICRP-107 (icrp107-database)"},
-            "calibration": {**spec.calibration.model_dump(),
-                            "applied": any(q.pixel_mode == "counts" for q in quants)},
+            "nuclide": {
+                "name": nuclide.name,
+                "half_life_s": nuclide.half_life_s,
+                "data": "ICRP-107 (icrp107-database)",
+            },
+            "calibration": {**spec.calibration.model_dump(), "applied": any(q.pixel_mode == "counts" for q in quants)},
             "inputs": input_fingerprint(cycle),
             "spec": json.loads(spec.model_dump_json()),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "total_s": round(time.perf_counter() - t_start, 3),
         },
@@ -455,7 +501,9 @@ def _slice_thickness(ct: Volume | None) -> float | None:
     return None if ct is None else float(ct.spacing[2])
 
 
-def _bed_kinetics(fr: Any, times_s: np.ndarray, lam: float, spec: JobSpec) -> tuple[list[tuple[float, float]] | None, str]:
+def _bed_kinetics(
+    fr: Any, times_s: np.ndarray, lam: float, spec: JobSpec
+) -> tuple[list[tuple[float, float]] | None, str]:
     """The dose-rate shape for the Lea–Catcheside factor: the VOI's fitted exponentials when it has them;
     for a trapezoid fit, a mono-exponential with the effective rate of its last two scans (at least the
     physical rate) — Dale 1985's mono-exponential form; for one time point, the effective half-life the
@@ -468,7 +516,9 @@ def _bed_kinetics(fr: Any, times_s: np.ndarray, lam: float, spec: JobSpec) -> tu
             return [(1.0, k)], "mono-exponential with T_eff = scan time (the Hänscheid 2018 assumption)"
         teff = spec.fit.stp_effective_half_life_h.get("default")
         if teff:
-            return [(1.0, math.log(2) / (teff * 3600.0))], f"mono-exponential with the population T_eff {teff} h (Madsen 2018)"
+            return [
+                (1.0, math.log(2) / (teff * 3600.0))
+            ], f"mono-exponential with the population T_eff {teff} h (Madsen 2018)"
         return None, "no effective half-life for the single time point"
     if fr is not None and not isinstance(fr, dict) and len(getattr(fr, "activities_bq", ())) >= 2:
         a1, a2 = fr.activities_bq[-2], fr.activities_bq[-1]
@@ -487,10 +537,13 @@ def _stp_tia(a: np.ndarray, t_s: float, spec: JobSpec, timeactivity: Any) -> tup
     if teff is None:
         raise VoxeldoseError(
             "the Madsen single-time-point method needs a population effective half-life",
-            tag="fit.stp_effective_half_life_h", expected="e.g. {'default': 50.0} (hours)",
+            tag="fit.stp_effective_half_life_h",
+            expected="e.g. {'default': 50.0} (hours)",
         )
-    return (np.asarray(timeactivity.stp_madsen(a, t_s, teff * 3600.0)),
-            f"single time point, Madsen et al. 2018, T_eff {teff} h")
+    return (
+        np.asarray(timeactivity.stp_madsen(a, t_s, teff * 3600.0)),
+        f"single time point, Madsen et al. 2018, T_eff {teff} h",
+    )
 
 
 def _marrow(voi_out: dict[str, Any], spec: JobSpec, lam: float, metrics: Any) -> dict[str, Any]:
@@ -506,8 +559,9 @@ def _marrow(voi_out: dict[str, Any], spec: JobSpec, lam: float, metrics: Any) ->
     return out
 
 
-def _cycles(voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycle: Cycle, cycles_mod: Any,
-            warnings: list[str]) -> dict[str, Any]:
+def _cycles(
+    voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycle: Cycle, cycles_mod: Any, warnings: list[str]
+) -> dict[str, Any]:
     """Cumulative dose across cycles and cycles left.  The kidney figure is the higher of the kidneys'
     mean doses (the limiting kidney; conservative); the marrow figure is the blood-based dose when blood
     samples were given, else the image-based one.  An earlier cycle without dosimetry is estimated from
@@ -528,8 +582,16 @@ def _cycles(voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycl
     m = marrow.get("blood_based") or marrow.get("image_based")
     if m and m.get("red_marrow_gy") is not None:
         dose["marrow"] = float(m["red_marrow_gy"])
-    rows = [cycles_mod.CycleDose(cycle=spec.cycle_number, date=cycle.injection.start.date(), activity_bq=a_bq,
-                                 dose_gy=dose, g_factor=g, bed_gy=bed)]
+    rows = [
+        cycles_mod.CycleDose(
+            cycle=spec.cycle_number,
+            date=cycle.injection.start.date(),
+            activity_bq=a_bq,
+            dose_gy=dose,
+            g_factor=g,
+            bed_gy=bed,
+        )
+    ]
     estimated: list[dict[str, Any]] = []
     for c in spec.earlier_cycles:
         d = {k: v for k, v in (("kidney", c.kidney_gy), ("marrow", c.marrow_gy)) if v is not None}
@@ -539,14 +601,21 @@ def _cycles(voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycl
             if organ not in d and organ in dose:
                 d[organ] = dose[organ] / a_bq * c.activity_mbq * 1e6
                 estimated.append({"cycle": c.number, "organ": organ, "dose_gy": d[organ]})
-                warnings.append(f"cycle {c.number} has no {organ} dosimetry: estimated as {d[organ]:.2f} Gy from this "
-                                f"cycle's {dose[organ] / (a_bq / 1e9):.3f} Gy/GBq × {c.activity_mbq:.0f} MBq")
+                warnings.append(
+                    f"cycle {c.number} has no {organ} dosimetry: estimated as {d[organ]:.2f} Gy from this "
+                    f"cycle's {dose[organ] / (a_bq / 1e9):.3f} Gy/GBq × {c.activity_mbq:.0f} MBq"
+                )
         if "kidney" in d and "kidney" not in b and "kidney" in g:
             gg["kidney"] = g["kidney"]
-            warnings.append(f"cycle {c.number} has no kidney BED: computed from its dose with this cycle's kinetics "
-                            f"(G = {g['kidney']:.3f})")
-        rows.append(cycles_mod.CycleDose(cycle=c.number, date=c.date, activity_bq=c.activity_mbq * 1e6, dose_gy=d,
-                                         bed_gy=b, g_factor=gg))
+            warnings.append(
+                f"cycle {c.number} has no kidney BED: computed from its dose with this cycle's kinetics "
+                f"(G = {g['kidney']:.3f})"
+            )
+        rows.append(
+            cycles_mod.CycleDose(
+                cycle=c.number, date=c.date, activity_bq=c.activity_mbq * 1e6, dose_gy=d, bed_gy=b, g_factor=gg
+            )
+        )
     if spec.cycle_number in {c.number for c in spec.earlier_cycles}:
         raise VoxeldoseError(f"cycle {spec.cycle_number} is both this cycle and an earlier one", tag="earlier_cycles")
     cum = cycles_mod.cumulative(rows, alpha_beta_gy=ab)
@@ -562,25 +631,38 @@ def _cycles(voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycl
     note = None
     if dose:
         left = cycles_mod.cycles_left(
-            cumulative_dose_gy=cum["dose_gy"], cumulative_bed_gy=cum["bed_gy"],
+            cumulative_dose_gy=cum["dose_gy"],
+            cumulative_bed_gy=cum["bed_gy"],
             dose_per_gbq={k: v / (a_bq / 1e9) for k, v in dose.items()},
-            g_factor=g, alpha_beta_gy=ab, activity_per_cycle_bq=lim.planned_activity_mbq * 1e6, limits=limits,
+            g_factor=g,
+            alpha_beta_gy=ab,
+            activity_per_cycle_bq=lim.planned_activity_mbq * 1e6,
+            limits=limits,
         )
     else:
         note = "no kidney or marrow VOI: cycles left not computed"
     table = []
     for r in cum["per_cycle"]:
-        table.append({
-            "number": r["cycle"], "date": r["date"], "activity_MBq": r["activity_bq"] / 1e6,
-            "kidney_gy": r["dose_gy"].get("kidney"), "kidney_bed_gy": r["bed_gy"].get("kidney"),
-            "marrow_gy": r["dose_gy"].get("marrow"),
-        })
+        table.append(
+            {
+                "number": r["cycle"],
+                "date": r["date"],
+                "activity_MBq": r["activity_bq"] / 1e6,
+                "kidney_gy": r["dose_gy"].get("kidney"),
+                "kidney_bed_gy": r["bed_gy"].get("kidney"),
+                "marrow_gy": r["dose_gy"].get("marrow"),
+            }
+        )
     return {
         "cycles": table,
         "total": {"dose_gy": cum["dose_gy"], "bed_gy": cum["bed_gy"], "activity_MBq": cum["activity_bq_total"] / 1e6},
-        "limits": {"kidney_gy": lim.kidney_gy, "kidney_bed_gy": limits.kidney_bed_gy,
-                   "kidney_risk_factors": lim.kidney_risk_factors, "marrow_gy": lim.marrow_gy,
-                   "sources": dict(limits.sources)},
+        "limits": {
+            "kidney_gy": lim.kidney_gy,
+            "kidney_bed_gy": limits.kidney_bed_gy,
+            "kidney_risk_factors": lim.kidney_risk_factors,
+            "marrow_gy": lim.marrow_gy,
+            "sources": dict(limits.sources),
+        },
         "planned_activity_MBq": lim.planned_activity_mbq,
         "cycles_left": left,
         "notes": cum["notes"] + ([note] if note else []),

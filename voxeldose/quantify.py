@@ -79,8 +79,10 @@ def to_bq_per_ml(
             )
         if not (calibration_cps_per_mbq > 0 and math.isfinite(calibration_cps_per_mbq)):
             raise VoxeldoseError(
-                "the calibration factor must be a positive number", tag="calibration_cps_per_mbq",
-                expected="cps/MBq > 0", found=calibration_cps_per_mbq,
+                "the calibration factor must be a positive number",
+                tag="calibration_cps_per_mbq",
+                expected="cps/MBq > 0",
+                found=calibration_cps_per_mbq,
             )
         if not image.acquisition_duration_s:
             raise VoxeldoseError(
@@ -92,9 +94,16 @@ def to_bq_per_ml(
         f = decay_during_acquisition(decay_constant_per_s, t)
         bq_per_voxel = vol.array / (calibration_cps_per_mbq * t * f) * 1e6
         conc = (bq_per_voxel / vol.voxel_volume_ml).astype(np.float32)
-        q = Quantification(suid, "counts", float(calibration_cps_per_mbq), calibration_source, t, f,
-                           "decay during acquisition corrected; activity at acquisition start",
-                           float(bq_per_voxel.sum()) / 1e6)
+        q = Quantification(
+            suid,
+            "counts",
+            float(calibration_cps_per_mbq),
+            calibration_source,
+            t,
+            f,
+            "decay during acquisition corrected; activity at acquisition start",
+            float(bq_per_voxel.sum()) / 1e6,
+        )
         return vol.with_array(conc, "Bq/ml"), q
 
     dc = (decay_correction or "").upper()
@@ -103,15 +112,27 @@ def to_bq_per_ml(
         note = "values used as the concentration at acquisition start" + (f" (DecayCorrection {dc})" if dc else "")
     elif dc == "ADMIN":
         if acquisition_start is None or injection_start is None:
-            raise VoxeldoseError("decay-corrected-to-administration values need both times", tag=_tag("DecayCorrection"))
+            raise VoxeldoseError(
+                "decay-corrected-to-administration values need both times", tag=_tag("DecayCorrection")
+            )
         dt = (acquisition_start - injection_start).total_seconds()
         conc = (np.asarray(vol.array, dtype=np.float64) * math.exp(-decay_constant_per_s * dt)).astype(np.float32)
         note = "values were decay-corrected to the administration; decayed forward to acquisition start"
     else:
         raise VoxeldoseError(
-            f"SPECT series {suid}: unsupported decay correction {dc!r}", tag=_tag("DecayCorrection"),
-            expected="START, NONE or ADMIN", found=dc,
+            f"SPECT series {suid}: unsupported decay correction {dc!r}",
+            tag=_tag("DecayCorrection"),
+            expected="START, NONE or ADMIN",
+            found=dc,
         )
-    q = Quantification(suid, image.pixel_mode, None, None, image.acquisition_duration_s, None, note,
-                       float(conc.sum(dtype=np.float64)) * vol.voxel_volume_ml / 1e6)
+    q = Quantification(
+        suid,
+        image.pixel_mode,
+        None,
+        None,
+        image.acquisition_duration_s,
+        None,
+        note,
+        float(conc.sum(dtype=np.float64)) * vol.voxel_volume_ml / 1e6,
+    )
     return vol.with_array(conc, "Bq/ml"), q

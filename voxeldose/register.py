@@ -268,7 +268,9 @@ def _working_ct(ct: Volume, what: str) -> Volume:
     """Clamp HU and block-average to about WORKING_SPACING_MM (integer factor per axis)."""
     arr = np.asarray(ct.array)
     if arr.ndim != 3 or min(arr.shape) < 2:
-        raise VoxeldoseError(f"the {what} CT is not a 3-D volume", expected="a CT series of several slices", found=arr.shape)
+        raise VoxeldoseError(
+            f"the {what} CT is not a 3-D volume", expected="a CT series of several slices", found=arr.shape
+        )
     if not np.all(np.isfinite(ct.affine)) or abs(np.linalg.det(ct.affine[:3, :3])) < 1e-9:
         raise VoxeldoseError(f"the {what} CT has no usable geometry", expected="an invertible index-to-patient affine")
     hu = np.clip(arr.astype(np.float32, copy=False), *HU_RANGE)
@@ -425,9 +427,7 @@ def register_rigid(
 
     problems = []
     if not converged:
-        problems.append(
-            f"the optimiser did not converge ({iterations} iterations at the finest level: {stop.strip()})"
-        )
+        problems.append(f"the optimiser did not converge ({iterations} iterations at the finest level: {stop.strip()})")
     if displacement > MAX_TRANSLATION_MM or angle > MAX_ROTATION_DEG:
         problems.append(
             f"the patient would have moved {displacement:.0f} mm and rotated {angle:.1f}° between the sessions "

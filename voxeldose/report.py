@@ -26,9 +26,10 @@ import base64
 import html
 import io
 import math
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,10 @@ def _limits(summary: Mapping[str, Any]) -> dict[str, float]:
     """Limits by role: the summary's (``cumulative.limits``) over the defaults."""
     out = dict(DEFAULT_LIMITS_GY)
     lim = _get(summary, "cumulative", "limits", default={}) or {}
-    for role, keys in (("kidney", ("kidney_gy", "kidney_dose_gy", "kidney")), ("marrow", ("marrow_gy", "marrow_dose_gy", "marrow"))):
+    for role, keys in (
+        ("kidney", ("kidney_gy", "kidney_dose_gy", "kidney")),
+        ("marrow", ("marrow_gy", "marrow_dose_gy", "marrow")),
+    ):
         v = _f(_first(lim, *keys))
         if v is not None and v > 0:
             out[role] = v
@@ -124,7 +128,7 @@ def _limits(summary: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _flag(value: Any, limit: float | None) -> str:
-    """"" / "close" / "over" for a dose against a limit."""
+    """ "" / "close" / "over" for a dose against a limit."""
     v = _f(value)
     if v is None or not limit:
         return ""
@@ -210,8 +214,10 @@ def _warnings(summary: Mapping[str, Any], extra: Iterable[str]) -> str:
         reg = _get(tp, "registration") if isinstance(tp, Mapping) else None
         if isinstance(reg, Mapping) and str(reg.get("quality", "")).lower() == "poor":
             hours = _f(tp.get("hours"))
-            t = _num(reg.get("translation_mm"), 1) if not isinstance(reg.get("translation_mm"), (list, tuple)) else ", ".join(
-                _num(v, 1) for v in reg["translation_mm"]
+            t = (
+                _num(reg.get("translation_mm"), 1)
+                if not isinstance(reg.get("translation_mm"), (list, tuple))
+                else ", ".join(_num(v, 1) for v in reg["translation_mm"])
             )
             r = ", ".join(_num(v, 1) for v in reg.get("rotation_deg") or []) or _DASH
             msgs.append(
@@ -250,7 +256,9 @@ def _dose_table(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
         if limit and mean is not None:
             vs = f"{_num(100 * mean / limit, 0)} % of {_num(limit, 0)} Gy"
             if flag == "over":
-                flags_out.append(f"<b>{_e(name)}</b>: mean {_num(mean)} Gy in this cycle reaches the {_num(limit, 0)} Gy limit")
+                flags_out.append(
+                    f"<b>{_e(name)}</b>: mean {_num(mean)} Gy in this cycle reaches the {_num(limit, 0)} Gy limit"
+                )
         else:
             vs = ""
         tia = _f(_first(e, "tia_bqs")) or _f(_get(e, "time_activity", "tia_bqs"))
@@ -281,7 +289,7 @@ def _cumulative(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
         tot = {"kidney_gy": 0.0, "kidney_bed_gy": 0.0, "marrow_gy": 0.0}
         seen = {k: False for k in tot}
         rows = []
-        for c in sorted((c for c in cycles if isinstance(c, Mapping)), key=lambda c: (_f(c.get("number")) or 0)):
+        for c in sorted((c for c in cycles if isinstance(c, Mapping)), key=lambda c: _f(c.get("number")) or 0):
             for k in tot:
                 v = _f(c.get(k))
                 if v is not None:
@@ -295,9 +303,13 @@ def _cumulative(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
         mflag = _flag(tot["marrow_gy"] if seen["marrow_gy"] else None, limits.get("marrow"))
         for flag, organ, key in ((kflag, "kidney", "kidney_gy"), (mflag, "marrow", "marrow_gy")):
             if flag == "over":
-                flags_out.append(f"Cumulative {organ} dose {_num(tot[key])} Gy reaches the {_num(limits.get(organ), 0)} Gy limit")
+                flags_out.append(
+                    f"Cumulative {organ} dose {_num(tot[key])} Gy reaches the {_num(limits.get(organ), 0)} Gy limit"
+                )
             elif flag == "close":
-                flags_out.append(f"Cumulative {organ} dose {_num(tot[key])} Gy is within {int(100 - CLOSE_FRACTION * 100)} % of the {_num(limits.get(organ), 0)} Gy limit")
+                flags_out.append(
+                    f"Cumulative {organ} dose {_num(tot[key])} Gy is within {int(100 - CLOSE_FRACTION * 100)} % of the {_num(limits.get(organ), 0)} Gy limit"
+                )
         bed_lim = _f(_first(cum.get("limits") or {}, "kidney_bed_gy"))
         total = (
             f"<tr class='total'><td colspan='3'>Total</td>"
@@ -319,7 +331,9 @@ def _cumulative(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
         parts.append(f"<p class='small'>{_e(n)}</p>")
     src = _get(cum, "limits", "sources")
     if isinstance(src, Mapping) and src:
-        parts.append("<p class='small'>Limit sources: " + "; ".join(f"{_e(k)}: {_e(v)}" for k, v in src.items()) + "</p>")
+        parts.append(
+            "<p class='small'>Limit sources: " + "; ".join(f"{_e(k)}: {_e(v)}" for k, v in src.items()) + "</p>"
+        )
     parts.append("</section>")
     return "".join(parts)
 
@@ -342,14 +356,19 @@ def _cycles_left(left: Mapping[str, Any]) -> str:
             f"<tr class='{'over' if r.get('exceeded') or r.get('cycles_left') == 0 else ''}'><td>{_e(r.get('limit'))}</td>"
             f"<td>{_num(r.get('limit_gy'), 1)}</td><td>{_num(r.get('current_gy'))}</td>"
             f"<td>{_num(r.get('per_cycle_gy'))}</td><td>{_e(r.get('cycles_left'))}</td><td class='small'>{_e(r.get('message'))}</td></tr>"
-            for r in rows if isinstance(r, Mapping)
+            for r in rows
+            if isinstance(r, Mapping)
         )
         out.append(
             "<table class='grid'><tr><th>Limit</th><th>Limit Gy</th><th>So far Gy</th><th>Per cycle Gy</th>"
             f"<th>Cycles left</th><th>Note</th></tr>{body}</table>"
         )
     else:
-        counts = {k: v for k, v in left.items() if k not in ("message", "binding", "binding_limit", "cycles_left") and not isinstance(v, (Mapping, list))}
+        counts = {
+            k: v
+            for k, v in left.items()
+            if k not in ("message", "binding", "binding_limit", "cycles_left") and not isinstance(v, (Mapping, list))
+        }
         if counts:
             body = "".join(f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{_e(v)}</td></tr>" for k, v in counts.items())
             out.append(f"<table class='grid'><tr><th>Limit</th><th>Cycles left</th></tr>{body}</table>")
@@ -375,8 +394,16 @@ def _dvh_plot(summary: Mapping[str, Any], dose: Volume | None, vois: Mapping[str
     names = list(dict.fromkeys([*entries, *vois]))
     for name in names:
         dvh = _get(entries.get(name, {}), "dvh")
-        x = np.asarray(_get(dvh, "dose_gy", default=[]) or [], dtype=float) if isinstance(dvh, Mapping) else np.array([])
-        y = np.asarray(_get(dvh, "volume_fraction", default=[]) or [], dtype=float) if isinstance(dvh, Mapping) else np.array([])
+        x = (
+            np.asarray(_get(dvh, "dose_gy", default=[]) or [], dtype=float)
+            if isinstance(dvh, Mapping)
+            else np.array([])
+        )
+        y = (
+            np.asarray(_get(dvh, "volume_fraction", default=[]) or [], dtype=float)
+            if isinstance(dvh, Mapping)
+            else np.array([])
+        )
         if x.size >= 2 and x.size == y.size:
             curves.append((name, x, y))
         elif dose is not None and name in vois and np.shape(vois[name]) == tuple(dose.shape):
@@ -420,8 +447,14 @@ def _ta_plot(name: str, e: Mapping[str, Any]) -> str:
     fig = _figure(4.6, 3.0)
     ax = fig.add_subplot()
     if has_curve:
-        ax.plot(np.asarray(ct, dtype=float), np.asarray(ca, dtype=float), "-", color="#1f5fa0", lw=1.5,
-                label=_tex_safe(f"fit: {model}" if model else "fit"))
+        ax.plot(
+            np.asarray(ct, dtype=float),
+            np.asarray(ca, dtype=float),
+            "-",
+            color="#1f5fa0",
+            lw=1.5,
+            label=_tex_safe(f"fit: {model}" if model else "fit"),
+        )
     if has_pts:
         ax.plot(np.asarray(t, dtype=float), np.asarray(a, dtype=float), "o", color="#c0392b", ms=5, label="measured")
     ax.set_xlabel("Time after injection (h)")
@@ -431,7 +464,11 @@ def _ta_plot(name: str, e: Mapping[str, Any]) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(_tex_safe(name), fontsize=10)
-    cap = [f"<b>{_e(name)}</b>", f"model {_e(model)}" if model else "", f"TIA {_num(tia / 3.6e9, 1)} MBq·h ({_sci(tia)} Bq·s)" if tia else ""]
+    cap = [
+        f"<b>{_e(name)}</b>",
+        f"model {_e(model)}" if model else "",
+        f"TIA {_num(tia / 3.6e9, 1)} MBq·h ({_sci(tia)} Bq·s)" if tia else "",
+    ]
     r2 = _f(ta.get("r2"))
     if r2 is not None:
         cap.append(f"R² {r2:.3f}")
@@ -450,7 +487,9 @@ def _ta_section(summary: Mapping[str, Any]) -> str:
     return f"<section><h2>Time–activity curves</h2>{note}<div class='tagrid'>{''.join(figs)}</div></section>"
 
 
-def _display_slices(vol_arr: np.ndarray, affine: np.ndarray, plane: str, index: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+def _display_slices(
+    vol_arr: np.ndarray, affine: np.ndarray, plane: str, index: int
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A 2-D slice in radiological display (patient right on the left; superior up) and its extent (mm)."""
     sp = np.linalg.norm(affine[:3, :3], axis=0)  # (di, dj, dk)
     if plane == "axial":
@@ -470,7 +509,13 @@ def _display_slices(vol_arr: np.ndarray, affine: np.ndarray, plane: str, index: 
     return img, extent
 
 
-def _overlay_figure(title: str, dose: Volume, ct_arr: np.ndarray | None, masks: Mapping[str, np.ndarray], centre_kji: tuple[int, int, int]) -> str:
+def _overlay_figure(
+    title: str,
+    dose: Volume,
+    ct_arr: np.ndarray | None,
+    masks: Mapping[str, np.ndarray],
+    centre_kji: tuple[int, int, int],
+) -> str:
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
@@ -497,7 +542,7 @@ def _overlay_figure(title: str, dose: Volume, ct_arr: np.ndarray | None, masks: 
         else:
             ax.set_facecolor("black")
             im = ax.imshow(dimg, cmap=cmap, norm=norm, extent=extent, interpolation="bilinear")
-        for n, (name, m) in enumerate(masks.items()):
+        for m in masks.values():
             mimg, _ = _display_slices(np.asarray(m, dtype=float), dose.affine, plane, idx)
             if mimg.any():
                 ax.contour(mimg, levels=[0.5], colors=["white"], linewidths=0.8, extent=extent, origin="upper")
@@ -523,7 +568,9 @@ def _centre(mask: np.ndarray, dose_arr: np.ndarray | None = None) -> tuple[int, 
     return int(c[0]), int(c[1]), int(c[2])
 
 
-def _overlays(summary: Mapping[str, Any], dose: Volume, ct: Volume | None, vois: Mapping[str, np.ndarray], notes: list[str]) -> str:
+def _overlays(
+    summary: Mapping[str, Any], dose: Volume, ct: Volume | None, vois: Mapping[str, np.ndarray], notes: list[str]
+) -> str:
     d = np.asarray(dose.array, dtype=float)
     masks = {n: np.asarray(m, dtype=bool) for n, m in vois.items() if np.shape(m) == d.shape}
     for n, m in vois.items():
@@ -578,7 +625,9 @@ def _timepoints(summary: Mapping[str, Any]) -> str:
         )
     return (
         "<section><h2>Imaging time points</h2><table class='grid'><tr><th>#</th><th>Hours p.i.</th><th>Acquisition</th>"
-        "<th>Registration</th><th>Translation mm</th><th>Rotation °</th><th>Note</th></tr>" + "".join(rows) + "</table></section>"
+        "<th>Registration</th><th>Translation mm</th><th>Rotation °</th><th>Note</th></tr>"
+        + "".join(rows)
+        + "</table></section>"
     )
 
 
@@ -603,15 +652,23 @@ def _provenance(summary: Mapping[str, Any]) -> str:
         rest = {k: v for k, v in prov.items() if k not in first and k != "spec"}
         parts.append("<h3>Provenance</h3>" + _kv_table({**first, **rest}))
         if "spec" in prov:
-            parts.append("<details><summary>Job specification</summary>" + _kv_table({"spec": prov["spec"]}) + "</details>")
+            parts.append(
+                "<details><summary>Job specification</summary>" + _kv_table({"spec": prov["spec"]}) + "</details>"
+            )
     uids = []
     for i, tp in enumerate(summary.get("timepoints") or [], start=1):
         if isinstance(tp, Mapping):
             for k in ("spect_series_uid", "ct_series_uid"):
                 if tp.get(k):
-                    uids.append(f"<tr><td>time point {i}</td><td>{_e(k.split('_')[0].upper())}</td><td><code>{_e(tp[k])}</code></td></tr>")
+                    uids.append(
+                        f"<tr><td>time point {i}</td><td>{_e(k.split('_')[0].upper())}</td><td><code>{_e(tp[k])}</code></td></tr>"
+                    )
     if uids:
-        parts.append("<h3>Input series</h3><table class='grid'><tr><th></th><th>Series</th><th>Series Instance UID</th></tr>" + "".join(uids) + "</table>")
+        parts.append(
+            "<h3>Input series</h3><table class='grid'><tr><th></th><th>Series</th><th>Series Instance UID</th></tr>"
+            + "".join(uids)
+            + "</table>"
+        )
     schema = summary.get("schema")
     parts.append(f"<p class='small'>Summary schema: {_e(schema)}</p>" if schema else "")
     parts.append("</section>")

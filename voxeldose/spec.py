@@ -55,11 +55,13 @@ class InjectionOverride(_Model):
 class FitSpec(_Model):
     model: FitModel = Field("auto", description="VOI time-activity model; 'stp' = single time point")
     voxel_method: Literal["exponential", "hybrid", "monoexp"] = Field(
-        "exponential", description="voxel TIA: exponential interpolation between scans (default), trapezoid (hybrid), or one mono-exponential"
+        "exponential",
+        description="voxel TIA: exponential interpolation between scans (default), trapezoid (hybrid), or one mono-exponential",
     )
     stp_method: Literal["hanscheid", "madsen"] = "hanscheid"
     stp_effective_half_life_h: dict[str, float] = Field(
-        default_factory=dict, description="Madsen 2018: population effective half-life, h, under the key 'default' (applied to every voxel)"
+        default_factory=dict,
+        description="Madsen 2018: population effective half-life, h, under the key 'default' (applied to every voxel)",
     )
 
 
@@ -116,7 +118,9 @@ class JobSpec(_Model):
     inputs: list[str] = Field(min_length=1, description="DICOM folders or files")
     patient_id: str | None = None
     cycle_number: int = Field(1, ge=1)
-    reference_timepoint: int | None = Field(None, ge=0, description="index in time order; default: the time point the VOIs are on")
+    reference_timepoint: int | None = Field(
+        None, ge=0, description="index in time order; default: the time point the VOIs are on"
+    )
     registration: Literal["rigid", "none"] = "rigid"
     calibration: Calibration = Calibration()
     injection: InjectionOverride = InjectionOverride()

@@ -106,8 +106,11 @@ def reference_ct_datasets(result: Any) -> list[pydicom.Dataset]:
 
     series = getattr(result.reference, "ct", None)
     if series is None or result.ct is None:
-        raise VoxeldoseError("the run has no reference CT: a SEG of the VOIs needs CT source images",
-                             tag="CT series", expected="a CT with the reference SPECT")
+        raise VoxeldoseError(
+            "the run has no reference CT: a SEG of the VOIs needs CT source images",
+            tag="CT series",
+            expected="a CT with the reference SPECT",
+        )
     geo = _ct_geometry(series)
     return [pydicom.dcmread(series.instances[i].path) for i in geo.order]
 
@@ -142,20 +145,25 @@ def vois_on_ct(result: Any) -> dict[str, np.ndarray]:
     for name in names:
         if name not in masks:
             voi = result.vois[name]
-            frac = Volume(np.asarray(voi.fraction, dtype=np.float32), voi.grid.affine,
-                          result.dose.frame_of_reference_uid)
+            frac = Volume(
+                np.asarray(voi.fraction, dtype=np.float32), voi.grid.affine, result.dose.frame_of_reference_uid
+            )
             masks[name] = np.asarray(resample(frac, ct_grid, order=0, fill=0.0).array) >= 0.5
     return {n: m for n, m in masks.items() if m.any()}
 
 
-def write_voi_seg(result: Any, path: Path, *, ctx: PatientStudy, series: SeriesInfo,
-                  ct: list[pydicom.Dataset] | None = None) -> pydicom.Dataset:
+def write_voi_seg(
+    result: Any, path: Path, *, ctx: PatientStudy, series: SeriesInfo, ct: list[pydicom.Dataset] | None = None
+) -> pydicom.Dataset:
     """Write the SEG of the run's VOIs on the reference CT (see the module docstring)."""
     ct = reference_ct_datasets(result) if ct is None else ct
     masks = vois_on_ct(result)
     if not masks:
-        raise VoxeldoseError("no VOI of the run overlaps the reference CT: no SEG to write",
-                             tag="SegmentSequence", expected="at least one VOI inside the CT")
+        raise VoxeldoseError(
+            "no VOI of the run overlaps the reference CT: no SEG to write",
+            tag="SegmentSequence",
+            expected="at least one VOI inside the CT",
+        )
     return write_seg(path, masks, ctx=ctx, series=series, referenced_ct=ct)
 
 
@@ -191,7 +199,8 @@ def build_measurement_report(result: Any, seg: pydicom.Dataset) -> Any:
         if name not in number_of:
             continue  # not on the CT (no segment to reference)
         ref = hd.sr.ReferencedSegment(
-            sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+            sop_class_uid=str(seg.SOPClassUID),
+            sop_instance_uid=str(seg.SOPInstanceUID),
             segment_number=number_of[name],
             source_series=hd.sr.SourceSeriesForSegmentation(ct_series_uid),
         )
@@ -200,22 +209,25 @@ def build_measurement_report(result: Any, seg: pydicom.Dataset) -> Any:
             value = _finite(entry.get(key))
             if value is None:
                 continue
-            measurements.append(hd.sr.Measurement(name=concept, value=value, unit=unit,
-                                                  derivation=derivation, algorithm_id=algo))
+            measurements.append(
+                hd.sr.Measurement(name=concept, value=value, unit=unit, derivation=derivation, algorithm_id=algo)
+            )
         category, typ = _segment_codes(name)
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=name),
-            referenced_segment=ref,
-            finding_category=category,
-            finding_type=typ,
-            algorithm_id=algo,
-            measurements=measurements,
-        ))
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=name),
+                referenced_segment=ref,
+                finding_category=category,
+                finding_type=typ,
+                algorithm_id=algo,
+                measurements=measurements,
+            )
+        )
     if not groups:
-        raise VoxeldoseError("no VOI of the summary has a segment in the SEG: nothing to report",
-                             tag="SegmentSequence")
-    return hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE_CODES,
-                                   imaging_measurements=groups)
+        raise VoxeldoseError("no VOI of the summary has a segment in the SEG: nothing to report", tag="SegmentSequence")
+    return hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=PROCEDURE_CODES, imaging_measurements=groups
+    )
 
 
 def write_dose_sr(result: Any, path: Path, *, seg: pydicom.Dataset, series: SeriesInfo) -> pydicom.Dataset:
@@ -240,11 +252,13 @@ def write_dose_sr(result: Any, path: Path, *, seg: pydicom.Dataset, series: Seri
         is_verified=False,
         series_description=series.series_description or SR_SERIES_DESCRIPTION,
         software_versions=_software_version(),
-        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
-            designator=PRIVATE_SCHEME,
-            name="voxeldose private codes",
-            responsible_organization="voxeldose",
-        )],
+        coding_schemes=[
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=PRIVATE_SCHEME,
+                name="voxeldose private codes",
+                responsible_organization="voxeldose",
+            )
+        ],
         content_date=when.date(),
         content_time=when.time(),
         series_date=when.date(),

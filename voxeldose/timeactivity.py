@@ -197,9 +197,7 @@ def _check_times(times_s: Any) -> np.ndarray:
             found=t.shape,
         )
     if not np.all(np.isfinite(t)):
-        raise VoxeldoseError(
-            "time points must be finite", tag="times_s", found=[_h(x) for x in t]
-        )
+        raise VoxeldoseError("time points must be finite", tag="times_s", found=[_h(x) for x in t])
     if np.any(t <= 0):
         bad = [_h(x) for x in t if x <= 0]
         raise VoxeldoseError(
@@ -238,13 +236,9 @@ def _check_activities(a: Any, n: int) -> np.ndarray:
             found=A.shape,
         )
     if not np.all(np.isfinite(A)):
-        raise VoxeldoseError(
-            "activities must be finite", tag="activities_bq", found=A.tolist()
-        )
+        raise VoxeldoseError("activities must be finite", tag="activities_bq", found=A.tolist())
     if np.any(A < 0):
-        raise VoxeldoseError(
-            "activities must not be negative", tag="activities_bq", found=A.tolist()
-        )
+        raise VoxeldoseError("activities must not be negative", tag="activities_bq", found=A.tolist())
     if not np.any(A > 0):
         raise VoxeldoseError(
             "all activities are zero: there is nothing to integrate",
@@ -292,9 +286,7 @@ class _Model:
 
 MODELS: dict[str, _Model] = {
     "monoexp": _Model("monoexp", 1, 1, ((0, 0, None),), ("A0_bq", "lambda_per_s")),
-    "biexp": _Model(
-        "biexp", 1, 2, ((0, 0, 1),), ("A0_bq", "lambda1_per_s", "lambda2_per_s")
-    ),
+    "biexp": _Model("biexp", 1, 2, ((0, 0, 1),), ("A0_bq", "lambda1_per_s", "lambda2_per_s")),
     "triexp": _Model(
         "triexp",
         2,
@@ -326,13 +318,10 @@ def _unpack(model: _Model, th: np.ndarray, lp: float) -> _Unpacked:
     return _Unpacked(amps, eu, lp + np.cumsum(eu))
 
 
-def _components(
-    model: _Model, p: _Unpacked
-) -> tuple[tuple[float, float, float | None], ...]:
+def _components(model: _Model, p: _Unpacked) -> tuple[tuple[float, float, float | None], ...]:
     """((amplitude, rate, uptake excess Δ or None), …): A(t) = Σ a e^{−λt}(1 − e^{−Δt})."""
     return tuple(
-        (float(p.amps[a]), float(p.lam[s]), None if f is None else p.excess(s, f))
-        for a, s, f in model.components
+        (float(p.amps[a]), float(p.lam[s]), None if f is None else p.excess(s, f)) for a, s, f in model.components
     )
 
 
@@ -348,9 +337,7 @@ def _eval_components(comps, t, xp=np):
 
 def _tia_components(comps) -> float:
     """∫₀^∞ Σ a e^{−λt}(1 − e^{−Δt}) dt = Σ a (1/λ − 1/(λ + Δ)) = Σ a Δ / (λ (λ + Δ))."""
-    return float(
-        sum(a / lam if d is None else a * d / (lam * (lam + d)) for a, lam, d in comps)
-    )
+    return float(sum(a / lam if d is None else a * d / (lam * (lam + d)) for a, lam, d in comps))
 
 
 def _exponentials(comps) -> tuple[tuple[float, float], ...]:
@@ -374,9 +361,7 @@ def _named(model: _Model, p: _Unpacked) -> dict[str, float]:
     return out
 
 
-def _model_jacobian(
-    model: _Model, th: np.ndarray, t: np.ndarray, lp: float
-) -> np.ndarray:
+def _model_jacobian(model: _Model, th: np.ndarray, t: np.ndarray, lp: float) -> np.ndarray:
     """∂A(t_i)/∂θ_j for the stable component form."""
     p = _unpack(model, th, lp)
     J = np.zeros((t.size, model.k))
@@ -410,9 +395,7 @@ def _loglin_slope(t: np.ndarray, A: np.ndarray) -> float | None:
     return float(-np.sum(w * (tt - tm) * (y - ym)) / den) if den > 0 else None
 
 
-def _start_rates(
-    model: _Model, t: np.ndarray, A: np.ndarray, lp: float
-) -> list[tuple[float, ...]]:
+def _start_rates(model: _Model, t: np.ndarray, A: np.ndarray, lp: float) -> list[tuple[float, ...]]:
     """Deterministic starting rates (slow → fast) from the data."""
 
     def clip(k: float | None) -> float | None:
@@ -422,22 +405,13 @@ def _start_rates(
 
     k_tail = clip(_loglin_slope(t[-2:], A[-2:]))
     k_all = clip(_loglin_slope(t, A))
-    k_late = (
-        clip(_loglin_slope(t[len(t) // 2 :], A[len(t) // 2 :])) if len(t) >= 4 else None
-    )
-    slow = sorted(
-        {k for k in (k_tail, k_all, k_late, lp * 1.05, lp * 2.0) if k is not None}
-    )
+    k_late = clip(_loglin_slope(t[len(t) // 2 :], A[len(t) // 2 :])) if len(t) >= 4 else None
+    slow = sorted({k for k in (k_tail, k_all, k_late, lp * 1.05, lp * 2.0) if k is not None})
     fast = [f / t[0] for f in (0.5, 2.0, 8.0)]
     if model.n_rates == 1:
         return [(k,) for k in sorted(set(slow) | {clip(3 * (k_all or lp))})]
     if model.n_rates == 2:
-        return [
-            (k1, k2)
-            for k1 in slow
-            for k2 in sorted(set(fast) | {3 * k1})
-            if k2 > 1.05 * k1
-        ]
+        return [(k1, k2) for k1 in slow for k2 in sorted(set(fast) | {3 * k1}) if k2 > 1.05 * k1]
     out = []
     for k1 in slow[:3]:
         for k3 in fast[1:]:
@@ -449,9 +423,7 @@ def _start_rates(
     return out
 
 
-def _theta_from_start(
-    model: _Model, rates: tuple[float, ...], t, A, w, lp, bounds
-) -> np.ndarray:
+def _theta_from_start(model: _Model, rates: tuple[float, ...], t, A, w, lp, bounds) -> np.ndarray:
     """θ at given starting rates, amplitudes from a weighted non-negative linear least-squares fit."""
     us, prev = [], lp
     for r in rates:
@@ -510,9 +482,7 @@ class _Candidate:
         return {
             "aicc": _json_float(self.aicc),
             "tia_bqs": _json_float(self.tia_bqs),
-            "params": None
-            if self.params is None
-            else {k: _json_float(v) for k, v in self.params.items()},
+            "params": None if self.params is None else {k: _json_float(v) for k, v in self.params.items()},
             "success": self.success,
             "message": self.message,
         }
@@ -522,18 +492,14 @@ class _ExactFit(Exception):
     """Raised inside the residual function once the data are reproduced to round-off."""
 
 
-def _fit_exponential(
-    model: _Model, t: np.ndarray, A: np.ndarray, w: np.ndarray, lp: float
-) -> _Candidate:
+def _fit_exponential(model: _Model, t: np.ndarray, A: np.ndarray, w: np.ndarray, lp: float) -> _Candidate:
     bounds = _bounds(model, A, lp)
     exact_ss = t.size * _EXACT_RELATIVE_RMS**2
     hit: dict[str, np.ndarray] = {}
 
     def resid(th: np.ndarray) -> np.ndarray:
         r = (_eval_components(_components(model, _unpack(model, th, lp)), t) - A) * w
-        if (
-            float(r @ r) < exact_ss
-        ):  # the data are reproduced exactly: nothing left to improve
+        if float(r @ r) < exact_ss:  # the data are reproduced exactly: nothing left to improve
             hit["x"], hit["fun"] = th.copy(), r
             raise _ExactFit
         return r
@@ -545,9 +511,7 @@ def _fit_exponential(
     peak_limit = _MAX_EARLY_PEAK_RATIO * float(A.max())
 
     def early_peak(x: np.ndarray) -> float:
-        return float(
-            np.max(_eval_components(_components(model, _unpack(model, x, lp)), early))
-        )
+        return float(np.max(_eval_components(_components(model, _unpack(model, x, lp)), early)))
 
     # best = lowest cost among plausible fits (no unmeasured early peak), else lowest cost overall
     best, best_key = None, None
@@ -591,11 +555,7 @@ def _fit_exponential(
     rss = float(np.sum(best.fun**2))
     # status 0 = evaluation budget used up: still the best curve found, reported as such
     ok = bool(best.status >= 0) and math.isfinite(tia) and tia > 0
-    msg = (
-        str(best.message)
-        if best.status != 0
-        else f"best of the starts, evaluation budget used ({best.message})"
-    )
+    msg = str(best.message) if best.status != 0 else f"best of the starts, evaluation budget used ({best.message})"
     if not ok:
         msg = f"fit rejected: {best.message}; TIA {tia!r}"
     elif best_key[0]:
@@ -678,9 +638,7 @@ class FitResult:
         if self.components is not None:
             return _eval_components(self.components, t, xp)
         if self.exponentials is not None:
-            return _eval_components(
-                tuple((c, k, None) for c, k in self.exponentials), t, xp
-            )
+            return _eval_components(tuple((c, k, None) for c, k in self.exponentials), t, xp)
         knots = xp.asarray(self.piecewise["knots_s"], dtype=float)
         vals = xp.asarray(self.piecewise["activities_bq"], dtype=float)
         tail = self.piecewise["tail"]
@@ -785,14 +743,8 @@ def fit_voi(
         mono3 = _fit_exponential(MODELS["monoexp"], t, A, w, lp) if (not ok and n == 3) else None
         if ok:
             chosen = min(ok, key=lambda c: (c.aicc, MODELS[c.model].k))
-            others = ", ".join(
-                f"{c.model} ΔAICc={c.aicc - chosen.aicc:+.2f}"
-                for c in ok
-                if c is not chosen
-            )
-            message = f"auto: {chosen.model} chosen by AICc" + (
-                f" ({others})" if others else ""
-            )
+            others = ", ".join(f"{c.model} ΔAICc={c.aicc - chosen.aicc:+.2f}" for c in ok if c is not chosen)
+            message = f"auto: {chosen.model} chosen by AICc" + (f" ({others})" if others else "")
         elif mono3 is not None and mono3.success:
             # Three points: no model has a defined AICc (n − k − 1 = 0 for the mono-exponential), but
             # the mono-exponential keeps one residual degree of freedom.  It is preferred to the
@@ -817,9 +769,7 @@ def fit_voi(
                 found=[f"{_h(ti)}: {ai:.4g} Bq" for ti, ai in zip(t, A)],
             )
         message = (
-            f"{model} requested: {chosen.message}"
-            if chosen.success
-            else f"{model} requested; WARNING {chosen.message}"
+            f"{model} requested: {chosen.message}" if chosen.success else f"{model} requested; WARNING {chosen.message}"
         )
 
     common = {
@@ -830,9 +780,7 @@ def fit_voi(
     }
     if chosen is None:
         parts = _trapezoid_parts(t, A, lp)
-        tia = (
-            parts["tia_uptake_bqs"] + parts["tia_measured_bqs"] + parts["tia_tail_bqs"]
-        )
+        tia = parts["tia_uptake_bqs"] + parts["tia_measured_bqs"] + parts["tia_tail_bqs"]
         trap = _Candidate(
             "trapezoid",
             True,
@@ -914,10 +862,8 @@ class VoxelTIA:
 
 def _weighted_loglin(xp, A, tb, floor):
     """Per-voxel weighted LS of ln A on t (weights ∝ A): returns (slope k, intercept ln A0, all_positive)."""
-    pos = A > floor
-    Ac = xp.where(
-        pos, A, floor
-    )  # clip before the log; clipped voxels are discarded by the caller
+    pos = floor < A
+    Ac = xp.where(pos, A, floor)  # clip before the log; clipped voxels are discarded by the caller
     y = xp.log(Ac)
     w = Ac
     sw = xp.sum(w, axis=0)
@@ -974,9 +920,7 @@ def voxel_tia(
             tag="tail_points",
             found=tail_points,
         )
-    dtype = xp.result_type(
-        stack.dtype, xp.float32
-    )  # float32/float64 kept, float16/ints promoted
+    dtype = xp.result_type(stack.dtype, xp.float32)  # float32/float64 kept, float16/ints promoted
     A = xp.asarray(stack, dtype=dtype)
     if not bool(xp.all(xp.isfinite(A))):
         bad = int(xp.count_nonzero(~xp.isfinite(A)))
@@ -1023,19 +967,13 @@ def voxel_tia(
         frac_m = xp.exp(-k_safe * t[-1])
         phys = a_last / lp
         tia = xp.where(ok_m, tia_m, trap + phys)
-        tail_frac = xp.where(
-            ok_m, frac_m, phys / xp.where(trap + phys > 0, trap + phys, 1.0)
-        )
+        tail_frac = xp.where(ok_m, frac_m, phys / xp.where(trap + phys > 0, trap + phys, 1.0))
         ok = ok_m
 
     zero = xp.zeros((), dtype=dtype)
     tia = xp.where(no_data, zero, tia).astype(dtype, copy=False)
-    tail_frac = xp.where(no_data | ~(tia > 0), zero, tail_frac).astype(
-        dtype, copy=False
-    )
-    flags = xp.where(
-        no_data, FLAG_NO_DATA, xp.where(ok, FLAG_FIT, FLAG_PHYSICAL)
-    ).astype(xp.int8)
+    tail_frac = xp.where(no_data | ~(tia > 0), zero, tail_frac).astype(dtype, copy=False)
+    flags = xp.where(no_data, FLAG_NO_DATA, xp.where(ok, FLAG_FIT, FLAG_PHYSICAL)).astype(xp.int8)
     return VoxelTIA(tia=tia, quality=tail_frac, flags=flags, method=method)
 
 
@@ -1048,9 +986,7 @@ def _check_scan_time(t_s: Any) -> float:
     try:
         t = float(t_s)
     except (TypeError, ValueError):
-        raise VoxeldoseError(
-            "the scan time must be one number (s after injection)", tag="t_s", found=t_s
-        ) from None
+        raise VoxeldoseError("the scan time must be one number (s after injection)", tag="t_s", found=t_s) from None
     if not (math.isfinite(t) and t > 0):
         raise VoxeldoseError(
             "the scan time must be finite and after the injection",
@@ -1082,10 +1018,7 @@ def stp_madsen(activity: Any, t_s: float, effective_half_life_s: Any) -> Any:
     organ and protocol.
     """
     t = _check_scan_time(t_s)
-    if (
-        backend.device_of(effective_half_life_s) == "cpu"
-        and np.ndim(effective_half_life_s) == 0
-    ):
+    if backend.device_of(effective_half_life_s) == "cpu" and np.ndim(effective_half_life_s) == 0:
         T = float(effective_half_life_s)
         if not (math.isfinite(T) and T > 0):
             raise VoxeldoseError(

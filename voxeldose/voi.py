@@ -19,8 +19,8 @@ A 15 mm-radius sphere contoured on 2 mm CT slices and rasterised at 4.8 mm voxel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from matplotlib.path import Path as MplPath
@@ -87,7 +87,7 @@ def supersampled_fraction(
     jj = np.arange(i0[1], i1[1])
     sub_i = (ii[:, None] + offs[None, :]).ravel()
     sub_j = (jj[:, None] + offs[None, :]).ravel()
-    J, I = np.meshgrid(sub_j, sub_i, indexing="ij")  # (nj*s, ni*s)
+    J, I = np.meshgrid(sub_j, sub_i, indexing="ij")  # noqa: E741 - I, J: column and row index grids  # (nj*s, ni*s)
     for k in range(i0[2], i1[2]):
         acc = np.zeros((len(jj), len(ii)), dtype=np.float32)
         for dk in offs:
@@ -161,11 +161,20 @@ def _parallel_planes_fraction(grid: Grid, roi: _PlanarROI) -> np.ndarray | None:
     axial SPECT and axial contours): each contour plane is filled once on the in-plane sub-lattice by
     scanlines and shared by the sub-slices that fall in its slab.  ``None`` when the grid is oblique."""
     d = grid.direction
-    if abs(abs(float(d[:, 2] @ roi.normal)) - 1.0) > 1e-6 or abs(float(d[:, 0] @ roi.normal)) > 1e-6 \
-            or abs(float(d[:, 1] @ roi.normal)) > 1e-6:
+    if (
+        abs(abs(float(d[:, 2] @ roi.normal)) - 1.0) > 1e-6
+        or abs(float(d[:, 0] @ roi.normal)) > 1e-6
+        or abs(float(d[:, 1] @ roi.normal)) > 1e-6
+    ):
         return None
-    corners = np.array([[x, y, z] for x in (roi.bbox[0][0], roi.bbox[1][0]) for y in (roi.bbox[0][1], roi.bbox[1][1])
-                        for z in (roi.bbox[0][2], roi.bbox[1][2])])
+    corners = np.array(
+        [
+            [x, y, z]
+            for x in (roi.bbox[0][0], roi.bbox[1][0])
+            for y in (roi.bbox[0][1], roi.bbox[1][1])
+            for z in (roi.bbox[0][2], roi.bbox[1][2])
+        ]
+    )
     idx = grid.world_to_index(corners)
     shape_ijk = np.array(grid.shape[::-1])
     i0 = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, shape_ijk)
@@ -210,7 +219,9 @@ def _planar_roi(contours: list[np.ndarray], path: str, roi_name: str, slab_mm: f
                 break
     if normal is None:
         raise VoxeldoseError(
-            f"ROI {roi_name!r} has no contour with an area", path=path, tag=_tag("ContourData"),
+            f"ROI {roi_name!r} has no contour with an area",
+            path=path,
+            tag=_tag("ContourData"),
             expected="closed planar polygons with at least three points",
         )
     if normal[np.argmax(np.abs(normal))] < 0:
@@ -223,7 +234,9 @@ def _planar_roi(contours: list[np.ndarray], path: str, roi_name: str, slab_mm: f
         if np.max(np.abs(c @ normal - d)) > 0.05:
             raise VoxeldoseError(
                 f"ROI {roi_name!r} has a contour that is not planar or not parallel to the others",
-                path=path, tag=_tag("ContourData"), expected="CLOSED_PLANAR contours in parallel planes",
+                path=path,
+                tag=_tag("ContourData"),
+                expected="CLOSED_PLANAR contours in parallel planes",
             )
     # merge planes closer than 0.01 mm
     order = np.argsort(ds)
@@ -243,7 +256,9 @@ def _planar_roi(contours: list[np.ndarray], path: str, roi_name: str, slab_mm: f
         else:
             raise VoxeldoseError(
                 f"ROI {roi_name!r} is contoured on a single plane: its thickness is unknown",
-                path=path, tag=_tag("ContourData"), expected="contours on two or more slices (or the slice thickness)",
+                path=path,
+                tag=_tag("ContourData"),
+                expected="contours on two or more slices (or the slice thickness)",
             )
     allpts = np.concatenate(contours)
     half = slab_mm / 2.0
@@ -281,7 +296,10 @@ def rasterise_rtstruct(
         if name is None:
             raise VoxeldoseError(
                 f"ROI contour refers to ROI number {number}, which the structure set does not define",
-                path=path, tag=_tag("ReferencedROINumber"), expected=f"one of {sorted(rois)}", found=number,
+                path=path,
+                tag=_tag("ReferencedROINumber"),
+                expected=f"one of {sorted(rois)}",
+                found=number,
             )
         if wanted is not None and name not in wanted:
             continue
@@ -294,7 +312,10 @@ def rasterise_rtstruct(
             if data.size % 3 or data.size < 9:
                 raise VoxeldoseError(
                     f"ROI {name!r}: contour data is not a list of at least three x, y, z points",
-                    path=path, tag=_tag("ContourData"), expected="3 × N values, N ≥ 3", found=data.size,
+                    path=path,
+                    tag=_tag("ContourData"),
+                    expected="3 × N values, N ≥ 3",
+                    found=data.size,
                 )
             contours.append(data.reshape(-1, 3))
         if not contours:
@@ -313,8 +334,10 @@ def rasterise_rtstruct(
         missing = wanted - set(out)
         if missing:
             raise VoxeldoseError(
-                f"ROI(s) {sorted(missing)} not found in the structure set", path=path,
-                tag=_tag("StructureSetROISequence"), expected=f"one of {sorted(rois.values())}",
+                f"ROI(s) {sorted(missing)} not found in the structure set",
+                path=path,
+                tag=_tag("StructureSetROISequence"),
+                expected=f"one of {sorted(rois.values())}",
             )
     return out
 
@@ -331,7 +354,9 @@ def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> d
         numbers = list(seg.segment_numbers)
     except Exception as exc:  # noqa: BLE001 - highdicom raises ValueError/AttributeError/KeyError
         raise VoxeldoseError(
-            f"the segmentation cannot be read ({exc})", path=path, tag=_tag("SegmentSequence"),
+            f"the segmentation cannot be read ({exc})",
+            path=path,
+            tag=_tag("SegmentSequence"),
             expected="a DICOM Segmentation (binary or fractional)",
         ) from None
     labels = {n: str(seg.get_segment_description(n).SegmentLabel) for n in numbers}
@@ -344,8 +369,10 @@ def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> d
             vol = seg.get_volume(segment_numbers=[n], combine_segments=True, dtype=np.uint8)
         except Exception as exc:  # noqa: BLE001
             raise VoxeldoseError(
-                f"segment {label!r} cannot be arranged as a volume ({exc})", path=path,
-                tag=_tag("PerFrameFunctionalGroupsSequence"), expected="parallel, evenly spaced frames",
+                f"segment {label!r} cannot be arranged as a volume ({exc})",
+                path=path,
+                tag=_tag("PerFrameFunctionalGroupsSequence"),
+                expected="parallel, evenly spaced frames",
             ) from None
         arr = np.asarray(vol.array) > 0
         # highdicom's affine maps (slice, row, column); ours maps (i=column, j=row, k=slice).
@@ -357,7 +384,14 @@ def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> d
             continue
         kmin, jmin, imin = nz.min(axis=0)
         kmax, jmax, imax = nz.max(axis=0)
-        corners = np.array([[i, j, k] for i in (imin - 0.5, imax + 0.5) for j in (jmin - 0.5, jmax + 0.5) for k in (kmin - 0.5, kmax + 0.5)])
+        corners = np.array(
+            [
+                [i, j, k]
+                for i in (imin - 0.5, imax + 0.5)
+                for j in (jmin - 0.5, jmax + 0.5)
+                for k in (kmin - 0.5, kmax + 0.5)
+            ]
+        )
         w = src.index_to_world(corners)
         inv = np.linalg.inv(aff)
 
@@ -373,8 +407,9 @@ def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> d
     return out
 
 
-def load_vois(series: Series, grid: Grid, *, names: list[str] | None = None,
-              default_slab_mm: float | None = None) -> dict[str, VOI]:
+def load_vois(
+    series: Series, grid: Grid, *, names: list[str] | None = None, default_slab_mm: float | None = None
+) -> dict[str, VOI]:
     """VOIs from an RTSTRUCT or SEG series on ``grid``.  ``default_slab_mm`` (the CT slice spacing) is the
     thickness of an ROI contoured on a single plane."""
     if series.kind == "rtstruct":
@@ -382,8 +417,11 @@ def load_vois(series: Series, grid: Grid, *, names: list[str] | None = None,
     if series.kind == "seg":
         return read_seg(series, grid, names=names)
     raise VoxeldoseError(
-        f"series {series.description!r} holds no VOIs", path=series.instances[0].path,
-        tag=_tag("SOPClassUID"), expected="an RT Structure Set or a Segmentation", found=series.kind,
+        f"series {series.description!r} holds no VOIs",
+        path=series.instances[0].path,
+        tag=_tag("SOPClassUID"),
+        expected="an RT Structure Set or a Segmentation",
+        found=series.kind,
     )
 
 

@@ -110,8 +110,9 @@ def require(role: str):
 
     async def _dep(p: Principal = Depends(principal)) -> Principal:
         if not p.at_least(role):
-            raise ProblemError(403, "Forbidden", f"the role {p.role!r} may not do this; it needs {role!r} or above",
-                               slug="forbidden")  # fmt: skip
+            raise ProblemError(
+                403, "Forbidden", f"the role {p.role!r} may not do this; it needs {role!r} or above", slug="forbidden"
+            )
         return p
 
     return _dep

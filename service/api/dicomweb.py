@@ -72,8 +72,9 @@ def _params(value: str) -> tuple[str, dict[str, str]]:
     from python_multipart.multipart import parse_options_header
 
     mtype, opts = parse_options_header(value or "")
-    return mtype.decode("latin-1"), {k.decode("latin-1").strip().lower(): v.decode("latin-1").strip()
-                                     for k, v in opts.items()}  # fmt: skip
+    return mtype.decode("latin-1"), {
+        k.decode("latin-1").strip().lower(): v.decode("latin-1").strip() for k, v in opts.items()
+    }
 
 
 def _check_media_types(request: Request) -> bytes:
@@ -82,14 +83,21 @@ def _check_media_types(request: Request) -> bytes:
     part_type = params.get("type", DICOM).lower()
     if mtype != "multipart/related" or part_type != DICOM:
         raise ProblemError(
-            415, "Unsupported media type",
+            415,
+            "Unsupported media type",
             f'send Content-Type: multipart/related; type="{DICOM}"; boundary=… (one PS3.10 instance a part); '
             f"got {mtype or 'none'}" + (f' with type="{part_type}"' if mtype == "multipart/related" else ""),
-            slug="unsupported-media-type", expected=f'multipart/related; type="{DICOM}"',
-        )  # fmt: skip
+            slug="unsupported-media-type",
+            expected=f'multipart/related; type="{DICOM}"',
+        )
     if not _accepts_dicom_json(request.headers.get("accept", "")):
-        raise ProblemError(406, "Not acceptable", f"the response is {DICOM_JSON} only; send Accept: {DICOM_JSON}",
-                           slug="not-acceptable", expected=DICOM_JSON)  # fmt: skip
+        raise ProblemError(
+            406,
+            "Not acceptable",
+            f"the response is {DICOM_JSON} only; send Accept: {DICOM_JSON}",
+            slug="not-acceptable",
+            expected=DICOM_JSON,
+        )
     boundary = params.get("boundary", "")
     if not boundary:
         raise ProblemError(400, "Bad request", "multipart/related without a boundary parameter", slug="bad-request")
@@ -130,8 +138,9 @@ class _Sink:
     def on_part_begin(self) -> None:
         self.close()
         if len(self.parts) >= MAX_PARTS:
-            raise ProblemError(413, "Upload too large", f"more than {MAX_PARTS} parts in one request",
-                               slug="upload-too-large")  # fmt: skip
+            raise ProblemError(
+                413, "Upload too large", f"more than {MAX_PARTS} parts in one request", slug="upload-too-large"
+            )
         part = _Part(self.tmp / f"part-{len(self.parts) + 1:06d}.dcm")
         self._fh = open(part.path, "xb")  # noqa: SIM115 - closed in on_part_end / close()
         self.parts.append(part)
@@ -167,12 +176,27 @@ class _Sink:
 async def _receive(request: Request, settings: Any, boundary: bytes, tmp: Path) -> list[_Part]:
     """Stream the body into ``tmp`` (the caller creates and removes it); ProblemError on a bad body."""
     sink = _Sink(tmp)
-    await uploads.stream_multipart(request, settings, boundary, sink, (
-        "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end",
-        "on_end"), body="the request body", kind="multipart/related")  # fmt: skip
+    await uploads.stream_multipart(
+        request,
+        settings,
+        boundary,
+        sink,
+        (
+            "on_part_begin",
+            "on_part_data",
+            "on_part_end",
+            "on_header_field",
+            "on_header_value",
+            "on_header_end",
+            "on_end",
+        ),
+        body="the request body",
+        kind="multipart/related",
+    )
     if not sink.ended:
-        raise ProblemError(400, "Bad request", "the multipart/related body ends before its closing boundary",
-                           slug="bad-request")  # fmt: skip
+        raise ProblemError(
+            400, "Bad request", "the multipart/related body ends before its closing boundary", slug="bad-request"
+        )
     if not sink.parts:
         raise ProblemError(400, "Bad request", "the multipart/related body holds no instance", slug="bad-request")
     return sink.parts
@@ -287,13 +311,18 @@ def http_status(results: list[_Result]) -> int:
 # -------------------------------------------------------------------------------------- routes
 _DICOM_JSON_RESPONSE = {"content": {DICOM_JSON: {"schema": {"type": "object", "additionalProperties": True}}}}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "every instance stored (duplicates included); Store Instances Response Module",
-          **_DICOM_JSON_RESPONSE},
-    202: {"description": "some instances stored, others failed (FailedSOPSequence) or were stored with a warning "
-                         "(WarningReason)", **_DICOM_JSON_RESPONSE},
+    200: {
+        "description": "every instance stored (duplicates included); Store Instances Response Module",
+        **_DICOM_JSON_RESPONSE,
+    },
+    202: {
+        "description": "some instances stored, others failed (FailedSOPSequence) or were stored with a warning "
+        "(WarningReason)",
+        **_DICOM_JSON_RESPONSE,
+    },
     409: {"description": "no instance stored: FailedSOPSequence says why for each", **_DICOM_JSON_RESPONSE},
     **responses(400, 401, 403, 406, 413, 415, 507),
-}  # fmt: skip
+}
 _DESCRIPTION = (
     "DICOMweb Store Transaction (STOW-RS, PS3.18 §10.5).  **Request body** (raw, not a form, so not described "
     'as an OpenAPI request body): `Content-Type: multipart/related; type="application/dicom"; boundary=…`, '
@@ -315,8 +344,12 @@ async def _stow(request: Request, who: Principal, study: str | None) -> Response
     node = request.app.state.dicom_node
     boundary = _check_media_types(request)
     if study is not None and valid_uid(study) != study:
-        raise ProblemError(400, "Bad request", "the study in the URL is not a valid UID (digits and dots, at most "
-                           "64 characters)", slug="bad-request")  # fmt: skip
+        raise ProblemError(
+            400,
+            "Bad request",
+            "the study in the URL is not a valid UID (digits and dots, at most 64 characters)",
+            slug="bad-request",
+        )
     uploads.check_free_disk(settings)
     length = request.headers.get("content-length")
     if length and length.isdigit():
@@ -341,8 +374,15 @@ async def _stow(request: Request, who: Principal, study: str | None) -> Response
             log.exception("STOW-RS: node.released failed")
     status = http_status(results)
     failed = sum(r.failure is not None for r in results)
-    log.info("STOW-RS by %s: %d parts, %d stored, %d failed, %d warnings → %d", who.name, len(results),
-             len(results) - failed, failed, sum(r.warning is not None for r in results), status)  # fmt: skip
+    log.info(
+        "STOW-RS by %s: %d parts, %d stored, %d failed, %d warnings → %d",
+        who.name,
+        len(results),
+        len(results) - failed,
+        failed,
+        sum(r.warning is not None for r in results),
+        status,
+    )
     return Response(json.dumps(response_module(results)), status_code=status, media_type=DICOM_JSON)
 
 

@@ -70,11 +70,19 @@ async def readyz(request: Request) -> Any:
     if all(checks.values()):
         return Ready(status="ready", checks=checks, device=device, free_disk_mb=round(free, 1), dicom_port=dicom_port)
     failed = [k for k, ok in checks.items() if not ok]
-    words = {"database": "the database does not answer", "ray": "the Ray cluster does not answer",
-             "disk": f"free disk {free:.0f} MB is below min_free_disk_mb"}  # fmt: skip
-    body = {"type": "urn:voxeldose:problem:not-ready", "title": "Not ready", "status": 503,
-            "detail": "not ready: " + "; ".join(words[k] for k in failed), "instance": request.url.path,
-            "checks": checks}  # fmt: skip
+    words = {
+        "database": "the database does not answer",
+        "ray": "the Ray cluster does not answer",
+        "disk": f"free disk {free:.0f} MB is below min_free_disk_mb",
+    }
+    body = {
+        "type": "urn:voxeldose:problem:not-ready",
+        "title": "Not ready",
+        "status": 503,
+        "detail": "not ready: " + "; ".join(words[k] for k in failed),
+        "instance": request.url.path,
+        "checks": checks,
+    }
     return JSONResponse(body, status_code=503, media_type=PROBLEM_JSON)
 
 

@@ -63,7 +63,9 @@ class Job(BaseModel):
     submitted_by: str | None = Field(None, description="name of the token that submitted it")
     cancel_requested: bool
     has_result: bool = Field(description="summary, RT Dose and report are available")
-    source: str | None = Field(None, description="upload (HTTP files), api (series named), dicom (started by the DICOM node)")
+    source: str | None = Field(
+        None, description="upload (HTTP files), api (series named), dicom (started by the DICOM node)"
+    )
     version: int | None = Field(None, description="jobs the DICOM node started: 1, 2, … per therapy cycle")
     supersedes: str | None = Field(None, description="the job of the previous version of this cycle")
     deliveries: list[Delivery] = Field(default_factory=list, description="results sent to the PACS (DICOM C-STORE)")
@@ -89,19 +91,35 @@ def job_out(rec: Any, deliveries: list[dict] | None = None) -> Job:
     done = rec.state == "succeeded" and rec.result_dir is not None
     spec = {k: v for k, v in (rec.spec or {}).items() if k != "inputs"}
     return Job(
-        id=rec.id, state=rec.state, stage=rec.stage, progress=min(1.0, max(0.0, rec.progress or 0.0)),
-        created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at, attempts=rec.attempts,
-        error=rec.error, patient_id=rec.patient_id, idempotency_key=rec.idempotency_key, input_hash=rec.input_hash,
-        spec=spec, submitted_by=rec.submitted_by, cancel_requested=rec.cancel_requested, has_result=done,
-        source=getattr(rec, "source", None), version=getattr(rec, "version", None),
+        id=rec.id,
+        state=rec.state,
+        stage=rec.stage,
+        progress=min(1.0, max(0.0, rec.progress or 0.0)),
+        created_at=rec.created_at,
+        started_at=rec.started_at,
+        finished_at=rec.finished_at,
+        attempts=rec.attempts,
+        error=rec.error,
+        patient_id=rec.patient_id,
+        idempotency_key=rec.idempotency_key,
+        input_hash=rec.input_hash,
+        spec=spec,
+        submitted_by=rec.submitted_by,
+        cancel_requested=rec.cancel_requested,
+        has_result=done,
+        source=getattr(rec, "source", None),
+        version=getattr(rec, "version", None),
         supersedes=getattr(rec, "supersedes", None),
         deliveries=[Delivery.model_validate(d) for d in deliveries or []],
         links=JobLinks(
-            self=base, cancel=f"{base}/cancel", page=f"/jobs/{rec.id}",
-            summary=f"{base}/summary" if done else None, rtdose=f"{base}/rtdose" if done else None,
+            self=base,
+            cancel=f"{base}/cancel",
+            page=f"/jobs/{rec.id}",
+            summary=f"{base}/summary" if done else None,
+            rtdose=f"{base}/rtdose" if done else None,
             report=f"{base}/report" if done else None,
         ),
-    )  # fmt: skip
+    )
 
 
 def not_found(job_id: str) -> ProblemError:
@@ -116,8 +134,9 @@ def readable_job(store: Any, job_id: str, who: Principal) -> Any:
     return rec
 
 
-def list_visible(store: Any, who: Principal, *, state: str | None, patient_id: str | None, limit: int,
-                 offset: int) -> tuple[list[Any], int]:  # fmt: skip
+def list_visible(
+    store: Any, who: Principal, *, state: str | None, patient_id: str | None, limit: int, offset: int
+) -> tuple[list[Any], int]:
     """Jobs the caller may see: all for physicists/admins, their own for submitters."""
     if who.at_least("physicist"):
         return store.list_jobs(state=state, patient_id=patient_id, limit=limit, offset=offset)
@@ -143,16 +162,22 @@ _UPLOAD_BODY = {
                 "type": "object",
                 "required": ["files"],
                 "properties": {
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                              "description": "DICOM files (SPECT, CT, RTSTRUCT/SEG of one cycle), or one .zip"},
-                    "spec": {"type": "string", "description": 'JSON object of JobSpec fields except "inputs", '
-                             'e.g. {"calibration": {"cps_per_mbq": 5.67}, "fit": {"model": "auto"}}'},
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "DICOM files (SPECT, CT, RTSTRUCT/SEG of one cycle), or one .zip",
+                    },
+                    "spec": {
+                        "type": "string",
+                        "description": 'JSON object of JobSpec fields except "inputs", '
+                        'e.g. {"calibration": {"cps_per_mbq": 5.67}, "fit": {"model": "auto"}}',
+                    },
                 },
             },
         },
         "application/json": {"schema": {"$ref": "#/components/schemas/SeriesRequest"}},
     },
-}  # fmt: skip
+}
 
 
 @router.post(
@@ -171,8 +196,10 @@ _UPLOAD_BODY = {
         "with the same checks."
     ),
     openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses={200: {"model": Job, "description": "the existing job (idempotent repeat)"},
-               **responses(400, 401, 403, 404, 413, 415, 422, 507)},  # fmt: skip
+    responses={
+        200: {"model": Job, "description": "the existing job (idempotent repeat)"},
+        **responses(400, 401, 403, 404, 413, 415, 422, 507),
+    },
 )
 async def submit_job(
     request: Request,
@@ -186,7 +213,7 @@ async def submit_job(
             body = SeriesRequest.model_validate_json(await request.body())
         except ValidationError:
             raise  # → 422 with the field errors
-        except Exception:
+        except (ValueError, TypeError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ProblemError(400, "Bad request", "the body is not valid JSON", slug="bad-request") from None
         rec, created = await accept_series(request, body, who, idempotency_key)
     else:
@@ -196,14 +223,18 @@ async def submit_job(
     return job_out(rec)
 
 
-async def accept_series(request: Request, body: SeriesRequest, who: Principal,
-                        idempotency_key: str | None) -> tuple[Any, bool]:  # fmt: skip
+async def accept_series(
+    request: Request, body: SeriesRequest, who: Principal, idempotency_key: str | None
+) -> tuple[Any, bool]:
     """Validate and queue a job on series already received by the DICOM node or STOW-RS."""
     settings = request.app.state.settings
     store = request.app.state.store
     if "inputs" in body.spec:
-        raise uploads.invalid("'spec' must not name 'inputs': the series named are the inputs",
-                              slug="invalid-spec", title="Invalid job description")  # fmt: skip
+        raise uploads.invalid(
+            "'spec' must not name 'inputs': the series named are the inputs",
+            slug="invalid-spec",
+            title="Invalid job description",
+        )
     uploads.check_free_disk(settings)
     received = await run_in_threadpool(uploads.receive_series, store, body.series_instance_uids, settings)
     return await _commit(request, received, dict(body.spec), who, idempotency_key, source="api")
@@ -214,9 +245,12 @@ async def accept_upload(request: Request, who: Principal, idempotency_key: str |
     settings = request.app.state.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
-        raise ProblemError(415, "Unsupported media type",
-                           "send multipart/form-data (field 'files', optional 'spec') or application/json",
-                           slug="unsupported-media-type")  # fmt: skip
+        raise ProblemError(
+            415,
+            "Unsupported media type",
+            "send multipart/form-data (field 'files', optional 'spec') or application/json",
+            slug="unsupported-media-type",
+        )
     uploads.check_free_disk(settings)
     length = request.headers.get("content-length")
     if length and length.isdigit():
@@ -232,8 +266,9 @@ async def accept_upload(request: Request, who: Principal, idempotency_key: str |
     return await _commit(request, received, fields, who, idempotency_key, source="upload")
 
 
-async def _commit(request: Request, received: Any, fields: dict[str, Any], who: Principal,
-                  idempotency_key: str | None, *, source: str) -> tuple[Any, bool]:  # fmt: skip
+async def _commit(
+    request: Request, received: Any, fields: dict[str, Any], who: Principal, idempotency_key: str | None, *, source: str
+) -> tuple[Any, bool]:
     settings = request.app.state.settings
     store = request.app.state.store
     try:
@@ -244,11 +279,15 @@ async def _commit(request: Request, received: Any, fields: dict[str, Any], who: 
     try:
         rec, created = await run_in_threadpool(
             lambda: store.create_job(
-                spec=accepted.spec, input_dir=str(accepted.input_dir), input_hash=accepted.input_hash,
-                patient_id=accepted.patient_id, idempotency_key=idempotency_key, submitted_by=who.name,
+                spec=accepted.spec,
+                input_dir=str(accepted.input_dir),
+                input_hash=accepted.input_hash,
+                patient_id=accepted.patient_id,
+                idempotency_key=idempotency_key,
+                submitted_by=who.name,
                 source=source,
             )
-        )  # fmt: skip
+        )
     except BaseException:
         shutil.rmtree(accepted.input_dir, ignore_errors=True)  # no job refers to it
         raise
@@ -256,8 +295,9 @@ async def _commit(request: Request, received: Any, fields: dict[str, Any], who: 
         if Path(rec.input_dir) != accepted.input_dir:
             shutil.rmtree(accepted.input_dir, ignore_errors=True)  # a duplicate of the existing job's input
         if not may_read(who, rec):
-            raise ProblemError(409, "Conflict", "this Idempotency-Key or input set belongs to another submitter's job",
-                               slug="conflict")  # fmt: skip
+            raise ProblemError(
+                409, "Conflict", "this Idempotency-Key or input set belongs to another submitter's job", slug="conflict"
+            )
     return rec, created
 
 
@@ -289,8 +329,9 @@ def get_job(job_id: str, who: Principal = Depends(principal), store: Any = Depen
     "to pending; the sender's next round sends them.  409 when there is nothing to send.  Physicist or admin.",
     responses=responses(401, 403, 404, 409),
 )
-def resend_job(request: Request, job_id: str, who: Principal = Depends(require("physicist")),
-               store: Any = Depends(get_store)) -> Job:  # fmt: skip
+def resend_job(
+    request: Request, job_id: str, who: Principal = Depends(require("physicist")), store: Any = Depends(get_store)
+) -> Job:
     rec = readable_job(store, job_id, who)
     now = utcnow()
     dest = request.app.state.settings.dicom_destination
@@ -298,8 +339,13 @@ def resend_job(request: Request, job_id: str, who: Principal = Depends(require("
     if dest and rec.state == "succeeded" and rec.result_dir:
         queued = int(store.add_delivery(job_id, dest, now))  # a job never sent (older, or uploaded): send it now
     if not queued and not store.retry_delivery(job_id, now):
-        why = "no DICOM destination is configured" if not dest else "it has no failed delivery and was sent" \
-            if rec.state == "succeeded" else f"it is {rec.state}"  # fmt: skip
+        why = (
+            "no DICOM destination is configured"
+            if not dest
+            else "it has no failed delivery and was sent"
+            if rec.state == "succeeded"
+            else f"it is {rec.state}"
+        )
         raise ProblemError(409, "Nothing to send", f"job {job_id}: nothing to send ({why})", slug="nothing-to-send")
     return job_out(rec, store.job_deliveries(rec.id))
 
@@ -347,8 +393,13 @@ def get_summary(job_id: str, who: Principal = Depends(principal), store: Any = D
     "/{job_id}/rtdose",
     summary="The RT Dose object (DICOM, Gy)",
     response_class=FileResponse,
-    responses={200: {"content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}},
-                     "description": "RT Dose"}, **responses(401, 404, 409)},  # fmt: skip
+    responses={
+        200: {
+            "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "RT Dose",
+        },
+        **responses(401, 404, 409),
+    },
 )
 def get_rtdose(job_id: str, who: Principal = Depends(principal), store: Any = Depends(get_store)) -> FileResponse:
     path = _result_file(store, job_id, who, "rtdose.dcm")
@@ -359,15 +410,19 @@ def get_rtdose(job_id: str, who: Principal = Depends(principal), store: Any = De
     "/{job_id}/report",
     summary="The self-contained HTML report",
     response_class=FileResponse,
-    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "report"},
-               **responses(401, 404, 409)},  # fmt: skip
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "report"},
+        **responses(401, 404, 409),
+    },
 )
 def get_report(job_id: str, who: Principal = Depends(principal), store: Any = Depends(get_store)) -> FileResponse:
     path = _result_file(store, job_id, who, "report.html")
     resp = FileResponse(path, media_type="text/html; charset=utf-8")
     # the report is ours, self-contained: no scripts from elsewhere, framed only by our own pages
-    resp.headers["Content-Security-Policy"] = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; " \
-        "script-src 'unsafe-inline'; frame-ancestors 'self'"  # fmt: skip
+    resp.headers["Content-Security-Policy"] = (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        "script-src 'unsafe-inline'; frame-ancestors 'self'"
+    )
     resp.headers["X-Content-Type-Options"] = "nosniff"
     return resp
 

@@ -22,8 +22,9 @@ class CycleRow(BaseModel):
     kidney_gy: float | None = None
     kidney_bed_gy: float | None = None
     marrow_gy: float | None = None
-    job_id: str | None = Field(None, description="the job that measured this cycle (none for cycles only given as "
-                                                  "earlier cycles in a job)")  # fmt: skip
+    job_id: str | None = Field(
+        None, description="the job that measured this cycle (none for cycles only given as earlier cycles in a job)"
+    )
     gy_per_gbq: dict[str, float] = Field(default_factory=dict, description="kidney/marrow absorbed dose per GBq")
 
 
@@ -87,36 +88,58 @@ def patient_cycles(store: Any, patient_id: str) -> PatientCycles:
             if n in rows and rows[n].job_id is not None and not measured_here:
                 continue  # keep the row of the job that measured that cycle
             row = CycleRow(
-                number=n, date=c.get("date"), activity_mbq=_f(c.get("activity_MBq")), kidney_gy=_f(c.get("kidney_gy")),
-                kidney_bed_gy=_f(c.get("kidney_bed_gy")), marrow_gy=_f(c.get("marrow_gy")),
+                number=n,
+                date=c.get("date"),
+                activity_mbq=_f(c.get("activity_MBq")),
+                kidney_gy=_f(c.get("kidney_gy")),
+                kidney_bed_gy=_f(c.get("kidney_bed_gy")),
+                marrow_gy=_f(c.get("marrow_gy")),
                 job_id=rec.id if measured_here else None,
-            )  # fmt: skip
+            )
             if measured_here and row.activity_mbq:
                 gbq = row.activity_mbq / 1000.0
-                row.gy_per_gbq = {k: v / gbq for k, v in (("kidney", row.kidney_gy), ("marrow", row.marrow_gy)) if v is not None}
+                row.gy_per_gbq = {
+                    k: v / gbq for k, v in (("kidney", row.kidney_gy), ("marrow", row.marrow_gy)) if v is not None
+                }
             rows[n] = row
     if newest is None:
-        raise ProblemError(404, "Not found", f"the results of patient {patient_id}'s jobs are missing", slug="not-found")
+        raise ProblemError(
+            404, "Not found", f"the results of patient {patient_id}'s jobs are missing", slug="not-found"
+        )
     cum = newest.get("cumulative") or {}
     total = cum.get("total") or {}
     left = cum.get("cycles_left") or {}
     limits = [
-        LimitRow(limit=str(x.get("limit")), limit_gy=_f(x.get("limit_gy")), current_gy=_f(x.get("current_gy")),
-                 per_cycle_gy=_f(x.get("per_cycle_gy")), cycles_left=x.get("cycles_left"), exceeded=x.get("exceeded"),
-                 message=x.get("message"), source=x.get("source"))
-        for x in left.get("limits") or [] if isinstance(x, dict)
-    ]  # fmt: skip
+        LimitRow(
+            limit=str(x.get("limit")),
+            limit_gy=_f(x.get("limit_gy")),
+            current_gy=_f(x.get("current_gy")),
+            per_cycle_gy=_f(x.get("per_cycle_gy")),
+            cycles_left=x.get("cycles_left"),
+            exceeded=x.get("exceeded"),
+            message=x.get("message"),
+            source=x.get("source"),
+        )
+        for x in left.get("limits") or []
+        if isinstance(x, dict)
+    ]
     return PatientCycles(
-        patient_id=patient_id, patient_name=name,
+        patient_id=patient_id,
+        patient_name=name,
         cycles=sorted(rows.values(), key=lambda r: (r.number is None, r.number or 0)),
         cumulative=Totals(
-            kidney_gy=_f((total.get("dose_gy") or {}).get("kidney")), marrow_gy=_f((total.get("dose_gy") or {}).get("marrow")),
-            kidney_bed_gy=_f((total.get("bed_gy") or {}).get("kidney")), activity_mbq=_f(total.get("activity_MBq")),
+            kidney_gy=_f((total.get("dose_gy") or {}).get("kidney")),
+            marrow_gy=_f((total.get("dose_gy") or {}).get("marrow")),
+            kidney_bed_gy=_f((total.get("bed_gy") or {}).get("kidney")),
+            activity_mbq=_f(total.get("activity_MBq")),
         ),
-        limits=limits, cycles_left=left.get("cycles_left"), binding_limit=left.get("binding_limit"),
-        planned_activity_mbq=_f(cum.get("planned_activity_MBq")), message=left.get("message"),
+        limits=limits,
+        cycles_left=left.get("cycles_left"),
+        binding_limit=left.get("binding_limit"),
+        planned_activity_mbq=_f(cum.get("planned_activity_MBq")),
+        message=left.get("message"),
         newest_job_id=newest_job.id if newest_job else None,
-    )  # fmt: skip
+    )
 
 
 @router.get(

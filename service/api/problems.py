@@ -75,8 +75,13 @@ def problem_response(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    body = {"type": TYPE_PREFIX + slug, "title": title, "status": status, "detail": detail,
-            "instance": request.url.path}  # fmt: skip
+    body = {
+        "type": TYPE_PREFIX + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
     body.update({k: v for k, v in extra.items() if v is not None})
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
@@ -84,11 +89,18 @@ def problem_response(
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries for the problems a route may answer."""
     words = {
-        400: "Bad request", 401: "No or unknown token", 403: "The token's role may not do this",
-        404: "Not found", 409: "Conflict (e.g. the job has not finished)", 413: "Upload too large",
-        415: "Unsupported media type", 422: "The input or job description is not usable",
-        501: "Not implemented yet", 503: "Not ready", 507: "Not enough free disk space",
-    }  # fmt: skip
+        400: "Bad request",
+        401: "No or unknown token",
+        403: "The token's role may not do this",
+        404: "Not found",
+        409: "Conflict (e.g. the job has not finished)",
+        413: "Upload too large",
+        415: "Unsupported media type",
+        422: "The input or job description is not usable",
+        501: "Not implemented yet",
+        503: "Not ready",
+        507: "Not enough free disk space",
+    }
     return {c: {"model": Problem, "description": words.get(c, "Error"), "content": {PROBLEM_JSON: {}}} for c in codes}
 
 
@@ -121,8 +133,16 @@ def wants_html(request: Request) -> bool:
 def install(app: FastAPI) -> None:
     """Register the exception handlers on ``app``."""
 
-    def render(request: Request, status: int, title: str, detail: str, *, slug: str,
-               headers: dict[str, str] | None = None, **extra: Any):  # fmt: skip
+    def render(
+        request: Request,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        slug: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ):
         if wants_html(request) and status != 401:
             from ..pages import error_page
 
@@ -144,8 +164,14 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else phrase
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such resource: {request.url.path}"
-        return render(request, exc.status_code, phrase, detail, slug=phrase.lower().replace(" ", "-"),
-                      headers=getattr(exc, "headers", None))  # fmt: skip
+        return render(
+            request,
+            exc.status_code,
+            phrase,
+            detail,
+            slug=phrase.lower().replace(" ", "-"),
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -160,9 +186,16 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(VoxeldoseError)
     async def _voxeldose(request: Request, exc: VoxeldoseError):
         d = exc.to_dict()
-        return render(request, 422, "Input not usable", d["message"] or str(exc), slug="invalid-input",
-                      tag=d.get("tag"), expected=d.get("expected"), found=d.get("found"))  # fmt: skip
-
+        return render(
+            request,
+            422,
+            "Input not usable",
+            d["message"] or str(exc),
+            slug="invalid-input",
+            tag=d.get("tag"),
+            expected=d.get("expected"),
+            found=d.get("found"),
+        )
 
 
 class CatchAllMiddleware:
@@ -190,14 +223,20 @@ class CatchAllMiddleware:
             ref = uuid.uuid4().hex[:12]
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             # stack frames and the exception type only: the message may carry patient data
-            frames = "\n".join(f"  {f.filename}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-8:])
-            log.error("unexpected %s (ref %s) on %s %s\n%s", type(exc).__name__, ref, scope.get("method"), route, frames)
+            frames = "\n".join(
+                f"  {f.filename}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-8:]
+            )
+            log.error(
+                "unexpected %s (ref %s) on %s %s\n%s", type(exc).__name__, ref, scope.get("method"), route, frames
+            )
             if started:
                 return
             request = Request(scope)
             resp = problem_response(
-                request, 500, "Internal error",
+                request,
+                500,
+                "Internal error",
                 f"the service failed unexpectedly; the operator can find reference {ref} in its log",
                 slug="internal-error",
-            )  # fmt: skip
+            )
             await resp(scope, receive, send)

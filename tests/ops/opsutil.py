@@ -101,7 +101,9 @@ def guide_table(text: str, marker: str) -> list[str]:
     first cell of each row, one backticked name per row."""
     m = re.search(rf"<!--\s*{marker}:begin\s*-->(.*?)<!--\s*{marker}:end\s*-->", text, re.S)
     if not m:
-        raise AssertionError(f"{GUIDE.relative_to(REPO)}: no table between <!-- {marker}:begin --> and <!-- {marker}:end -->")
+        raise AssertionError(
+            f"{GUIDE.relative_to(REPO)}: no table between <!-- {marker}:begin --> and <!-- {marker}:end -->"
+        )
     names = []
     for line in m.group(1).splitlines():
         line = line.strip()

@@ -14,9 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import opsutil
+import pytest
 from opsutil import COMPOSE, KUBERAY, interpolate, load_yaml
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -130,9 +129,14 @@ def test_no_secret_values_in_the_compose_file(raw) -> None:
     def walk(node, path):
         if isinstance(node, dict):
             for k, v in node.items():
-                if isinstance(v, (str, int)) and SECRET_KEY.search(str(k)) and not str(k).endswith("_FILE"):
-                    if not re.fullmatch(r"\$\{[A-Z0-9_]+(:?[?][^}]*)?\}", str(v)) and str(k) != "RAY_AUTH_MODE":
-                        found.append(f"{path}/{k}={v!r}")
+                if (
+                    isinstance(v, (str, int))
+                    and SECRET_KEY.search(str(k))
+                    and not str(k).endswith("_FILE")
+                    and not re.fullmatch(r"\$\{[A-Z0-9_]+(:?[?][^}]*)?\}", str(v))
+                    and str(k) != "RAY_AUTH_MODE"
+                ):
+                    found.append(f"{path}/{k}={v!r}")
                 walk(v, f"{path}/{k}")
         elif isinstance(node, list):
             for i, v in enumerate(node):
@@ -185,8 +189,9 @@ def _names_in(path: Path) -> set[str]:
     return set(opsutil.VAR_NAME.findall(path.read_text()))
 
 
-@pytest.mark.parametrize("path", [COMPOSE, KUBERAY, opsutil.DOCKER / "env.example", *opsutil.DOCKERFILES.values()],
-                         ids=lambda p: p.name)  # fmt: skip
+@pytest.mark.parametrize(
+    "path", [COMPOSE, KUBERAY, opsutil.DOCKER / "env.example", *opsutil.DOCKERFILES.values()], ids=lambda p: p.name
+)
 def test_voxeldose_variables_in_deployment_files_exist_in_the_code(path: Path) -> None:
     unknown = _names_in(path) - opsutil.known_env_names()
     assert not unknown, f"{path.relative_to(opsutil.REPO)} names variables no code reads: {sorted(unknown)}"
@@ -240,9 +245,15 @@ def test_docker_compose_config_accepts_the_file(tmp_path) -> None:
     if cmd is None:
         pytest.skip("no Docker Compose CLI here (`docker compose` / `docker-compose`); the schema test covers CI")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXELDOSE_", "STACK_", "POSTGRES_", "RAY_"))}
-    res = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "--quiet"], env={**env, **SAMPLE_ENV},
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "config", "--quiet"],
+        env={**env, **SAMPLE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
-    res = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "--quiet"], env=env, capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "config", "--quiet"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode != 0 and "POSTGRES_PASSWORD" in res.stderr + res.stdout

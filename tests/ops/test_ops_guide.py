@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 import opsutil
+import pytest
 from opsutil import COMPOSE, GUIDE, REPO
 
 pytest.importorskip("pydantic_settings")
@@ -51,8 +50,10 @@ def test_every_variable_the_guide_names_exists(guide) -> None:
 
 def test_the_table_check_reports_both_sides() -> None:
     """The comparison says which names are missing on which side (what a failing CI run shows)."""
-    text = "<!-- settings:begin -->\n| variable | default | what |\n|---|---|---|\n| `VOXELDOSE_PORT` | 8000 | x |\n" \
-           "| `VOXELDOSE_NO_SUCH_THING` | - | y |\n<!-- settings:end -->"  # fmt: skip
+    text = (
+        "<!-- settings:begin -->\n| variable | default | what |\n|---|---|---|\n| `VOXELDOSE_PORT` | 8000 | x |\n"
+        "| `VOXELDOSE_NO_SUCH_THING` | - | y |\n<!-- settings:end -->"
+    )
     rows = set(opsutil.guide_table(text, "settings"))
     code = set(opsutil.settings_env_names())
     msg = _diff_message("service settings", code, rows, "the table")
@@ -121,8 +122,15 @@ def test_ports_and_services_of_the_stack_are_in_the_guide(guide) -> None:
     ports_table = guide.split("## Ports", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| (\d+)/tcp", ports_table, re.M))
     head_args = dict(a.lstrip("-").split("=", 1) for a in stack["services"]["ray-head"]["command"] if "=" in a)
-    expected = {"8000", "11112", "5432", head_args["port"], head_args["ray-client-server-port"],
-                head_args["dashboard-port"], head_args["metrics-export-port"]}  # fmt: skip
+    expected = {
+        "8000",
+        "11112",
+        "5432",
+        head_args["port"],
+        head_args["ray-client-server-port"],
+        head_args["dashboard-port"],
+        head_args["metrics-export-port"],
+    }
     assert expected <= documented, f"ports missing from the guide's table: {sorted(expected - documented)}"
 
 

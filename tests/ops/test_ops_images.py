@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import opsutil
+import pytest
 from opsutil import CONSTRAINTS, DOCKERFILES, REPO
 
 SECRET = re.compile(r"PASSWORD|TOKEN|SECRET|PASSPHRASE|(^|_)KEY$", re.I)
@@ -106,7 +105,7 @@ def _install_line(stages: list[dict]) -> tuple[str, str]:
             m = re.search(r"pip install\s+-c\s+(\S+)\s+\"/src\[([a-z,]+)\]\"", run)
             if m:
                 return m.group(1), m.group(2)
-    raise AssertionError("no `pip install -c <constraints> \"/src[extras]\"` in the Dockerfile")
+    raise AssertionError('no `pip install -c <constraints> "/src[extras]"` in the Dockerfile')
 
 
 def image_extras(name: str) -> str:
@@ -152,8 +151,12 @@ def test_health_check_script(tmp_path) -> None:
     """docker/healthcheck.py: ``raylet`` fails where none runs, an unknown check is an error, ``http`` fails
     against a closed port (and succeeds against a real /healthz in the stack smoke test's server)."""
     script = REPO / "docker" / "healthcheck.py"
-    run = lambda *a, **env: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True,  # noqa: E731
-                                           timeout=30, env={**os.environ, **env})  # fmt: skip
+
+    def run(*a: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), *a], capture_output=True, text=True, timeout=30, env={**os.environ, **env}
+        )
+
     res = run("nonsense")
     assert res.returncode == 1 and "unknown check" in res.stderr
     from serverproc import free_port
@@ -165,7 +168,9 @@ def test_health_check_script(tmp_path) -> None:
 
 
 def test_dockerignore_sends_what_the_images_copy_and_nothing_secret() -> None:
-    rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")]
+    rules = [
+        r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")
+    ]
 
     def ignored(rel: str) -> bool:
         out = False
@@ -173,8 +178,11 @@ def test_dockerignore_sends_what_the_images_copy_and_nothing_secret() -> None:
             neg = r.startswith("!")
             pat = r[1:] if neg else r
             pat = pat.rstrip("/")
-            if fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel, pat + "/*") or rel.startswith(pat + "/") or (
-                pat.startswith("**/") and fnmatch.fnmatch(rel.split("/")[-1], pat[3:])
+            if (
+                fnmatch.fnmatch(rel, pat)
+                or fnmatch.fnmatch(rel, pat + "/*")
+                or rel.startswith(pat + "/")
+                or (pat.startswith("**/") and fnmatch.fnmatch(rel.split("/")[-1], pat[3:]))
             ):
                 out = not neg
         return out
@@ -226,8 +234,9 @@ def _venv(path: Path) -> Path:
 
 
 def _pip(py: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    res = subprocess.run([str(py), "-m", "pip", "--disable-pip-version-check", *args], capture_output=True,
-                         text=True, timeout=timeout)  # fmt: skip
+    res = subprocess.run(
+        [str(py), "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True, timeout=timeout
+    )
     assert res.returncode == 0, f"pip {' '.join(args[:3])} ... failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
 
@@ -254,23 +263,42 @@ def test_image_requirements_install_in_a_clean_virtualenv(tmp_path) -> None:
             installed.pop(tool, None)
         unpinned = {n: v for n, v in installed.items() if pins.get(n) != v}
         assert not unpinned, f"installed but not pinned (or at another version) in constraints.txt: {unpinned}"
-        code = ("import service.cli, service.app, service.dispatcher, service.worker, service.store, ray, psycopg, "
-                "uvicorn; from service.config import Settings; print(Settings(data_dir='/tmp').database_url)")  # fmt: skip
+        code = (
+            "import service.cli, service.app, service.dispatcher, service.worker, service.store, ray, psycopg, "
+            "uvicorn; from service.config import Settings; print(Settings(data_dir='/tmp').database_url)"
+        )
         res = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
         assert Path(res.stdout.strip().split("sqlite:///", 1)[1]).name == "voxeldose.db"
         # the installed package is the wheel, not this checkout: kernels come from VOXELDOSE_KERNEL_DIR in images
-        res = subprocess.run([str(py), "-c", "import voxeldose; print(voxeldose.__file__)"], capture_output=True,
-                             text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+        res = subprocess.run(
+            [str(py), "-c", "import voxeldose; print(voxeldose.__file__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
         assert str(venv) in res.stdout, res.stdout
 
         report = tmp_path / "worker-report.json"
         t0 = time.monotonic()
-        _pip(py, "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report), "-c",
-             str(CONSTRAINTS), f"{REPO}[{image_extras('worker')}]")  # fmt: skip
+        _pip(
+            py,
+            "install",
+            "--quiet",
+            "--dry-run",
+            "--ignore-installed",
+            "--report",
+            str(report),
+            "-c",
+            str(CONSTRAINTS),
+            f"{REPO}[{image_extras('worker')}]",
+        )
         t_resolve = time.monotonic() - t0
-        resolved = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
-                    for i in json.loads(report.read_text())["install"]}  # fmt: skip
+        resolved = {
+            canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
+            for i in json.loads(report.read_text())["install"]
+        }
         resolved.pop("voxeldose", None)
         assert "cupy-cuda12x" in resolved
         off = {n: v for n, v in resolved.items() if pins.get(n) != v}

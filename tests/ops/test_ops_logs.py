@@ -80,12 +80,21 @@ def test_dicom_uids_and_person_names_are_redacted(capture, json_lines) -> None:
     try:
         raise KeyError(f"SOPInstanceUID {uid} of DOE^JANE")
     except KeyError:
-        out = capture(json_lines, "service.dicom_node", logging.ERROR, "store of %s for %s failed", uid, "Doe^Jane^M",
-                      exc_info=True)  # fmt: skip
+        out = capture(
+            json_lines,
+            "service.dicom_node",
+            logging.ERROR,
+            "store of %s for %s failed",
+            uid,
+            "Doe^Jane^M",
+            exc_info=True,
+        )
     assert uid not in out and "DOE^JANE" not in out and "Doe^Jane" not in out
     assert "<uid>" in out and "<name>" in out
     # what must stay: versions, addresses, nuclide names, ids
-    kept = capture(json_lines, "x", logging.INFO, "ray %s at 10.0.0.12:6379, %s, job %s", "2.60.0", "^177^Lutetium", JOB)
+    kept = capture(
+        json_lines, "x", logging.INFO, "ray %s at 10.0.0.12:6379, %s, job %s", "2.60.0", "^177^Lutetium", JOB
+    )
     assert "2.60.0" in kept and "10.0.0.12:6379" in kept and "^177^Lutetium" in kept and JOB in kept
 
 

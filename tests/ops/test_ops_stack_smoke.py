@@ -94,9 +94,14 @@ class RayNode:
 
     def start(self, timeout: float = 180.0) -> None:
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([RAY, "start", *self.args, "--block"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [RAY, "start", *self.args, "--block"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if "Ray runtime started" in self.log_path.read_text(errors="replace"):
@@ -165,12 +170,33 @@ def ray_cluster() -> Iterator[Cluster]:
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **ray_auth_env(token))
     gcs, client = free_port(), free_port()
     common = ["--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats"]
-    head = RayNode("head", ["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=0",
-                            "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
-                            f"--temp-dir={head_dir}", *common], env, root / "head.log")  # fmt: skip
-    worker = RayNode("worker", [f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
-                                f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={worker_dir}", *common],
-                     env, root / "worker.log")  # fmt: skip
+    head = RayNode(
+        "head",
+        [
+            "--head",
+            f"--port={gcs}",
+            f"--ray-client-server-port={client}",
+            "--num-cpus=0",
+            "--include-dashboard=false",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={head_dir}",
+            *common,
+        ],
+        env,
+        root / "head.log",
+    )
+    worker = RayNode(
+        "worker",
+        [
+            f"--address=127.0.0.1:{gcs}",
+            "--num-cpus=1",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={worker_dir}",
+            *common,
+        ],
+        env,
+        root / "worker.log",
+    )
     cluster = Cluster(gcs, client, token, head_dir, worker_dir, head, worker)
     try:
         t0 = time.monotonic()
@@ -196,15 +222,23 @@ def phantom(tmp_path_factory) -> dict:
     st = PhantomSettings.small()
     write_phantom(d, st)
     truth = json.loads((d / "truth" / "truth.json").read_text())
-    return {"zip": serverproc.zip_folder(d / "dicom"), "patient_id": st.patient_id, "patient_name": st.patient_name,
-            "spec": {"calibration": {"cps_per_mbq": truth["calibration_cps_per_mbq"]}}}  # fmt: skip
+    return {
+        "zip": serverproc.zip_folder(d / "dicom"),
+        "patient_id": st.patient_id,
+        "patient_name": st.patient_name,
+        "spec": {"calibration": {"cps_per_mbq": truth["calibration_cps_per_mbq"]}},
+    }
 
 
 def create_token(data_dir: Path, database_url: str, name: str, role: str) -> str:
     """``voxeldose token create`` against the stack's database (serverproc.create_token uses the SQLite default)."""
-    out = subprocess.run([*voxeldose_cmd(), "token", "create", "--name", name, "--role", role],
-                         env=child_env(data_dir, database_url=database_url), capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [*voxeldose_cmd(), "token", "create", "--name", name, "--role", role],
+        env=child_env(data_dir, database_url=database_url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
@@ -213,18 +247,30 @@ def create_token(data_dir: Path, database_url: str, name: str, role: str) -> str
 @pytest.mark.parametrize("mode", ["driver-on-head-node", "ray-client"])
 def test_jobs_run_on_the_separately_started_worker_and_land_in_postgresql(
     mode: str, ray_cluster: Cluster, pg_url: str, phantom: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # fmt: skip
-    address = (f"127.0.0.1:{ray_cluster.gcs_port}" if mode == "driver-on-head-node"
-               else f"ray://127.0.0.1:{ray_cluster.client_port}")  # fmt: skip
+) -> None:
+    address = (
+        f"127.0.0.1:{ray_cluster.gcs_port}"
+        if mode == "driver-on-head-node"
+        else f"ray://127.0.0.1:{ray_cluster.client_port}"
+    )
     # serverproc's child_env strips the RAY_AUTH_* of the test process; `voxeldose serve` gets the cluster's
     orig_child_env = serverproc.child_env
-    monkeypatch.setattr(serverproc, "child_env",
-                        lambda *a, **kw: {**orig_child_env(*a, **kw), **ray_auth_env(ray_cluster.token_path)})
+    monkeypatch.setattr(
+        serverproc, "child_env", lambda *a, **kw: {**orig_child_env(*a, **kw), **ray_auth_env(ray_cluster.token_path)}
+    )
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     token = create_token(data_dir, pg_url, "ops-physicist", "physicist")
-    server = ServerProc(data_dir, tmp_path / "server.log", ray_address=address, database_url=pg_url,
-                        log_json="true", jobs_in_flight=1, min_free_disk_mb=64, dicom_port=0)  # fmt: skip
+    server = ServerProc(
+        data_dir,
+        tmp_path / "server.log",
+        ray_address=address,
+        database_url=pg_url,
+        log_json="true",
+        jobs_in_flight=1,
+        min_free_disk_mb=64,
+        dicom_port=0,
+    )
     t0 = time.monotonic()
     for attempt in (1, 2):
         try:
@@ -236,7 +282,9 @@ def test_jobs_run_on_the_separately_started_worker_and_land_in_postgresql(
             if attempt == 1 and mode == "ray-client" and "Initialization failure from server" in str(exc):
                 print(f"\nserve could not connect through Ray Client (ray#63202), starting it again:\n{exc}")
                 continue
-            raise RuntimeError(f"{exc}\n--- Ray head's client-server logs ---\n{ray_cluster.client_server_logs()}") from None
+            raise RuntimeError(
+                f"{exc}\n--- Ray head's client-server logs ---\n{ray_cluster.client_server_logs()}"
+            ) from None
     t_start = time.monotonic() - t0
     try:
         with httpx.Client(base_url=server.base_url, timeout=60) as c:
@@ -244,9 +292,13 @@ def test_jobs_run_on_the_separately_started_worker_and_land_in_postgresql(
             assert ready["checks"] == {**ready["checks"], "database": True, "ray": True}, ready
             assert ready["device"] == "cpu"
             # the image's health check script against the real server
-            hc = subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py"), "http"],
-                                env={**os.environ, "VOXELDOSE_PORT": str(server.port)}, capture_output=True, text=True,
-                                timeout=30)  # fmt: skip
+            hc = subprocess.run(
+                [sys.executable, str(REPO / "docker" / "healthcheck.py"), "http"],
+                env={**os.environ, "VOXELDOSE_PORT": str(server.port)},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert hc.returncode == 0, hc.stderr
 
             t0 = time.monotonic()
@@ -274,8 +326,10 @@ def test_jobs_run_on_the_separately_started_worker_and_land_in_postgresql(
     eng = create_engine(pg_url)
     try:
         with eng.connect() as conn:
-            row = conn.execute(text("SELECT state, attempts, result_dir, patient_id, submitted_by FROM jobs "
-                                    "WHERE id = :id"), {"id": job_id}).one()  # fmt: skip
+            row = conn.execute(
+                text("SELECT state, attempts, result_dir, patient_id, submitted_by FROM jobs WHERE id = :id"),
+                {"id": job_id},
+            ).one()
             schema = conn.execute(text("SELECT current_schema()")).scalar()
     finally:
         eng.dispose()

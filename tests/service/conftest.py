@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -107,7 +108,9 @@ def small_phantom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture
-def start_node(request: pytest.FixtureRequest, make_settings: Callable[..., Any], store: Any) -> Iterator[Callable[..., Any]]:
+def start_node(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Any], store: Any
+) -> Iterator[Callable[..., Any]]:
     from service.dicom_node import DicomNode
 
     allowed = list(getattr(request.module, "NODE_ALLOWED_AETS", []))

@@ -378,7 +378,9 @@ def start_orthanc(
         dicom_port = free_port()
         while dicom_port == http_port:
             dicom_port = free_port()
-        cfg = make_config(workdir, aet=aet, http_port=http_port, dicom_port=dicom_port, modalities=modalities, extra=extra_config)
+        cfg = make_config(
+            workdir, aet=aet, http_port=http_port, dicom_port=dicom_port, modalities=modalities, extra=extra_config
+        )
         node = Orthanc(binary, workdir, cfg)
         try:
             node._launch(timeout)

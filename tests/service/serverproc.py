@@ -60,8 +60,12 @@ def create_token(data_dir: Path, name: str, role: str) -> str:
     """``voxeldose token create`` → the plain token (printed once on stdout)."""
     out = subprocess.run(
         [*voxeldose_cmd(), "token", "--data-dir", str(data_dir), "create", "--name", name, "--role", role],
-        env=child_env(data_dir), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        env=child_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"voxeldose token create failed ({out.returncode}): {out.stderr.strip()}")
     tok = out.stdout.strip().splitlines()[-1].strip()
@@ -131,11 +135,22 @@ class ServerProc:
                 log.write(f"\n===== start {self.starts} on port {self.port} =====\n")
                 log.flush()
                 self.proc = subprocess.Popen(
-                    [*voxeldose_cmd(), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                     "--data-dir", str(self.data_dir)],
-                    env=child_env(self.data_dir, **self.settings), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True,
-                )  # fmt: skip
+                    [
+                        *voxeldose_cmd(),
+                        "serve",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(self.port),
+                        "--data-dir",
+                        str(self.data_dir),
+                    ],
+                    env=child_env(self.data_dir, **self.settings),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             if self._wait_ready(timeout):
                 return
             last = self.log_tail()
@@ -211,14 +226,22 @@ def auth(token: str | None, **extra: str) -> dict[str, str]:
     return h
 
 
-def submit(client: httpx.Client, token: str | None, payload: bytes, spec: dict | None, *, filename: str = "study.zip",
-           idempotency_key: str | None = None) -> httpx.Response:  # fmt: skip
+def submit(
+    client: httpx.Client,
+    token: str | None,
+    payload: bytes,
+    spec: dict | None,
+    *,
+    filename: str = "study.zip",
+    idempotency_key: str | None = None,
+) -> httpx.Response:
     headers = auth(token)
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
     data = {"spec": json.dumps(spec)} if spec is not None else None
-    return client.post("/v1/jobs", headers=headers, files=[("files", (filename, payload, "application/zip"))],
-                       data=data, timeout=120)  # fmt: skip
+    return client.post(
+        "/v1/jobs", headers=headers, files=[("files", (filename, payload, "application/zip"))], data=data, timeout=120
+    )
 
 
 def get_job(client: httpx.Client, token: str, job_id: str) -> dict:
@@ -227,8 +250,16 @@ def get_job(client: httpx.Client, token: str, job_id: str) -> dict:
     return r.json()
 
 
-def wait_for(client: httpx.Client, token: str, job_id: str, states: Iterable[str], *, timeout: float = 180.0,
-             interval: float = 0.25, server: ServerProc | None = None) -> dict:  # fmt: skip
+def wait_for(
+    client: httpx.Client,
+    token: str,
+    job_id: str,
+    states: Iterable[str],
+    *,
+    timeout: float = 180.0,
+    interval: float = 0.25,
+    server: ServerProc | None = None,
+) -> dict:
     """Poll the job until its state is one of ``states`` (or terminal: then it must be wanted)."""
     states = tuple(states)
     deadline = time.monotonic() + timeout
@@ -272,12 +303,17 @@ class E2EEnv:
         if self.first_job is None:
             with self.client() as c:
                 r = submit(c, self.tokens["physicist"], self.zip_bytes, self.spec, idempotency_key=self.idempotency_key)
-                self.first_response = {"status": r.status_code, "location": r.headers.get("location"),
-                                       "content_type": r.headers.get("content-type"), "body": r.json()}  # fmt: skip
+                self.first_response = {
+                    "status": r.status_code,
+                    "location": r.headers.get("location"),
+                    "content_type": r.headers.get("content-type"),
+                    "body": r.json(),
+                }
                 assert r.status_code == 202, (r.status_code, r.text)
                 job_id = r.json()["id"]
-                self.first_job = wait_for(c, self.tokens["physicist"], job_id, ["succeeded"], timeout=timeout,
-                                          server=self.server)  # fmt: skip
+                self.first_job = wait_for(
+                    c, self.tokens["physicist"], job_id, ["succeeded"], timeout=timeout, server=self.server
+                )
         return self.first_job
 
     def close(self) -> None:
@@ -303,9 +339,13 @@ def shared_env(tmp_path_factory: Any, request: Any, phantom: dict[str, Any]) -> 
     # min_free_disk_mb: CI disks can be small; the uploads here are a few MB
     server = ServerProc(data_dir, root / "server.log", min_free_disk_mb=64)
     env = E2EEnv(
-        root=root, server=server, tokens=tokens, phantom=phantom, zip_bytes=zip_folder(phantom["dicom"]),
+        root=root,
+        server=server,
+        tokens=tokens,
+        phantom=phantom,
+        zip_bytes=zip_folder(phantom["dicom"]),
         spec={"calibration": {"cps_per_mbq": phantom["truth"]["calibration_cps_per_mbq"]}},
-    )  # fmt: skip
+    )
 
     def _close() -> None:
         global _SHARED

@@ -40,8 +40,14 @@ def phantom(tmp_path_factory) -> dict:
     write_outputs(run({"inputs": [str(root / "dicom")], **spec}), out)
     dicom = root / "dicom"
     files = sorted(dicom.rglob("*.dcm"))
-    return {"root": root, "dicom": dicom, "files": files, "spec": spec, "result": out,
-            "patient_id": PhantomSettings.small().patient_id}  # fmt: skip
+    return {
+        "root": root,
+        "dicom": dicom,
+        "files": files,
+        "spec": spec,
+        "result": out,
+        "patient_id": PhantomSettings.small().patient_id,
+    }
 
 
 class Env:
@@ -164,10 +170,15 @@ def test_same_upload_twice_is_the_same_job(env: Env, phantom: dict) -> None:
 
 
 def test_zip_upload(env: Env, phantom: dict) -> None:
-    z = zip_bytes({str(p.relative_to(phantom["root"])): p.read_bytes() for p in phantom["files"]}
-                  | {"README.txt": b"notes"})  # fmt: skip
-    r = env.client.post("/v1/jobs", files=[("files", ("study.zip", z, "application/zip"))],
-                        data={"spec": json.dumps(phantom["spec"])}, headers=env.h())  # fmt: skip
+    z = zip_bytes(
+        {str(p.relative_to(phantom["root"])): p.read_bytes() for p in phantom["files"]} | {"README.txt": b"notes"}
+    )
+    r = env.client.post(
+        "/v1/jobs",
+        files=[("files", ("study.zip", z, "application/zip"))],
+        data={"spec": json.dumps(phantom["spec"])},
+        headers=env.h(),
+    )
     assert r.status_code == 202, r.text
     (entry,) = env.incoming_entries()
     assert not (env.incoming / entry / "study.zip").exists()
@@ -180,7 +191,9 @@ def test_zip_with_unsafe_member_is_refused(env: Env, phantom: dict, evil: str) -
     r = env.client.post("/v1/jobs", files=[("files", ("s.zip", z, "application/zip"))], headers=env.h())
     assert_problem(r, 422, "unsafe member path")
     assert env.incoming_entries() == []
-    assert not (env.settings.data_dir / "evil.dcm").exists() and not (env.settings.data_dir.parent / "evil.dcm").exists()
+    assert (
+        not (env.settings.data_dir / "evil.dcm").exists() and not (env.settings.data_dir.parent / "evil.dcm").exists()
+    )
 
 
 def test_zip_bomb_is_refused_by_uncompressed_size(tmp_path: Path) -> None:
@@ -200,8 +213,9 @@ def test_truncated_zip(env: Env, phantom: dict) -> None:
 
 
 def test_random_bytes_are_refused_with_a_message(env: Env) -> None:
-    r = env.client.post("/v1/jobs", files=[("files", ("scan.dcm", b"\x13\x37" * 500, "application/dicom"))],
-                        headers=env.h("submitter"))  # fmt: skip
+    r = env.client.post(
+        "/v1/jobs", files=[("files", ("scan.dcm", b"\x13\x37" * 500, "application/dicom"))], headers=env.h("submitter")
+    )
     body = assert_problem(r, 422, "scan.dcm", "not a DICOM file")
     assert str(env.settings.data_dir) not in body["detail"]  # names the upload's file, not the server's path
     assert env.incoming_entries() == []
@@ -302,16 +316,22 @@ def test_json_body_naming_received_series(env: Env, phantom: dict) -> None:
     assert again.status_code == 200 and again.json()["id"] == job["id"]
     # a series never received: 404 naming it; nothing left behind in incoming/
     before = env.incoming_entries()
-    assert_problem(env.client.post("/v1/jobs", json={"series_instance_uids": ["1.2.3.999"]}, headers=env.h()),
-                   404, "1.2.3.999")  # fmt: skip
+    assert_problem(
+        env.client.post("/v1/jobs", json={"series_instance_uids": ["1.2.3.999"]}, headers=env.h()), 404, "1.2.3.999"
+    )
     assert env.incoming_entries() == before
     # count images without a calibration: the same refusal as for an upload
     r = env.client.post("/v1/jobs", json={"series_instance_uids": series}, headers=env.h())
     assert_problem(r, 422, "cps_per_mbq")
     assert env.incoming_entries() == before
     assert_problem(env.client.post("/v1/jobs", json={"spec": {}}, headers=env.h()), 422, "series_instance_uids")
-    assert_problem(env.client.post("/v1/jobs", json={"series_instance_uids": series, "spec": {"inputs": ["/etc"]}},
-                                   headers=env.h()), 422, "inputs")  # fmt: skip
+    assert_problem(
+        env.client.post(
+            "/v1/jobs", json={"series_instance_uids": series, "spec": {"inputs": ["/etc"]}}, headers=env.h()
+        ),
+        422,
+        "inputs",
+    )
     r = env.client.post("/v1/jobs", content=b"hello", headers=env.h(**{"Content-Type": "text/plain"}))
     assert_problem(r, 415)
 
@@ -501,9 +521,18 @@ def test_metrics(env: Env, phantom: dict) -> None:
 def test_openapi_and_docs(env: Env) -> None:
     spec = env.client.get("/openapi.json").json()
     paths = spec["paths"]
-    for p in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/summary",
-              "/v1/jobs/{job_id}/rtdose", "/v1/jobs/{job_id}/report", "/v1/patients/{patient_id}/cycles",
-              "/healthz", "/readyz", "/metrics"):  # fmt: skip
+    for p in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/summary",
+        "/v1/jobs/{job_id}/rtdose",
+        "/v1/jobs/{job_id}/report",
+        "/v1/patients/{patient_id}/cycles",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert p in paths, p
     body = paths["/v1/jobs"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "application/json" in body
@@ -532,8 +561,13 @@ def test_schemathesis_no_server_errors(env: Env, phantom: dict) -> None:
         kwargs = {"media_type": mt} if mt else {}
 
         @given(case=op.as_strategy(generation_mode=mode, **kwargs))
-        @settings(max_examples=15, deadline=None, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck), database=None)  # fmt: skip
+        @settings(
+            max_examples=15,
+            deadline=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
         def check(case) -> None:
             if "job_id" in (case.path_parameters or {}) and len(ran) % 2:
                 case.path_parameters["job_id"] = job["id"]  # also exercise a real, finished job
@@ -562,11 +596,22 @@ def test_schemathesis_no_server_errors(env: Env, phantom: dict) -> None:
 def test_send_queues_a_job_for_the_pacs(tmp_path: Path) -> None:
     """POST /v1/jobs/{id}/send: a succeeded job gets a delivery to the configured destination (shown on the
     job); again while it is pending: 409; without a destination: 409 saying so; submitters may not."""
-    env = Env(tmp_path / "a", dicom_destination_ae_title="PACS", dicom_destination_host="127.0.0.1",
-              dicom_destination_port=104)  # fmt: skip
+    env = Env(
+        tmp_path / "a",
+        dicom_destination_ae_title="PACS",
+        dicom_destination_host="127.0.0.1",
+        dicom_destination_port=104,
+    )
     try:
-        job, _ = env.store.create_job(spec={"inputs": ["x"]}, input_dir="x", input_hash="b" * 64, patient_id="P",
-                                      idempotency_key=None, submitted_by="physicist-1", source="upload")  # fmt: skip
+        job, _ = env.store.create_job(
+            spec={"inputs": ["x"]},
+            input_dir="x",
+            input_hash="b" * 64,
+            patient_id="P",
+            idempotency_key=None,
+            submitted_by="physicist-1",
+            source="upload",
+        )
         env.store.claim_queued(1)
         out = tmp_path / "out"
         out.mkdir()
@@ -583,8 +628,14 @@ def test_send_queues_a_job_for_the_pacs(tmp_path: Path) -> None:
         env.store.dispose()
     env2 = Env(tmp_path / "b")
     try:
-        job, _ = env2.store.create_job(spec={"inputs": ["x"]}, input_dir="x", input_hash="c" * 64, patient_id="P",
-                                       idempotency_key=None, submitted_by="physicist-1")  # fmt: skip
+        job, _ = env2.store.create_job(
+            spec={"inputs": ["x"]},
+            input_dir="x",
+            input_hash="c" * 64,
+            patient_id="P",
+            idempotency_key=None,
+            submitted_by="physicist-1",
+        )
         assert_problem(env2.client.post(f"/v1/jobs/{job.id}/send", headers=env2.h()), 409, "no DICOM destination")
     finally:
         env2.client.close()

@@ -65,9 +65,19 @@ def driver(browser_paths, tmp_path: Path):
     chrome, chromedriver = browser_paths
     opts = webdriver.ChromeOptions()
     opts.binary_location = chrome
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,1600", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1600",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         opts.add_argument(flag)
     service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
     drv = webdriver.Chrome(options=opts, service=service)
@@ -127,9 +137,11 @@ def test_login_job_list_to_dvh_plot(e2e, driver, tmp_path: Path) -> None:
 
     # the plot is below the tables: bring it into the viewport for the screenshots
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", plot)
-    wait.until(lambda d: d.execute_script(
-        "const r = arguments[0].getBoundingClientRect();"
-        "return r.top >= 0 && r.bottom <= window.innerHeight;", plot))  # fmt: skip
+    wait.until(
+        lambda d: d.execute_script(
+            "const r = arguments[0].getBoundingClientRect();return r.top >= 0 && r.bottom <= window.innerHeight;", plot
+        )
+    )
     shot = tmp_path / "job-page.png"
     plot.screenshot(str(tmp_path / "dvh-plot.png"))
     driver.save_screenshot(str(shot))

@@ -9,22 +9,23 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 pytest.importorskip("pynetdicom")
 
-from pydicom import dcmread  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
-
-from dicom_factory import secondary_capture  # noqa: E402
-from support import stored_files  # noqa: E402
+from dicom_factory import secondary_capture
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from support import stored_files
 
 needs_dcmtk = pytest.mark.skipif(
-    shutil.which("storescu") is None or shutil.which("echoscu") is None, reason="dcmtk (echoscu, storescu) not installed"
+    shutil.which("storescu") is None or shutil.which("echoscu") is None,
+    reason="dcmtk (echoscu, storescu) not installed",
 )
 
 SCU = "TESTSCU"
@@ -35,16 +36,33 @@ AET = "VOXELDOSE"
 def echoscu(node: Any, calling: str = SCU, called: str = AET) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["echoscu", "-aet", calling, "-aec", called, "-to", "10", "127.0.0.1", str(node.port)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def storescu(node: Any, *paths: Path, calling: str = SCU) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["storescu", "-aet", calling, "-aec", AET, "-to", "30", "-R", "+sd", "+r", "127.0.0.1", str(node.port),
-         *map(str, paths)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            "storescu",
+            "-aet",
+            calling,
+            "-aec",
+            AET,
+            "-to",
+            "30",
+            "-R",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def pynet_store(node: Any, path: Path, sop_class: str, *, chunked: bool) -> int | None:
@@ -108,7 +126,9 @@ def test_settings_defaults_are_safe(make_settings: Callable[..., Any]) -> None:
 
 # ------------------------------------------------------------------ storing
 @needs_dcmtk
-def test_store_a_study_dedup_and_conflict(start_node: Callable[..., Any], store: Any, small_phantom: dict, tmp_path: Path) -> None:
+def test_store_a_study_dedup_and_conflict(
+    start_node: Callable[..., Any], store: Any, small_phantom: dict, tmp_path: Path
+) -> None:
     from voxeldose.ingest import load_cycle, scan
 
     node = start_node()
@@ -120,7 +140,11 @@ def test_store_a_study_dedup_and_conflict(start_node: Callable[..., Any], store:
     assert all(f.suffix == ".dcm" and not f.name.startswith(".") for f in files)
     # layout <Study>/<Series>/<SOP>.dcm, valid Part 10 files
     ds = dcmread(files[0])
-    assert files[0].relative_to(node.settings.dicom_dir).parts == (ds.StudyInstanceUID, ds.SeriesInstanceUID, f"{ds.SOPInstanceUID}.dcm")
+    assert files[0].relative_to(node.settings.dicom_dir).parts == (
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        f"{ds.SOPInstanceUID}.dcm",
+    )
     assert files[0].read_bytes()[128:132] == b"DICM"
     rec = store.get_instance(ds.SOPInstanceUID)
     assert rec is not None and rec.calling_ae == SCU and rec.path == str(files[0]) and not rec.flagged_conflict
@@ -153,7 +177,10 @@ def test_store_a_study_dedup_and_conflict(start_node: Callable[..., Any], store:
     conflicts = store.instance_conflicts(changed.SOPInstanceUID)
     assert len(conflicts) == 1
     cpath = Path(conflicts[0]["path"])
-    assert cpath.parent == Path(rec.path).parent and cpath.name == f"{changed.SOPInstanceUID}.conflict-{conflicts[0]['sha256'][:8]}.dcm"
+    assert (
+        cpath.parent == Path(rec.path).parent
+        and cpath.name == f"{changed.SOPInstanceUID}.conflict-{conflicts[0]['sha256'][:8]}.dcm"
+    )
     assert dcmread(cpath).SeriesDescription == "changed on the way"
     assert dcmread(rec.path).get("SeriesDescription") != "changed on the way"
     assert len(stored_files(node)) == len(sent) + 1
@@ -164,7 +191,9 @@ def test_store_a_study_dedup_and_conflict(start_node: Callable[..., Any], store:
 
 
 @needs_dcmtk
-def test_unsupported_sop_class_is_refused_at_association(start_node: Callable[..., Any], store: Any, tmp_path: Path) -> None:
+def test_unsupported_sop_class_is_refused_at_association(
+    start_node: Callable[..., Any], store: Any, tmp_path: Path
+) -> None:
     node = start_node()
     sc = tmp_path / "sc" / "sc.dcm"
     sc.parent.mkdir()
@@ -175,7 +204,9 @@ def test_unsupported_sop_class_is_refused_at_association(start_node: Callable[..
     assert stored_files(node) == [] and store.count_instances() == 0
 
 
-def test_garbage_and_truncated_data_sets_get_c000(start_node: Callable[..., Any], store: Any, small_phantom: dict, tmp_path: Path) -> None:
+def test_garbage_and_truncated_data_sets_get_c000(
+    start_node: Callable[..., Any], store: Any, small_phantom: dict, tmp_path: Path
+) -> None:
     from pynetdicom.sop_class import CTImageStorage
 
     node = start_node()
@@ -203,7 +234,9 @@ def test_garbage_and_truncated_data_sets_get_c000(start_node: Callable[..., Any]
     assert store.count_instances() == 1
 
 
-def test_unsafe_uids_never_become_paths(start_node: Callable[..., Any], store: Any, small_phantom: dict, tmp_path: Path) -> None:
+def test_unsafe_uids_never_become_paths(
+    start_node: Callable[..., Any], store: Any, small_phantom: dict, tmp_path: Path
+) -> None:
     node = start_node()
     ds = dcmread(_a_ct_file(small_phantom))
     ds.StudyInstanceUID = "../../escape"
@@ -248,13 +281,18 @@ def test_voxeldose_dicom_node_command(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXELDOSE_")}
     proc = subprocess.Popen(
         [*cmd, "dicom-node", "--port", str(port), "--allow-aet", SCU, "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 60
         ok = False
         while time.monotonic() < deadline and proc.poll() is None:
-            r = subprocess.run(["echoscu", "-aet", SCU, "-aec", AET, "127.0.0.1", str(port)], capture_output=True, timeout=30)
+            r = subprocess.run(
+                ["echoscu", "-aet", SCU, "-aec", AET, "127.0.0.1", str(port)], capture_output=True, timeout=30
+            )
             if r.returncode == 0:
                 ok = True
                 break

@@ -22,9 +22,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("pynetdicom")
 pytest.importorskip("python_multipart")
-from fastapi.testclient import TestClient
-
 import dicom_factory
+from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -191,7 +190,9 @@ def test_study_is_stored_like_c_store(env: Env, study: dict) -> None:
     for f, data in zip(study["files"], study["bytes"], strict=True):
         ds = study["headers"][f]
         rec = env.store.get_instance(str(ds.SOPInstanceUID))
-        expected = env.settings.dicom_dir / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+        expected = (
+            env.settings.dicom_dir / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+        )
         assert Path(rec.path) == expected and expected.read_bytes() == data
         assert rec.sha256 == hashlib.sha256(data).hexdigest() and rec.calling_ae == "STOW-RS"
     assert len(env.stored_files()) == len(study["files"])
@@ -213,7 +214,8 @@ def test_bad_parts_fail_and_good_ones_are_stored(env: Env, study: dict) -> None:
     good = [ct[1].read_bytes(), ct[2].read_bytes()]
     body = assert_module(env.stow(related([good[0], truncated(ct[0].read_bytes()), noise, good[1]])), 202)
     assert sorted(uid_of(i) for i in referenced(body)) == sorted(
-        str(study["headers"][f].SOPInstanceUID) for f in ct[1:3])
+        str(study["headers"][f].SOPInstanceUID) for f in ct[1:3]
+    )
     bad = failed(body)
     assert len(bad) == 2
     assert all(i[FAILURE]["Value"] == [0xC000] == [49152] for i in bad)
@@ -237,8 +239,10 @@ def test_unsupported_sop_class_and_transfer_syntax(env: Env, study: dict) -> Non
     sc = secondary_capture()
     body = assert_module(env.stow(related([sc, deflated(study["ct"][0])])), 409)
     reasons = {uid_of(i): i[FAILURE]["Value"][0] for i in failed(body)}
-    assert reasons == {str(dcmread(io.BytesIO(sc)).SOPInstanceUID): 0x0122,
-                       str(study["headers"][study["ct"][0]].SOPInstanceUID): 0xC122}  # fmt: skip
+    assert reasons == {
+        str(dcmread(io.BytesIO(sc)).SOPInstanceUID): 0x0122,
+        str(study["headers"][study["ct"][0]].SOPInstanceUID): 0xC122,
+    }
     assert env.store.count_instances() == 0
 
 
@@ -267,7 +271,8 @@ def test_study_route_refuses_instances_of_another_study(env: Env, study: dict) -
     body = assert_module(env.stow(related([ct.read_bytes(), other.read_bytes()]), path=url), 202)
     assert [uid_of(i) for i in referenced(body)] == [str(study["headers"][ct].SOPInstanceUID)]
     assert [(uid_of(i), i[FAILURE]["Value"]) for i in failed(body)] == [
-        (str(dcmread(other, stop_before_pixels=True).SOPInstanceUID), [0xA901])]
+        (str(dcmread(other, stop_before_pixels=True).SOPInstanceUID), [0xA901])
+    ]
     assert env.store.count_instances() == 1
     assert_module(env.stow(related([other.read_bytes()]), path=url), 409)
     assert_module(env.stow(related([study["ct"][1].read_bytes()]), path=url), 200)
@@ -279,20 +284,30 @@ def test_study_route_refuses_instances_of_another_study(env: Env, study: dict) -
 def test_media_types_and_malformed_bodies(env: Env, study: dict) -> None:
     one = study["ct"][0].read_bytes()
     # a form upload is not STOW-RS
-    r = env.client.post("/dicomweb/studies", files=[("file", ("a.dcm", one, "application/dicom"))],
-                        headers={"Authorization": f"Bearer {env.tokens['submitter']}"})  # fmt: skip
+    r = env.client.post(
+        "/dicomweb/studies",
+        files=[("file", ("a.dcm", one, "application/dicom"))],
+        headers={"Authorization": f"Bearer {env.tokens['submitter']}"},
+    )
     body = assert_problem(r, 415, 'type="application/dicom"')
     assert body["expected"] == 'multipart/related; type="application/dicom"'
     assert_problem(env.stow(one, **{"Content-Type": "application/dicom"}), 415)
-    assert_problem(env.stow(related([one]), **{"Content-Type": CTYPE.replace("application/dicom", "application/dicom+json")}),
-                   415, "application/dicom+json")  # fmt: skip
-    assert_problem(env.stow(related([one]), **{"Content-Type": 'multipart/related; type="application/dicom"'}),
-                   400, "boundary")  # fmt: skip
+    assert_problem(
+        env.stow(related([one]), **{"Content-Type": CTYPE.replace("application/dicom", "application/dicom+json")}),
+        415,
+        "application/dicom+json",
+    )
+    assert_problem(
+        env.stow(related([one]), **{"Content-Type": 'multipart/related; type="application/dicom"'}), 400, "boundary"
+    )
     assert_problem(env.stow(related([one]), Accept="application/dicom+xml"), 406, "application/dicom+json")
     assert env.store.count_instances() == 0
     # type unquoted, parameters in another order and case, Accept allowing DICOM JSON
-    ok = env.stow(related([one]), Accept="application/dicom+json, */*;q=0.1",
-                  **{"Content-Type": f"Multipart/Related; Boundary={BOUNDARY}; Type=application/dicom"})  # fmt: skip
+    ok = env.stow(
+        related([one]),
+        Accept="application/dicom+json, */*;q=0.1",
+        **{"Content-Type": f"Multipart/Related; Boundary={BOUNDARY}; Type=application/dicom"},
+    )
     assert_module(ok, 200)
     # malformed: no closing boundary, garbage, no part at all, a part of another media type
     complete = related([one])
@@ -309,7 +324,9 @@ def test_auth(env: Env, study: dict) -> None:
     r = env.client.post("/dicomweb/studies", content=data, headers={"Content-Type": CTYPE})
     assert_problem(r, 401)
     assert r.headers["www-authenticate"].startswith("Bearer")
-    r = env.client.post("/dicomweb/studies", content=data, headers={"Content-Type": CTYPE, "Authorization": "Bearer nope"})
+    r = env.client.post(
+        "/dicomweb/studies", content=data, headers={"Content-Type": CTYPE, "Authorization": "Bearer nope"}
+    )
     assert_problem(r, 401, "unknown")
     assert env.store.count_instances() == 0 and env.temp_left() == []
     assert_module(env.stow(data, role="physicist"), 200)

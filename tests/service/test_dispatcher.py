@@ -12,16 +12,17 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray import cloudpickle  # noqa: E402
+from ray import cloudpickle
 
-from service.dispatcher import Dispatcher  # noqa: E402
-from service.store import Store  # noqa: E402
+from service.dispatcher import Dispatcher
+from service.store import Store
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -76,9 +77,13 @@ def _store(settings: Any) -> Store:
 
 def _submit(store: Store, spec: dict, input_dir: Path | str, key: str | None = None) -> str:
     job, created = store.create_job(
-        spec=spec, input_dir=str(input_dir), input_hash=hashlib.sha256(repr(spec).encode()).hexdigest(),
-        patient_id=None, idempotency_key=key, submitted_by="test",
-    )  # fmt: skip
+        spec=spec,
+        input_dir=str(input_dir),
+        input_hash=hashlib.sha256(repr(spec).encode()).hexdigest(),
+        patient_id=None,
+        idempotency_key=key,
+        submitted_by="test",
+    )
     assert created
     return job.id
 
@@ -126,8 +131,10 @@ def _wait_file(path: Path, timeout: float = 30.0) -> str:
 def test_small_phantom_job_succeeds(make_settings, small_phantom) -> None:
     settings = make_settings()
     store = _store(settings)
-    spec = {"inputs": [str(small_phantom["dicom"])],
-            "calibration": {"cps_per_mbq": small_phantom["truth"]["calibration_cps_per_mbq"]}}  # fmt: skip
+    spec = {
+        "inputs": [str(small_phantom["dicom"])],
+        "calibration": {"cps_per_mbq": small_phantom["truth"]["calibration_cps_per_mbq"]},
+    }
     job_id = _submit(store, spec, small_phantom["dicom"])
     d = Dispatcher(store, settings)
     d.start()

@@ -163,8 +163,12 @@ def _assert_nothing_left(e2e, before: list[str]) -> None:
 def test_random_bytes_as_dicom_is_refused_cleanly(e2e, client) -> None:
     before = _incoming(e2e)
     junk = bytes(range(256)) * 40
-    r = client.post("/v1/jobs", headers=auth(e2e.tokens["physicist"]),
-                    files=[("files", ("image0001.dcm", junk, "application/dicom"))], data={"spec": "{}"})  # fmt: skip
+    r = client.post(
+        "/v1/jobs",
+        headers=auth(e2e.tokens["physicist"]),
+        files=[("files", ("image0001.dcm", junk, "application/dicom"))],
+        data={"spec": "{}"},
+    )
     assert 400 <= r.status_code < 500, r.text
     assert r.headers["content-type"].startswith(PROBLEM)
     body = r.json()
@@ -203,9 +207,12 @@ def test_zip_with_a_damaged_member_is_refused_cleanly(e2e, client) -> None:
 
 def test_invalid_spec_is_refused_cleanly(e2e, client) -> None:
     before = _incoming(e2e)
-    r = client.post("/v1/jobs", headers=auth(e2e.tokens["physicist"]),
-                    files=[("files", ("study.zip", e2e.zip_bytes, "application/zip"))],
-                    data={"spec": '{"calibration": {"cps_per_mbq": -1}}'})  # fmt: skip
+    r = client.post(
+        "/v1/jobs",
+        headers=auth(e2e.tokens["physicist"]),
+        files=[("files", ("study.zip", e2e.zip_bytes, "application/zip"))],
+        data={"spec": '{"calibration": {"cps_per_mbq": -1}}'},
+    )
     assert r.status_code == 422, r.text
     assert r.headers["content-type"].startswith(PROBLEM)
     assert "cps_per_mbq" in r.text

@@ -13,8 +13,8 @@ stopped at the end whatever happens.  Skipped when Orthanc is not installed, unl
 
 from __future__ import annotations
 
-from datetime import datetime
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,10 @@ import pytest
 
 pytest.importorskip("pynetdicom")
 
-from pydicom import dcmread  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
-
-from orthanc import Orthanc, OrthancError, require_orthanc, start_orthanc  # noqa: E402
-from support import stored_files  # noqa: E402
+from orthanc import Orthanc, OrthancError, require_orthanc, start_orthanc
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from support import stored_files
 
 pytestmark = [pytest.mark.xdist_group("orthanc")]
 
@@ -62,7 +61,9 @@ def study_in_pacs(pacs: Orthanc, small_phantom: dict) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ Orthanc → voxeldose
-def test_orthanc_pushes_a_study_to_our_node(pacs: Orthanc, study_in_pacs: dict, start_node: Callable[..., Any], store: Any) -> None:
+def test_orthanc_pushes_a_study_to_our_node(
+    pacs: Orthanc, study_in_pacs: dict, start_node: Callable[..., Any], store: Any
+) -> None:
     node = start_node()
     pacs.put_modality("voxeldose", OUR_AET, "127.0.0.1", node.port)
     assert pacs.echo("voxeldose")
@@ -75,7 +76,10 @@ def test_orthanc_pushes_a_study_to_our_node(pacs: Orthanc, study_in_pacs: dict, 
 
     # every instance Orthanc holds is in our store, series by series
     assert store.count_instances() == len(in_pacs) == len(stored_files(node))
-    pacs_series = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in pacs.find("Series", {"StudyInstanceUID": study_in_pacs["uid"]})}
+    pacs_series = {
+        s["MainDicomTags"]["SeriesInstanceUID"]: s
+        for s in pacs.find("Series", {"StudyInstanceUID": study_in_pacs["uid"]})
+    }
     ours = {s["series_instance_uid"]: s for s in store.series_summary(study_instance_uid=study_in_pacs["uid"])}
     assert set(ours) == set(pacs_series)
     for uid, s in pacs_series.items():
@@ -92,7 +96,9 @@ def test_orthanc_pushes_a_study_to_our_node(pacs: Orthanc, study_in_pacs: dict, 
         assert rec is not None and rec.calling_ae == PACS_AET and not rec.flagged_conflict
         ds = dcmread(rec.path)
         assert ds.SOPInstanceUID == sop
-    for sop in sorted(sops)[:3] + [s for s, f in study_in_pacs["sops"].items() if f.name in ("RTSTRUCT.dcm", "SEG.dcm")]:
+    for sop in sorted(sops)[:3] + [
+        s for s, f in study_in_pacs["sops"].items() if f.name in ("RTSTRUCT.dcm", "SEG.dcm")
+    ]:
         assert dcmread(store.get_instance(sop).path) == dcmread(study_in_pacs["sops"][sop])
 
     # a series sent again (Orthanc pushes any level): it succeeds, we keep one copy each
@@ -102,7 +108,9 @@ def test_orthanc_pushes_a_study_to_our_node(pacs: Orthanc, study_in_pacs: dict, 
     assert store.count_instances() == len(in_pacs) == len(stored_files(node))
 
 
-def test_orthanc_under_an_aet_we_do_not_allow_is_refused(pacs: Orthanc, study_in_pacs: dict, start_node: Callable[..., Any], store: Any) -> None:
+def test_orthanc_under_an_aet_we_do_not_allow_is_refused(
+    pacs: Orthanc, study_in_pacs: dict, start_node: Callable[..., Any], store: Any
+) -> None:
     node = start_node()
     # the same Orthanc, calling as STRANGER for this peer (per-modality LocalAet)
     pacs.put_modality("stranger", OUR_AET, "127.0.0.1", node.port, LocalAet="STRANGER")
@@ -129,7 +137,9 @@ def _rtdose_for(ct_header: Any, path: Path) -> Any:
     dose = 5.0 * np.exp(-((i - 4) ** 2 + (j - 5) ** 2 + (k - 3) ** 2) / 10.0)
     affine = np.array([[4.8, 0, 0, -20.0], [0, 4.8, 0, -25.0], [0, 0, 4.8, -15.0], [0, 0, 0, 1.0]])
     for_uid = str(ct_header.FrameOfReferenceUID)
-    series = dw.SeriesInfo(generate_uid(), 90, "Absorbed dose (Orthanc peer test)", for_uid, datetime(2024, 5, 9, 14, 30))
+    series = dw.SeriesInfo(
+        generate_uid(), 90, "Absorbed dose (Orthanc peer test)", for_uid, datetime(2024, 5, 9, 14, 30)
+    )
     return dw.write_rtdose(path, Volume(dose, affine, for_uid, "Gy"), ctx=patient_study_from(ct_header), series=series)
 
 
@@ -180,7 +190,10 @@ def test_we_store_rtdose_and_seg_into_orthanc(pacs: Orthanc, small_phantom: dict
     from io import BytesIO
 
     assert dcmread(BytesIO(pacs.instance_file(seg_id))) == dcmread(seg_path)
-    assert dcmread(BytesIO(pacs.instance_file(dose_inst["ID"]))).pixel_array.tobytes() == dcmread(rd_path).pixel_array.tobytes()
+    assert (
+        dcmread(BytesIO(pacs.instance_file(dose_inst["ID"]))).pixel_array.tobytes()
+        == dcmread(rd_path).pixel_array.tobytes()
+    )
 
     new = {c["ID"] for c in pacs.changes(since=since)["Changes"] if c["ChangeType"] == "NewInstance"}
     assert new == {dose_inst["ID"], seg_id}

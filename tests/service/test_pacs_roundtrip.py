@@ -12,13 +12,13 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pydicom
 import pytest
-
 from orthanc import Orthanc, require_orthanc, start_orthanc
 from serverproc import ServerProc, auth, create_token, free_port
 
@@ -38,12 +38,19 @@ def roundtrip(tmp_path_factory: pytest.TempPathFactory, small_phantom: dict[str,
     try:
         dicom_port = free_port()
         server = ServerProc(
-            root / "data", root / "serve.log", dicom_port=dicom_port, dicom_allowed_aets='["ORTHANC"]',
-            dicom_quiet_period_s=30, trigger_interval_s=0.5, dicom_destination_ae_title="ORTHANC",
-            dicom_destination_host="127.0.0.1", dicom_destination_port=pacs.dicom_port, dicom_send_retry_s=2,
+            root / "data",
+            root / "serve.log",
+            dicom_port=dicom_port,
+            dicom_allowed_aets='["ORTHANC"]',
+            dicom_quiet_period_s=30,
+            trigger_interval_s=0.5,
+            dicom_destination_ae_title="ORTHANC",
+            dicom_destination_host="127.0.0.1",
+            dicom_destination_port=pacs.dicom_port,
+            dicom_send_retry_s=2,
             trigger_spec=json.dumps({"calibration": {"cps_per_mbq": CPS_PER_MBQ, "source": "phantom truth"}}),
             ray_num_cpus=2,
-        )  # fmt: skip
+        )
         tokens = {"physicist": create_token(server.data_dir, "physicist-rt", "physicist")}
         server.start()
         assert server.dicom_port == dicom_port
@@ -52,8 +59,7 @@ def roundtrip(tmp_path_factory: pytest.TempPathFactory, small_phantom: dict[str,
         ids = pacs.upload_many(files)
         assert len(set(ids)) == len(files)
         studies = sorted(pacs.get("/studies"))  # this Orthanc holds only the phantom
-        yield {"pacs": pacs, "server": server, "tokens": tokens, "files": files, "studies": studies,
-               "truth": truth}  # fmt: skip
+        yield {"pacs": pacs, "server": server, "tokens": tokens, "files": files, "studies": studies, "truth": truth}
     finally:
         if server is not None:
             server.stop()
@@ -75,8 +81,9 @@ def _wait(pred: Any, timeout: float, what: str, server: ServerProc) -> Any:
     raise AssertionError(f"timed out waiting for {what} (last: {last})\n{server.log_tail()}")
 
 
-def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, Any], dciodvfy_exe: str,
-                                                         tmp_path: Path) -> None:  # fmt: skip
+def test_orthanc_push_runs_a_job_and_results_arrive_back(
+    roundtrip: dict[str, Any], dciodvfy_exe: str, tmp_path: Path
+) -> None:
     pacs: Orthanc = roundtrip["pacs"]
     server: ServerProc = roundtrip["server"]
     n_files = len(roundtrip["files"])
@@ -98,15 +105,19 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, An
             return j if j["state"] == "succeeded" else None
 
         job = _wait(finished, 300, "the job to succeed", server)
-        sent = _wait(lambda: [d for d in c.get(f"/v1/jobs/{job['id']}").json()["deliveries"] if d["state"] == "sent"],
-                     120, "the results to be sent", server)  # fmt: skip
+        sent = _wait(
+            lambda: [d for d in c.get(f"/v1/jobs/{job['id']}").json()["deliveries"] if d["state"] == "sent"],
+            120,
+            "the results to be sent",
+            server,
+        )
         assert sent[0]["destination"] == f"ORTHANC@127.0.0.1:{pacs.dicom_port}"
         summary = c.get(f"/v1/jobs/{job['id']}/summary").json()
         rtdose_local = pydicom.dcmread(io.BytesIO(c.get(f"/v1/jobs/{job['id']}/rtdose").content))
         cycles = c.get("/v1/dicom/cycles").json()
         assert [x["state"] for x in cycles] == ["started"] and cycles[0]["job_id"] == job["id"]
         page = c.get(f"/jobs/{job['id']}").text  # the physicist's job page says where the results went
-        assert f"Sent to ORTHANC@127.0.0.1:{pacs.dicom_port}" in page and 'delivery-sent' in page
+        assert f"Sent to ORTHANC@127.0.0.1:{pacs.dicom_port}" in page and "delivery-sent" in page
         assert "the DICOM node · version 1" in page
         metrics = c.get("/metrics").text
         assert 'voxeldose_deliveries{state="sent"} 1.0' in metrics
@@ -115,8 +126,11 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(roundtrip: dict[str, An
 
     # what arrived in Orthanc, read through its REST API
     def one(modality: str) -> pydicom.Dataset:
-        series = [s for s in pacs.find("Series", {"Modality": modality})
-                  if s["MainDicomTags"].get("SeriesDescription", "").startswith("voxeldose")]  # fmt: skip
+        series = [
+            s
+            for s in pacs.find("Series", {"Modality": modality})
+            if s["MainDicomTags"].get("SeriesDescription", "").startswith("voxeldose")
+        ]
         assert len(series) == 1, (modality, series)
         [inst] = series[0]["Instances"]
         return pydicom.dcmread(io.BytesIO(pacs.instance_file(inst)))
@@ -159,16 +173,22 @@ def test_the_same_study_pushed_again_starts_no_second_job(roundtrip: dict[str, A
         answer = pacs.push("voxeldose", roundtrip["studies"])
         assert answer["FailedInstancesCount"] == 0
         # the trigger looked again (release) and found the job of this input set
-        _wait(lambda: [x for x in c.get("/v1/dicom/cycles").json() if x["evaluated_at"] > before[0]["evaluated_at"]],
-              30, "the trigger to look again", server)  # fmt: skip
+        _wait(
+            lambda: [x for x in c.get("/v1/dicom/cycles").json() if x["evaluated_at"] > before[0]["evaluated_at"]],
+            30,
+            "the trigger to look again",
+            server,
+        )
         cycles = c.get("/v1/dicom/cycles").json()
         assert "already has job" in cycles[0]["reason"]
         assert c.get("/v1/jobs").json()["total"] == 1
         # the study now also holds our RT Dose, SEG and SR: received once each, stored, never taken as input
         series = c.get("/v1/dicom/series").json()
         assert sum(s["instances"] for s in series) == len(roundtrip["files"]) + 3  # stored once, no copies
-        assert sorted(s["modality"] for s in series if s["instances"] == 1 and s["modality"] in ("RTDOSE", "SR")) \
-            == ["RTDOSE", "SR"]  # fmt: skip
+        assert sorted(s["modality"] for s in series if s["instances"] == 1 and s["modality"] in ("RTDOSE", "SR")) == [
+            "RTDOSE",
+            "SR",
+        ]
         assert all(s["conflicts"] == 0 for s in series)
         [job] = c.get("/v1/jobs").json()["items"]
         assert job["version"] == 1 and job["state"] == "succeeded"
@@ -203,9 +223,19 @@ def _another_patient(files: list[Path], folder: Path, patient_id: str) -> dict[s
             if el.VR == "SQ":
                 for item in el.value:
                     walk(item)
-            elif el.VR == "UI" and el.value and el.keyword not in ("SOPClassUID", "ReferencedSOPClassUID",
-                                                                    "TransferSyntaxUID", "MediaStorageSOPClassUID",
-                                                                    "ImplementationClassUID", "CodingSchemeUID"):  # fmt: skip
+            elif (
+                el.VR == "UI"
+                and el.value
+                and el.keyword
+                not in (
+                    "SOPClassUID",
+                    "ReferencedSOPClassUID",
+                    "TransferSyntaxUID",
+                    "MediaStorageSOPClassUID",
+                    "ImplementationClassUID",
+                    "CodingSchemeUID",
+                )
+            ):
                 el.value = new(el.value) if not isinstance(el.value, list) else [new(v) for v in el.value]
 
     out: dict[str, list[Path]] = {}
@@ -222,7 +252,9 @@ def _another_patient(files: list[Path], folder: Path, patient_id: str) -> dict[s
     return out
 
 
-def test_a_study_pushed_in_two_halves_starts_one_job_after_the_second(roundtrip: dict[str, Any], tmp_path: Path) -> None:
+def test_a_study_pushed_in_two_halves_starts_one_job_after_the_second(
+    roundtrip: dict[str, Any], tmp_path: Path
+) -> None:
     """Two time points first (the rule asks for three): the cycle waits and says why; the other two later:
     one job, on all four."""
     pacs: Orthanc = roundtrip["pacs"]
@@ -235,14 +267,22 @@ def test_a_study_pushed_in_two_halves_starts_one_job_after_the_second(roundtrip:
 
     with _client(roundtrip) as c:
         pacs.push("voxeldose", studies_of(["tp1_004h", "tp2_024h"]))
-        waiting = _wait(lambda: c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json(), 30,
-                        "the first half to be looked at", server)  # fmt: skip
+        waiting = _wait(
+            lambda: c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json(),
+            30,
+            "the first half to be looked at",
+            server,
+        )
         assert [x["state"] for x in waiting] == ["waiting"] and "2 of 3 SPECT time points" in waiting[0]["reason"]
         assert c.get("/v1/jobs", params={"patient_id": "VXD-HALVES"}).json()["total"] == 0
 
         pacs.push("voxeldose", studies_of(["tp3_096h", "tp4_168h"]))
-        jobs = _wait(lambda: c.get("/v1/jobs", params={"patient_id": "VXD-HALVES"}).json()["items"], 30,
-                     "the job after the second half", server)  # fmt: skip
+        jobs = _wait(
+            lambda: c.get("/v1/jobs", params={"patient_id": "VXD-HALVES"}).json()["items"],
+            30,
+            "the job after the second half",
+            server,
+        )
         assert len(jobs) == 1 and jobs[0]["version"] == 1
         [cycle] = c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json()
         assert cycle["state"] == "started" and cycle["timepoints"] == 4 and cycle["job_id"] == jobs[0]["id"]

@@ -55,9 +55,14 @@ def login(client: TestClient, token: str) -> None:
 def new_job(store: Store, settings: Settings, *, patient_id: str, n: int = 1, by: str = "physicist-1") -> str:
     d = settings.data_dir / "incoming" / f"upload{n}"
     d.mkdir(parents=True, exist_ok=True)
-    rec, created = store.create_job(spec={"inputs": [str(d)], "cycle_number": n}, input_dir=str(d),
-                                    input_hash=f"{n:064x}", patient_id=patient_id, idempotency_key=None,
-                                    submitted_by=by)  # fmt: skip
+    rec, created = store.create_job(
+        spec={"inputs": [str(d)], "cycle_number": n},
+        input_dir=str(d),
+        input_hash=f"{n:064x}",
+        patient_id=patient_id,
+        idempotency_key=None,
+        submitted_by=by,
+    )
     assert created
     return rec.id
 
@@ -80,7 +85,11 @@ def test_login_sets_an_httponly_cookie(site) -> None:
     r = client.post("/login", data={"token": tokens["physicist"], "next": "//evil.example/"})
     assert r.status_code == 303 and r.headers["location"] == "/"  # no open redirect
     cookie = r.headers["set-cookie"]
-    assert cookie.startswith("vd_token=") and "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+    assert (
+        cookie.startswith("vd_token=")
+        and "HttpOnly" in cookie
+        and "SameSite=strict" in cookie.replace("Strict", "strict")
+    )
     r = client.get("/")
     assert r.status_code == 200 and "physicist-1" in r.text
     # the API accepts the same cookie
@@ -191,7 +200,10 @@ def test_upload_page(site, result: Path) -> None:
     r = client.post("/submit", files=[("files", ("junk.dcm", b"junk" * 100, "application/dicom"))])
     assert r.status_code == 422 and 'id="submit-error"' in r.text and "junk.dcm: not a DICOM file" in r.text
     dicom = result.parent / "dicom"
-    files = [("files", (str(p.relative_to(dicom)), p.read_bytes(), "application/dicom")) for p in sorted(dicom.rglob("*.dcm"))]
+    files = [
+        ("files", (str(p.relative_to(dicom)), p.read_bytes(), "application/dicom"))
+        for p in sorted(dicom.rglob("*.dcm"))
+    ]
     r = client.post("/submit", files=files, data={"spec": json.dumps({"calibration": {"cps_per_mbq": 5.67}})})
     assert r.status_code == 303, r.text
     job_id = r.headers["location"].rsplit("/", 1)[1]

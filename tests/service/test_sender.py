@@ -8,9 +8,10 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -18,7 +19,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.models import utcnow
-from service.sender import Destination, SendError, Sender, send_files
+from service.sender import Destination, Sender, SendError, send_files
 from voxeldose import dicom_writers as dw
 from voxeldose.geometry import Volume
 from voxeldose.outputs import patient_study_from
@@ -40,12 +41,13 @@ class StoreSCP:
         self.folder, self.port, self.aet = folder, port, aet
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "StoreSCP":
+    def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [STORESCP, "--aetitle", self.aet, "--output-directory", str(self.folder), "--accept-all", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -83,9 +85,16 @@ def result_dir(tmp_path: Path, small_phantom: dict[str, Any]) -> Path:
     header = pydicom.dcmread(seg, stop_before_pixels=True)
     affine = np.diag([4.8, 4.8, 4.8, 1.0])
     dose = np.linspace(0.0, 2.0, 6 * 7 * 8).reshape(6, 7, 8)
-    series = dw.SeriesInfo(generate_uid(), 9001, "voxeldose absorbed dose", str(header.FrameOfReferenceUID), datetime.now())
-    dw.write_rtdose(out / "rtdose.dcm", Volume(dose, affine, str(header.FrameOfReferenceUID), "Gy"),
-                    ctx=patient_study_from(header), series=series, bits_allocated=16)  # fmt: skip
+    series = dw.SeriesInfo(
+        generate_uid(), 9001, "voxeldose absorbed dose", str(header.FrameOfReferenceUID), datetime.now()
+    )
+    dw.write_rtdose(
+        out / "rtdose.dcm",
+        Volume(dose, affine, str(header.FrameOfReferenceUID), "Gy"),
+        ctx=patient_study_from(header),
+        series=series,
+        bits_allocated=16,
+    )
     return out
 
 
@@ -111,23 +120,41 @@ def test_send_files_to_storescp(result_dir: Path, peer: StoreSCP) -> None:
 
 def test_send_files_to_nobody_raises(result_dir: Path) -> None:
     with pytest.raises(SendError, match="not established|cannot reach"):
-        send_files([result_dir / "rtdose.dcm"], Destination("PACS", "127.0.0.1", _free_port()), calling_ae="VOXELDOSE",
-                   timeout_s=5)  # fmt: skip
+        send_files(
+            [result_dir / "rtdose.dcm"],
+            Destination("PACS", "127.0.0.1", _free_port()),
+            calling_ae="VOXELDOSE",
+            timeout_s=5,
+        )
 
 
 def _succeeded_job(store: Any, result_dir: Path, source: str = "dicom") -> str:
-    job, _ = store.create_job(spec={"inputs": ["x"]}, input_dir="x", input_hash=uuid.uuid4().hex * 2, patient_id="P",
-                              idempotency_key=None, submitted_by="dicom:VOXELDOSE", source=source)  # fmt: skip
+    job, _ = store.create_job(
+        spec={"inputs": ["x"]},
+        input_dir="x",
+        input_hash=uuid.uuid4().hex * 2,
+        patient_id="P",
+        idempotency_key=None,
+        submitted_by="dicom:VOXELDOSE",
+        source=source,
+    )
     [claimed] = store.claim_queued(1)
     assert claimed.id == job.id
     store.finish(job.id, str(result_dir), "P")
     return job.id
 
 
-def test_pacs_down_then_up_retries_with_backoff(make_settings: Any, store: Any, result_dir: Path, peer: StoreSCP) -> None:
-    settings = make_settings(dicom_destination_ae_title="PACS", dicom_destination_host="127.0.0.1",
-                             dicom_destination_port=peer.port, dicom_send_retry_s=30.0, dicom_send_max_attempts=3,
-                             dicom_send_timeout_s=5.0)  # fmt: skip
+def test_pacs_down_then_up_retries_with_backoff(
+    make_settings: Any, store: Any, result_dir: Path, peer: StoreSCP
+) -> None:
+    settings = make_settings(
+        dicom_destination_ae_title="PACS",
+        dicom_destination_host="127.0.0.1",
+        dicom_destination_port=peer.port,
+        dicom_send_retry_s=30.0,
+        dicom_send_max_attempts=3,
+        dicom_send_timeout_s=5.0,
+    )
     sender = Sender(settings, store)
     job_id = _succeeded_job(store, result_dir)
     upload_job = _succeeded_job(store, result_dir, source="upload")  # not sent: only node jobs by default
@@ -159,11 +186,17 @@ def test_pacs_down_then_up_retries_with_backoff(make_settings: Any, store: Any, 
     assert sender.tick(t1 + timedelta(hours=2)) == 0
 
 
-def test_gives_up_after_max_attempts_and_can_be_retried(make_settings: Any, store: Any, result_dir: Path,
-                                                         peer: StoreSCP) -> None:  # fmt: skip
-    settings = make_settings(dicom_destination_ae_title="PACS", dicom_destination_host="127.0.0.1",
-                             dicom_destination_port=peer.port, dicom_send_retry_s=1.0, dicom_send_max_attempts=2,
-                             dicom_send_timeout_s=5.0)  # fmt: skip
+def test_gives_up_after_max_attempts_and_can_be_retried(
+    make_settings: Any, store: Any, result_dir: Path, peer: StoreSCP
+) -> None:
+    settings = make_settings(
+        dicom_destination_ae_title="PACS",
+        dicom_destination_host="127.0.0.1",
+        dicom_destination_port=peer.port,
+        dicom_send_retry_s=1.0,
+        dicom_send_max_attempts=2,
+        dicom_send_timeout_s=5.0,
+    )
     sender = Sender(settings, store)
     job_id = _succeeded_job(store, result_dir)
     t = utcnow()
@@ -193,12 +226,18 @@ def test_retry_delay_doubles_and_is_capped(make_settings: Any, store: Any) -> No
     assert sender.retry_delay_s(20) == 3600.0
 
 
-def test_old_destination_and_old_jobs_do_not_block_or_flood(make_settings: Any, store: Any, result_dir: Path,
-                                                            peer: StoreSCP) -> None:  # fmt: skip
+def test_old_destination_and_old_jobs_do_not_block_or_flood(
+    make_settings: Any, store: Any, result_dir: Path, peer: StoreSCP
+) -> None:
     """Deliveries left for a destination no longer configured never crowd out the current one; a job finished
     longer ago than dicom_send_max_age_h is not sent by itself (the operator's /send still can)."""
-    settings = make_settings(dicom_destination_ae_title="PACS", dicom_destination_host="127.0.0.1",
-                             dicom_destination_port=peer.port, dicom_send_timeout_s=5.0, dicom_send_max_age_h=72.0)  # fmt: skip
+    settings = make_settings(
+        dicom_destination_ae_title="PACS",
+        dicom_destination_host="127.0.0.1",
+        dicom_destination_port=peer.port,
+        dicom_send_timeout_s=5.0,
+        dicom_send_max_age_h=72.0,
+    )
     sender = Sender(settings, store)
     now = utcnow()
     old = "OLDPACS@10.0.0.9:104"

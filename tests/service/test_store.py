@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sqlalchemy", reason="the service extra is not installed (pip install -e '.[service,test]')")
 
-from service.auth import hash_token, role_at_least  # noqa: E402
-from service.store import JOB_STATES, Store  # noqa: E402
+from service.auth import hash_token, role_at_least
+from service.store import JOB_STATES, Store
 
 SPEC = {"inputs": ["/data/incoming/u1"], "calibration": {"cps_per_mbq": 12.5}}
 
@@ -22,8 +22,14 @@ def _hash(n: int | str) -> str:
 
 
 def new_job(store: Store, n: int | str = 1, **kw):
-    args = dict(spec=SPEC, input_dir=f"/data/incoming/u{n}", input_hash=_hash(n), patient_id="P1",
-                idempotency_key=None, submitted_by="alice")  # fmt: skip
+    args = dict(
+        spec=SPEC,
+        input_dir=f"/data/incoming/u{n}",
+        input_hash=_hash(n),
+        patient_id="P1",
+        idempotency_key=None,
+        submitted_by="alice",
+    )
     args.update(kw)
     return store.create_job(**args)
 
@@ -351,4 +357,4 @@ def test_timestamps_are_utc(store: Store) -> None:
     store.claim_queued(1)
     j = store.get_job(job.id)
     for t in (j.created_at, j.started_at):
-        assert t.tzinfo is not None and t.astimezone(timezone.utc) == t and t.utcoffset().total_seconds() == 0
+        assert t.tzinfo is not None and t.astimezone(UTC) == t and t.utcoffset().total_seconds() == 0

@@ -141,8 +141,11 @@ def _ref_tp(phantom: dict[str, Any]) -> str:
     """The time point whose frame of reference the RTSTRUCT is drawn on."""
     rt = pydicom.dcmread(_files(phantom, "RTSTRUCT.dcm")[0], stop_before_pixels=True)
     rt_for = rt.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
-    hits = [tp for tp in ("tp1_004h", "tp2_024h", "tp3_096h", "tp4_168h")
-            if pydicom.dcmread(_files(phantom, f"{tp}/NM")[0], stop_before_pixels=True).FrameOfReferenceUID == rt_for]
+    hits = [
+        tp
+        for tp in ("tp1_004h", "tp2_024h", "tp3_096h", "tp4_168h")
+        if pydicom.dcmread(_files(phantom, f"{tp}/NM")[0], stop_before_pixels=True).FrameOfReferenceUID == rt_for
+    ]
     assert len(hits) == 1
     return hits[0]
 
@@ -228,8 +231,9 @@ def test_our_own_seg_coming_back_starts_nothing(setup: Any, store: Any, small_ph
     assert [x.state for x in d] == ["started"] and d[0].version == 2
 
 
-def test_cycle_without_injection_information_is_an_error_visible(setup: Any, store: Any, small_phantom: dict,
-                                                                  tmp_path: Path) -> None:  # fmt: skip
+def test_cycle_without_injection_information_is_an_error_visible(
+    setup: Any, store: Any, small_phantom: dict, tmp_path: Path
+) -> None:
     settings, node, trigger = setup
     files = []
     for f in _files(small_phantom, "tp1_004h/NM"):
@@ -245,8 +249,9 @@ def test_cycle_without_injection_information_is_an_error_visible(setup: Any, sto
     assert store.trigger_cycles(patient_id=_patient(small_phantom))[0]["state"] == "error"
 
 
-def test_second_cycle_gets_number_two_and_the_first_cycles_doses(setup: Any, store: Any, small_phantom: dict,
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_second_cycle_gets_number_two_and_the_first_cycles_doses(
+    setup: Any, store: Any, small_phantom: dict, tmp_path: Path
+) -> None:
     """A later injection of the same patient is cycle 2 and carries cycle 1's doses from its result."""
     settings, node, trigger = setup
     _receive(node, _files(small_phantom, *ALL))
@@ -270,9 +275,21 @@ def _summary_of(phantom: dict[str, Any], *, number: int, shift: timedelta = time
 
     inj = datetime.fromisoformat(phantom["truth"]["injection"]["datetime"]) + shift
     mbq = phantom["truth"]["injection"]["activity_bq"] / 1e6
-    return {"cycle": {"number": number, "injection": {"datetime": inj.isoformat(), "activity_MBq": mbq}},
-            "cumulative": {"cycles": [{"number": number, "date": inj.date().isoformat(), "activity_MBq": mbq,
-                                       "kidney_gy": 4.2, "kidney_bed_gy": 5.1, "marrow_gy": 0.3}]}}  # fmt: skip
+    return {
+        "cycle": {"number": number, "injection": {"datetime": inj.isoformat(), "activity_MBq": mbq}},
+        "cumulative": {
+            "cycles": [
+                {
+                    "number": number,
+                    "date": inj.date().isoformat(),
+                    "activity_MBq": mbq,
+                    "kidney_gy": 4.2,
+                    "kidney_bed_gy": 5.1,
+                    "marrow_gy": 0.3,
+                }
+            ]
+        },
+    }
 
 
 def _finish_with_summary(store: Any, job: Any, out: Path, summary: dict[str, Any]) -> None:
@@ -302,8 +319,9 @@ def _shifted_copy(phantom: dict[str, Any], folder: Path, shift: timedelta) -> li
     return out
 
 
-def test_earlier_cycle_arriving_later_renumbers_with_a_new_version(setup: Any, store: Any, small_phantom: dict,
-                                                                   tmp_path: Path) -> None:  # fmt: skip
+def test_earlier_cycle_arriving_later_renumbers_with_a_new_version(
+    setup: Any, store: Any, small_phantom: dict, tmp_path: Path
+) -> None:
     """The PACS routes cycle 2 first, cycle 1 afterwards: cycle 2's first job counted itself as cycle 1 with no
     earlier dose; once cycle 1 is in and measured, cycle 2 gets a new version numbered 2 carrying cycle 1's doses
     (same images, another job description), and its first version is kept."""
@@ -338,8 +356,15 @@ def test_an_uploaded_earlier_cycle_counts(setup: Any, store: Any, small_phantom:
     """Cycle 1 measured through an HTTP upload (no images at the node): the node's cycle is number 2 and
     carries cycle 1's doses from that result."""
     settings, node, trigger = setup
-    job, _ = store.create_job(spec={"inputs": ["x"]}, input_dir="x", input_hash="a" * 64, patient_id=_patient(small_phantom),
-                              idempotency_key=None, submitted_by="physicist-1", source="upload")  # fmt: skip
+    job, _ = store.create_job(
+        spec={"inputs": ["x"]},
+        input_dir="x",
+        input_hash="a" * 64,
+        patient_id=_patient(small_phantom),
+        idempotency_key=None,
+        submitted_by="physicist-1",
+        source="upload",
+    )
     [claimed] = store.claim_queued(1)
     _finish_with_summary(store, claimed, tmp_path / "up", _summary_of(small_phantom, number=1))
     _receive(node, _shifted_copy(small_phantom, tmp_path / "c2", timedelta(weeks=8)))
@@ -348,8 +373,9 @@ def test_an_uploaded_earlier_cycle_counts(setup: Any, store: Any, small_phantom:
     assert [(e["number"], e["kidney_gy"], e["marrow_gy"]) for e in d.spec["earlier_cycles"]] == [(1, 4.2, 0.3)]
 
 
-def test_two_reconstructions_at_one_time_are_an_error_not_a_job(setup: Any, store: Any, small_phantom: dict,
-                                                               tmp_path: Path) -> None:  # fmt: skip
+def test_two_reconstructions_at_one_time_are_an_error_not_a_job(
+    setup: Any, store: Any, small_phantom: dict, tmp_path: Path
+) -> None:
     """A second SPECT series acquired at the same time (e.g. a non-attenuation-corrected reconstruction) would
     count as an extra time point and make the job fail: the cycle is an error that says why."""
     settings, node, trigger = setup
@@ -412,8 +438,8 @@ def test_cycle_key_is_patient_and_injection() -> None:
 
 # ------------------------------------------------------------------------------ over the network
 def _scu_assoc(port: int, files: list[Path]) -> Any:
-    from pynetdicom import AE
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
 
     ae = AE(ae_title="PACS")
     for sop in {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files}:
@@ -430,15 +456,17 @@ def _send(assoc: Any, files: list[Path]) -> None:
 
 
 def _ready_at(store: Any, pid: str) -> Any:
-    from service.models import PendingPatient
     from sqlalchemy import select
+
+    from service.models import PendingPatient
 
     with store._read() as s:
         return s.scalars(select(PendingPatient.ready_at).where(PendingPatient.patient_id == pid)).first()
 
 
-def test_release_waits_for_other_open_associations_of_the_patient(make_settings: Any, store: Any,
-                                                                  small_phantom: dict) -> None:  # fmt: skip
+def test_release_waits_for_other_open_associations_of_the_patient(
+    make_settings: Any, store: Any, small_phantom: dict
+) -> None:
     """Association A (NM + RTSTRUCT) is released while association B is halfway through a CT of the same
     patient: the patient is not looked at before B ends (no job on half a CT); B's release makes it due."""
     settings = make_settings(dicom_port=0, dicom_allowed_aets=["PACS"], dicom_min_free_mb=0, dicom_quiet_period_s=600)
