@@ -25,15 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .errors import VoxeldoseError
 
 __all__ = [
     "ENV_VAR",
     "FFT",
+    "Array",
     "device_of",
     "fft_module",
     "free_memory_bytes",
@@ -46,6 +48,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+Array: TypeAlias = Any
+"""A NumPy or a CuPy array (``numpy.ndarray`` or ``cupy.ndarray``), as the numeric stages take and return.
+
+Deliberately ``Any``, and defined once, here: CuPy ships no type information, and the array-API protocol
+that both libraries satisfy cannot be written down for both with the stubs available, so a precise union
+or Protocol would reject every CuPy call.  The name records the intent (an array of either backend);
+host-only code uses :data:`numpy.typing.NDArray` instead.
+"""
 
 #: Environment variable that overrides the device choice: ``cpu``, ``gpu`` or ``auto``.
 ENV_VAR = "VOXELDOSE_DEVICE"
@@ -125,11 +136,11 @@ def namespace(device: str) -> ModuleType:
     raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
 
 
-def _is_cupy(array: Any) -> bool:
+def _is_cupy(array: object) -> bool:
     return type(array).__module__.split(".", 1)[0] == "cupy"
 
 
-def xp_for(array: Any) -> ModuleType:
+def xp_for(array: Array) -> ModuleType:
     """The (unwrapped) array module of ``array``: :mod:`numpy` or :mod:`cupy`.
 
     Uses :func:`array_api_compat.array_namespace` to reject non-arrays and unsupported libraries,
@@ -140,19 +151,19 @@ def xp_for(array: Any) -> ModuleType:
     if _is_cupy(array):
         import cupy
 
-        return cupy
+        return cast(ModuleType, cupy)  # CuPy has no type information: its module is Any to mypy
     from array_api_compat import array_namespace
 
     array_namespace(array)  # raises TypeError for things that are not arrays at all
     raise TypeError(f"voxeldose computes with NumPy or CuPy arrays, got {type(array).__name__}")
 
 
-def device_of(array: Any) -> str:
+def device_of(array: Array) -> str:
     """``"gpu"`` for CuPy arrays, ``"cpu"`` for everything else."""
     return "gpu" if _is_cupy(array) else "cpu"
 
 
-def to_device(arr: Any, device: str) -> Any:
+def to_device(arr: Array, device: str) -> Array:
     """``arr`` on ``device`` (no copy when it is already there)."""
     if device == "cpu":
         return to_host(arr)
@@ -160,10 +171,10 @@ def to_device(arr: Any, device: str) -> Any:
     return xp.asarray(arr)
 
 
-def to_host(arr: Any) -> np.ndarray:
+def to_host(arr: Array) -> NDArray[Any]:
     """``arr`` as a NumPy array (copies from the GPU when needed)."""
     if _is_cupy(arr):
-        return arr.get()
+        return cast("NDArray[Any]", arr.get())  # cupy.ndarray.get() returns a numpy.ndarray
     return np.asarray(arr)
 
 
@@ -179,10 +190,10 @@ class FFT:
     """
 
     name: str
-    rfftn: Callable[..., Any]
-    irfftn: Callable[..., Any]
-    ifft: Callable[..., Any]
-    irfft: Callable[..., Any]
+    rfftn: Callable[..., Array]
+    irfftn: Callable[..., Array]
+    ifft: Callable[..., Array]
+    irfft: Callable[..., Array]
     next_fast_len: Callable[..., int]
     prune_inverse: bool = False
 

@@ -36,13 +36,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol, TypeAlias, cast
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from . import backend
+from .backend import Array
 from .errors import VoxeldoseError
 
 __all__ = ["CacheInfo", "cache_info", "clear_cache", "convolve", "kernel_key", "padded_shape"]
@@ -60,8 +63,23 @@ _MEMORY_FACTOR = 5.0
 _MEMORY_SHARE = 0.7
 
 
+#: Key of a cached kernel spectrum: (kernel content hash, padded shape, device tag, dtype string).
+_SpectrumKey: TypeAlias = tuple[str, tuple[int, int, int], str, str]
+
+
+class KernelLike(Protocol):
+    """What :func:`convolve` needs of a kernel object: a :class:`~voxeldose.kernels.DoseKernel` qualifies."""
+
+    @property
+    def array(self) -> Array:
+        """The kernel ``[k, j, i]``, odd size along every axis, Gy per Bq·s."""
+        ...
+
+
 @dataclass(frozen=True)
 class CacheInfo:
+    """Counters of the kernel-spectrum cache (as :func:`functools.lru_cache`'s ``cache_info``)."""
+
     hits: int
     misses: int
     currsize: int
@@ -73,9 +91,9 @@ class _SpectrumCache:
         self.maxsize = maxsize
         self.hits = 0
         self.misses = 0
-        self._data: OrderedDict[tuple, Any] = OrderedDict()
+        self._data: OrderedDict[_SpectrumKey, Array] = OrderedDict()
 
-    def get(self, key: tuple, build) -> Any:
+    def get(self, key: _SpectrumKey, build: Callable[[], Array]) -> Array:
         if key in self._data:
             self.hits += 1
             self._data.move_to_end(key)
@@ -106,7 +124,7 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def kernel_key(kernel: Any) -> str:
+def kernel_key(kernel: Array) -> str:
     """Content hash of a kernel array (shape, dtype and values): the cache key for its spectra.
 
     A :class:`~voxeldose.kernels.DoseKernel`'s ``id`` is not used on purpose: hashing ~1 MB costs a
@@ -119,8 +137,8 @@ def kernel_key(kernel: Any) -> str:
     return h.hexdigest()
 
 
-def _kernel_array(kernel: Any) -> Any:
-    arr = getattr(kernel, "array", kernel)  # a DoseKernel or a bare array
+def _kernel_array(kernel: KernelLike | Array) -> Array:
+    arr: Array = getattr(kernel, "array", kernel)  # a DoseKernel or a bare array
     if getattr(arr, "ndim", None) != 3:
         raise VoxeldoseError(
             "the dose kernel must be a 3-D array [k, j, i]",
@@ -148,7 +166,7 @@ def padded_shape(
     """Padded FFT grid that :func:`convolve` uses for a map of ``shape`` (no chunking)."""
     fft = backend.fft_module(xp)
     half = [min((m - 1) // 2, n - 1) for m, n in zip(kernel_shape, shape)]
-    return tuple(_fast(fft, n + h) for n, h in zip(shape, half))  # type: ignore[return-value]
+    return cast("tuple[int, int, int]", tuple(_fast(fft, n + h) for n, h in zip(shape, half)))  # 3 axes
 
 
 def _device_tag(xp: ModuleType) -> str:
@@ -157,7 +175,9 @@ def _device_tag(xp: ModuleType) -> str:
     return f"gpu:{xp.cuda.Device().id}"  # GPU only
 
 
-def _wrapped_spectrum(xp, fft: backend.FFT, k_host: np.ndarray, L: tuple[int, int, int], dtype) -> Any:
+def _wrapped_spectrum(
+    xp: ModuleType, fft: backend.FFT, k_host: NDArray[Any], L: tuple[int, int, int], dtype: np.dtype[Any]
+) -> Array:
     """rFFT of the kernel placed with its centre at index 0 of an ``L`` grid (negative offsets wrap)."""
     k = xp.asarray(k_host, dtype=dtype)
     idx = [xp.asarray((np.arange(m) - (m - 1) // 2) % n) for m, n in zip(k.shape, L)]
@@ -166,7 +186,14 @@ def _wrapped_spectrum(xp, fft: backend.FFT, k_host: np.ndarray, L: tuple[int, in
     return fft.rfftn(wrapped, s=L, axes=(0, 1, 2), overwrite_x=True)
 
 
-def _plan_chunk(xp, fft, shape, half, complex_itemsize: int, chunk_k: int | None) -> int | None:
+def _plan_chunk(
+    xp: ModuleType,
+    fft: backend.FFT,
+    shape: tuple[int, ...],
+    half: tuple[int, ...],
+    complex_itemsize: int,
+    chunk_k: int | None,
+) -> int | None:
     """Slices per slab: ``nk`` (no chunking), fewer, or ``None`` (does not fit: use the CPU)."""
     nk, nj, ni = shape
     if chunk_k is not None:
@@ -186,14 +213,14 @@ def _plan_chunk(xp, fft, shape, half, complex_itemsize: int, chunk_k: int | None
 
 
 def convolve(
-    tia: Any,
-    kernel: Any,
+    tia: Array,
+    kernel: KernelLike | Array,
     *,
     xp: ModuleType | None = None,
-    dtype: Any = np.float32,
-    out: Any = None,
+    dtype: DTypeLike = np.float32,
+    out: Array | None = None,
     chunk_k: int | None = None,
-) -> Any:
+) -> Array:
     """Convolve a 3-D map with an odd-shaped kernel, "same" mode, zero outside the grid.
 
     Parameters
@@ -259,7 +286,9 @@ def convolve(
         return _on_cpu_then_back(xp, tia, k_host, dtype, out)
 
 
-def _on_cpu_then_back(xp, tia, k_host, dtype, out):
+def _on_cpu_then_back(
+    xp: ModuleType, tia: Array, k_host: NDArray[Any], dtype: np.dtype[Any], out: Array | None
+) -> Array:
     res = convolve(backend.to_host(tia), k_host, xp=np, dtype=dtype)
     if out is not None:
         out[...] = xp.asarray(res)
@@ -267,7 +296,18 @@ def _on_cpu_then_back(xp, tia, k_host, dtype, out):
     return xp.asarray(res)
 
 
-def _convolve(xp, fft, tia, k_host, key, shape, half, dtype, out, chunk):
+def _convolve(
+    xp: ModuleType,
+    fft: backend.FFT,
+    tia: Array,
+    k_host: NDArray[Any],
+    key: str,
+    shape: tuple[int, ...],
+    half: tuple[int, ...],
+    dtype: np.dtype[Any],
+    out: Array | None,
+    chunk: int,
+) -> Array:
     nk, nj, ni = shape
     hk, hj, hi = half
     a = tia if tia.dtype == dtype else tia.astype(dtype)

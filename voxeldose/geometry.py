@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
+from .backend import Array
 from .errors import VoxeldoseError
 
 __all__ = ["Grid", "Volume", "affine_from_dicom", "resample"]
@@ -33,7 +36,7 @@ def affine_from_dicom(
     image_orientation: Sequence[float],
     pixel_spacing: Sequence[float],
     slice_vector: Sequence[float],
-) -> np.ndarray:
+) -> NDArray[np.float64]:
     """Build the index→LPS affine from DICOM attributes.
 
     Parameters
@@ -89,7 +92,7 @@ class Grid:
     """A voxel grid: its shape ``(nk, nj, ni)`` and its index→LPS affine (see module docstring)."""
 
     shape: tuple[int, int, int]
-    affine: np.ndarray
+    affine: NDArray[np.float64]
     frame_of_reference_uid: str | None = None
 
     def __post_init__(self) -> None:
@@ -115,17 +118,18 @@ class Grid:
         return cls(shape, aff, frame_of_reference_uid)
 
     @property
-    def spacing(self) -> np.ndarray:
+    def spacing(self) -> NDArray[np.float64]:
         """Voxel spacing along ``(i, j, k)``, mm."""
-        return np.linalg.norm(self.affine[:3, :3], axis=0)
+        spacing: NDArray[np.float64] = np.linalg.norm(self.affine[:3, :3], axis=0)  # column norms
+        return spacing
 
     @property
-    def direction(self) -> np.ndarray:
+    def direction(self) -> NDArray[np.float64]:
         """3x3 matrix whose columns are the unit vectors of the ``i``, ``j``, ``k`` axes in LPS."""
         return self.affine[:3, :3] / self.spacing
 
     @property
-    def origin(self) -> np.ndarray:
+    def origin(self) -> NDArray[np.float64]:
         """LPS position of the centre of voxel ``(0, 0, 0)``, mm."""
         return self.affine[:3, 3].copy()
 
@@ -134,17 +138,17 @@ class Grid:
         """Volume of one voxel, ml (= cm³); the parallelepiped volume for skewed grids."""
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
 
-    def index_to_world(self, ijk: Any) -> np.ndarray:
+    def index_to_world(self, ijk: ArrayLike) -> NDArray[np.float64]:
         """Map indices ``(..., 3)`` ordered ``(i, j, k)`` to LPS mm ``(..., 3)``."""
         p = np.asarray(ijk, dtype=float)
         return p @ self.affine[:3, :3].T + self.affine[:3, 3]
 
-    def world_to_index(self, xyz: Any) -> np.ndarray:
+    def world_to_index(self, xyz: ArrayLike) -> NDArray[np.float64]:
         """Map LPS mm ``(..., 3)`` to fractional indices ``(i, j, k)`` ``(..., 3)``."""
         p = np.asarray(xyz, dtype=float) - self.affine[:3, 3]
         return p @ np.linalg.inv(self.affine[:3, :3]).T
 
-    def world_coordinates(self) -> np.ndarray:
+    def world_coordinates(self) -> NDArray[np.float64]:
         """LPS centres of every voxel, shape ``(nk, nj, ni, 3)``, mm."""
         k, j, i = np.meshgrid(*(np.arange(n) for n in self.shape), indexing="ij")
         return self.index_to_world(np.stack([i, j, k], axis=-1))
@@ -162,8 +166,8 @@ class Volume:
     ``"Bq.s"`` or ``"1"`` (masks, dimensionless).
     """
 
-    array: Any
-    affine: np.ndarray
+    array: Array
+    affine: NDArray[np.float64]
     frame_of_reference_uid: str | None = None
     units: str = "1"
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -179,23 +183,26 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
     @property
-    def spacing(self) -> np.ndarray:
+    def spacing(self) -> NDArray[np.float64]:
+        """Voxel spacing along ``(i, j, k)``, mm."""
         return self.grid.spacing
 
     @property
     def voxel_volume_ml(self) -> float:
         return self.grid.voxel_volume_ml
 
-    def index_to_world(self, ijk: Any) -> np.ndarray:
+    def index_to_world(self, ijk: ArrayLike) -> NDArray[np.float64]:
+        """Map indices ``(..., 3)`` ordered ``(i, j, k)`` to LPS mm ``(..., 3)``."""
         return self.grid.index_to_world(ijk)
 
-    def world_to_index(self, xyz: Any) -> np.ndarray:
+    def world_to_index(self, xyz: ArrayLike) -> NDArray[np.float64]:
+        """Map LPS mm ``(..., 3)`` to fractional indices ``(i, j, k)`` ``(..., 3)``."""
         return self.grid.world_to_index(xyz)
 
-    def with_array(self, array: Any, units: str | None = None) -> Volume:
+    def with_array(self, array: Array, units: str | None = None) -> Volume:
         """The same geometry with another array (same shape), optionally other units."""
         if tuple(array.shape) != self.shape:
             raise ValueError(f"shape {tuple(array.shape)} differs from {self.shape}")
@@ -208,7 +215,7 @@ def resample(
     *,
     order: int = 1,
     fill: float = 0.0,
-    moving_to_target: np.ndarray | None = None,
+    moving_to_target: NDArray[np.floating[Any]] | None = None,
 ) -> Volume:
     """Resample ``volume`` onto ``target``'s grid (the one resampling function of the project).
 
@@ -245,12 +252,12 @@ def resample(
     return Volume(out, grid.affine, grid.frame_of_reference_uid, volume.units, dict(volume.meta))
 
 
-def _ndimage_for(array: Any):
+def _ndimage_for(array: Array) -> ModuleType:
     """scipy.ndimage for NumPy arrays, cupyx.scipy.ndimage for CuPy arrays."""
     if type(array).__module__.startswith("cupy"):
         import cupyx.scipy.ndimage as ndi  # pragma: no cover - GPU only
 
-        return ndi
+        return cast(ModuleType, ndi)  # no type information for CuPy/SciPy: the module is Any to mypy
     import scipy.ndimage as ndi
 
-    return ndi
+    return cast(ModuleType, ndi)
