@@ -7,12 +7,22 @@ density g/cm³.  Geometry is DICOM patient coordinates (LPS, mm); see :mod:`voxe
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Unpack
 
 from .errors import VoxeldoseError
 from .geometry import Grid, Volume, resample
 
+if TYPE_CHECKING:
+    from .dose import DoseOptions
 
-def absorbed_dose(tia, nuclide="Lu-177", method="dvk", density=None, **kwargs):
+
+def absorbed_dose(
+    tia: Volume,
+    nuclide: str = "Lu-177",
+    method: str = "dvk",
+    density: Volume | None = None,
+    **kwargs: Unpack[DoseOptions],
+) -> Volume:
     """Absorbed dose (Gy) from a time-integrated activity Volume (Bq·s); see :func:`voxeldose.dose.absorbed_dose`."""
     from .dose import absorbed_dose as _absorbed_dose
 

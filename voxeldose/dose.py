@@ -34,11 +34,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol, TypedDict, cast, overload
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import backend, nuclides
+from .backend import Array
 from .convolution import convolve, kernel_key
 from .errors import VoxeldoseError
 from .geometry import Grid, Volume, resample
@@ -53,6 +56,8 @@ __all__ = [
     "METHODS",
     "RHO_AIR",
     "SCHNEIDER_2000",
+    "DoseKernelLike",
+    "DoseOptions",
     "absorbed_dose",
     "default_kernel_size",
     "density_corrected_dose",
@@ -126,10 +131,14 @@ SCHNEIDER_2000: tuple[tuple[float, float, float, float], ...] = (
 )
 
 
-def hu_to_density(hu: Any) -> Any:
+@overload
+def hu_to_density(hu: float) -> float: ...
+@overload
+def hu_to_density(hu: Array) -> Array: ...
+def hu_to_density(hu: Array | float) -> Array | float:
     """Mass density (g/cm³) from CT numbers (HU), Schneider et al. 2000; see :data:`SCHNEIDER_2000`.
 
-    Works on NumPy and CuPy arrays (and scalars); returns float32 for arrays.
+    Works on NumPy and CuPy arrays (and scalars); returns float32 for arrays, a float for a scalar.
     """
     scalar = np.isscalar(hu)
     xp = backend.xp_for(np.asarray(hu) if scalar else hu)
@@ -167,7 +176,9 @@ def medium_density(medium: str) -> float:
     return float(xraylib.GetCompoundDataNISTByName(_NIST_NAMES[medium])["density"])
 
 
-def default_kernel_size(spacing_mm: Sequence[float], shape: Sequence[int] | None = None) -> int:
+def default_kernel_size(
+    spacing_mm: Sequence[float] | NDArray[np.floating[Any]], shape: Sequence[int] | None = None
+) -> int:
     """Odd kernel size (voxels, all axes) for voxel spacing ``spacing_mm``.
 
     Covers ±:data:`KERNEL_HALF_EXTENT_MM` (≈ 2 photon mean free paths) along the finest axis, at
@@ -246,7 +257,7 @@ def density_on_grid(source: Volume, target: Grid | Volume, *, fill: float) -> Vo
 _ELECTRON_TRIM = 1e-7
 
 
-def _trim_centred(k: np.ndarray, tol: float) -> np.ndarray:
+def _trim_centred(k: NDArray[np.float64], tol: float) -> NDArray[np.float64]:
     """Smallest centred sub-box of ``k`` that keeps all but ``tol`` of its sum (index cube, clipped)."""
     total = float(np.abs(k).sum())
     c = [(m - 1) // 2 for m in k.shape]
@@ -260,15 +271,18 @@ def _trim_centred(k: np.ndarray, tol: float) -> np.ndarray:
 
 
 def density_corrected_dose(
-    tia: Any,
-    rho: Any,
-    electron_kernel: np.ndarray,
-    photon_kernel: np.ndarray | None,
+    tia: Array,
+    rho: Array,
+    electron_kernel: NDArray[np.floating[Any]],
+    photon_kernel: NDArray[np.floating[Any]] | None,
     kernel_density: float,
     *,
-    xp: Any = None,
-) -> tuple[Any, Any]:
-    """Density-corrected dose ``(D_e, D_p)`` in Gy for a TIA map and a density map on one grid.
+    xp: ModuleType | None = None,
+) -> tuple[Array, Array | None]:
+    """Density-corrected dose ``(D_e, D_p)`` in Gy for a TIA map (Bq·s) and a density map (g/cm³) on one grid.
+
+    ``electron_kernel`` and ``photon_kernel`` are in Gy per Bq·s in the kernel medium of density
+    ``kernel_density`` (g/cm³); ``D_p`` is ``None`` without a (non-zero) photon kernel.
 
     The model (energy-conserving redistribution of electron energy by mass):
 
@@ -341,14 +355,52 @@ def density_corrected_dose(
 # --------------------------------------------------------------------------------------------
 
 
-def _kernel_identity(kernel: Any) -> str:
+class DoseKernelLike(Protocol):
+    """What :func:`absorbed_dose` reads of a kernel: :class:`voxeldose.kernels.DoseKernel` qualifies.
+
+    Arrays ``[k, j, i]`` with odd shape, Gy per Bq·s, source voxel at the centre; ``array`` is
+    ``electron + photon``.  An optional ``nuclide`` attribute (str) is checked when present.
+    """
+
+    @property
+    def array(self) -> NDArray[Any]:
+        """Total kernel, Gy per Bq·s."""
+        ...
+
+    @property
+    def electron(self) -> NDArray[Any]:
+        """Electron part, Gy per Bq·s."""
+        ...
+
+    @property
+    def photon(self) -> NDArray[Any]:
+        """Photon part, Gy per Bq·s."""
+        ...
+
+    @property
+    def voxel_mm(self) -> Sequence[float]:
+        """Voxel size ``(di, dj, dk)``, mm."""
+        ...
+
+    @property
+    def density_g_cm3(self) -> float:
+        """Density of the kernel medium, g/cm³."""
+        ...
+
+    @property
+    def id(self) -> str:
+        """Stable identifier (a stub may raise; then the kernel is identified by its content hash)."""
+        ...
+
+
+def _kernel_identity(kernel: DoseKernelLike) -> str:
     try:
         return str(kernel.id)
     except (NotImplementedError, AttributeError, KeyError, TypeError, ValueError):  # stub or hand-made kernel
         return "sha:" + kernel_key(kernel.array)
 
 
-def _check_kernel(kernel: Any, tia: Volume, nuclide: str) -> None:
+def _check_kernel(kernel: DoseKernelLike, tia: Volume, nuclide: str) -> None:
     for attr in ("array", "electron", "photon", "voxel_mm", "density_g_cm3"):
         if not hasattr(kernel, attr):
             raise VoxeldoseError(
@@ -366,6 +418,17 @@ def _check_kernel(kernel: Any, tia: Volume, nuclide: str) -> None:
         raise VoxeldoseError("the dose kernel is for another nuclide", tag="kernel.nuclide", expected=nuclide, found=kn)
 
 
+class DoseOptions(TypedDict, total=False):
+    """The keyword-only options of :func:`absorbed_dose`, for wrappers that pass them on."""
+
+    medium: str
+    kernel: DoseKernelLike | None
+    grid: str
+    ct: Volume | None
+    kernel_size: int | None
+    device: str | None
+
+
 def absorbed_dose(
     tia: Volume,
     nuclide: str = "Lu-177",
@@ -373,7 +436,7 @@ def absorbed_dose(
     density: Volume | None = None,
     *,
     medium: str = "soft-tissue",
-    kernel: Any = None,
+    kernel: DoseKernelLike | None = None,
     grid: str = "spect",
     ct: Volume | None = None,
     kernel_size: int | None = None,
@@ -459,7 +522,7 @@ def absorbed_dose(
         "software": "voxeldose.dose",
     }
 
-    k = None
+    k: DoseKernelLike | None = None
     if method in ("dvk", "dvk-density"):
         if kernel is None:
             from .kernels import get_kernel
@@ -483,7 +546,8 @@ def absorbed_dose(
     if method == "dvk":
         dose = convolve(a, k, xp=xp, dtype=np.float32)
     elif method == "dvk-density":
-        d_e, d_p = density_corrected_dose(a, rho_map, k.electron, k.photon, rho_k, xp=xp)
+        kd = cast(DoseKernelLike, k)  # set above for both kernel methods
+        d_e, d_p = density_corrected_dose(a, rho_map, kd.electron, kd.photon, rho_k, xp=xp)
         dose = d_e.astype(xp.float32) if d_p is None else (d_e + d_p).astype(xp.float32)
     else:  # led
         e_j = electron_energy_per_decay_MeV(nuc.name) * J_PER_MEV
@@ -494,7 +558,7 @@ def absorbed_dose(
     dose_host_or_dev = dose if input_xp is not np else backend.to_host(dose)
     out = Volume(dose_host_or_dev, tia.affine, tia.frame_of_reference_uid, "Gy", meta)
     if grid == "ct":
-        out = resample(out, ct, order=1, fill=0.0)
+        out = resample(out, cast(Volume, ct), order=1, fill=0.0)  # grid="ct" without ct was refused above
         out = Volume(
             out.array, out.affine, out.frame_of_reference_uid, "Gy", {**meta, "dose_grid": "ct (trilinear from spect)"}
         )
