@@ -73,10 +73,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import SimpleITK as sitk
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 from scipy import ndimage
 
 from .errors import VoxeldoseError
@@ -124,7 +125,7 @@ METRIC_NAME = "normalised cross-correlation of CT (HU clamped to [-1000, 1500]) 
 
 
 # ------------------------------------------------------------------------------ conversions
-def to_sitk(volume: Volume, dtype: Any = np.float32) -> sitk.Image:
+def to_sitk(volume: Volume, dtype: DTypeLike = np.float32) -> sitk.Image:
     """A SimpleITK image with ``volume``'s values and geometry.
 
     SimpleITK indexes ``(x, y, z) = (i, j, k)`` and ``GetImageFromArray`` takes ``[k, j, i]``
@@ -147,7 +148,7 @@ def from_sitk(image: sitk.Image, *, units: str = "1", frame_of_reference_uid: st
     return Volume(arr, _sitk_affine(image), frame_of_reference_uid, units)
 
 
-def _sitk_affine(image: sitk.Image) -> np.ndarray:
+def _sitk_affine(image: sitk.Image) -> NDArray[np.float64]:
     a = np.eye(4)
     d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     a[:3, :3] = d * np.asarray(image.GetSpacing(), dtype=float)
@@ -155,7 +156,7 @@ def _sitk_affine(image: sitk.Image) -> np.ndarray:
     return a
 
 
-def _euler_matrix(tx: sitk.Euler3DTransform) -> np.ndarray:
+def _euler_matrix(tx: sitk.Euler3DTransform) -> NDArray[np.float64]:
     """4x4 of an ITK Euler transform: ``x ↦ R (x − c) + c + t``."""
     r = np.asarray(tx.GetMatrix(), dtype=float).reshape(3, 3)
     c = np.asarray(tx.GetCenter(), dtype=float)
@@ -166,7 +167,7 @@ def _euler_matrix(tx: sitk.Euler3DTransform) -> np.ndarray:
     return m
 
 
-def euler_angles_deg(matrix: np.ndarray) -> tuple[float, float, float]:
+def euler_angles_deg(matrix: ArrayLike) -> tuple[float, float, float]:
     """Angles ``(ax, ay, az)`` in degrees with ``R = Rz(az) · Ry(ay) · Rx(ax)`` (rotations about the
     LPS x, y, z axes, applied x first), for reporting."""
     r = np.asarray(matrix, dtype=float)[:3, :3]
@@ -176,7 +177,7 @@ def euler_angles_deg(matrix: np.ndarray) -> tuple[float, float, float]:
     return (math.degrees(ax), math.degrees(ay), math.degrees(az))
 
 
-def _rotation_angle_deg(matrix: np.ndarray) -> float:
+def _rotation_angle_deg(matrix: ArrayLike) -> float:
     r = np.asarray(matrix, dtype=float)[:3, :3]
     return math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(r) - 1.0) / 2.0))))
 
@@ -193,7 +194,7 @@ class Registration:
     ``R = Rz·Ry·Rx`` (angles about the LPS axes, degrees).
     """
 
-    moving_to_reference: np.ndarray
+    moving_to_reference: NDArray[np.floating[Any]]
     translation_mm: tuple[float, float, float]
     rotation_deg: tuple[float, float, float]
     metric: str
@@ -213,11 +214,12 @@ class Registration:
     runtime_s: float = math.nan
     details: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def apply(self, points_mm: Any) -> np.ndarray:
+    def apply(self, points_mm: ArrayLike) -> NDArray[np.float64]:
         """Map moving-scanner LPS points ``(..., 3)`` to reference LPS points."""
         p = np.asarray(points_mm, dtype=float)
         m = self.moving_to_reference
-        return p @ m[:3, :3].T + m[:3, 3]
+        moved: NDArray[np.float64] = p @ m[:3, :3].T + m[:3, 3]
+        return moved
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (plain floats, lists, strings)."""
@@ -245,11 +247,11 @@ class Registration:
         }
 
 
-def _f(v: float) -> float | None:
+def _f(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
-def _jsonable(obj: Any) -> Any:
+def _jsonable(obj: object) -> object:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -292,10 +294,10 @@ def _working_ct(ct: Volume, what: str) -> Volume:
     return Volume(np.ascontiguousarray(hu, dtype=np.float32), aff, ct.frame_of_reference_uid, "HU")
 
 
-def body_mask(hu: np.ndarray, *, dilate: int = 1) -> np.ndarray:
+def body_mask(hu: ArrayLike, *, dilate: int = 1) -> NDArray[np.bool_]:
     """The patient's body in a CT array ``[k, j, i]``: HU > −500, largest connected object (not the
     couch), holes filled slice by slice (lungs, bowel gas), dilated by ``dilate`` voxels."""
-    m = np.asarray(hu) > BODY_HU
+    m: NDArray[np.bool_] = np.asarray(hu) > BODY_HU
     lab, n = ndimage.label(m)
     if n == 0:
         return m
@@ -309,14 +311,16 @@ def body_mask(hu: np.ndarray, *, dilate: int = 1) -> np.ndarray:
     return m
 
 
-def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+def _ncc(a: NDArray[Any], b: NDArray[Any]) -> float:
     a = a.astype(np.float64) - a.mean()
     b = b.astype(np.float64) - b.mean()
     den = math.sqrt(float(a @ a) * float(b @ b))
     return float(a @ b) / den if den > 0 else 0.0
 
 
-def _similarity(ref: Volume, mask: np.ndarray, moving: Volume, moving_to_reference: np.ndarray) -> tuple[float, float]:
+def _similarity(
+    ref: Volume, mask: NDArray[np.bool_], moving: Volume, moving_to_reference: NDArray[np.floating[Any]]
+) -> tuple[float, float]:
     """NCC in the reference body where the moving CT has data, and that overlap fraction."""
     moved = resample(moving, ref.grid, order=1, fill=np.nan, moving_to_target=moving_to_reference)
     inside = mask & np.isfinite(moved.array)
@@ -331,7 +335,7 @@ def register_rigid(
     reference_ct: Volume,
     moving_ct: Volume,
     *,
-    initial: np.ndarray | None = None,
+    initial: ArrayLike | None = None,
 ) -> Registration:
     """Rigidly register ``moving_ct`` to ``reference_ct`` (both in HU); see the module docstring.
 
@@ -458,7 +462,7 @@ def register_rigid(
     angles = euler_angles_deg(m2r)
     return Registration(
         moving_to_reference=m2r,
-        translation_mm=tuple(float(v) for v in m2r[:3, 3]),  # type: ignore[arg-type]
+        translation_mm=cast("tuple[float, float, float]", tuple(float(v) for v in m2r[:3, 3])),  # x, y, z
         rotation_deg=angles,
         metric=METRIC_NAME,
         similarity_before=before,
@@ -520,7 +524,7 @@ def _set_optimizer(reg: sitk.ImageRegistrationMethod) -> None:
     reg.SetOptimizerScalesFromPhysicalShift()
 
 
-def _euler_from_matrix(ref_to_mov: np.ndarray, centre: np.ndarray) -> sitk.Euler3DTransform:
+def _euler_from_matrix(ref_to_mov: NDArray[np.float64], centre: NDArray[np.float64]) -> sitk.Euler3DTransform:
     """An ITK Euler transform about ``centre`` equal to the rigid 4x4 ``ref_to_mov``."""
     r = np.asarray(ref_to_mov, dtype=float)[:3, :3]
     u, _, vt = np.linalg.svd(r)  # nearest rotation (guards against round-off in a given matrix)
