@@ -115,12 +115,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import Any, TypeAlias, TypedDict, cast, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import OptimizeResult, least_squares, nnls
 
 from . import backend
+from .backend import Array
 from .errors import VoxeldoseError
 
 __all__ = [
@@ -170,6 +173,7 @@ def _h(t_s: float) -> str:
 
 
 def _check_decay_constant(lam: float) -> float:
+    """``lam`` (s⁻¹) as a float, or a :class:`VoxeldoseError` when it is not finite and positive."""
     try:
         lam = float(lam)
     except (TypeError, ValueError):
@@ -188,7 +192,7 @@ def _check_decay_constant(lam: float) -> float:
     return lam
 
 
-def _check_times(times_s: Any) -> np.ndarray:
+def _check_times(times_s: ArrayLike | Array) -> NDArray[np.float64]:
     t = np.asarray(backend.to_host(times_s), dtype=float)
     if t.ndim != 1 or t.size == 0:
         raise VoxeldoseError(
@@ -226,7 +230,7 @@ def _check_times(times_s: Any) -> np.ndarray:
     return t
 
 
-def _check_activities(a: Any, n: int) -> np.ndarray:
+def _check_activities(a: ArrayLike | Array, n: int) -> NDArray[np.float64]:
     A = np.asarray(backend.to_host(a), dtype=float)
     if A.shape != (n,):
         raise VoxeldoseError(
@@ -261,6 +265,9 @@ def _one_point_error(model: str) -> VoxeldoseError:
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
+
+#: A curve as fitted: ``((a, λ, Δ or None), …)`` with A(t) = Σ a e^{−λt}(1 − e^{−Δt}); Bq, s⁻¹, s⁻¹.
+_Components: TypeAlias = tuple[tuple[float, float, float | None], ...]
 
 
 @dataclass(frozen=True)
@@ -304,28 +311,29 @@ _MIN_POINTS = {"monoexp": 2, "biexp": 3, "triexp": 5, "trapezoid": 2}
 
 @dataclass(frozen=True)
 class _Unpacked:
-    amps: np.ndarray  # a_j
-    eu: np.ndarray  # e^{u_i}
-    lam: np.ndarray  # λ_i
+    amps: NDArray[np.float64]  # a_j
+    eu: NDArray[np.float64]  # e^{u_i}
+    lam: NDArray[np.float64]  # λ_i
 
     def excess(self, s: int, f: int) -> float:
         return float(np.sum(self.eu[s + 1 : f + 1]))
 
 
-def _unpack(model: _Model, th: np.ndarray, lp: float) -> _Unpacked:
+def _unpack(model: _Model, th: NDArray[np.float64], lp: float) -> _Unpacked:
     amps = np.exp(th[: model.n_amp])
     eu = np.exp(th[model.n_amp :])
     return _Unpacked(amps, eu, lp + np.cumsum(eu))
 
 
-def _components(model: _Model, p: _Unpacked) -> tuple[tuple[float, float, float | None], ...]:
+def _components(model: _Model, p: _Unpacked) -> _Components:
     """((amplitude, rate, uptake excess Δ or None), …): A(t) = Σ a e^{−λt}(1 − e^{−Δt})."""
     return tuple(
         (float(p.amps[a]), float(p.lam[s]), None if f is None else p.excess(s, f)) for a, s, f in model.components
     )
 
 
-def _eval_components(comps, t, xp=np):
+def _eval_components(comps: _Components, t: Array, xp: ModuleType = np) -> Array:
+    """Σ a e^{−λt}(1 − e^{−Δt}) at the times ``t`` (s), in the namespace ``xp`` of ``t``."""
     out = xp.zeros_like(t)
     for a, lam, d in comps:
         g = xp.exp(-lam * t)
@@ -335,12 +343,12 @@ def _eval_components(comps, t, xp=np):
     return out
 
 
-def _tia_components(comps) -> float:
+def _tia_components(comps: _Components) -> float:
     """∫₀^∞ Σ a e^{−λt}(1 − e^{−Δt}) dt = Σ a (1/λ − 1/(λ + Δ)) = Σ a Δ / (λ (λ + Δ))."""
     return float(sum(a / lam if d is None else a * d / (lam * (lam + d)) for a, lam, d in comps))
 
 
-def _exponentials(comps) -> tuple[tuple[float, float], ...]:
+def _exponentials(comps: _Components) -> tuple[tuple[float, float], ...]:
     """The same curve as Σ c_i e^{−k_i t}, coefficients of equal rates merged, slow → fast."""
     by_rate: dict[float, float] = {}
     for a, lam, d in comps:
@@ -361,7 +369,7 @@ def _named(model: _Model, p: _Unpacked) -> dict[str, float]:
     return out
 
 
-def _model_jacobian(model: _Model, th: np.ndarray, t: np.ndarray, lp: float) -> np.ndarray:
+def _model_jacobian(model: _Model, th: NDArray[np.float64], t: NDArray[np.float64], lp: float) -> NDArray[np.float64]:
     """∂A(t_i)/∂θ_j for the stable component form."""
     p = _unpack(model, th, lp)
     J = np.zeros((t.size, model.k))
@@ -385,7 +393,7 @@ def _model_jacobian(model: _Model, th: np.ndarray, t: np.ndarray, lp: float) -> 
     return J
 
 
-def _loglin_slope(t: np.ndarray, A: np.ndarray) -> float | None:
+def _loglin_slope(t: NDArray[np.float64], A: NDArray[np.float64]) -> float | None:
     m = A > 0
     if m.sum() < 2:
         return None
@@ -395,7 +403,7 @@ def _loglin_slope(t: np.ndarray, A: np.ndarray) -> float | None:
     return float(-np.sum(w * (tt - tm) * (y - ym)) / den) if den > 0 else None
 
 
-def _start_rates(model: _Model, t: np.ndarray, A: np.ndarray, lp: float) -> list[tuple[float, ...]]:
+def _start_rates(model: _Model, t: NDArray[np.float64], A: NDArray[np.float64], lp: float) -> list[tuple[float, ...]]:
     """Deterministic starting rates (slow → fast) from the data."""
 
     def clip(k: float | None) -> float | None:
@@ -409,10 +417,11 @@ def _start_rates(model: _Model, t: np.ndarray, A: np.ndarray, lp: float) -> list
     slow = sorted({k for k in (k_tail, k_all, k_late, lp * 1.05, lp * 2.0) if k is not None})
     fast = [f / t[0] for f in (0.5, 2.0, 8.0)]
     if model.n_rates == 1:
-        return [(k,) for k in sorted(set(slow) | {clip(3 * (k_all or lp))})]
+        # clip() of a finite rate is a float, never None
+        return [(k,) for k in sorted(set(slow) | {cast(float, clip(3 * (k_all or lp)))})]
     if model.n_rates == 2:
         return [(k1, k2) for k1 in slow for k2 in sorted(set(fast) | {3 * k1}) if k2 > 1.05 * k1]
-    out = []
+    out: list[tuple[float, ...]] = []
     for k1 in slow[:3]:
         for k3 in fast[1:]:
             if k3 <= 2 * k1:
@@ -423,7 +432,15 @@ def _start_rates(model: _Model, t: np.ndarray, A: np.ndarray, lp: float) -> list
     return out
 
 
-def _theta_from_start(model: _Model, rates: tuple[float, ...], t, A, w, lp, bounds) -> np.ndarray:
+def _theta_from_start(
+    model: _Model,
+    rates: tuple[float, ...],
+    t: NDArray[np.float64],
+    A: NDArray[np.float64],
+    w: NDArray[np.float64],
+    lp: float,
+    bounds: tuple[NDArray[np.float64], NDArray[np.float64]],
+) -> NDArray[np.float64]:
     """θ at given starting rates, amplitudes from a weighted non-negative linear least-squares fit."""
     us, prev = [], lp
     for r in rates:
@@ -439,13 +456,13 @@ def _theta_from_start(model: _Model, rates: tuple[float, ...], t, A, w, lp, boun
         cols[:, a] += g
     amps, _ = nnls(cols * w[:, None], A * w)
     amps = np.maximum(amps, float(A.max()) * 1e-6)
-    th = np.concatenate([np.log(amps), u])
+    th: NDArray[np.float64] = np.concatenate([np.log(amps), u])
     lo, hi = bounds
     span = hi - lo
     return np.clip(th, lo + 1e-6 * span, hi - 1e-6 * span)
 
 
-def _bounds(model: _Model, A: np.ndarray, lp: float) -> tuple[np.ndarray, np.ndarray]:
+def _bounds(model: _Model, A: NDArray[np.float64], lp: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     la = math.log(float(A.max()))
     n_amp = model.n_amp
     lo = [la - 40.0] * n_amp + [math.log(lp * _MIN_EXCESS_FRACTION)] * model.n_rates
@@ -460,7 +477,7 @@ def _aicc(rss: float, n: int, k: int) -> float | None:
     return n * math.log(s2) + 2 * k + 2 * k * (k + 1) / (n - k - 1)
 
 
-def _r2(fit: np.ndarray, A: np.ndarray) -> float | None:
+def _r2(fit: NDArray[np.float64], A: NDArray[np.float64]) -> float | None:
     ss_tot = float(np.sum((A - A.mean()) ** 2))
     if ss_tot <= 0:
         return None
@@ -475,7 +492,7 @@ class _Candidate:
     tia_bqs: float | None = None
     aicc: float | None = None
     params: dict[str, float] | None = None
-    comps: tuple[tuple[float, float, float | None], ...] | None = None
+    comps: _Components | None = None
     rss: float | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -492,29 +509,32 @@ class _ExactFit(Exception):
     """Raised inside the residual function once the data are reproduced to round-off."""
 
 
-def _fit_exponential(model: _Model, t: np.ndarray, A: np.ndarray, w: np.ndarray, lp: float) -> _Candidate:
+def _fit_exponential(
+    model: _Model, t: NDArray[np.float64], A: NDArray[np.float64], w: NDArray[np.float64], lp: float
+) -> _Candidate:
     bounds = _bounds(model, A, lp)
     exact_ss = t.size * _EXACT_RELATIVE_RMS**2
-    hit: dict[str, np.ndarray] = {}
+    hit: dict[str, NDArray[np.float64]] = {}
 
-    def resid(th: np.ndarray) -> np.ndarray:
-        r = (_eval_components(_components(model, _unpack(model, th, lp)), t) - A) * w
+    def resid(th: NDArray[np.float64]) -> NDArray[np.float64]:
+        r: NDArray[np.float64] = (_eval_components(_components(model, _unpack(model, th, lp)), t) - A) * w
         if float(r @ r) < exact_ss:  # the data are reproduced exactly: nothing left to improve
             hit["x"], hit["fun"] = th.copy(), r
             raise _ExactFit
         return r
 
-    def jac(th: np.ndarray) -> np.ndarray:
+    def jac(th: NDArray[np.float64]) -> NDArray[np.float64]:
         return _model_jacobian(model, th, t, lp) * w[:, None]
 
     early = np.geomspace(t[0] * 1e-3, t[0], 64)
     peak_limit = _MAX_EARLY_PEAK_RATIO * float(A.max())
 
-    def early_peak(x: np.ndarray) -> float:
+    def early_peak(x: NDArray[np.float64]) -> float:
         return float(np.max(_eval_components(_components(model, _unpack(model, x, lp)), early)))
 
     # best = lowest cost among plausible fits (no unmeasured early peak), else lowest cost overall
-    best, best_key = None, None
+    best: OptimizeResult | None = None
+    best_key: tuple[bool, float] | None = None
     for rates in _start_rates(model, t, A, lp):
         th0 = _theta_from_start(model, rates, t, A, w, lp, bounds)
         try:
@@ -543,11 +563,11 @@ def _fit_exponential(model: _Model, t: np.ndarray, A: np.ndarray, w: np.ndarray,
         if not np.all(np.isfinite(res.fun)):
             continue
         key = (early_peak(res.x) > peak_limit, res.cost)
-        if best is None or key < best_key:
+        if best_key is None or key < best_key:  # best and best_key are None together
             best, best_key = res, key
         if res.status == 5 and not key[0]:
             break  # exact and plausible: nothing better exists
-    if best is None:
+    if best is None or best_key is None:
         return _Candidate(model.name, False, "no start converged to a finite fit")
     p = _unpack(model, best.x, lp)
     comps = _components(model, p)
@@ -576,7 +596,7 @@ def _fit_exponential(model: _Model, t: np.ndarray, A: np.ndarray, w: np.ndarray,
     )
 
 
-def _trapezoid_parts(t: np.ndarray, A: np.ndarray, lp: float) -> dict[str, float]:
+def _trapezoid_parts(t: NDArray[np.float64], A: NDArray[np.float64], lp: float) -> dict[str, float]:
     uptake = 0.5 * A[0] * t[0]
     measured = float(np.sum(0.5 * (A[1:] + A[:-1]) * np.diff(t)))
     tail = A[-1] / lp
@@ -588,7 +608,7 @@ def _trapezoid_parts(t: np.ndarray, A: np.ndarray, lp: float) -> dict[str, float
     }
 
 
-def _json_float(x: Any) -> float | None:
+def _json_float(x: float | None) -> float | None:
     if x is None:
         return None
     x = float(x)
@@ -628,10 +648,10 @@ class FitResult:
     activities_bq: tuple[float, ...] = ()
     decay_constant_per_s: float = float("nan")
     piecewise: dict[str, Any] | None = None
-    components: tuple[tuple[float, float, float | None], ...] | None = None
+    components: _Components | None = None
     weighting: str = "relative (1/A): constant coefficient of variation"
 
-    def activity(self, t_s: Any) -> Any:
+    def activity(self, t_s: ArrayLike | Array) -> Array:
         """The fitted curve A(t) at ``t_s`` (scalar or NumPy/CuPy array of times in s)."""
         xp = backend.xp_for(t_s)
         t = xp.asarray(t_s, dtype=float)
@@ -639,9 +659,10 @@ class FitResult:
             return _eval_components(self.components, t, xp)
         if self.exponentials is not None:
             return _eval_components(tuple((c, k, None) for c, k in self.exponentials), t, xp)
-        knots = xp.asarray(self.piecewise["knots_s"], dtype=float)
-        vals = xp.asarray(self.piecewise["activities_bq"], dtype=float)
-        tail = self.piecewise["tail"]
+        piecewise = cast("dict[str, Any]", self.piecewise)  # the trapezoid: no exponentials, a piecewise curve
+        knots = xp.asarray(piecewise["knots_s"], dtype=float)
+        vals = xp.asarray(piecewise["activities_bq"], dtype=float)
+        tail = piecewise["tail"]
         inside = xp.interp(t, knots, vals)
         after = tail["activity_bq"] * xp.exp(-tail["rate_per_s"] * (t - tail["from_s"]))
         return xp.where(t <= tail["from_s"], xp.where(t < 0, 0.0, inside), after)
@@ -691,9 +712,18 @@ class FitResult:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Common(TypedDict):
+    """The fields every :class:`FitResult` of one call shares."""
+
+    n_points: int
+    times_s: tuple[float, ...]
+    activities_bq: tuple[float, ...]
+    decay_constant_per_s: float
+
+
 def fit_voi(
-    times_s: Sequence[float] | np.ndarray,
-    activities_bq: Sequence[float] | np.ndarray,
+    times_s: Sequence[float] | NDArray[np.floating[Any]],
+    activities_bq: Sequence[float] | NDArray[np.floating[Any]],
     *,
     decay_constant_per_s: float,
     model: str = "auto",
@@ -743,7 +773,10 @@ def fit_voi(
         mono3 = _fit_exponential(MODELS["monoexp"], t, A, w, lp) if (not ok and n == 3) else None
         if ok:
             chosen = min(ok, key=lambda c: (c.aicc, MODELS[c.model].k))
-            others = ", ".join(f"{c.model} ΔAICc={c.aicc - chosen.aicc:+.2f}" for c in ok if c is not chosen)
+            aicc_chosen = cast(float, chosen.aicc)  # ok holds only candidates with an AICc
+            others = ", ".join(
+                f"{c.model} ΔAICc={cast(float, c.aicc) - aicc_chosen:+.2f}" for c in ok if c is not chosen
+            )
             message = f"auto: {chosen.model} chosen by AICc" + (f" ({others})" if others else "")
         elif mono3 is not None and mono3.success:
             # Three points: no model has a defined AICc (n − k − 1 = 0 for the mono-exponential), but
@@ -772,7 +805,7 @@ def fit_voi(
             f"{model} requested: {chosen.message}" if chosen.success else f"{model} requested; WARNING {chosen.message}"
         )
 
-    common = {
+    common: _Common = {
         "n_points": n,
         "times_s": tuple(float(x) for x in t),
         "activities_bq": tuple(float(x) for x in A),
@@ -814,13 +847,15 @@ def fit_voi(
             piecewise=piecewise,
             **common,
         )
-    fit = _eval_components(chosen.comps, t)
+    # a chosen exponential candidate is a finished fit: its components, parameters and TIA are set
+    comps = cast(_Components, chosen.comps)
+    fit: NDArray[np.float64] = _eval_components(comps, t)
     return FitResult(
         model=chosen.model,
-        params=dict(chosen.params),
-        tia_bqs=float(chosen.tia_bqs),
-        exponentials=_exponentials(chosen.comps),
-        components=chosen.comps,
+        params=dict(cast("dict[str, float]", chosen.params)),
+        tia_bqs=float(cast(float, chosen.tia_bqs)),
+        exponentials=_exponentials(comps),
+        components=comps,
         aicc=chosen.aicc,
         r2=_r2(fit, A),
         residuals=tuple(float(x) for x in fit - A),
@@ -845,9 +880,9 @@ class VoxelTIA:
     :data:`FLAG_NO_DATA` 2 = no positive value at any time point (TIA 0).
     """
 
-    tia: Any
-    quality: Any
-    flags: Any
+    tia: Array
+    quality: Array
+    flags: Array
     method: str = "hybrid"
 
     def flag_counts(self) -> dict[str, int]:
@@ -860,7 +895,7 @@ class VoxelTIA:
         }
 
 
-def _weighted_loglin(xp, A, tb, floor):
+def _weighted_loglin(xp: ModuleType, A: Array, tb: Array, floor: float) -> tuple[Array, Array, Array]:
     """Per-voxel weighted LS of ln A on t (weights ∝ A): returns (slope k, intercept ln A0, all_positive)."""
     pos = floor < A
     Ac = xp.where(pos, A, floor)  # clip before the log; clipped voxels are discarded by the caller
@@ -876,8 +911,8 @@ def _weighted_loglin(xp, A, tb, floor):
 
 
 def voxel_tia(
-    stack: Any,
-    times_s: Sequence[float] | np.ndarray,
+    stack: Array,
+    times_s: Sequence[float] | NDArray[np.floating[Any]],
     *,
     decay_constant_per_s: float,
     method: str = "hybrid",
@@ -982,7 +1017,7 @@ def voxel_tia(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_scan_time(t_s: Any) -> float:
+def _check_scan_time(t_s: float) -> float:
     try:
         t = float(t_s)
     except (TypeError, ValueError):
@@ -997,7 +1032,11 @@ def _check_scan_time(t_s: Any) -> float:
     return t
 
 
-def stp_hanscheid(activity: Any, t_s: float) -> Any:
+@overload
+def stp_hanscheid(activity: float, t_s: float) -> float: ...
+@overload
+def stp_hanscheid(activity: Array, t_s: float) -> Array: ...
+def stp_hanscheid(activity: Array | float, t_s: float) -> Array | float:
     """Single-time-point TIA after Hänscheid et al. 2018 (J Nucl Med 59:75): A(t)·2t/ln 2.
 
     Exact for a mono-exponential whose effective half-life equals t or t/2, at most 6.2 % high for
@@ -1009,7 +1048,11 @@ def stp_hanscheid(activity: Any, t_s: float) -> Any:
     return activity * (2.0 * t / LN2)
 
 
-def stp_madsen(activity: Any, t_s: float, effective_half_life_s: Any) -> Any:
+@overload
+def stp_madsen(activity: float, t_s: float, effective_half_life_s: float) -> float: ...
+@overload
+def stp_madsen(activity: Array | float, t_s: float, effective_half_life_s: Array | float) -> Array: ...
+def stp_madsen(activity: Array | float, t_s: float, effective_half_life_s: Array | float) -> Array | float:
     """Single-time-point TIA after Madsen et al. 2018 (Med Phys 45:2318): A(t)·e^{λ_eff t}/λ_eff.
 
     ``effective_half_life_s``: population effective half-life T_eff (scalar, or an array broadcastable to
