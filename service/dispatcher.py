@@ -59,6 +59,22 @@ def _ray_auth_env(settings: Settings) -> None:
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
 
 
+# Ray is imported inside the functions that use it, on purpose: importing it takes seconds and configures its
+# own loggers, and the processes that import this module without running jobs (``voxeldose token``, an
+# API-only ``create_app``, the tests of the web layer) should not pay for that.
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started or joined (nothing when none runs; a failure is logged)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        log.warning("ray.shutdown failed", exc_info=True)
+
+
 def init_ray(settings: Settings, **extra: Any) -> bool:
     """Start (or join) Ray unless it is running in this process already; True when this call started it."""
     import ray

@@ -86,35 +86,6 @@ class JobRecord:
         except (OSError, ValueError):
             return None
 
-    def to_public(self) -> dict[str, Any]:
-        """JSON for the API: no filesystem paths (input_dir, result_dir, spec inputs)."""
-        spec = {k: v for k, v in self.spec.items() if k != "inputs"}
-
-        def iso(d: datetime | None) -> str | None:
-            return None if d is None else d.isoformat()
-
-        return {
-            "id": self.id,
-            "state": self.state,
-            "stage": self.stage,
-            "progress": self.progress,
-            "created_at": iso(self.created_at),
-            "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
-            "attempts": self.attempts,
-            "error": self.error,
-            "patient_id": self.patient_id,
-            "idempotency_key": self.idempotency_key,
-            "input_hash": self.input_hash,
-            "spec": spec,
-            "submitted_by": self.submitted_by,
-            "cancel_requested": self.cancel_requested,
-            "has_result": self.result_dir is not None and self.state == "succeeded",
-            "source": self.source,
-            "version": self.version,
-            "supersedes": self.supersedes,
-        }
-
 
 def _record(j: Job) -> JobRecord:
     return JobRecord(

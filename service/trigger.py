@@ -40,17 +40,19 @@ import hashlib
 import logging
 import os
 import shutil
-import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from voxeldose.errors import VoxeldoseError
+from voxeldose.ingest import group_cycles, scan
+from voxeldose.pipeline import input_fingerprint
 
 from .config import Settings
+from .intake import TMP_PREFIX, link_files
 from .models import utcnow
 from .store import ACTIVE_STATES, Store, spec_hash
 
@@ -84,9 +86,7 @@ def cycle_key(patient_id: str, injection: datetime | None) -> str:
 
 
 def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:
-    """Freeze an input set: :func:`service.uploads.link_files` into a temporary folder, renamed to ``root/name``."""
-    from .uploads import TMP_PREFIX, link_files
-
+    """Freeze an input set: :func:`service.intake.link_files` into a temporary folder, renamed to ``root/name``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     tmp = root / f"{TMP_PREFIX}{name}"
@@ -162,9 +162,6 @@ class Trigger:
 
     def evaluate_patient(self, patient_id: str, now: datetime) -> list[Decision]:
         """Group the patient's received series into cycles and apply the rule to each."""
-        from voxeldose.ingest import group_cycles, scan
-        from voxeldose.pipeline import input_fingerprint
-
         instances = self.store.patient_instances(patient_id)
         ours = self.store.output_series_among(sorted({i.series_instance_uid for i in instances}))
         paths = [Path(i.path) for i in instances if i.series_instance_uid not in ours and Path(i.path).exists()]
@@ -388,79 +385,3 @@ class Trigger:
 def _slot(numbers: dict[datetime, int], t: datetime) -> datetime:
     """The key of ``numbers`` for injection ``t`` (the same cycle within an hour)."""
     return min(numbers, key=lambda k: abs((k - t).total_seconds()))
-
-
-class Automation:
-    """A background thread running ``ticks`` (:meth:`Trigger.tick`, or the sender's) every
-    ``trigger_interval_s`` (one per database, like the dispatcher)."""
-
-    def __init__(self, settings: Settings, ticks: list[Callable[[], Any]], name: str = "voxeldose-automation") -> None:
-        self.settings = settings
-        self.ticks = ticks
-        self.name = name
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.last_error: str | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for tick in self.ticks:
-                if self._stop.is_set():
-                    break
-                try:
-                    tick()
-                    self.last_error = None
-                except Exception as exc:
-                    self.last_error = type(exc).__name__
-                    log.exception("automation: a round failed")
-            self._stop.wait(self.settings.trigger_interval_s)
-
-
-@dataclass
-class NodeRuntime:
-    """The DICOM node with its trigger and sender, as ``voxeldose serve`` and ``voxeldose dicom-node``
-    run them: the process that listens for DICOM also starts the jobs and sends the results."""
-
-    node: Any
-    trigger: Trigger
-    sender: Any
-    automation: Automation  # the trigger's thread
-    sending: Automation  # the sender's thread (a slow PACS never holds up the trigger)
-
-    def stop(self) -> None:
-        self.node.stop()
-        self.automation.stop()
-        self.sending.stop()
-
-
-def start_node(settings: Settings, store: Store) -> NodeRuntime:
-    """Listen on ``dicom_host:dicom_port`` and start the trigger/sender thread (``OSError`` when the
-    port is taken; nothing is left running then)."""
-    from .dicom_node import DicomNode
-    from .sender import Sender
-
-    trigger = Trigger(settings, store)
-    node = DicomNode(settings, store, trigger)
-    sender = Sender(settings, store)
-    node.start()
-    automation = Automation(settings, [trigger.tick], name="voxeldose-trigger")
-    sending = Automation(settings, [sender.tick], name="voxeldose-sender")
-    automation.start()
-    sending.start()
-    if sender.destination is None:
-        log.info("no DICOM destination configured: results stay in the service (VOXELDOSE_DICOM_DESTINATION_*)")
-    return NodeRuntime(node, trigger, sender, automation, sending)
