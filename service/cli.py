@@ -26,6 +26,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from .app import create_app
+from .auth import ROLES
 from .config import Settings
 from .dispatcher import Dispatcher, shutdown_ray
 from .logs import setup_logging
@@ -129,7 +130,7 @@ def token(argv: Sequence[str]) -> int:
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("create", help="create a token and print it once")
     c.add_argument("--name", required=True, help="who or what uses it (unique among active tokens)")
-    c.add_argument("--role", required=True, choices=["submitter", "physicist", "admin"])
+    c.add_argument("--role", required=True, choices=ROLES)
     sub.add_parser("list", help="list tokens (names, roles, dates; never the tokens)")
     r = sub.add_parser("revoke", help="revoke the active token of this name")
     r.add_argument("--name", required=True)

@@ -37,9 +37,9 @@ from typing import Any
 
 from .config import Settings
 from .store import JobRecord, Store
-from .worker import INTERNAL_ERROR
+from .worker import INTERNAL_ERROR, remote_run_job
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.dispatcher")
 
 _GPU_CHECK_EVERY_S = 10.0
 
@@ -298,8 +298,6 @@ class Dispatcher:
     def _task(self) -> Any:
         if self._remote is None:
             if self._task_fn is None:
-                from .worker import remote_run_job
-
                 self._remote = remote_run_job()
             else:
                 import ray

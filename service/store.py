@@ -23,10 +23,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import case, create_engine, delete, event, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
+from voxeldose.spec import JobSpec
 
 from .auth import check_role, digest_matches, generate_token, hash_token
 from .models import (
@@ -38,10 +43,11 @@ from .models import (
     PendingPatient,
     Token,
     TriggerCycle,
+    UTCDateTime,
     utcnow,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.store")
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
@@ -118,8 +124,6 @@ def spec_hash(spec: dict) -> str:
     normalised through :class:`voxeldose.spec.JobSpec` when it validates (defaults spelled out)."""
     body = {k: v for k, v in spec.items() if k != "inputs"}
     try:
-        from voxeldose.spec import JobSpec
-
         body = JobSpec.model_validate({**spec, "inputs": ["."]}).model_dump(mode="json")
         body.pop("inputs", None)
     except Exception:  # noqa: BLE001 - an invalid spec still gets a stable hash; the run reports the problem
@@ -200,9 +204,6 @@ class Store:
     # ------------------------------------------------------------------ schema
     def migrate(self) -> None:
         """``alembic upgrade head`` on this database (the scripts ship inside the package)."""
-        from alembic import command
-        from alembic.config import Config
-
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self._writer.begin() as conn:
@@ -633,7 +634,6 @@ class Store:
             q = q.where(Instance.study_instance_uid == study_instance_uid)
         if patient_id is not None:
             q = q.where(Instance.patient_id == patient_id)
-        from .models import UTCDateTime
 
         def as_utc(v: Any) -> datetime | None:  # aggregates lose the column type on SQLite
             if v is None or isinstance(v, datetime) and v.tzinfo is not None:
@@ -688,10 +688,7 @@ class Store:
         """Mark a patient's data as changed; the trigger looks at it from ``ready_at`` on.  A later
         touch replaces ``ready_at`` (the quiet period restarts with every instance)."""
         now = utcnow()
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         # one statement (an upsert), so concurrent marks and a concurrent clear cannot lose a mark
         stmt = insert(PendingPatient).values(patient_id=patient_id, ready_at=ready_at, touched_at=now)
         stmt = stmt.on_conflict_do_update(
