@@ -73,7 +73,7 @@ def serve(argv: Sequence[str]) -> int:
     runtime: NodeRuntime | None = None
     try:
         settings.ensure_dirs()
-        store = Store(settings.database_url, max_attempts=settings.max_attempts)
+        store = Store(settings.db_url, max_attempts=settings.max_attempts)
         store.migrate()
         if settings.dicom_enabled:
             try:
@@ -140,7 +140,7 @@ def token(argv: Sequence[str]) -> int:
     except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
-    store = Store(settings.database_url)
+    store = Store(settings.db_url)
     try:
         store.migrate()
         if args.action == "create":
@@ -158,7 +158,8 @@ def token(argv: Sequence[str]) -> int:
                 print("no tokens")
             for t in rows:
                 last = t["last_used_at"].isoformat(timespec="seconds") if t["last_used_at"] else "never used"
-                state = "active" if t["active"] else f"revoked {t['revoked_at'].isoformat(timespec='seconds')}"
+                revoked = t["revoked_at"]
+                state = "active" if revoked is None else f"revoked {revoked.isoformat(timespec='seconds')}"
                 print(
                     f"{t['name']:<24} {t['role']:<10} created {t['created_at'].isoformat(timespec='seconds')}  {last}  {state}"
                 )
@@ -211,7 +212,7 @@ def dicom_node(argv: Sequence[str]) -> int:
     node: NodeRuntime | None = None
     try:
         settings.ensure_dirs()
-        store = Store(settings.database_url, max_attempts=settings.max_attempts)
+        store = Store(settings.db_url, max_attempts=settings.max_attempts)
         store.migrate()
         try:
             node = start_node(settings, store)

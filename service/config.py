@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         return self.data_dir / "incoming"
 
     @property
+    def db_url(self) -> str:
+        """``database_url`` as filled in (the SQLite file in ``data_dir`` when none was given)."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'voxeldose.db'}"
+
+    @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
 

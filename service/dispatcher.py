@@ -164,7 +164,7 @@ class Dispatcher:
 
             if not ray.is_initialized():
                 return False
-            res = ray.cluster_resources()
+            res: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]  # ray leaves it unannotated
             return res.get("CPU", 0) + res.get("GPU", 0) > 0
         except Exception:  # noqa: BLE001
             return False
@@ -179,7 +179,8 @@ class Dispatcher:
             try:
                 import ray
 
-                has = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+                resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]  # as above
+                has = ray.is_initialized() and resources.get("GPU", 0) > 0
             except Exception:  # noqa: BLE001
                 has = False
             self._gpu = (now, bool(has))

@@ -8,6 +8,7 @@ The core (intake, trigger, DICOM node, sender) raises :class:`ServiceError`; the
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class ErrorKind(StrEnum):
@@ -38,7 +39,7 @@ class ServiceError(Exception):
         self.title = title
         self.detail = detail
         self.slug = slug
-        self.extra = {k: v for k, v in extra.items() if v is not None}
+        self.extra: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
 
 
 class IntakeError(ServiceError):

@@ -62,11 +62,12 @@ def progress_writer(job_id: str, store: Store, *, min_interval_s: float = 0.5) -
     """A ``progress(stage, fraction_of_stage)`` callback that writes the overall progress to the
     store: at every new stage, and within a stage at most every ``min_interval_s``."""
     offsets = _stage_offsets()
-    last = {"stage": None, "t": 0.0}
+    last_stage: list[str | None] = [None]  # the stage and time (monotonic s) of the last write
+    last_t = [0.0]
 
     def progress(stage: str, frac: float) -> None:
         now = time.monotonic()
-        if stage == last["stage"] and now - last["t"] < min_interval_s:
+        if stage == last_stage[0] and now - last_t[0] < min_interval_s:
             return
         overall: float | None
         if stage == "done":
@@ -83,7 +84,7 @@ def progress_writer(job_id: str, store: Store, *, min_interval_s: float = 0.5) -
             store.set_progress(job_id, stage, overall)
         except Exception:
             log.warning("job %s: could not record progress", job_id, exc_info=True)
-        last.update(stage=stage, t=now)
+        last_stage[0], last_t[0] = stage, now
 
     return progress
 
@@ -124,7 +125,7 @@ def write_atomically(result: Result, out_dir: Path) -> Path:
     return out_dir
 
 
-def run_job(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict[str, Any]:
+def run_job(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) -> dict[str, Any]:
     """Run one job.  Returns ``{"result_dir", "patient_id", "warnings"}`` on success, or
     ``{"error": message, "internal": bool}`` when the job failed (not to be retried)."""
     store = _store(database_url)

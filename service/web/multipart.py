@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import shutil
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol, cast
 
 import python_multipart
 from fastapi import Request
@@ -34,6 +34,9 @@ from ..intake import (
     unique_path,
 )
 from .problems import ProblemError
+
+if TYPE_CHECKING:  # python-multipart declares its callback types for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 
 class Sink(Protocol):
@@ -161,7 +164,8 @@ async def stream_multipart(
     limit = int(settings.max_upload_mb) * MB
     received = 0
     try:
-        parser = python_multipart.MultipartParser(boundary, {k: getattr(sink, k) for k in callbacks})
+        handlers = cast("MultipartCallbacks", {k: getattr(sink, k) for k in callbacks})
+        parser = python_multipart.MultipartParser(boundary, handlers)
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:

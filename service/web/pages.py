@@ -160,7 +160,8 @@ def _limit_rows(left: dict[str, Any]) -> list[dict[str, Any]]:
     for x in left.get("limits") or []:
         if not isinstance(x, dict):
             continue
-        cur, lim = x.get("current_gy"), x.get("limit_gy")
+        cur: Any = x.get("current_gy")
+        lim: Any = x.get("limit_gy")
         try:
             pct = 100.0 * float(cur) / float(lim)
         except (TypeError, ValueError, ZeroDivisionError):
@@ -264,7 +265,7 @@ def _finite(v: Any) -> bool:
 
 
 def _nice(v: float) -> float:
-    exp = 10 ** math.floor(math.log10(v))
+    exp = 10.0 ** math.floor(math.log10(v))
     for m in (1, 2, 2.5, 5, 10):
         if m * exp >= v:
             return m * exp

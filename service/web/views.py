@@ -84,7 +84,7 @@ def job_out(rec: JobRecord, deliveries: Sequence[Mapping[str, Any]] | None = Non
     spec = {k: v for k, v in (rec.spec or {}).items() if k != "inputs"}
     return Job(
         id=rec.id,
-        state=rec.state,  # type: ignore[arg-type]  # the store holds only JOB_STATES; pydantic checks it
+        state=rec.state,
         stage=rec.stage,
         progress=min(1.0, max(0.0, rec.progress or 0.0)),
         created_at=rec.created_at,
