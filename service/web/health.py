@@ -5,8 +5,6 @@ None of them needs a token: load balancers, orchestrators and Prometheus call th
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -64,7 +62,7 @@ def _readiness(request: Request) -> tuple[dict[str, bool], float, str | None]:
     summary="Readiness: database, Ray and free disk",
     responses={503: {"description": "a check failed (named in `detail` and `checks`)", "content": {PROBLEM_JSON: {}}}},
 )
-async def readyz(request: Request) -> Any:
+async def readyz(request: Request) -> Ready | JSONResponse:
     checks, free, device = await run_in_threadpool(_readiness, request)
     node = getattr(request.app.state, "dicom_node", None)
     dicom_port = node.port if node is not None and getattr(node, "listening", False) else None
