@@ -74,8 +74,9 @@ MAX_REASON = 4000
 
 
 @dataclass
-class Decision:
-    """What the trigger did for one cycle (for tests, logs and ``tick``'s callers)."""
+class Outcome:
+    """What the trigger did for one cycle, once its decisions were applied (for tests, logs and ``tick``'s
+    callers): ``started`` a job, found one that ``exists`` for the input set, ``waiting``, or ``error``."""
 
     cycle_key: str
     state: str  # "started" | "exists" | "waiting" | "error"
@@ -266,7 +267,7 @@ class Retire:
     keep: frozenset[str]
 
 
-PlanDecision = RecordCycle | StartJob | RecheckAt | Retire
+Decision = RecordCycle | StartJob | RecheckAt | Retire
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -326,7 +327,7 @@ def _earlier_cycles(
     return out, None
 
 
-def plan(snap: PatientSnapshot) -> list[PlanDecision]:
+def plan(snap: PatientSnapshot) -> list[Decision]:
     """The rule (see the module docstring) applied to one patient: what to record and which jobs to start.
     Pure: reads nothing but ``snap``."""
     if not snap.received:
@@ -340,7 +341,7 @@ def plan(snap: PatientSnapshot) -> list[PlanDecision]:
     history = _by_injection(snap.results)
     numbers = _cycle_numbers([c.injection for c in ordered] + [t for t, _ in history])
     deadline_h = rules.deadline_h
-    out: list[PlanDecision] = []
+    out: list[Decision] = []
     starting: set[str] = set()
     for c in ordered:
         n_tp = c.timepoints_with_ct
@@ -429,9 +430,9 @@ class Trigger:
             self.store.touch_patient(pid, now)
 
     # -------------------------------------------------------------- one round
-    def tick(self, now: datetime | None = None) -> list[Decision]:
+    def tick(self, now: datetime | None = None) -> list[Outcome]:
         now = now or utcnow()
-        out: list[Decision] = []
+        out: list[Outcome] = []
         due: dict[str, datetime | None] = {pid: touched for pid, touched in self.store.due_patients(now)}
         for pid in self.store.deadline_patients(now):
             due.setdefault(pid, None)
@@ -447,7 +448,7 @@ class Trigger:
                 self.store.clear_patient(pid, touched)
         return out
 
-    def evaluate_patient(self, patient_id: str, now: datetime) -> list[Decision]:
+    def evaluate_patient(self, patient_id: str, now: datetime) -> list[Outcome]:
         """Snapshot the patient, plan, apply."""
         return self.apply(patient_id, now, plan(self.snapshot(patient_id, now)))
 
@@ -502,7 +503,7 @@ class Trigger:
         )
 
     # -------------------------------------------------------------- writing
-    def apply(self, patient_id: str, now: datetime, decisions: Sequence[PlanDecision]) -> list[Decision]:
+    def apply(self, patient_id: str, now: datetime, decisions: Sequence[Decision]) -> list[Outcome]:
         """Hard-link the input sets of the jobs to start, then write every decision in one store transaction
         (a failure leaves the store as it was and removes the links)."""
         linked: dict[str, Path] = {}
@@ -525,8 +526,8 @@ class Trigger:
         return out
 
     def _write(
-        self, tx: TriggerWrites, patient_id: str, now: datetime, d: PlanDecision, linked: dict[str, Path]
-    ) -> Decision | None:
+        self, tx: TriggerWrites, patient_id: str, now: datetime, d: Decision, linked: dict[str, Path]
+    ) -> Outcome | None:
         if isinstance(d, RecheckAt):
             tx.touch_patient(patient_id, d.at)
             return None
@@ -549,8 +550,8 @@ class Trigger:
             )
             if d.existing is not None:
                 e = d.existing
-                return Decision(d.key, "exists", d.reason, e.id, e.version, d.timepoints, e.input_hash)
-            return Decision(d.key, d.state, d.reason, timepoints=d.timepoints)
+                return Outcome(d.key, "exists", d.reason, e.id, e.version, d.timepoints, e.input_hash)
+            return Outcome(d.key, d.state, d.reason, timepoints=d.timepoints)
         input_dir = linked[d.key]
         spec = {**d.spec, "inputs": [str(input_dir)]}
         job, created = tx.create_job(
@@ -580,4 +581,4 @@ class Trigger:
             deadline_after=None,
             now=now,
         )
-        return Decision(d.key, "started", reason, job.id, job.version, d.timepoints, d.input_hash, spec)
+        return Outcome(d.key, "started", reason, job.id, job.version, d.timepoints, d.input_hash, spec)
