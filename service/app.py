@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings, store, dispatcher=None, node=None)``.
 
-The app only reads and writes the store and the data directory; the dispatcher (when given) runs jobs and
-answers ``ray_ok()``/``device()`` for readiness and metrics.  With ``dispatcher=None`` (an API-only
+The composition root of the HTTP process: the web layer's routers (:mod:`service.web`) over the core and the
+store.  The app only reads and writes the store and the data directory; the dispatcher (when given) runs jobs
+and answers ``ray_ok()``/``device()`` for readiness and metrics.  With ``dispatcher=None`` (an API-only
 process, or tests) jobs stay queued until a dispatcher elsewhere claims them.
 """
 
@@ -10,15 +11,18 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from pathlib import Path
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
-from . import uploads
-from .api import dicomweb, health, jobs, patients, problems
-from .api import node as node_api
+from . import intake
+from .config import Settings
+from .dicom_node import DicomNode
+from .dispatcher import Dispatcher
 from .metrics import Metrics, RequestMetricsMiddleware
+from .store import Store
+from .trigger import Trigger
+from .web import dicom, dicomweb, health, jobs, pages, patients, problems
 
 log = logging.getLogger("service.app")
 
@@ -34,13 +38,13 @@ Roles: `submitter` (submit; read own jobs), `physicist` (read all, cancel, patie
 """
 
 
-def _remove_stale_temp(settings: Any, older_than_s: float = 3600.0) -> None:
+def _remove_stale_temp(settings: Settings, older_than_s: float = 3600.0) -> None:
     """Temp folders of uploads that a crashed process never finished (never accepted, so safe to remove)."""
-    root = uploads.incoming_dir(settings)
+    root = intake.incoming_dir(settings)
     if not root.is_dir():
         return
     now = time.time()
-    for p in root.glob(uploads.TMP_PREFIX + "*"):
+    for p in root.glob(intake.TMP_PREFIX + "*"):
         try:
             if p.is_dir() and now - p.stat().st_mtime > older_than_s:
                 shutil.rmtree(p, ignore_errors=True)
@@ -48,12 +52,12 @@ def _remove_stale_temp(settings: Any, older_than_s: float = 3600.0) -> None:
             pass
 
 
-def create_app(settings: Any, store: Any, dispatcher: Any = None, node: Any = None) -> FastAPI:
+def create_app(
+    settings: Settings, store: Store, dispatcher: Dispatcher | None = None, node: DicomNode | None = None
+) -> FastAPI:
     """``node``: the :class:`service.dicom_node.DicomNode` STOW-RS stores through (None: a new one, not
     started — ``receive_file`` needs no network)."""
-    from . import pages
-
-    Path(settings.data_dir, "incoming").mkdir(parents=True, exist_ok=True)
+    intake.incoming_dir(settings).mkdir(parents=True, exist_ok=True)
     _remove_stale_temp(settings)
     app = FastAPI(
         title="voxeldose",
@@ -68,9 +72,6 @@ def create_app(settings: Any, store: Any, dispatcher: Any = None, node: Any = No
     app.state.dispatcher = dispatcher
     app.state.metrics = Metrics(store, dispatcher)
     if node is None:
-        from .dicom_node import DicomNode
-        from .trigger import Trigger
-
         node = DicomNode(settings, store, Trigger(settings, store))  # marks patients; serve's trigger starts jobs
     app.state.dicom_node = node
     problems.install(app)
@@ -78,7 +79,7 @@ def create_app(settings: Any, store: Any, dispatcher: Any = None, node: Any = No
     app.include_router(patients.router)
     app.include_router(health.router)
     app.include_router(dicomweb.router)
-    app.include_router(node_api.router)
+    app.include_router(dicom.router)
     app.include_router(pages.router)
     # outermost last: metrics see the final status, the guard turns anything unexpected into a 500 problem
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
@@ -87,9 +88,8 @@ def create_app(settings: Any, store: Any, dispatcher: Any = None, node: Any = No
 
 
 def _version() -> str:
+    """The installed package's version ("0" when running from a tree that is not installed)."""
     try:
-        from importlib.metadata import version
-
         return version("voxeldose")
-    except Exception:  # noqa: BLE001
+    except PackageNotFoundError:
         return "0"

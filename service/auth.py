@@ -1,7 +1,8 @@
-"""API tokens: random, shown once, stored only as a SHA-256 hex digest; three ordered roles.
+"""API tokens and roles: random tokens, shown once, stored only as a SHA-256 hex digest; three ordered roles.
 
 A token is ``secrets.token_urlsafe(32)`` (256 bits), so an unsalted SHA-256 is enough (nothing to
 brute-force); lookups go by digest and the final comparison is constant-time.  Never log a token.
+Roles are ordered ``submitter`` < ``physicist`` < ``admin`` (:data:`ROLES`, the one definition).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
+from typing import Literal
 
 ROLES = ("submitter", "physicist", "admin")
 _RANK = {r: n for n, r in enumerate(ROLES)}
@@ -35,3 +38,15 @@ def check_role(role: str) -> str:
 def role_at_least(role: str, needed: str) -> bool:
     """``submitter`` < ``physicist`` < ``admin``: does ``role`` include the rights of ``needed``?"""
     return _RANK.get(role, -1) >= _RANK[check_role(needed)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a token's name and role, and how the token came (``via``)."""
+
+    name: str
+    role: str
+    via: Literal["header", "cookie", "disabled"]
+
+    def at_least(self, role: str) -> bool:
+        return role_at_least(self.role, role)

@@ -17,25 +17,31 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
+import uvicorn
 from pydantic import ValidationError
+
+from .app import create_app
+from .auth import ROLES
+from .config import Settings
+from .dispatcher import Dispatcher, shutdown_ray
+from .logs import setup_logging
+from .node_runtime import NodeRuntime, start_node
+from .store import Store
 
 log = logging.getLogger("service")
 
 
-def _settings(**overrides: Any) -> Any:
-    from .config import Settings
-
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]  # names checked by pydantic
 
 
 def _setup_logging(json_lines: bool) -> None:
     """Plain or JSON lines with the job id, never patient data (:mod:`service.logs`)."""
-    from .logs import setup_logging
-
     setup_logging(json_lines)
 
 
@@ -56,29 +62,20 @@ def serve(argv: Sequence[str]) -> int:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_json)
-    try:
-        from .app import create_app
-    except ImportError as exc:
-        print(f"error: the HTTP application (service.app.create_app) is not available: {exc}", file=sys.stderr)
-        return 3
-    import uvicorn
-
-    from .dispatcher import Dispatcher
-    from .store import Store
 
     # Until uvicorn installs its own handlers, SIGTERM unwinds like Ctrl-C (so Ray is shut down).
-    def _term(_sig: int, _frame: Any) -> None:
+    def _term(_sig: int, _frame: FrameType | None) -> None:
         raise _Terminated()
 
     old_term = signal.signal(signal.SIGTERM, _term)
-    store = dispatcher = runtime = None
+    store: Store | None = None
+    dispatcher: Dispatcher | None = None
+    runtime: NodeRuntime | None = None
     try:
         settings.ensure_dirs()
-        store = Store(settings.database_url, max_attempts=settings.max_attempts)
+        store = Store(settings.db_url, max_attempts=settings.max_attempts)
         store.migrate()
         if settings.dicom_enabled:
-            from .trigger import start_node
-
             try:
                 runtime = start_node(settings, store)
             except OSError as exc:
@@ -100,7 +97,8 @@ def serve(argv: Sequence[str]) -> int:
             )
             dispatcher = None
             return 3
-        app = _create_app(create_app, settings, store, dispatcher, runtime)
+        # STOW-RS stores through the running node (and its trigger) when there is one
+        app = create_app(settings, store, dispatcher, node=runtime.node if runtime is not None else None)
         # ray.init() installed a SIGTERM handler of its own (sys.exit(15)); uvicorn restores and
         # re-raises whatever handler it finds, so put ours back: SIGTERM ends with status 0.
         signal.signal(signal.SIGTERM, _term)
@@ -118,26 +116,11 @@ def serve(argv: Sequence[str]) -> int:
             runtime.stop()
         if dispatcher is not None:
             dispatcher.stop()
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except Exception:
-            log.warning("ray.shutdown failed", exc_info=True)
+        shutdown_ray()
         if store is not None:
             store.dispose()
         signal.signal(signal.SIGTERM, old_term)
         log.info("stopped")
-
-
-def _create_app(create_app: Any, settings: Any, store: Any, dispatcher: Any, runtime: Any) -> Any:
-    """The app, with the running node (and its trigger) for STOW-RS when there is one."""
-    import inspect
-
-    if runtime is not None and "node" in inspect.signature(create_app).parameters:
-        return create_app(settings, store, dispatcher, node=runtime.node)
-    return create_app(settings, store, dispatcher)
 
 
 def token(argv: Sequence[str]) -> int:
@@ -147,20 +130,17 @@ def token(argv: Sequence[str]) -> int:
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("create", help="create a token and print it once")
     c.add_argument("--name", required=True, help="who or what uses it (unique among active tokens)")
-    c.add_argument("--role", required=True, choices=["submitter", "physicist", "admin"])
+    c.add_argument("--role", required=True, choices=ROLES)
     sub.add_parser("list", help="list tokens (names, roles, dates; never the tokens)")
     r = sub.add_parser("revoke", help="revoke the active token of this name")
     r.add_argument("--name", required=True)
     args = p.parse_args(list(argv))
-
-    from .store import Store
-
     try:
         settings = _settings(data_dir=args.data_dir)
     except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
-    store = Store(settings.database_url)
+    store = Store(settings.db_url)
     try:
         store.migrate()
         if args.action == "create":
@@ -178,7 +158,8 @@ def token(argv: Sequence[str]) -> int:
                 print("no tokens")
             for t in rows:
                 last = t["last_used_at"].isoformat(timespec="seconds") if t["last_used_at"] else "never used"
-                state = "active" if t["active"] else f"revoked {t['revoked_at'].isoformat(timespec='seconds')}"
+                revoked = t["revoked_at"]
+                state = "active" if revoked is None else f"revoked {revoked.isoformat(timespec='seconds')}"
                 print(
                     f"{t['name']:<24} {t['role']:<10} created {t['created_at'].isoformat(timespec='seconds')}  {last}  {state}"
                 )
@@ -221,21 +202,17 @@ def dicom_node(argv: Sequence[str]) -> int:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_json)
-    import threading
-
-    from .store import Store
-    from .trigger import start_node
-
     stop = threading.Event()
 
-    def _stop(_sig: int, _frame: Any) -> None:
+    def _stop(_sig: int, _frame: FrameType | None) -> None:
         stop.set()
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    store = node = None
+    store: Store | None = None
+    node: NodeRuntime | None = None
     try:
         settings.ensure_dirs()
-        store = Store(settings.database_url, max_attempts=settings.max_attempts)
+        store = Store(settings.db_url, max_attempts=settings.max_attempts)
         store.migrate()
         try:
             node = start_node(settings, store)

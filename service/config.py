@@ -19,6 +19,8 @@ from typing import Any
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from voxeldose.spec import JobSpec
+
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -132,8 +134,6 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"dicom_send_sources: unknown origin(s) {sorted(bad)}; expected dicom, upload, api")
         if self.trigger_spec:
-            from voxeldose.spec import JobSpec
-
             fixed = {"inputs", "patient_id", "cycle_number", "earlier_cycles"} & set(self.trigger_spec)
             if fixed:
                 raise ValueError(f"trigger_spec may not set {sorted(fixed)}: the trigger fills them in")
@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     @property
     def incoming_dir(self) -> Path:
         return self.data_dir / "incoming"
+
+    @property
+    def db_url(self) -> str:
+        """``database_url`` as filled in (the SQLite file in ``data_dir`` when none was given)."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'voxeldose.db'}"
 
     @property
     def jobs_dir(self) -> Path:

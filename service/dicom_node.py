@@ -48,25 +48,27 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from pydicom import dcmread
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import (
+from pydicom.uid import (
+    UID,
     Comprehensive3DSRStorage,
     CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     NuclearMedicineImageStorage,
     RTDoseStorage,
     RTStructureSetStorage,
     SegmentationStorage,
-    Verification,
 )
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import EventHandlerType
 
 from .config import Settings
 from .models import utcnow
@@ -84,6 +86,9 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
     Comprehensive3DSRStorage,
 )
 TRANSFER_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+#: The Verification SOP Class (C-ECHO; PS3.4 Annex A.4).
+VERIFICATION = UID("1.2.840.10008.1.1")
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -137,7 +142,7 @@ def _pixel_data_complete(fp: Any, size: int, ds: Any, transfer_syntax: UID) -> b
     if len(head) < 8:
         return False
     little = transfer_syntax.is_little_endian if transfer_syntax.is_transfer_syntax else True
-    order = "little" if little else "big"
+    order: Literal["little", "big"] = "little" if little else "big"
     group, elem = int.from_bytes(head[0:2], order), int.from_bytes(head[2:4], order)
     if (group, elem) != (0x7FE0, 0x0010):
         return True  # something else after the header (not pixel data): nothing to check here
@@ -161,10 +166,18 @@ def _pixel_data_complete(fp: Any, size: int, ds: Any, transfer_syntax: UID) -> b
     return length >= (rows * cols * frames * spp * bits + 7) // 8
 
 
+class PatientMarks(Protocol):
+    """Who the node tells about received patients (:class:`service.trigger.Trigger`)."""
+
+    def touch(self, patient_id: str | None, now: datetime | None = None) -> None: ...
+
+    def released(self, patient_ids: Iterable[str | None], now: datetime | None = None) -> None: ...
+
+
 class DicomNode:
     """Storage SCP of voxeldose (see the module docstring)."""
 
-    def __init__(self, settings: Settings, store: Store, trigger: Any = None) -> None:
+    def __init__(self, settings: Settings, store: Store, trigger: PatientMarks | None = None) -> None:
         """``trigger``: a :class:`service.trigger.Trigger` told of every stored instance's patient
         (``touch``) and of the patients of each released association (``released``); None: none told."""
         self.settings = settings
@@ -188,7 +201,7 @@ class DicomNode:
         ae.maximum_associations = self.settings.dicom_max_associations
         for sop in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop, list(TRANSFER_SYNTAXES))
-        ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(VERIFICATION, list(TRANSFER_SYNTAXES))
         return ae
 
     @property
@@ -211,7 +224,7 @@ class DicomNode:
         self._remove_partials()
         if not self._allowed_aets and not self.settings.dicom_allow_any:
             log.warning("no calling AE title is allowed (dicom_allowed_aets is empty): every association is refused")
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -287,7 +300,7 @@ class DicomNode:
         for pid in mine:
             self._touch(pid)
 
-    def released(self, patient_ids: Any) -> None:
+    def released(self, patient_ids: Iterable[str | None]) -> None:
         """The end of a batch (association release, STOW-RS request): tell the trigger to look now."""
         pids = {p for p in patient_ids if p}
         if self.trigger is None or not pids:

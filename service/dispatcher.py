@@ -37,9 +37,9 @@ from typing import Any
 
 from .config import Settings
 from .store import JobRecord, Store
-from .worker import INTERNAL_ERROR
+from .worker import INTERNAL_ERROR, remote_run_job
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.dispatcher")
 
 _GPU_CHECK_EVERY_S = 10.0
 
@@ -57,6 +57,22 @@ def _ray_auth_env(settings: Settings) -> None:
     # Only the path: with RAY_AUTH_MODE unset, ray.init() of a new local cluster turns token mode on
     # itself (and re-reads its cached config, which setting RAY_AUTH_MODE here after `import ray` would miss).
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
+# Ray is imported inside the functions that use it, on purpose: importing it takes seconds and configures its
+# own loggers, and the processes that import this module without running jobs (``voxeldose token``, an
+# API-only ``create_app``, the tests of the web layer) should not pay for that.
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started or joined (nothing when none runs; a failure is logged)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        log.warning("ray.shutdown failed", exc_info=True)
 
 
 def init_ray(settings: Settings, **extra: Any) -> bool:
@@ -148,7 +164,7 @@ class Dispatcher:
 
             if not ray.is_initialized():
                 return False
-            res = ray.cluster_resources()
+            res: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]  # ray leaves it unannotated
             return res.get("CPU", 0) + res.get("GPU", 0) > 0
         except Exception:  # noqa: BLE001
             return False
@@ -163,7 +179,8 @@ class Dispatcher:
             try:
                 import ray
 
-                has = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+                resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]  # as above
+                has = ray.is_initialized() and resources.get("GPU", 0) > 0
             except Exception:  # noqa: BLE001
                 has = False
             self._gpu = (now, bool(has))
@@ -282,8 +299,6 @@ class Dispatcher:
     def _task(self) -> Any:
         if self._remote is None:
             if self._task_fn is None:
-                from .worker import remote_run_job
-
                 self._remote = remote_run_job()
             else:
                 import ray

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
 import json
 import logging
 import re
@@ -150,8 +151,6 @@ def setup_logging(json_lines: bool, *, level: int = logging.INFO, stream: IO[str
 def _adopt_ray_logger() -> None:
     """Ray gives its ``ray`` logger a plain handler of its own when it is imported; import it now (the service
     imports it anyway) and let its records propagate to ours instead."""
-    import importlib.util
-
     if importlib.util.find_spec("ray") is None:
         return
     try:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,12 +27,31 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from .store import NodeCounts, Store
+
+# ASGI (spelled out here: the core does not import Starlette)
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class DeviceReport(Protocol):
+    """What the metrics ask the dispatcher (:class:`service.dispatcher.Dispatcher`)."""
+
+    def device(self) -> str: ...
+
+    def ray_ok(self) -> bool: ...
+
 
 log = logging.getLogger("service.metrics")
 access_log = logging.getLogger("service.access")
 
-disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated; no *_created series: they double the output and nobody graphs them
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, float("inf"))
 
@@ -40,7 +60,7 @@ class _StoreCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         counts: dict[str, int] = {}
         try:
             counts = self.m.store.counts_by_state()
@@ -67,7 +87,7 @@ class _StoreCollector(Collector):
         info.add_metric([device], 1.0)
         yield info
         yield GaugeMetricFamily("voxeldose_ray_up", "1 when the Ray cluster answers", value=ray_up)
-        node: dict[str, Any] = {"instances": 0, "cycles": {}, "deliveries": {}}
+        node: NodeCounts = {"instances": 0, "cycles": {}, "deliveries": {}}
         try:
             node = self.m.store.node_counts()
         except Exception:  # noqa: BLE001
@@ -92,7 +112,7 @@ class _StoreCollector(Collector):
 class Metrics:
     """One registry per app (several apps in one test process do not collide)."""
 
-    def __init__(self, store: Any, dispatcher: Any = None) -> None:
+    def __init__(self, store: Store, dispatcher: DeviceReport | None = None) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.registry = CollectorRegistry(auto_describe=True)
@@ -156,18 +176,18 @@ class RequestMetricsMiddleware:
     """Count requests by method, route template and status, and log one access line per request with the
     route template only (run uvicorn with ``access_log=False``: its lines carry the raw path) — pure ASGI."""
 
-    def __init__(self, app, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
         status = 500
 
-        async def _send(message) -> None:
+        async def _send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])

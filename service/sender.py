@@ -25,7 +25,7 @@ from pynetdicom import AE
 
 from .config import Settings
 from .models import utcnow
-from .store import Store
+from .store import DeliveryInfo, Store
 
 log = logging.getLogger("service.sender")
 
@@ -96,14 +96,14 @@ class Sender:
 
     def retry_delay_s(self, attempts: int) -> float:
         """Seconds before the next try after ``attempts`` failed ones (1, 2, …)."""
-        return min(MAX_RETRY_S, self.settings.dicom_send_retry_s * 2 ** max(0, attempts - 1))
+        return min(MAX_RETRY_S, float(self.settings.dicom_send_retry_s) * 2.0 ** max(0, attempts - 1))
 
     def tick(self, now: datetime | None = None) -> int:
         """Queue deliveries for newly succeeded jobs, then send the due ones; returns how many were sent."""
-        if self.destination is None:
+        dest = self.settings.dicom_destination  # the key of its deliveries (also what POST /v1/jobs/{id}/send uses)
+        if self.destination is None or dest is None:
             return 0
         now = now or utcnow()
-        dest = self.settings.dicom_destination  # the key of its deliveries (also what POST /v1/jobs/{id}/send uses)
         since = now - timedelta(hours=self.settings.dicom_send_max_age_h)
         for job in self.store.jobs_needing_delivery(tuple(self.settings.dicom_send_sources), dest, since):
             self.store.add_delivery(job.id, dest, now)
@@ -113,7 +113,11 @@ class Sender:
             sent += self.deliver(d, now)
         return sent
 
-    def deliver(self, d: dict, now: datetime) -> bool:
+    def deliver(self, d: DeliveryInfo, now: datetime) -> bool:
+        """One attempt at one delivery; True when sent."""
+        destination = self.destination
+        if destination is None:  # no destination configured: nothing can be sent (tick() does not call this)
+            return False
         job = self.store.get_job(d["job_id"])
         files = [Path(job.result_dir) / n for n in RESULT_FILES] if job and job.result_dir else []
         files = [f for f in files if f.is_file()]
@@ -126,7 +130,7 @@ class Sender:
         try:
             send_files(
                 files,
-                self.destination,
+                destination,
                 calling_ae=self.settings.dicom_ae_title,
                 timeout_s=self.settings.dicom_send_timeout_s,
             )

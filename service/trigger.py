@@ -31,6 +31,12 @@ predate voxeldose submits those through the API, or sends their images too).  Ea
 from their newest succeeded job; an earlier cycle without one is passed with its activity only, and the
 pipeline estimates its dose from this cycle's dose per GBq (and says so in the job's warnings).  While an
 earlier cycle's job is still queued or running, the later cycle waits for it.
+
+How the code is cut: :meth:`Trigger.snapshot` reads what the store and the received files say about one
+patient into a frozen :class:`PatientSnapshot`; :func:`plan` — pure, no database, no files — applies the rule
+and returns typed decisions (:class:`StartJob`, :class:`RecordCycle`, :class:`RecheckAt`, :class:`Retire`);
+:meth:`Trigger.apply` hard-links the inputs of the jobs to start, then writes every decision in ONE store
+transaction.
 """
 
 from __future__ import annotations
@@ -40,19 +46,21 @@ import hashlib
 import logging
 import os
 import shutil
-import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from voxeldose.errors import VoxeldoseError
+from voxeldose.ingest import Cycle, group_cycles, scan
+from voxeldose.pipeline import input_fingerprint
 
 from .config import Settings
+from .intake import TMP_PREFIX, link_files
 from .models import utcnow
-from .store import ACTIVE_STATES, Store, spec_hash
+from .store import ACTIVE_STATES, JobRecord, NewJob, Store, TriggerWrites, spec_hash
 
 log = logging.getLogger("service.trigger")
 
@@ -61,11 +69,14 @@ RECHECK_S = 30.0
 #: A received cycle and a job's result whose injections are closer than this are the same therapy cycle
 #: (cycles are weeks apart; an hour absorbs injection times typed differently in two places).
 SAME_CYCLE_S = 3600.0
+#: The longest reason stored for an error (the column is text; the message is for a person).
+MAX_REASON = 4000
 
 
 @dataclass
-class Decision:
-    """What the trigger decided for one cycle (for tests and logs)."""
+class Outcome:
+    """What the trigger did for one cycle, once its decisions were applied (for tests, logs and ``tick``'s
+    callers): ``started`` a job, found one that ``exists`` for the input set, ``waiting``, or ``error``."""
 
     cycle_key: str
     state: str  # "started" | "exists" | "waiting" | "error"
@@ -84,9 +95,7 @@ def cycle_key(patient_id: str, injection: datetime | None) -> str:
 
 
 def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:
-    """Freeze an input set: :func:`service.uploads.link_files` into a temporary folder, renamed to ``root/name``."""
-    from .uploads import TMP_PREFIX, link_files
-
+    """Freeze an input set: :func:`service.intake.link_files` into a temporary folder, renamed to ``root/name``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     tmp = root / f"{TMP_PREFIX}{name}"
@@ -100,28 +109,307 @@ def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:
     return final
 
 
-def earlier_cycle_entry(
-    number: int, injection: datetime, activity_mbq: float, summary: dict[str, Any] | None
-) -> dict[str, Any]:
-    """An ``earlier_cycles`` item of the job spec: the doses of that cycle's newest result (its ``summary``),
-    when there is one."""
-    entry: dict[str, Any] = {"number": number, "date": injection.date().isoformat(), "activity_mbq": activity_mbq}
-    if summary is None:
-        return entry
-    own = (summary.get("cycle") or {}).get("number")
-    for row in (summary.get("cumulative") or {}).get("cycles") or []:
-        if row.get("number") == own:
+# ------------------------------------------------------------------------------ earlier results
+@dataclass(frozen=True)
+class EarlierCycle:
+    """What a succeeded job's summary.json says about the cycle it measured."""
+
+    injection: datetime  # the injection it names
+    activity_mbq: float | None  # the injected activity it names (MBq)
+    own_row: Mapping[str, float]  # its own row of the cumulative table: kidney_gy, kidney_bed_gy, marrow_gy, activity
+
+
+def _earlier_cycle_facts(summary: Mapping[str, Any] | None) -> EarlierCycle | None:
+    """The one place the trigger reads an earlier job's summary.json (by the keys of schema voxeldose.summary/1):
+    the injection (None when the summary names none), its activity, and the doses of the cycle it measured."""
+    cycle = (summary or {}).get("cycle") or {}
+    when = cycle.get("injection", {}).get("datetime")
+    if not when:
+        return None
+    try:
+        t = datetime.fromisoformat(when)
+    except ValueError:
+        return None
+    own: dict[str, float] = {}
+    for row in ((summary or {}).get("cumulative") or {}).get("cycles") or []:
+        if row.get("number") == cycle.get("number"):
             for key in ("kidney_gy", "kidney_bed_gy", "marrow_gy"):
                 if row.get(key) is not None:
-                    entry[key] = float(row[key])
+                    own[key] = float(row[key])
             if row.get("activity_MBq"):
-                entry["activity_mbq"] = float(row["activity_MBq"])
+                own["activity_mbq"] = float(row["activity_MBq"])
+    return EarlierCycle(injection=t, activity_mbq=cycle.get("injection", {}).get("activity_MBq"), own_row=own)
+
+
+def earlier_cycle_entry(
+    number: int, injection: datetime, activity_mbq: float, result: EarlierCycle | None
+) -> dict[str, Any]:
+    """An ``earlier_cycles`` item of the job spec: the doses of that cycle's newest result, when there is one."""
+    entry: dict[str, Any] = {"number": number, "date": injection.date().isoformat(), "activity_mbq": activity_mbq}
+    if result is not None:
+        entry.update(result.own_row)
     return entry
 
 
+# ------------------------------------------------------------------------------------- snapshot
+@dataclass(frozen=True)
+class JobFacts:
+    """A job as the rule needs it."""
+
+    id: str
+    state: str
+    version: int | None
+    input_hash: str
+    spec_hash: str  # of its job description (:func:`service.store.spec_hash`)
+
+    @classmethod
+    def of(cls, job: JobRecord) -> JobFacts:
+        return cls(job.id, job.state, job.version, job.input_hash, spec_hash(job.spec))
+
+
+@dataclass(frozen=True)
+class CycleFacts:
+    """One therapy cycle formed from the received files, with what the store knows of it."""
+
+    key: str
+    injection: datetime  # start of the injection (local time, as in DICOM)
+    activity_mbq: float  # injected activity (MBq)
+    timepoints: int  # SPECT time points
+    timepoints_with_ct: int  # SPECT time points that have their CT
+    has_vois: bool  # an RTSTRUCT or SEG on a time point's frame of reference
+    paths: tuple[str, ...]  # the files of its series (SPECT, CT, VOIs): the input set
+    input_hash: str  # :func:`voxeldose.pipeline.input_fingerprint` of the input set
+    errors: tuple[str, ...] = ()  # ingest errors on its files (a job would fail)
+    first_seen_at: datetime | None = None  # when the trigger first saw it (None: now)
+    jobs: tuple[JobFacts, ...] = ()  # its node-started jobs, oldest version first
+    same_input_jobs: tuple[JobFacts, ...] = ()  # every job ever created for this input set, oldest first
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The site's trigger settings."""
+
+    min_timepoints: int
+    deadline_h: float | None  # None or 0: no deadline
+    spec: Mapping[str, Any]  # the site's job description (``trigger_spec``)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Rules:
+        return cls(settings.trigger_min_timepoints, settings.trigger_deadline_h, settings.trigger_spec)
+
+
+@dataclass(frozen=True)
+class PatientSnapshot:
+    """What the store and the received files say about one patient at ``now``: the input of :func:`plan`."""
+
+    patient_id: str
+    now: datetime
+    rules: Rules
+    received: bool = True  # False: no usable file received (nothing to decide)
+    form_error: str | None = None  # why the files form no therapy cycle at all
+    cycles: tuple[CycleFacts, ...] = ()
+    results: tuple[EarlierCycle, ...] = ()  # the patient's succeeded jobs of any origin, oldest first
+
+
+# ------------------------------------------------------------------------------------ decisions
+@dataclass(frozen=True)
+class RecordCycle:
+    """Record the rule's verdict on a cycle: ``waiting`` (with the deadline, or none), ``error``, or ``started``
+    because its input set has a job already (``existing``)."""
+
+    key: str
+    injection: datetime | None
+    state: str  # "waiting" | "error" | "started"
+    reason: str
+    timepoints: int
+    deadline_after: timedelta | None = None  # None clears the deadline
+    existing: JobFacts | None = None  # the job this input set already has
+
+
+@dataclass(frozen=True)
+class StartJob:
+    """Start version ``version`` of a cycle's job on its input set (superseding the previous version)."""
+
+    key: str
+    injection: datetime
+    version: int
+    spec: Mapping[str, Any]  # the job description without ``inputs`` (set to the linked folder when applied)
+    paths: tuple[str, ...]
+    input_hash: str
+    supersedes: str | None
+    timepoints: int
+    how: str  # "complete", or the deadline reached
+    missing: tuple[str, ...] = ()  # what the cycle lacks (a deadline start)
+    same_images: bool = False  # the previous version had the same input set (the earlier cycles changed)
+
+    def reason(self, job: JobRecord) -> str:
+        text = (
+            f"job {job.id} version {job.version or self.version} started ({self.how}; {self.timepoints} time point(s))"
+        )
+        if self.same_images:
+            text += "; same images, but the earlier cycles changed (cycle number or their doses)"
+        if self.missing:
+            text += "; missing: " + "; ".join(self.missing)
+        return text
+
+
+@dataclass(frozen=True)
+class RecheckAt:
+    """Look at the patient again at ``at`` (an earlier cycle's job is still running)."""
+
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Remove the patient's waiting/error rows of cycles no longer formed (all but ``keep``)."""
+
+    keep: frozenset[str]
+
+
+Decision = RecordCycle | StartJob | RecheckAt | Retire
+
+
+# ----------------------------------------------------------------------------------------- plan
+def _cycle_numbers(injections: Iterable[datetime]) -> dict[datetime, int]:
+    """Cycle numbers (1, 2, …) by injection date over every cycle known for the patient (received
+    here, or measured by a job of any origin); injections within an hour are one cycle."""
+    merged: list[datetime] = []
+    for t in sorted(injections):
+        if not merged or (t - merged[-1]).total_seconds() > SAME_CYCLE_S:
+            merged.append(t)
+    return {t: n for n, t in enumerate(merged, start=1)}
+
+
+def _slot(numbers: Mapping[datetime, int], t: datetime) -> datetime:
+    """The key of ``numbers`` for injection ``t`` (the same cycle within an hour)."""
+    return min(numbers, key=lambda k: abs((k - t).total_seconds()))
+
+
+def _by_injection(results: Sequence[EarlierCycle]) -> list[tuple[datetime, EarlierCycle]]:
+    """``(injection, newest result)`` per injection, oldest first (a later job for the same injection replaces
+    the earlier one)."""
+    out: dict[datetime, EarlierCycle] = {}
+    for r in results:  # oldest first
+        slot = next((k for k in out if abs((k - r.injection).total_seconds()) <= SAME_CYCLE_S), r.injection)
+        out[slot] = r
+    return sorted(out.items(), key=lambda kv: kv[0])
+
+
+def _earlier_cycles(
+    ordered: Sequence[CycleFacts],
+    history: Sequence[tuple[datetime, EarlierCycle]],
+    this: CycleFacts,
+    numbers: Mapping[datetime, int],
+    starting: set[str],
+) -> tuple[list[dict[str, Any]], int | None]:
+    """``earlier_cycles`` for the job of ``this`` cycle — every cycle injected before it, received here
+    or known from a result — and the number of an earlier cycle whose job is still queued or running, or is
+    being started in this round (then wait)."""
+    limit = this.injection - timedelta(seconds=SAME_CYCLE_S)
+    out: list[dict[str, Any]] = []
+    for when, n in sorted(numbers.items(), key=lambda kv: kv[1]):
+        if when >= limit:
+            continue
+        received = next((c for c in ordered if abs((c.injection - when).total_seconds()) <= SAME_CYCLE_S), None)
+        result = next((r for t, r in history if abs((t - when).total_seconds()) <= SAME_CYCLE_S), None)
+        activity: float | None = None
+        if received is not None:
+            if received.key in starting or any(j.state in ACTIVE_STATES for j in received.jobs):
+                return [], n
+            activity = received.activity_mbq
+            when = received.injection
+        if activity is None and result is not None:
+            activity = result.activity_mbq
+        if activity is None:
+            continue
+        out.append(earlier_cycle_entry(n, when, float(activity), result))
+    return out, None
+
+
+def plan(snap: PatientSnapshot) -> list[Decision]:
+    """The rule (see the module docstring) applied to one patient: what to record and which jobs to start.
+    Pure: reads nothing but ``snap``."""
+    if not snap.received:
+        return []
+    pid, now, rules = snap.patient_id, snap.now, snap.rules
+    if snap.form_error is not None:
+        key = cycle_key(pid, None)
+        reason = f"cannot form a therapy cycle: {snap.form_error}"
+        return [RecordCycle(key, None, "error", reason, 0), Retire(frozenset({key}))]
+    ordered = sorted(snap.cycles, key=lambda c: c.injection)
+    history = _by_injection(snap.results)
+    numbers = _cycle_numbers([c.injection for c in ordered] + [t for t, _ in history])
+    deadline_h = rules.deadline_h
+    out: list[Decision] = []
+    starting: set[str] = set()
+    for c in ordered:
+        n_tp = c.timepoints_with_ct
+        first_seen = c.first_seen_at or now
+        deadline_after = timedelta(hours=deadline_h) if deadline_h else None
+        past_deadline = deadline_after is not None and now >= first_seen + deadline_after
+        if c.errors:  # e.g. two SPECT reconstructions at one time: a job would fail; say why instead
+            reason = "cannot start: " + "; ".join(c.errors[:3])
+            out.append(RecordCycle(c.key, c.injection, "error", reason, n_tp))
+            continue
+        complete = n_tp >= rules.min_timepoints and c.has_vois
+        missing: list[str] = []
+        if n_tp < rules.min_timepoints:
+            missing.append(f"{n_tp} of {rules.min_timepoints} SPECT time points with their CT")
+        if not c.has_vois:
+            missing.append("no RTSTRUCT or SEG on a time point's frame of reference")
+        if not complete and not (past_deadline and c.has_vois and c.timepoints):
+            reason = "waiting: " + "; ".join(missing)
+            if past_deadline:  # the deadline could not start it either: wait for data, not for the clock
+                reason += f" (the deadline of {deadline_h:g} h has passed; a job starts when VOIs arrive)"
+                deadline_after = None
+            elif deadline_after is not None:
+                reason += f" (deadline {deadline_h:g} h after the first series)"
+            out.append(RecordCycle(c.key, c.injection, "waiting", reason, n_tp, deadline_after=deadline_after))
+            continue
+        earlier, busy = _earlier_cycles(ordered, history, c, numbers, starting)
+        if busy:
+            reason = f"waiting for the job of earlier cycle {busy} to finish"
+            out.append(RecordCycle(c.key, c.injection, "waiting", reason, n_tp))
+            out.append(RecheckAt(now + timedelta(seconds=RECHECK_S)))
+            continue
+        spec = copy.deepcopy(dict(rules.spec))
+        if not complete and c.timepoints == 1:
+            spec.setdefault("fit", {})["model"] = "stp"
+        spec.update(patient_id=pid, cycle_number=numbers[_slot(numbers, c.injection)], earlier_cycles=earlier)
+        wanted = spec_hash({**spec, "inputs": ["."]})
+        same = [j for j in c.same_input_jobs if j.spec_hash == wanted]
+        if same:  # this input set with this job description: never a second job, whatever the first became
+            j = same[-1]
+            reason = f"this input set already has job {j.id} ({j.state})"
+            out.append(RecordCycle(c.key, c.injection, "started", reason, n_tp, existing=j))
+            continue
+        previous = c.jobs
+        out.append(
+            StartJob(
+                key=c.key,
+                injection=c.injection,
+                version=(max((j.version or 0) for j in previous) + 1) if previous else 1,
+                spec=spec,
+                paths=c.paths,
+                input_hash=c.input_hash,
+                supersedes=previous[-1].id if previous else None,
+                timepoints=n_tp,
+                how="complete" if complete else f"deadline of {deadline_h:g} h reached",
+                missing=tuple(missing) if not complete else (),
+                same_images=bool(previous) and previous[-1].input_hash == c.input_hash,
+            )
+        )
+        starting.add(c.key)
+    # rows of cycles no longer formed (e.g. an error before the SPECT arrived, a changed injection time)
+    out.append(Retire(frozenset(c.key for c in ordered)))
+    return out
+
+
+# -------------------------------------------------------------------------------------- trigger
 class Trigger:
     """Looks at pending patients and starts jobs (see the module docstring).  ``tick(now)`` does one
-    round; :class:`Automation` runs it in a thread."""
+    round; :class:`service.node_runtime.Automation` runs it in a thread."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -142,10 +430,10 @@ class Trigger:
             self.store.touch_patient(pid, now)
 
     # -------------------------------------------------------------- one round
-    def tick(self, now: datetime | None = None) -> list[Decision]:
+    def tick(self, now: datetime | None = None) -> list[Outcome]:
         now = now or utcnow()
-        out: list[Decision] = []
-        due = {pid: touched for pid, touched in self.store.due_patients(now)}
+        out: list[Outcome] = []
+        due: dict[str, datetime | None] = {pid: touched for pid, touched in self.store.due_patients(now)}
         for pid in self.store.deadline_patients(now):
             due.setdefault(pid, None)
         for pid, touched in due.items():
@@ -160,307 +448,137 @@ class Trigger:
                 self.store.clear_patient(pid, touched)
         return out
 
-    def evaluate_patient(self, patient_id: str, now: datetime) -> list[Decision]:
-        """Group the patient's received series into cycles and apply the rule to each."""
-        from voxeldose.ingest import group_cycles, scan
-        from voxeldose.pipeline import input_fingerprint
+    def evaluate_patient(self, patient_id: str, now: datetime) -> list[Outcome]:
+        """Snapshot the patient, plan, apply."""
+        return self.apply(patient_id, now, plan(self.snapshot(patient_id, now)))
 
+    # -------------------------------------------------------------- reading
+    def snapshot(self, patient_id: str, now: datetime) -> PatientSnapshot:
+        """What the store and the received files say about one patient (reads only)."""
+        rules = Rules.of(self.settings)
         instances = self.store.patient_instances(patient_id)
         ours = self.store.output_series_among(sorted({i.series_instance_uid for i in instances}))
         paths = [Path(i.path) for i in instances if i.series_instance_uid not in ours and Path(i.path).exists()]
         if not paths:
-            return []
+            return PatientSnapshot(patient_id, now, rules, received=False)
         index = scan(paths)
         try:
             cycles, problems = group_cycles(index)
         except VoxeldoseError as err:
-            return [self._record_error(patient_id, str(err), now)]
+            return PatientSnapshot(patient_id, now, rules, form_error=str(err))
         errors = [p for p in list(index.errors) + problems if p.severity == "error"]
         if not cycles:
             why = (
                 "; ".join(p.message for p in errors[:3]) or "no reconstructed SPECT with injection information received"
             )
-            return [self._record_error(patient_id, why, now)]
-
-        ordered = sorted(cycles, key=lambda c: c.injection.start)
-        history = self._results_by_injection(patient_id)
-        numbers = self._cycle_numbers([c.injection.start for c in ordered] + [t for t, _ in history])
-        decisions = []
-        for c in ordered:
-            key = cycle_key(patient_id, c.injection.start)
-            n_tp = sum(1 for tp in c.timepoints if tp.ct is not None)
-            has_vois = bool(c.vois)
-            row = self.store.get_trigger_cycle(key)
-            first_seen = datetime.fromisoformat(row["first_seen_at"]) if row else now
-            deadline_h = self.settings.trigger_deadline_h
-            deadline_after = timedelta(hours=deadline_h) if deadline_h else None
-            past_deadline = deadline_after is not None and now >= first_seen + deadline_after
-            base = dict(
-                cycle_key=key, patient_id=patient_id, injection=c.injection.start.isoformat(), timepoints=n_tp, now=now
-            )
+            return PatientSnapshot(patient_id, now, rules, form_error=why)
+        facts = []
+        for c in cycles:
             series = [s for tp in c.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(c.vois)
             files = {str(p) for s in series for p in s.paths}
-            bad = [p for p in errors if p.path and (p.path in files or any(f in p.path for f in files))]
-            if bad:  # e.g. two SPECT reconstructions at one time: a job would fail; say why instead
-                reason = "cannot start: " + "; ".join(p.message for p in bad[:3])
-                self.store.upsert_trigger_cycle(
-                    **base, state="error", reason=reason[:4000], job_id=None, deadline_after=None
-                )
-                decisions.append(Decision(key, "error", reason, timepoints=n_tp))
-                continue
-            complete = n_tp >= self.settings.trigger_min_timepoints and has_vois
-            missing = []
-            if n_tp < self.settings.trigger_min_timepoints:
-                missing.append(f"{n_tp} of {self.settings.trigger_min_timepoints} SPECT time points with their CT")
-            if not has_vois:
-                missing.append("no RTSTRUCT or SEG on a time point's frame of reference")
-            if not complete and not (past_deadline and has_vois and c.timepoints):
-                reason = "waiting: " + "; ".join(missing)
-                if past_deadline:  # the deadline could not start it either: wait for data, not for the clock
-                    reason += f" (the deadline of {deadline_h:g} h has passed; a job starts when VOIs arrive)"
-                    deadline_after = None
-                elif deadline_after is not None:
-                    reason += f" (deadline {deadline_h:g} h after the first series)"
-                self.store.upsert_trigger_cycle(
-                    **base, state="waiting", reason=reason, job_id=None, deadline_after=deadline_after
-                )
-                decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
-                continue
-            earlier, busy = self._earlier_cycles(patient_id, ordered, history, c, numbers)
-            if busy:
-                reason = f"waiting for the job of earlier cycle {busy} to finish"
-                self.store.upsert_trigger_cycle(
-                    **base, state="waiting", reason=reason, job_id=None, deadline_after=None
-                )
-                self.store.touch_patient(patient_id, now + timedelta(seconds=RECHECK_S))
-                decisions.append(Decision(key, "waiting", reason, timepoints=n_tp))
-                continue
-            spec = copy.deepcopy(self.settings.trigger_spec)
-            if not complete and len(c.timepoints) == 1:
-                spec.setdefault("fit", {})["model"] = "stp"
-            spec.update(
-                patient_id=patient_id, cycle_number=numbers[_slot(numbers, c.injection.start)], earlier_cycles=earlier
+            bad = [p.message for p in errors if p.path and (p.path in files or any(f in p.path for f in files))]
+            facts.append(self._cycle_facts(patient_id, c, [str(p) for s in series for p in s.paths], bad))
+        results = [_earlier_cycle_facts(job.summary()) for job in self.store.patient_jobs(patient_id)]
+        return PatientSnapshot(
+            patient_id, now, rules, cycles=tuple(facts), results=tuple(r for r in results if r is not None)
+        )
+
+    def _cycle_facts(self, patient_id: str, c: Cycle, paths: list[str], errors: list[str]) -> CycleFacts:
+        key = cycle_key(patient_id, c.injection.start)
+        row = self.store.get_trigger_cycle(key)
+        digest = input_fingerprint(c)["sop_instance_uids_sha256"]
+        return CycleFacts(
+            key=key,
+            injection=c.injection.start,
+            activity_mbq=c.injection.activity_bq / 1e6,
+            timepoints=len(c.timepoints),
+            timepoints_with_ct=sum(1 for tp in c.timepoints if tp.ct is not None),
+            has_vois=bool(c.vois),
+            paths=tuple(paths),
+            input_hash=digest,
+            errors=tuple(errors),
+            first_seen_at=datetime.fromisoformat(row["first_seen_at"]) if row and row["first_seen_at"] else None,
+            jobs=tuple(JobFacts.of(j) for j in self.store.cycle_jobs(key)),
+            same_input_jobs=tuple(JobFacts.of(j) for j in self.store.jobs_for_input(digest)),
+        )
+
+    # -------------------------------------------------------------- writing
+    def apply(self, patient_id: str, now: datetime, decisions: Sequence[Decision]) -> list[Outcome]:
+        """Hard-link the input sets of the jobs to start, then write every decision in one store transaction
+        (a failure leaves the store as it was and removes the links)."""
+        linked: dict[str, Path] = {}
+        try:
+            for d in decisions:
+                if isinstance(d, StartJob):
+                    name = f"node-{d.input_hash[:12]}-{uuid.uuid4().hex[:8]}"
+                    linked[d.key] = link_inputs([Path(p) for p in d.paths], self.settings.incoming_dir, name)
+            with self.store.trigger_writes() as tx:
+                out = [o for d in decisions if (o := self._write(tx, patient_id, now, d, linked)) is not None]
+        except BaseException:
+            for folder in linked.values():
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        for o in out:
+            if o.state == "started":
+                log.info("trigger: job %s version %s queued (%d time point(s))", o.job_id, o.version, o.timepoints)
+            elif o.state == "error" and o.cycle_key == cycle_key(patient_id, None):
+                log.warning("trigger: a patient's data cannot form a therapy cycle (see GET /v1/dicom/cycles)")
+        return out
+
+    def _write(
+        self, tx: TriggerWrites, patient_id: str, now: datetime, d: Decision, linked: dict[str, Path]
+    ) -> Outcome | None:
+        if isinstance(d, RecheckAt):
+            tx.touch_patient(patient_id, d.at)
+            return None
+        if isinstance(d, Retire):
+            tx.retire_cycles(patient_id, set(d.keep))
+            return None
+        injection = d.injection.isoformat() if d.injection is not None else None
+        if isinstance(d, RecordCycle):
+            reason = d.reason[:MAX_REASON] if d.state == "error" else d.reason
+            tx.upsert_cycle(
+                cycle_key=d.key,
+                patient_id=patient_id,
+                injection=injection,
+                state=d.state,
+                reason=reason,
+                timepoints=d.timepoints,
+                job_id=None,
+                deadline_after=d.deadline_after,
+                now=now,
             )
-            fp = input_fingerprint(c)
-            digest = fp["sop_instance_uids_sha256"]
-            wanted = spec_hash({**spec, "inputs": ["."]})
-            same = [j for j in self.store.jobs_for_input(digest) if spec_hash(j.spec) == wanted]
-            if same:  # this input set with this job description: never a second job, whatever the first became
-                j = same[-1]
-                reason = f"this input set already has job {j.id} ({j.state})"
-                self.store.upsert_trigger_cycle(
-                    **base, state="started", reason=reason, job_id=None, deadline_after=None
-                )
-                decisions.append(
-                    Decision(key, "exists", reason, job_id=j.id, version=j.version, timepoints=n_tp, input_hash=digest)
-                )
-                continue
-            previous = self.store.cycle_jobs(key)
-            version = (max((j.version or 0) for j in previous) + 1) if previous else 1
-            name = f"node-{digest[:12]}-{uuid.uuid4().hex[:8]}"
-            input_dir = link_inputs([p for s in series for p in s.paths], self.settings.incoming_dir, name)
-            spec["inputs"] = [str(input_dir)]
-            job, created = self.store.create_job(
+            if d.existing is not None:
+                e = d.existing
+                return Outcome(d.key, "exists", d.reason, e.id, e.version, d.timepoints, e.input_hash)
+            return Outcome(d.key, d.state, d.reason, timepoints=d.timepoints)
+        input_dir = linked[d.key]
+        spec = {**d.spec, "inputs": [str(input_dir)]}
+        job, created = tx.create_job(
+            NewJob(
                 spec=spec,
                 input_dir=str(input_dir),
-                input_hash=digest,
+                input_hash=d.input_hash,
                 patient_id=patient_id,
-                idempotency_key=None,
                 submitted_by=f"dicom:{self.settings.dicom_ae_title}",
                 source="dicom",
-                cycle_key=key,
-                version=version,
-                supersedes=previous[-1].id if previous else None,
+                cycle_key=d.key,
+                version=d.version,
+                supersedes=d.supersedes,
             )
-            if not created:  # another process won the race for the same input set
-                shutil.rmtree(input_dir, ignore_errors=True)
-            how = "complete" if complete else f"deadline of {deadline_h:g} h reached"
-            reason = f"job {job.id} version {job.version or version} started ({how}; {n_tp} time point(s))"
-            if previous and previous[-1].input_hash == digest:
-                reason += "; same images, but the earlier cycles changed (cycle number or their doses)"
-            if missing and not complete:
-                reason += "; missing: " + "; ".join(missing)
-            self.store.upsert_trigger_cycle(**base, state="started", reason=reason, job_id=job.id, deadline_after=None)
-            log.info(
-                "trigger: job %s version %s queued for a cycle with %d time point(s) (%s)",
-                job.id,
-                job.version,
-                n_tp,
-                how,
-            )
-            decisions.append(
-                Decision(
-                    key,
-                    "started",
-                    reason,
-                    job_id=job.id,
-                    version=job.version,
-                    timepoints=n_tp,
-                    input_hash=digest,
-                    spec=spec,
-                )
-            )
-        # rows of cycles no longer formed (e.g. an error before the SPECT arrived, a changed injection time)
-        self.store.retire_trigger_cycles(patient_id, {d.cycle_key for d in decisions})
-        return decisions
-
-    # -------------------------------------------------------------- helpers
-    def _record_error(self, patient_id: str, why: str, now: datetime) -> Decision:
-        key = cycle_key(patient_id, None)
-        reason = f"cannot form a therapy cycle: {why}"
-        self.store.upsert_trigger_cycle(
-            cycle_key=key,
+        )
+        if not created:  # another process won the race for the same input set
+            shutil.rmtree(input_dir, ignore_errors=True)
+        reason = d.reason(job)
+        tx.upsert_cycle(
+            cycle_key=d.key,
             patient_id=patient_id,
-            injection=None,
-            state="error",
-            reason=reason[:4000],
-            timepoints=0,
-            job_id=None,
+            injection=injection,
+            state="started",
+            reason=reason,
+            timepoints=d.timepoints,
+            job_id=job.id,
             deadline_after=None,
             now=now,
         )
-        self.store.retire_trigger_cycles(patient_id, {key})
-        log.warning("trigger: a patient's data cannot form a therapy cycle (see GET /v1/dicom/cycles)")
-        return Decision(key, "error", reason)
-
-    def _results_by_injection(self, patient_id: str) -> list[tuple[datetime, dict[str, Any]]]:
-        """The summaries of the patient's succeeded jobs of any origin (node, upload, API), by the injection
-        they name: ``(injection, newest summary)`` per injection, oldest first (each file read once)."""
-        out: dict[datetime, dict[str, Any]] = {}
-        for job in self.store.patient_jobs(patient_id):  # oldest first
-            s = job.summary()
-            when = ((s or {}).get("cycle") or {}).get("injection", {}).get("datetime")
-            if not when:
-                continue
-            try:
-                t = datetime.fromisoformat(when)
-            except ValueError:
-                continue
-            slot = next((k for k in out if abs((k - t).total_seconds()) <= SAME_CYCLE_S), t)
-            out[slot] = s  # a later job for the same injection replaces the earlier one
-        return sorted(out.items(), key=lambda kv: kv[0])
-
-    @staticmethod
-    def _cycle_numbers(injections: list[datetime]) -> dict[datetime, int]:
-        """Cycle numbers (1, 2, …) by injection date over every cycle known for the patient (received
-        here, or measured by a job of any origin); injections within an hour are one cycle."""
-        merged: list[datetime] = []
-        for t in sorted(injections):
-            if not merged or (t - merged[-1]).total_seconds() > SAME_CYCLE_S:
-                merged.append(t)
-        return {t: n for n, t in enumerate(merged, start=1)}
-
-    def _earlier_cycles(
-        self,
-        patient_id: str,
-        ordered: list[Any],
-        history: list[tuple[datetime, dict[str, Any]]],
-        this: Any,
-        numbers: dict[datetime, int],
-    ) -> tuple[list[dict[str, Any]], int | None]:
-        """``earlier_cycles`` for the job of ``this`` cycle — every cycle injected before it, received here
-        or known from a result — and the number of an earlier cycle whose job is still queued or running
-        (then wait)."""
-        limit = this.injection.start - timedelta(seconds=SAME_CYCLE_S)
-        out: list[dict[str, Any]] = []
-        for when, n in sorted(numbers.items(), key=lambda kv: kv[1]):
-            if when >= limit:
-                continue
-            received = next(
-                (c for c in ordered if abs((c.injection.start - when).total_seconds()) <= SAME_CYCLE_S), None
-            )
-            result = next((r for t, r in history if abs((t - when).total_seconds()) <= SAME_CYCLE_S), None)
-            activity: float | None = None
-            if received is not None:
-                jobs = self.store.cycle_jobs(cycle_key(patient_id, received.injection.start))
-                if any(j.state in ACTIVE_STATES for j in jobs):
-                    return [], n
-                activity = received.injection.activity_bq / 1e6
-                when = received.injection.start
-            if activity is None and result is not None:
-                activity = (result.get("cycle") or {}).get("injection", {}).get("activity_MBq")
-            if activity is None:
-                continue
-            out.append(earlier_cycle_entry(n, when, float(activity), result))
-        return out, None
-
-
-def _slot(numbers: dict[datetime, int], t: datetime) -> datetime:
-    """The key of ``numbers`` for injection ``t`` (the same cycle within an hour)."""
-    return min(numbers, key=lambda k: abs((k - t).total_seconds()))
-
-
-class Automation:
-    """A background thread running ``ticks`` (:meth:`Trigger.tick`, or the sender's) every
-    ``trigger_interval_s`` (one per database, like the dispatcher)."""
-
-    def __init__(self, settings: Settings, ticks: list[Callable[[], Any]], name: str = "voxeldose-automation") -> None:
-        self.settings = settings
-        self.ticks = ticks
-        self.name = name
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.last_error: str | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for tick in self.ticks:
-                if self._stop.is_set():
-                    break
-                try:
-                    tick()
-                    self.last_error = None
-                except Exception as exc:
-                    self.last_error = type(exc).__name__
-                    log.exception("automation: a round failed")
-            self._stop.wait(self.settings.trigger_interval_s)
-
-
-@dataclass
-class NodeRuntime:
-    """The DICOM node with its trigger and sender, as ``voxeldose serve`` and ``voxeldose dicom-node``
-    run them: the process that listens for DICOM also starts the jobs and sends the results."""
-
-    node: Any
-    trigger: Trigger
-    sender: Any
-    automation: Automation  # the trigger's thread
-    sending: Automation  # the sender's thread (a slow PACS never holds up the trigger)
-
-    def stop(self) -> None:
-        self.node.stop()
-        self.automation.stop()
-        self.sending.stop()
-
-
-def start_node(settings: Settings, store: Store) -> NodeRuntime:
-    """Listen on ``dicom_host:dicom_port`` and start the trigger/sender thread (``OSError`` when the
-    port is taken; nothing is left running then)."""
-    from .dicom_node import DicomNode
-    from .sender import Sender
-
-    trigger = Trigger(settings, store)
-    node = DicomNode(settings, store, trigger)
-    sender = Sender(settings, store)
-    node.start()
-    automation = Automation(settings, [trigger.tick], name="voxeldose-trigger")
-    sending = Automation(settings, [sender.tick], name="voxeldose-sender")
-    automation.start()
-    sending.start()
-    if sender.destination is None:
-        log.info("no DICOM destination configured: results stay in the service (VOXELDOSE_DICOM_DESTINATION_*)")
-    return NodeRuntime(node, trigger, sender, automation, sending)
+        return Outcome(d.key, "started", reason, job.id, job.version, d.timepoints, d.input_hash, spec)

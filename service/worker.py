@@ -23,19 +23,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from pydicom import dcmread
+
+from voxeldose.errors import VoxeldoseError
+from voxeldose.outputs import write_pacs_objects
+from voxeldose.pipeline import STAGES, Result, run, write_outputs
+
+from .store import Store
+
+log = logging.getLogger("service.worker")
 
 INTERNAL_ERROR = "internal error while computing the dose (job {job_id}); the service log has the details"
 
-_stores: dict[str, Any] = {}
+_stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
 _remote: Any = None
 
 
-def _store(database_url: str) -> Any:
+def _store(database_url: str) -> Store:
     """One Store (engine, pool) per worker process and database."""
-    from .store import Store
-
     with _stores_lock:
         st = _stores.get(database_url)
         if st is None:
@@ -44,8 +50,6 @@ def _store(database_url: str) -> Any:
 
 
 def _stage_offsets() -> dict[str, tuple[float, float]]:
-    from voxeldose.pipeline import STAGES
-
     total = sum(w for _, w in STAGES) or 1.0
     out, acc = {}, 0.0
     for name, w in STAGES:
@@ -54,15 +58,16 @@ def _stage_offsets() -> dict[str, tuple[float, float]]:
     return out
 
 
-def progress_writer(job_id: str, store: Any, *, min_interval_s: float = 0.5) -> Callable[[str, float], None]:
+def progress_writer(job_id: str, store: Store, *, min_interval_s: float = 0.5) -> Callable[[str, float], None]:
     """A ``progress(stage, fraction_of_stage)`` callback that writes the overall progress to the
     store: at every new stage, and within a stage at most every ``min_interval_s``."""
     offsets = _stage_offsets()
-    last = {"stage": None, "t": 0.0}
+    last_stage: list[str | None] = [None]  # the stage and time (monotonic s) of the last write
+    last_t = [0.0]
 
     def progress(stage: str, frac: float) -> None:
         now = time.monotonic()
-        if stage == last["stage"] and now - last["t"] < min_interval_s:
+        if stage == last_stage[0] and now - last_t[0] < min_interval_s:
             return
         overall: float | None
         if stage == "done":
@@ -79,7 +84,7 @@ def progress_writer(job_id: str, store: Any, *, min_interval_s: float = 0.5) -> 
             store.set_progress(job_id, stage, overall)
         except Exception:
             log.warning("job %s: could not record progress", job_id, exc_info=True)
-        last.update(stage=stage, t=now)
+        last_stage[0], last_t[0] = stage, now
 
     return progress
 
@@ -92,15 +97,11 @@ def _strip_roots(message: str, roots: list[str]) -> str:
     return message
 
 
-def write_atomically(result: Any, out_dir: Path) -> Path:
+def write_atomically(result: Result, out_dir: Path) -> Path:
     """``write_outputs`` (RT Dose, summary, report) and the PACS objects (SEG, SR) into
     ``out_dir.tmp-…``, then rename to ``out_dir`` (an older ``out_dir`` from an attempt whose worker
     died after writing is replaced).  The SEG and SR need the reference CT's slices: when they cannot
     be written the job still succeeds, with a warning."""
-    from voxeldose.errors import VoxeldoseError
-    from voxeldose.outputs import write_pacs_objects
-    from voxeldose.pipeline import write_outputs
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -124,12 +125,9 @@ def write_atomically(result: Any, out_dir: Path) -> Path:
     return out_dir
 
 
-def run_job(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict[str, Any]:
+def run_job(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) -> dict[str, Any]:
     """Run one job.  Returns ``{"result_dir", "patient_id", "warnings"}`` on success, or
     ``{"error": message, "internal": bool}`` when the job failed (not to be retried)."""
-    from voxeldose.errors import VoxeldoseError
-    from voxeldose.pipeline import run
-
     store = _store(database_url)
     roots = [str(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in spec.get("inputs", [])]
     t0 = time.monotonic()
@@ -155,8 +153,6 @@ def run_job(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict[st
 
 def output_series(out_dir: Path) -> list[str]:
     """SeriesInstanceUIDs of the DICOM files a job wrote (the service never takes them as input)."""
-    from pydicom import dcmread
-
     uids = []
     for p in sorted(Path(out_dir).glob("*.dcm")):
         try:
@@ -171,7 +167,7 @@ def remote_run_job() -> Any:
     lost workers itself, counting attempts in the database."""
     global _remote
     if _remote is None:
-        import ray
+        import ray  # here, not at the top: importing this module needs neither Ray running nor installed
 
         _remote = ray.remote(max_retries=0)(run_job)
     return _remote

@@ -6,14 +6,17 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy.engine import Connection
 
+from service.config import get_settings
 from service.models import Base
+from service.store.db import Database, normalise_url
 
 config = context.config
 target_metadata = Base.metadata
 
 
-def _configure(connection) -> None:
+def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -25,13 +28,11 @@ def _configure(connection) -> None:
 
 
 def _url() -> str:
-    from service.store import normalise_url
-
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
     if not url:
-        from service.config import get_settings
-
         url = get_settings().database_url
+    if not url:
+        raise RuntimeError("no database URL: -x url=…, sqlalchemy.url, or VOXELDOSE_DATABASE_URL")
     return normalise_url(url)
 
 
@@ -48,14 +49,12 @@ def run_online() -> None:
         return
     if config.config_file_name is not None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
-    from service.store import Store
-
-    store = Store(_url())  # same engine set-up (WAL, busy timeout) as the service
+    db = Database(_url())  # same engine set-up (WAL, busy timeout) as the service
     try:
-        with store._writer.begin() as connection:
+        with db.begin_writing() as connection:
             _configure(connection)
     finally:
-        store.dispose()
+        db.dispose()
 
 
 if context.is_offline_mode():

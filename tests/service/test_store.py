@@ -13,6 +13,7 @@ pytest.importorskip("sqlalchemy", reason="the service extra is not installed (pi
 
 from service.auth import hash_token, role_at_least
 from service.store import JOB_STATES, Store
+from service.web.views import job_out
 
 SPEC = {"inputs": ["/data/incoming/u1"], "calibration": {"cps_per_mbq": 12.5}}
 
@@ -82,7 +83,7 @@ def test_create_and_get(store: Store) -> None:
     got = store.get_job(job.id)
     assert got == job
     assert store.get_job("nope") is None
-    pub = job.to_public()
+    pub = job_out(job).model_dump(mode="json")  # the public form of a job (API and pages)
     assert "input_dir" not in pub and "result_dir" not in pub and "inputs" not in pub["spec"]
     assert pub["spec"]["calibration"] == {"cps_per_mbq": 12.5}
     assert "/data" not in repr(pub)
@@ -182,7 +183,7 @@ def test_progress_finish(store: Store) -> None:
     j = store.get_job(job.id)
     assert j.state == "succeeded" and j.result_dir == "/data/jobs/x/out" and j.patient_id == "VD-1"
     assert j.stage == "done" and j.progress == 1.0 and j.finished_at.tzinfo is not None
-    assert j.to_public()["has_result"] is True
+    assert job_out(j).has_result is True
     store.fail(job.id, "too late")  # terminal states stay
     assert store.get_job(job.id).state == "succeeded"
     assert [r.id for r in store.patient_jobs("VD-1")] == [job.id]

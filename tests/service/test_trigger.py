@@ -460,7 +460,7 @@ def _ready_at(store: Any, pid: str) -> Any:
 
     from service.models import PendingPatient
 
-    with store._read() as s:
+    with store.db.read() as s:
         return s.scalars(select(PendingPatient.ready_at).where(PendingPatient.patient_id == pid)).first()
 
 

@@ -5,16 +5,15 @@ None of them needs a token: load balancers, orchestrators and Prometheus call th
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from .. import uploads
+from .. import intake
 from ..metrics import CONTENT_TYPE
-from .problems import PROBLEM_JSON, responses
+from .deps import get_settings, get_store
+from .problems import PROBLEM_JSON
 
 router = APIRouter(tags=["health"])
 
@@ -37,7 +36,7 @@ def healthz() -> Health:
 
 
 def _readiness(request: Request) -> tuple[dict[str, bool], float, str | None]:
-    settings, store, dispatcher = request.app.state.settings, request.app.state.store, request.app.state.dispatcher
+    settings, store, dispatcher = get_settings(request), get_store(request), request.app.state.dispatcher
     checks: dict[str, bool] = {}
     try:
         checks["database"] = bool(store.ping())
@@ -52,7 +51,7 @@ def _readiness(request: Request) -> tuple[dict[str, bool], float, str | None]:
             device = str(dispatcher.device())
         except Exception:  # noqa: BLE001
             checks["ray"] = False
-    free = uploads.free_mb(uploads.incoming_dir(settings))
+    free = intake.free_mb(intake.incoming_dir(settings))
     checks["disk"] = free >= float(settings.min_free_disk_mb)
     return checks, free, device
 
@@ -63,7 +62,7 @@ def _readiness(request: Request) -> tuple[dict[str, bool], float, str | None]:
     summary="Readiness: database, Ray and free disk",
     responses={503: {"description": "a check failed (named in `detail` and `checks`)", "content": {PROBLEM_JSON: {}}}},
 )
-async def readyz(request: Request) -> Any:
+async def readyz(request: Request) -> Ready | JSONResponse:
     checks, free, device = await run_in_threadpool(_readiness, request)
     node = getattr(request.app.state, "dicom_node", None)
     dicom_port = node.port if node is not None and getattr(node, "listening", False) else None
@@ -95,6 +94,3 @@ async def readyz(request: Request) -> Any:
 async def metrics(request: Request) -> Response:
     data = await run_in_threadpool(request.app.state.metrics.exposition)
     return Response(data, media_type=CONTENT_TYPE)
-
-
-_ = responses

@@ -11,45 +11,35 @@ Cookie-authenticated requests that change something (POST, …) must not come fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Literal
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
+from ..auth import Principal
+from ..config import Settings
+from ..store import JobRecord, Store
 from .problems import ProblemError
 
 COOKIE = "vd_token"
-ROLE_RANK = {"submitter": 1, "physicist": 2, "admin": 3}
-try:  # the backend's definition wins when it has one
-    from ..auth import ROLES as _ROLES  # type: ignore[attr-defined]
-
-    ROLE_RANK = {r: i + 1 for i, r in enumerate(_ROLES)}
-except Exception:  # noqa: BLE001 - service/auth.py absent or shaped differently
-    pass
 
 _bearer = HTTPBearer(auto_error=False, description="a token from `voxeldose token create --name N --role R`")
 _cookie = APIKeyCookie(name=COOKIE, auto_error=False, description="set by the login form of the web pages")
 
 
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    role: str
-    via: str  # "header", "cookie" or "disabled"
-
-    def at_least(self, role: str) -> bool:
-        return ROLE_RANK.get(self.role, 0) >= ROLE_RANK[role]
+def get_store(request: Request) -> Store:
+    """The app's store (``app.state.store``)."""
+    store: Store = request.app.state.store
+    return store
 
 
-def get_store(request: Request) -> Any:
-    return request.app.state.store
-
-
-def get_settings(request: Request) -> Any:
-    return request.app.state.settings
+def get_settings(request: Request) -> Settings:
+    """The app's settings (``app.state.settings``)."""
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def unauthorized(detail: str, *, invalid: bool = False) -> ProblemError:
@@ -57,7 +47,7 @@ def unauthorized(detail: str, *, invalid: bool = False) -> ProblemError:
     return ProblemError(401, "Unauthorized", detail, slug="unauthorized", headers={"WWW-Authenticate": challenge})
 
 
-def _token_from(request: Request) -> tuple[str | None, str]:
+def _token_from(request: Request) -> tuple[str | None, Literal["header", "cookie", "none"]]:
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
@@ -83,13 +73,12 @@ async def optional_principal(
     _c: str | None = Depends(_cookie),
 ) -> Principal | None:
     """The caller, or None when the request carries no token (an unknown token is still a 401)."""
-    settings = request.app.state.settings
-    if getattr(settings, "auth_disabled", False):
+    if get_settings(request).auth_disabled:
         return Principal("auth-disabled", "admin", "disabled")
     token, via = _token_from(request)
-    if token is None:
+    if token is None or via == "none":
         return None
-    store = request.app.state.store
+    store = get_store(request)
     found = await run_in_threadpool(store.verify_token, token)
     if not found:
         raise unauthorized("unknown or revoked token", invalid=True)
@@ -105,7 +94,7 @@ async def principal(p: Principal | None = Depends(optional_principal)) -> Princi
     return p
 
 
-def require(role: str):
+def require(role: str) -> Callable[[Principal], Awaitable[Principal]]:
     """Dependency: the caller, who must have at least ``role``."""
 
     async def _dep(p: Principal = Depends(principal)) -> Principal:
@@ -118,6 +107,6 @@ def require(role: str):
     return _dep
 
 
-def may_read(p: Principal, job: Any) -> bool:
+def may_read(p: Principal, job: JobRecord) -> bool:
     """Submitters read their own jobs; physicists and admins read all."""
     return p.at_least("physicist") or (job.submitted_by is not None and job.submitted_by == p.name)

@@ -32,18 +32,22 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from pydicom import dcmread
+from python_multipart.multipart import parse_options_header
 
-from .. import uploads
-from ..dicom_node import valid_uid
-from .deps import Principal, require
+from .. import intake
+from ..auth import Principal
+from ..config import Settings
+from ..dicom_node import STATUS_SUCCESS, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, DicomNode, valid_uid
+from .deps import get_settings, require
+from .multipart import stream_multipart
 from .problems import ProblemError, responses
 
 log = logging.getLogger("service.dicomweb")
@@ -53,7 +57,7 @@ router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 CALLING_AE = "STOW-RS"  # instances.calling_ae is 16 characters: no room for the token name (it is logged instead)
-MAX_PARTS = uploads.MAX_FILES
+MAX_PARTS = intake.MAX_FILES
 
 # Failure Reason (0008,1197) values not produced by DicomNode.receive_file (PS3.18 Table I.2-2)
 FAIL_PROCESSING = 0x0110  # general processing failure (an unexpected error storing this instance)
@@ -69,8 +73,6 @@ WARN_CONFLICT = 0xB00E
 # ------------------------------------------------------------------------------------- media types
 def _params(value: str) -> tuple[str, dict[str, str]]:
     """``type/subtype; k=v; k="v"`` → (lower-case media type, {lower-case key: value})."""
-    from python_multipart.multipart import parse_options_header
-
     mtype, opts = parse_options_header(value or "")
     return mtype.decode("latin-1"), {
         k.decode("latin-1").strip().lower(): v.decode("latin-1").strip() for k, v in opts.items()
@@ -133,7 +135,7 @@ class _Sink:
     ended: bool = False
     _hname: bytes = b""
     _hvalue: bytes = b""
-    _fh: Any = None
+    _fh: IO[bytes] | None = None
 
     def on_part_begin(self) -> None:
         self.close()
@@ -173,10 +175,10 @@ class _Sink:
             self._fh = None
 
 
-async def _receive(request: Request, settings: Any, boundary: bytes, tmp: Path) -> list[_Part]:
+async def _receive(request: Request, settings: Settings, boundary: bytes, tmp: Path) -> list[_Part]:
     """Stream the body into ``tmp`` (the caller creates and removes it); ProblemError on a bad body."""
     sink = _Sink(tmp)
-    await uploads.stream_multipart(
+    await stream_multipart(
         request,
         settings,
         boundary,
@@ -215,8 +217,6 @@ class _Result:
 def _peek(path: Path) -> tuple[str | None, str | None, str | None, str | None]:
     """(SOPClassUID, SOPInstanceUID, StudyInstanceUID, TransferSyntaxUID) from the file's header, each None when
     missing or not a valid UID; all None when the file is not PS3.10."""
-    from pydicom import dcmread
-
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
         values = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
@@ -232,9 +232,8 @@ def _peek(path: Path) -> tuple[str | None, str | None, str | None, str | None]:
     return out[0], out[1], out[2], out[3]
 
 
-def _store_one(node: Any, part: _Part, study: str | None) -> _Result:
-    from ..dicom_node import STATUS_SUCCESS, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES  # what an association may carry
-
+def _store_one(node: DicomNode, part: _Part, study: str | None) -> _Result:
+    """Check one part as an association's C-STORE would be checked (SOP class, transfer syntax), then store it."""
     ptype, _ = _params(part.content_type)
     sop_class, sop_instance, study_uid, ts = _peek(part.path)
     res = _Result(sop_class, sop_instance)
@@ -259,11 +258,11 @@ def _store_one(node: Any, part: _Part, study: str | None) -> _Result:
         return res
     if outcome.result in ("conflict", "conflict-duplicate"):
         res.warning = WARN_CONFLICT
-    res.patient_id = getattr(outcome, "patient_id", None)
+    res.patient_id = outcome.patient_id
     return res
 
 
-def _store_all(node: Any, parts: list[_Part], study: str | None) -> list[_Result]:
+def _store_all(node: DicomNode, parts: list[_Part], study: str | None) -> list[_Result]:
     return [_store_one(node, p, study) for p in parts]
 
 
@@ -340,8 +339,8 @@ _DESCRIPTION = (
 
 
 async def _stow(request: Request, who: Principal, study: str | None) -> Response:
-    settings = request.app.state.settings
-    node = request.app.state.dicom_node
+    settings = get_settings(request)
+    node: DicomNode = request.app.state.dicom_node
     boundary = _check_media_types(request)
     if study is not None and valid_uid(study) != study:
         raise ProblemError(
@@ -350,26 +349,19 @@ async def _stow(request: Request, who: Principal, study: str | None) -> Response
             "the study in the URL is not a valid UID (digits and dots, at most 64 characters)",
             slug="bad-request",
         )
-    uploads.check_free_disk(settings)
-    length = request.headers.get("content-length")
-    if length and length.isdigit():
-        if int(length) > int(settings.max_upload_mb) * uploads.MB:
-            raise uploads.too_large(settings, "the request body")
-        uploads.check_free_disk(settings, extra_bytes=2 * int(length))  # the temp copy and the stored copy
-    root = uploads.incoming_dir(settings)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{uploads.TMP_PREFIX}stow-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    intake.check_free_disk(settings)
+    # room for the temp copy and the stored copy
+    intake.check_declared_size(settings, request.headers.get("content-length"), "the request body", copies=2)
+    tmp = intake.new_temp_dir(settings, "stow-")
     try:
         parts = await _receive(request, settings, boundary, tmp)
         results = await run_in_threadpool(_store_all, node, parts, study)
     finally:
         await run_in_threadpool(shutil.rmtree, tmp, True)
     patients = {r.patient_id for r in results if r.failure is None and r.patient_id}
-    released = getattr(node, "released", None)
-    if released is not None and patients:
+    if patients:
         try:
-            await run_in_threadpool(released, patients)
+            await run_in_threadpool(node.released, patients)
         except Exception:  # the instances are stored; the trigger's failure is logged
             log.exception("STOW-RS: node.released failed")
     status = http_status(results)

@@ -1,21 +1,23 @@
-"""Receiving an upload: stream it to disk, unpack a zip safely, validate it, and make it an input set.
+"""The intake (service core): an upload or a set of received series becomes an input set, or is refused.
 
-1. Before reading the body: free disk ≥ ``min_free_disk_mb`` (else 507) and a declared ``Content-Length``
-   ≤ ``max_upload_mb`` (else 413).
-2. The multipart body is parsed as it arrives and each file part written straight to
-   ``data_dir/incoming/.tmp-<uuid>/`` — nothing is held in memory; more than ``max_upload_mb`` received → 413.
-3. One ``.zip`` alone is unpacked in place: members with absolute paths, ``..``, drive letters or links are
-   refused (422); more than ``max_upload_mb`` uncompressed in total (declared or actually read) → 413.
-4. The job description (``spec``) is validated, then the files: :func:`voxeldose.ingest.scan` and
+1. Before a body is read: free disk ≥ ``min_free_disk_mb`` and a declared size ≤ ``max_upload_mb``
+   (:func:`check_free_disk`, :func:`check_declared_size`).  The web layer streams the files themselves into a
+   temporary folder under ``data_dir/incoming/`` (:func:`new_temp_dir`; :mod:`service.web.multipart`), or
+   :func:`receive_series` hard-links series already received there.
+2. One ``.zip`` alone is unpacked in place: members with absolute paths, ``..``, drive letters or links are
+   refused; more than ``max_upload_mb`` uncompressed in total (declared or actually read) is too large.
+3. The job description (``spec``) is validated, then the files: :func:`voxeldose.ingest.scan` and
    :func:`voxeldose.ingest.load_cycle` (one patient, one injection, at least one SPECT; counts need a
-   calibration) — any :class:`~voxeldose.errors.VoxeldoseError` is a 422 with its message.
-5. Only then is the temp folder renamed (atomic, same file system) to ``incoming/<upload-id>/``.
+   calibration) — a :class:`~voxeldose.errors.VoxeldoseError` passes through with its message.
+4. Only then is the temp folder renamed (atomic, same file system) to ``incoming/<upload-id>/``.
    A rejected upload leaves nothing behind; an accepted one is never deleted by the service.
+
+Refusals are :class:`~service.errors.IntakeError` (the web layer turns them into problems: too large → 413,
+no disk → 507, unusable → 422, series not received → 404).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -23,19 +25,20 @@ import shutil
 import stat
 import uuid
 import zipfile
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
+from typing import Any, Protocol
 
 from voxeldose.errors import VoxeldoseError
 from voxeldose.ingest import scan, spect_pixel_mode
 from voxeldose.pipeline import input_fingerprint, load_spec_cycle
 from voxeldose.spec import JobSpec
 
-from .api.problems import ProblemError
+from .config import Settings
+from .errors import ErrorKind, IntakeError
+from .store import InstanceRecord
 
 MB = 1024 * 1024
 TMP_PREFIX = ".tmp-"
@@ -45,41 +48,67 @@ _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
 # ------------------------------------------------------------------------------------------ limits
-def incoming_dir(settings: Any) -> Path:
+def incoming_dir(settings: Settings) -> Path:
+    """Where uploads and received series become input sets (``data_dir/incoming``)."""
     return Path(settings.data_dir) / "incoming"
 
 
 def free_mb(path: Path) -> float:
+    """Free space (MB) on the file system holding ``path`` (or its nearest existing parent)."""
     p = path
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free / MB
 
 
-def check_free_disk(settings: Any, extra_bytes: int = 0) -> None:
+def no_storage(detail: str) -> IntakeError:
+    return IntakeError(ErrorKind.NO_STORAGE, "Insufficient storage", detail, slug="insufficient-storage")
+
+
+def check_free_disk(settings: Settings, extra_bytes: int = 0) -> None:
+    """Refuse when fewer than ``min_free_disk_mb`` would be left after ``extra_bytes`` more."""
     need = float(settings.min_free_disk_mb)
     free = free_mb(incoming_dir(settings)) - extra_bytes / MB
     if free < need:
-        raise ProblemError(
-            507,
-            "Insufficient storage",
+        raise no_storage(
             f"not enough free disk space for this upload: {max(free, 0):.0f} MB would be left, the service keeps "
-            f"at least {need:.0f} MB free (min_free_disk_mb)",
-            slug="insufficient-storage",
+            f"at least {need:.0f} MB free (min_free_disk_mb)"
         )
 
 
-def too_large(settings: Any, what: str) -> ProblemError:
-    return ProblemError(
-        413,
+def check_declared_size(settings: Settings, content_length: str | None, what: str, *, copies: int = 1) -> None:
+    """A declared body size (``Content-Length``, bytes) within ``max_upload_mb``, with room on disk for
+    ``copies`` copies of it; an absent or unreadable declaration is checked while the body arrives."""
+    if content_length and content_length.isdigit():
+        if int(content_length) > int(settings.max_upload_mb) * MB:
+            raise too_large(settings, what)
+        check_free_disk(settings, extra_bytes=copies * int(content_length))
+
+
+def too_large(settings: Settings, what: str) -> IntakeError:
+    return IntakeError(
+        ErrorKind.TOO_LARGE,
         "Upload too large",
         f"{what} is larger than the limit of {settings.max_upload_mb} MB (max_upload_mb)",
         slug="upload-too-large",
     )
 
 
-def invalid(detail: str, *, slug: str = "invalid-upload", title: str = "Upload not usable") -> ProblemError:
-    return ProblemError(422, title, detail, slug=slug)
+def invalid(detail: str, *, slug: str = "invalid-upload", title: str = "Upload not usable") -> IntakeError:
+    return IntakeError(ErrorKind.INVALID, title, detail, slug=slug)
+
+
+def invalid_spec(detail: str) -> IntakeError:
+    return invalid(detail, slug="invalid-spec", title="Invalid job description")
+
+
+def new_temp_dir(settings: Settings, tag: str = "") -> Path:
+    """A new, empty temporary folder ``incoming/.tmp-<tag><uuid>`` (the caller removes it)."""
+    root = incoming_dir(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{TMP_PREFIX}{tag}{uuid.uuid4().hex}"
+    tmp.mkdir()
+    return tmp
 
 
 # ------------------------------------------------------------------------------------ file names
@@ -96,7 +125,8 @@ def safe_relpath(name: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
-def _unique(root: Path, rel: PurePosixPath) -> Path:
+def unique_path(root: Path, rel: PurePosixPath) -> Path:
+    """``root/rel``, or ``root/<stem>~N<suffix>`` when that exists already."""
     target = root / rel
     n = 1
     while target.exists():
@@ -105,159 +135,14 @@ def _unique(root: Path, rel: PurePosixPath) -> Path:
     return target
 
 
-# ------------------------------------------------------------------------------- multipart stream
 @dataclass
 class Received:
-    """What a multipart request brought: files written under ``tmp``, the ``spec`` text."""
+    """What a request brought: files written under ``tmp``, the ``spec`` text, the bytes received."""
 
     tmp: Path
     files: list[Path] = field(default_factory=list)
     spec_text: str | None = None
     bytes: int = 0
-
-
-class _MultipartSink:
-    """python-multipart callbacks that write file parts straight to disk."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.files: list[Path] = []
-        self.spec = bytearray()
-        self.spec_parts = 0
-        self._hname = b""
-        self._hvalue = b""
-        self._disposition = b""
-        self._fh = None
-        self._field: str | None = None
-        self._filename: str | None = None
-
-    def on_part_begin(self) -> None:
-        self._disposition, self._field, self._filename = b"", None, None
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._hname += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._hvalue += data[start:end]
-
-    def on_header_end(self) -> None:
-        if self._hname.strip().lower() == b"content-disposition":
-            self._disposition = self._hvalue
-        self._hname, self._hvalue = b"", b""
-
-    def on_headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
-        _, options = parse_options_header(self._disposition)
-        name = options.get(b"name")
-        self._field = name.decode("utf-8", "replace") if name is not None else None
-        fn = options.get(b"filename")
-        self._filename = fn.decode("utf-8", "replace") if fn is not None else None
-        if self._field == "files":
-            if len(self.files) >= MAX_FILES:
-                raise invalid(f"too many files in one upload (at most {MAX_FILES}); send a .zip")
-            target = _unique(self.tmp, safe_relpath(self._filename or f"file{len(self.files) + 1}"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(target, "wb")  # noqa: SIM115 - closed in on_part_end / close()
-            self.files.append(target)
-        elif self._field == "spec":
-            self.spec_parts += 1
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._fh is not None:
-            self._fh.write(data[start:end])
-        elif self._field == "spec":
-            if len(self.spec) + (end - start) > MAX_SPEC_BYTES:
-                raise invalid(
-                    "the 'spec' field is larger than 1 MB", slug="invalid-spec", title="Invalid job description"
-                )
-            self.spec.extend(data[start:end])
-        # other fields are ignored
-
-    def on_part_end(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-async def receive_multipart(request: Request, settings: Any) -> Received:
-    """Stream a ``multipart/form-data`` body into a new temp folder under ``incoming/``.
-
-    The caller owns ``Received.tmp`` (and must remove it when the upload is rejected); on an error raised
-    here the folder is already removed."""
-    from python_multipart.multipart import parse_options_header
-
-    _, params = parse_options_header(request.headers.get("content-type", ""))
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise ProblemError(400, "Bad request", "multipart/form-data without a boundary", slug="bad-request")
-    root = incoming_dir(settings)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    tmp.mkdir()
-    sink = _MultipartSink(tmp)
-    try:
-        received = await stream_multipart(
-            request,
-            settings,
-            boundary,
-            sink,
-            (
-                "on_part_begin",
-                "on_part_data",
-                "on_part_end",
-                "on_header_field",
-                "on_header_value",
-                "on_header_end",
-                "on_headers_finished",
-            ),
-            body="the upload",
-            kind="multipart",
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    spec_text = bytes(sink.spec).decode("utf-8", "replace") if sink.spec_parts else None
-    return Received(tmp, sink.files, spec_text, received)
-
-
-async def stream_multipart(
-    request: Request, settings: Any, boundary: bytes, sink: Any, callbacks: tuple[str, ...], *, body: str, kind: str
-) -> int:
-    """Feed the request body, as it arrives, to a python-multipart parser calling ``sink``'s ``callbacks``;
-    returns the bytes received and always closes the sink.  Problems: 413 over ``max_upload_mb`` (naming
-    ``body``), 507 when the disk fills, 400 when the ``kind`` body cannot be parsed."""
-    import python_multipart
-
-    limit = int(settings.max_upload_mb) * MB
-    received = 0
-    try:
-        parser = python_multipart.MultipartParser(boundary, {k: getattr(sink, k) for k in callbacks})
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise too_large(settings, body)
-            if chunk:
-                await run_in_threadpool(parser.write, chunk)
-        parser.finalize()
-    except ProblemError:
-        raise
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ProblemError(
-                507, "Insufficient storage", f"the disk filled up while receiving {body}", slug="insufficient-storage"
-            ) from None
-        raise
-    except Exception as exc:  # noqa: BLE001 - malformed multipart, client went away
-        raise ProblemError(
-            400, "Bad request", f"the {kind} body could not be read ({type(exc).__name__})", slug="bad-request"
-        ) from None
-    finally:
-        sink.close()
-    return received
 
 
 # ------------------------------------------------------------------------------------------- zip
@@ -268,7 +153,7 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
 
 
-def extract_zip(zpath: Path, dest: Path, settings: Any) -> None:
+def extract_zip(zpath: Path, dest: Path, settings: Settings) -> None:
     """Unpack ``zpath`` under ``dest`` safely; remove the archive afterwards."""
     limit = int(settings.max_upload_mb) * MB
     name = zpath.name
@@ -302,7 +187,7 @@ def extract_zip(zpath: Path, dest: Path, settings: Any) -> None:
         for m in members:
             if m.is_dir():
                 continue
-            target = _unique(dest, safe_relpath(m.filename))
+            target = unique_path(dest, safe_relpath(m.filename))
             if not target.resolve().is_relative_to(dest.resolve()):  # belt and braces
                 raise invalid(f"{name}: unsafe member path {m.filename!r}; refused", slug="unsafe-archive")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -313,15 +198,9 @@ def extract_zip(zpath: Path, dest: Path, settings: Any) -> None:
                         if written > limit:  # the header lied about the size
                             raise too_large(settings, f"{name} expanded")
                         dst.write(chunk)
-            except (zipfile.BadZipFile, EOFError, zlib_error(), NotImplementedError) as exc:
+            except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
                 raise invalid(f"{name}: member {m.filename!r} cannot be unpacked ({exc})") from None
     zpath.unlink()
-
-
-def zlib_error() -> type[Exception]:
-    import zlib
-
-    return zlib.error
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -342,23 +221,13 @@ def parse_spec_fields(text: str | None) -> dict[str, Any]:
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise invalid(
-            f"the 'spec' field is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-            slug="invalid-spec",
-            title="Invalid job description",
+        raise invalid_spec(
+            f"the 'spec' field is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
     if not isinstance(fields, dict):
-        raise invalid(
-            "the 'spec' field must be a JSON object of job fields (calibration, fit, dose, limits, …)",
-            slug="invalid-spec",
-            title="Invalid job description",
-        )
+        raise invalid_spec("the 'spec' field must be a JSON object of job fields (calibration, fit, dose, limits, …)")
     if "inputs" in fields:
-        raise invalid(
-            "the 'spec' field must not name 'inputs': the uploaded files are the inputs",
-            slug="invalid-spec",
-            title="Invalid job description",
-        )
+        raise invalid_spec("the 'spec' field must not name 'inputs': the uploaded files are the inputs")
     return fields
 
 
@@ -377,10 +246,10 @@ def _relativise(err: VoxeldoseError, tmp: Path) -> VoxeldoseError:
     return err
 
 
-def validate_and_commit(received: Received, fields: dict[str, Any], settings: Any) -> Accepted:
+def validate_and_commit(received: Received, fields: dict[str, Any], settings: Settings) -> Accepted:
     """Check the files (blocking: call in a thread); on success rename the temp folder to
-    ``incoming/<upload-id>/``.  Raises ProblemError / VoxeldoseError / ValidationError otherwise — the
-    caller then removes ``received.tmp``."""
+    ``incoming/<upload-id>/``.  Raises IntakeError / VoxeldoseError / pydantic's ValidationError otherwise —
+    the caller then removes ``received.tmp``."""
     upload_id = uuid.uuid4().hex
     final = incoming_dir(settings) / upload_id
     spec = build_spec(fields, final)
@@ -392,7 +261,7 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: An
         if len(files) > 1:
             raise invalid(f"{zips[0].name}: send a .zip alone, not together with other files")
         extract_zip(zips[0], received.tmp, settings)
-        scan_arg: Any = received.tmp  # folder: non-DICOM extras (README, …) are skipped
+        scan_arg: Path | list[Path] = received.tmp  # folder: non-DICOM extras (README, …) are skipped
     else:
         scan_arg = files  # files named explicitly: each must be DICOM
     try:
@@ -417,26 +286,29 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: An
     return Accepted(upload_id, final, digest, cycle.patient_id, spec.model_dump(mode="json"), n)
 
 
-def receive_series(store: Any, series_instance_uids: list[str], settings: Any) -> Received:
+class InstanceSource(Protocol):
+    """The part of the store :func:`receive_series` reads."""
+
+    def instances_of_series(self, series_instance_uids: list[str]) -> list[InstanceRecord]: ...
+
+
+def receive_series(store: InstanceSource, series_instance_uids: Sequence[str], settings: Settings) -> Received:
     """The instances of series already received (DICOM node, STOW-RS) as an upload: hard links of the
     stored files in a temporary folder under ``incoming/`` (the stored files are never moved).  A
-    series not received is a 404 problem naming it."""
+    series not received is refused (not found), naming it."""
     uids = list(dict.fromkeys(u.strip() for u in series_instance_uids if u and u.strip()))
     instances = store.instances_of_series(uids)
     found = {i.series_instance_uid for i in instances}
     missing = [u for u in uids if u not in found]
     if missing:
-        raise ProblemError(
-            404,
+        raise IntakeError(
+            ErrorKind.NOT_FOUND,
             "Series not received",
             f"no instances received for series {', '.join(missing[:5])}"
             + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""),
             slug="series-not-found",
         )
-    root = incoming_dir(settings)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    tmp.mkdir()
+    tmp = new_temp_dir(settings)
     try:
         files = link_files([Path(i.path) for i in instances], tmp)
     except BaseException:
@@ -448,7 +320,7 @@ def receive_series(store: Any, series_instance_uids: list[str], settings: Any) -
 def link_files(paths: list[Path], folder: Path) -> list[Path]:
     """Hard links (copies across file systems) of received files in ``folder/<series>/<name>``, the layout
     of the DICOM store (``dicom/<study>/<series>/<SOP>.dcm``).  The received files are never moved or changed."""
-    out = []
+    out: list[Path] = []
     for n, src in enumerate(sorted(set(paths))):
         sub = folder / src.parent.name
         sub.mkdir(exist_ok=True)

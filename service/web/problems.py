@@ -1,9 +1,11 @@
 """Errors as RFC 9457 ``application/problem+json``: ``{type, title, status, detail, instance}``.
 
-Every error the API answers goes through here: our own :class:`ProblemError`, HTTP errors raised by the
+Every error the API answers goes through here: our own :class:`ProblemError`, the core's domain errors
+(:class:`service.errors.ServiceError`, whose kind names the status: :data:`STATUS_OF`), HTTP errors raised by the
 framework (404 for an unknown route, 405), request validation (422 with a readable ``detail``),
 :class:`voxeldose.errors.VoxeldoseError` (422 with the physicist's message), and anything unexpected (500
-with a reference id, never a traceback).  Logs name the route template and the exception type only — no
+with a reference id, never a traceback).  A browser asking for a page gets the same error as an HTML page
+(:func:`service.web.html.error_page`).  Logs name the route template and the exception type only — no
 request values, so no patient data.
 """
 
@@ -12,15 +14,21 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voxeldose.errors import VoxeldoseError
+
+from ..errors import ErrorKind, ServiceError
+from .html import error_page
 
 log = logging.getLogger("service.api")
 
@@ -43,6 +51,19 @@ class Problem(BaseModel):
     checks: dict[str, bool] | None = Field(None, description="readiness checks (only on /readyz)")
 
 
+#: The HTTP status of each kind of domain error.
+STATUS_OF: dict[ErrorKind, int] = {
+    ErrorKind.BAD_REQUEST: 400,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_MEDIA: 415,
+    ErrorKind.INVALID: 422,
+    ErrorKind.NO_STORAGE: 507,
+}
+
+
 class ProblemError(Exception):
     """Raise anywhere in a route to answer with a problem."""
 
@@ -63,6 +84,11 @@ class ProblemError(Exception):
         self.slug = slug or title.lower().replace(" ", "-")
         self.headers = headers or {}
         self.extra = {k: v for k, v in extra.items() if v is not None}
+
+    @classmethod
+    def of(cls, err: ServiceError) -> ProblemError:
+        """The problem a domain error is."""
+        return cls(STATUS_OF[err.kind], err.title, err.detail, slug=err.slug, **err.extra)
 
 
 def problem_response(
@@ -107,7 +133,7 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 responses = _responses
 
 
-def readable_validation(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+def readable_validation(errors: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """One line a person can read, plus the field errors in a JSON-safe form."""
     items = []
     for e in errors:
@@ -142,21 +168,22 @@ def install(app: FastAPI) -> None:
         slug: str,
         headers: dict[str, str] | None = None,
         **extra: Any,
-    ):
+    ) -> HTMLResponse | JSONResponse:
         if wants_html(request) and status != 401:
-            from ..pages import error_page
-
             return error_page(request, status, title, detail, headers=headers)
         return problem_response(request, status, title, detail, slug=slug, headers=headers, **extra)
 
     @app.exception_handler(ProblemError)
-    async def _problem(request: Request, exc: ProblemError):
+    async def _problem(request: Request, exc: ProblemError) -> HTMLResponse | JSONResponse:
         return render(request, exc.status, exc.title, exc.detail, slug=exc.slug, headers=exc.headers, **exc.extra)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        from http import HTTPStatus
+    @app.exception_handler(ServiceError)
+    async def _domain(request: Request, exc: ServiceError) -> HTMLResponse | JSONResponse:
+        status = STATUS_OF[exc.kind]
+        return render(request, status, exc.title, exc.detail, slug=exc.slug, **exc.extra)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> HTMLResponse | JSONResponse:
         try:
             phrase = HTTPStatus(exc.status_code).phrase
         except ValueError:
@@ -174,17 +201,17 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError) -> HTMLResponse | JSONResponse:
         text, items = readable_validation(list(exc.errors()))
         return render(request, 422, "Invalid request", text, slug="invalid-request", errors=items)
 
     @app.exception_handler(ValidationError)
-    async def _pyd_validation(request: Request, exc: ValidationError):
+    async def _pyd_validation(request: Request, exc: ValidationError) -> HTMLResponse | JSONResponse:
         text, items = readable_validation(list(exc.errors()))
         return render(request, 422, "Invalid job description", text, slug="invalid-spec", errors=items)
 
     @app.exception_handler(VoxeldoseError)
-    async def _voxeldose(request: Request, exc: VoxeldoseError):
+    async def _voxeldose(request: Request, exc: VoxeldoseError) -> HTMLResponse | JSONResponse:
         d = exc.to_dict()
         return render(
             request,
@@ -202,16 +229,16 @@ class CatchAllMiddleware:
     """Outermost guard: an unexpected exception becomes a 500 problem (never a traceback, and not re-raised
     to the server, whose log line would carry the exception message)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = False
 
-        async def _send(message) -> None:
+        async def _send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True

@@ -10,68 +10,29 @@ full report in a frame), ``/patients/{id}`` (cycles, cumulative dose vs limits, 
 from __future__ import annotations
 
 import math
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
+from pydantic import ValidationError
 
-from .api.deps import COOKIE, Principal, may_read, optional_principal
-from .api.jobs import accept_upload, job_out, list_visible, load_summary
-from .api.patients import patient_cycles
-from .api.problems import ProblemError
+from voxeldose.errors import VoxeldoseError
+
+from ..auth import Principal
+from ..errors import ServiceError
+from .deps import COOKIE, get_store, may_read, optional_principal
+from .html import render
+from .problems import ProblemError, readable_validation
+from .submit import accept_upload
+from .views import job_out, job_summary, list_visible, patient_cycles
 
 router = APIRouter(include_in_schema=False)
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
 COOKIE_MAX_AGE = 12 * 3600
 ACTIVE = ("queued", "running")
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-    "script-src 'none'; frame-ancestors 'none'; form-action 'self'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-store",
-}
-
-
-def _fmt_dt(d: datetime | None) -> str:
-    return "—" if d is None else d.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _num(v: Any, digits: int = 2) -> str:
-    if v is None:
-        return "—"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(f):
-        return "—"
-    return f"{f:.{digits}f}"
-
-
-env.filters["dt"] = _fmt_dt
-env.filters["num"] = _num
-env.filters["urlpart"] = lambda s: quote(str(s), safe="")
-
-
-def render(name: str, request: Request, who: Principal | None, status: int = 200, **ctx: Any) -> HTMLResponse:
-    html = env.get_template(name).render(request=request, who=who, **ctx)
-    return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
-
-
-def error_page(request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None):
-    resp = render("error.html", request, None, status=status, title=title, detail=detail, status_code=status)
-    for k, v in (headers or {}).items():
-        resp.headers[k] = v
-    return resp
 
 
 async def page_principal(request: Request) -> Principal | None:
@@ -100,13 +61,15 @@ def _safe_next(target: str | None) -> str:
 
 # ---------------------------------------------------------------------------------------- login
 @router.get("/login")
-async def login_form(request: Request, next: str = "/", who: Principal | None = Depends(page_principal)):
+async def login_form(
+    request: Request, next: str = "/", who: Principal | None = Depends(page_principal)
+) -> HTMLResponse:
     return render("login.html", request, who, next=_safe_next(next), error=None)
 
 
 @router.post("/login")
-async def login(request: Request, token: str = Form(..., max_length=512), next: str = Form("/")):
-    store = request.app.state.store
+async def login(request: Request, token: str = Form(..., max_length=512), next: str = Form("/")) -> Response:
+    store = get_store(request)
     found = await run_in_threadpool(store.verify_token, token.strip())
     if not found:
         return render(
@@ -139,14 +102,14 @@ def job_list(
     state: str | None = Query(None),
     offset: int = Query(0, ge=0),
     who: Principal | None = Depends(page_principal),
-):
+) -> Response:
     if who is None:
         return _login_redirect(request)
     if state not in (None, "", "queued", "running", "succeeded", "failed", "cancelled"):
         state = None
     limit = 50
     rows, total = list_visible(
-        request.app.state.store, who, state=state or None, patient_id=None, limit=limit, offset=offset
+        get_store(request), who, state=state or None, patient_id=None, limit=limit, offset=offset
     )
     jobs = [job_out(r) for r in rows]
     return render(
@@ -163,9 +126,9 @@ def job_list(
 
 
 # ------------------------------------------------------------------------------------ job page
-def _dose_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def _dose_rows(vois: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for name, v in (summary.get("vois") or {}).items():
+    for name, v in vois.items():
         if not isinstance(v, dict):
             continue
         rows.append(
@@ -192,13 +155,13 @@ def _dose_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _limit_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    left = (summary.get("cumulative") or {}).get("cycles_left") or {}
+def _limit_rows(left: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for x in left.get("limits") or []:
         if not isinstance(x, dict):
             continue
-        cur, lim = x.get("current_gy"), x.get("limit_gy")
+        cur: Any = x.get("current_gy")
+        lim: Any = x.get("limit_gy")
         try:
             pct = 100.0 * float(cur) / float(lim)
         except (TypeError, ValueError, ZeroDivisionError):
@@ -232,10 +195,10 @@ PALETTE = [
 ]
 
 
-def dvh_svg(summary: dict[str, Any], width: int = 640, height: int = 360) -> Markup:
-    """Cumulative DVHs of the VOIs (no body outline) as inline SVG; names escaped."""
+def dvh_svg(vois: dict[str, Any], width: int = 640, height: int = 360) -> Markup:
+    """Cumulative DVHs of the VOIs (``vois`` of a summary; no body outline) as inline SVG; names escaped."""
     curves = []
-    for name, v in (summary.get("vois") or {}).items():
+    for name, v in vois.items():
         if not isinstance(v, dict) or v.get("role") == "body":
             continue
         dvh = v.get("dvh") or {}
@@ -302,62 +265,70 @@ def _finite(v: Any) -> bool:
 
 
 def _nice(v: float) -> float:
-    exp = 10 ** math.floor(math.log10(v))
+    exp = 10.0 ** math.floor(math.log10(v))
     for m in (1, 2, 2.5, 5, 10):
         if m * exp >= v:
             return m * exp
     return 10 * exp
 
 
+def summary_context(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the job page shows of a summary.json (string keys of schema voxeldose.summary/1, read here only)."""
+    vois = summary.get("vois") or {}
+    cum = summary.get("cumulative") or {}
+    left = cum.get("cycles_left") or {}
+    return {
+        "dose_rows": _dose_rows(vois),
+        "limit_rows": _limit_rows(left),
+        "cycles_left": left,
+        "totals": cum.get("total") or {},
+        "cycles": cum.get("cycles") or [],
+        "dvh": dvh_svg(vois),
+        "warnings": [str(w) for w in summary.get("warnings") or []],
+        "patient": summary.get("patient") or {},
+        "cycle": summary.get("cycle") or {},
+        "marrow": summary.get("marrow") or {},
+        "methods": summary.get("methods") or {},
+    }
+
+
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: str, who: Principal | None = Depends(page_principal)):
+def job_page(request: Request, job_id: str, who: Principal | None = Depends(page_principal)) -> Response:
     if who is None:
         return _login_redirect(request)
-    rec = request.app.state.store.get_job(job_id)
+    store = get_store(request)
+    rec = store.get_job(job_id)
     if rec is None or not may_read(who, rec):
         raise ProblemError(404, "Not found", f"no job {job_id}", slug="not-found")
-    job = job_out(rec, request.app.state.store.job_deliveries(rec.id))
-    summary = load_summary(rec)
+    job = job_out(rec, store.job_deliveries(rec.id))
+    summary = job_summary(rec)
     ctx: dict[str, Any] = {"job": job, "summary": summary, "refresh": job.state in ACTIVE}
     if summary is not None:
-        cum = summary.get("cumulative") or {}
-        ctx.update(
-            dose_rows=_dose_rows(summary),
-            limit_rows=_limit_rows(summary),
-            cycles_left=cum.get("cycles_left") or {},
-            totals=cum.get("total") or {},
-            cycles=cum.get("cycles") or [],
-            dvh=dvh_svg(summary),
-            warnings=[str(w) for w in summary.get("warnings") or []],
-            patient=summary.get("patient") or {},
-            cycle=summary.get("cycle") or {},
-            marrow=(summary.get("marrow") or {}),
-            methods=summary.get("methods") or {},
-        )
+        ctx.update(summary_context(summary))
     return render("job.html", request, who, **ctx)
 
 
 @router.post("/jobs/{job_id}/cancel")
-def job_cancel(request: Request, job_id: str, who: Principal | None = Depends(page_principal)):
+def job_cancel(request: Request, job_id: str, who: Principal | None = Depends(page_principal)) -> Response:
     if who is None:
         return _login_redirect(request)
     if not who.at_least("physicist"):
         raise ProblemError(403, "Forbidden", "only a physicist or an admin may cancel a job", slug="forbidden")
-    if request.app.state.store.request_cancel(job_id) is None:
+    if get_store(request).request_cancel(job_id) is None:
         raise ProblemError(404, "Not found", f"no job {job_id}", slug="not-found")
     return RedirectResponse(f"/jobs/{quote(job_id, safe='')}", status_code=303)
 
 
 # -------------------------------------------------------------------------------- patient page
 @router.get("/patients/{patient_id}")
-def patient_page(request: Request, patient_id: str, who: Principal | None = Depends(page_principal)):
+def patient_page(request: Request, patient_id: str, who: Principal | None = Depends(page_principal)) -> Response:
     if who is None:
         return _login_redirect(request)
     if not who.at_least("physicist"):
         raise ProblemError(
             403, "Forbidden", "only a physicist or an admin may open a patient's cycles", slug="forbidden"
         )
-    data = patient_cycles(request.app.state.store, patient_id)
+    data = patient_cycles(get_store(request), patient_id)
     limits = []
     for lim in data.limits:
         pct = None
@@ -369,30 +340,24 @@ def patient_page(request: Request, patient_id: str, who: Principal | None = Depe
 
 # ------------------------------------------------------------------------------------- upload
 @router.get("/submit")
-async def submit_form(request: Request, who: Principal | None = Depends(page_principal)):
+async def submit_form(request: Request, who: Principal | None = Depends(page_principal)) -> Response:
     if who is None:
         return _login_redirect(request)
     return render("submit.html", request, who, error=None)
 
 
 @router.post("/submit")
-async def submit(request: Request, who: Principal | None = Depends(page_principal)):
+async def submit(request: Request, who: Principal | None = Depends(page_principal)) -> Response:
     if who is None:
         return _login_redirect(request)
     try:
         rec, _created = await accept_upload(request, who, None)
-    except ProblemError as exc:
+    except ProblemError as exc:  # shown on the form
         return render("submit.html", request, who, status=exc.status, error=exc.detail)
-    except Exception as exc:  # VoxeldoseError, invalid spec: show the message on the form
-        from pydantic import ValidationError
-
-        from voxeldose.errors import VoxeldoseError
-
-        from .api.problems import readable_validation
-
-        if isinstance(exc, VoxeldoseError):
-            return render("submit.html", request, who, status=422, error=str(exc))
-        if isinstance(exc, ValidationError):
-            return render("submit.html", request, who, status=422, error=readable_validation(list(exc.errors()))[0])
-        raise
+    except ServiceError as exc:
+        return render("submit.html", request, who, status=ProblemError.of(exc).status, error=exc.detail)
+    except VoxeldoseError as exc:
+        return render("submit.html", request, who, status=422, error=str(exc))
+    except ValidationError as exc:  # an invalid job description
+        return render("submit.html", request, who, status=422, error=readable_validation(exc.errors())[0])
     return RedirectResponse(f"/jobs/{rec.id}", status_code=303)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from .deps import Principal, get_store, require
+from ..auth import Principal
+from ..store import Store
+from .deps import get_store, require
 from .problems import responses
 
 router = APIRouter(prefix="/v1/dicom", tags=["dicom"])
@@ -50,7 +52,7 @@ def list_cycles(
     patient_id: str | None = Query(None, max_length=64),
     state: Literal["waiting", "started", "error"] | None = Query(None),
     who: Principal = Depends(require("physicist")),
-    store: Any = Depends(get_store),
+    store: Store = Depends(get_store),
 ) -> list[TriggerCycle]:
     rows = store.trigger_cycles(patient_id=patient_id)
     return [TriggerCycle.model_validate(r) for r in rows if state is None or r["state"] == state]
@@ -66,7 +68,7 @@ def list_series(
     patient_id: str | None = Query(None, max_length=64),
     study_instance_uid: str | None = Query(None, max_length=64),
     who: Principal = Depends(require("physicist")),
-    store: Any = Depends(get_store),
+    store: Store = Depends(get_store),
 ) -> list[ReceivedSeries]:
     rows = store.series_summary(study_instance_uid=study_instance_uid, patient_id=patient_id)
     return [ReceivedSeries.model_validate(r) for r in rows]

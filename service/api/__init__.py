@@ -1,1 +1,0 @@
-"""HTTP API routers (``/v1``), authentication, problem+json errors, health and metrics."""

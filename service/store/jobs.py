@@ -1,0 +1,396 @@
+"""The jobs table: the durable queue.
+
+States: ``queued → running → succeeded | failed | cancelled``; ``running → queued`` when a worker
+was lost (up to ``max_attempts`` runs) or the service restarted.  Only job ids are logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from voxeldose.spec import JobSpec
+
+from ..models import Job, OutputSeries, utcnow
+from .db import Database, affected
+
+log = logging.getLogger("service.store")
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "running")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+_DEDUP_STATES = ("queued", "running", "succeeded")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as the store returns it (detached from any session)."""
+
+    id: str
+    state: str
+    stage: str | None
+    progress: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    error: str | None
+    patient_id: str | None
+    idempotency_key: str | None
+    input_hash: str
+    input_dir: str
+    result_dir: str | None
+    spec: dict[str, Any]
+    submitted_by: str | None
+    cancel_requested: bool
+    source: str | None = None  # "upload" | "dicom" | "api"
+    cycle_key: str | None = None  # node-started jobs: the therapy cycle (patient + injection)
+    version: int | None = None  # node-started jobs: 1, 2, … per cycle (a late series adds a version)
+    supersedes: str | None = None  # the job of the previous version
+
+    def summary(self) -> dict[str, Any] | None:
+        """The job's ``summary.json`` when it succeeded and the file is readable, else None."""
+        if self.state != "succeeded" or not self.result_dir:
+            return None
+        try:
+            summary: dict[str, Any] = json.loads((Path(self.result_dir) / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return summary
+
+
+def _record(j: Job) -> JobRecord:
+    return JobRecord(
+        id=j.id,
+        state=j.state,
+        stage=j.stage,
+        progress=float(j.progress or 0.0),
+        created_at=j.created_at,
+        started_at=j.started_at,
+        finished_at=j.finished_at,
+        attempts=j.attempts,
+        error=j.error,
+        patient_id=j.patient_id,
+        idempotency_key=j.idempotency_key,
+        input_hash=j.input_hash,
+        input_dir=j.input_dir,
+        result_dir=j.result_dir,
+        spec=dict(j.spec or {}),
+        submitted_by=j.submitted_by,
+        cancel_requested=bool(j.cancel_requested),
+        source=j.source,
+        cycle_key=j.cycle_key,
+        version=j.version,
+        supersedes=j.supersedes,
+    )
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    """SHA-256 of the spec without its ``inputs`` (they point into each upload's own folder),
+    normalised through :class:`voxeldose.spec.JobSpec` when it validates (defaults spelled out)."""
+    body = {k: v for k, v in spec.items() if k != "inputs"}
+    try:
+        body = JobSpec.model_validate({**spec, "inputs": ["."]}).model_dump(mode="json")
+        body.pop("inputs", None)
+    except Exception:  # noqa: BLE001 - an invalid spec still gets a stable hash; the run reports the problem
+        pass
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to queue (see :meth:`JobTable.create_job`)."""
+
+    spec: Mapping[str, Any]  # the JobSpec as JSON (inputs point into input_dir)
+    input_dir: str
+    input_hash: str
+    patient_id: str | None
+    submitted_by: str | None
+    idempotency_key: str | None = None
+    source: str | None = None  # "upload" | "api" | "dicom"
+    cycle_key: str | None = None  # node-started jobs: the therapy cycle
+    version: int | None = None  # node-started jobs: 1, 2, … per cycle
+    supersedes: str | None = None  # the job of the previous version
+
+
+class JobTable:
+    """Jobs: create (deduplicated), claim, progress, finish/fail/requeue/cancel, and the queries on them."""
+
+    def __init__(self, db: Database, *, max_attempts: int = 3) -> None:
+        self.db = db
+        self.max_attempts = max_attempts
+
+    def create_job(
+        self,
+        *,
+        spec: dict[str, Any],
+        input_dir: str,
+        input_hash: str,
+        patient_id: str | None,
+        idempotency_key: str | None,
+        submitted_by: str | None,
+        source: str | None = None,
+        cycle_key: str | None = None,
+        version: int | None = None,
+        supersedes: str | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue a job; ``(job, created)``.  The same idempotency key, or the same input set with the
+        same spec as a queued/running/succeeded job, returns that job with ``created=False``."""
+        new = NewJob(
+            spec=spec,
+            input_dir=input_dir,
+            input_hash=input_hash,
+            patient_id=patient_id,
+            idempotency_key=idempotency_key,
+            submitted_by=submitted_by,
+            source=source,
+            cycle_key=cycle_key,
+            version=version,
+            supersedes=supersedes,
+        )
+        for attempt in range(2):
+            try:
+                with self.db.write() as s:
+                    return self.create_in(s, new)
+            except IntegrityError:  # a concurrent request with the same idempotency key won the race
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def create_in(self, s: Session, new: NewJob) -> tuple[JobRecord, bool]:
+        """:meth:`create_job` inside the caller's transaction ``s``."""
+        s_hash = spec_hash(new.spec)
+        self.db.lock_input(s, new.input_hash)
+        if new.idempotency_key is not None:
+            j = s.scalars(select(Job).where(Job.idempotency_key == new.idempotency_key)).first()
+            if j is not None:
+                return _record(j), False
+        j = s.scalars(
+            select(Job)
+            .where(Job.input_hash == new.input_hash, Job.spec_hash == s_hash, Job.state.in_(_DEDUP_STATES))
+            .order_by(Job.created_at.desc())
+        ).first()
+        if j is not None:
+            log.info("job %s: same input set and spec submitted again", j.id)
+            return _record(j), False
+        j = Job(
+            id=uuid.uuid4().hex,
+            state="queued",
+            progress=0.0,
+            created_at=utcnow(),
+            attempts=0,
+            patient_id=new.patient_id,
+            idempotency_key=new.idempotency_key,
+            input_hash=new.input_hash,
+            spec_hash=s_hash,
+            input_dir=str(new.input_dir),
+            spec=dict(new.spec),
+            submitted_by=new.submitted_by,
+            cancel_requested=False,
+            source=new.source,
+            cycle_key=new.cycle_key,
+            version=new.version,
+            supersedes=new.supersedes,
+        )
+        s.add(j)
+        s.flush()
+        rec = _record(j)
+        log.info("job %s queued", rec.id)
+        return rec, True
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self.db.read() as s:
+            j = s.get(Job, job_id)
+            return None if j is None else _record(j)
+
+    def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        patient_id: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        submitted_by: str | None = None,
+    ) -> tuple[list[JobRecord], int]:
+        """Newest first, and the total number matching (``submitted_by``: one token name's jobs only)."""
+        conds = []
+        if submitted_by is not None:
+            conds.append(Job.submitted_by == submitted_by)
+        if state is not None:
+            conds.append(Job.state == state)
+        if patient_id is not None:
+            conds.append(Job.patient_id == patient_id)
+        with self.db.read() as s:
+            total = s.scalar(select(func.count()).select_from(Job).where(*conds)) or 0
+            rows = s.scalars(
+                select(Job)
+                .where(*conds)
+                .order_by(Job.created_at.desc(), Job.id)
+                .limit(max(0, limit))
+                .offset(max(0, offset))
+            ).all()
+            return [_record(j) for j in rows], int(total)
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Queued → cancelled at once; running → ``cancel_requested`` (the dispatcher stops it);
+        finished jobs are returned unchanged."""
+        with self.db.write() as s:
+            j = s.get(Job, job_id)
+            if j is None:
+                return None
+            if j.state == "queued":
+                j.state, j.finished_at, j.cancel_requested = "cancelled", utcnow(), True
+                log.info("job %s cancelled while queued", job_id)
+            elif j.state == "running":
+                j.cancel_requested = True
+                log.info("job %s: cancel requested", job_id)
+            s.flush()
+            return _record(j)
+
+    def claim_queued(self, limit: int) -> list[JobRecord]:
+        """Queued → running (oldest first), ``attempts += 1``; no job is ever claimed twice."""
+        if limit <= 0:
+            return []
+        q = select(Job).where(Job.state == "queued").order_by(Job.created_at, Job.id).limit(limit)
+        if self.db.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        with self.db.write() as s:
+            jobs = s.scalars(q).all()
+            now = utcnow()
+            for j in jobs:
+                j.state, j.attempts, j.started_at = "running", j.attempts + 1, now
+                j.stage, j.progress, j.finished_at = None, 0.0, None
+            s.flush()
+            out = [_record(j) for j in jobs]
+        for r in out:
+            log.info("job %s claimed (attempt %d)", r.id, r.attempts)
+        return out
+
+    def set_progress(self, job_id: str, stage: str, progress: float) -> None:
+        p = min(1.0, max(0.0, float(progress)))
+        with self.db.write() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(stage=stage, progress=p))
+
+    def finish(self, job_id: str, result_dir: str, patient_id: str | None, output_series: Sequence[str] = ()) -> None:
+        """Running → succeeded; ``output_series``: the SeriesInstanceUIDs the job wrote (never inputs later)."""
+        values: dict[str, Any] = dict(
+            state="succeeded", result_dir=str(result_dir), stage="done", progress=1.0, error=None, finished_at=utcnow()
+        )
+        if patient_id:
+            values["patient_id"] = patient_id
+        with self.db.write() as s:
+            n = affected(s.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(**values)))
+            if n:
+                for uid in dict.fromkeys(output_series):
+                    if s.get(OutputSeries, uid) is None:
+                        s.add(OutputSeries(series_instance_uid=uid, job_id=job_id))
+        if n:
+            log.info("job %s succeeded", job_id)
+        else:
+            log.warning("job %s: finish ignored (not running)", job_id)
+
+    def fail(self, job_id: str, error: str) -> None:
+        """Queued/running → failed with a message for the physicist."""
+        with self.db.write() as s:
+            n = affected(
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
+                    .values(state="failed", error=error, finished_at=utcnow())
+                )
+            )
+        if n:
+            log.info("job %s failed", job_id)
+        else:
+            log.warning("job %s: fail ignored (not active)", job_id)
+
+    def requeue(self, job_id: str, reason: str, *, count_attempt: bool = True) -> None:
+        """Running → queued because its worker was lost; failed instead once ``attempts >= max_attempts``.
+        ``count_attempt=False`` (an orderly service shutdown) gives the attempt back."""
+        with self.db.write() as s:
+            j = s.get(Job, job_id)
+            if j is None or j.state != "running":
+                return
+            self._requeue_row(j, reason, count_attempt)
+
+    def _requeue_row(self, j: Job, reason: str, count_attempt: bool) -> None:
+        if j.cancel_requested:
+            j.state, j.finished_at = "cancelled", utcnow()
+            log.info("job %s cancelled (%s)", j.id, reason)
+        elif count_attempt and j.attempts >= self.max_attempts:
+            j.state, j.finished_at = "failed", utcnow()
+            j.error = f"the job was stopped {j.attempts} times before it could finish ({reason}); not retried again"
+            log.warning("job %s failed after %d attempts: %s", j.id, j.attempts, reason)
+        else:
+            if not count_attempt:
+                j.attempts = max(0, j.attempts - 1)
+            j.state, j.stage, j.progress, j.started_at = "queued", None, 0.0, None
+            log.warning("job %s requeued: %s", j.id, reason)
+
+    def mark_cancelled(self, job_id: str) -> None:
+        with self.db.write() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
+                .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
+            )
+        log.info("job %s cancelled", job_id)
+
+    def recover_after_restart(self) -> int:
+        """Jobs left ``running`` by a service that died: back to queued (their run counts as an
+        attempt, so a job that kills the service is not retried forever).  Returns how many."""
+        n = 0
+        with self.db.write() as s:
+            for j in s.scalars(select(Job).where(Job.state == "running")).all():
+                self._requeue_row(j, "the service stopped while the job ran", True)
+                n += j.state == "queued"
+        if n:
+            log.warning("%d running job(s) requeued after a restart", n)
+        return n
+
+    def cancel_requested_ids(self, job_ids: list[str]) -> set[str]:
+        """Which of these running jobs a user asked to cancel (for the dispatcher)."""
+        if not job_ids:
+            return set()
+        with self.db.read() as s:
+            return set(s.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested.is_(True))).all())
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.db.read() as s:
+            rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        out = {st: 0 for st in JOB_STATES}
+        out.update({st: int(n) for st, n in rows})
+        return out
+
+    def patient_jobs(self, patient_id: str) -> list[JobRecord]:
+        """The patient's succeeded jobs, oldest first (one per therapy cycle, normally)."""
+        with self.db.read() as s:
+            rows = s.scalars(
+                select(Job)
+                .where(Job.patient_id == patient_id, Job.state == "succeeded")
+                .order_by(Job.created_at, Job.id)
+            ).all()
+            return [_record(j) for j in rows]
+
+    def jobs_for_input(self, input_hash: str) -> list[JobRecord]:
+        """Every job ever created for this input set, oldest first."""
+        with self.db.read() as s:
+            rows = s.scalars(select(Job).where(Job.input_hash == input_hash).order_by(Job.created_at, Job.id)).all()
+            return [_record(j) for j in rows]
+
+    def cycle_jobs(self, cycle_key: str) -> list[JobRecord]:
+        """The versions of one cycle's node-started jobs, oldest first."""
+        with self.db.read() as s:
+            rows = s.scalars(select(Job).where(Job.cycle_key == cycle_key).order_by(Job.version, Job.created_at)).all()
+            return [_record(j) for j in rows]

@@ -1,0 +1,213 @@
+"""``/v1/jobs``: submit, list, read, cancel, and fetch a finished job's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+
+from ..auth import Principal
+from ..models import utcnow
+from ..store import Store
+from .deps import get_settings, get_store, principal, require
+from .problems import ProblemError, responses
+from .submit import SeriesRequest, accept_series, accept_upload, media_type
+from .views import Job, JobList, JobState, job_out, list_visible, not_found, readable_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "DICOM files (SPECT, CT, RTSTRUCT/SEG of one cycle), or one .zip",
+                    },
+                    "spec": {
+                        "type": "string",
+                        "description": 'JSON object of JobSpec fields except "inputs", '
+                        'e.g. {"calibration": {"cps_per_mbq": 5.67}, "fit": {"model": "auto"}}',
+                    },
+                },
+            },
+        },
+        "application/json": {"schema": {"$ref": "#/components/schemas/SeriesRequest"}},
+    },
+}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    summary="Submit a job (upload DICOM files or one .zip)",
+    description=(
+        "Multipart upload: `files` (DICOM files of one therapy cycle, or a single .zip) and optional `spec` "
+        "(JSON of JobSpec fields except `inputs`).  The files are checked (DICOM, one patient, one injection, at "
+        "least one reconstructed SPECT, a calibration for count images) before the job is queued.  "
+        "Answers **202** with `Location` for a new job.  The same `Idempotency-Key`, or the same input set with "
+        "the same spec as a queued/running/succeeded job, answers **200** with that existing job (same id, "
+        "same `Location`; the duplicate upload is discarded).  Instead of files, a JSON body may name "
+        "`series_instance_uids` already received by the DICOM node or STOW-RS (404 for a series not received), "
+        "with the same checks."
+    ),
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses={
+        200: {"model": Job, "description": "the existing job (idempotent repeat)"},
+        **responses(400, 401, 403, 404, 413, 415, 422, 507),
+    },
+)
+async def submit_job(
+    request: Request,
+    response: Response,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255),
+    who: Principal = Depends(require("submitter")),
+) -> Job:
+    if media_type(request) == "application/json":
+        try:
+            body = SeriesRequest.model_validate_json(await request.body())
+        except ValidationError:
+            raise  # → 422 with the field errors
+        except (ValueError, TypeError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ProblemError(400, "Bad request", "the body is not valid JSON", slug="bad-request") from None
+        rec, created = await accept_series(request, body, who, idempotency_key)
+    else:
+        rec, created = await accept_upload(request, who, idempotency_key)
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{rec.id}"
+    return job_out(rec)
+
+
+@router.get("", response_model=JobList, summary="List jobs (newest first)", responses=responses(401, 403, 422))
+def list_jobs(
+    state: JobState | None = Query(None),
+    patient_id: str | None = Query(None, max_length=64),
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=10_000_000),
+    who: Principal = Depends(principal),
+    store: Store = Depends(get_store),
+) -> JobList:
+    rows, total = list_visible(store, who, state=state, patient_id=patient_id, limit=limit, offset=offset)
+    return JobList(items=[job_out(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=Job, summary="One job", responses=responses(401, 404))
+def get_job(job_id: str, who: Principal = Depends(principal), store: Store = Depends(get_store)) -> Job:
+    rec = readable_job(store, job_id, who)
+    return job_out(rec, store.job_deliveries(rec.id))
+
+
+@router.post(
+    "/{job_id}/send",
+    response_model=Job,
+    summary="Send the results to the PACS again",
+    description="Queues the job's results (RT Dose, SEG, SR) for the configured DICOM destination: a job never "
+    "sent there (e.g. uploaded, or older than `dicom_send_max_age_h`) gets a delivery, failed deliveries go back "
+    "to pending; the sender's next round sends them.  409 when there is nothing to send.  Physicist or admin.",
+    responses=responses(401, 403, 404, 409),
+)
+def resend_job(
+    request: Request, job_id: str, who: Principal = Depends(require("physicist")), store: Store = Depends(get_store)
+) -> Job:
+    rec = readable_job(store, job_id, who)
+    now = utcnow()
+    dest = get_settings(request).dicom_destination
+    queued = 0
+    if dest and rec.state == "succeeded" and rec.result_dir:
+        queued = int(store.add_delivery(job_id, dest, now))  # a job never sent (older, or uploaded): send it now
+    if not queued and not store.retry_delivery(job_id, now):
+        why = (
+            "no DICOM destination is configured"
+            if not dest
+            else "it has no failed delivery and was sent"
+            if rec.state == "succeeded"
+            else f"it is {rec.state}"
+        )
+        raise ProblemError(409, "Nothing to send", f"job {job_id}: nothing to send ({why})", slug="nothing-to-send")
+    return job_out(rec, store.job_deliveries(rec.id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=Job,
+    summary="Cancel a job",
+    description="A queued job is cancelled at once; a running one is stopped by the dispatcher "
+    "(`cancel_requested` true until then); a finished job is returned unchanged.  Physicist or admin.",
+    responses=responses(401, 403, 404),
+)
+def cancel_job(job_id: str, who: Principal = Depends(require("physicist")), store: Store = Depends(get_store)) -> Job:
+    rec = store.request_cancel(job_id)
+    if rec is None:
+        raise not_found(job_id)
+    return job_out(rec)
+
+
+def _result_file(store: Store, job_id: str, who: Principal, name: str) -> Path:
+    rec = readable_job(store, job_id, who)
+    if rec.state != "succeeded" or not rec.result_dir:
+        detail = f"job not finished: job {job_id} is {rec.state}"
+        if rec.state in ("failed", "cancelled"):
+            detail += " and has no results" + (f" ({rec.error})" if rec.error else "")
+        raise ProblemError(409, "Job not finished", detail, slug="job-not-finished", state=rec.state)
+    path = Path(rec.result_dir) / name
+    if not path.is_file():
+        raise ProblemError(404, "Not found", f"job {job_id} has no {name}", slug="not-found")
+    return path
+
+
+@router.get(
+    "/{job_id}/summary",
+    summary="The job's summary.json (schema voxeldose.summary/1, see README)",
+    response_model=dict[str, Any],
+    responses=responses(401, 404, 409),
+)
+def get_summary(job_id: str, who: Principal = Depends(principal), store: Store = Depends(get_store)) -> Response:
+    path = _result_file(store, job_id, who, "summary.json")
+    return Response(path.read_bytes(), media_type="application/json")
+
+
+@router.get(
+    "/{job_id}/rtdose",
+    summary="The RT Dose object (DICOM, Gy)",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "RT Dose",
+        },
+        **responses(401, 404, 409),
+    },
+)
+def get_rtdose(job_id: str, who: Principal = Depends(principal), store: Store = Depends(get_store)) -> FileResponse:
+    path = _result_file(store, job_id, who, "rtdose.dcm")
+    return FileResponse(path, media_type="application/dicom", filename=f"rtdose-{job_id}.dcm")
+
+
+@router.get(
+    "/{job_id}/report",
+    summary="The self-contained HTML report",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "report"},
+        **responses(401, 404, 409),
+    },
+)
+def get_report(job_id: str, who: Principal = Depends(principal), store: Store = Depends(get_store)) -> FileResponse:
+    path = _result_file(store, job_id, who, "report.html")
+    resp = FileResponse(path, media_type="text/html; charset=utf-8")
+    # the report is ours, self-contained: no scripts from elsewhere, framed only by our own pages
+    resp.headers["Content-Security-Policy"] = (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        "script-src 'unsafe-inline'; frame-ancestors 'self'"
+    )
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
