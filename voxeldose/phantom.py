@@ -50,6 +50,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -58,10 +59,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .dicom_writers import Injection, PatientStudy, SeriesInfo, SpectAcquisition
+from .dicom_writers import write_seg
+from .dicomutil import PatientStudy, SeriesInfo
 from .dose import RHO_AIR, SCHNEIDER_2000
 from .geometry import Grid, Volume
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
+from .scanner import (
+    Injection,
+    SpectAcquisition,
+    contours_from_mask,
+    write_ct_series,
+    write_nm_tomo,
+    write_rtstruct,
+)
 
 __all__ = [
     "TISSUES",
@@ -938,16 +948,6 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
     give the same Study/Series/Frame-of-Reference/NM-instance UIDs (the CT and SEG/RTSTRUCT writers
     draw their own SOP Instance UIDs).
     """
-    import time
-
-    from .dicom_writers import (
-        contours_from_mask,
-        write_ct_series,
-        write_nm_tomo,
-        write_rtstruct,
-        write_seg,
-    )
-
     st = settings or PhantomSettings()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
