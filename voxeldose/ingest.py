@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pydicom
@@ -666,7 +666,7 @@ def group_cycles(
     patients = index.patients()
     if len(patients) > 1:
         listing = ", ".join(f"{pid!r} ({name})" for pid, name in sorted(patients.items()))
-        first_paths = {}
+        first_paths: dict[str, Path] = {}
         for s in index.series.values():
             first_paths.setdefault(s.patient_id, s.instances[0].path)
         problems.append(
@@ -678,13 +678,13 @@ def group_cycles(
             )
         )
     cts_by_for: dict[str | None, list[Series]] = defaultdict(list)
-    for ct in index.by_kind("ct"):
+    for ct_series in index.by_kind("ct"):
         try:
-            ct_geometry(ct)
+            ct_geometry(ct_series)
         except VoxeldoseError as err:
             problems.append(Problem.from_error(err))
             continue
-        cts_by_for[ct.frame_of_reference_uid].append(ct)
+        cts_by_for[ct_series.frame_of_reference_uid].append(ct_series)
 
     entries: list[tuple[TimePoint, InjectionInfo, str]] = []
     for sp in index.by_kind("spect"):
@@ -702,7 +702,7 @@ def group_cycles(
             problems.append(Problem.from_error(err))
             continue
         cts = cts_by_for.get(sp.frame_of_reference_uid, [])
-        ct = None
+        ct: Series | None = None
         if not cts:
             problems.append(
                 Problem(
@@ -870,7 +870,9 @@ class StackGeometry:
 
 def _stack_geometry(series: Series, what: str) -> StackGeometry:
     """Sort single-frame slices along the slice normal and check the spacing is uniform."""
-    positions, orient, spacing = [], None, None
+    positions: list[np.ndarray] = []
+    orient: np.ndarray | None = None
+    spacing: np.ndarray | None = None
     for inst in series.instances:
         ds, path = inst.header, inst.path
         iop = _floats(
@@ -890,10 +892,12 @@ def _stack_geometry(series: Series, what: str) -> StackGeometry:
                 f"{what} slices have different orientations",
                 path=path,
                 tag=tag_label("ImageOrientationPatient"),
-                expected=list(np.round(orient, 5)),
+                expected=str([float(v) for v in np.round(orient, 5)]),
                 found=list(iop),
             )
         positions.append(ipp)
+    if orient is None or spacing is None:
+        raise VoxeldoseError(f"{what} series {series.description!r} has no slices", expected="at least one slice")
     normal = np.cross(orient[:3], orient[3:])
     dist = np.array([p @ normal for p in positions])
     order = list(np.argsort(dist, kind="stable"))
@@ -924,7 +928,7 @@ def _stack_geometry(series: Series, what: str) -> StackGeometry:
             )
         slice_vec = normal * float(thick)
     ds0 = series.instances[order[0]].header
-    affine = affine_from_dicom(positions[order[0]], orient, spacing, slice_vec)
+    affine = affine_from_dicom(positions[order[0]].tolist(), orient.tolist(), spacing.tolist(), slice_vec.tolist())
     return StackGeometry(affine, [int(i) for i in order], (n, int(ds0.Rows), int(ds0.Columns)))
 
 
@@ -1050,7 +1054,7 @@ def _spect_geometry(series: Series) -> StackGeometry:
         order = [int(i) for i in np.argsort(sv_int, kind="stable")]
     else:
         order = list(range(n))
-    affine = affine_from_dicom(ipp, iop, ps, normal * spacing)
+    affine = affine_from_dicom(ipp.tolist(), iop.tolist(), ps.tolist(), (normal * spacing).tolist())
     return StackGeometry(affine, order, (n, int(ds.Rows), int(ds.Columns)))
 
 
@@ -1077,12 +1081,12 @@ def _rwvm_item(ds: Dataset) -> Dataset | None:
     for item in getattr(ds, "RealWorldValueMappingSequence", None) or []:
         for code in getattr(item, "MeasurementUnitsCodeSequence", None) or []:
             if str(getattr(code, "CodeValue", "")).lower() in ("bq/ml", "bq/cm3"):
-                return item
+                return cast(Dataset, item)
     for frame in getattr(ds, "SharedFunctionalGroupsSequence", None) or []:
         for pvm in getattr(frame, "RealWorldValueMappingSequence", None) or []:
             for code in getattr(pvm, "MeasurementUnitsCodeSequence", None) or []:
                 if str(getattr(code, "CodeValue", "")).lower() in ("bq/ml", "bq/cm3"):
-                    return pvm
+                    return cast(Dataset, pvm)
     return None
 
 
@@ -1130,6 +1134,7 @@ def read_spect(series: Series) -> SpectImage:
     mode = spect_pixel_mode(ds, path)
     if mode == "bqml-rwvm":
         item = _rwvm_item(ds)
+        assert item is not None  # spect_pixel_mode found the Bq/ml mapping
         slope = float(getattr(item, "RealWorldValueSlope", 1.0))
         intercept = float(getattr(item, "RealWorldValueIntercept", 0.0))
         if "RealWorldValueLUTData" in item:
@@ -1250,7 +1255,7 @@ def read_rtdose(series: Series) -> Volume:
         step = float(d[0])
     else:
         step = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
-    affine = affine_from_dicom(ipp, iop, ps, normal * step)
+    affine = affine_from_dicom(ipp.tolist(), iop.tolist(), ps.tolist(), (normal * step).tolist())
     arr = _pixels(inst).astype(np.float64)
     if arr.ndim == 2:
         arr = arr[None]

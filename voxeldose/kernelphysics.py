@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from itertools import permutations
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -251,10 +251,14 @@ class _ElectronTables:
     g_transport: np.ndarray
 
     def range(self, e: np.ndarray | float) -> np.ndarray:
-        return np.interp(np.log(e), self.log_e, self.range_g_cm2)
+        """CSDA range, g/cm², at energy ``e`` (MeV)."""
+        out: np.ndarray = np.interp(np.log(e), self.log_e, self.range_g_cm2)
+        return out
 
     def transport(self, e: np.ndarray | float) -> np.ndarray:
-        return np.interp(np.log(e), self.log_e, self.g_transport)
+        """Transport mean free paths G(E) travelled while slowing down from ``e`` (MeV) to rest."""
+        out: np.ndarray = np.interp(np.log(e), self.log_e, self.g_transport)
+        return out
 
 
 @cache
@@ -287,7 +291,8 @@ def _mw_screening_for_mean(t_mean: np.ndarray | float) -> np.ndarray:
     ⟨1−μ⟩ = 2A[(1+A) ln((1+A)/A) − 1] (Fernández-Varea et al. 1993), inverted by log interpolation.
     """
     t = np.clip(t_mean, _MW_T[0], _MW_T[-1])
-    return np.exp(np.interp(np.log(t), np.log(_MW_T), np.log(_MW_A)))
+    out: np.ndarray = np.exp(np.interp(np.log(t), np.log(_MW_T), np.log(_MW_A)))
+    return out
 
 
 def _rotate(u: np.ndarray, cos_t: np.ndarray, phi: np.ndarray) -> np.ndarray:
@@ -450,7 +455,9 @@ def _safe_dcs(fn: Any, name: str, e_keV: float, theta: float) -> float:
 
 
 def _loglog(xs: _PhotonXS, arr: np.ndarray, e_keV: np.ndarray) -> np.ndarray:
-    return np.exp(np.interp(np.log(e_keV), xs.log_e, np.log(arr)))
+    """``arr`` (on the grid ``xs.log_e``) at ``e_keV``, interpolated linearly in log-log."""
+    out: np.ndarray = np.exp(np.interp(np.log(e_keV), xs.log_e, np.log(arr)))
+    return out
 
 
 def _sample_cos(tab: np.ndarray, xs: _PhotonXS, e_keV: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -463,7 +470,8 @@ def _sample_cos(tab: np.ndarray, xs: _PhotonXS, e_keV: np.ndarray, rng: np.rando
     q = rng.random(e_keV.size) * (tab.shape[1] - 1)
     j = np.minimum(q.astype(np.int64), tab.shape[1] - 2)
     w = q - j
-    return np.clip(tab[ie, j] * (1.0 - w) + tab[ie, j + 1] * w, -1.0, 1.0)
+    out: np.ndarray = np.clip(tab[ie, j] * (1.0 - w) + tab[ie, j + 1] * w, -1.0, 1.0)
+    return out
 
 
 def photon_radial_edges() -> np.ndarray:
@@ -696,7 +704,7 @@ def _symmetrise(a: np.ndarray, cubic: bool) -> np.ndarray:
     a = (a + a[:, ::-1]) / 2
     a = (a + a[:, :, ::-1]) / 2
     if cubic and a.shape[0] == a.shape[1] == a.shape[2]:
-        a = sum(np.transpose(a, p) for p in permutations(range(3))) / 6.0
+        a = cast(np.ndarray, sum(np.transpose(a, p) for p in permutations(range(3))) / 6.0)
     return a
 
 
@@ -722,7 +730,7 @@ def voxelise(
     ni, nj, nk = size
     half = (ni // 2, nj // 2, nk // 2)
     dx, dy, dz = voxel_mm
-    near = tuple(min(h, NEAR_FIELD) for h in half)
+    near = cast(tuple[int, int, int], tuple(min(h, NEAR_FIELD) for h in half))
     out = np.zeros((nk, nj, ni))
     ns = _sample_voxels(edges_mm, cdf, voxel_mm, near, n_samples, rng)
     sk, sj, si = (slice(h - n, h + n + 1) for h, n in zip(half[::-1], near[::-1]))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -76,9 +76,8 @@ def cache_dir() -> Path:
 def _save_npz(path: Path, arrays: dict[str, Any], provenance: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp, **{k: np.asarray(v) for k, v in arrays.items()}, provenance=np.array(json.dumps(provenance))
-    )
+    payload: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez_compressed(tmp, **payload, provenance=np.array(json.dumps(provenance)))
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
@@ -222,21 +221,30 @@ class DoseKernel:
 
 
 def _norm_voxel(voxel_mm: float | Sequence[float]) -> tuple[float, float, float]:
-    v = (float(voxel_mm),) * 3 if np.isscalar(voxel_mm) else tuple(float(x) for x in voxel_mm)  # type: ignore[arg-type]
+    """``(di, dj, dk)`` mm rounded to 1 nm from one number or three; ``VoxeldoseError`` otherwise."""
+    # np.isscalar (not isinstance) so that NumPy scalars count as one number and arrays as three
+    v: tuple[float, ...] = (
+        (float(cast(float, voxel_mm)),) * 3
+        if np.isscalar(voxel_mm)
+        else tuple(float(x) for x in cast(Sequence[float], voxel_mm))
+    )
     if len(v) != 3 or not all(math.isfinite(x) and x > 0 for x in v):
         raise VoxeldoseError(
             "kernel voxel size must be one positive number or three (di, dj, dk) in mm", found=voxel_mm
         )
-    return tuple(round(x, 6) for x in v)  # type: ignore[return-value]
+    return cast(tuple[float, float, float], tuple(round(x, 6) for x in v))
 
 
 def _norm_size(size: int | Sequence[int]) -> tuple[int, int, int]:
-    s = (int(size),) * 3 if np.isscalar(size) else tuple(int(x) for x in size)  # type: ignore[arg-type]
+    """``(ni, nj, nk)`` voxels, each odd, from one number or three; ``VoxeldoseError`` otherwise."""
+    s: tuple[int, ...] = (
+        (int(cast(int, size)),) * 3 if np.isscalar(size) else tuple(int(x) for x in cast(Sequence[int], size))
+    )
     if len(s) != 3 or not all(x >= 1 and x % 2 == 1 for x in s):
         raise VoxeldoseError(
             "kernel size must be odd (one number or (ni, nj, nk)), so that the source voxel is central", found=size
         )
-    return s  # type: ignore[return-value]
+    return s
 
 
 def kernel_id(

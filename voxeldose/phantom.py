@@ -52,6 +52,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -171,7 +172,7 @@ class PhantomSettings:
         SPECT 48 × 48 × 36 at 7.2 mm, CT 96 × 96 × 60 at 3.6 mm × 4.32 mm.  Concentrations (and
         LED doses per GBq) equal the default phantom's; activities are 1/8.
         """
-        base = {
+        base: dict[str, Any] = {
             "anatomy_scale": 0.5,
             "spect_matrix": 48,
             "spect_slices": 36,
@@ -353,7 +354,8 @@ def _index_map(grid: Grid, transform: np.ndarray | None, scale: float) -> np.nda
     m = grid.affine
     if transform is not None:
         m = np.linalg.inv(np.asarray(transform, dtype=float)) @ m
-    return np.diag([1.0 / scale] * 3 + [1.0]) @ m
+    out: np.ndarray = np.diag([1.0 / scale] * 3 + [1.0]) @ m
+    return out
 
 
 def _paint(grid: Grid, transform: np.ndarray | None, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -453,7 +455,8 @@ def hu_on(
         rng = rng or np.random.default_rng(0)
         hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu)
         hu[tis == _T["air"]] = -1000.0
-    return np.rint(hu).astype(np.int16)
+    out: np.ndarray = np.rint(hu).astype(np.int16)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +485,8 @@ def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    out: np.ndarray = rz @ ry @ rx
+    return out
 
 
 def repositioning_transforms(settings: PhantomSettings) -> list[np.ndarray]:
@@ -516,7 +520,7 @@ class _Sampling:
     sub_volume_ml: float
 
 
-def _fine_chunks(grid: Grid, ss: int, chunk: int):
+def _fine_chunks(grid: Grid, ss: int, chunk: int) -> Iterator[tuple[int, int, Grid]]:
     """Yield (k0, k1, fine sub-grid) covering slices k0..k1 of ``grid`` with ss³ sub-points each."""
     nk, nj, ni = grid.shape
     a = grid.affine
@@ -533,7 +537,8 @@ def _fine_chunks(grid: Grid, ss: int, chunk: int):
 
 def _block_sum(fine: np.ndarray, ss: int) -> np.ndarray:
     nk, nj, ni = fine.shape[0] // ss, fine.shape[1] // ss, fine.shape[2] // ss
-    return fine.reshape(nk, ss, nj, ss, ni, ss).sum(axis=(1, 3, 5))
+    out: np.ndarray = fine.reshape(nk, ss, nj, ss, ni, ss).sum(axis=(1, 3, 5))
+    return out
 
 
 def voxel_sums(
@@ -570,10 +575,10 @@ def voxel_sums(
         return None, sampling
     lut = np.zeros(nlab)
     for name, v in values.items():
-        lab = _LABEL[name]
-        if counts[lab] == 0:
+        label = _LABEL[name]
+        if counts[label] == 0:
             raise ValueError(f"VOI {name} has no sample inside the grid")
-        lut[lab] = float(v) / counts[lab]
+        lut[label] = float(v) / counts[label]
     out = np.zeros(grid.shape)
     for k0, k1, lab in stored:
         out[k0:k1] = _block_sum(lut[lab], ss)
