@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from .dicom_writers import write_seg
 from .dicomutil import PatientStudy, SeriesInfo
@@ -752,8 +753,6 @@ def _decay_during_acquisition(lam: float, t_acq: float) -> float:
 
 def simulate(settings: PhantomSettings | None = None) -> PhantomData:
     """Build the truth and the SPECT images of every time point (no files written)."""
-    from scipy.ndimage import gaussian_filter
-
     st = settings or PhantomSettings()
     if st.pixel_mode not in ("counts", "bqml"):
         raise ValueError(f"pixel_mode must be 'counts' or 'bqml', got {st.pixel_mode!r}")

@@ -72,7 +72,6 @@ from .geometry import Volume
 __all__ = [
     "CT_IMAGE_STORAGE",
     "NM_IMAGE_STORAGE",
-    "RT_STRUCTURE_SET_STORAGE",
     "Injection",
     "PatientStudy",
     "SeriesInfo",

@@ -368,7 +368,7 @@ def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> d
             continue
         try:
             vol = seg.get_volume(segment_numbers=[n], combine_segments=True, dtype=np.uint8)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - highdicom raises ValueError/RuntimeError/KeyError for odd SEGs
             raise VoxeldoseError(
                 f"segment {label!r} cannot be arranged as a volume ({exc})",
                 path=path,
