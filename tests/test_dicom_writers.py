@@ -1,4 +1,5 @@
-"""Tests of voxeldose.dicom_writers: round trips, hand-computed geometry, dciodvfy conformance.
+"""Tests of voxeldose.scanner (NM, CT, contours, RTSTRUCT) and voxeldose.dicom_writers.write_seg: round trips,
+hand-computed geometry, dciodvfy conformance.
 
 Expected positions are written out from the grid definitions (origin, spacings, direction
 cosines), not taken from the writers' output.
@@ -17,6 +18,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from voxeldose import dicom_writers as dw
+from voxeldose import scanner as sc
 from voxeldose.geometry import Volume
 
 FOR_UID = generate_uid()
@@ -44,8 +46,8 @@ SHAPE = (8, 16, 16)  # (k, j, i)
 
 
 @pytest.fixture()
-def ctx() -> dw.PatientStudy:
-    return dw.PatientStudy(
+def ctx() -> sc.PatientStudy:
+    return sc.PatientStudy(
         patient_id="VXD-001",
         patient_name="PHANTOM^LU177",
         patient_birth_date="19600101",
@@ -58,12 +60,12 @@ def ctx() -> dw.PatientStudy:
     )
 
 
-def _series(number: int, desc: str, when: datetime = datetime(2024, 3, 2, 10, 5, 0)) -> dw.SeriesInfo:
-    return dw.SeriesInfo(generate_uid(), number, desc, FOR_UID, when)
+def _series(number: int, desc: str, when: datetime = datetime(2024, 3, 2, 10, 5, 0)) -> sc.SeriesInfo:
+    return sc.SeriesInfo(generate_uid(), number, desc, FOR_UID, when)
 
 
-INJ = dw.Injection("Lu-177", 7.4e9, datetime(2024, 3, 1, 11, 30, 15), "Lu-177-DOTATATE")
-ACQ = dw.SpectAcquisition(frame_duration_ms=15000, frames_in_rotation=60, angular_step_deg=3.0)
+INJ = sc.Injection("Lu-177", 7.4e9, datetime(2024, 3, 1, 11, 30, 15), "Lu-177-DOTATATE")
+ACQ = sc.SpectAcquisition(frame_duration_ms=15000, frames_in_rotation=60, angular_step_deg=3.0)
 
 
 def _counts(seed: int = 0) -> np.ndarray:
@@ -83,10 +85,10 @@ def _nm_position(ds: pydicom.Dataset, f: int, r: int, c: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ NM
 
 
-def test_nm_counts_axial_round_trip(tmp_path: Path, ctx: dw.PatientStudy) -> None:
+def test_nm_counts_axial_round_trip(tmp_path: Path, ctx: sc.PatientStudy) -> None:
     vol = Volume(_counts(), AXIAL, FOR_UID, "counts")
     series = _series(3, "SPECT counts")
-    dw.write_nm_tomo(
+    sc.write_nm_tomo(
         tmp_path / "nm.dcm",
         vol,
         ctx=ctx,
@@ -151,10 +153,10 @@ def test_nm_counts_axial_round_trip(tmp_path: Path, ctx: dw.PatientStudy) -> Non
     assert rot.RotationDirection in ("CW", "CC") and "StartAngle" in rot
 
 
-def test_nm_oblique_flipped_geometry(tmp_path: Path, ctx: dw.PatientStudy) -> None:
+def test_nm_oblique_flipped_geometry(tmp_path: Path, ctx: sc.PatientStudy) -> None:
     arr = _counts(1)
     vol = Volume(arr, OBLIQUE_FLIPPED, FOR_UID, "counts")
-    dw.write_nm_tomo(
+    sc.write_nm_tomo(
         tmp_path / "nm.dcm",
         vol,
         ctx=ctx,
@@ -178,11 +180,11 @@ def test_nm_oblique_flipped_geometry(tmp_path: Path, ctx: dw.PatientStudy) -> No
     np.testing.assert_allclose(np.array(ds.DetectorInformationSequence[0].ImagePositionPatient, dtype=float)[2], -5.0)
 
 
-def test_nm_refuses_sheared_stack(tmp_path: Path, ctx: dw.PatientStudy) -> None:
+def test_nm_refuses_sheared_stack(tmp_path: Path, ctx: sc.PatientStudy) -> None:
     sheared = AXIAL.copy()
     sheared[0, 2] = 1.0  # slice vector (1, 0, 5) not along X × Y
     with pytest.raises(ValueError, match="parallel"):
-        dw.write_nm_tomo(
+        sc.write_nm_tomo(
             tmp_path / "nm.dcm",
             Volume(_counts(), sheared, FOR_UID),
             ctx=ctx,
@@ -201,9 +203,9 @@ def test_nm_refuses_sheared_stack(tmp_path: Path, ctx: dw.PatientStudy) -> None:
         (np.full(SHAPE, -1.0), "non-negative"),
     ],
 )
-def test_nm_counts_rejects_bad_counts(tmp_path: Path, ctx: dw.PatientStudy, array: np.ndarray, match: str) -> None:
+def test_nm_counts_rejects_bad_counts(tmp_path: Path, ctx: sc.PatientStudy, array: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        dw.write_nm_tomo(
+        sc.write_nm_tomo(
             tmp_path / "nm.dcm",
             Volume(array, AXIAL, FOR_UID),
             ctx=ctx,
@@ -215,12 +217,12 @@ def test_nm_counts_rejects_bad_counts(tmp_path: Path, ctx: dw.PatientStudy, arra
 
 
 @pytest.mark.parametrize("offset", [0.0, -250.0])
-def test_nm_bqml_real_world_value_mapping(tmp_path: Path, ctx: dw.PatientStudy, offset: float) -> None:
+def test_nm_bqml_real_world_value_mapping(tmp_path: Path, ctx: sc.PatientStudy, offset: float) -> None:
     rng = np.random.default_rng(2)
     bqml = rng.random(SHAPE) * 12345.6 + offset
     bqml[0, 0, 0] = 12345.6  # the maximum, exactly
     vol = Volume(bqml, AXIAL, FOR_UID, "Bq/ml")
-    dw.write_nm_tomo(
+    sc.write_nm_tomo(
         tmp_path / "nm.dcm",
         vol,
         ctx=ctx,
@@ -240,9 +242,9 @@ def test_nm_bqml_real_world_value_mapping(tmp_path: Path, ctx: dw.PatientStudy, 
     assert np.max(np.abs(value - bqml)) < 1e-4 * 12345.6
 
 
-def test_nm_radionuclide_total_dose_is_mbq(tmp_path: Path, ctx: dw.PatientStudy) -> None:
-    inj = dw.Injection("Lu-177", 6.85e9, datetime(2024, 2, 28, 23, 59, 59))
-    ds = dw.write_nm_tomo(
+def test_nm_radionuclide_total_dose_is_mbq(tmp_path: Path, ctx: sc.PatientStudy) -> None:
+    inj = sc.Injection("Lu-177", 6.85e9, datetime(2024, 2, 28, 23, 59, 59))
+    ds = sc.write_nm_tomo(
         tmp_path / "nm.dcm",
         Volume(_counts(), AXIAL, FOR_UID),
         ctx=ctx,
@@ -261,11 +263,11 @@ def test_nm_radionuclide_total_dose_is_mbq(tmp_path: Path, ctx: dw.PatientStudy)
 
 
 @pytest.mark.parametrize("affine_name", ["axial", "oblique_flipped"])
-def test_ct_series_round_trip(tmp_path: Path, ctx: dw.PatientStudy, affine_name: str) -> None:
+def test_ct_series_round_trip(tmp_path: Path, ctx: sc.PatientStudy, affine_name: str) -> None:
     affine = AXIAL if affine_name == "axial" else OBLIQUE_FLIPPED
     hu = np.random.default_rng(3).uniform(-1024, 2000, SHAPE)
     series = _series(2, "CT")
-    out = dw.write_ct_series(tmp_path / "ct", Volume(hu, affine, FOR_UID, "HU"), ctx=ctx, series=series)
+    out = sc.write_ct_series(tmp_path / "ct", Volume(hu, affine, FOR_UID, "HU"), ctx=ctx, series=series)
     files = sorted((tmp_path / "ct").glob("CT_*.dcm"))
     assert [f.name for f in files] == [f"CT_{k:04d}.dcm" for k in range(1, 9)]
     assert [d.InstanceNumber for d in out] == list(range(1, 9))
@@ -365,14 +367,14 @@ def _ring_mask() -> np.ndarray:
 @pytest.mark.parametrize("rule", ["even-odd", "nonzero"])
 def test_contours_from_mask_rasterise_back(make, rule: str) -> None:
     mask = make()
-    contours = dw.contours_from_mask(mask, AXIAL)
+    contours = sc.contours_from_mask(mask, AXIAL)
     assert all(c.ndim == 2 and c.shape[1] == 3 and len(c) >= 4 for c in contours)
     np.testing.assert_array_equal(_rasterise_axial(contours, mask.shape, rule), mask)
 
 
 def test_contours_ring_topology() -> None:
     mask = _ring_mask()
-    contours = dw.contours_from_mask(mask, AXIAL)
+    contours = sc.contours_from_mask(mask, AXIAL)
     z = [c[0, 2] for c in contours]
     # slice 1 (z = -5): ring outer + hole + small square; slice 2 (z = 0): outer + hole + island
     # + two diagonal single voxels (kept apart)
@@ -382,7 +384,7 @@ def test_contours_ring_topology() -> None:
 
 def test_contours_oblique_grid() -> None:
     mask = _sphere_mask()[:, :20, :22]
-    contours = dw.contours_from_mask(mask, OBLIQUE_FLIPPED)
+    contours = sc.contours_from_mask(mask, OBLIQUE_FLIPPED)
     inv = np.linalg.inv(OBLIQUE_FLIPPED)
     out = np.zeros(mask.shape, dtype=bool)
     jj, ii = np.meshgrid(np.arange(mask.shape[1]), np.arange(mask.shape[2]), indexing="ij")
@@ -405,13 +407,13 @@ def _masks() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("affine_name", ["axial", "oblique_flipped"])
-def test_rtstruct_contours_on_ct_planes(tmp_path: Path, ctx: dw.PatientStudy, affine_name: str) -> None:
+def test_rtstruct_contours_on_ct_planes(tmp_path: Path, ctx: sc.PatientStudy, affine_name: str) -> None:
     affine = AXIAL if affine_name == "axial" else OBLIQUE_FLIPPED
-    ct = dw.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), affine, FOR_UID), ctx=ctx, series=_series(2, "CT"))
+    ct = sc.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), affine, FOR_UID), ctx=ctx, series=_series(2, "CT"))
     masks = _masks()
-    contours = {name: dw.contours_from_mask(m, affine) for name, m in masks.items()}
+    contours = {name: sc.contours_from_mask(m, affine) for name, m in masks.items()}
     rs_series = _series(10, "Contours")
-    dw.write_rtstruct(tmp_path / "rs.dcm", contours, ctx=ctx, series=rs_series, referenced_ct=ct)
+    sc.write_rtstruct(tmp_path / "rs.dcm", contours, ctx=ctx, series=rs_series, referenced_ct=ct)
     ds = pydicom.dcmread(tmp_path / "rs.dcm")
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3" and ds.Modality == "RTSTRUCT"
     ref = ds.ReferencedFrameOfReferenceSequence[0]
@@ -441,20 +443,20 @@ def test_rtstruct_contours_on_ct_planes(tmp_path: Path, ctx: dw.PatientStudy, af
     assert slices_seen == {1: {2, 3, 4, 5}, 2: {1, 2, 3}}
 
 
-def test_rtstruct_rejects_contour_between_slices(tmp_path: Path, ctx: dw.PatientStudy) -> None:
-    ct = dw.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT"))
+def test_rtstruct_rejects_contour_between_slices(tmp_path: Path, ctx: sc.PatientStudy) -> None:
+    ct = sc.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT"))
     tri = np.array([[0.0, 0.0, -7.5], [4.0, 0.0, -7.5], [0.0, 3.0, -7.5]])  # between z=-10 and -5
     with pytest.raises(ValueError, match="no CT slice"):
-        dw.write_rtstruct(tmp_path / "rs.dcm", {"Liver": [tri]}, ctx=ctx, series=_series(10, "x"), referenced_ct=ct)
+        sc.write_rtstruct(tmp_path / "rs.dcm", {"Liver": [tri]}, ctx=ctx, series=_series(10, "x"), referenced_ct=ct)
 
 
 # ----------------------------------------------------------------------------------------- SEG
 
 
-def test_seg_round_trip(tmp_path: Path, ctx: dw.PatientStudy) -> None:
+def test_seg_round_trip(tmp_path: Path, ctx: sc.PatientStudy) -> None:
     import highdicom as hd
 
-    ct = dw.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT"))
+    ct = sc.write_ct_series(tmp_path / "ct", Volume(np.zeros(SHAPE), AXIAL, FOR_UID), ctx=ctx, series=_series(2, "CT"))
     masks = _masks()
     seg_series = _series(11, "Segments")
     dw.write_seg(tmp_path / "seg.dcm", masks, ctx=ctx, series=seg_series, referenced_ct=ct)
@@ -480,12 +482,12 @@ def test_seg_round_trip(tmp_path: Path, ctx: dw.PatientStudy) -> None:
 
 
 @pytest.mark.dciodvfy
-def test_dciodvfy_no_errors(tmp_path: Path, ctx: dw.PatientStudy, dciodvfy_exe: str) -> None:
+def test_dciodvfy_no_errors(tmp_path: Path, ctx: sc.PatientStudy, dciodvfy_exe: str) -> None:
     exe = dciodvfy_exe
     files: list[Path] = []
     for mode, arr, bp in [("counts", _counts(), None), ("bqml", _counts() * 1.7, "ABDOMEN")]:
         p = tmp_path / f"nm_{mode}.dcm"
-        dw.write_nm_tomo(
+        sc.write_nm_tomo(
             p,
             Volume(arr, OBLIQUE_FLIPPED, FOR_UID),
             ctx=ctx,
@@ -496,7 +498,7 @@ def test_dciodvfy_no_errors(tmp_path: Path, ctx: dw.PatientStudy, dciodvfy_exe: 
             body_part_examined=bp,
         )
         files.append(p)
-    ct = dw.write_ct_series(
+    ct = sc.write_ct_series(
         tmp_path / "ct",
         Volume(np.zeros(SHAPE), AXIAL, FOR_UID),
         ctx=ctx,
@@ -504,7 +506,7 @@ def test_dciodvfy_no_errors(tmp_path: Path, ctx: dw.PatientStudy, dciodvfy_exe: 
         body_part_examined="ABDOMEN",
         kvp=120,
     )
-    dw.write_ct_series(
+    sc.write_ct_series(
         tmp_path / "ct2",
         Volume(np.zeros(SHAPE), OBLIQUE_FLIPPED, FOR_UID),
         ctx=ctx,
@@ -512,8 +514,8 @@ def test_dciodvfy_no_errors(tmp_path: Path, ctx: dw.PatientStudy, dciodvfy_exe: 
     )
     files += sorted((tmp_path / "ct").glob("*.dcm"))[:2] + sorted((tmp_path / "ct2").glob("*.dcm"))[:1]
     masks = _masks()
-    contours = {n: dw.contours_from_mask(m, AXIAL) for n, m in masks.items()}
-    dw.write_rtstruct(tmp_path / "rs.dcm", contours, ctx=ctx, series=_series(10, "RS"), referenced_ct=ct)
+    contours = {n: sc.contours_from_mask(m, AXIAL) for n, m in masks.items()}
+    sc.write_rtstruct(tmp_path / "rs.dcm", contours, ctx=ctx, series=_series(10, "RS"), referenced_ct=ct)
     dw.write_seg(tmp_path / "seg.dcm", masks, ctx=ctx, series=_series(11, "SEG"), referenced_ct=ct)
     files += [tmp_path / "rs.dcm", tmp_path / "seg.dcm"]
     report = {}

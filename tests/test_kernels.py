@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 
+from voxeldose import kernelphysics as KP
 from voxeldose import kernels as K
 from voxeldose import nuclides as N
 from voxeldose.errors import VoxeldoseError
@@ -44,7 +45,7 @@ def test_lu177_energy_per_decay_matches_icrp107():
     assert N.electron_energy_per_decay_MeV(nuc) == pytest.approx(0.1479, rel=2e-3)
     assert N.photon_energy_per_decay_MeV(nuc) == pytest.approx(0.0351, rel=3e-3)
     assert max(e for e, _ in N.beta_spectrum(nuc)) == pytest.approx(0.498, abs=1e-3)
-    e, w = K.electron_components("Lu-177")
+    e, w = KP.electron_components("Lu-177")
     # β continuum rescaled to the ICRP mean β energy; + IE + Auger = total electron energy
     assert w.sum() == pytest.approx(N.electron_energy_per_decay_MeV(nuc), rel=1e-9)
 
@@ -56,8 +57,8 @@ def test_lu177_energy_per_decay_matches_icrp107():
 
 @pytest.mark.parametrize("t_mev,s_ref,r_ref", ESTAR_WATER)
 def test_bethe_stopping_power_and_csda_range_vs_estar(t_mev, s_ref, r_ref):
-    s = float(K.collision_stopping_power_MeV_cm2_g(t_mev, "water"))
-    r = float(K.csda_range_g_cm2(t_mev, "water"))
+    s = float(KP.collision_stopping_power_MeV_cm2_g(t_mev, "water"))
+    r = float(KP.csda_range_g_cm2(t_mev, "water"))
     # same formula as ESTAR (no shell corrections, δ = 0 below 0.5 MeV): agreement to table rounding
     assert s == pytest.approx(s_ref, rel=5e-3)
     # range integration: the S ∝ 1/E extrapolation below 1 keV adds < 1 % at 10 keV
@@ -71,7 +72,7 @@ def test_lu177_max_beta_csda_range_in_water():
     t_ref, s_ref, r_ref = ESTAR_WATER[-1]
     assert t_ref == 0.5
     r_ref_mm = 10.0 * (r_ref - (t_ref - 0.4978) / s_ref)
-    r_mm = float(K.csda_range_g_cm2(0.4978, "water")) * 10.0
+    r_mm = float(KP.csda_range_g_cm2(0.4978, "water")) * 10.0
     # same tolerance as the range integration against ESTAR above (2 %)
     assert r_mm == pytest.approx(r_ref_mm, rel=0.02)
 
@@ -82,30 +83,30 @@ def test_lu177_max_beta_csda_range_in_water():
 
 
 def test_electron_mc_conserves_energy_and_stays_within_csda_range():
-    h = K.simulate_electron_dpk(0.2, "water", 2000, rng=np.random.default_rng(1))
+    h = KP.simulate_electron_dpk(0.2, "water", 2000, rng=np.random.default_rng(1))
     assert h.sum() == pytest.approx(1.0, abs=1e-12)  # CSDA: every MeV deposited, none beyond R_CSDA
-    assert h.shape == (K.ELECTRON_TABLE_NBINS,)
+    assert h.shape == (KP.ELECTRON_TABLE_NBINS,)
 
 
 def test_electron_mc_straight_tracks_reproduce_analytic_mean_radius():
     # Without scattering the deposition radius of the energy lost at energy E is R(E0) − R(E), so the
     # energy-weighted mean scaled radius is 1 − ∫₀^E0 R(E) dE / (E0 R(E0)).
     e0 = 0.3
-    h = K.simulate_electron_dpk(e0, "water", 400, rng=np.random.default_rng(2), scattering=False)
+    h = KP.simulate_electron_dpk(e0, "water", 400, rng=np.random.default_rng(2), scattering=False)
     x = (np.arange(h.size) + 0.5) / h.size
     e = np.linspace(0, e0, 20001)
-    r = K.csda_range_g_cm2(np.maximum(e, 1e-3), "water") * (e >= 1e-3)
-    expected = 1.0 - np.trapezoid(r, e) / (e0 * float(K.csda_range_g_cm2(e0, "water")))
+    r = KP.csda_range_g_cm2(np.maximum(e, 1e-3), "water") * (e >= 1e-3)
+    expected = 1.0 - np.trapezoid(r, e) / (e0 * float(KP.csda_range_g_cm2(e0, "water")))
     # histogram-bin discretisation (1/400) and the hinge position are the only differences
     assert (h * x).sum() == pytest.approx(expected, abs=3e-3)
 
 
 def test_electron_mc_scattering_pulls_energy_inward_and_step_size_converged():
     rng = np.random.default_rng(3)
-    x = (np.arange(K.ELECTRON_TABLE_NBINS) + 0.5) / K.ELECTRON_TABLE_NBINS
-    fine = K.simulate_electron_dpk(0.2, "water", 4000, rng=rng, loss_fraction=0.02)
-    coarse = K.simulate_electron_dpk(0.2, "water", 4000, rng=rng, loss_fraction=0.05)
-    straight = K.simulate_electron_dpk(0.2, "water", 200, rng=rng, scattering=False)
+    x = (np.arange(KP.ELECTRON_TABLE_NBINS) + 0.5) / KP.ELECTRON_TABLE_NBINS
+    fine = KP.simulate_electron_dpk(0.2, "water", 4000, rng=rng, loss_fraction=0.02)
+    coarse = KP.simulate_electron_dpk(0.2, "water", 4000, rng=rng, loss_fraction=0.05)
+    straight = KP.simulate_electron_dpk(0.2, "water", 200, rng=rng, scattering=False)
     m_f, m_c, m_s = (fine * x).sum(), (coarse * x).sum(), (straight * x).sum()
     assert m_f < 0.8 * m_s  # multiple scattering folds the tracks
     # MC standard error of the mean scaled radius with 4000 histories ≈ 0.003
@@ -114,10 +115,10 @@ def test_electron_mc_scattering_pulls_energy_inward_and_step_size_converged():
 
 def test_electron_table_shipped_and_consistent():
     tab = K.electron_table("water")
-    assert tab["scaled_fraction"].shape == (len(K.ELECTRON_TABLE_ENERGIES_MEV), K.ELECTRON_TABLE_NBINS)
+    assert tab["scaled_fraction"].shape == (len(KP.ELECTRON_TABLE_ENERGIES_MEV), KP.ELECTRON_TABLE_NBINS)
     np.testing.assert_allclose(tab["scaled_fraction"].sum(axis=1), 1.0, atol=1e-9)
     prov = tab["provenance"]
-    assert prov["seed"] == K.ELECTRON_TABLE_SEED and "xraylib" in prov["data_versions"]
+    assert prov["seed"] == KP.ELECTRON_TABLE_SEED and "xraylib" in prov["data_versions"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +127,8 @@ def test_electron_table_shipped_and_consistent():
 
 
 def test_photon_mc_energy_conservation_in_infinite_medium():
-    lines = N.photon_lines(N.load("Lu-177"), K.PHOTON_CUTOFF_MEV)
-    res = K.simulate_photon_radial(lines, "water", 5000, rng=np.random.default_rng(4))
+    lines = N.photon_lines(N.load("Lu-177"), KP.PHOTON_CUTOFF_MEV)
+    res = KP.simulate_photon_radial(lines, "water", 5000, rng=np.random.default_rng(4))
     assert res["fraction"].sum() + res["escaped_fraction"] == pytest.approx(1.0, abs=1e-12)
 
 
@@ -140,7 +141,7 @@ def test_photon_first_collision_energy_transfer_matches_mu_en(e_mev):
     name = "Water, Liquid"
     k = e_mev * 1e3
     mu = xraylib.CS_Photo_CP(name, k) + xraylib.CS_Compt_CP(name, k) + xraylib.CS_Rayl_CP(name, k)
-    res = K.simulate_photon_radial(
+    res = KP.simulate_photon_radial(
         [(e_mev, 1.0)], "water", 100_000, rng=np.random.default_rng(5), first_collision_only=True
     )
     assert res["fraction"].sum() == pytest.approx(xraylib.CS_Energy_CP(name, k) / mu, rel=0.03)
@@ -153,7 +154,9 @@ def test_photon_first_collision_radial_distribution_is_exponential():
     e = 0.208366
     name = "Water, Liquid"
     mu = sum(f(name, e * 1e3) for f in (xraylib.CS_Photo_CP, xraylib.CS_Compt_CP, xraylib.CS_Rayl_CP))
-    res = K.simulate_photon_radial([(e, 1.0)], "water", 40_000, rng=np.random.default_rng(6), first_collision_only=True)
+    res = KP.simulate_photon_radial(
+        [(e, 1.0)], "water", 40_000, rng=np.random.default_rng(6), first_collision_only=True
+    )
     edges, frac = res["edges_g_cm2"], res["fraction"]
     cdf = np.concatenate([[0.0], np.cumsum(frac)]) / frac.sum()
     for r in (2.0, 5.0, 10.0):
@@ -183,7 +186,7 @@ def test_electron_self_voxel_matches_covariogram_and_energy_balance(voxel):
     rho = kern.density_g_cm3
     mass_kg = rho * np.prod(voxel) * 1e-6
     # energy balance: every electron stops within 1.8 mm ≪ the 7×7×5 kernel extent
-    absorbed_MeV = kern.electron.sum() * mass_kg / K.J_PER_MEV
+    absorbed_MeV = kern.electron.sum() * mass_kg / KP.J_PER_MEV
     assert absorbed_MeV == pytest.approx(N.electron_energy_per_decay_MeV(N.load("Lu-177")), rel=0.01)
     # self-voxel: exact for r ≤ min side (R_max = 1.76 mm < 2 mm)
     edges_g, cdf = K.electron_radial_cdf("Lu-177", "soft-tissue")
@@ -194,7 +197,7 @@ def test_electron_self_voxel_matches_covariogram_and_energy_balance(voxel):
     assert b["electron_self_voxel_fraction"] == pytest.approx(expected, abs=5 * sigma + 2e-4)
     # below the local-deposition limit by the escaping fraction, and that fraction ~ (S/4V)·⟨r⟩ (Cauchy)
     c = tuple(s // 2 for s in kern.array.shape)
-    limit = N.electron_energy_per_decay_MeV(N.load("Lu-177")) * K.J_PER_MEV / mass_kg
+    limit = N.electron_energy_per_decay_MeV(N.load("Lu-177")) * KP.J_PER_MEV / mass_kg
     escape = 1 - kern.electron[c] / limit
     assert escape == pytest.approx(1 - b["electron_self_voxel_fraction"], rel=1e-6)
     mean_r = b["electron_mean_deposition_radius_mm"]
@@ -230,9 +233,9 @@ def test_far_field_quadrature_agrees_with_sampling(monkeypatch):
     edges_g, cdf, _, _ = K.photon_radial_cdf("Lu-177", "water")
     edges = edges_g * 10.0
     n = 4_000_000
-    quad = K.voxelise(edges, cdf, (4.8,) * 3, (11, 11, 11), n_samples=10_000)
+    quad = KP.voxelise(edges, cdf, (4.8,) * 3, (11, 11, 11), n_samples=10_000)
     monkeypatch.setattr(K, "NEAR_FIELD", 5)
-    samp = K.voxelise(edges, cdf, (4.8,) * 3, (11, 11, 11), n_samples=n)
+    samp = KP.voxelise(edges, cdf, (4.8,) * 3, (11, 11, 11), n_samples=n)
     for off in ((4, 0, 0), (4, 4, 0), (5, 2, 1)):
         q, s = quad[5 + off[2], 5 + off[1], 5 + off[0]], samp[5 + off[2], 5 + off[1], 5 + off[0]]
         # symmetrisation averages over the 6–48 equivalent voxels: σ_rel ≲ 1/sqrt(6 · s · n)
@@ -247,7 +250,7 @@ def test_far_field_quadrature_agrees_with_sampling(monkeypatch):
 def test_electron_density_scaling_lung_vs_water():
     # Electron transport depends on mass thickness ρr; lung (ICRP) and water differ only slightly in
     # Z/A and I, so a lung kernel at voxel L/ρ_lung absorbs the same fractions as water at voxel L.
-    lung = K.get_medium("lung")
+    lung = KP.get_medium("lung")
     L = 1.2
     kw = K.get_kernel("Lu-177", L, "water", 5, n_samples=400_000, use_cache=False)
     kl = K.get_kernel("Lu-177", L / lung.density_g_cm3, "lung", 5, n_samples=400_000, use_cache=False)
@@ -276,14 +279,14 @@ def test_bone_range_in_mass_thickness_follows_z_over_a_and_i_value():
     # values at 0.3 MeV and at 10 keV (below 10 keV lies < 0.5 % of the 0.3 MeV path: ESTAR 2.5e-4 of
     # 0.084 g/cm²); 0.5 % margin for that part.  Z/A and I (water 75 eV, ICRP cortical bone 106.4 eV, ICRU 37)
     # are the media's data.
-    w, b = K.get_medium("water"), K.get_medium("cortical-bone")
-    za = K._z_over_a(w) / K._z_over_a(b)
+    w, b = KP.get_medium("water"), KP.get_medium("cortical-bone")
+    za = KP._z_over_a(w) / KP._z_over_a(b)
 
     def s_ratio(t: float) -> float:
         return za * _bethe_stopping_number(t, w.mean_excitation_eV) / _bethe_stopping_number(t, b.mean_excitation_eV)
 
     lo, hi = s_ratio(0.3), s_ratio(0.01)
-    ratio = float(K.csda_range_g_cm2(0.3, "cortical-bone") / K.csda_range_g_cm2(0.3, "water"))
+    ratio = float(KP.csda_range_g_cm2(0.3, "cortical-bone") / KP.csda_range_g_cm2(0.3, "water"))
     assert lo * 0.995 < ratio < hi * 1.005
 
 
@@ -300,13 +303,13 @@ def test_shipped_kernel_4p8mm_soft_tissue_energy_balance_and_photon_bounds():
     b = kern.energy_balance
     nuc = N.load("Lu-177")
     mass_kg = kern.density_g_cm3 * 4.8**3 * 1e-6
-    e_el = kern.electron.sum() * mass_kg / K.J_PER_MEV
+    e_el = kern.electron.sum() * mass_kg / KP.J_PER_MEV
     assert e_el == pytest.approx(N.electron_energy_per_decay_MeV(nuc), rel=0.01)
     # photon absorbed fraction in the 51³ cube (inscribed sphere 122.4 mm, circumscribed 212 mm):
     # ≥ energy transferred at first collisions inside the inscribed sphere (μ_en/μ)(1 − e^{−μR}),
     # ≤ 1 − uncollided escape beyond the circumscribed sphere.
     name = "Tissue, Soft (ICRP)"
-    lines = N.photon_lines(nuc, K.PHOTON_CUTOFF_MEV)
+    lines = N.photon_lines(nuc, KP.PHOTON_CUTOFF_MEV)
     e_ph = N.photon_energy_per_decay_MeV(nuc)
 
     def mu(e):
@@ -318,7 +321,7 @@ def test_shipped_kernel_4p8mm_soft_tissue_energy_balance_and_photon_bounds():
         / e_ph
     )
     upper = 1 - sum(e * y * math.exp(-mu(e) * r_out) for e, y in lines) / e_ph
-    f_ph = kern.photon.sum() * mass_kg / K.J_PER_MEV / e_ph
+    f_ph = kern.photon.sum() * mass_kg / KP.J_PER_MEV / e_ph
     assert lower < f_ph < upper
     assert f_ph == pytest.approx(b["photon_absorbed_fraction_in_kernel"], rel=1e-5)
     # self voxel below the local-deposition limit, electrons dominate it

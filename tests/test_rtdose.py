@@ -21,6 +21,7 @@ from support import dciodvfy_errors, dicompyler
 
 from voxeldose import dicom_writers as dw
 from voxeldose import ingest
+from voxeldose import scanner as sc
 from voxeldose.geometry import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,12 +291,12 @@ def _ct_masks() -> dict[str, np.ndarray]:
 
 
 def _write_case(folder: Path, ctx: dw.PatientStudy, *, bits: int = 32) -> tuple[Path, Path, dict[str, np.ndarray]]:
-    ct = dw.write_ct_series(
+    ct = sc.write_ct_series(
         folder / "ct", Volume(np.zeros(CT_SHAPE), CT_AFFINE, FOR_UID, "HU"), ctx=ctx, series=_series(2, "CT")
     )
     masks = _ct_masks()
-    contours = {n: dw.contours_from_mask(m, CT_AFFINE) for n, m in masks.items()}
-    rs = dw.write_rtstruct(folder / "RS.dcm", contours, ctx=ctx, series=_series(10, "VOIs"), referenced_ct=ct)
+    contours = {n: sc.contours_from_mask(m, CT_AFFINE) for n, m in masks.items()}
+    rs = sc.write_rtstruct(folder / "RS.dcm", contours, ctx=ctx, series=_series(10, "VOIs"), referenced_ct=ct)
     dgrid = Volume(np.zeros(DOSE_SHAPE), DOSE_AFFINE, FOR_UID).grid
     dose = Volume(_field(dgrid.world_coordinates()), DOSE_AFFINE, FOR_UID, "Gy")
     dw.write_rtdose(

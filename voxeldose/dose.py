@@ -164,7 +164,7 @@ def medium_density(medium: str) -> float:
     """Density (g/cm³) of a kernel medium: the kernels' own :class:`~voxeldose.kernels.Medium`
     density (so LED and DVK agree), else xraylib's NIST compound density."""
     try:
-        from .kernels import get_medium
+        from .kernelphysics import get_medium
 
         return float(get_medium(medium).density_g_cm3)
     except ImportError:  # pragma: no cover - kernels without media table

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pydicom
@@ -43,6 +42,7 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from .dicomutil import normalise_utc_offset, parse_da, parse_dt, parse_tm, tag_label
 from .errors import VoxeldoseError
 from .geometry import Volume, affine_from_dicom
 from .nuclides import require_supported
@@ -70,14 +70,6 @@ SAME_INJECTION_S = 60.0
 #: Plausible administered activity for one 177Lu therapy cycle, Bq (used only to catch unit errors:
 #: DICOM NM writes RadionuclideTotalDose in MBq, PET in Bq).
 PLAUSIBLE_THERAPY_BQ = (1.0e8, 5.0e10)
-
-
-def _tag(keyword: str) -> str:
-    """``"Keyword (gggg,eeee)"`` for messages."""
-    t = pydicom.datadict.tag_for_keyword(keyword)
-    if t is None:
-        return keyword
-    return f"{keyword} ({t >> 16:04X},{t & 0xFFFF:04X})"
 
 
 # --------------------------------------------------------------------------------------- records
@@ -278,21 +270,24 @@ def read_header(path: Path) -> Dataset:
         ) from None
     for kw in ("SOPInstanceUID", "SOPClassUID"):
         if not str(getattr(ds, kw, "") or "").strip():
-            raise VoxeldoseError("required attribute missing", path=path, tag=_tag(kw), expected="a UID")
+            raise VoxeldoseError("required attribute missing", path=path, tag=tag_label(kw), expected="a UID")
     if "PixelData" in ds:
         expected = _expected_pixel_bytes(ds)
         try:
             got = len(ds.PixelData)
         except Exception as exc:  # a deferred or broken element  # noqa: BLE001
             raise VoxeldoseError(
-                f"pixel data cannot be read ({exc})", path=path, tag=_tag("PixelData"), expected="complete pixel data"
+                f"pixel data cannot be read ({exc})",
+                path=path,
+                tag=tag_label("PixelData"),
+                expected="complete pixel data",
             ) from None
         encapsulated = ds.file_meta.TransferSyntaxUID.is_compressed if "TransferSyntaxUID" in ds.file_meta else False
         if expected is not None and not encapsulated and got < expected:
             raise VoxeldoseError(
                 "the file is truncated: its pixel data is shorter than Rows × Columns × frames × bits say",
                 path=path,
-                tag=_tag("PixelData"),
+                tag=tag_label("PixelData"),
                 expected=f"{expected} bytes",
                 found=f"{got} bytes",
             )
@@ -351,7 +346,7 @@ def scan(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> In
                     f"duplicate SOPInstanceUID {uid}: kept {first.path}"
                     + ("" if same else " (the copies differ — check which is right)"),
                     str(path),
-                    _tag("SOPInstanceUID"),
+                    tag_label("SOPInstanceUID"),
                 )
             )
             continue
@@ -361,7 +356,7 @@ def scan(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> In
         suid = str(getattr(ds, "SeriesInstanceUID", "") or "")
         if not suid:
             index.problems.append(
-                Problem("error", "instance without SeriesInstanceUID", str(path), _tag("SeriesInstanceUID"))
+                Problem("error", "instance without SeriesInstanceUID", str(path), tag_label("SeriesInstanceUID"))
             )
             continue
         series = index.series.get(suid)
@@ -385,7 +380,7 @@ def scan(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> In
                     f"mixed patients in one series: this instance's PatientID {pid!r} differs from the series' "
                     f"{series.patient_id!r} (first read from {series.instances[0].path})",
                     str(path),
-                    _tag("PatientID"),
+                    tag_label("PatientID"),
                 )
             )
             continue
@@ -408,7 +403,7 @@ def scan(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> In
                     f"series {s.description or s.series_instance_uid} ({s.modality}, SOP class "
                     f"{s.instances[0].sop_class_uid}) is not used by voxeldose",
                     str(s.instances[0].path),
-                    _tag("SOPClassUID"),
+                    tag_label("SOPClassUID"),
                 )
             )
         if s.kind == "nm-other":
@@ -418,7 +413,7 @@ def scan(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> In
                     "info",
                     f"NM series {s.description!r} is not a reconstructed SPECT (ImageType {image_type}); ignored",
                     str(s.instances[0].path),
-                    _tag("ImageType"),
+                    tag_label("ImageType"),
                 )
             )
     return index
@@ -435,70 +430,6 @@ def _frame_of_reference(ds: Dataset) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ date/time
-def _parse_da(value: Any) -> date | None:
-    s = str(value or "").strip()
-    if not s:
-        return None
-    try:
-        return datetime.strptime(s[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
-
-
-def _parse_tm(value: Any) -> time | None:
-    s = str(value or "").strip().replace(":", "")
-    if not s:
-        return None
-    frac = 0
-    if "." in s:
-        s, f = s.split(".", 1)
-        frac = int((f + "000000")[:6])
-    s = (s + "0000")[:6]
-    try:
-        return time(int(s[:2]), int(s[2:4]), int(s[4:6]), frac)
-    except ValueError:
-        return None
-
-
-_OFFSET_RE = re.compile(r"^([+-])(\d{2})(\d{2})$")
-
-
-def _normalise_offset(value: Any) -> str | None:
-    """A DICOM UTC offset ``&ZZXX`` ("+0100", "-0500") normalised, or None if absent or malformed."""
-    m = _OFFSET_RE.match(str(value or "").strip())
-    if m is None:
-        return None
-    sign, hh, mm = m.groups()
-    if int(hh) > 14 or int(mm) >= 60:
-        return None
-    if hh == mm == "00":
-        sign = "+"
-    return f"{sign}{hh}{mm}"
-
-
-def _parse_dt(value: Any) -> tuple[datetime | None, str | None]:
-    """Parse a DT (PS3.5 6.2: ``YYYYMMDDHHMMSS.FFFFFF&ZZXX``); return (naive datetime, UTC offset or None).
-
-    The datetime is the local time as written; the offset suffix, if any, is returned separately
-    (normalised, e.g. ``"+0100"``) and not applied: the other times voxeldose compares against are
-    naive local times, and turning them into UTC needs the site's time zone, which DICOM does not give.
-    """
-    s = str(value or "").strip()
-    if not s:
-        return None, None
-    offset = None
-    for sign in ("+", "-"):
-        if sign in s[8:]:
-            cut = 8 + s[8:].index(sign)
-            offset = _normalise_offset(s[cut:]) or offset
-            s = s[:cut]
-    d = _parse_da(s[:8])
-    if d is None:
-        return None, offset
-    t = _parse_tm(s[8:]) if len(s) > 8 else time(0)
-    if t is None:
-        return None, offset
-    return datetime.combine(d, t), offset
 
 
 def _stated_offset(ds: Dataset, explicit: str | None, dt_keyword: str) -> tuple[str | None, str | None]:
@@ -508,10 +439,10 @@ def _stated_offset(ds: Dataset, explicit: str | None, dt_keyword: str) -> tuple[
     applies to every DA, TM and DT of the instance without their own offset (PS3.3 C.12.1.1.8).
     """
     if explicit is not None:
-        return explicit, f"{_tag(dt_keyword)} (offset suffix)"
-    tz = _normalise_offset(getattr(ds, "TimezoneOffsetFromUTC", None))
+        return explicit, f"{tag_label(dt_keyword)} (offset suffix)"
+    tz = normalise_utc_offset(getattr(ds, "TimezoneOffsetFromUTC", None))
     if tz is not None:
-        return tz, _tag("TimezoneOffsetFromUTC")
+        return tz, tag_label("TimezoneOffsetFromUTC")
     return None, None
 
 
@@ -538,21 +469,21 @@ def acquisition_datetime(ds: Dataset, path: Path | str | None = None) -> tuple[d
 
 def _acquisition(ds: Dataset, path: Path | str | None = None) -> tuple[datetime, str, str | None, str | None]:
     """:func:`acquisition_datetime` plus the UTC offset the file states for it (and where)."""
-    dt, explicit = _parse_dt(getattr(ds, "AcquisitionDateTime", None))
+    dt, explicit = parse_dt(getattr(ds, "AcquisitionDateTime", None))
     if dt is not None:
-        return (dt, _tag("AcquisitionDateTime"), *_stated_offset(ds, explicit, "AcquisitionDateTime"))
-    d = _parse_da(getattr(ds, "AcquisitionDate", None))
-    t = _parse_tm(getattr(ds, "AcquisitionTime", None))
+        return (dt, tag_label("AcquisitionDateTime"), *_stated_offset(ds, explicit, "AcquisitionDateTime"))
+    d = parse_da(getattr(ds, "AcquisitionDate", None))
+    t = parse_tm(getattr(ds, "AcquisitionTime", None))
     if d is not None and t is not None:
         return (
             datetime.combine(d, t),
-            f"{_tag('AcquisitionDate')} + {_tag('AcquisitionTime')}",
+            f"{tag_label('AcquisitionDate')} + {tag_label('AcquisitionTime')}",
             *_stated_offset(ds, None, "AcquisitionTime"),
         )
     raise VoxeldoseError(
         "the acquisition time is missing",
         path=path,
-        tag=f"{_tag('AcquisitionDateTime')} or {_tag('AcquisitionDate')} + {_tag('AcquisitionTime')}",
+        tag=f"{tag_label('AcquisitionDateTime')} or {tag_label('AcquisitionDate')} + {tag_label('AcquisitionTime')}",
         expected="the date and time the acquisition started (or pass it for this series)",
     )
 
@@ -575,7 +506,7 @@ def injection_from_header(
     """
     seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
     item = seq[0] if seq else Dataset()
-    rp_tag = _tag("RadiopharmaceuticalInformationSequence")
+    rp_tag = tag_label("RadiopharmaceuticalInformationSequence")
 
     # nuclide
     nuclide_source = "caller"
@@ -584,13 +515,13 @@ def injection_from_header(
         for code in getattr(item, "RadionuclideCodeSequence", None) or []:
             meaning = str(getattr(code, "CodeMeaning", "") or "")
             if meaning.strip():
-                nuclide, nuclide_source = meaning, _tag("RadionuclideCodeSequence")
+                nuclide, nuclide_source = meaning, tag_label("RadionuclideCodeSequence")
                 break
         if nuclide is None:
             raise VoxeldoseError(
                 "the radionuclide is not given (the free-text radiopharmaceutical name is not parsed)",
                 path=path,
-                tag=f"{rp_tag} > {_tag('RadionuclideCodeSequence')}",
+                tag=f"{rp_tag} > {tag_label('RadionuclideCodeSequence')}",
                 expected="a radionuclide code such as ^177^Lutetium (or pass the nuclide)",
             )
     nuc = require_supported(
@@ -603,25 +534,25 @@ def injection_from_header(
     if start is not None:
         start_source = "caller"
     else:
-        dt, explicit = _parse_dt(getattr(item, "RadiopharmaceuticalStartDateTime", None))
+        dt, explicit = parse_dt(getattr(item, "RadiopharmaceuticalStartDateTime", None))
         if dt is not None:
-            start, start_source = dt, _tag("RadiopharmaceuticalStartDateTime")
+            start, start_source = dt, tag_label("RadiopharmaceuticalStartDateTime")
             utc_offset, utc_offset_source = _stated_offset(ds, explicit, "RadiopharmaceuticalStartDateTime")
         else:
-            t = _parse_tm(getattr(item, "RadiopharmaceuticalStartTime", None))
+            t = parse_tm(getattr(item, "RadiopharmaceuticalStartTime", None))
             if t is not None:
                 raise VoxeldoseError(
                     "only the time of injection is given, not its date; the date cannot be assumed "
                     "(post-therapy scans are days after injection)",
                     path=path,
-                    tag=f"{rp_tag} > {_tag('RadiopharmaceuticalStartTime')}",
+                    tag=f"{rp_tag} > {tag_label('RadiopharmaceuticalStartTime')}",
                     expected="RadiopharmaceuticalStartDateTime (0018,1078), or pass the injection date and time",
                     found=str(item.RadiopharmaceuticalStartTime),
                 )
             raise VoxeldoseError(
                 "the injection time is missing",
                 path=path,
-                tag=f"{rp_tag} > {_tag('RadiopharmaceuticalStartDateTime')}",
+                tag=f"{rp_tag} > {tag_label('RadiopharmaceuticalStartDateTime')}",
                 expected="the injection date and time (or pass them)",
             )
 
@@ -634,19 +565,19 @@ def injection_from_header(
             raise VoxeldoseError(
                 "the injected activity is missing",
                 path=path,
-                tag=f"{rp_tag} > {_tag('RadionuclideTotalDose')}",
+                tag=f"{rp_tag} > {tag_label('RadionuclideTotalDose')}",
                 expected="the administered activity (MBq in NM objects), or pass it",
             )
         is_pet = str(ds.SOPClassUID) == _PET
         activity_bq = float(raw) * (1.0 if is_pet else 1.0e6)
-        activity_source = _tag("RadionuclideTotalDose") + (" [Bq, PET]" if is_pet else " [MBq, NM]")
+        activity_source = tag_label("RadionuclideTotalDose") + (" [Bq, PET]" if is_pet else " [MBq, NM]")
     lo, hi = PLAUSIBLE_THERAPY_BQ
     if not (lo <= activity_bq <= hi):
         raise VoxeldoseError(
             f"the injected activity {activity_bq / 1e6:g} MBq is not a plausible therapeutic activity "
             "— wrong units? (NM objects store MBq)",
             path=path,
-            tag=_tag("RadionuclideTotalDose") if activity_source != "caller" else "activity",
+            tag=tag_label("RadionuclideTotalDose") if activity_source != "caller" else "activity",
             expected=f"{lo / 1e6:g}–{hi / 1e6:g} MBq",
             found=activity_bq / 1e6,
         )
@@ -735,7 +666,7 @@ def group_cycles(
     patients = index.patients()
     if len(patients) > 1:
         listing = ", ".join(f"{pid!r} ({name})" for pid, name in sorted(patients.items()))
-        first_paths = {}
+        first_paths: dict[str, Path] = {}
         for s in index.series.values():
             first_paths.setdefault(s.patient_id, s.instances[0].path)
         problems.append(
@@ -743,17 +674,17 @@ def group_cycles(
                 "error",
                 f"mixed patients in one input: {listing}; give one patient's data per job",
                 str(sorted(first_paths.values())[-1]),
-                _tag("PatientID"),
+                tag_label("PatientID"),
             )
         )
     cts_by_for: dict[str | None, list[Series]] = defaultdict(list)
-    for ct in index.by_kind("ct"):
+    for ct_series in index.by_kind("ct"):
         try:
-            _ct_geometry(ct)
+            ct_geometry(ct_series)
         except VoxeldoseError as err:
             problems.append(Problem.from_error(err))
             continue
-        cts_by_for[ct.frame_of_reference_uid].append(ct)
+        cts_by_for[ct_series.frame_of_reference_uid].append(ct_series)
 
     entries: list[tuple[TimePoint, InjectionInfo, str]] = []
     for sp in index.by_kind("spect"):
@@ -771,7 +702,7 @@ def group_cycles(
             problems.append(Problem.from_error(err))
             continue
         cts = cts_by_for.get(sp.frame_of_reference_uid, [])
-        ct = None
+        ct: Series | None = None
         if not cts:
             problems.append(
                 Problem(
@@ -779,7 +710,7 @@ def group_cycles(
                     f"SPECT {sp.description!r} has no CT with its FrameOfReferenceUID: no attenuation map, "
                     "no registration, no density correction for this time point",
                     str(path),
-                    _tag("FrameOfReferenceUID"),
+                    tag_label("FrameOfReferenceUID"),
                 )
             )
         else:
@@ -791,7 +722,7 @@ def group_cycles(
                         f"{len(cts)} CT series share the SPECT's frame of reference; using {ct.description!r}, "
                         "the one acquired closest in time",
                         str(ct.instances[0].path),
-                        _tag("FrameOfReferenceUID"),
+                        tag_label("FrameOfReferenceUID"),
                     )
                 )
         tp = TimePoint(sp, ct, acq, acq_src, utc_offset=acq_off, utc_offset_source=acq_off_src)
@@ -886,7 +817,7 @@ def group_cycles(
                     "warning",
                     f"{s.kind.upper()} {s.description!r} is on a frame of reference no time point has; not used",
                     str(s.instances[0].path),
-                    _tag("FrameOfReferenceUID"),
+                    tag_label("FrameOfReferenceUID"),
                 )
             )
     return cycles, problems
@@ -908,7 +839,7 @@ def _require(ds: Dataset, keyword: str, path: Path | str, expected: str) -> Any:
         or (isinstance(value, (str, bytes)) and not str(value).strip())
         or (hasattr(value, "__len__") and not isinstance(value, (str, bytes)) and len(value) == 0)
     ):
-        raise VoxeldoseError("required attribute missing", path=path, tag=_tag(keyword), expected=expected)
+        raise VoxeldoseError("required attribute missing", path=path, tag=tag_label(keyword), expected=expected)
     return value
 
 
@@ -919,25 +850,29 @@ def _floats(value: Any, n: int, ds_path: Path | str, keyword: str) -> np.ndarray
         )
     except (TypeError, ValueError):
         raise VoxeldoseError(
-            "value is not numeric", path=ds_path, tag=_tag(keyword), expected=f"{n} numbers", found=value
+            "value is not numeric", path=ds_path, tag=tag_label(keyword), expected=f"{n} numbers", found=value
         ) from None
     if arr.size != n or not np.all(np.isfinite(arr)):
         raise VoxeldoseError(
-            "wrong number of values", path=ds_path, tag=_tag(keyword), expected=f"{n} numbers", found=list(arr)
+            "wrong number of values", path=ds_path, tag=tag_label(keyword), expected=f"{n} numbers", found=list(arr)
         )
     return arr
 
 
 @dataclass(frozen=True)
-class _StackGeometry:
-    affine: np.ndarray
-    order: list[int]  # instance order along the slice normal (per-slice storage)
-    shape: tuple[int, int, int]
+class StackGeometry:
+    """Geometry of an image stack read from its headers (Image Plane module, PS3.3 C.7.6.2)."""
+
+    affine: np.ndarray  #: 4x4, index (i, j, k, 1) -> LPS mm
+    order: list[int]  #: instance order along the slice normal (per-slice storage)
+    shape: tuple[int, int, int]  #: (slices, rows, columns)
 
 
-def _stack_geometry(series: Series, what: str) -> _StackGeometry:
+def _stack_geometry(series: Series, what: str) -> StackGeometry:
     """Sort single-frame slices along the slice normal and check the spacing is uniform."""
-    positions, orient, spacing = [], None, None
+    positions: list[np.ndarray] = []
+    orient: np.ndarray | None = None
+    spacing: np.ndarray | None = None
     for inst in series.instances:
         ds, path = inst.header, inst.path
         iop = _floats(
@@ -956,11 +891,13 @@ def _stack_geometry(series: Series, what: str) -> _StackGeometry:
             raise VoxeldoseError(
                 f"{what} slices have different orientations",
                 path=path,
-                tag=_tag("ImageOrientationPatient"),
-                expected=list(np.round(orient, 5)),
+                tag=tag_label("ImageOrientationPatient"),
+                expected=str([float(v) for v in np.round(orient, 5)]),
                 found=list(iop),
             )
         positions.append(ipp)
+    if orient is None or spacing is None:
+        raise VoxeldoseError(f"{what} series {series.description!r} has no slices", expected="at least one slice")
     normal = np.cross(orient[:3], orient[3:])
     dist = np.array([p @ normal for p in positions])
     order = list(np.argsort(dist, kind="stable"))
@@ -975,7 +912,7 @@ def _stack_geometry(series: Series, what: str) -> _StackGeometry:
                 f"gap of {d[bad]:.3f} mm between slices where the series' spacing is {step:.3f} mm "
                 "(missing, duplicated or mixed slices?)",
                 path=series.instances[order[bad + 1]].path,
-                tag=_tag("ImagePositionPatient"),
+                tag=tag_label("ImagePositionPatient"),
                 expected=f"uniform spacing {step:.3f} mm",
                 found=f"{d[bad]:.3f} mm",
             )
@@ -986,21 +923,29 @@ def _stack_geometry(series: Series, what: str) -> _StackGeometry:
             raise VoxeldoseError(
                 f"single-slice {what} without SliceThickness",
                 path=series.instances[0].path,
-                tag=_tag("SliceThickness"),
+                tag=tag_label("SliceThickness"),
                 expected="slice thickness, mm",
             )
         slice_vec = normal * float(thick)
     ds0 = series.instances[order[0]].header
-    affine = affine_from_dicom(positions[order[0]], orient, spacing, slice_vec)
-    return _StackGeometry(affine, [int(i) for i in order], (n, int(ds0.Rows), int(ds0.Columns)))
+    affine = affine_from_dicom(positions[order[0]].tolist(), orient.tolist(), spacing.tolist(), slice_vec.tolist())
+    return StackGeometry(affine, [int(i) for i in order], (n, int(ds0.Rows), int(ds0.Columns)))
 
 
-def _ct_geometry(series: Series) -> _StackGeometry:
+def ct_geometry(series: Series) -> StackGeometry:
+    """Geometry of a single-frame CT series (PS3.3 C.7.6.2): slices sorted along the normal, uniform spacing.
+
+    Raises :class:`VoxeldoseError` for multi-frame CT, mixed orientations or a gap in the slices.
+    """
     for inst in series.instances:
         nf = int(getattr(inst.header, "NumberOfFrames", 1) or 1)
         if nf != 1:
             raise VoxeldoseError(
-                "multi-frame CT is not supported", path=inst.path, tag=_tag("NumberOfFrames"), expected="1", found=nf
+                "multi-frame CT is not supported",
+                path=inst.path,
+                tag=tag_label("NumberOfFrames"),
+                expected="1",
+                found=nf,
             )
     return _stack_geometry(series, "CT")
 
@@ -1018,7 +963,7 @@ def _nm_slice_header(ds: Dataset) -> Dataset:
     return out
 
 
-def _spect_geometry(series: Series) -> _StackGeometry:
+def _spect_geometry(series: Series) -> StackGeometry:
     """Geometry of a reconstructed SPECT (multi-frame RECON TOMO or per-slice storage)."""
     if len(series.instances) > 1:
         lifted = Series(
@@ -1036,7 +981,7 @@ def _spect_geometry(series: Series) -> _StackGeometry:
                 raise VoxeldoseError(
                     "a SPECT series with several multi-frame objects: which one is the volume is ambiguous",
                     path=inst.path,
-                    tag=_tag("NumberOfFrames"),
+                    tag=tag_label("NumberOfFrames"),
                     expected="one multi-frame object or single-frame slices",
                     found=nf,
                 )
@@ -1047,7 +992,7 @@ def _spect_geometry(series: Series) -> _StackGeometry:
         raise VoxeldoseError(
             "reconstructed SPECT without a Detector Information Sequence: its position and orientation are unknown",
             path=path,
-            tag=_tag("DetectorInformationSequence"),
+            tag=tag_label("DetectorInformationSequence"),
             expected="an item with ImagePositionPatient and ImageOrientationPatient",
         )
     det = det_seq[0]
@@ -1055,14 +1000,14 @@ def _spect_geometry(series: Series) -> _StackGeometry:
         raise VoxeldoseError(
             "missing orientation: the SPECT's orientation is not given and will not be guessed",
             path=path,
-            tag=f"{_tag('DetectorInformationSequence')} > {_tag('ImageOrientationPatient')}",
+            tag=f"{tag_label('DetectorInformationSequence')} > {tag_label('ImageOrientationPatient')}",
             expected="six direction cosines",
         )
     if "ImagePositionPatient" not in det:
         raise VoxeldoseError(
             "missing position: the SPECT's first-voxel position is not given",
             path=path,
-            tag=f"{_tag('DetectorInformationSequence')} > {_tag('ImagePositionPatient')}",
+            tag=f"{tag_label('DetectorInformationSequence')} > {tag_label('ImagePositionPatient')}",
             expected="the x, y, z of the first voxel, mm",
         )
     iop = _floats(det.ImageOrientationPatient, 6, path, "ImageOrientationPatient")
@@ -1076,7 +1021,7 @@ def _spect_geometry(series: Series) -> _StackGeometry:
             raise VoxeldoseError(
                 "the distance between SPECT slices is not given",
                 path=path,
-                tag=_tag("SpacingBetweenSlices"),
+                tag=tag_label("SpacingBetweenSlices"),
                 expected="slice spacing, mm (or SliceThickness)",
             )
     spacing = float(spacing)
@@ -1087,7 +1032,7 @@ def _spect_geometry(series: Series) -> _StackGeometry:
         raise VoxeldoseError(
             "SliceVector does not list one entry per frame",
             path=path,
-            tag=_tag("SliceVector"),
+            tag=tag_label("SliceVector"),
             expected=f"{n} values",
             found=len(sv),
         )
@@ -1102,15 +1047,15 @@ def _spect_geometry(series: Series) -> _StackGeometry:
             raise VoxeldoseError(
                 "SliceVector is not a permutation of the slice numbers 1..N: which frame is which slice is unknown",
                 path=path,
-                tag=_tag("SliceVector"),
+                tag=tag_label("SliceVector"),
                 expected=f"each of 1..{n} exactly once",
                 found=list(sv),
             )
         order = [int(i) for i in np.argsort(sv_int, kind="stable")]
     else:
         order = list(range(n))
-    affine = affine_from_dicom(ipp, iop, ps, normal * spacing)
-    return _StackGeometry(affine, order, (n, int(ds.Rows), int(ds.Columns)))
+    affine = affine_from_dicom(ipp.tolist(), iop.tolist(), ps.tolist(), (normal * spacing).tolist())
+    return StackGeometry(affine, order, (n, int(ds.Rows), int(ds.Columns)))
 
 
 # ------------------------------------------------------------------------------------ pixels
@@ -1125,7 +1070,7 @@ def spect_pixel_mode(ds: Dataset, path: Path | str | None = None) -> PixelMode:
         raise VoxeldoseError(
             f"SPECT pixel units {units!r} are not supported",
             path=path,
-            tag=_tag("Units"),
+            tag=tag_label("Units"),
             expected="BQML, CNTS, or a Real World Value Mapping in Bq/ml",
             found=units,
         )
@@ -1136,12 +1081,12 @@ def _rwvm_item(ds: Dataset) -> Dataset | None:
     for item in getattr(ds, "RealWorldValueMappingSequence", None) or []:
         for code in getattr(item, "MeasurementUnitsCodeSequence", None) or []:
             if str(getattr(code, "CodeValue", "")).lower() in ("bq/ml", "bq/cm3"):
-                return item
+                return cast(Dataset, item)
     for frame in getattr(ds, "SharedFunctionalGroupsSequence", None) or []:
         for pvm in getattr(frame, "RealWorldValueMappingSequence", None) or []:
             for code in getattr(pvm, "MeasurementUnitsCodeSequence", None) or []:
                 if str(getattr(code, "CodeValue", "")).lower() in ("bq/ml", "bq/cm3"):
-                    return pvm
+                    return cast(Dataset, pvm)
     return None
 
 
@@ -1170,7 +1115,7 @@ def _pixels(inst: Instance) -> np.ndarray:
         raise VoxeldoseError(
             f"pixel data cannot be decoded ({exc})",
             path=inst.path,
-            tag=_tag("PixelData"),
+            tag=tag_label("PixelData"),
             expected="uncompressed or supported-compressed pixel data",
         ) from None
 
@@ -1189,13 +1134,14 @@ def read_spect(series: Series) -> SpectImage:
     mode = spect_pixel_mode(ds, path)
     if mode == "bqml-rwvm":
         item = _rwvm_item(ds)
+        assert item is not None  # spect_pixel_mode found the Bq/ml mapping
         slope = float(getattr(item, "RealWorldValueSlope", 1.0))
         intercept = float(getattr(item, "RealWorldValueIntercept", 0.0))
         if "RealWorldValueLUTData" in item:
             raise VoxeldoseError(
                 "Real World Value LUTs are not supported",
                 path=path,
-                tag=_tag("RealWorldValueLUTData"),
+                tag=tag_label("RealWorldValueLUTData"),
                 expected="a slope and intercept",
             )
         values, units = arr * slope + intercept, "Bq/ml"
@@ -1231,7 +1177,7 @@ def read_spect(series: Series) -> SpectImage:
 
 def read_ct(series: Series) -> Volume:
     """Read a CT series into a Volume in HU (float32), slices sorted along the normal."""
-    geo = _ct_geometry(series)
+    geo = ct_geometry(series)
     slices = []
     for i in geo.order:
         inst = series.instances[i]
@@ -1244,7 +1190,7 @@ def read_ct(series: Series) -> Volume:
         raise VoxeldoseError(
             "CT slices have different sizes",
             path=series.instances[0].path,
-            tag=_tag("Rows"),
+            tag=tag_label("Rows"),
             expected="equal Rows and Columns",
             found=sorted(shapes),
         )
@@ -1263,7 +1209,7 @@ def read_rtdose(series: Series) -> Volume:
     ds, path = inst.header, inst.path
     units = str(getattr(ds, "DoseUnits", "")).upper()
     if units != "GY":
-        raise VoxeldoseError("RT Dose not in Gy", path=path, tag=_tag("DoseUnits"), expected="GY", found=units)
+        raise VoxeldoseError("RT Dose not in Gy", path=path, tag=tag_label("DoseUnits"), expected="GY", found=units)
     iop = _floats(
         _require(ds, "ImageOrientationPatient", path, "six direction cosines"), 6, path, "ImageOrientationPatient"
     )
@@ -1277,7 +1223,7 @@ def read_rtdose(series: Series) -> Volume:
         raise VoxeldoseError(
             "GridFrameOffsetVector length differs from NumberOfFrames",
             path=path,
-            tag=_tag("GridFrameOffsetVector"),
+            tag=tag_label("GridFrameOffsetVector"),
             expected=f"{n} values",
             found=offsets.size,
         )
@@ -1291,7 +1237,7 @@ def read_rtdose(series: Series) -> Volume:
             "GridFrameOffsetVector starts neither at 0 (relative offsets) nor at the ImagePositionPatient "
             "coordinate along the slice normal (absolute offsets): where the frames are is ambiguous",
             path=path,
-            tag=_tag("GridFrameOffsetVector"),
+            tag=tag_label("GridFrameOffsetVector"),
             expected=f"first value 0 or {ipp_along_normal:g} mm",
             found=float(offsets[0]),
         )
@@ -1302,14 +1248,14 @@ def read_rtdose(series: Series) -> Volume:
             raise VoxeldoseError(
                 "RT Dose frames are not evenly spaced",
                 path=path,
-                tag=_tag("GridFrameOffsetVector"),
+                tag=tag_label("GridFrameOffsetVector"),
                 expected="uniform spacing",
                 found=list(offsets),
             )
         step = float(d[0])
     else:
         step = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
-    affine = affine_from_dicom(ipp, iop, ps, normal * step)
+    affine = affine_from_dicom(ipp.tolist(), iop.tolist(), ps.tolist(), (normal * step).tolist())
     arr = _pixels(inst).astype(np.float64)
     if arr.ndim == 2:
         arr = arr[None]

@@ -17,8 +17,9 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from .dicom_writers import PatientStudy, SeriesInfo, write_rtdose
+from .dicomutil import parse_da as _parse_da
+from .dicomutil import parse_tm as _parse_tm
 from .errors import VoxeldoseError
-from .ingest import _parse_da, _parse_tm
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -50,18 +50,30 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
-from .dicom_writers import Injection, PatientStudy, SeriesInfo, SpectAcquisition
+from .dicom_writers import write_seg
+from .dicomutil import PatientStudy, SeriesInfo
 from .dose import RHO_AIR, SCHNEIDER_2000
 from .geometry import Grid, Volume
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
+from .scanner import (
+    Injection,
+    SpectAcquisition,
+    contours_from_mask,
+    write_ct_series,
+    write_nm_tomo,
+    write_rtstruct,
+)
 
 __all__ = [
     "TISSUES",
@@ -161,7 +173,7 @@ class PhantomSettings:
         SPECT 48 × 48 × 36 at 7.2 mm, CT 96 × 96 × 60 at 3.6 mm × 4.32 mm.  Concentrations (and
         LED doses per GBq) equal the default phantom's; activities are 1/8.
         """
-        base = {
+        base: dict[str, Any] = {
             "anatomy_scale": 0.5,
             "spect_matrix": 48,
             "spect_slices": 36,
@@ -343,7 +355,8 @@ def _index_map(grid: Grid, transform: np.ndarray | None, scale: float) -> np.nda
     m = grid.affine
     if transform is not None:
         m = np.linalg.inv(np.asarray(transform, dtype=float)) @ m
-    return np.diag([1.0 / scale] * 3 + [1.0]) @ m
+    out: np.ndarray = np.diag([1.0 / scale] * 3 + [1.0]) @ m
+    return out
 
 
 def _paint(grid: Grid, transform: np.ndarray | None, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -443,7 +456,8 @@ def hu_on(
         rng = rng or np.random.default_rng(0)
         hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu)
         hu[tis == _T["air"]] = -1000.0
-    return np.rint(hu).astype(np.int16)
+    out: np.ndarray = np.rint(hu).astype(np.int16)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +486,8 @@ def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    out: np.ndarray = rz @ ry @ rx
+    return out
 
 
 def repositioning_transforms(settings: PhantomSettings) -> list[np.ndarray]:
@@ -506,7 +521,7 @@ class _Sampling:
     sub_volume_ml: float
 
 
-def _fine_chunks(grid: Grid, ss: int, chunk: int):
+def _fine_chunks(grid: Grid, ss: int, chunk: int) -> Iterator[tuple[int, int, Grid]]:
     """Yield (k0, k1, fine sub-grid) covering slices k0..k1 of ``grid`` with ss³ sub-points each."""
     nk, nj, ni = grid.shape
     a = grid.affine
@@ -523,7 +538,8 @@ def _fine_chunks(grid: Grid, ss: int, chunk: int):
 
 def _block_sum(fine: np.ndarray, ss: int) -> np.ndarray:
     nk, nj, ni = fine.shape[0] // ss, fine.shape[1] // ss, fine.shape[2] // ss
-    return fine.reshape(nk, ss, nj, ss, ni, ss).sum(axis=(1, 3, 5))
+    out: np.ndarray = fine.reshape(nk, ss, nj, ss, ni, ss).sum(axis=(1, 3, 5))
+    return out
 
 
 def voxel_sums(
@@ -560,10 +576,10 @@ def voxel_sums(
         return None, sampling
     lut = np.zeros(nlab)
     for name, v in values.items():
-        lab = _LABEL[name]
-        if counts[lab] == 0:
+        label = _LABEL[name]
+        if counts[label] == 0:
             raise ValueError(f"VOI {name} has no sample inside the grid")
-        lut[lab] = float(v) / counts[lab]
+        lut[label] = float(v) / counts[label]
     out = np.zeros(grid.shape)
     for k0, k1, lab in stored:
         out[k0:k1] = _block_sum(lut[lab], ss)
@@ -737,8 +753,6 @@ def _decay_during_acquisition(lam: float, t_acq: float) -> float:
 
 def simulate(settings: PhantomSettings | None = None) -> PhantomData:
     """Build the truth and the SPECT images of every time point (no files written)."""
-    from scipy.ndimage import gaussian_filter
-
     st = settings or PhantomSettings()
     if st.pixel_mode not in ("counts", "bqml"):
         raise ValueError(f"pixel_mode must be 'counts' or 'bqml', got {st.pixel_mode!r}")
@@ -938,16 +952,6 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
     give the same Study/Series/Frame-of-Reference/NM-instance UIDs (the CT and SEG/RTSTRUCT writers
     draw their own SOP Instance UIDs).
     """
-    import time
-
-    from .dicom_writers import (
-        contours_from_mask,
-        write_ct_series,
-        write_nm_tomo,
-        write_rtstruct,
-        write_seg,
-    )
-
     st = settings or PhantomSettings()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

@@ -25,9 +25,10 @@ from datetime import datetime
 
 import numpy as np
 
+from .dicomutil import tag_label as _tag
 from .errors import VoxeldoseError
 from .geometry import Volume
-from .ingest import SpectImage, _tag
+from .ingest import SpectImage
 
 
 @dataclass(frozen=True)

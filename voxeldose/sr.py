@@ -37,15 +37,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from .dicom_writers import (
-    PatientStudy,
-    SeriesInfo,
-    _save,
-    _segment_codes,
-    _software_version,
-    write_seg,
-)
+from .dicom_writers import segment_codes as _segment_codes
+from .dicom_writers import write_seg
+from .dicomutil import PatientStudy, SeriesInfo
+from .dicomutil import save_part10 as _save
+from .dicomutil import software_version as _software_version
 from .errors import VoxeldoseError
+from .ingest import ct_geometry as _ct_geometry
 
 __all__ = [
     "MEASUREMENTS",
@@ -102,8 +100,6 @@ MEASUREMENTS: dict[str, tuple[Code, Code, Code | None]] = {
 
 def reference_ct_datasets(result: Any) -> list[pydicom.Dataset]:
     """The reference CT slices (full datasets, pixel data included) in slice order ``k`` of ``result.ct``."""
-    from .ingest import _ct_geometry
-
     series = getattr(result.reference, "ct", None)
     if series is None or result.ct is None:
         raise VoxeldoseError(

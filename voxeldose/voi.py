@@ -23,12 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pydicom
 from matplotlib.path import Path as MplPath
 from pydicom.dataset import Dataset
 
+from .dicomutil import tag_label
 from .errors import VoxeldoseError
 from .geometry import Grid, Volume
-from .ingest import Series, _tag
+from .ingest import Series
 
 #: Supersampling per axis for small ROIs (64 points per voxel).
 MAX_SUBSAMPLES = 4
@@ -221,7 +223,7 @@ def _planar_roi(contours: list[np.ndarray], path: str, roi_name: str, slab_mm: f
         raise VoxeldoseError(
             f"ROI {roi_name!r} has no contour with an area",
             path=path,
-            tag=_tag("ContourData"),
+            tag=tag_label("ContourData"),
             expected="closed planar polygons with at least three points",
         )
     if normal[np.argmax(np.abs(normal))] < 0:
@@ -235,7 +237,7 @@ def _planar_roi(contours: list[np.ndarray], path: str, roi_name: str, slab_mm: f
             raise VoxeldoseError(
                 f"ROI {roi_name!r} has a contour that is not planar or not parallel to the others",
                 path=path,
-                tag=_tag("ContourData"),
+                tag=tag_label("ContourData"),
                 expected="CLOSED_PLANAR contours in parallel planes",
             )
     # merge planes closer than 0.01 mm
@@ -257,7 +259,7 @@ def _planar_roi(contours: list[np.ndarray], path: str, roi_name: str, slab_mm: f
             raise VoxeldoseError(
                 f"ROI {roi_name!r} is contoured on a single plane: its thickness is unknown",
                 path=path,
-                tag=_tag("ContourData"),
+                tag=tag_label("ContourData"),
                 expected="contours on two or more slices (or the slice thickness)",
             )
     allpts = np.concatenate(contours)
@@ -297,7 +299,7 @@ def rasterise_rtstruct(
             raise VoxeldoseError(
                 f"ROI contour refers to ROI number {number}, which the structure set does not define",
                 path=path,
-                tag=_tag("ReferencedROINumber"),
+                tag=tag_label("ReferencedROINumber"),
                 expected=f"one of {sorted(rois)}",
                 found=number,
             )
@@ -313,7 +315,7 @@ def rasterise_rtstruct(
                 raise VoxeldoseError(
                     f"ROI {name!r}: contour data is not a list of at least three x, y, z points",
                     path=path,
-                    tag=_tag("ContourData"),
+                    tag=tag_label("ContourData"),
                     expected="3 × N values, N ≥ 3",
                     found=data.size,
                 )
@@ -336,7 +338,7 @@ def rasterise_rtstruct(
             raise VoxeldoseError(
                 f"ROI(s) {sorted(missing)} not found in the structure set",
                 path=path,
-                tag=_tag("StructureSetROISequence"),
+                tag=tag_label("StructureSetROISequence"),
                 expected=f"one of {sorted(rois.values())}",
             )
     return out
@@ -345,8 +347,7 @@ def rasterise_rtstruct(
 # ------------------------------------------------------------------------------------------ SEG
 def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> dict[str, VOI]:
     """Read a binary/fractional SEG (highdicom) and sample each segment onto ``grid``."""
-    import highdicom as hd
-    import pydicom
+    import highdicom as hd  # heavy (about a second to import): only when a SEG is read
 
     path = series.instances[0].path
     try:
@@ -356,7 +357,7 @@ def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> d
         raise VoxeldoseError(
             f"the segmentation cannot be read ({exc})",
             path=path,
-            tag=_tag("SegmentSequence"),
+            tag=tag_label("SegmentSequence"),
             expected="a DICOM Segmentation (binary or fractional)",
         ) from None
     labels = {n: str(seg.get_segment_description(n).SegmentLabel) for n in numbers}
@@ -367,11 +368,11 @@ def read_seg(series: Series, grid: Grid, *, names: list[str] | None = None) -> d
             continue
         try:
             vol = seg.get_volume(segment_numbers=[n], combine_segments=True, dtype=np.uint8)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - highdicom raises ValueError/RuntimeError/KeyError for odd SEGs
             raise VoxeldoseError(
                 f"segment {label!r} cannot be arranged as a volume ({exc})",
                 path=path,
-                tag=_tag("PerFrameFunctionalGroupsSequence"),
+                tag=tag_label("PerFrameFunctionalGroupsSequence"),
                 expected="parallel, evenly spaced frames",
             ) from None
         arr = np.asarray(vol.array) > 0
@@ -419,7 +420,7 @@ def load_vois(
     raise VoxeldoseError(
         f"series {series.description!r} holds no VOIs",
         path=series.instances[0].path,
-        tag=_tag("SOPClassUID"),
+        tag=tag_label("SOPClassUID"),
         expected="an RT Structure Set or a Segmentation",
         found=series.kind,
     )
