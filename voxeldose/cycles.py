@@ -473,23 +473,13 @@ def cumulative_summary(
     else:
         notes.append("no kidney or marrow VOI: cycles left not computed")
     return Cumulative(
-        cycles=[
-            CycleRow(
-                number=r["cycle"],
-                date=r["date"],
-                activity_MBq=r["activity_bq"] / 1e6,
-                kidney_gy=r["dose_gy"].get("kidney"),
-                kidney_bed_gy=r["bed_gy"].get("kidney"),
-                marrow_gy=r["dose_gy"].get("marrow"),
-            )
-            for r in cum["per_cycle"]
-        ],
+        cycles=[_row(r) for r in cum["per_cycle"]],
         total=Totals(dose_gy=cum["dose_gy"], bed_gy=cum["bed_gy"], activity_MBq=cum["activity_bq_total"] / 1e6),
         limits=LimitsUsed(
-            kidney_gy=lim.kidney_gy,
+            kidney_gy=limits.kidney_dose_gy,
             kidney_bed_gy=limits.kidney_bed_gy,
-            kidney_risk_factors=lim.kidney_risk_factors,
-            marrow_gy=lim.marrow_gy,
+            kidney_risk_factors=limits.kidney_risk_factors,
+            marrow_gy=limits.marrow_dose_gy,
             sources=dict(limits.sources),
         ),
         planned_activity_MBq=lim.planned_activity_mbq,
@@ -497,4 +487,17 @@ def cumulative_summary(
         notes=notes,
         kidney_figure=KIDNEY_FIGURE,
         estimated_earlier_cycles=estimated,
+    )
+
+
+def _row(r: Mapping[str, Any]) -> CycleRow:
+    """One row of :func:`cumulative`'s ``per_cycle`` as the summary's cycle table has it (MBq, Gy)."""
+    dose, bed_gy = r["dose_gy"], r["bed_gy"]
+    return CycleRow(
+        number=r["cycle"],
+        date=r["date"],
+        activity_MBq=r["activity_bq"] / 1e6,
+        kidney_gy=dose.get("kidney"),
+        kidney_bed_gy=bed_gy.get("kidney"),
+        marrow_gy=dose.get("marrow"),
     )

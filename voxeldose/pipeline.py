@@ -520,7 +520,7 @@ def _metrics(
         entry: dict[str, Any] = {"role": role, "source": voi.source, **m}
         if rho is not None:
             entry["mass_g"] = float((voi.fraction * rho).sum(dtype=np.float64) * voxel_ml)
-            entry["notes"] = [n for n in m.get("notes", []) if not n.startswith("no density map")]
+            entry["notes"] = [n for n in m["notes"] if not n.startswith("no density map")]
             entry["mass_source"] = "CT (Schneider et al. 2000 HU→density)"
         if kin.voxel_flags is not None:
             entry["voxel_tia_physical_decay_tail_fraction"] = _tail_fraction(name, voi, role, kin.voxel_flags, warnings)
