@@ -30,7 +30,7 @@ r = run({"inputs": [root + "/dicom"], "calibration": {"cps_per_mbq": truth["cali
 t1 = time.perf_counter()
 write_outputs(r, root + "/bench-out")
 t2 = time.perf_counter()
-print(json.dumps({"import_and_run_s": t1 - t0, "outputs_s": t2 - t1, "stages": r.summary["provenance"]["timings_s"]}))
+print(json.dumps({"import_and_run_s": t1 - t0, "outputs_s": t2 - t1, "stages": r.summary.provenance.timings_s}))
 """
 
 

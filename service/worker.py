@@ -109,7 +109,7 @@ def write_atomically(result: Result, out_dir: Path) -> Path:
             write_pacs_objects(result, tmp)
         except Exception as err:
             why = str(err) if isinstance(err, VoxeldoseError) else f"internal error ({type(err).__name__})"
-            result.summary.setdefault("warnings", []).append(f"no SEG/SR for the PACS: {why}")
+            result.summary.warnings.append(f"no SEG/SR for the PACS: {why}")
             log.warning("SEG/SR not written: %s", type(err).__name__, exc_info=not isinstance(err, VoxeldoseError))
             for name in ("seg.dcm", "sr.dcm"):
                 (tmp / name).unlink(missing_ok=True)
@@ -141,7 +141,7 @@ def run_job(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) 
     except Exception:
         log.exception("job %s: internal error", job_id)
         return {"error": INTERNAL_ERROR.format(job_id=job_id), "internal": True}
-    patient = (result.summary.get("patient") or {}).get("id")
+    patient = result.summary.patient.id
     log.info("job %s: done in %.1f s", job_id, time.monotonic() - t0)
     return {
         "result_dir": str(out),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +219,67 @@ def test_bad_spec_files_give_one_line_errors(tmp_path: Path, content: str) -> No
 def test_injection_datetime_with_utc_offset_is_refused(tmp_path: Path) -> None:
     res = run("inspect", str(tmp_path), "--injection-datetime", "2026-01-05T09:30+01:00")
     assert res.returncode == 2 and "UTC offset" in res.stderr and "Traceback" not in res.stderr
+
+
+#: The documented form of an error line: ``error: FILE: what is wrong (tag KEYWORD; expected …; found …)``.
+ERROR_LINE = re.compile(
+    r"^error: (?P<file>[^:]+): (?P<what>.+) \(tag (?P<tag>[^;()]+); expected (?P<expected>[^;]+)(; found (?P<found>.+))?\)$"
+)
+
+
+def _one_error_line(stderr: str) -> re.Match[str]:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    m = ERROR_LINE.match(lines[0])
+    assert m is not None, lines[0]
+    return m
+
+
+def test_spec_error_names_the_job_file_and_the_field(tmp_path: Path) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text('{"calibration": {"cps_per_mbq": -5.67}}')
+    res = run("run", str(tmp_path), "--out", str(tmp_path / "o"), "--spec", str(spec))
+    assert res.returncode == 2, res.stderr
+    m = _one_error_line(res.stderr)
+    assert m["file"] == str(spec) and m["tag"] == "calibration.cps_per_mbq"
+    assert m["expected"] == "greater than 0" and m["found"] == "-5.67"
+
+
+def test_calibration_error_names_the_spect_file_and_the_job_field(tmp_path: Path, small_phantom: Path) -> None:
+    res = run("run", str(small_phantom / "dicom"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2, res.stderr
+    m = _one_error_line(res.stderr)
+    assert m["file"].endswith(".dcm") and Path(m["file"]).is_file()
+    assert m["tag"] == "calibration.cps_per_mbq" and "--calibration" in m["expected"]
+
+
+def test_inspect_and_run_agree_on_a_cycle_without_vois(tmp_path: Path, small_phantom: Path) -> None:
+    """Without its RTSTRUCT and SEG the phantom cannot be run; inspect says so (an error, exit 1) with the
+    reason that run then gives (exit 2)."""
+    src = small_phantom / "dicom"
+    dst = tmp_path / "dicom"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("RTSTRUCT.dcm", "SEG.dcm"))
+    assert not list(dst.rglob("RTSTRUCT.dcm")) and not list(dst.rglob("SEG.dcm"))
+    res = run("inspect", str(dst), "--json")
+    assert res.returncode == 1, res.stdout + res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["ok"] is False
+    [err] = [p for p in rep["problems"] if p["severity"] == "error"]
+    assert err["tag"] == "RTSTRUCT/SEG FrameOfReferenceUID" and "no VOIs on the reference time point" in err["message"]
+    text = run("inspect", str(dst))
+    assert text.returncode == 1 and "problems: none" not in text.stdout and "[error]" in text.stdout
+    truth = json.loads((small_phantom / "truth" / "truth.json").read_text())
+    res = run("run", str(dst), "--out", str(tmp_path / "o"), "--calibration", str(truth["calibration_cps_per_mbq"]))
+    assert res.returncode == 2
+    m = _one_error_line(res.stderr)
+    assert m["tag"] == err["tag"] and "no VOIs on the reference time point" in m["what"]
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_inspect_says_a_counts_series_needs_the_calibration(small_phantom: Path) -> None:
+    """Not an error (inspect takes no calibration), but said: run needs --calibration for raw counts."""
+    res = run("inspect", str(small_phantom / "dicom"), "--json")
+    assert res.returncode == 0
+    rep = json.loads(res.stdout)
+    [info] = [p for p in rep["problems"] if p["tag"] == "calibration.cps_per_mbq"]
+    assert info["severity"] == "info" and "voxeldose run" in info["message"]

@@ -7,9 +7,11 @@ import math
 
 import pytest
 
-from voxeldose.cycles import CycleDose, Limits, cumulative, cycles_left
+from voxeldose.cycles import KIDNEY_FIGURE, CycleDose, Limits, cumulative, cumulative_summary, cycles_left
 from voxeldose.errors import VoxeldoseError
 from voxeldose.metrics import bed
+from voxeldose.spec import JobSpec
+from voxeldose.summary import Dvh, Marrow, MarrowImageBased, VoiMetrics
 
 
 def _cycle(n, kidney, marrow=0.1, g=0.1, **kw):
@@ -130,3 +132,92 @@ def test_cycles_left_rejects_bad_input():
         cycles_left(cumulative_dose_gy={"kidney": 1.0}, dose_per_gbq={"kidney": 1.0}, activity_per_cycle_bq=0)
     with pytest.raises(VoxeldoseError):
         CycleDose(1, None, 7.4e9, {"kidney": -1.0})
+
+
+def _kidney(mean_gy: float, g: float, ab: float) -> VoiMetrics:
+    return VoiMetrics(
+        role="kidney",
+        source="RTSTRUCT",
+        volume_ml=150.0,
+        mass_g=None,
+        mean_gy=mean_gy,
+        mean_weighting="volume",
+        min_gy=None,
+        max_gy=None,
+        min_max_over="fraction>=0.5",
+        D2_gy=None,
+        D50_gy=None,
+        D98_gy=None,
+        D2cc_gy=None,
+        injected_activity_bq=7.4e9,
+        gy_per_gbq=mean_gy / 7.4,
+        dvh=Dvh(
+            dose_gy=[0.0], volume_fraction=[1.0], total_volume_ml=150.0, bin_gy=0.1, downsampled=False, definition=""
+        ),
+        notes=[],
+        g_factor=g,
+        bed_gy=bed(mean_gy, g, ab),
+        alpha_beta_gy=ab,
+    )
+
+
+def test_cumulative_summary_of_a_run_hand_example():
+    """This cycle (7.4 GBq): kidneys 4 and 5 Gy (the higher counts), image-based marrow 0.5 Gy.  Earlier
+    cycle 1 (3.7 GBq): kidney 6 Gy measured, no marrow dosimetry → estimated 0.5 × 3.7/7.4 = 0.25 Gy; its
+    kidney BED from this cycle's G: 6 + 0.1·36/2.6.  Cycles left at 7.4 GBq: kidney dose ⌊(23 − 11)/5⌋ = 2,
+    kidney BED ⌊(28 − 13.35)/5.96⌋ = 2, marrow ⌊(2 − 0.75)/0.5⌋ = 2."""
+    g, ab = 0.1, 2.6
+    vois = {"Kidney_L": _kidney(4.0, g, ab), "Kidney_R": _kidney(5.0, g, ab)}
+    marrow = Marrow(
+        image_based=MarrowImageBased(
+            voi="L2L4", red_marrow_gy=0.5, method="image", mean_dose_l2l4_gy=0.5, recovery_coefficient=1.0, notes=[]
+        ),
+        blood_based=None,
+    )
+    spec = JobSpec(
+        inputs=["x"],
+        cycle_number=2,
+        earlier_cycles=[{"number": 1, "date": "2025-11-10", "activity_mbq": 3700, "kidney_gy": 6.0}],
+    )
+    warnings: list[str] = []
+    cum = cumulative_summary(
+        vois, marrow, spec, injection_date=dt.date(2026, 1, 5), activity_bq=7.4e9, warnings=warnings
+    )
+    assert [(c.number, c.date, c.activity_MBq) for c in cum.cycles] == [
+        (1, "2025-11-10", 3700.0),
+        (2, "2026-01-05", 7400.0),
+    ]
+    assert [c.kidney_gy for c in cum.cycles] == [6.0, 5.0]
+    assert [c.marrow_gy for c in cum.cycles] == [pytest.approx(0.25), 0.5]
+    bed_1, bed_2 = 6.0 + g * 36.0 / ab, 5.0 + g * 25.0 / ab
+    assert [c.kidney_bed_gy for c in cum.cycles] == [pytest.approx(bed_1), pytest.approx(bed_2)]
+    assert cum.total.dose_gy == {"kidney": pytest.approx(11.0), "marrow": pytest.approx(0.75)}
+    assert cum.total.bed_gy["kidney"] == pytest.approx(bed_1 + bed_2)
+    assert cum.total.activity_MBq == pytest.approx(11100.0)
+    assert [(e.cycle, e.organ, e.dose_gy) for e in cum.estimated_earlier_cycles] == [(1, "marrow", pytest.approx(0.25))]
+    assert cum.cycles_left is not None and cum.cycles_left.cycles_left == 2
+    assert [r.cycles_left for r in cum.cycles_left.limits] == [2, math.floor((28 - bed_1 - bed_2) / bed_2), 2]
+    assert any("cycle 1 has no marrow dosimetry" in w for w in warnings)
+    assert any("cycle 1 has no kidney BED" in w for w in warnings)
+    assert cum.limits.kidney_bed_gy == 28.0 and cum.kidney_figure == KIDNEY_FIGURE
+
+
+def test_cumulative_summary_without_organs_at_risk_says_so():
+    cum = cumulative_summary(
+        {},
+        Marrow(image_based=None, blood_based=None),
+        JobSpec(inputs=["x"]),
+        injection_date=dt.date(2026, 1, 5),
+        activity_bq=7.4e9,
+        warnings=[],
+    )
+    assert cum.cycles_left is None and "no kidney or marrow VOI: cycles left not computed" in cum.notes
+    with pytest.raises(VoxeldoseError, match="both this cycle and an earlier one"):
+        cumulative_summary(
+            {},
+            Marrow(image_based=None, blood_based=None),
+            JobSpec(inputs=["x"], earlier_cycles=[{"number": 1, "activity_mbq": 7400}]),
+            injection_date=dt.date(2026, 1, 5),
+            activity_bq=7.4e9,
+            warnings=[],
+        )

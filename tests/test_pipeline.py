@@ -39,6 +39,7 @@ from voxeldose.errors import VoxeldoseError
 from voxeldose.kernels import get_kernel
 from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import run, write_outputs
+from voxeldose.summary import SCHEMA_VERSION, Summary
 
 UPTAKE_VOIS = ["Liver", "Spleen", "Kidney_L", "Kidney_R", "Tumor_1", "Tumor_2", "Tumor_3", "Tumor_4", "Tumor_5"]
 EARLY_PHASE_VOIS = ["Marrow_L2L4", "Lung_L", "Lung_R", "Bladder"]
@@ -106,7 +107,7 @@ def test_ideal_camera_doses_within_3_percent(ideal) -> None:
     for name in EARLY_PHASE_VOIS:
         seen = _early_phase_seen(truth["voi"][name]["kinetics"], truth["settings"]["hours"][0])
         assert seen - 0.03 <= got[name] / want[name] <= 1.03, (name, seen, got[name] / want[name])
-    assert all(tp["registration"]["quality"] == "good" for tp in result.summary["timepoints"])
+    assert all(tp.registration.quality == "good" for tp in result.summary.timepoints)
 
 
 @pytest.mark.slow
@@ -128,26 +129,29 @@ def test_realistic_camera_matches_predicted_partial_volume_loss(realistic) -> No
 def test_kidney_dose_per_gbq_in_the_clinical_range(realistic) -> None:
     _, _, result, _ = realistic
     for name in ("Kidney_L", "Kidney_R"):
-        assert 0.4 <= result.summary["vois"][name]["gy_per_gbq"] <= 0.9  # 177Lu-DOTATATE, PHYSICS.md
+        assert 0.4 <= result.summary.vois[name].gy_per_gbq <= 0.9  # 177Lu-DOTATATE, PHYSICS.md
     _assert_cycles_left_by_hand(result.summary, earlier_kidney_gy=0.0, earlier_kidney_bed_gy=0.0, earlier_marrow_gy=0.0)
 
 
 def _assert_cycles_left_by_hand(
-    summary: dict, *, earlier_kidney_gy: float, earlier_kidney_bed_gy: float, earlier_marrow_gy: float
+    summary: Summary, *, earlier_kidney_gy: float, earlier_kidney_bed_gy: float, earlier_marrow_gy: float
 ) -> None:
     """Cycles left recomputed by hand from the summary's own per-cycle figures and the default limits:
     n = floor((limit − cumulative) / per cycle) for kidney dose 23 Gy, kidney BED 28 Gy (per cycle
     d + G d²/(α/β)) and marrow 2 Gy; the answer is the smallest."""
-    vois = summary["vois"]
-    kid = max((vois[n] for n in ("Kidney_L", "Kidney_R")), key=lambda v: v["mean_gy"])
-    d, g, ab = kid["mean_gy"], kid["g_factor"], kid["alpha_beta_gy"]
+    vois = summary.vois
+    kid = max((vois[n] for n in ("Kidney_L", "Kidney_R")), key=lambda v: v.mean_gy)
+    d, g, ab = kid.mean_gy, kid.g_factor, kid.alpha_beta_gy
+    assert g is not None and ab is not None
     bed_cycle = d + g * d * d / ab
-    marrow = summary["marrow"]["blood_based"] or summary["marrow"]["image_based"]
-    m = marrow["red_marrow_gy"]
+    marrow = summary.marrow.blood_based or summary.marrow.image_based
+    assert marrow is not None
+    m = marrow.red_marrow_gy
     n_dose = math.floor((23.0 - earlier_kidney_gy - d) / d + 1e-9)
     n_bed = math.floor((28.0 - earlier_kidney_bed_gy - bed_cycle) / bed_cycle + 1e-9)
     n_marrow = math.floor((2.0 - earlier_marrow_gy - m) / m + 1e-9)
-    assert summary["cumulative"]["cycles_left"]["cycles_left"] == max(0, min(n_dose, n_bed, n_marrow))
+    assert summary.cumulative.cycles_left is not None
+    assert summary.cumulative.cycles_left.cycles_left == max(0, min(n_dose, n_bed, n_marrow))
 
 
 @pytest.mark.slow
@@ -155,9 +159,12 @@ def test_outputs_rtdose_summary_report(realistic, dciodvfy_exe: str) -> None:
     root, truth, result, paths = realistic
     assert set(paths) == {"rtdose", "summary", "report"}
     assert not dciodvfy_errors(dciodvfy_exe, paths["rtdose"])
-    summary = json.loads(paths["summary"].read_text())
-    assert summary["schema"] == "voxeldose.summary/1"
-    kid = summary["vois"]["Kidney_L"]
+    raw = json.loads(paths["summary"].read_text())
+    assert raw["schema"] == SCHEMA_VERSION == "voxeldose.summary/2"
+    summary = Summary.load(paths["summary"])
+    assert paths["summary"].read_text() == result.summary.to_json() == summary.to_json()  # written = run's = loaded
+    kid_raw = raw["vois"]["Kidney_L"]
+    kid = summary.vois["Kidney_L"]
     for key in (
         "volume_ml",
         "mass_g",
@@ -174,12 +181,17 @@ def test_outputs_rtdose_summary_report(realistic, dciodvfy_exe: str) -> None:
         "time_activity",
         "tia_bqs",
     ):
-        assert key in kid, key
-    assert kid["D98_gy"] <= kid["D50_gy"] <= kid["D2_gy"] <= kid["max_gy"]
+        assert key in kid_raw, key
+    assert kid.D98_gy is not None and kid.D50_gy is not None and kid.D2_gy is not None and kid.max_gy is not None
+    assert kid.D98_gy <= kid.D50_gy <= kid.D2_gy <= kid.max_gy
     # mass from CT: kidney tissue 1.05 g/ml (ICRU 44, the phantom's CT number maps back through Schneider)
-    assert kid["mass_g"] / kid["volume_ml"] == pytest.approx(1.05, abs=0.06)
-    prov = summary["provenance"]
-    assert prov["kernel_id"] and prov["inputs"]["sop_instances"] > 900 and prov["software"]["voxeldose"]
+    assert kid.mass_g is not None and kid.mass_g / kid.volume_ml == pytest.approx(1.05, abs=0.06)
+    prov = summary.provenance
+    assert prov.kernel_id and prov.inputs.sop_instances > 900 and prov.software["voxeldose"]
+    # where each injection value came from: the SPECT's Radiopharmaceutical Information Sequence (0054,0016)
+    inj = summary.cycle.injection
+    assert inj.nuclide_source == "RadionuclideCodeSequence (0054,0300)"
+    assert inj.radiopharmaceutical_source == "Radiopharmaceutical (0018,0031)" and inj.radiopharmaceutical
     html = paths["report"].read_text()
     assert "Kidney_L" in html and "<img" in html and "http://" not in html and "https://" not in html
 
@@ -196,15 +208,17 @@ def test_rtdose_dvh_by_dicompyler_matches_summary(realistic, dvh_python: Path) -
     root, truth, result, paths = realistic
     rs = root / "dicom" / "RTSTRUCT.dcm"
     ref = dicompyler(dvh_python, rs, paths["rtdose"], interpolation_mm=None)
-    summary = json.loads(paths["summary"].read_text())
+    summary = Summary.load(paths["summary"])
     for name in ("Kidney_L", "Kidney_R", "Liver", "Spleen", "Tumor_1"):
-        assert ref[name]["mean_gy"] == pytest.approx(summary["vois"][name]["mean_gy"], rel=0.01), name
+        assert ref[name]["mean_gy"] == pytest.approx(summary.vois[name].mean_gy, rel=0.01), name
 
 
 def test_count_series_without_calibration_is_a_clear_error(tmp_path: Path) -> None:
     write_phantom(tmp_path, PhantomSettings.small(hours=(24.0, 96.0)))
-    with pytest.raises(VoxeldoseError, match=r"raw counts and no calibration factor.*--calibration"):
+    with pytest.raises(VoxeldoseError, match=r"raw counts and no calibration factor.*--calibration") as err:
         run({"inputs": [str(tmp_path / "dicom")]})
+    assert err.value.tag == "calibration.cps_per_mbq"  # the job field that supplies it
+    assert err.value.path is not None and err.value.path.endswith(".dcm")
 
 
 def test_single_time_point_needs_stp_and_uses_hanscheid(tmp_path: Path) -> None:
@@ -213,7 +227,7 @@ def test_single_time_point_needs_stp_and_uses_hanscheid(tmp_path: Path) -> None:
     with pytest.raises(VoxeldoseError, match="single time point|single-time-point"):
         run(_spec(tmp_path, truth, fit={"model": "monoexp"}))
     res = run(_spec(tmp_path, truth, fit={"model": "stp"}))
-    assert "Hänscheid" in res.summary["methods"]["voxel_tia"]
+    assert "Hänscheid" in res.summary.methods.voxel_tia
     # Hänscheid et al. 2018: TIA = A(t)·2t/ln2 voxel by voxel, so for every VOI Σ TIA / Σ A(t) = 2t/ln2 exactly
     t = 96.0 * 3600
     for name, voi in res.vois.items():
@@ -221,12 +235,14 @@ def test_single_time_point_needs_stp_and_uses_hanscheid(tmp_path: Path) -> None:
         tia = float((voi.fraction * res.tia.array).sum())
         assert tia == pytest.approx(a * 2 * t / math.log(2), rel=1e-5), name
     # and the kidney BED uses the method's own assumption, T_eff = t
-    assert "T_eff = scan time" in res.summary["vois"]["Kidney_L"]["bed_kinetics"]
+    assert "T_eff = scan time" in (res.summary.vois["Kidney_L"].bed_kinetics or "")
 
 
 def test_invalid_spec_is_a_clear_error() -> None:
-    with pytest.raises(VoxeldoseError, match="invalid job description"):
-        run({"inputs": [], "dose": {"method": "magic"}})
+    with pytest.raises(VoxeldoseError, match="invalid job description") as err:
+        run({"inputs": ["somewhere"], "dose": {"method": "magic"}})
+    assert err.value.tag == "dose.method" and err.value.found == "magic"
+    assert err.value.expected is not None and "'dvk'" in err.value.expected
 
 
 def test_blood_based_marrow_and_earlier_cycles(tmp_path: Path) -> None:
@@ -249,20 +265,23 @@ def test_blood_based_marrow_and_earlier_cycles(tmp_path: Path) -> None:
         cycle_number=3,
     )
     res = run(spec)
-    bb = res.summary["marrow"]["blood_based"]
+    bb = res.summary.marrow.blood_based
+    assert bb is not None
     e_e_j = truth["electron_energy_per_decay_j"]
     # self-dose with RMBLR = 1 and φ = 1: D = (C0/k per g) · E_e — the marrow mass cancels (EANM 2010)
-    assert bb["red_marrow_gy"] == pytest.approx(c0 / k * 1000.0 * e_e_j, rel=0.02)
-    cum = res.summary["cumulative"]
-    kid_entry = max((res.summary["vois"][n] for n in ("Kidney_L", "Kidney_R")), key=lambda v: v["mean_gy"])
-    kid, g, ab = kid_entry["mean_gy"], kid_entry["g_factor"], kid_entry["alpha_beta_gy"]
-    m = bb["red_marrow_gy"]
+    assert bb.red_marrow_gy == pytest.approx(c0 / k * 1000.0 * e_e_j, rel=0.02)
+    cum = res.summary.cumulative
+    kid_entry = max((res.summary.vois[n] for n in ("Kidney_L", "Kidney_R")), key=lambda v: v.mean_gy)
+    kid, g, ab = kid_entry.mean_gy, kid_entry.g_factor, kid_entry.alpha_beta_gy
+    assert g is not None and ab is not None
+    m = bb.red_marrow_gy
     # cycle 2 (3.7 GBq, no dosimetry) is estimated from this cycle's dose per GBq: half of this cycle's dose
     est_k, est_m = kid / 2, m / 2
-    assert cum["total"]["dose_gy"]["kidney"] == pytest.approx(5.0 + est_k + kid)
-    assert cum["total"]["dose_gy"]["marrow"] == pytest.approx(0.1 + est_m + m)
-    assert [c["number"] for c in cum["cycles"]] == [1, 2, 3]
-    assert any("cycle 2 has no kidney dosimetry" in w for w in res.summary["warnings"])
+    assert cum.total.dose_gy["kidney"] == pytest.approx(5.0 + est_k + kid)
+    assert cum.total.dose_gy["marrow"] == pytest.approx(0.1 + est_m + m)
+    assert [c.number for c in cum.cycles] == [1, 2, 3]
+    assert [(e.cycle, e.organ) for e in cum.estimated_earlier_cycles] == [(2, "kidney"), (2, "marrow")]
+    assert any("cycle 2 has no kidney dosimetry" in w for w in res.summary.warnings)
     # earlier cycles' BED with this cycle's G (their kinetics are not known)
     earlier_bed = (5.0 + g * 25.0 / ab) + (est_k + g * est_k**2 / ab)
     _assert_cycles_left_by_hand(
@@ -276,10 +295,10 @@ def test_density_corrected_dose_through_the_pipeline(tmp_path: Path) -> None:
     says, because the energy of lung activity lands in a quarter of the mass — and everything stays finite."""
     write_phantom(tmp_path, PhantomSettings.small())
     truth = json.loads((tmp_path / "truth" / "truth.json").read_text())
-    dvk = run(_spec(tmp_path, truth)).summary["vois"]
-    dens = run(_spec(tmp_path, truth, dose={"method": "dvk-density"})).summary["vois"]
+    dvk = run(_spec(tmp_path, truth)).summary.vois
+    dens = run(_spec(tmp_path, truth, dose={"method": "dvk-density"})).summary.vois
     for name in ("Kidney_L", "Kidney_R", "Liver", "Spleen"):
-        assert dens[name]["mean_gy"] / dvk[name]["mean_gy"] == pytest.approx(1 / 1.05, rel=0.03), name
+        assert dens[name].mean_gy / dvk[name].mean_gy == pytest.approx(1 / 1.05, rel=0.03), name
     for name in ("Lung_L", "Lung_R"):
-        assert dens[name]["mean_gy"] > 1.5 * dvk[name]["mean_gy"]
-    assert all(math.isfinite(v["mean_gy"]) and math.isfinite(v["max_gy"]) for v in dens.values())
+        assert dens[name].mean_gy > 1.5 * dvk[name].mean_gy
+    assert all(math.isfinite(v.mean_gy) and v.max_gy is not None and math.isfinite(v.max_gy) for v in dens.values())

@@ -1,4 +1,5 @@
-"""Tests of voxeldose.report: one self-contained HTML file, escaped text, robust to missing keys."""
+"""Tests of voxeldose.report: one self-contained HTML file, escaped text, robust to every optional part of the
+summary being absent (and to non-finite numbers)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from voxeldose.geometry import Volume
 from voxeldose.report import console_table, render_report
+from voxeldose.summary import Summary, VoiMetrics
 
 SHAPE = (12, 20, 24)  # (k, j, i)
 AFFINE = np.diag([4.8, 4.8, 4.8, 1.0])
@@ -46,72 +49,139 @@ def _voi(role: str, mean: float, **extra) -> dict:
     x = np.linspace(0, mean * 1.5, 30)
     return {
         "role": role,
+        "source": "RTSTRUCT",
         "volume_ml": 152.34,
         "mass_g": 158.1,
         "mean_gy": mean,
+        "mean_weighting": "volume",
         "min_gy": mean * 0.4,
         "max_gy": mean * 1.5,
+        "min_max_over": "fraction>=0.5",
         "D2_gy": mean * 1.35,
-        "d50_gy": mean * 0.98,
-        "d98_gy": mean * 0.6,
+        "D50_gy": mean * 0.98,
+        "D98_gy": mean * 0.6,
+        "D2cc_gy": mean * 1.3,
+        "injected_activity_bq": 7.4e9,
         "gy_per_gbq": mean / 7.4,
+        "dvh": {
+            "dose_gy": x.tolist(),
+            "volume_fraction": np.clip(1 - (x / (mean * 1.5)) ** 3, 0, 1).tolist(),
+            "total_volume_ml": 152.34,
+            "bin_gy": 0.05,
+            "downsampled": False,
+            "definition": "cumulative",
+        },
+        "notes": [],
         "tia_bqs": 1.234e14,
-        "dvh": {"dose_gy": x.tolist(), "volume_fraction": np.clip(1 - (x / (mean * 1.5)) ** 3, 0, 1).tolist()},
         "time_activity": {
-            "times_h": [4.0, 24.0, 96.0],
-            "activity_mbq": [120.0, 95.0, 40.0],
             "model": "biexponential",
             "curve": {
                 "times_h": np.linspace(0, 150, 40).tolist(),
                 "activity_mbq": (130 * np.exp(-np.linspace(0, 150, 40) / 90)).tolist(),
             },
+            "times_h": [4.0, 24.0, 96.0],
+            "activity_mbq": [120.0, 95.0, 40.0],
         },
         **extra,
     }
 
 
-def _summary() -> dict:
+def _timepoint(hours: float, when: str, uid: str, registration: dict) -> dict:
     return {
-        "schema": "voxeldose.summary/1",
+        "hours": hours,
+        "acquisition_datetime": when,
+        "acquisition_time_source": "AcquisitionDateTime (0008,002A)",
+        "spect_series_uid": uid,
+        "ct_series_uid": None,
+        "quantification": {
+            "series_instance_uid": uid,
+            "pixel_mode": "counts",
+            "calibration_cps_per_mbq": 9.8,
+            "calibration_source": "NEMA phantom",
+            "acquisition_duration_s": 1800.0,
+            "decay_during_acquisition_factor": 0.999,
+            "decay_correction": "none",
+            "total_activity_mbq": 3000.0,
+        },
+        "registration": registration,
+    }
+
+
+def _cycle_row(number: int, date: str | None, kidney: float, kidney_bed: float | None, marrow: float | None) -> dict:
+    return {
+        "number": number,
+        "date": date,
+        "activity_MBq": 7400,
+        "kidney_gy": kidney,
+        "kidney_bed_gy": kidney_bed,
+        "marrow_gy": marrow,
+    }
+
+
+def _limit_row(name: str, limit: float, current: float, per_cycle: float, left: int) -> dict:
+    return {
+        "limit": name,
+        "quantity": "absorbed dose",
+        "limit_gy": limit,
+        "source": "a reference",
+        "current_gy": current,
+        "per_cycle_gy": per_cycle,
+        "cycles_left": left,
+        "after_cycles_gy": current + left * per_cycle,
+        "after_next_cycle_gy": current + (left + 1) * per_cycle,
+        "exceeded": current > limit,
+        "message": f"{name}: {left} more cycle(s)",
+    }
+
+
+def _summary_dict() -> dict:
+    """A valid ``voxeldose.summary/2`` document with hand-chosen values (as summary.json holds it)."""
+    return {
+        "schema": "voxeldose.summary/2",
         "patient": {"id": "VXD-0042", "name": "DOE^JANE"},
         "cycle": {
             "number": 3,
             "injection": {
                 "datetime": "2024-05-02T10:15:00",
+                "datetime_source": "caller",
                 "activity_MBq": 7400.0,
+                "activity_source": "caller",
                 "nuclide": "Lu-177",
+                "nuclide_source": "caller",
                 "radiopharmaceutical": "Lu-177-DOTATATE",
+                "radiopharmaceutical_source": "Radiopharmaceutical (0018,0031)",
             },
         },
+        "reference_timepoint": 0,
         "timepoints": [
-            {
-                "hours": 4.1,
-                "acquisition_datetime": "2024-05-02T14:21:00",
-                "spect_series_uid": "1.2.826.0.1.9.1",
-                "registration": {
-                    "quality": "good",
-                    "message": "",
-                    "translation_mm": [0, 0, 0],
-                    "rotation_deg": [0, 0, 0],
-                },
-            },
-            {
-                "hours": 96.0,
-                "acquisition_datetime": "2024-05-06T10:20:00",
-                "spect_series_uid": "1.2.826.0.1.9.2",
-                "registration": {
+            _timepoint(
+                4.1,
+                "2024-05-02T14:21:00",
+                "1.2.826.0.1.9.1",
+                {"quality": "good", "message": "", "translation_mm": [0, 0, 0], "rotation_deg": [0, 0, 0]},
+            ),
+            _timepoint(
+                96.0,
+                "2024-05-06T10:20:00",
+                "1.2.826.0.1.9.2",
+                {
                     "quality": "poor",
                     "message": "mutual information dropped after registration",
                     "translation_mm": [12.5, -3.0, 40.2],
                     "rotation_deg": [1.0, 0.5, 7.9],
                 },
-            },
+            ),
         ],
         "methods": {
-            "quantification": {"calibration_cps_per_mbq": 9.8, "method": "MIRD 26"},
+            "quantification": "counts → Bq/ml with 9.8 cps/MBq (MIRD 26)",
             "fit": "biexponential (AICc)",
+            "voxel_tia": "voxel-wise exponential",
             "dose": "dvk",
+            "medium": "soft-tissue",
             "kernel_id": "Lu-177_soft-tissue_4.8mm_51_473ede",
+            "kernel_density_g_cm3": 1.0,
+            "dose_grid": "reference SPECT grid",
+            "voi_source": "RTSTRUCT 1.2.3.4",
         },
         "vois": {
             "Kidney_L": _voi("kidney", 21.5, bed_gy=24.3, eqd2_gy=14.6),  # 93 % of 23 Gy: close
@@ -120,54 +190,59 @@ def _summary() -> dict:
             EVIL: _voi("tumour", 12.0),
             "Bone_marrow": _voi("marrow", 2.4),  # over the 2 Gy limit in one cycle
         },
+        "marrow": {"image_based": None, "blood_based": None},
         "cumulative": {
             "cycles": [
-                {
-                    "number": 1,
-                    "date": "2024-01-10",
-                    "activity_MBq": 7400,
-                    "kidney_gy": 4.0,
-                    "kidney_bed_gy": 4.4,
-                    "marrow_gy": 0.3,
-                },
-                {
-                    "number": 2,
-                    "date": "2024-03-06",
-                    "activity_MBq": 7400,
-                    "kidney_gy": 4.2,
-                    "kidney_bed_gy": 4.6,
-                    "marrow_gy": 0.35,
-                },
-                {
-                    "number": 3,
-                    "date": "2024-05-02",
-                    "activity_MBq": 7400,
-                    "kidney_gy": 5.1,
-                    "kidney_bed_gy": 5.7,
-                    "marrow_gy": 0.4,
-                },
+                _cycle_row(1, "2024-01-10", 4.0, 4.4, 0.3),
+                _cycle_row(2, "2024-03-06", 4.2, 4.6, 0.35),
+                _cycle_row(3, "2024-05-02", 5.1, 5.7, 0.4),
             ],
-            "limits": {"kidney_gy": 23.0, "kidney_bed_gy": 28.0, "marrow_gy": 2.0},
-            "cycles_left": {
-                "kidney_dose": 1,
-                "kidney_bed": 2,
-                "marrow": 5,
-                "binding": "kidney absorbed dose",
-                "message": "1 further cycle at 7.4 GBq; binding limit: kidney absorbed dose",
+            "total": {"dose_gy": {"kidney": 13.3, "marrow": 1.05}, "bed_gy": {"kidney": 14.7}, "activity_MBq": 22200},
+            "limits": {
+                "kidney_gy": 23.0,
+                "kidney_bed_gy": 28.0,
+                "kidney_risk_factors": True,
+                "marrow_gy": 2.0,
+                "sources": {"kidney_dose_gy": "Garske-Román et al. 2018"},
             },
+            "planned_activity_MBq": 7400.0,
+            "cycles_left": {
+                "cycles_left": 1,
+                "binding_limit": "kidney absorbed dose",
+                "activity_per_cycle_bq": 7.4e9,
+                "limits": [_limit_row("kidney absorbed dose", 23.0, 13.3, 5.1, 1)],
+                "message": "1 further cycle at 7.4 GBq; binding limit: kidney absorbed dose",
+                "assumption": "future cycles repeat this one",
+                "notes": [],
+            },
+            "notes": [],
+            "kidney_figure": "the higher of the kidneys' mean absorbed doses",
+            "estimated_earlier_cycles": [],
         },
         "warnings": ["Kidney_R: partial-volume recovery uncertain (VOI < 60 ml) & check"],
         "provenance": {
             "software": {"voxeldose": "0.1.0", "numpy": "2.1.0"},
             "kernel_id": "Lu-177_soft-tissue_4.8mm_51_473ede",
-            "calibration": {"cps_per_mbq": 9.8, "date": "2024-01-03"},
-            "inputs": {"ct": "1.2.826.0.1.9.9"},
+            "nuclide": {"name": "Lu-177", "half_life_s": 574300.8, "data": "ICRP-107"},
+            "calibration": {"cps_per_mbq": 9.8, "source": "NEMA phantom 2024-01-03", "applied": True},
+            "inputs": {
+                "series": [{"kind": "ct", "series_instance_uid": "1.2.826.0.1.9.9", "instances": 3}],
+                "sop_instances": 3,
+                "sop_instance_uids_sha256": "0" * 64,
+            },
+            "spec": {"inputs": ["study/"]},
             "created_utc": "2024-05-09T08:00:00+00:00",
+            "timings_s": {"dose": 1.5},
+            "total_s": 12.0,
         },
     }
 
 
-def _render(tmp_path: Path, summary: dict, ct: Volume | None = None, name: str = "report.html") -> str:
+def _summary() -> Summary:
+    return Summary.model_validate(_summary_dict())
+
+
+def _render(tmp_path: Path, summary: Summary, ct: Volume | None = None, name: str = "report.html") -> str:
     p = render_report(summary, dose=_dose(), ct=ct, vois=_masks(), path=tmp_path / name)
     assert p == tmp_path / name and p.exists()
     return p.read_text(encoding="utf-8")
@@ -229,36 +304,50 @@ def test_malicious_names_are_escaped(tmp_path: Path) -> None:
     assert "<script" not in html_text.lower()
 
 
-def _missing_key_cases() -> list[dict]:
-    """The empty summary, each top-level key removed, each VOI key removed, nonsense values."""
-    full = _summary()
-    cases: list[dict] = [{}, {"schema": "voxeldose.summary/1"}]
-    for key in full:
-        s = copy.deepcopy(full)
-        del s[key]
-        cases.append(s)
-    voi_keys = list(full["vois"]["Kidney_L"])
+_OPTIONAL_VOI_FIELDS = [n for n, f in VoiMetrics.model_fields.items() if not f.is_required()]
+_NULLABLE_VOI_FIELDS = ["mass_g", "min_gy", "max_gy", "D2_gy", "D50_gy", "D98_gy", "D2cc_gy", "gy_per_gbq"]
+
+
+def _bare() -> dict:
+    """The least a valid summary holds: no VOIs, time points, cycles, marrow or warnings."""
+    s = _summary_dict()
+    s.update(vois={}, timepoints=[], warnings=[])
+    s["cumulative"].update(cycles=[], cycles_left=None, notes=[], estimated_earlier_cycles=[])
+    s["cumulative"]["total"].update(dose_gy={}, bed_gy={})
+    s["cumulative"]["limits"]["sources"] = {}
+    s["cycle"]["injection"].update(radiopharmaceutical=None, radiopharmaceutical_source=None)
+    return s
+
+
+def _missing_key_cases() -> list[Summary]:
+    """The bare summary; each optional VOI field absent; each nullable VOI number null; non-finite and
+    inconsistent values the types allow (NaN doses, a DVH of mismatched lengths, an unparseable date)."""
+    full = _summary_dict()
+    cases = [_bare()]
     names = list(full["vois"])
-    for start in range(0, len(voi_keys), len(names)):  # a different key missing in each VOI
+    for start in range(0, len(_OPTIONAL_VOI_FIELDS), len(names)):  # a different field absent in each VOI
         s = copy.deepcopy(full)
-        for name, key in zip(names, voi_keys[start:]):
+        for name, key in zip(names, _OPTIONAL_VOI_FIELDS[start:]):
             s["vois"][name].pop(key, None)
         cases.append(s)
     s = copy.deepcopy(full)
-    s["vois"]["Kidney_L"]["mean_gy"] = None
-    s["vois"]["Kidney_R"]["dvh"] = {"dose_gy": [1, 2, 3], "volume_fraction": [1.0]}
-    s["vois"]["Tumor_1"]["time_activity"] = {
-        "model": "monoexponential",
-        "times_h": [1, None],
-        "activity_mbq": [3.0, float("nan")],
-    }
-    s["vois"]["Bone_marrow"] = "nonsense"
-    s["cumulative"] = {"cycles": [{"number": 1}, "x"], "cycles_left": {}, "limits": {"kidney_gy": "?"}}
-    s["timepoints"] = [{"registration": None}, "nonsense", {"registration": {"quality": "poor"}}]
-    s["cycle"] = {"injection": {"datetime": "not a date", "activity_MBq": "n/a"}}
-    s["provenance"] = {"software": None, "inputs": [1, {"a": [None]}]}
+    for name in names:
+        for key in _OPTIONAL_VOI_FIELDS:
+            s["vois"][name].pop(key, None)
+        for key in _NULLABLE_VOI_FIELDS:
+            s["vois"][name][key] = None
     cases.append(s)
-    return cases
+    s = copy.deepcopy(full)
+    s["vois"]["Kidney_L"]["mean_gy"] = float("nan")
+    s["vois"]["Kidney_R"]["dvh"].update(dose_gy=[1, 2, 3], volume_fraction=[1.0])
+    s["vois"]["Tumor_1"]["time_activity"] = {"model": "monoexponential", "times_h": [1, 2], "activity_mbq": [3.0]}
+    s["vois"]["Bone_marrow"]["time_activity"] = {"model": "stp", "activity_mbq": [float("inf")]}
+    s["cumulative"]["cycles"] = [_cycle_row(1, None, float("nan"), None, None)]
+    s["timepoints"][1]["registration"] = {"quality": "poor", "message": ""}
+    s["cycle"]["injection"].update(datetime="not a date", activity_MBq=float("nan"))
+    s["patient"]["name"] = ""
+    cases.append(s)
+    return [Summary.model_validate(c) for c in cases]
 
 
 def test_missing_keys_do_not_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,13 +363,37 @@ def test_missing_keys_do_not_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert "could not be drawn" not in text, (n, text[:3000])
         assert isinstance(console_table(case), str)
     # no CT and no masks at all
-    p = render_report({}, dose=_dose(), ct=None, vois={}, path=tmp_path / "bare.html")
+    p = render_report(cases[0], dose=_dose(), ct=None, vois={}, path=tmp_path / "bare.html")
     assert "the dose alone" in p.read_text()
+
+
+def test_the_model_refuses_what_the_report_cannot_read() -> None:
+    """What the report once had to survive (nonsense values, missing parts) is now refused where the
+    summary is made or loaded, naming the field."""
+    for path, value in (
+        (("vois", "Bone_marrow"), "nonsense"),
+        (("vois", "Kidney_L", "mean_gy"), "a lot"),
+        (("cumulative", "cycles"), [{"number": 1}, "x"]),
+        (("timepoints",), [{"registration": None}]),
+        (("cycle", "injection", "activity_MBq"), "n/a"),
+    ):
+        s = _summary_dict()
+        parent = s
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = value
+        with pytest.raises(ValidationError) as err:
+            Summary.model_validate(s)
+        assert err.value.errors()[0]["loc"][: len(path)] == path, path
+    s = _summary_dict()
+    del s["provenance"]
+    with pytest.raises(ValidationError, match="provenance"):
+        Summary.model_validate(s)
 
 
 def test_without_ct_and_actual_pipeline_shapes(tmp_path: Path) -> None:
     """The pipeline's own shapes: time_activity with times_s/activities_bq, cycles_left with rows."""
-    s = _summary()
+    s = _summary_dict()
     ta = s["vois"]["Kidney_R"]["time_activity"]
     s["vois"]["Kidney_R"]["time_activity"] = {
         "model": "monoexponential",
@@ -288,23 +401,12 @@ def test_without_ct_and_actual_pipeline_shapes(tmp_path: Path) -> None:
         "activities_bq": [a * 1e6 for a in ta["activity_mbq"]],
         "tia_bqs": 2e13,
     }
-    s["cumulative"]["cycles_left"] = {
-        "cycles_left": 0,
-        "binding_limit": "red marrow absorbed dose",
-        "message": "no further cycle at 7.4 GBq",
-        "limits": [
-            {
-                "limit": "red marrow absorbed dose",
-                "limit_gy": 2.0,
-                "current_gy": 2.05,
-                "per_cycle_gy": 0.4,
-                "cycles_left": 0,
-                "exceeded": True,
-                "message": "exceeds the 2 Gy limit",
-            }
-        ],
-    }
-    text = _render(tmp_path, s, ct=None)
+    row = _limit_row("red marrow absorbed dose", 2.0, 2.05, 0.4, 0)
+    row["message"] = "exceeds the 2 Gy limit"
+    s["cumulative"]["cycles_left"].update(
+        cycles_left=0, binding_limit="red marrow absorbed dose", message="no further cycle at 7.4 GBq", limits=[row]
+    )
+    text = _render(tmp_path, Summary.model_validate(s), ct=None)
     assert "no further cycle at 7.4 GBq" in text and "exceeds the 2 Gy limit" in text
     assert "the dose alone (no CT given)" in text
     assert len(re.findall(r"<img\b", text)) == 9
@@ -318,8 +420,10 @@ def test_console_table() -> None:
     assert "21.50" in row and "2.905" in row and "29.03" in row and "24.30" in row and "93% of 23 Gy  CLOSE" in row
     assert "OVER" in next(ln for ln in lines if ln.startswith("Bone_marrow"))
     assert "cycles left: 1 further cycle" in t
-    assert console_table({}) == "no VOI results"
-    assert isinstance(console_table({"vois": {"x": {}}}), str)
+    bare = _bare()
+    assert console_table(Summary.model_validate(bare)) == "no VOI results"
+    bare["vois"] = {"x": {k: v for k, v in _voi("organ", 1.0).items() if k not in _OPTIONAL_VOI_FIELDS}}
+    assert console_table(Summary.model_validate(bare)).splitlines()[2].split()[:3] == ["x", "organ", "1.00"]
 
 
 @pytest.mark.skip(reason="optional: a PNG screenshot of the HTML needs a browser engine, not installed")

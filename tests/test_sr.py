@@ -81,7 +81,7 @@ def test_seg_volumes_match_run(pacs) -> None:
 def test_sr_values_equal_summary(pacs) -> None:
     result, paths = pacs
     sr = pydicom.dcmread(paths["sr"])
-    summary = json.loads(json.dumps(result.summary, default=str))  # as summary.json has it
+    summary = json.loads(result.summary.to_json())  # as summary.json has it
     got = sr_measurements(sr)
     assert set(got) == set(summary["vois"])  # every VOI has a group
     for name, entry in summary["vois"].items():
@@ -92,7 +92,7 @@ def test_sr_values_equal_summary(pacs) -> None:
             assert got[name][measurement_key(key)] == pytest.approx(float(entry[key]), rel=1e-12), (name, key)
         for key in ("mean_gy", "volume_ml", "gy_per_gbq"):
             assert measurement_key(key) in got[name], (name, key)
-    kidney = next(n for n, e in summary["vois"].items() if e["role"] == "kidney")
+    kidney = next(n for n, e in result.summary.vois.items() if e.role == "kidney")
     assert measurement_key("bed_gy") in got[kidney] and measurement_key("eqd2_gy") in got[kidney]
 
 
@@ -116,7 +116,7 @@ def test_sr_structure_and_references(pacs) -> None:
     parsed = hd.sr.srread(paths["sr"])
     groups = parsed.content.get_volumetric_roi_measurement_groups()
     numbers = {str(s.SegmentLabel): int(s.SegmentNumber) for s in seg.SegmentSequence}
-    assert len(groups) == len(result.summary["vois"])
+    assert len(groups) == len(result.summary.vois)
     ct_series = result.reference.ct.series_instance_uid
     for g in groups:
         ref = g.referenced_segment
@@ -128,7 +128,7 @@ def test_sr_structure_and_references(pacs) -> None:
         assert ref.source_series_for_segmentation.value == ct_series
     # device observer and version
     flat = json.dumps(sr.to_json_dict())
-    assert "voxeldose" in flat and result.summary["provenance"]["software"]["voxeldose"] in flat
+    assert "voxeldose" in flat and result.summary.provenance.software["voxeldose"] in flat
 
 
 def test_vois_on_ct_fallback_resamples_dose_grid_vois(pacs) -> None:
@@ -139,8 +139,8 @@ def test_vois_on_ct_fallback_resamples_dose_grid_vois(pacs) -> None:
     from voxeldose.sr import vois_on_ct
 
     result, _ = pacs
-    methods = {**result.summary["methods"], "voi_source": ""}
-    masks = vois_on_ct(dataclasses.replace(result, summary={**result.summary, "methods": methods}))
+    methods = result.summary.methods.model_copy(update={"voi_source": ""})
+    masks = vois_on_ct(dataclasses.replace(result, summary=result.summary.model_copy(update={"methods": methods})))
     ct_ml = result.ct.grid.voxel_volume_ml
     big = [n for n, v in result.vois.items() if v.volume_ml >= 5.0]
     assert set(big) <= set(masks) <= set(result.vois)

@@ -22,12 +22,23 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import __version__
+from .console import run_and_write
+from .demo import run_demo
 from .errors import VoxeldoseError
+from .ingest import Cycle, Problem, group_cycles, scan
+from .kernels import kernel_command
+from .phantom import PhantomSettings, write_phantom
+from .pipeline import blocking_problems, invalid_spec
+from .spec import JobSpec
 
 
 def _parse_hours(text: str) -> tuple[float, ...]:
@@ -115,9 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
 PLUGIN_GROUP = "voxeldose.commands"
 
 
-def _plugin_commands() -> dict[str, Any]:
-    from importlib.metadata import entry_points
-
+def _plugin_commands() -> dict[str, EntryPoint]:
     try:
         eps = entry_points(group=PLUGIN_GROUP)
     except Exception:  # noqa: BLE001 - broken metadata must not break the built-in commands
@@ -125,7 +134,7 @@ def _plugin_commands() -> dict[str, Any]:
     return {ep.name: ep for ep in eps if ep.name not in COMMANDS}
 
 
-def _plugin_help(ep: Any) -> str:
+def _plugin_help(ep: EntryPoint) -> str:
     try:
         doc = (ep.load().__doc__ or "").strip()
     except Exception as exc:  # noqa: BLE001 - e.g. the plugin's dependencies are not installed
@@ -154,16 +163,12 @@ def _injection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------- commands
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom import PhantomSettings, write_phantom
-
     settings = PhantomSettings.small() if args.small else PhantomSettings()
     changes: dict[str, Any] = {"seed": args.seed}
     if args.hours is not None:
         changes["hours"] = args.hours
     if args.bqml:
         changes["pixel_mode"] = "bqml"
-    from dataclasses import replace
-
     settings = replace(settings, **changes)
     t0 = time.perf_counter()
     write_phantom(args.out, settings)
@@ -174,12 +179,12 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def inspect_report(paths: Sequence[Path], **injection: Any) -> dict[str, Any]:
-    """What ``voxeldose inspect`` reports, as a JSON-ready dict."""
-    from .ingest import group_cycles, scan
-
+    """What ``voxeldose inspect`` reports, as a JSON-ready dict.  Besides what reading found, each cycle
+    is checked as ``voxeldose run`` would check it (:func:`voxeldose.pipeline.blocking_problems`) with the
+    default job, so that what ``run`` refuses is an error here too."""
     index = scan(list(paths))
     cycles, problems = group_cycles(index, **injection)
-    all_problems = index.problems + problems
+    all_problems = index.problems + problems + _job_problems(cycles, JobSpec(inputs=[str(p) for p in paths]))
     patients = index.patients()
     return {
         "inputs": [str(p) for p in paths],
@@ -190,6 +195,23 @@ def inspect_report(paths: Sequence[Path], **injection: Any) -> dict[str, Any]:
         "problems": [p.to_dict() for p in all_problems],
         "ok": not any(p.severity == "error" for p in all_problems),
     }
+
+
+#: A blocking problem that only the job can resolve: reported as information, since ``inspect`` takes
+#: no calibration (``voxeldose run --calibration`` gives it).
+_JOB_OPTION_TAGS = ("calibration.cps_per_mbq",)
+
+
+def _job_problems(cycles: list[Cycle], spec: JobSpec) -> list[Problem]:
+    """What would stop ``voxeldose run`` on each cycle (see :func:`voxeldose.pipeline.blocking_problems`)."""
+    out = []
+    for n, cycle in enumerate(cycles, start=1):
+        for err in blocking_problems(cycle, spec):
+            if err.tag in _JOB_OPTION_TAGS:
+                out.append(Problem("info", f"cycle {n}: {err} — give it to voxeldose run", err.path, err.tag))
+            else:
+                out.append(Problem("error", f"cycle {n}: {err}", err.path, err.tag))
+    return out
 
 
 def _print_inspect(rep: dict[str, Any]) -> None:
@@ -238,10 +260,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if rep["ok"] else 1
 
 
-def build_spec(args: argparse.Namespace) -> Any:
-    """A JobSpec from ``--spec`` and the command-line options (options win)."""
-    from .spec import JobSpec
-
+def build_spec(args: argparse.Namespace) -> JobSpec:
+    """A JobSpec from ``--spec`` and the command-line options (options win).  An invalid one is an
+    error naming the job file and the field at fault."""
     base: dict[str, Any] = {}
     if args.spec is not None:
         try:
@@ -285,53 +306,10 @@ def build_spec(args: argparse.Namespace) -> Any:
         inj["activity_mbq"] = args.activity_mbq
     if args.nuclide is not None:
         inj["nuclide"] = args.nuclide
-    from pydantic import ValidationError
-
     try:
         return JobSpec.model_validate(base)
     except ValidationError as exc:
-        raise VoxeldoseError(
-            f"invalid job description: {validation_message(exc)}", path=args.spec, tag="spec"
-        ) from None
-
-
-def validation_message(exc: Any) -> str:
-    """A pydantic ValidationError on one line: 'field.path: message; …'."""
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(str(x) for x in e.get("loc", ()))
-        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-    return "; ".join(parts)
-
-
-def _progress_printer() -> Any:
-    last = {"stage": None, "t": time.perf_counter()}
-
-    def progress(stage: str, frac: float) -> None:
-        if stage != last["stage"]:
-            now = time.perf_counter()
-            if last["stage"] is not None:
-                print(f"  {last['stage']:<14} done in {now - last['t']:5.1f} s", flush=True)
-            last.update(stage=stage, t=now)
-
-    return progress
-
-
-def run_and_write(spec: Any, out: Path) -> dict[str, Path]:
-    """Run the pipeline with progress lines, write the outputs, print the console table."""
-    from .pipeline import run, write_outputs
-    from .report import console_table
-
-    result = run(spec, progress=_progress_printer())
-    paths = write_outputs(result, out)
-    print()
-    print(console_table(result.summary))
-    for w in result.warnings:
-        print(f"warning: {w}")
-    print()
-    for key, p in paths.items():
-        print(f"{key:<8} {p}")
-    return paths
+        raise invalid_spec(exc, args.spec) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -341,8 +319,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
-    from .kernels import kernel_command
-
     try:
         voxel = [float(v) for v in str(args.voxel_mm).split(",")]
     except ValueError:
@@ -356,8 +332,6 @@ def cmd_kernel(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     return run_demo(args.out, small=args.small)
 
 

@@ -3,7 +3,7 @@
 Standard [177Lu]Lu-DOTATATE PRRT is 4 × 7.4 GBq; dosimetry-guided PRRT continues (or stops) cycles
 by the cumulative kidney and marrow doses.  This module sums what each cycle delivered
 (:func:`cumulative`) and works out how many further cycles at a planned activity fit under each limit
-(:func:`cycles_left`).
+(:func:`cycles_left`); :func:`cumulative_summary` makes the ``cumulative`` part of ``summary.json`` of a run.
 
 Summing across cycles
 ---------------------
@@ -45,8 +45,19 @@ from typing import Any
 
 from .errors import VoxeldoseError
 from .metrics import RADIOBIOLOGY_DEFAULTS, bed
+from .spec import JobSpec
+from .summary import (
+    Cumulative,
+    CycleRow,
+    CyclesLeft,
+    EstimatedCycle,
+    LimitsUsed,
+    Marrow,
+    Totals,
+    VoiMetrics,
+)
 
-__all__ = ["CycleDose", "Limits", "cumulative", "cycles_left"]
+__all__ = ["KIDNEY_FIGURE", "CycleDose", "Limits", "cumulative", "cumulative_summary", "cycles_left"]
 
 #: Rounding guard for "how many whole cycles fit": a dose that lands on the limit to 1e-9 relative
 #: counts as fitting (23.0 Gy after n cycles is within a 23 Gy limit).
@@ -354,3 +365,139 @@ def cycles_left(
         "assumption": "future cycles repeat the measured dose per GBq and kinetics (G factor)",
         "notes": notes,
     }
+
+
+# ============================================================================================ the run's table
+#: What the kidney figure of the cumulative table is.
+KIDNEY_FIGURE = "the higher of the kidneys' mean absorbed doses"
+
+
+def _this_cycle(vois: Mapping[str, VoiMetrics], marrow: Marrow) -> tuple[dict[str, float], ...]:
+    """This cycle's organ figures by role: (dose Gy, G factor, BED Gy, α/β Gy)."""
+    kidneys = sorted((e for e in vois.values() if e.role == "kidney"), key=lambda e: e.mean_gy, reverse=True)
+    dose: dict[str, float] = {}
+    g: dict[str, float] = {}
+    bed_gy: dict[str, float] = {}
+    ab: dict[str, float] = {}
+    if kidneys:
+        k = kidneys[0]
+        dose["kidney"] = float(k.mean_gy)
+        if k.g_factor is not None and k.bed_gy is not None and k.alpha_beta_gy is not None:
+            g["kidney"] = float(k.g_factor)
+            bed_gy["kidney"] = float(k.bed_gy)
+            ab["kidney"] = float(k.alpha_beta_gy)
+    m = marrow.blood_based or marrow.image_based
+    if m is not None:
+        dose["marrow"] = float(m.red_marrow_gy)
+    return dose, g, bed_gy, ab
+
+
+def _earlier_rows(
+    spec: JobSpec, dose: Mapping[str, float], g: Mapping[str, float], activity_bq: float, warnings: list[str]
+) -> tuple[list[CycleDose], list[EstimatedCycle]]:
+    """The job's earlier cycles; an organ dose they lack is estimated from this cycle's dose per GBq."""
+    rows: list[CycleDose] = []
+    estimated: list[EstimatedCycle] = []
+    for c in spec.earlier_cycles:
+        d = {k: v for k, v in (("kidney", c.kidney_gy), ("marrow", c.marrow_gy)) if v is not None}
+        b = {"kidney": c.kidney_bed_gy} if c.kidney_bed_gy is not None else {}
+        gg: dict[str, float] = {}
+        for organ in ("kidney", "marrow"):
+            if organ not in d and organ in dose:
+                d[organ] = dose[organ] / activity_bq * c.activity_mbq * 1e6
+                estimated.append(EstimatedCycle(cycle=c.number, organ=organ, dose_gy=d[organ]))
+                warnings.append(
+                    f"cycle {c.number} has no {organ} dosimetry: estimated as {d[organ]:.2f} Gy from this "
+                    f"cycle's {dose[organ] / (activity_bq / 1e9):.3f} Gy/GBq × {c.activity_mbq:.0f} MBq"
+                )
+        if "kidney" in d and "kidney" not in b and "kidney" in g:
+            gg["kidney"] = g["kidney"]
+            warnings.append(
+                f"cycle {c.number} has no kidney BED: computed from its dose with this cycle's kinetics "
+                f"(G = {g['kidney']:.3f})"
+            )
+        rows.append(
+            CycleDose(cycle=c.number, date=c.date, activity_bq=c.activity_mbq * 1e6, dose_gy=d, bed_gy=b, g_factor=gg)
+        )
+    return rows, estimated
+
+
+def cumulative_summary(
+    vois: Mapping[str, VoiMetrics],
+    marrow: Marrow,
+    spec: JobSpec,
+    *,
+    injection_date: _dt.date,
+    activity_bq: float,
+    warnings: list[str],
+) -> Cumulative:
+    """The ``cumulative`` part of ``summary.json``: this cycle with the job's earlier cycles, totals,
+    limits and cycles left.
+
+    The kidney figure is the higher of the kidneys' mean doses (the limiting kidney; conservative); the
+    marrow figure is the blood-based dose when blood samples were given, else the image-based one.  An
+    earlier cycle without dosimetry is estimated from this cycle's dose per GBq and that cycle's
+    activity (appended to ``warnings``), never counted as 0 Gy.  ``activity_bq`` is this cycle's
+    administered activity (Bq).
+    """
+    if spec.cycle_number in {c.number for c in spec.earlier_cycles}:
+        raise VoxeldoseError(f"cycle {spec.cycle_number} is both this cycle and an earlier one", tag="earlier_cycles")
+    dose, g, bed_gy, ab = _this_cycle(vois, marrow)
+    this = CycleDose(
+        cycle=spec.cycle_number, date=injection_date, activity_bq=activity_bq, dose_gy=dose, g_factor=g, bed_gy=bed_gy
+    )
+    earlier, estimated = _earlier_rows(spec, dose, g, activity_bq, warnings)
+    cum = cumulative([this, *earlier], alpha_beta_gy=ab)
+    lim = spec.limits
+    limits = Limits(
+        kidney_dose_gy=lim.kidney_gy,
+        kidney_bed_gy_with_risk_factors=lim.kidney_bed_gy_with_risk_factors,
+        kidney_bed_gy_without_risk_factors=lim.kidney_bed_gy_without_risk_factors,
+        kidney_risk_factors=lim.kidney_risk_factors,
+        marrow_dose_gy=lim.marrow_gy,
+    )
+    left: CyclesLeft | None = None
+    notes = list(cum["notes"])
+    if dose:
+        left = CyclesLeft.model_validate(
+            cycles_left(
+                cumulative_dose_gy=cum["dose_gy"],
+                cumulative_bed_gy=cum["bed_gy"],
+                dose_per_gbq={k: v / (activity_bq / 1e9) for k, v in dose.items()},
+                g_factor=g,
+                alpha_beta_gy=ab,
+                activity_per_cycle_bq=lim.planned_activity_mbq * 1e6,
+                limits=limits,
+            )
+        )
+    else:
+        notes.append("no kidney or marrow VOI: cycles left not computed")
+    return Cumulative(
+        cycles=[_row(r) for r in cum["per_cycle"]],
+        total=Totals(dose_gy=cum["dose_gy"], bed_gy=cum["bed_gy"], activity_MBq=cum["activity_bq_total"] / 1e6),
+        limits=LimitsUsed(
+            kidney_gy=limits.kidney_dose_gy,
+            kidney_bed_gy=limits.kidney_bed_gy,
+            kidney_risk_factors=limits.kidney_risk_factors,
+            marrow_gy=limits.marrow_dose_gy,
+            sources=dict(limits.sources),
+        ),
+        planned_activity_MBq=lim.planned_activity_mbq,
+        cycles_left=left,
+        notes=notes,
+        kidney_figure=KIDNEY_FIGURE,
+        estimated_earlier_cycles=estimated,
+    )
+
+
+def _row(r: Mapping[str, Any]) -> CycleRow:
+    """One row of :func:`cumulative`'s ``per_cycle`` as the summary's cycle table has it (MBq, Gy)."""
+    dose, bed_gy = r["dose_gy"], r["bed_gy"]
+    return CycleRow(
+        number=r["cycle"],
+        date=r["date"],
+        activity_MBq=r["activity_bq"] / 1e6,
+        kidney_gy=dose.get("kidney"),
+        kidney_bed_gy=bed_gy.get("kidney"),
+        marrow_gy=dose.get("marrow"),
+    )

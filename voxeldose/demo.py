@@ -12,7 +12,9 @@ import json
 import time
 from pathlib import Path
 
+from .console import run_and_write
 from .phantom import PhantomSettings, write_phantom
+from .spec import Calibration, JobSpec
 
 
 def _phantom(out: Path, settings: PhantomSettings) -> Path:
@@ -34,9 +36,6 @@ def _phantom(out: Path, settings: PhantomSettings) -> Path:
 
 def run_demo(out: Path, *, small: bool = False) -> int:
     """Run the demo into ``out``; returns the process exit status."""
-    from .cli import run_and_write
-    from .spec import JobSpec
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = PhantomSettings.small() if small else PhantomSettings()
@@ -51,22 +50,21 @@ def run_demo(out: Path, *, small: bool = False) -> int:
     )
     spec = JobSpec(
         inputs=[str(root / "dicom")],
-        calibration={"cps_per_mbq": truth["calibration_cps_per_mbq"], "source": truth.get("calibration_source")},
+        calibration=Calibration(cps_per_mbq=truth["calibration_cps_per_mbq"], source=truth.get("calibration_source")),
     )
     t = time.perf_counter()
-    paths = run_and_write(spec, out / "results")
+    result, _paths = run_and_write(spec, out / "results")
     elapsed = time.perf_counter() - t
-    summary = json.loads(paths["summary"].read_text())
 
     print()
     print("against the phantom's ground truth (analytic, local electron deposition: no cross-fire, no photons;")
     print("the measured doses are lower for small VOIs because of the camera's 11 mm resolution):")
     print(f"  {'VOI':<12} {'measured Gy':>11} {'truth Gy':>9}")
-    for name, v in summary["vois"].items():
-        tv = truth["voi"].get(name)
-        if tv is None or v.get("mean_gy") is None:
+    for name, v in result.summary.vois.items():
+        tv = truth["voi"].get(name)  # the phantom's truth.json (not the summary)
+        if tv is None:
             continue
-        print(f"  {name:<12} {v['mean_gy']:11.2f} {tv['dose_led_gy']:9.2f}")
+        print(f"  {name:<12} {v.mean_gy:11.2f} {tv['dose_led_gy']:9.2f}")
     print()
     print(f"dosimetry took {elapsed:.1f} s; outputs in {out / 'results'} (open report.html in a browser)")
     print(f"synthetic patient DICOM in {root / 'dicom'}, ground truth in {root / 'truth' / 'truth.json'}")

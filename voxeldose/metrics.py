@@ -76,7 +76,7 @@ the EANM bone-marrow dosimetry guideline (Hindorf et al. 2010, Eur J Nucl Med Mo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,10 @@ import numpy as np
 
 from .errors import VoxeldoseError
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV
+
+#: The trapezoidal rule: ``numpy.trapezoid`` (NumPy ≥ 2), ``numpy.trapz`` before (looked up by name, since
+#: the type stubs of the installed NumPy know only one of them).
+_trapezoid: Callable[..., Any] = getattr(np, "trapezoid", None) or getattr(np, "trapz")  # noqa: B009 - see above
 
 __all__ = [
     "DVH",
@@ -212,7 +216,7 @@ def _nice_bin(max_gy: float, target_bins: int = 500) -> float:
     e = math.floor(math.log10(raw))
     for m in (1.0, 2.0, 5.0, 10.0):
         if m * 10**e >= raw:
-            return m * 10**e
+            return float(m * 10**e)
     return 10.0 ** (e + 1)  # pragma: no cover - loop always returns
 
 
@@ -655,7 +659,7 @@ def blood_time_integrated_concentration(
         tia = float(sum(a / k for a, k in terms))
         return {"tia_bq_s_per_ml": tia, "model": model, "exponentials": terms}
     if model == "trapezoid":
-        area = float(np.trapezoid(c, t)) if hasattr(np, "trapezoid") else float(np.trapz(c, t))
+        area = float(_trapezoid(c, t))
         k0 = -math.log(c[1] / c[0]) / (t[1] - t[0])
         head = (c[0] * (math.exp(k0 * t[0]) - 1.0) / k0) if k0 > 0 else c[0] * t[0]
         k_end = -math.log(c[-1] / c[-2]) / (t[-1] - t[-2])

@@ -5,21 +5,23 @@ never leaves a half file that looks complete.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from .dicom_writers import PatientStudy, SeriesInfo, write_rtdose
-from .dicomutil import parse_da as _parse_da
-from .dicomutil import parse_tm as _parse_tm
+from .dicomutil import parse_da, parse_tm
 from .errors import VoxeldoseError
+from .geometry import resample
+from .report import render_report
+from .result import Result
+from .sr import SR_SERIES_DESCRIPTION, reference_ct_datasets, write_dose_sr, write_voi_seg
+from .summary import Summary
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -37,38 +39,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, datetime):
-        return x.isoformat()
-    if hasattr(x, "to_dict"):
-        return x.to_dict()
-    return str(x)
+def summary_json(summary: Summary) -> str:
+    """The summary as strict JSON text (NaN → null): :meth:`Summary.to_json`."""
+    return summary.to_json()
 
 
-def _finite(obj: Any) -> Any:
-    """Replace NaN/inf (not valid JSON) by None, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-    """The summary as strict JSON text (NaN → null)."""
-    return json.dumps(_finite(json.loads(json.dumps(summary, default=_json_default))), indent=2, allow_nan=False)
-
-
-def patient_study_from(header: Any) -> PatientStudy:
+def patient_study_from(header: Dataset) -> PatientStudy:
     """Patient and study of a DICOM header (the reference CT), for results that join its study."""
-    d = _parse_da(getattr(header, "StudyDate", None))
-    t = _parse_tm(getattr(header, "StudyTime", None))
+    d = parse_da(getattr(header, "StudyDate", None))
+    t = parse_tm(getattr(header, "StudyTime", None))
     when = datetime.combine(d, t) if d and t else datetime.now()
     return PatientStudy(
         patient_id=str(getattr(header, "PatientID", "")),
@@ -83,24 +62,23 @@ def patient_study_from(header: Any) -> PatientStudy:
     )
 
 
-def write_all(result: Any, out_dir: Path) -> dict[str, Path]:
-    """Write every output of ``result`` (a :class:`voxeldose.pipeline.Result`) into ``out_dir``."""
-    from .report import render_report
-
+def write_all(result: Result, out_dir: Path) -> dict[str, Path]:
+    """Write every output of ``result`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    summary = result.summary
     ref = result.reference
     header = (ref.ct or ref.spect).first
     ctx = patient_study_from(header)
     series = SeriesInfo(
         series_instance_uid=generate_uid(),
         series_number=9001,
-        series_description=f"voxeldose absorbed dose ({result.summary['methods']['dose']}) cycle {result.summary['cycle']['number']}",
+        series_description=f"voxeldose absorbed dose ({summary.methods.dose}) cycle {summary.cycle.number}",
         frame_of_reference_uid=str(result.dose.frame_of_reference_uid),
         acquisition_datetime=datetime.now(),
     )
     rtstruct = None
-    src = result.summary["methods"].get("voi_source", "")
+    src = summary.methods.voi_source
     for s in result.cycle.vois:
         if s.kind == "rtstruct" and s.series_instance_uid in src:
             rtstruct = s.first
@@ -117,8 +95,7 @@ def write_all(result: Any, out_dir: Path) -> dict[str, Path]:
             series=series,
             referenced_rtstruct=rtstruct,
             bits_allocated=16,
-            comment=f"voxeldose {result.summary['provenance']['software']['voxeldose']}; "
-            f"kernel {result.summary['methods'].get('kernel_id')}",
+            comment=f"voxeldose {summary.provenance.software['voxeldose']}; kernel {summary.methods.kernel_id}",
         )
         os.replace(tmp, rt_path)
     except (OSError, ValueError) as exc:
@@ -127,24 +104,20 @@ def write_all(result: Any, out_dir: Path) -> dict[str, Path]:
     paths["rtdose"] = rt_path
 
     paths["summary"] = out_dir / "summary.json"
-    _atomic_write(paths["summary"], summary_json(result.summary).encode())
+    _atomic_write(paths["summary"], summary.to_json().encode())
 
     paths["report"] = out_dir / "report.html"
     masks = {name: voi.mask for name, voi in result.vois.items()}
     ct_on_dose = None
     if result.ct is not None:
-        from .geometry import resample
-
         ct_on_dose = resample(result.ct, result.dose.grid, order=1, fill=-1000.0)
     tmp_report = out_dir / ".report.html.tmp"
-    render_report(
-        json.loads(summary_json(result.summary)), dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report
-    )
+    render_report(summary, dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report)
     os.replace(tmp_report, paths["report"])
     return paths
 
 
-def write_pacs_objects(result: Any, out_dir: Path) -> dict[str, Path]:
+def write_pacs_objects(result: Result, out_dir: Path) -> dict[str, Path]:
     """Write the objects the PACS receives besides the RT Dose: ``seg.dcm`` (SEG of the run's VOIs on
     the reference CT, referencing its slices) and ``sr.dcm`` (Comprehensive 3D SR, TID 1500
     measurement report of the per-VOI metrics of ``summary.json``, referencing the SEG's segments).
@@ -153,19 +126,12 @@ def write_pacs_objects(result: Any, out_dir: Path) -> dict[str, Path]:
     is written to a temporary name and renamed; a failure raises :class:`VoxeldoseError` and leaves
     neither file behind.  See :mod:`voxeldose.sr` for the codes used.
     """
-    from .sr import (
-        SR_SERIES_DESCRIPTION,
-        reference_ct_datasets,
-        write_dose_sr,
-        write_voi_seg,
-    )
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ct = reference_ct_datasets(result)
     ctx = patient_study_from(ct[0])
     when = datetime.now()
-    cycle = result.summary.get("cycle", {}).get("number")
+    cycle = result.summary.cycle.number
     seg_series = SeriesInfo(
         series_instance_uid=generate_uid(),
         series_number=9002,

@@ -1,40 +1,70 @@
 """The dosimetry pipeline: one entry point, :func:`run`, from DICOM files to doses, metrics and cycles.
 
-    ingest → quantify → register → time-activity (VOI fits, voxel TIA) → dose → metrics → cycles
+    ingest → quantify → register → VOIs → time-activity (VOI fits, voxel TIA) → dose → metrics → cycles
 
 The CLI (``voxeldose run``), the HTTP service and the Ray workers all call :func:`run` with a
 :class:`~voxeldose.spec.JobSpec`; :func:`write_outputs` writes ``rtdose.dcm``, ``summary.json`` and
-``report.html``.  Each stage is a plain function of the modules named after it.
+``report.html``.  Each stage is a function here that returns a typed part and calls the module named
+after it; :func:`blocking_problems` decides, before any pixel is read, what stops a job (``voxeldose
+inspect`` asks it too).  The run's record is a :class:`~voxeldose.summary.Summary`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from . import __version__
+from . import __version__, metrics, quantify, register, timeactivity
+from .cycles import cumulative_summary
+from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
 from .errors import VoxeldoseError
-from .geometry import Volume, resample
-from .ingest import Cycle, TimePoint, load_cycle, read_ct, read_spect, roi_names, scan
+from .geometry import Grid, Volume, resample
+from .ingest import Cycle, Index, Series, TimePoint, load_cycle, read_ct, read_spect, roi_names, scan, spect_pixel_mode
+from .nuclides import Nuclide
 from .nuclides import load as load_nuclide
+from .outputs import write_all
+from .result import Result, VoiFit
 from .spec import JobSpec, radiobiology_for, role_of
+from .summary import (
+    SCHEMA_VERSION,
+    CalibrationRecord,
+    CycleInfo,
+    Injection,
+    InputSet,
+    Marrow,
+    MarrowBloodBased,
+    MarrowImageBased,
+    Methods,
+    NuclideData,
+    Patient,
+    Provenance,
+    Quantification,
+    Registration,
+    Summary,
+    TimeActivity,
+    VoiMetrics,
+)
+from .summary import TimePoint as TimePointRecord
+from .timeactivity import FitResult
 from .voi import VOI, load_vois
 
 log = logging.getLogger(__name__)
 
-SUMMARY_SCHEMA = "voxeldose.summary/1"
+#: The ``schema`` of the summaries this version writes (kept here for older imports).
+SUMMARY_SCHEMA = SCHEMA_VERSION
 Progress = Callable[[str, float], None]
 
 #: Stages in order, with their share of a typical run's time (for progress bars).
@@ -48,26 +78,648 @@ STAGES: tuple[tuple[str, float], ...] = (
     ("metrics", 0.10),
 )
 
+#: Where the injection's nuclide and radiopharmaceutical come from when the caller does not give them
+#: (the Radiopharmaceutical Information Sequence (0054,0016) of the SPECT, see ingest.injection_from_header).
+NUCLIDE_TAG = "RadionuclideCodeSequence (0054,0300)"
+RADIOPHARMACEUTICAL_TAG = "Radiopharmaceutical (0018,0031)"
 
-@dataclass
-class Result:
-    """Everything a run produced.  Volumes are on the reference SPECT grid (the dose grid)."""
+__all__ = [
+    "STAGES",
+    "SUMMARY_SCHEMA",
+    "Progress",
+    "Result",
+    "blocking_problems",
+    "input_fingerprint",
+    "input_set",
+    "invalid_spec",
+    "load_spec_cycle",
+    "run",
+    "write_outputs",
+]
 
-    spec: JobSpec
-    summary: dict[str, Any]
-    dose: Volume  # Gy
-    tia: Volume  # Bq·s per voxel
-    activity: list[Volume]  # Bq per voxel at each time point, aligned to the reference grid
-    vois: dict[str, VOI]
-    ct: Volume | None  # reference CT (HU)
+
+# =========================================================================================== the job
+def invalid_spec(exc: ValidationError, path: str | Path | None = None) -> VoxeldoseError:
+    """A job description that does not validate, as one error naming the first field at fault as its tag
+    (``calibration.cps_per_mbq``) and ``path`` (the job file) as its file."""
+    errors = exc.errors()
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{loc}: {e['msg']}" if loc else str(e["msg"]))
+    first = errors[0]
+    msg = str(first["msg"])
+    expected = msg.removeprefix("Input should be ").removeprefix("Value error, ")
+    if first["type"] == "missing":
+        expected = "a value"
+    elif first["type"] == "extra_forbidden":
+        expected = "only the fields of the job description (see voxeldose.spec.JobSpec)"
+    return VoxeldoseError(
+        f"invalid job description: {'; '.join(parts)}",
+        path=path,
+        tag=".".join(str(x) for x in first["loc"]) or "job description",
+        expected=expected,
+        found=None if first["type"] == "missing" else first.get("input"),
+    )
+
+
+def _as_spec(spec: JobSpec | dict[str, Any]) -> JobSpec:
+    if isinstance(spec, JobSpec):
+        return spec
+    try:
+        return JobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise invalid_spec(exc) from None
+
+
+def load_spec_cycle(spec: JobSpec, index: Index) -> Cycle:
+    """The one cycle of ``index`` with the job's injection overrides."""
+    inj = spec.injection
+    return load_cycle(
+        index,
+        patient_id=spec.patient_id,
+        injection_start=inj.datetime,
+        activity_bq=None if inj.activity_mbq is None else inj.activity_mbq * 1e6,
+        nuclide=inj.nuclide,
+    )
+
+
+def _reference_index(cycle: Cycle, spec: JobSpec) -> int:
+    """The job's reference time point, else the first with VOIs on its frame of reference, else 0."""
+    if spec.reference_timepoint is not None:
+        return spec.reference_timepoint
+    fors = {s.frame_of_reference_uid for s in cycle.vois}
+    for n, tp in enumerate(cycle.timepoints):
+        if tp.spect.frame_of_reference_uid in fors:
+            return n
+    return 0
+
+
+def _voi_candidates(cycle: Cycle, ref: TimePoint, spec: JobSpec) -> list[Series]:
+    """RTSTRUCT/SEG series on the reference time point's frame of reference, RTSTRUCT first."""
+    cands = [s for s in cycle.vois if s.frame_of_reference_uid == ref.spect.frame_of_reference_uid]
+    if spec.voi_source != "auto":
+        cands = [s for s in cands if s.kind == spec.voi_source]
+    return sorted(cands, key=lambda s: 0 if s.kind == "rtstruct" else 1)
+
+
+def blocking_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
+    """Everything that stops :func:`run` on ``cycle`` with ``spec``, found from the headers alone, in the
+    order ``run`` meets them (``run`` raises the first; ``voxeldose inspect`` lists them all)."""
+    out: list[VoxeldoseError] = []
+    n_t = len(cycle.timepoints)
+    if spec.reference_timepoint is not None and spec.reference_timepoint >= n_t:
+        out.append(
+            VoxeldoseError(
+                f"reference time point {spec.reference_timepoint} does not exist",
+                tag="reference_timepoint",
+                expected=f"0 … {n_t - 1}",
+                found=spec.reference_timepoint,
+            )
+        )
+        return out  # the checks below need the reference
+    ref = cycle.timepoints[_reference_index(cycle, spec)]
+    if spec.dose.method == "dvk-density" and ref.ct is None:
+        out.append(
+            VoxeldoseError(
+                "the density-corrected dose needs the reference time point's CT, and it has none",
+                path=ref.spect.instances[0].path,
+                tag="dose.method",
+                expected="a CT with the reference SPECT's FrameOfReferenceUID, or dose.method 'dvk'",
+            )
+        )
+    out += _calibration_problems(cycle, spec)
+    out += _registration_problems(cycle, spec, ref)
+    if not _voi_candidates(cycle, ref, spec):
+        out.append(
+            VoxeldoseError(
+                "no VOIs on the reference time point: an RTSTRUCT or SEG on the reference CT is needed",
+                path=ref.spect.instances[0].path,
+                tag="RTSTRUCT/SEG FrameOfReferenceUID",
+                expected=f"a structure set or segmentation on frame of reference {ref.spect.frame_of_reference_uid}",
+            )
+        )
+    out += _fit_problems(cycle, spec)
+    return out
+
+
+def _calibration_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
+    """A SPECT holding raw counts needs the camera calibration (MIRD 26)."""
+    if spec.calibration.cps_per_mbq is not None:
+        return []
+    for tp in cycle.timepoints:
+        try:
+            mode = spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path)
+        except VoxeldoseError as err:
+            return [err]
+        if mode == "counts":
+            return [
+                VoxeldoseError(
+                    f"SPECT series {tp.spect.series_instance_uid} holds raw counts and no calibration factor was given",
+                    path=tp.spect.instances[0].path,
+                    tag="calibration.cps_per_mbq",
+                    expected="the camera's volume sensitivity in cps/MBq (voxeldose run --calibration CPS_PER_MBQ, "
+                    "or calibration.cps_per_mbq in the job)",
+                )
+            ]
+    return []
+
+
+def _registration_problems(cycle: Cycle, spec: JobSpec, ref: TimePoint) -> list[VoxeldoseError]:
+    """Registration (unless switched off) needs a CT at every time point."""
+    if spec.registration == "none":
+        return []
+    out = []
+    for tp in cycle.timepoints:
+        if tp is not ref and (tp.ct is None or ref.ct is None):
+            out.append(
+                VoxeldoseError(
+                    f"time point {tp.hours_after_injection:.1f} h cannot be registered: "
+                    + ("it has no CT" if tp.ct is None else "the reference time point has no CT"),
+                    path=tp.spect.instances[0].path,
+                    tag="CT series with the SPECT's FrameOfReferenceUID",
+                    expected="a CT per time point (or registration: none in the job)",
+                )
+            )
+    return out
+
+
+def _fit_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
+    """The time-activity model must suit the number of time points."""
+    n_t, model = len(cycle.timepoints), spec.fit.model
+    if n_t == 1 and model not in ("stp", "auto"):
+        return [
+            VoxeldoseError(
+                f"the {model!r} time-activity model needs several time points; only one "
+                f"({cycle.timepoints[0].hours_after_injection:.1f} h) was given",
+                tag="fit.model",
+                expected="a single-time-point method: fit.model 'stp' (Hänscheid 2018 or Madsen 2018)",
+            )
+        ]
+    if n_t != 1 and model == "stp":
+        return [
+            VoxeldoseError(
+                f"a single-time-point method was requested but {n_t} time points were given",
+                tag="fit.model",
+                expected="one time point, or a multi-point model (auto, monoexp, biexp, trapezoid)",
+            )
+        ]
+    if n_t == 1 and spec.fit.stp_method != "hanscheid" and spec.fit.stp_effective_half_life_h.get("default") is None:
+        return [
+            VoxeldoseError(
+                "the Madsen single-time-point method needs a population effective half-life",
+                tag="fit.stp_effective_half_life_h",
+                expected="e.g. {'default': 50.0} (hours)",
+            )
+        ]
+    return []
+
+
+def input_set(cycle: Cycle) -> InputSet:
+    """The input set of a cycle: its series, instance count and a SHA-256 over the sorted SOPInstanceUIDs
+    (what the service uses to never run the same input set twice)."""
+    series = [s for tp in cycle.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(cycle.vois)
+    uids = [i.sop_instance_uid for s in series for i in s.instances]
+    digest = hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()
+    return InputSet.model_validate(
+        {
+            "series": [
+                {"kind": s.kind, "series_instance_uid": s.series_instance_uid, "instances": len(s.instances)}
+                for s in series
+            ],
+            "sop_instances": len(uids),
+            "sop_instance_uids_sha256": digest,
+        }
+    )
+
+
+def input_fingerprint(cycle: Cycle) -> dict[str, Any]:
+    """:func:`input_set` as a plain dict (``series``, ``sop_instances``, ``sop_instance_uids_sha256``)."""
+    return input_set(cycle).model_dump()
+
+
+# =========================================================================================== stages
+@dataclass(frozen=True)
+class _Ingested:
     cycle: Cycle
-    reference: TimePoint
-    fits: dict[str, Any] = field(default_factory=dict)
-    tia_quality: np.ndarray | None = None
+    nuclide: Nuclide
+    ref_n: int
+    voi_series: Series
 
     @property
-    def warnings(self) -> list[str]:
-        return list(self.summary.get("warnings", []))
+    def ref_tp(self) -> TimePoint:
+        return self.cycle.timepoints[self.ref_n]
+
+
+@dataclass(frozen=True)
+class _Quantified:
+    conc: list[Volume]  # Bq/ml at each time point, own grid
+    records: list[Quantification]
+    cts: list[Volume | None]  # HU
+
+    @property
+    def applied(self) -> bool:
+        return any(q.pixel_mode == "counts" for q in self.records)
+
+
+@dataclass(frozen=True)
+class _Kinetics:
+    activity: list[Volume]  # Bq per voxel, reference grid
+    times_s: np.ndarray
+    tia: Volume  # Bq·s per voxel
+    fits: dict[str, VoiFit]
+    quality: np.ndarray | None
+    voxel_flags: np.ndarray | None
+    method_note: str
+
+
+@dataclass(frozen=True)
+class _Dosed:
+    dose: Volume  # Gy
+    density: Volume | None  # g/ml on the dose grid
+    kernel_id: str | None
+    kernel_density_g_cm3: float | None
+
+
+def _ingest(spec: JobSpec, warnings: list[str]) -> _Ingested:
+    """Read the inputs into one cycle; stop on what blocks the job."""
+    index = scan(spec.inputs)
+    cycle = load_spec_cycle(spec, index)
+    warnings += [p.message for p in index.problems if p.severity == "warning"]
+    problems = blocking_problems(cycle, spec)
+    if problems:
+        raise problems[0]
+    ref_n = _reference_index(cycle, spec)
+    voi_series = _voi_candidates(cycle, cycle.timepoints[ref_n], spec)[0]
+    return _Ingested(cycle, load_nuclide(cycle.injection.nuclide), ref_n, voi_series)
+
+
+def _quantify(cycle: Cycle, spec: JobSpec, decay_constant_per_s: float) -> _Quantified:
+    """Each SPECT in Bq/ml at its acquisition start (MIRD 26), and each CT."""
+    conc: list[Volume] = []
+    records: list[Quantification] = []
+    cts: list[Volume | None] = []
+    for tp in cycle.timepoints:
+        c, q = quantify.to_bq_per_ml(
+            read_spect(tp.spect),
+            decay_constant_per_s=decay_constant_per_s,
+            calibration_cps_per_mbq=spec.calibration.cps_per_mbq,
+            calibration_source=spec.calibration.source,
+            acquisition_start=tp.acquisition,
+            injection_start=cycle.injection.start,
+            decay_correction=str(getattr(tp.spect.first, "DecayCorrection", "") or ""),
+        )
+        conc.append(c)
+        records.append(Quantification.model_validate(q.to_dict()))
+        cts.append(read_ct(tp.ct) if tp.ct is not None else None)
+    return _Quantified(conc, records, cts)
+
+
+def _register(
+    ing: _Ingested, spec: JobSpec, quant: _Quantified, progress: Progress | None, warnings: list[str]
+) -> tuple[list[Volume], list[Registration]]:
+    """Every time point's concentration on the reference grid (rigid CT-to-CT unless switched off)."""
+    ref_grid, ref_ct = quant.conc[ing.ref_n].grid, quant.cts[ing.ref_n]
+    aligned: list[Volume] = []
+    records: list[Registration] = []
+    for n, (tp, c, ct) in enumerate(zip(ing.cycle.timepoints, quant.conc, quant.cts)):
+        _emit(progress, "register", n / len(quant.conc))
+        if n == ing.ref_n:
+            aligned.append(c)
+            records.append(Registration(reference=True, quality="good", message="reference time point"))
+        elif spec.registration == "none":
+            aligned.append(resample(c, ref_grid, order=1, fill=0.0))
+            records.append(
+                Registration(
+                    quality="not registered",
+                    message="registration switched off by the job: scanner coordinates taken as aligned",
+                )
+            )
+            warnings.append(f"time point {tp.hours_after_injection:.1f} h not registered (registration: none)")
+        elif ct is None or ref_ct is None:  # stopped by blocking_problems before any pixel was read
+            raise _registration_problems(ing.cycle, spec, ing.ref_tp)[0]
+        else:
+            reg = register.register_rigid(ref_ct, ct)
+            aligned.append(register.align_to_reference(c, ref_grid, reg))
+            records.append(Registration.model_validate(reg.to_dict()))
+            if reg.quality != "good":
+                warnings.append(
+                    f"registration of the {tp.hours_after_injection:.1f} h time point is poor: {reg.message}"
+                )
+    return aligned, records
+
+
+def _vois(series: Series, grid: Grid, ref_ct: Volume | None, warnings: list[str]) -> dict[str, VOI]:
+    """The VOIs of ``series`` on the dose grid; ROIs without voxels there are said and left out."""
+    vois = load_vois(series, grid, default_slab_mm=None if ref_ct is None else float(ref_ct.spacing[2]))
+    for name in roi_names(series):
+        if name not in vois:
+            warnings.append(
+                f"VOI {name!r} has no contours in {series.kind.upper()} {series.description!r}: not evaluated"
+            )
+    for name in [n for n, v in vois.items() if float(v.fraction.sum()) == 0.0]:
+        warnings.append(
+            f"VOI {name!r} has no voxel on the dose grid (empty, or outside the SPECT field of view): not evaluated"
+        )
+        del vois[name]
+    if not vois:
+        raise VoxeldoseError(
+            "the VOI series holds no ROI with contours or segments on the SPECT grid",
+            path=series.instances[0].path,
+            tag="ROIContourSequence / SegmentSequence",
+            expected="at least one contoured ROI or non-empty segment",
+        )
+    return vois
+
+
+def _time_activity(
+    cycle: Cycle, spec: JobSpec, aligned: list[Volume], vois: dict[str, VOI], lam: float, warnings: list[str]
+) -> _Kinetics:
+    """Voxel TIA (voxel-wise curves, or a single-time-point method) and each VOI's time-activity fit."""
+    grid = aligned[0].grid
+    activity = [a.with_array((a.array * grid.voxel_volume_ml).astype(np.float32), "Bq") for a in aligned]
+    times_s = np.array([tp.hours_after_injection * 3600.0 for tp in cycle.timepoints])
+    stack = np.stack([a.array for a in activity]).astype(np.float64)
+    single = spec.fit.model == "stp" or len(times_s) == 1
+    quality = flags = None
+    if single:
+        tia_arr, method_note = _stp_tia(stack[0], float(times_s[0]), spec)
+    else:
+        vt = timeactivity.voxel_tia(stack, times_s, decay_constant_per_s=lam, method=spec.fit.voxel_method)
+        tia_arr, quality, flags = np.asarray(vt.tia, dtype=np.float64), vt.quality, np.asarray(vt.flags)
+        method_note = f"voxel-wise {spec.fit.voxel_method}"
+    fits: dict[str, VoiFit] = {}
+    for name, voi in vois.items():
+        a_voi = np.array([float((voi.fraction * s).sum(dtype=np.float64)) for s in stack])
+        if single:
+            fits[name] = TimeActivity(
+                model="stp", times_h=(times_s / 3600).tolist(), activity_mbq=(a_voi / 1e6).tolist()
+            )
+            continue
+        try:
+            fits[name] = timeactivity.fit_voi(times_s, a_voi, decay_constant_per_s=lam, model=spec.fit.model)
+        except VoxeldoseError as err:
+            if spec.fit.model != "auto":
+                raise VoxeldoseError(f"VOI {name!r}: {err.reason}", tag="fit.model", expected=err.expected) from None
+            warnings.append(f"VOI {name!r}: time-activity fit failed ({err.reason})")
+    tia = Volume(tia_arr, grid.affine, grid.frame_of_reference_uid, "Bq.s")
+    return _Kinetics(activity, times_s, tia, fits, quality, flags, method_note)
+
+
+def _dose(
+    spec: JobSpec, nuclide: Nuclide, tia: Volume, ref_ct: Volume | None, vois: dict[str, VOI], warnings: list[str]
+) -> _Dosed:
+    """The absorbed dose (Gy) on the TIA's grid, and the CT's density there when there is a CT."""
+    density = None
+    if ref_ct is not None:
+        # Outside the CT's field of view (a 61 cm SPECT field is wider than a 50 cm CT reconstruction)
+        # the kernel medium's density is assumed, and said when a VOI reaches there.
+        fill = medium_density(spec.dose.medium)
+        density = density_on_grid(ref_ct.with_array(hu_to_density(ref_ct.array), "g/ml"), tia.grid, fill=float("nan"))
+        outside = ~np.isfinite(density.array)
+        if outside.any():
+            for name, voi in vois.items():
+                if float(voi.fraction[outside].sum()) > 0:
+                    warnings.append(
+                        f"VOI {name!r} extends beyond the CT field of view: density {fill} g/ml assumed there"
+                    )
+            density = density.with_array(np.where(outside, fill, density.array))
+    dose = absorbed_dose(
+        tia,
+        nuclide=nuclide.name,
+        method=spec.dose.method,
+        density=density if spec.dose.method != "dvk" else None,
+        medium=spec.dose.medium,
+        kernel_size=spec.dose.kernel_size,
+    )
+    rho = dose.meta.get("medium_density_g_cm3")
+    return _Dosed(dose, density, str(dose.meta.get("kernel_id", "")) or None, None if rho is None else float(rho))
+
+
+def _metrics(
+    spec: JobSpec, vois: dict[str, VOI], kin: _Kinetics, dosed: _Dosed, a_inj: float, lam: float, warnings: list[str]
+) -> dict[str, VoiMetrics]:
+    """Per-VOI dose metrics, time-activity and radiobiology (BED, EQD2)."""
+    dose_arr = np.asarray(dosed.dose.array, dtype=np.float64)
+    tia_arr = np.asarray(kin.tia.array, dtype=np.float64)
+    rho = None if dosed.density is None else dosed.density.array
+    voxel_ml = dosed.dose.grid.voxel_volume_ml
+    out: dict[str, VoiMetrics] = {}
+    for name, voi in vois.items():
+        role = role_of(name, spec)
+        # Mean absorbed dose = energy / mass.  With dvk-density the dose map is already per the voxel's
+        # own mass, so the mean is mass-weighted; with dvk (and led without a density map) every voxel's
+        # dose assumes the kernel medium, so the mean is volume-weighted (as in the RT Dose DVH).
+        m = metrics.voi_metrics(
+            dose_arr,
+            voi.fraction,
+            voxel_ml=voxel_ml,
+            density_g_per_ml=rho if spec.dose.method == "dvk-density" else None,
+            injected_activity_bq=a_inj,
+        )
+        entry: dict[str, Any] = {"role": role, "source": voi.source, **m}
+        if rho is not None:
+            entry["mass_g"] = float((voi.fraction * rho).sum(dtype=np.float64) * voxel_ml)
+            entry["notes"] = [n for n in m["notes"] if not n.startswith("no density map")]
+            entry["mass_source"] = "CT (Schneider et al. 2000 HU→density)"
+        if kin.voxel_flags is not None:
+            entry["voxel_tia_physical_decay_tail_fraction"] = _tail_fraction(name, voi, role, kin.voxel_flags, warnings)
+        fr = kin.fits.get(name)
+        if isinstance(fr, FitResult):
+            entry["tia_bqs"] = float(fr.tia_bqs)
+            entry["time_activity"] = _fit_summary(fr, kin.times_s)
+        elif fr is not None:
+            entry["time_activity"] = fr
+        entry.update(_radiobiology(name, role, float(m["mean_gy"]), fr, kin.times_s, lam, spec, warnings))
+        entry["tia_voxel_sum_bqs"] = float((voi.fraction * tia_arr).sum(dtype=np.float64))
+        out[name] = VoiMetrics.model_validate(entry)
+    return out
+
+
+def _tail_fraction(name: str, voi: VOI, role: str, flags: np.ndarray, warnings: list[str]) -> float:
+    """Fraction of the VOI whose voxel TIA tail assumes physical decay only (no washout after the last scan)."""
+    w = voi.fraction > 0
+    phys = float(voi.fraction[w & (flags == 1)].sum() / max(voi.fraction[w].sum(), 1e-12))
+    if phys > 0.5 and role in ("kidney", "tumour", "marrow"):
+        warnings.append(
+            f"VOI {name!r}: {100 * phys:.0f} % of its voxels have no measurable washout after the "
+            "last scan; their tail assumes physical decay only (an upper bound)"
+        )
+    return phys
+
+
+def _radiobiology(
+    name: str,
+    role: str,
+    mean_gy: float,
+    fr: VoiFit | None,
+    times_s: np.ndarray,
+    lam: float,
+    spec: JobSpec,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """BED and EQD2 (Gy) of a VOI with radiobiology, with the G factor and the kinetics it assumes."""
+    rb = radiobiology_for(name, role, spec)
+    if rb is None:
+        return {}
+    exps, bed_model = _bed_kinetics(fr, times_s, lam, spec)
+    if exps is None:
+        warnings.append(f"VOI {name!r}: BED not computed ({bed_model})")
+        return {}
+    g = metrics.lea_catcheside_g(exps, rb.repair_half_time_h * 3600.0)
+    b = metrics.bed(mean_gy, g, rb.alpha_beta_gy)
+    return {
+        "bed_gy": b,
+        "eqd2_gy": metrics.eqd2(b, rb.alpha_beta_gy),
+        "g_factor": g,
+        "alpha_beta_gy": rb.alpha_beta_gy,
+        "repair_half_time_h": rb.repair_half_time_h,
+        "bed_kinetics": bed_model,
+    }
+
+
+def _marrow(vois: dict[str, VoiMetrics], spec: JobSpec, lam: float) -> Marrow:
+    """Red-marrow dose: image-based from the first marrow VOI; blood-based when the job has samples."""
+    image = None
+    for name, e in vois.items():
+        if e.role == "marrow":
+            d = metrics.marrow_image_based(e.mean_gy, recovery_coefficient=spec.marrow.recovery_coefficient)
+            image = MarrowImageBased.model_validate({"voi": name, **d})
+            break
+    blood = None
+    if spec.marrow.blood_samples:
+        samples = [(s.hours_after_injection * 3600.0, s.bq_per_ml) for s in spec.marrow.blood_samples]
+        blood = MarrowBloodBased.model_validate(
+            metrics.marrow_blood_based(samples, rmblr=spec.marrow.rmblr, decay_constant_per_s=lam)
+        )
+    return Marrow(image_based=image, blood_based=blood)
+
+
+# =========================================================================================== run
+@contextmanager
+def _stage(name: str, progress: Progress | None, timings: dict[str, float]) -> Iterator[None]:
+    """Announce a stage and record its wall time (s) in ``timings``."""
+    _emit(progress, name)
+    t = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t
+
+
+def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> Result:
+    """Run the whole dosimetry for one cycle.  Raises :class:`VoxeldoseError` on bad input."""
+    spec = _as_spec(spec)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    with _stage("ingest", progress, timings):
+        ing = _ingest(spec, warnings)
+    lam = ing.nuclide.decay_constant_per_s
+    with _stage("quantify", progress, timings):
+        quant = _quantify(ing.cycle, spec, lam)
+    with _stage("register", progress, timings):
+        aligned, registrations = _register(ing, spec, quant, progress, warnings)
+    ref_ct = quant.cts[ing.ref_n]
+    with _stage("vois", progress, timings):
+        vois = _vois(ing.voi_series, aligned[ing.ref_n].grid, ref_ct, warnings)
+    with _stage("time-activity", progress, timings):
+        kin = _time_activity(ing.cycle, spec, aligned, vois, lam, warnings)
+    with _stage("dose", progress, timings):
+        dosed = _dose(spec, ing.nuclide, kin.tia, ref_ct, vois, warnings)
+    a_inj = ing.cycle.injection.activity_bq
+    with _stage("metrics", progress, timings):
+        voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings)
+        marrow = _marrow(voi_out, spec, lam)
+        date = ing.cycle.injection.start.date()
+        cumulative = cumulative_summary(
+            voi_out, marrow, spec, injection_date=date, activity_bq=a_inj, warnings=warnings
+        )
+    summary = Summary(
+        patient=Patient(id=ing.cycle.patient_id, name=ing.cycle.patient_name),
+        cycle=CycleInfo(number=spec.cycle_number, injection=_injection(ing.cycle, spec)),
+        reference_timepoint=ing.ref_n,
+        timepoints=_timepoints(ing.cycle, quant.records, registrations),
+        methods=_methods(spec, quant.records, kin.method_note, dosed, ing.voi_series),
+        vois=voi_out,
+        marrow=marrow,
+        cumulative=cumulative,
+        warnings=warnings,
+        provenance=_provenance(spec, ing, quant, dosed, timings, time.perf_counter() - t_start),
+    )
+    _emit(progress, "done", 1.0)
+    return Result(
+        spec, summary, dosed.dose, kin.tia, kin.activity, vois, ref_ct, ing.cycle, ing.ref_tp, kin.fits, kin.quality
+    )
+
+
+# =========================================================================================== summary parts
+def _injection(cycle: Cycle, spec: JobSpec) -> Injection:
+    """The injection with the source of each value (``caller`` where the job gave it)."""
+    inj = cycle.injection
+    return Injection(
+        datetime=inj.start.isoformat(),
+        datetime_source=inj.start_source,
+        activity_MBq=inj.activity_bq / 1e6,
+        activity_source=inj.activity_source,
+        nuclide=inj.nuclide,
+        nuclide_source="caller" if spec.injection.nuclide is not None else NUCLIDE_TAG,
+        radiopharmaceutical=inj.radiopharmaceutical,
+        radiopharmaceutical_source=None if inj.radiopharmaceutical is None else RADIOPHARMACEUTICAL_TAG,
+    )
+
+
+def _timepoints(cycle: Cycle, quants: list[Quantification], registrations: list[Registration]) -> list[TimePointRecord]:
+    return [
+        TimePointRecord(
+            hours=tp.hours_after_injection,
+            acquisition_datetime=tp.acquisition.isoformat(),
+            acquisition_time_source=tp.acquisition_source,
+            spect_series_uid=tp.spect.series_instance_uid,
+            ct_series_uid=None if tp.ct is None else tp.ct.series_instance_uid,
+            quantification=q,
+            registration=r,
+        )
+        for tp, q, r in zip(cycle.timepoints, quants, registrations)
+    ]
+
+
+def _methods(spec: JobSpec, quants: list[Quantification], voxel_tia: str, dosed: _Dosed, voi_series: Series) -> Methods:
+    quantification = {
+        f"counts → Bq/ml with {q.calibration_cps_per_mbq} cps/MBq (MIRD 26), decay during acquisition corrected"
+        if q.pixel_mode == "counts"
+        else f"{q.pixel_mode}: {q.decay_correction}"
+        for q in quants
+    }
+    return Methods(
+        quantification="; ".join(sorted(quantification)),
+        fit=spec.fit.model,
+        voxel_tia=voxel_tia,
+        dose=spec.dose.method,
+        medium=spec.dose.medium,
+        kernel_id=dosed.kernel_id,
+        kernel_density_g_cm3=dosed.kernel_density_g_cm3,
+        dose_grid="reference SPECT grid, CT frame of reference",
+        voi_source=f"{voi_series.kind.upper()} {voi_series.series_instance_uid}",
+    )
+
+
+def _provenance(
+    spec: JobSpec, ing: _Ingested, quant: _Quantified, dosed: _Dosed, timings: dict[str, float], total_s: float
+) -> Provenance:
+    return Provenance(
+        software=_versions(),
+        kernel_id=dosed.kernel_id,
+        nuclide=NuclideData(
+            name=ing.nuclide.name, half_life_s=ing.nuclide.half_life_s, data="ICRP-107 (icrp107-database)"
+        ),
+        calibration=CalibrationRecord(
+            cps_per_mbq=spec.calibration.cps_per_mbq, source=spec.calibration.source, applied=quant.applied
+        ),
+        inputs=input_set(ing.cycle),
+        spec=spec,
+        created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        total_s=round(total_s, 3),
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -86,405 +738,10 @@ def _emit(progress: Progress | None, stage: str, frac: float = 0.0) -> None:
     log.info("stage %s %.0f%%", stage, 100 * frac)
 
 
-def load_spec_cycle(spec: JobSpec, index: Any) -> Cycle:
-    """The one cycle of ``index`` (an :class:`~voxeldose.ingest.Index`) with the job's injection overrides."""
-    inj = spec.injection
-    return load_cycle(
-        index,
-        patient_id=spec.patient_id,
-        injection_start=inj.datetime,
-        activity_bq=None if inj.activity_mbq is None else inj.activity_mbq * 1e6,
-        nuclide=inj.nuclide,
-    )
-
-
-def _choose_reference(cycle: Cycle, spec: JobSpec) -> int:
-    if spec.reference_timepoint is not None:
-        if spec.reference_timepoint >= len(cycle.timepoints):
-            raise VoxeldoseError(
-                f"reference time point {spec.reference_timepoint} does not exist",
-                tag="reference_timepoint",
-                expected=f"0 … {len(cycle.timepoints) - 1}",
-                found=spec.reference_timepoint,
-            )
-        return spec.reference_timepoint
-    fors = {s.frame_of_reference_uid for s in cycle.vois}
-    for n, tp in enumerate(cycle.timepoints):
-        if tp.spect.frame_of_reference_uid in fors:
-            return n
-    return 0
-
-
-def _voi_series(cycle: Cycle, ref: TimePoint, spec: JobSpec):
-    cands = [s for s in cycle.vois if s.frame_of_reference_uid == ref.spect.frame_of_reference_uid]
-    if spec.voi_source != "auto":
-        cands = [s for s in cands if s.kind == spec.voi_source]
-    cands.sort(key=lambda s: 0 if s.kind == "rtstruct" else 1)
-    if not cands:
-        raise VoxeldoseError(
-            "no VOIs on the reference time point: an RTSTRUCT or SEG on the reference CT is needed",
-            tag="RTSTRUCT/SEG FrameOfReferenceUID",
-            expected=f"a structure set or segmentation on frame of reference {ref.spect.frame_of_reference_uid}",
-        )
-    return cands[0]
-
-
-def input_fingerprint(cycle: Cycle) -> dict[str, Any]:
-    """The input set of a cycle: its series, instance count and a SHA-256 over the sorted SOPInstanceUIDs
-    (what the service uses to never run the same input set twice)."""
-    series = []
-    uids: list[str] = []
-    for tp in cycle.timepoints:
-        for s in (tp.spect, tp.ct):
-            if s is not None:
-                series.append(
-                    {"kind": s.kind, "series_instance_uid": s.series_instance_uid, "instances": len(s.instances)}
-                )
-                uids += [i.sop_instance_uid for i in s.instances]
-    for s in cycle.vois:
-        series.append({"kind": s.kind, "series_instance_uid": s.series_instance_uid, "instances": len(s.instances)})
-        uids += [i.sop_instance_uid for i in s.instances]
-    digest = hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()
-    return {"series": series, "sop_instances": len(uids), "sop_instance_uids_sha256": digest}
-
-
-def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> Result:
-    """Run the whole dosimetry for one cycle.  Raises :class:`VoxeldoseError` on bad input."""
-    from . import cycles as cycles_mod
-    from . import metrics, quantify, register, timeactivity
-    from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
-
-    if not isinstance(spec, JobSpec):
-        from pydantic import ValidationError
-
-        try:
-            spec = JobSpec.model_validate(spec)
-        except ValidationError as exc:
-            msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-            raise VoxeldoseError(f"invalid job description: {msg}", tag="spec") from None
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    warnings: list[str] = []
-
-    # ---------------------------------------------------------------- ingest
-    _emit(progress, "ingest")
-    t = time.perf_counter()
-    index = scan(spec.inputs)
-    cycle = load_spec_cycle(spec, index)
-    for p in index.problems:
-        if p.severity == "warning":
-            warnings.append(p.message)
-    nuclide = load_nuclide(cycle.injection.nuclide)
-    lam = nuclide.decay_constant_per_s
-    ref_n = _choose_reference(cycle, spec)
-    ref_tp = cycle.timepoints[ref_n]
-    if spec.dose.method == "dvk-density" and ref_tp.ct is None:
-        raise VoxeldoseError(
-            "the density-corrected dose needs the reference time point's CT, and it has none",
-            path=ref_tp.spect.instances[0].path,
-            tag="dose.method",
-            expected="a CT with the reference SPECT's FrameOfReferenceUID, or dose.method 'dvk'",
-        )
-    timings["ingest"] = time.perf_counter() - t
-
-    # ---------------------------------------------------------------- quantify
-    _emit(progress, "quantify")
-    t = time.perf_counter()
-    conc: list[Volume] = []
-    quants = []
-    cts: list[Volume | None] = []
-    for tp in cycle.timepoints:
-        img = read_spect(tp.spect)
-        c, q = quantify.to_bq_per_ml(
-            img,
-            decay_constant_per_s=lam,
-            calibration_cps_per_mbq=spec.calibration.cps_per_mbq,
-            calibration_source=spec.calibration.source,
-            acquisition_start=tp.acquisition,
-            injection_start=cycle.injection.start,
-            decay_correction=str(getattr(tp.spect.first, "DecayCorrection", "") or ""),
-        )
-        conc.append(c)
-        quants.append(q)
-        cts.append(read_ct(tp.ct) if tp.ct is not None else None)
-    timings["quantify"] = time.perf_counter() - t
-
-    # ---------------------------------------------------------------- register
-    _emit(progress, "register")
-    t = time.perf_counter()
-    ref_grid = conc[ref_n].grid
-    ref_ct = cts[ref_n]
-    aligned: list[Volume] = []
-    registrations: list[dict[str, Any] | None] = []
-    for n, (tp, c) in enumerate(zip(cycle.timepoints, conc)):
-        _emit(progress, "register", n / len(conc))
-        if n == ref_n:
-            aligned.append(c)
-            registrations.append({"reference": True, "quality": "good", "message": "reference time point"})
-            continue
-        if spec.registration == "none":
-            aligned.append(resample(c, ref_grid, order=1, fill=0.0))
-            registrations.append(
-                {
-                    "quality": "not registered",
-                    "message": "registration switched off by the job: scanner coordinates taken as aligned",
-                }
-            )
-            warnings.append(f"time point {tp.hours_after_injection:.1f} h not registered (registration: none)")
-            continue
-        if cts[n] is None or ref_ct is None:
-            raise VoxeldoseError(
-                f"time point {tp.hours_after_injection:.1f} h cannot be registered: "
-                + ("it has no CT" if cts[n] is None else "the reference time point has no CT"),
-                path=tp.spect.instances[0].path,
-                tag="CT series with the SPECT's FrameOfReferenceUID",
-                expected="a CT per time point (or registration: none in the job)",
-            )
-        reg = register.register_rigid(ref_ct, cts[n])
-        aligned.append(register.align_to_reference(c, ref_grid, reg))
-        registrations.append(reg.to_dict())
-        if reg.quality != "good":
-            warnings.append(f"registration of the {tp.hours_after_injection:.1f} h time point is poor: {reg.message}")
-    timings["register"] = time.perf_counter() - t
-
-    # ---------------------------------------------------------------- VOIs
-    _emit(progress, "vois")
-    t = time.perf_counter()
-    voi_series = _voi_series(cycle, ref_tp, spec)
-    vois = load_vois(voi_series, ref_grid, default_slab_mm=_slice_thickness(ref_ct))
-    for name in roi_names(voi_series):
-        if name not in vois:
-            warnings.append(
-                f"VOI {name!r} has no contours in {voi_series.kind.upper()} {voi_series.description!r}: not evaluated"
-            )
-    for name in [n for n, v in vois.items() if float(v.fraction.sum()) == 0.0]:
-        warnings.append(
-            f"VOI {name!r} has no voxel on the dose grid (empty, or outside the SPECT field of view): not evaluated"
-        )
-        del vois[name]
-    if not vois:
-        raise VoxeldoseError(
-            "the VOI series holds no ROI with contours or segments on the SPECT grid",
-            path=voi_series.instances[0].path,
-            tag="ROIContourSequence / SegmentSequence",
-            expected="at least one contoured ROI or non-empty segment",
-        )
-    timings["vois"] = time.perf_counter() - t
-
-    # ---------------------------------------------------------------- time-activity
-    _emit(progress, "time-activity")
-    t = time.perf_counter()
-    voxel_ml = ref_grid.voxel_volume_ml
-    activity = [a.with_array((a.array * voxel_ml).astype(np.float32), "Bq") for a in aligned]
-    times_s = np.array([tp.hours_after_injection * 3600.0 for tp in cycle.timepoints])
-    stack = np.stack([a.array for a in activity]).astype(np.float64)
-    fits: dict[str, Any] = {}
-    roles = {name: role_of(name, spec) for name in vois}
-    n_t = len(times_s)
-    quality = None
-    voxel_flags = None
-    if n_t == 1 and spec.fit.model not in ("stp", "auto"):
-        raise VoxeldoseError(
-            f"the {spec.fit.model!r} time-activity model needs several time points; only one "
-            f"({cycle.timepoints[0].hours_after_injection:.1f} h) was given",
-            tag="fit.model",
-            expected="a single-time-point method: fit.model 'stp' (Hänscheid 2018 or Madsen 2018)",
-        )
-    if spec.fit.model == "stp" or n_t == 1:
-        if n_t != 1 and spec.fit.model == "stp":
-            raise VoxeldoseError(
-                f"a single-time-point method was requested but {n_t} time points were given",
-                tag="fit.model",
-                expected="one time point, or a multi-point model (auto, monoexp, biexp, trapezoid)",
-            )
-        tia_arr, fit_note = _stp_tia(stack[0], times_s[0], spec, timeactivity)
-        method_note = fit_note
-    else:
-        vt = timeactivity.voxel_tia(stack, times_s, decay_constant_per_s=lam, method=spec.fit.voxel_method)
-        tia_arr, quality = np.asarray(vt.tia, dtype=np.float64), vt.quality
-        voxel_flags = np.asarray(vt.flags)
-        method_note = f"voxel-wise {spec.fit.voxel_method}"
-    for name, voi in vois.items():
-        a_voi = np.array([float((voi.fraction * s).sum(dtype=np.float64)) for s in stack])
-        if spec.fit.model == "stp" or n_t == 1:
-            fits[name] = {"model": "stp", "times_h": (times_s / 3600).tolist(), "activity_mbq": (a_voi / 1e6).tolist()}
-            continue
-        try:
-            fr = timeactivity.fit_voi(times_s, a_voi, decay_constant_per_s=lam, model=spec.fit.model)
-        except VoxeldoseError as err:
-            if spec.fit.model != "auto":
-                raise VoxeldoseError(f"VOI {name!r}: {err.reason}", tag="fit.model", expected=err.expected) from None
-            warnings.append(f"VOI {name!r}: time-activity fit failed ({err.reason})")
-            continue
-        fits[name] = fr
-    tia = Volume(tia_arr, ref_grid.affine, ref_grid.frame_of_reference_uid, "Bq.s")
-    timings["time-activity"] = time.perf_counter() - t
-
-    # ---------------------------------------------------------------- dose
-    _emit(progress, "dose")
-    t = time.perf_counter()
-    density = None
-    if ref_ct is not None:
-        # Outside the CT's field of view (a 61 cm SPECT field is wider than a 50 cm CT reconstruction)
-        # the kernel medium's density is assumed, and said when a VOI reaches there.
-        fill = medium_density(spec.dose.medium)
-        density = density_on_grid(ref_ct.with_array(hu_to_density(ref_ct.array), "g/ml"), ref_grid, fill=float("nan"))
-        outside = ~np.isfinite(density.array)
-        if outside.any():
-            for name, voi in vois.items():
-                if float(voi.fraction[outside].sum()) > 0:
-                    warnings.append(
-                        f"VOI {name!r} extends beyond the CT field of view: density {fill} g/ml assumed there"
-                    )
-            density = density.with_array(np.where(outside, fill, density.array))
-    dose = absorbed_dose(
-        tia,
-        nuclide=nuclide.name,
-        method=spec.dose.method,
-        density=density if spec.dose.method != "dvk" else None,
-        medium=spec.dose.medium,
-        kernel_size=spec.dose.kernel_size,
-    )
-    kernel_id = str(dose.meta.get("kernel_id", "")) or None
-    timings["dose"] = time.perf_counter() - t
-
-    # ---------------------------------------------------------------- metrics
-    _emit(progress, "metrics")
-    t = time.perf_counter()
-    a_inj = cycle.injection.activity_bq
-    dose_arr = np.asarray(dose.array, dtype=np.float64)
-    rho = None if density is None else density.array
-    voi_out: dict[str, Any] = {}
-    for name, voi in vois.items():
-        role = roles[name]
-        # Mean absorbed dose = energy / mass.  With dvk-density the dose map is already per the voxel's
-        # own mass, so the mean is mass-weighted; with dvk (and led without a density map) every voxel's
-        # dose assumes the kernel medium, so the mean is volume-weighted (as in the RT Dose DVH).
-        m = metrics.voi_metrics(
-            dose_arr,
-            voi.fraction,
-            voxel_ml=voxel_ml,
-            density_g_per_ml=rho if spec.dose.method == "dvk-density" else None,
-            injected_activity_bq=a_inj,
-        )
-        if rho is not None:
-            m["mass_g"] = float((voi.fraction * rho).sum(dtype=np.float64) * voxel_ml)
-            m["notes"] = [n for n in m.get("notes", []) if not n.startswith("no density map")]
-            m["mass_source"] = "CT (Schneider et al. 2000 HU→density)"
-        entry: dict[str, Any] = {"role": role, "source": voi.source}
-        entry.update(m)
-        if voxel_flags is not None:
-            w = voi.fraction > 0
-            phys = float(voi.fraction[w & (voxel_flags == 1)].sum() / max(voi.fraction[w].sum(), 1e-12))
-            entry["voxel_tia_physical_decay_tail_fraction"] = phys
-            if phys > 0.5 and role in ("kidney", "tumour", "marrow"):
-                warnings.append(
-                    f"VOI {name!r}: {100 * phys:.0f} % of its voxels have no measurable washout after the "
-                    "last scan; their tail assumes physical decay only (an upper bound)"
-                )
-        fr = fits.get(name)
-        rb = radiobiology_for(name, role, spec)
-        if fr is not None and not isinstance(fr, dict):
-            entry["tia_bqs"] = float(fr.tia_bqs)
-            entry["time_activity"] = _fit_summary(fr, times_s)
-        elif isinstance(fr, dict):
-            entry["time_activity"] = fr
-        if rb is not None:
-            exps, bed_model = _bed_kinetics(fr, times_s, lam, spec)
-            if exps is None:
-                warnings.append(f"VOI {name!r}: BED not computed ({bed_model})")
-            else:
-                g = metrics.lea_catcheside_g(exps, rb.repair_half_time_h * 3600.0)
-                b = metrics.bed(entry["mean_gy"], g, rb.alpha_beta_gy)
-                entry.update(
-                    {
-                        "bed_gy": b,
-                        "eqd2_gy": metrics.eqd2(b, rb.alpha_beta_gy),
-                        "g_factor": g,
-                        "alpha_beta_gy": rb.alpha_beta_gy,
-                        "repair_half_time_h": rb.repair_half_time_h,
-                        "bed_kinetics": bed_model,
-                    }
-                )
-        entry["tia_voxel_sum_bqs"] = float((voi.fraction * tia_arr).sum(dtype=np.float64))
-        voi_out[name] = entry
-    marrow = _marrow(voi_out, spec, lam, metrics)
-    cumulative = _cycles(voi_out, marrow, spec, cycle, cycles_mod, warnings)
-    timings["metrics"] = time.perf_counter() - t
-
-    summary: dict[str, Any] = {
-        "schema": SUMMARY_SCHEMA,
-        "patient": {"id": cycle.patient_id, "name": cycle.patient_name},
-        "cycle": {
-            "number": spec.cycle_number,
-            "injection": {
-                "datetime": cycle.injection.start.isoformat(),
-                "datetime_source": cycle.injection.start_source,
-                "activity_MBq": a_inj / 1e6,
-                "activity_source": cycle.injection.activity_source,
-                "nuclide": cycle.injection.nuclide,
-                "radiopharmaceutical": cycle.injection.radiopharmaceutical,
-            },
-        },
-        "reference_timepoint": ref_n,
-        "timepoints": [
-            {
-                "hours": tp.hours_after_injection,
-                "acquisition_datetime": tp.acquisition.isoformat(),
-                "acquisition_time_source": tp.acquisition_source,
-                "spect_series_uid": tp.spect.series_instance_uid,
-                "ct_series_uid": None if tp.ct is None else tp.ct.series_instance_uid,
-                "quantification": q.to_dict(),
-                "registration": r,
-            }
-            for tp, q, r in zip(cycle.timepoints, quants, registrations)
-        ],
-        "methods": {
-            "quantification": "; ".join(
-                sorted(
-                    {
-                        f"counts → Bq/ml with {q.calibration_cps_per_mbq} cps/MBq (MIRD 26), decay during acquisition corrected"
-                        if q.pixel_mode == "counts"
-                        else f"{q.pixel_mode}: {q.decay_correction}"
-                        for q in quants
-                    }
-                )
-            ),
-            "fit": spec.fit.model,
-            "voxel_tia": method_note,
-            "dose": spec.dose.method,
-            "medium": spec.dose.medium,
-            "kernel_id": kernel_id,
-            "kernel_density_g_cm3": dose.meta.get("medium_density_g_cm3"),
-            "dose_grid": "reference SPECT grid, CT frame of reference",
-            "voi_source": f"{voi_series.kind.upper()} {voi_series.series_instance_uid}",
-        },
-        "vois": voi_out,
-        "marrow": marrow,
-        "cumulative": cumulative,
-        "warnings": warnings,
-        "provenance": {
-            "software": _versions(),
-            "kernel_id": kernel_id,
-            "nuclide": {
-                "name": nuclide.name,
-                "half_life_s": nuclide.half_life_s,
-                "data": "ICRP-107 (icrp107-database)",
-            },
-            "calibration": {**spec.calibration.model_dump(), "applied": any(q.pixel_mode == "counts" for q in quants)},
-            "inputs": input_fingerprint(cycle),
-            "spec": json.loads(spec.model_dump_json()),
-            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "total_s": round(time.perf_counter() - t_start, 3),
-        },
-    }
-    _emit(progress, "done", 1.0)
-    return Result(spec, summary, dose, tia, activity, vois, ref_ct, cycle, ref_tp, fits, quality)
-
-
-def _fit_summary(fr: Any, times_s: np.ndarray) -> dict[str, Any]:
-    d = fr.to_dict() if hasattr(fr, "to_dict") else {}
+# =========================================================================================== helpers
+def _fit_summary(fr: FitResult, times_s: np.ndarray) -> TimeActivity:
+    """The fit as ``summary.json`` records it, with its curve sampled for plotting."""
+    d = fr.to_dict()
     t_max = max(float(times_s[-1]) * 1.5, 24 * 3600.0)
     tt = np.linspace(0.0, t_max, 121)
     try:
@@ -493,24 +750,19 @@ def _fit_summary(fr: Any, times_s: np.ndarray) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - a curve is a nicety for the report
         pass
     d.setdefault("times_h", (np.asarray(times_s) / 3600).tolist())
-    return d
-
-
-def _slice_thickness(ct: Volume | None) -> float | None:
-    """Slice spacing of the reference CT, mm: the thickness a single-plane contour stands for."""
-    return None if ct is None else float(ct.spacing[2])
+    return TimeActivity.model_validate(d)
 
 
 def _bed_kinetics(
-    fr: Any, times_s: np.ndarray, lam: float, spec: JobSpec
+    fr: VoiFit | None, times_s: np.ndarray, lam: float, spec: JobSpec
 ) -> tuple[list[tuple[float, float]] | None, str]:
     """The dose-rate shape for the Lea–Catcheside factor: the VOI's fitted exponentials when it has them;
     for a trapezoid fit, a mono-exponential with the effective rate of its last two scans (at least the
     physical rate) — Dale 1985's mono-exponential form; for one time point, the effective half-life the
     single-time-point method assumes (Hänscheid: T_eff = t; Madsen: the given population value)."""
-    if fr is not None and not isinstance(fr, dict) and getattr(fr, "exponentials", None):
+    if isinstance(fr, FitResult) and fr.exponentials:
         return list(fr.exponentials), f"{fr.model} fit"
-    if isinstance(fr, dict) and fr.get("model") == "stp":
+    if isinstance(fr, TimeActivity) and fr.model == "stp":
         if spec.fit.stp_method == "hanscheid":
             k = math.log(2) / float(times_s[0])
             return [(1.0, k)], "mono-exponential with T_eff = scan time (the Hänscheid 2018 assumption)"
@@ -520,7 +772,7 @@ def _bed_kinetics(
                 (1.0, math.log(2) / (teff * 3600.0))
             ], f"mono-exponential with the population T_eff {teff} h (Madsen 2018)"
         return None, "no effective half-life for the single time point"
-    if fr is not None and not isinstance(fr, dict) and len(getattr(fr, "activities_bq", ())) >= 2:
+    if isinstance(fr, FitResult) and len(fr.activities_bq) >= 2:
         a1, a2 = fr.activities_bq[-2], fr.activities_bq[-1]
         t1, t2 = fr.times_s[-2], fr.times_s[-1]
         k = lam
@@ -530,11 +782,12 @@ def _bed_kinetics(
     return None, "no time-activity fit for this VOI"
 
 
-def _stp_tia(a: np.ndarray, t_s: float, spec: JobSpec, timeactivity: Any) -> tuple[np.ndarray, str]:
+def _stp_tia(a: np.ndarray, t_s: float, spec: JobSpec) -> tuple[np.ndarray, str]:
+    """Voxel TIA from one time point (Hänscheid et al. 2018, or Madsen et al. 2018 with a population T_eff)."""
     if spec.fit.stp_method == "hanscheid":
         return np.asarray(timeactivity.stp_hanscheid(a, t_s)), "single time point, Hänscheid et al. 2018"
     teff = spec.fit.stp_effective_half_life_h.get("default")
-    if teff is None:
+    if teff is None:  # blocking_problems says so first
         raise VoxeldoseError(
             "the Madsen single-time-point method needs a population effective half-life",
             tag="fit.stp_effective_half_life_h",
@@ -546,133 +799,6 @@ def _stp_tia(a: np.ndarray, t_s: float, spec: JobSpec, timeactivity: Any) -> tup
     )
 
 
-def _marrow(voi_out: dict[str, Any], spec: JobSpec, lam: float, metrics: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"image_based": None, "blood_based": None}
-    for name, e in voi_out.items():
-        if e["role"] == "marrow":
-            d = metrics.marrow_image_based(e["mean_gy"], recovery_coefficient=spec.marrow.recovery_coefficient)
-            out["image_based"] = {"voi": name, **d}
-            break
-    if spec.marrow.blood_samples:
-        samples = [(s.hours_after_injection * 3600.0, s.bq_per_ml) for s in spec.marrow.blood_samples]
-        out["blood_based"] = metrics.marrow_blood_based(samples, rmblr=spec.marrow.rmblr, decay_constant_per_s=lam)
-    return out
-
-
-def _cycles(
-    voi_out: dict[str, Any], marrow: dict[str, Any], spec: JobSpec, cycle: Cycle, cycles_mod: Any, warnings: list[str]
-) -> dict[str, Any]:
-    """Cumulative dose across cycles and cycles left.  The kidney figure is the higher of the kidneys'
-    mean doses (the limiting kidney; conservative); the marrow figure is the blood-based dose when blood
-    samples were given, else the image-based one.  An earlier cycle without dosimetry is estimated from
-    this cycle's dose per GBq and that cycle's activity (said in the warnings), never counted as 0 Gy."""
-    kid = sorted((e for e in voi_out.values() if e["role"] == "kidney"), key=lambda e: e["mean_gy"], reverse=True)
-    a_bq = cycle.injection.activity_bq
-    dose: dict[str, float] = {}
-    g: dict[str, float] = {}
-    bed: dict[str, float] = {}
-    ab: dict[str, float] = {}
-    if kid:
-        k = kid[0]
-        dose["kidney"] = float(k["mean_gy"])
-        if k.get("g_factor") is not None:
-            g["kidney"] = float(k["g_factor"])
-            bed["kidney"] = float(k["bed_gy"])
-            ab["kidney"] = float(k["alpha_beta_gy"])
-    m = marrow.get("blood_based") or marrow.get("image_based")
-    if m and m.get("red_marrow_gy") is not None:
-        dose["marrow"] = float(m["red_marrow_gy"])
-    rows = [
-        cycles_mod.CycleDose(
-            cycle=spec.cycle_number,
-            date=cycle.injection.start.date(),
-            activity_bq=a_bq,
-            dose_gy=dose,
-            g_factor=g,
-            bed_gy=bed,
-        )
-    ]
-    estimated: list[dict[str, Any]] = []
-    for c in spec.earlier_cycles:
-        d = {k: v for k, v in (("kidney", c.kidney_gy), ("marrow", c.marrow_gy)) if v is not None}
-        b = {"kidney": c.kidney_bed_gy} if c.kidney_bed_gy is not None else {}
-        gg: dict[str, float] = {}
-        for organ in ("kidney", "marrow"):
-            if organ not in d and organ in dose:
-                d[organ] = dose[organ] / a_bq * c.activity_mbq * 1e6
-                estimated.append({"cycle": c.number, "organ": organ, "dose_gy": d[organ]})
-                warnings.append(
-                    f"cycle {c.number} has no {organ} dosimetry: estimated as {d[organ]:.2f} Gy from this "
-                    f"cycle's {dose[organ] / (a_bq / 1e9):.3f} Gy/GBq × {c.activity_mbq:.0f} MBq"
-                )
-        if "kidney" in d and "kidney" not in b and "kidney" in g:
-            gg["kidney"] = g["kidney"]
-            warnings.append(
-                f"cycle {c.number} has no kidney BED: computed from its dose with this cycle's kinetics "
-                f"(G = {g['kidney']:.3f})"
-            )
-        rows.append(
-            cycles_mod.CycleDose(
-                cycle=c.number, date=c.date, activity_bq=c.activity_mbq * 1e6, dose_gy=d, bed_gy=b, g_factor=gg
-            )
-        )
-    if spec.cycle_number in {c.number for c in spec.earlier_cycles}:
-        raise VoxeldoseError(f"cycle {spec.cycle_number} is both this cycle and an earlier one", tag="earlier_cycles")
-    cum = cycles_mod.cumulative(rows, alpha_beta_gy=ab)
-    lim = spec.limits
-    limits = cycles_mod.Limits(
-        kidney_dose_gy=lim.kidney_gy,
-        kidney_bed_gy_with_risk_factors=lim.kidney_bed_gy_with_risk_factors,
-        kidney_bed_gy_without_risk_factors=lim.kidney_bed_gy_without_risk_factors,
-        kidney_risk_factors=lim.kidney_risk_factors,
-        marrow_dose_gy=lim.marrow_gy,
-    )
-    left: dict[str, Any] | None = None
-    note = None
-    if dose:
-        left = cycles_mod.cycles_left(
-            cumulative_dose_gy=cum["dose_gy"],
-            cumulative_bed_gy=cum["bed_gy"],
-            dose_per_gbq={k: v / (a_bq / 1e9) for k, v in dose.items()},
-            g_factor=g,
-            alpha_beta_gy=ab,
-            activity_per_cycle_bq=lim.planned_activity_mbq * 1e6,
-            limits=limits,
-        )
-    else:
-        note = "no kidney or marrow VOI: cycles left not computed"
-    table = []
-    for r in cum["per_cycle"]:
-        table.append(
-            {
-                "number": r["cycle"],
-                "date": r["date"],
-                "activity_MBq": r["activity_bq"] / 1e6,
-                "kidney_gy": r["dose_gy"].get("kidney"),
-                "kidney_bed_gy": r["bed_gy"].get("kidney"),
-                "marrow_gy": r["dose_gy"].get("marrow"),
-            }
-        )
-    return {
-        "cycles": table,
-        "total": {"dose_gy": cum["dose_gy"], "bed_gy": cum["bed_gy"], "activity_MBq": cum["activity_bq_total"] / 1e6},
-        "limits": {
-            "kidney_gy": lim.kidney_gy,
-            "kidney_bed_gy": limits.kidney_bed_gy,
-            "kidney_risk_factors": lim.kidney_risk_factors,
-            "marrow_gy": lim.marrow_gy,
-            "sources": dict(limits.sources),
-        },
-        "planned_activity_MBq": lim.planned_activity_mbq,
-        "cycles_left": left,
-        "notes": cum["notes"] + ([note] if note else []),
-        "kidney_figure": "the higher of the kidneys' mean absorbed doses",
-        "estimated_earlier_cycles": estimated,
-    }
-
-
 def write_outputs(result: Result, out_dir: str | Path) -> dict[str, Path]:
     """Write ``rtdose.dcm``, ``summary.json`` and ``report.html`` into ``out_dir``."""
-    from .outputs import write_all
-
     return write_all(result, Path(out_dir))

@@ -25,7 +25,7 @@ from datetime import datetime
 
 import numpy as np
 
-from .dicomutil import tag_label as _tag
+from .dicomutil import tag_label
 from .errors import VoxeldoseError
 from .geometry import Volume
 from .ingest import SpectImage
@@ -88,7 +88,7 @@ def to_bq_per_ml(
         if not image.acquisition_duration_s:
             raise VoxeldoseError(
                 f"SPECT series {suid} holds counts but its acquisition duration is unknown",
-                tag=f"{_tag('RotationInformationSequence')} > {_tag('ActualFrameDuration')}, {_tag('NumberOfFramesInRotation')}",
+                tag=f"{tag_label('RotationInformationSequence')} > {tag_label('ActualFrameDuration')}, {tag_label('NumberOfFramesInRotation')}",
                 expected="the time per projection (ms) and the number of projections",
             )
         t = image.acquisition_duration_s
@@ -114,7 +114,7 @@ def to_bq_per_ml(
     elif dc == "ADMIN":
         if acquisition_start is None or injection_start is None:
             raise VoxeldoseError(
-                "decay-corrected-to-administration values need both times", tag=_tag("DecayCorrection")
+                "decay-corrected-to-administration values need both times", tag=tag_label("DecayCorrection")
             )
         dt = (acquisition_start - injection_start).total_seconds()
         conc = (np.asarray(vol.array, dtype=np.float64) * math.exp(-decay_constant_per_s * dt)).astype(np.float32)
@@ -122,7 +122,7 @@ def to_bq_per_ml(
     else:
         raise VoxeldoseError(
             f"SPECT series {suid}: unsupported decay correction {dc!r}",
-            tag=_tag("DecayCorrection"),
+            tag=tag_label("DecayCorrection"),
             expected="START, NONE or ADMIN",
             found=dc,
         )

@@ -15,9 +15,11 @@ Agg canvas, no pyplot state), no scripts, no external resources — laid out to 
    through each tumour (over the dose alone when there is no CT);
 8. provenance: software and data versions, kernel id, methods, input UIDs, calibration.
 
-The summary follows ``voxeldose.summary/1``; any key may be missing.  What is absent is left out
-(or shown as "—"), never guessed; a section that cannot be drawn says so in the report instead of
-failing the whole file.  All text from the summary is escaped with :func:`html.escape`.
+The summary is a :class:`~voxeldose.summary.Summary` (``voxeldose.summary/2``): every part is read as
+an attribute of the model.  What the model leaves optional and absent (a VOI without a fit, no cycles
+left, a number that could not be computed) is left out (or shown as "—"), never guessed; a section that
+cannot be drawn says so in the report instead of failing the whole file.  All text from the summary is
+escaped with :func:`html.escape`.
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ import base64
 import html
 import io
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
 from .geometry import Volume, resample
+from .summary import CyclesLeft, Registration, Summary, TimeActivity, VoiMetrics
 
 __all__ = ["render_report", "console_table", "DEFAULT_LIMITS_GY", "CLOSE_FRACTION"]
 
@@ -77,32 +84,10 @@ def _sci(x: Any) -> str:
     return _DASH if v is None else f"{v:.4g}"
 
 
-def _get(d: Any, *keys: str, default: Any = None) -> Any:
-    """``d[k0][k1]...`` for nested mappings; ``default`` when anything is missing."""
-    cur = d
-    for k in keys:
-        if not isinstance(cur, Mapping) or k not in cur:
-            return default
-        cur = cur[k]
-    return cur
-
-
-def _first(d: Any, *keys: str) -> Any:
-    """The first present, non-None value among ``keys`` (case-insensitive) of mapping ``d``."""
-    if not isinstance(d, Mapping):
-        return None
-    lower = {str(k).lower(): v for k, v in d.items()}
-    for k in keys:
-        v = lower.get(k.lower())
-        if v is not None:
-            return v
-    return None
-
-
-def _role(name: str, entry: Mapping[str, Any]) -> str:
-    r = str(entry.get("role") or "").lower() if isinstance(entry, Mapping) else ""
-    if r:
-        return "tumour" if r == "tumor" else r
+def _role(name: str, entry: VoiMetrics | None) -> str:
+    """The VOI's role from the summary; for a mask without a summary entry, guessed from its name."""
+    if entry is not None:
+        return entry.role
     low = name.lower()
     if "kidney" in low or "renal" in low:
         return "kidney"
@@ -113,15 +98,11 @@ def _role(name: str, entry: Mapping[str, Any]) -> str:
     return "organ"
 
 
-def _limits(summary: Mapping[str, Any]) -> dict[str, float]:
-    """Limits by role: the summary's (``cumulative.limits``) over the defaults."""
+def _limits(summary: Summary) -> dict[str, float]:
+    """Limits by role (Gy): the summary's (``cumulative.limits``) over the defaults."""
     out = dict(DEFAULT_LIMITS_GY)
-    lim = _get(summary, "cumulative", "limits", default={}) or {}
-    for role, keys in (
-        ("kidney", ("kidney_gy", "kidney_dose_gy", "kidney")),
-        ("marrow", ("marrow_gy", "marrow_dose_gy", "marrow")),
-    ):
-        v = _f(_first(lim, *keys))
+    lim = summary.cumulative.limits
+    for role, v in (("kidney", _f(lim.kidney_gy)), ("marrow", _f(lim.marrow_gy))):
         if v is not None and v > 0:
             out[role] = v
     return out
@@ -144,9 +125,7 @@ def _tex_safe(s: str) -> str:
     return str(s).replace("$", r"\$")
 
 
-def _png(fig: Any, alt: str) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
+def _png(fig: Figure, alt: str) -> str:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -154,9 +133,7 @@ def _png(fig: Any, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _figure(w: float, h: float) -> Any:
-    from matplotlib.figure import Figure
-
+def _figure(w: float, h: float) -> Figure:
     return Figure(figsize=(w, h), layout="constrained")
 
 
@@ -181,50 +158,45 @@ def _kv_table(d: Mapping[str, Any], depth: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------- sections
-def _header(summary: Mapping[str, Any]) -> str:
-    pat = _get(summary, "patient", default={}) or {}
-    cyc = _get(summary, "cycle", default={}) or {}
-    inj = _get(cyc, "injection", default={}) or {}
-    act = _f(_first(inj, "activity_MBq", "activity_mbq"))
-    when = inj.get("datetime") if isinstance(inj, Mapping) else None
+def _header(summary: Summary) -> str:
+    pat, cyc = summary.patient, summary.cycle
+    inj = cyc.injection
+    act = _f(inj.activity_MBq)
     try:
-        when_txt = datetime.fromisoformat(str(when)).strftime("%Y-%m-%d %H:%M") if when else None
+        when_txt = datetime.fromisoformat(inj.datetime).strftime("%Y-%m-%d %H:%M")
     except ValueError:
-        when_txt = str(when)
-    created = _get(summary, "provenance", "created_utc")
+        when_txt = inj.datetime
+    created = summary.provenance.created_utc
     items = [
-        ("Patient ID", _e(_get(pat, "id"))),
-        ("Patient name", _e(str(_get(pat, "name")).replace("^", " ") if _get(pat, "name") else None)),
-        ("Cycle", _e(_get(cyc, "number"))),
+        ("Patient ID", _e(pat.id)),
+        ("Patient name", _e(pat.name.replace("^", " ") if pat.name else None)),
+        ("Cycle", _e(cyc.number)),
         ("Injected activity", _DASH if act is None else f"{_num(act, 0)} MBq ({_num(act / 1000, 3)} GBq)"),
         ("Injection", _e(when_txt)),
-        ("Nuclide", _e(_get(inj, "nuclide"))),
-        ("Radiopharmaceutical", _e(_get(inj, "radiopharmaceutical"))),
+        ("Nuclide", _e(inj.nuclide)),
+        ("Radiopharmaceutical", _e(inj.radiopharmaceutical)),
     ]
     cells = "".join(f"<div><span class='lbl'>{k}</span><span class='val'>{v}</span></div>" for k, v in items)
     sub = f"<p class='sub'>Report created {_e(created)}</p>" if created else ""
     return f"<header><h1>Absorbed-dose report — molecular radiotherapy</h1>{sub}<div class='hdr'>{cells}</div></header>"
 
 
-def _warnings(summary: Mapping[str, Any], extra: Iterable[str]) -> str:
-    msgs: list[str] = []
-    for w in summary.get("warnings") or []:
-        msgs.append(_e(w))
-    for i, tp in enumerate(summary.get("timepoints") or []):
-        reg = _get(tp, "registration") if isinstance(tp, Mapping) else None
-        if isinstance(reg, Mapping) and str(reg.get("quality", "")).lower() == "poor":
-            hours = _f(tp.get("hours"))
-            t = (
-                _num(reg.get("translation_mm"), 1)
-                if not isinstance(reg.get("translation_mm"), (list, tuple))
-                else ", ".join(_num(v, 1) for v in reg["translation_mm"])
-            )
-            r = ", ".join(_num(v, 1) for v in reg.get("rotation_deg") or []) or _DASH
+def _angles(values: Sequence[float] | None) -> str:
+    return ", ".join(_num(v, 1) for v in values) if values else _DASH
+
+
+def _warnings(summary: Summary, extra: Iterable[str]) -> str:
+    msgs = [_e(w) for w in summary.warnings]
+    for i, tp in enumerate(summary.timepoints):
+        reg = tp.registration
+        if reg.quality == "poor":
+            hours = _f(tp.hours)
             msgs.append(
                 f"<b>Poor registration</b> of time point {i + 1}"
                 + (f" ({_num(hours, 1)} h)" if hours is not None else "")
-                + f": {_e(reg.get('message') or 'check the alignment')} "
-                + f"<span class='small'>(translation {t} mm; rotation {r}°)</span>"
+                + f": {_e(reg.message or 'check the alignment')} "
+                + f"<span class='small'>(translation {_angles(reg.translation_mm)} mm; "
+                f"rotation {_angles(reg.rotation_deg)}°)</span>"
             )
     msgs.extend(extra)
     if not msgs:
@@ -233,14 +205,13 @@ def _warnings(summary: Mapping[str, Any], extra: Iterable[str]) -> str:
     return f"<section class='warn' id='warnings'><h2>⚠ Warnings ({len(msgs)})</h2><ul>{lis}</ul></section>"
 
 
-def _voi_rows(summary: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    v = summary.get("vois")
-    return {str(k): (e if isinstance(e, Mapping) else {}) for k, e in v.items()} if isinstance(v, Mapping) else {}
+def _tia_bqs(e: VoiMetrics) -> float | None:
+    """The VOI fit's TIA (Bq·s): the entry's, else its time-activity record's."""
+    return _f(e.tia_bqs) or (_f(e.time_activity.tia_bqs) if e.time_activity is not None else None)
 
 
-def _dose_table(summary: Mapping[str, Any], limits: Mapping[str, float], flags_out: list[str]) -> str:
-    vois = _voi_rows(summary)
-    if not vois:
+def _dose_table(summary: Summary, limits: Mapping[str, float], flags_out: list[str]) -> str:
+    if not summary.vois:
         return "<section><h2>Absorbed dose per VOI</h2><p>No VOI results in the summary.</p></section>"
     head = (
         "<tr><th>VOI</th><th>Role</th><th>Volume<br>ml</th><th>Mass<br>g</th><th>Mean<br>Gy</th>"
@@ -248,10 +219,10 @@ def _dose_table(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
         "<th>TIA<br>MBq·h</th><th>BED<br>Gy</th><th>EQD2<br>Gy</th><th>Limit</th></tr>"
     )
     rows = []
-    for name, e in vois.items():
-        role = _role(name, e)
+    for name, e in summary.vois.items():
+        role = e.role
         limit = limits.get(role)
-        mean = _f(e.get("mean_gy"))
+        mean = _f(e.mean_gy)
         flag = _flag(mean, limit)
         if limit and mean is not None:
             vs = f"{_num(100 * mean / limit, 0)} % of {_num(limit, 0)} Gy"
@@ -261,14 +232,14 @@ def _dose_table(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
                 )
         else:
             vs = ""
-        tia = _f(_first(e, "tia_bqs")) or _f(_get(e, "time_activity", "tia_bqs"))
+        tia = _tia_bqs(e)
         rows.append(
             f"<tr class='{flag}'><td class='name'>{_e(name)}</td><td>{_e(role)}</td>"
-            f"<td>{_num(e.get('volume_ml'), 1)}</td><td>{_num(e.get('mass_g'), 1)}</td>"
-            f"<td class='b'>{_num(mean)}</td><td>{_num(_first(e, 'd2_gy'))}</td><td>{_num(_first(e, 'd50_gy'))}</td>"
-            f"<td>{_num(_first(e, 'd98_gy'))}</td><td>{_num(e.get('max_gy'))}</td><td>{_num(e.get('gy_per_gbq'), 3)}</td>"
+            f"<td>{_num(e.volume_ml, 1)}</td><td>{_num(e.mass_g, 1)}</td>"
+            f"<td class='b'>{_num(mean)}</td><td>{_num(e.D2_gy)}</td><td>{_num(e.D50_gy)}</td>"
+            f"<td>{_num(e.D98_gy)}</td><td>{_num(e.max_gy)}</td><td>{_num(e.gy_per_gbq, 3)}</td>"
             f"<td>{_DASH if tia is None else _num(tia / 3.6e9, 1)}</td>"
-            f"<td>{_num(e.get('bed_gy'))}</td><td>{_num(e.get('eqd2_gy'))}</td><td class='flag'>{vs}</td></tr>"
+            f"<td>{_num(e.bed_gy)}</td><td>{_num(e.eqd2_gy)}</td><td class='flag'>{vs}</td></tr>"
         )
     note = (
         f"<p class='small'>Limits are cumulative over all cycles (kidneys {_num(limits.get('kidney'), 0)} Gy, "
@@ -279,44 +250,40 @@ def _dose_table(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
     return f"<section><h2>Absorbed dose per VOI — this cycle</h2><table class='grid'>{head}{''.join(rows)}</table>{note}</section>"
 
 
-def _cumulative(summary: Mapping[str, Any], limits: Mapping[str, float], flags_out: list[str]) -> str:
-    cum = summary.get("cumulative")
-    if not isinstance(cum, Mapping):
-        return ""
+def _cumulative(summary: Summary, limits: Mapping[str, float], flags_out: list[str]) -> str:
+    cum = summary.cumulative
     parts = ["<section><h2>Cumulative dose across cycles</h2>"]
-    cycles = cum.get("cycles") or []
-    if cycles:
-        tot = {"kidney_gy": 0.0, "kidney_bed_gy": 0.0, "marrow_gy": 0.0}
+    if cum.cycles:
+        tot = {"kidney": 0.0, "kidney_bed": 0.0, "marrow": 0.0}
         seen = {k: False for k in tot}
         rows = []
-        for c in sorted((c for c in cycles if isinstance(c, Mapping)), key=lambda c: _f(c.get("number")) or 0):
-            for k in tot:
-                v = _f(c.get(k))
+        for c in sorted(cum.cycles, key=lambda c: c.number):
+            for k, v in (("kidney", _f(c.kidney_gy)), ("kidney_bed", _f(c.kidney_bed_gy)), ("marrow", _f(c.marrow_gy))):
                 if v is not None:
                     tot[k] += v
                     seen[k] = True
             rows.append(
-                f"<tr><td>{_e(c.get('number'))}</td><td>{_e(c.get('date'))}</td><td>{_num(_first(c, 'activity_MBq'), 0)}</td>"
-                f"<td>{_num(c.get('kidney_gy'))}</td><td>{_num(c.get('kidney_bed_gy'))}</td><td>{_num(c.get('marrow_gy'))}</td></tr>"
+                f"<tr><td>{_e(c.number)}</td><td>{_e(c.date)}</td><td>{_num(c.activity_MBq, 0)}</td>"
+                f"<td>{_num(c.kidney_gy)}</td><td>{_num(c.kidney_bed_gy)}</td><td>{_num(c.marrow_gy)}</td></tr>"
             )
-        kflag = _flag(tot["kidney_gy"] if seen["kidney_gy"] else None, limits.get("kidney"))
-        mflag = _flag(tot["marrow_gy"] if seen["marrow_gy"] else None, limits.get("marrow"))
-        for flag, organ, key in ((kflag, "kidney", "kidney_gy"), (mflag, "marrow", "marrow_gy")):
+        kflag = _flag(tot["kidney"] if seen["kidney"] else None, limits.get("kidney"))
+        mflag = _flag(tot["marrow"] if seen["marrow"] else None, limits.get("marrow"))
+        for flag, organ in ((kflag, "kidney"), (mflag, "marrow")):
             if flag == "over":
                 flags_out.append(
-                    f"Cumulative {organ} dose {_num(tot[key])} Gy reaches the {_num(limits.get(organ), 0)} Gy limit"
+                    f"Cumulative {organ} dose {_num(tot[organ])} Gy reaches the {_num(limits.get(organ), 0)} Gy limit"
                 )
             elif flag == "close":
                 flags_out.append(
-                    f"Cumulative {organ} dose {_num(tot[key])} Gy is within {int(100 - CLOSE_FRACTION * 100)} % of the {_num(limits.get(organ), 0)} Gy limit"
+                    f"Cumulative {organ} dose {_num(tot[organ])} Gy is within {int(100 - CLOSE_FRACTION * 100)} % of the {_num(limits.get(organ), 0)} Gy limit"
                 )
-        bed_lim = _f(_first(cum.get("limits") or {}, "kidney_bed_gy"))
+        bed_lim = _f(cum.limits.kidney_bed_gy)
         total = (
             f"<tr class='total'><td colspan='3'>Total</td>"
-            f"<td class='{kflag}'>{_num(tot['kidney_gy']) if seen['kidney_gy'] else _DASH}</td>"
-            f"<td class='{_flag(tot['kidney_bed_gy'] if seen['kidney_bed_gy'] else None, bed_lim)}'>"
-            f"{_num(tot['kidney_bed_gy']) if seen['kidney_bed_gy'] else _DASH}</td>"
-            f"<td class='{mflag}'>{_num(tot['marrow_gy']) if seen['marrow_gy'] else _DASH}</td></tr>"
+            f"<td class='{kflag}'>{_num(tot['kidney']) if seen['kidney'] else _DASH}</td>"
+            f"<td class='{_flag(tot['kidney_bed'] if seen['kidney_bed'] else None, bed_lim)}'>"
+            f"{_num(tot['kidney_bed']) if seen['kidney_bed'] else _DASH}</td>"
+            f"<td class='{mflag}'>{_num(tot['marrow']) if seen['marrow'] else _DASH}</td></tr>"
             f"<tr class='limit'><td colspan='3'>Limit</td><td>{_num(limits.get('kidney'), 1)}</td>"
             f"<td>{_num(bed_lim, 1)}</td><td>{_num(limits.get('marrow'), 1)}</td></tr>"
         )
@@ -324,13 +291,12 @@ def _cumulative(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
             "<table class='grid'><tr><th>Cycle</th><th>Date</th><th>Activity MBq</th><th>Kidney Gy</th>"
             f"<th>Kidney BED Gy</th><th>Marrow Gy</th></tr>{''.join(rows)}{total}</table>"
         )
-    left = cum.get("cycles_left")
-    if isinstance(left, Mapping):
-        parts.append(_cycles_left(left))
-    for n in cum.get("notes") or []:
+    if cum.cycles_left is not None:
+        parts.append(_cycles_left(cum.cycles_left))
+    for n in cum.notes:
         parts.append(f"<p class='small'>{_e(n)}</p>")
-    src = _get(cum, "limits", "sources")
-    if isinstance(src, Mapping) and src:
+    src = cum.limits.sources
+    if src:
         parts.append(
             "<p class='small'>Limit sources: " + "; ".join(f"{_e(k)}: {_e(v)}" for k, v in src.items()) + "</p>"
         )
@@ -338,43 +304,28 @@ def _cumulative(summary: Mapping[str, Any], limits: Mapping[str, float], flags_o
     return "".join(parts)
 
 
-def _cycles_left(left: Mapping[str, Any]) -> str:
-    """Cycles left, in either form: per-limit rows (``limits``) or counts keyed by limit."""
+def _cycles_left(left: CyclesLeft) -> str:
+    """Further cycles: the count, the binding limit and one row per limit."""
     out = ["<h3>Further cycles</h3>"]
-    msg = left.get("message")
-    n = left.get("cycles_left")
-    binding = left.get("binding_limit") or left.get("binding")
-    if msg or n is not None or binding:
-        lead = f"<b>{_e(n)}</b> further cycle(s)" if n is not None else ""
-        b = f" — binding limit: <b>{_e(binding)}</b>" if binding else ""
-        out.append(f"<p class='cycles'>{lead}{b}</p>")
-        if msg:
-            out.append(f"<p>{_e(msg)}</p>")
-    rows = left.get("limits")
-    if isinstance(rows, list) and rows:
+    n, binding = left.cycles_left, left.binding_limit
+    lead = f"<b>{_e(n)}</b> further cycle(s)" if n is not None else ""
+    b = f" — binding limit: <b>{_e(binding)}</b>" if binding else ""
+    out.append(f"<p class='cycles'>{lead}{b}</p>")
+    if left.message:
+        out.append(f"<p>{_e(left.message)}</p>")
+    if left.limits:
         body = "".join(
-            f"<tr class='{'over' if r.get('exceeded') or r.get('cycles_left') == 0 else ''}'><td>{_e(r.get('limit'))}</td>"
-            f"<td>{_num(r.get('limit_gy'), 1)}</td><td>{_num(r.get('current_gy'))}</td>"
-            f"<td>{_num(r.get('per_cycle_gy'))}</td><td>{_e(r.get('cycles_left'))}</td><td class='small'>{_e(r.get('message'))}</td></tr>"
-            for r in rows
-            if isinstance(r, Mapping)
+            f"<tr class='{'over' if r.exceeded or r.cycles_left == 0 else ''}'><td>{_e(r.limit)}</td>"
+            f"<td>{_num(r.limit_gy, 1)}</td><td>{_num(r.current_gy)}</td>"
+            f"<td>{_num(r.per_cycle_gy)}</td><td>{_e(r.cycles_left)}</td><td class='small'>{_e(r.message)}</td></tr>"
+            for r in left.limits
         )
         out.append(
             "<table class='grid'><tr><th>Limit</th><th>Limit Gy</th><th>So far Gy</th><th>Per cycle Gy</th>"
             f"<th>Cycles left</th><th>Note</th></tr>{body}</table>"
         )
-    else:
-        counts = {
-            k: v
-            for k, v in left.items()
-            if k not in ("message", "binding", "binding_limit", "cycles_left") and not isinstance(v, (Mapping, list))
-        }
-        if counts:
-            body = "".join(f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{_e(v)}</td></tr>" for k, v in counts.items())
-            out.append(f"<table class='grid'><tr><th>Limit</th><th>Cycles left</th></tr>{body}</table>")
-    for key in ("assumption",):
-        if left.get(key):
-            out.append(f"<p class='small'>{_e(left[key])}</p>")
+    if left.assumption:
+        out.append(f"<p class='small'>{_e(left.assumption)}</p>")
     return "".join(out)
 
 
@@ -388,22 +339,13 @@ def _dvh_from_mask(dose: Volume, mask: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return x, y
 
 
-def _dvh_plot(summary: Mapping[str, Any], dose: Volume | None, vois: Mapping[str, np.ndarray]) -> str:
+def _dvh_plot(summary: Summary, dose: Volume | None, vois: Mapping[str, np.ndarray]) -> str:
     curves: list[tuple[str, np.ndarray, np.ndarray]] = []
-    entries = _voi_rows(summary)
-    names = list(dict.fromkeys([*entries, *vois]))
-    for name in names:
-        dvh = _get(entries.get(name, {}), "dvh")
-        x = (
-            np.asarray(_get(dvh, "dose_gy", default=[]) or [], dtype=float)
-            if isinstance(dvh, Mapping)
-            else np.array([])
-        )
-        y = (
-            np.asarray(_get(dvh, "volume_fraction", default=[]) or [], dtype=float)
-            if isinstance(dvh, Mapping)
-            else np.array([])
-        )
+    entries = summary.vois
+    for name in dict.fromkeys([*entries, *vois]):
+        e = entries.get(name)
+        x = np.asarray(e.dvh.dose_gy if e is not None else [], dtype=float)
+        y = np.asarray(e.dvh.volume_fraction if e is not None else [], dtype=float)
         if x.size >= 2 and x.size == y.size:
             curves.append((name, x, y))
         elif dose is not None and name in vois and np.shape(vois[name]) == tuple(dose.shape):
@@ -426,24 +368,30 @@ def _dvh_plot(summary: Mapping[str, Any], dose: Volume | None, vois: Mapping[str
     return f"<section><h2>Dose–volume histograms</h2><figure>{_png(fig, 'DVH of all VOIs')}</figure></section>"
 
 
-def _ta_plot(name: str, e: Mapping[str, Any]) -> str:
-    ta = e.get("time_activity")
-    if not isinstance(ta, Mapping):
+def _measured_points(ta: TimeActivity) -> tuple[list[float | None] | None, list[float | None] | None]:
+    """The measured (hours, MBq) of a time-activity record: as given, or from its seconds and Bq."""
+    t: list[float | None] | None = list(ta.times_h) if ta.times_h is not None else None
+    a: list[float | None] | None = list(ta.activity_mbq) if ta.activity_mbq is not None else None
+    if t is None and ta.times_s is not None:
+        t = [v / 3600.0 if _f(v) is not None else None for v in ta.times_s]
+    if a is None and ta.activities_bq is not None:
+        a = [v / 1e6 if _f(v) is not None else None for v in ta.activities_bq]
+    return t, a
+
+
+def _ta_plot(name: str, e: VoiMetrics) -> str:
+    ta = e.time_activity
+    if ta is None:
         return ""
-    t = _first(ta, "times_h")
-    a = _first(ta, "activity_mbq")
-    if t is None and ta.get("times_s") is not None:
-        t = [v / 3600.0 if _f(v) is not None else None for v in ta["times_s"]]
-    if a is None and ta.get("activities_bq") is not None:
-        a = [v / 1e6 if _f(v) is not None else None for v in ta["activities_bq"]]
-    curve = ta.get("curve") if isinstance(ta.get("curve"), Mapping) else {}
-    ct, ca = curve.get("times_h"), curve.get("activity_mbq")
-    has_pts = isinstance(t, list) and isinstance(a, list) and len(t) == len(a) and len(t) > 0
-    has_curve = isinstance(ct, list) and isinstance(ca, list) and len(ct) == len(ca) and len(ct) > 1
+    t, a = _measured_points(ta)
+    ct = ta.curve.times_h if ta.curve is not None else None
+    ca = ta.curve.activity_mbq if ta.curve is not None else None
+    has_pts = t is not None and a is not None and len(t) == len(a) and len(t) > 0
+    has_curve = ct is not None and ca is not None and len(ct) == len(ca) and len(ct) > 1
     if not (has_pts or has_curve):
         return ""
-    model = ta.get("model") or e.get("model")
-    tia = _f(ta.get("tia_bqs")) or _f(e.get("tia_bqs"))
+    model = ta.model
+    tia = _tia_bqs(e)
     fig = _figure(4.6, 3.0)
     ax = fig.add_subplot()
     if has_curve:
@@ -469,20 +417,20 @@ def _ta_plot(name: str, e: Mapping[str, Any]) -> str:
         f"model {_e(model)}" if model else "",
         f"TIA {_num(tia / 3.6e9, 1)} MBq·h ({_sci(tia)} Bq·s)" if tia else "",
     ]
-    r2 = _f(ta.get("r2"))
+    r2 = _f(ta.r2)
     if r2 is not None:
         cap.append(f"R² {r2:.3f}")
-    if ta.get("message"):
-        cap.append(_e(ta["message"]))
+    if ta.message:
+        cap.append(_e(ta.message))
     return f"<figure class='ta'>{_png(fig, f'time-activity curve {name}')}<figcaption>{' · '.join(c for c in cap if c)}</figcaption></figure>"
 
 
-def _ta_section(summary: Mapping[str, Any]) -> str:
-    figs = [_ta_plot(name, e) for name, e in _voi_rows(summary).items()]
+def _ta_section(summary: Summary) -> str:
+    figs = [_ta_plot(name, e) for name, e in summary.vois.items()]
     figs = [f for f in figs if f]
     if not figs:
         return ""
-    fit = _get(summary, "methods", "fit")
+    fit = summary.methods.fit
     note = f"<p class='small'>Fit: {_e(fit)}</p>" if fit else ""
     return f"<section><h2>Time–activity curves</h2>{note}<div class='tagrid'>{''.join(figs)}</div></section>"
 
@@ -516,9 +464,6 @@ def _overlay_figure(
     masks: Mapping[str, np.ndarray],
     centre_kji: tuple[int, int, int],
 ) -> str:
-    from matplotlib import colormaps
-    from matplotlib.colors import Normalize
-
     d = np.asarray(dose.array, dtype=float)
     k, j, _ = centre_kji
     panels = [("axial", k), ("coronal", j)]
@@ -551,8 +496,9 @@ def _overlay_figure(
         ax.set_yticks([])
         ax.text(0.01, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
         ax.text(0.97, 0.5, "L", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
-    cb = fig.colorbar(im, ax=list(axes), shrink=0.85)
-    cb.set_label("Absorbed dose (Gy)")
+    if im is not None:
+        cb = fig.colorbar(im, ax=list(axes), shrink=0.85)
+        cb.set_label("Absorbed dose (Gy)")
     fig.suptitle(_tex_safe(title), fontsize=10)
     return f"<figure>{_png(fig, title)}</figure>"
 
@@ -569,7 +515,7 @@ def _centre(mask: np.ndarray, dose_arr: np.ndarray | None = None) -> tuple[int, 
 
 
 def _overlays(
-    summary: Mapping[str, Any], dose: Volume, ct: Volume | None, vois: Mapping[str, np.ndarray], notes: list[str]
+    summary: Summary, dose: Volume, ct: Volume | None, vois: Mapping[str, np.ndarray], notes: list[str]
 ) -> str:
     d = np.asarray(dose.array, dtype=float)
     masks = {n: np.asarray(m, dtype=bool) for n, m in vois.items() if np.shape(m) == d.shape}
@@ -580,8 +526,7 @@ def _overlays(
     if ct is not None:
         ct_on = ct if ct.grid.same_as(dose.grid) else resample(ct, dose.grid, order=1, fill=-1000.0)
         ct_arr = np.asarray(ct_on.array, dtype=float)
-    entries = _voi_rows(summary)
-    roles = {n: _role(n, entries.get(n, {})) for n in masks}
+    roles = {n: _role(n, summary.vois.get(n)) for n in masks}
     figs = []
     kid = [n for n, r in roles.items() if r == "kidney"]
     if kid:
@@ -594,10 +539,9 @@ def _overlays(
             c = _centre(masks[n], d)
             if c is not None:
                 figs.append(_overlay_figure(f"Tumour: {n}", dose, ct_arr, {n: masks[n]}, c))
-    if not figs:  # no kidney or tumour: one view through the dose maximum
-        c = np.unravel_index(int(np.argmax(d)), d.shape) if d.size else None
-        if c is not None:
-            figs.append(_overlay_figure("Through the dose maximum", dose, ct_arr, masks, tuple(int(v) for v in c)))
+    if not figs and d.size:  # no kidney or tumour: one view through the dose maximum
+        k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(d)), d.shape))
+        figs.append(_overlay_figure("Through the dose maximum", dose, ct_arr, masks, (k, j, i)))
     base = "grey-scale CT (window −160…240 HU)" if ct_arr is not None else "the dose alone (no CT given)"
     return (
         f"<section class='pb'><h2>Dose distribution</h2><p class='small'>Colour wash of the absorbed dose over {base}; "
@@ -606,23 +550,22 @@ def _overlays(
     )
 
 
-def _timepoints(summary: Mapping[str, Any]) -> str:
-    tps = [tp for tp in summary.get("timepoints") or [] if isinstance(tp, Mapping)]
-    if not tps:
+def _registration_row(i: int, hours: float, acquired: str, reg: Registration) -> str:
+    return (
+        f"<tr class='{'over' if reg.quality == 'poor' else ''}'><td>{i}</td><td>{_num(hours, 1)}</td>"
+        f"<td>{_e(acquired)}</td><td>{_e(reg.quality)}</td>"
+        f"<td>{_angles(reg.translation_mm)}</td><td>{_angles(reg.rotation_deg)}</td>"
+        f"<td class='small'>{_e(reg.message) if reg.message else ''}</td></tr>"
+    )
+
+
+def _timepoints(summary: Summary) -> str:
+    if not summary.timepoints:
         return ""
-    rows = []
-    for i, tp in enumerate(tps, start=1):
-        reg = tp.get("registration") if isinstance(tp.get("registration"), Mapping) else {}
-        q = str(reg.get("quality", "")) if reg else ""
-        tr = reg.get("translation_mm") if reg else None
-        rot = reg.get("rotation_deg") if reg else None
-        rows.append(
-            f"<tr class='{'over' if q.lower() == 'poor' else ''}'><td>{i}</td><td>{_num(tp.get('hours'), 1)}</td>"
-            f"<td>{_e(tp.get('acquisition_datetime'))}</td><td>{_e(q) if q else _DASH}</td>"
-            f"<td>{', '.join(_num(v, 1) for v in tr) if isinstance(tr, (list, tuple)) else _DASH}</td>"
-            f"<td>{', '.join(_num(v, 1) for v in rot) if isinstance(rot, (list, tuple)) else _DASH}</td>"
-            f"<td class='small'>{_e(reg.get('message')) if reg and reg.get('message') else ''}</td></tr>"
-        )
+    rows = [
+        _registration_row(i, tp.hours, tp.acquisition_datetime, tp.registration)
+        for i, tp in enumerate(summary.timepoints, start=1)
+    ]
     return (
         "<section><h2>Imaging time points</h2><table class='grid'><tr><th>#</th><th>Hours p.i.</th><th>Acquisition</th>"
         "<th>Registration</th><th>Translation mm</th><th>Rotation °</th><th>Note</th></tr>"
@@ -631,46 +574,48 @@ def _timepoints(summary: Mapping[str, Any]) -> str:
     )
 
 
-def _marrow(summary: Mapping[str, Any]) -> str:
-    m = summary.get("marrow")
-    if not isinstance(m, Mapping) or not any(v for v in m.values()):
-        return ""
-    return f"<section><h2>Red marrow</h2>{_kv_table({k: v for k, v in m.items() if v})}</section>"
+def _marrow(summary: Summary) -> str:
+    m = summary.marrow
+    shown = {
+        label: part.model_dump()
+        for label, part in (("image_based", m.image_based), ("blood_based", m.blood_based))
+        if part is not None
+    }
+    return f"<section><h2>Red marrow</h2>{_kv_table(shown)}</section>" if shown else ""
 
 
-def _provenance(summary: Mapping[str, Any]) -> str:
+def _provenance(summary: Summary) -> str:
     parts = ["<section class='prov pb'><h2>Methods and provenance</h2>"]
-    methods = summary.get("methods")
-    if isinstance(methods, Mapping) and methods:
-        parts.append("<h3>Methods</h3>" + _kv_table(methods))
-    elif methods:
-        parts.append(f"<p>{_e(methods)}</p>")
-    prov = summary.get("provenance")
-    if isinstance(prov, Mapping) and prov:
-        order = ["software", "kernel_id", "nuclide", "calibration", "inputs", "created_utc"]
-        first = {k: prov[k] for k in order if k in prov}
-        rest = {k: v for k, v in prov.items() if k not in first and k != "spec"}
-        parts.append("<h3>Provenance</h3>" + _kv_table({**first, **rest}))
-        if "spec" in prov:
-            parts.append(
-                "<details><summary>Job specification</summary>" + _kv_table({"spec": prov["spec"]}) + "</details>"
-            )
+    parts.append("<h3>Methods</h3>" + _kv_table(summary.methods.model_dump()))
+    p = summary.provenance
+    shown: dict[str, Any] = {
+        "software": p.software,
+        "kernel_id": p.kernel_id,
+        "nuclide": p.nuclide.model_dump(),
+        "calibration": p.calibration.model_dump(),
+        "inputs": p.inputs.model_dump(),
+        "created_utc": p.created_utc,
+        "timings_s": p.timings_s,
+        "total_s": p.total_s,
+    }
+    parts.append("<h3>Provenance</h3>" + _kv_table(shown))
+    parts.append(
+        "<details><summary>Job specification</summary>"
+        + _kv_table({"spec": p.spec.model_dump(mode="json")})
+        + "</details>"
+    )
     uids = []
-    for i, tp in enumerate(summary.get("timepoints") or [], start=1):
-        if isinstance(tp, Mapping):
-            for k in ("spect_series_uid", "ct_series_uid"):
-                if tp.get(k):
-                    uids.append(
-                        f"<tr><td>time point {i}</td><td>{_e(k.split('_')[0].upper())}</td><td><code>{_e(tp[k])}</code></td></tr>"
-                    )
+    for i, tp in enumerate(summary.timepoints, start=1):
+        for kind, uid in (("SPECT", tp.spect_series_uid), ("CT", tp.ct_series_uid)):
+            if uid:
+                uids.append(f"<tr><td>time point {i}</td><td>{kind}</td><td><code>{_e(uid)}</code></td></tr>")
     if uids:
         parts.append(
             "<h3>Input series</h3><table class='grid'><tr><th></th><th>Series</th><th>Series Instance UID</th></tr>"
             + "".join(uids)
             + "</table>"
         )
-    schema = summary.get("schema")
-    parts.append(f"<p class='small'>Summary schema: {_e(schema)}</p>" if schema else "")
+    parts.append(f"<p class='small'>Summary schema: {_e(summary.schema_)}</p>")
     parts.append("</section>")
     return "".join(parts)
 
@@ -727,7 +672,7 @@ def _safe(fn: Callable[[], str], title: str, errors: list[str]) -> str:
 
 
 def render_report(
-    summary: Mapping[str, Any],
+    summary: Summary,
     *,
     dose: Volume,
     ct: Volume | None,
@@ -736,12 +681,11 @@ def render_report(
 ) -> Path:
     """Write the HTML report of one cycle to ``path`` and return it.
 
-    ``summary`` is a ``voxeldose.summary/1`` dict (keys may be missing); ``dose`` the absorbed-dose
-    map (Gy); ``ct`` the CT (HU) on any grid of the same Frame of Reference (resampled onto the
-    dose grid for display), or None; ``vois`` boolean masks on the dose grid, by VOI name (the
-    names of ``summary["vois"]``; their role decides which overlays are drawn).
+    ``summary`` is the run's :class:`~voxeldose.summary.Summary`; ``dose`` the absorbed-dose map (Gy);
+    ``ct`` the CT (HU) on any grid of the same Frame of Reference (resampled onto the dose grid for
+    display), or None; ``vois`` boolean masks on the dose grid, by VOI name (the names of
+    ``summary.vois``; their role decides which overlays are drawn).
     """
-    summary = summary if isinstance(summary, Mapping) else {}
     path = Path(path)
     limits = _limits(summary)
     errors: list[str] = []
@@ -759,9 +703,8 @@ def render_report(
     ]
     header = _safe(lambda: _header(summary), "Header", errors)
     warnings = _warnings(summary, [*flags, *notes, *errors])
-    pid = _get(summary, "patient", "id")
-    cyc = _get(summary, "cycle", "number")
-    title = "Dose report" + (f" {pid}" if pid else "") + (f" cycle {cyc}" if cyc is not None else "")
+    pid = summary.patient.id
+    title = "Dose report" + (f" {pid}" if pid else "") + f" cycle {summary.cycle.number}"
     doc = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -776,9 +719,8 @@ def render_report(
 
 
 # --------------------------------------------------------------------------------- console table
-def console_table(summary: Mapping[str, Any]) -> str:
+def console_table(summary: Summary) -> str:
     """A plain-text table for the terminal: VOI, mean Gy, Gy/GBq, D2, BED, and against the limit."""
-    summary = summary if isinstance(summary, Mapping) else {}
     limits = _limits(summary)
     head = ["VOI", "role", "mean Gy", "Gy/GBq", "D2 Gy", "BED Gy", "vs limit"]
     rows: list[list[str]] = []
@@ -787,16 +729,16 @@ def console_table(summary: Mapping[str, Any]) -> str:
         v = _f(x)
         return "-" if v is None else f"{v:.{nd}f}"
 
-    for name, e in _voi_rows(summary).items():
-        role = _role(name, e)
+    for name, e in summary.vois.items():
+        role = e.role
         lim = limits.get(role)
-        mean = _f(e.get("mean_gy"))
+        mean = _f(e.mean_gy)
         if lim and mean is not None:
             flag = {"over": "  OVER", "close": "  CLOSE"}.get(_flag(mean, lim), "")
             vs = f"{100 * mean / lim:.0f}% of {lim:g} Gy{flag}"
         else:
             vs = ""
-        rows.append([name, role, n(mean), n(e.get("gy_per_gbq"), 3), n(_first(e, "d2_gy")), n(e.get("bed_gy")), vs])
+        rows.append([name, role, n(mean), n(e.gy_per_gbq, 3), n(e.D2_gy), n(e.bed_gy), vs])
     if not rows:
         return "no VOI results"
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -807,8 +749,8 @@ def console_table(summary: Mapping[str, Any]) -> str:
 
     out = [line(head), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in rows]
-    left = _get(summary, "cumulative", "cycles_left")
-    if isinstance(left, Mapping) and left.get("message"):
+    left = summary.cumulative.cycles_left
+    if left is not None and left.message:
         out.append("")
-        out.append(f"cycles left: {left['message']}")
+        out.append(f"cycles left: {left.message}")
     return "\n".join(out)

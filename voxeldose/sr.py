@@ -4,7 +4,7 @@ measurement report (TID 1500, Comprehensive 3D SR) with the per-VOI dose metrics
 SEG
 ---
 The VOIs of a run live on the dose (SPECT) grid; a SEG needs source images, so the VOI series the
-run used (``summary["methods"]["voi_source"]``, an RTSTRUCT or SEG of ``result.cycle.vois``) is
+run used (``summary.methods.voi_source``, an RTSTRUCT or SEG of ``result.cycle.vois``) is
 re-rasterised onto the reference CT grid with :func:`voxeldose.voi.load_vois` (occupancy ≥ 0.5),
 and written by :func:`voxeldose.dicom_writers.write_seg` referencing the reference CT slices.
 Segment ``n`` = the ``n``-th VOI of ``result.vois`` that is non-empty on the CT grid.
@@ -37,13 +37,14 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from .dicom_writers import segment_codes as _segment_codes
-from .dicom_writers import write_seg
-from .dicomutil import PatientStudy, SeriesInfo
-from .dicomutil import save_part10 as _save
-from .dicomutil import software_version as _software_version
+from .dicom_writers import segment_codes, write_seg
+from .dicomutil import PatientStudy, SeriesInfo, save_part10, software_version
 from .errors import VoxeldoseError
-from .ingest import ct_geometry as _ct_geometry
+from .geometry import Volume, resample
+from .ingest import Series, ct_geometry
+from .result import Result
+from .summary import VoiMetrics
+from .voi import load_vois
 
 __all__ = [
     "MEASUREMENTS",
@@ -83,7 +84,7 @@ PROCEDURE_CODES = [
     Code("RPTDOSIMETRY", PRIVATE_SCHEME, "Radiopharmaceutical therapy dosimetry"),
 ]
 
-#: summary["vois"][name] key -> (concept name, unit, derivation or None).
+#: :class:`~voxeldose.summary.VoiMetrics` field -> (concept name, unit, derivation or None).
 MEASUREMENTS: dict[str, tuple[Code, Code, Code | None]] = {
     "mean_gy": (ABSORBED_DOSE, GY, MEAN),
     "max_gy": (ABSORBED_DOSE, GY, MAXIMUM),
@@ -98,36 +99,35 @@ MEASUREMENTS: dict[str, tuple[Code, Code, Code | None]] = {
 }
 
 
-def reference_ct_datasets(result: Any) -> list[pydicom.Dataset]:
+def reference_ct_datasets(result: Result) -> list[pydicom.Dataset]:
     """The reference CT slices (full datasets, pixel data included) in slice order ``k`` of ``result.ct``."""
-    series = getattr(result.reference, "ct", None)
+    series = result.reference.ct
     if series is None or result.ct is None:
         raise VoxeldoseError(
             "the run has no reference CT: a SEG of the VOIs needs CT source images",
             tag="CT series",
             expected="a CT with the reference SPECT",
         )
-    geo = _ct_geometry(series)
+    geo = ct_geometry(series)
     return [pydicom.dcmread(series.instances[i].path) for i in geo.order]
 
 
-def _voi_series(result: Any) -> Any:
-    src = str(result.summary.get("methods", {}).get("voi_source", ""))
+def _voi_series(result: Result) -> Series | None:
+    src = result.summary.methods.voi_source
     for s in result.cycle.vois:
         if s.series_instance_uid and s.series_instance_uid in src:
             return s
     return None
 
 
-def vois_on_ct(result: Any) -> dict[str, np.ndarray]:
+def vois_on_ct(result: Result) -> dict[str, np.ndarray]:
     """Boolean masks ``[k, j, i]`` of the run's VOIs on the reference CT grid (empty ones left out).
 
     The VOI series the run used is re-rasterised onto the CT grid; where it cannot be found, each
     dose-grid VOI is resampled (nearest neighbour of its occupancy, ≥ 0.5; coarse: the dose voxels).
     A VOI empty on the CT grid gets no segment, and so no measurement group in the SR."""
-    from .geometry import Volume, resample
-    from .voi import load_vois
-
+    if result.ct is None:
+        raise VoxeldoseError("the run has no reference CT: no VOIs on a CT grid", tag="CT series")
     ct_grid = result.ct.grid
     names = list(result.vois)
     series = _voi_series(result)
@@ -149,7 +149,7 @@ def vois_on_ct(result: Any) -> dict[str, np.ndarray]:
 
 
 def write_voi_seg(
-    result: Any, path: Path, *, ctx: PatientStudy, series: SeriesInfo, ct: list[pydicom.Dataset] | None = None
+    result: Result, path: Path, *, ctx: PatientStudy, series: SeriesInfo, ct: list[pydicom.Dataset] | None = None
 ) -> pydicom.Dataset:
     """Write the SEG of the run's VOIs on the reference CT (see the module docstring)."""
     ct = reference_ct_datasets(result) if ct is None else ct
@@ -171,11 +171,18 @@ def _finite(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def build_measurement_report(result: Any, seg: pydicom.Dataset) -> Any:
-    """The TID 1500 content (highdicom MeasurementReport) of ``result`` referencing ``seg``'s segments."""
-    import highdicom as hd
+def _measured(entry: VoiMetrics, field: str) -> float | None:
+    """The value of one :data:`MEASUREMENTS` field of a VOI's metrics (every key is a field: see
+    tests/test_summary.py)."""
+    value = getattr(entry, field)
+    return None if value is None else float(value)
 
-    version = _software_version()
+
+def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
+    """The TID 1500 content (highdicom MeasurementReport) of ``result`` referencing ``seg``'s segments."""
+    import highdicom as hd  # heavy import (about a second), needed only on the PACS path
+
+    version = software_version()
     algo = hd.sr.AlgorithmIdentification(name="voxeldose", version=version)
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -191,7 +198,7 @@ def build_measurement_report(result: Any, seg: pydicom.Dataset) -> Any:
     number_of = {label: n for n, label in labels.items()}
     ct_series_uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     groups = []
-    for name, entry in result.summary["vois"].items():
+    for name, entry in result.summary.vois.items():
         if name not in number_of:
             continue  # not on the CT (no segment to reference)
         ref = hd.sr.ReferencedSegment(
@@ -202,13 +209,13 @@ def build_measurement_report(result: Any, seg: pydicom.Dataset) -> Any:
         )
         measurements = []
         for key, (concept, unit, derivation) in MEASUREMENTS.items():
-            value = _finite(entry.get(key))
+            value = _finite(_measured(entry, key))
             if value is None:
                 continue
             measurements.append(
                 hd.sr.Measurement(name=concept, value=value, unit=unit, derivation=derivation, algorithm_id=algo)
             )
-        category, typ = _segment_codes(name)
+        category, typ = segment_codes(name)
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=name),
@@ -226,12 +233,12 @@ def build_measurement_report(result: Any, seg: pydicom.Dataset) -> Any:
     )
 
 
-def write_dose_sr(result: Any, path: Path, *, seg: pydicom.Dataset, series: SeriesInfo) -> pydicom.Dataset:
+def write_dose_sr(result: Result, path: Path, *, seg: pydicom.Dataset, series: SeriesInfo) -> pydicom.Dataset:
     """Write the Comprehensive 3D SR (TID 1500) of ``result``'s per-VOI dose metrics.
 
     Patient and study are copied by highdicom from the evidence (``seg``, itself of the reference
     CT's patient and study); ``series.frame_of_reference_uid`` is not used (SR has none)."""
-    import highdicom as hd
+    import highdicom as hd  # heavy import (about a second), needed only on the PACS path
 
     report = build_measurement_report(result, seg)
     when = series.acquisition_datetime
@@ -247,7 +254,7 @@ def write_dose_sr(result: Any, path: Path, *, seg: pydicom.Dataset, series: Seri
         is_final=False,
         is_verified=False,
         series_description=series.series_description or SR_SERIES_DESCRIPTION,
-        software_versions=_software_version(),
+        software_versions=software_version(),
         coding_schemes=[
             hd.coding_schemes.CodingSchemeIdentificationItem(
                 designator=PRIVATE_SCHEME,
@@ -260,7 +267,7 @@ def write_dose_sr(result: Any, path: Path, *, seg: pydicom.Dataset, series: Seri
         series_date=when.date(),
         series_time=when.time(),
     )
-    _save(sr, path)
+    save_part10(sr, path)
     return sr
 
 
