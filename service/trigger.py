@@ -56,6 +56,7 @@ from typing import Any
 from voxeldose.errors import VoxeldoseError
 from voxeldose.ingest import Cycle, group_cycles, scan
 from voxeldose.pipeline import input_fingerprint
+from voxeldose.summary import Summary
 
 from .config import Settings
 from .intake import TMP_PREFIX, link_files
@@ -119,26 +120,30 @@ class EarlierCycle:
     own_row: Mapping[str, float]  # its own row of the cumulative table: kidney_gy, kidney_bed_gy, marrow_gy, activity
 
 
-def _earlier_cycle_facts(summary: Mapping[str, Any] | None) -> EarlierCycle | None:
-    """The one place the trigger reads an earlier job's summary.json (by the keys of schema voxeldose.summary/1):
-    the injection (None when the summary names none), its activity, and the doses of the cycle it measured."""
-    cycle = (summary or {}).get("cycle") or {}
-    when = cycle.get("injection", {}).get("datetime")
-    if not when:
+def _earlier_cycle_facts(summary: Summary | None) -> EarlierCycle | None:
+    """What the trigger takes from an earlier job's summary (the typed :class:`voxeldose.summary.Summary`):
+    the injection (None when it cannot be read as a date and time), its activity, and the doses of the cycle it
+    measured — its own row of the cumulative table."""
+    if summary is None:
         return None
+    injection = summary.cycle.injection
     try:
-        t = datetime.fromisoformat(when)
+        t = datetime.fromisoformat(injection.datetime)
     except ValueError:
         return None
     own: dict[str, float] = {}
-    for row in ((summary or {}).get("cumulative") or {}).get("cycles") or []:
-        if row.get("number") == cycle.get("number"):
-            for key in ("kidney_gy", "kidney_bed_gy", "marrow_gy"):
-                if row.get(key) is not None:
-                    own[key] = float(row[key])
-            if row.get("activity_MBq"):
-                own["activity_mbq"] = float(row["activity_MBq"])
-    return EarlierCycle(injection=t, activity_mbq=cycle.get("injection", {}).get("activity_MBq"), own_row=own)
+    for row in summary.cumulative.cycles:
+        if row.number == summary.cycle.number:
+            for key, value in (
+                ("kidney_gy", row.kidney_gy),
+                ("kidney_bed_gy", row.kidney_bed_gy),
+                ("marrow_gy", row.marrow_gy),
+            ):
+                if value is not None:
+                    own[key] = float(value)
+            if row.activity_MBq:
+                own["activity_mbq"] = float(row.activity_MBq)
+    return EarlierCycle(injection=t, activity_mbq=injection.activity_MBq, own_row=own)
 
 
 def earlier_cycle_entry(

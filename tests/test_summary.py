@@ -126,13 +126,43 @@ def test_a_renamed_field_is_refused(written: tuple[Summary, Path], where: str) -
 
 def test_an_unknown_schema_version_is_refused(written: tuple[Summary, Path], tmp_path: Path) -> None:
     doc = _valid_dict(written)
-    doc["schema"] = "voxeldose.summary/1"
+    doc["schema"] = "voxeldose.summary/9"
     assert _schema_errors(doc)
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(VoxeldoseError) as err:
         Summary.load(path)
-    assert err.value.tag == "schema" and err.value.path == str(path) and "voxeldose.summary/1" in str(err.value)
+    assert err.value.tag == "schema" and err.value.path == str(path) and "voxeldose.summary/9" in str(err.value)
+
+
+def _as_schema_1(doc: dict) -> dict:
+    """A summary as schema /1 wrote it: no nuclide/radiopharmaceutical sources in the injection."""
+    doc["schema"] = "voxeldose.summary/1"
+    del doc["cycle"]["injection"]["nuclide_source"]
+    del doc["cycle"]["injection"]["radiopharmaceutical_source"]
+    return doc
+
+
+def test_a_schema_1_summary_still_loads(written: tuple[Summary, Path], tmp_path: Path) -> None:
+    """Results written before the typed model (schema /1) stay readable after an upgrade: the trigger takes an
+    earlier cycle's measured kidney dose from them.  The missing sources say so; the doses are the same."""
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(_as_schema_1(_valid_dict(written))))
+    old = Summary.load(path)
+    assert old.schema_ == "voxeldose.summary/2"
+    assert old.cycle.injection.nuclide_source == "not recorded (voxeldose.summary/1)"
+    assert old.cycle.injection.radiopharmaceutical_source == "not recorded (voxeldose.summary/1)"
+    assert old.vois == written[0].vois and old.cumulative == written[0].cumulative
+
+
+def test_a_schema_1_summary_with_a_renamed_field_is_refused(written: tuple[Summary, Path], tmp_path: Path) -> None:
+    doc = _as_schema_1(_valid_dict(written))
+    doc["vois"]["Kidney_L"]["mean_Gy"] = doc["vois"]["Kidney_L"].pop("mean_gy")
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(VoxeldoseError) as err:
+        Summary.load(path)
+    assert "Kidney_L" in str(err.value.tag)
 
 
 def test_non_finite_numbers_are_written_as_null(written: tuple[Summary, Path]) -> None:

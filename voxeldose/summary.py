@@ -423,7 +423,11 @@ class Summary(_Part):
         except OSError as exc:
             raise VoxeldoseError(f"cannot read the summary ({exc})", path=path) from None
         try:
-            return cls.model_validate_json(text)
+            data = json.loads(text)
+        except ValueError as exc:
+            raise VoxeldoseError(f"the summary is not JSON ({exc})", path=path, tag="schema") from None
+        try:
+            return cls.model_validate(upgrade(data))
         except ValidationError as exc:
             first = exc.errors()[0]
             raise VoxeldoseError(
@@ -433,6 +437,28 @@ class Summary(_Part):
                 expected=f"JSON following {SCHEMA_PATH.as_posix()}",
                 found=None if first.get("type") == "missing" else _short(first.get("input")),
             ) from None
+
+
+#: Schema versions :func:`upgrade` brings to :data:`SCHEMA_VERSION`.
+EARLIER_SCHEMAS: Final = ("voxeldose.summary/1",)
+
+
+def upgrade(data: Any) -> Any:
+    """A parsed summary of an earlier schema, brought to :data:`SCHEMA_VERSION` (other input unchanged).
+
+    ``voxeldose.summary/1`` (results written before the typed model) lacks ``cycle.injection.nuclide_source``
+    and ``radiopharmaceutical_source``; they are filled with ``"not recorded (voxeldose.summary/1)"`` — never
+    guessed — so an earlier cycle's measured doses stay readable after an upgrade of the service."""
+    if not isinstance(data, dict) or data.get("schema") not in EARLIER_SCHEMAS:
+        return data
+    out = dict(data, schema=SCHEMA_VERSION)
+    cycle = out.get("cycle")
+    if isinstance(cycle, dict) and isinstance(cycle.get("injection"), dict):
+        inj = dict(cycle["injection"])
+        for key in ("nuclide_source", "radiopharmaceutical_source"):
+            inj.setdefault(key, f"not recorded ({data['schema']})")
+        out["cycle"] = dict(cycle, injection=inj)
+    return out
 
 
 def _short(value: object) -> str:

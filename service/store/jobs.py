@@ -20,7 +20,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from voxeldose.errors import VoxeldoseError
 from voxeldose.spec import JobSpec
+from voxeldose.summary import Summary
 
 from ..models import Job, OutputSeries, utcnow
 from .db import Database, affected
@@ -59,15 +61,18 @@ class JobRecord:
     version: int | None = None  # node-started jobs: 1, 2, … per cycle (a late series adds a version)
     supersedes: str | None = None  # the job of the previous version
 
-    def summary(self) -> dict[str, Any] | None:
-        """The job's ``summary.json`` when it succeeded and the file is readable, else None."""
+    def summary(self) -> Summary | None:
+        """The job's validated ``summary.json`` (:class:`voxeldose.summary.Summary`) when it succeeded, else None.
+
+        A summary that cannot be read or does not follow the schema is logged (with the job id and the field at
+        fault, never its values) and counts as none: the trigger then estimates that cycle and says so."""
         if self.state != "succeeded" or not self.result_dir:
             return None
         try:
-            summary: dict[str, Any] = json.loads((Path(self.result_dir) / "summary.json").read_text())
-        except (OSError, ValueError):
+            return Summary.load(Path(self.result_dir) / "summary.json")
+        except VoxeldoseError as err:
+            log.warning("job %s: its summary.json is unusable: %s (tag %s)", self.id, err.reason, err.tag)
             return None
-        return summary
 
 
 def _record(j: Job) -> JobRecord:

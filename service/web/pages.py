@@ -10,6 +10,7 @@ full report in a frame), ``/patients/{id}`` (cycles, cumulative dose vs limits, 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -20,6 +21,7 @@ from markupsafe import Markup, escape
 from pydantic import ValidationError
 
 from voxeldose.errors import VoxeldoseError
+from voxeldose.summary import CyclesLeft, Summary, VoiMetrics
 
 from ..auth import Principal
 from ..errors import ServiceError
@@ -126,47 +128,34 @@ def job_list(
 
 
 # ------------------------------------------------------------------------------------ job page
-def _dose_rows(vois: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for name, v in vois.items():
-        if not isinstance(v, dict):
-            continue
-        rows.append(
-            {
-                "name": name,
-                **{
-                    k: v.get(k)
-                    for k in (
-                        "role",
-                        "volume_ml",
-                        "mass_g",
-                        "mean_gy",
-                        "D2_gy",
-                        "D50_gy",
-                        "D98_gy",
-                        "gy_per_gbq",
-                        "bed_gy",
-                    )
-                },
-            }
-        )
+def _dose_rows(vois: Mapping[str, VoiMetrics]) -> list[dict[str, Any]]:
+    """The dose table: one row per VOI, kidneys first, then marrow, tumours, organs, body."""
+    rows: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "role": v.role,
+            "volume_ml": v.volume_ml,
+            "mass_g": v.mass_g,
+            "mean_gy": v.mean_gy,
+            "D2_gy": v.D2_gy,
+            "D50_gy": v.D50_gy,
+            "D98_gy": v.D98_gy,
+            "gy_per_gbq": v.gy_per_gbq,
+            "bed_gy": v.bed_gy,
+        }
+        for name, v in vois.items()
+    ]
     order = {"kidney": 0, "marrow": 1, "tumour": 2, "organ": 3, "body": 4}
     rows.sort(key=lambda r: (order.get(str(r["role"]), 9), r["name"]))
     return rows
 
 
-def _limit_rows(left: dict[str, Any]) -> list[dict[str, Any]]:
+def _limit_rows(left: CyclesLeft | None) -> list[dict[str, Any]]:
+    """The limits table: each limit's row with the share of it already used (%, None when undefined)."""
     rows = []
-    for x in left.get("limits") or []:
-        if not isinstance(x, dict):
-            continue
-        cur: Any = x.get("current_gy")
-        lim: Any = x.get("limit_gy")
-        try:
-            pct = 100.0 * float(cur) / float(lim)
-        except (TypeError, ValueError, ZeroDivisionError):
-            pct = None
-        rows.append({**x, "percent": pct})
+    for x in left.limits if left is not None else []:
+        pct = 100.0 * x.current_gy / x.limit_gy if x.limit_gy else None
+        rows.append({**x.model_dump(), "percent": pct})
     return rows
 
 
@@ -195,14 +184,13 @@ PALETTE = [
 ]
 
 
-def dvh_svg(vois: dict[str, Any], width: int = 640, height: int = 360) -> Markup:
+def dvh_svg(vois: Mapping[str, VoiMetrics], width: int = 640, height: int = 360) -> Markup:
     """Cumulative DVHs of the VOIs (``vois`` of a summary; no body outline) as inline SVG; names escaped."""
     curves = []
     for name, v in vois.items():
-        if not isinstance(v, dict) or v.get("role") == "body":
+        if v.role == "body":
             continue
-        dvh = v.get("dvh") or {}
-        d, f = dvh.get("dose_gy") or [], dvh.get("volume_fraction") or []
+        d, f = v.dvh.dose_gy, v.dvh.volume_fraction
         pts = [(float(a), float(b)) for a, b in zip(d, f) if _finite(a) and _finite(b)]
         if pts:
             curves.append((name, pts))
@@ -272,23 +260,21 @@ def _nice(v: float) -> float:
     return 10 * exp
 
 
-def summary_context(summary: dict[str, Any]) -> dict[str, Any]:
-    """What the job page shows of a summary.json (string keys of schema voxeldose.summary/1, read here only)."""
-    vois = summary.get("vois") or {}
-    cum = summary.get("cumulative") or {}
-    left = cum.get("cycles_left") or {}
+def summary_context(summary: Summary) -> dict[str, Any]:
+    """What the job page shows of a job's summary (the typed :class:`voxeldose.summary.Summary`)."""
+    cum = summary.cumulative
     return {
-        "dose_rows": _dose_rows(vois),
-        "limit_rows": _limit_rows(left),
-        "cycles_left": left,
-        "totals": cum.get("total") or {},
-        "cycles": cum.get("cycles") or [],
-        "dvh": dvh_svg(vois),
-        "warnings": [str(w) for w in summary.get("warnings") or []],
-        "patient": summary.get("patient") or {},
-        "cycle": summary.get("cycle") or {},
-        "marrow": summary.get("marrow") or {},
-        "methods": summary.get("methods") or {},
+        "dose_rows": _dose_rows(summary.vois),
+        "limit_rows": _limit_rows(cum.cycles_left),
+        "cycles_left": cum.cycles_left,
+        "totals": cum.total,
+        "cycles": cum.cycles,
+        "dvh": dvh_svg(summary.vois),
+        "warnings": list(summary.warnings),
+        "patient": summary.patient,
+        "cycle": summary.cycle,
+        "marrow": summary.marrow,
+        "methods": summary.methods,
     }
 
 

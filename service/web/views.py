@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from voxeldose.summary import Summary
+
 from ..auth import Principal
 from ..store import JobRecord, Store
 from .deps import may_read
@@ -134,8 +136,8 @@ def list_visible(
     return store.list_jobs(state=state, patient_id=patient_id, limit=limit, offset=offset, submitted_by=own)
 
 
-def job_summary(rec: JobRecord) -> dict[str, Any] | None:
-    """The job's summary.json, or None (see :meth:`service.store.JobRecord.summary`)."""
+def job_summary(rec: JobRecord) -> Summary | None:
+    """The job's validated summary, or None (see :meth:`service.store.JobRecord.summary`)."""
     return rec.summary()
 
 
@@ -184,13 +186,6 @@ class PatientCycles(BaseModel):
     newest_job_id: str | None = None
 
 
-def _f(v: Any) -> float | None:
-    try:
-        return None if v is None else float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 @dataclass(frozen=True)
 class _SummaryCycles:
     """What one job's summary says about the patient's cycles (read in one place: :func:`_summary_cycles`)."""
@@ -206,49 +201,47 @@ class _SummaryCycles:
     message: str | None = None
 
 
-def _summary_cycles(summary: dict[str, Any]) -> _SummaryCycles:
-    """The cycle facts of a summary.json (string keys of schema voxeldose.summary/1, read here only)."""
-    cum = summary.get("cumulative") or {}
-    total = cum.get("total") or {}
-    left = cum.get("cycles_left") or {}
+def _summary_cycles(summary: Summary) -> _SummaryCycles:
+    """The cycle facts of one job's summary (the typed :class:`voxeldose.summary.Summary`)."""
+    cum = summary.cumulative
+    left = cum.cycles_left
     return _SummaryCycles(
-        patient_name=(summary.get("patient") or {}).get("name"),
-        cycle_number=(summary.get("cycle") or {}).get("number"),
+        patient_name=summary.patient.name,
+        cycle_number=summary.cycle.number,
         cycles=[
             CycleRow(
-                number=c.get("number"),
-                date=c.get("date"),
-                activity_mbq=_f(c.get("activity_MBq")),
-                kidney_gy=_f(c.get("kidney_gy")),
-                kidney_bed_gy=_f(c.get("kidney_bed_gy")),
-                marrow_gy=_f(c.get("marrow_gy")),
+                number=c.number,
+                date=c.date,
+                activity_mbq=c.activity_MBq,
+                kidney_gy=c.kidney_gy,
+                kidney_bed_gy=c.kidney_bed_gy,
+                marrow_gy=c.marrow_gy,
             )
-            for c in cum.get("cycles") or []
+            for c in cum.cycles
         ],
         totals=Totals(
-            kidney_gy=_f((total.get("dose_gy") or {}).get("kidney")),
-            marrow_gy=_f((total.get("dose_gy") or {}).get("marrow")),
-            kidney_bed_gy=_f((total.get("bed_gy") or {}).get("kidney")),
-            activity_mbq=_f(total.get("activity_MBq")),
+            kidney_gy=cum.total.dose_gy.get("kidney"),
+            marrow_gy=cum.total.dose_gy.get("marrow"),
+            kidney_bed_gy=cum.total.bed_gy.get("kidney"),
+            activity_mbq=cum.total.activity_MBq,
         ),
         limits=[
             LimitRow(
-                limit=str(x.get("limit")),
-                limit_gy=_f(x.get("limit_gy")),
-                current_gy=_f(x.get("current_gy")),
-                per_cycle_gy=_f(x.get("per_cycle_gy")),
-                cycles_left=x.get("cycles_left"),
-                exceeded=x.get("exceeded"),
-                message=x.get("message"),
-                source=x.get("source"),
+                limit=x.limit,
+                limit_gy=x.limit_gy,
+                current_gy=x.current_gy,
+                per_cycle_gy=x.per_cycle_gy,
+                cycles_left=x.cycles_left,
+                exceeded=x.exceeded,
+                message=x.message,
+                source=x.source,
             )
-            for x in left.get("limits") or []
-            if isinstance(x, dict)
+            for x in (left.limits if left is not None else [])
         ],
-        cycles_left=left.get("cycles_left"),
-        binding_limit=left.get("binding_limit"),
-        planned_activity_mbq=_f(cum.get("planned_activity_MBq")),
-        message=left.get("message"),
+        cycles_left=None if left is None else left.cycles_left,
+        binding_limit=None if left is None else left.binding_limit,
+        planned_activity_mbq=cum.planned_activity_MBq,
+        message=None if left is None else left.message,
     )
 
 

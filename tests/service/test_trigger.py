@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from summaries import cycle_summary
 
 from service.dicom_node import STATUS_SUCCESS, DicomNode
 from service.models import utcnow
@@ -270,26 +271,12 @@ def test_second_cycle_gets_number_two_and_the_first_cycles_doses(
 
 
 def _summary_of(phantom: dict[str, Any], *, number: int, shift: timedelta = timedelta(0)) -> dict[str, Any]:
-    """A result's summary.json as the pipeline writes it (the keys the trigger reads), with made-up doses."""
-    from datetime import datetime
-
+    """A result's summary.json (schema-valid, see tests/summaries.py) with made-up doses for its own cycle."""
     inj = datetime.fromisoformat(phantom["truth"]["injection"]["datetime"]) + shift
     mbq = phantom["truth"]["injection"]["activity_bq"] / 1e6
-    return {
-        "cycle": {"number": number, "injection": {"datetime": inj.isoformat(), "activity_MBq": mbq}},
-        "cumulative": {
-            "cycles": [
-                {
-                    "number": number,
-                    "date": inj.date().isoformat(),
-                    "activity_MBq": mbq,
-                    "kidney_gy": 4.2,
-                    "kidney_bed_gy": 5.1,
-                    "marrow_gy": 0.3,
-                }
-            ]
-        },
-    }
+    return cycle_summary(
+        number=number, injection=inj, activity_mbq=mbq, kidney_gy=4.2, kidney_bed_gy=5.1, marrow_gy=0.3
+    )
 
 
 def _finish_with_summary(store: Any, job: Any, out: Path, summary: dict[str, Any]) -> None:
