@@ -13,7 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
-from support import DVH_REQUIREMENTS, DVH_VENV, REPO, _dvh_python_ok
+from support import DVH_REQUIREMENTS, DVH_VENV, KERNEL_CACHE_ENV, REPO, _dvh_python_ok, session_kernel_cache
+
+
+@pytest.hookimpl(trylast=True)  # after the tmpdir plugin has set up the base temp directory
+def pytest_configure(config: pytest.Config) -> None:
+    """Kernels built by the tests go to a temporary cache, never to the user's ``~/.cache/voxeldose/kernels``.
+
+    Set in ``os.environ`` before any test module is imported, so the library, ``voxeldose serve``, the CLI and Ray
+    workers started by the tests inherit it.  pytest-xdist workers share one cache beside their base temp folders
+    (kernels are built once per run, not once per worker); the controller and each worker compute the same path.
+    """
+    factory: pytest.TempPathFactory = config._tmp_path_factory  # type: ignore[attr-defined]  # pytest's own, no API
+    worker = hasattr(config, "workerinput")  # set by pytest-xdist on its workers
+    os.environ[KERNEL_CACHE_ENV] = str(session_kernel_cache(factory.getbasetemp(), xdist_worker=worker))
 
 
 @pytest.fixture(scope="session")
