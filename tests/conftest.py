@@ -10,10 +10,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import DVH_REQUIREMENTS, DVH_VENV, KERNEL_CACHE_ENV, REPO, _dvh_python_ok, session_kernel_cache
+from support import (
+    CHROMIUM_FLAGS,
+    DVH_REQUIREMENTS,
+    DVH_VENV,
+    KERNEL_CACHE_ENV,
+    REPO,
+    REQUIRE_BROWSER_ENV,
+    STATE_WAIT_S,
+    _dvh_python_ok,
+    find_browser,
+    session_kernel_cache,
+    wait_scale,
+)
 
 
 @pytest.hookimpl(trylast=True)  # after the tmpdir plugin has set up the base temp directory
@@ -82,3 +96,30 @@ def dvh_python() -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return py
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Any]:
+    """A headless Chromium driven by Selenium (browser console logged); skipped where a part is missing, a
+    failure where ``VOXELDOSE_REQUIRE_BROWSER`` is set (CI)."""
+    chrome, chromedriver, missing = find_browser()
+    if missing or chrome is None or chromedriver is None:
+        if os.environ.get(REQUIRE_BROWSER_ENV):
+            pytest.fail(f"{REQUIRE_BROWSER_ENV} is set but the browser test cannot run: missing {missing}")
+        pytest.skip(f"browser test needs {missing} (set {REQUIRE_BROWSER_ENV}=1 to make this a failure)")
+    # selenium is an optional test dependency: imported here, after the check above
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chrome
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
+    drv = webdriver.Chrome(options=opts, service=service)
+    drv.set_page_load_timeout(STATE_WAIT_S * wait_scale())
+    try:
+        yield drv
+    finally:
+        drv.quit()

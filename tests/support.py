@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -76,6 +77,40 @@ def session_kernel_cache(basetemp: Path, *, xdist_worker: bool) -> Path:
     cache = run_dir / "kernel-cache"
     cache.mkdir(parents=True, exist_ok=True)
     return cache
+
+
+#: Set in CI: a browser test that cannot run (no selenium, chromium or chromedriver) fails instead of skipping.
+REQUIRE_BROWSER_ENV = "VOXELDOSE_REQUIRE_BROWSER"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+#: Flags of a headless Chromium run by the tests (no network of its own, no sandbox: containers).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1600",
+)
+
+
+def find_browser() -> tuple[str | None, str | None, str | None]:
+    """(chromium binary, chromedriver, what is missing or None); ``VOXELDOSE_CHROMIUM``/``_CHROMEDRIVER`` win."""
+    missing = []
+    try:
+        import selenium  # noqa: F401  # only probed: an optional test dependency
+    except ImportError:
+        missing.append("the Python package selenium (pip install selenium)")
+    chrome = os.environ.get("VOXELDOSE_CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    driver = os.environ.get("VOXELDOSE_CHROMEDRIVER") or shutil.which("chromedriver")
+    if chrome is None:
+        missing.append("chromium (apt-get install chromium)")
+    if driver is None:
+        missing.append("chromedriver (apt-get install chromium-driver)")
+    return chrome, driver, ", ".join(missing) or None
 
 
 def stored_files(node: Any) -> list[Path]:
