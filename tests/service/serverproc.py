@@ -49,7 +49,8 @@ def free_port() -> int:
 
 
 def child_env(data_dir: Path, **settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXELDOSE_") and k not in _STRIP_ENV}
+    keep = ("VOXELDOSE_KERNEL_CACHE",)  # the run's temporary kernel cache (tests/conftest.py), not ~/.cache
+    env = {k: v for k, v in os.environ.items() if (k in keep or not k.startswith("VOXELDOSE_")) and k not in _STRIP_ENV}
     env["VOXELDOSE_DATA_DIR"] = str(data_dir)
     env["PYTHONUNBUFFERED"] = "1"
     for k, v in settings.items():
