@@ -123,3 +123,17 @@ def chromium(tmp_path: Path) -> Iterator[Any]:
         yield drv
     finally:
         drv.quit()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``VOXELDOSE_TEST_WAIT_SCALE`` also scales pytest-timeout's per-test limit (a test waits longer, so it may
+    take longer), for every test that does not set its own."""
+    scale = wait_scale()
+    if scale == 1.0 or not config.pluginmanager.hasplugin("timeout"):
+        return
+    base = config.getoption("timeout", None) or config.getini("timeout")
+    if not base:
+        return
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(float(base) * scale))
