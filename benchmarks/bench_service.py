@@ -40,6 +40,7 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py, imported by serverproc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "service"))
 import serverproc
 from serverproc import auth, submit, wait_for

@@ -3,9 +3,114 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: Multiplies every wait limit of the suite (default 1): raise it on a machine slower or busier than the limits assume.
+WAIT_SCALE_ENV = "VOXELDOSE_TEST_WAIT_SCALE"
+#: Wait limits in seconds, sized for a 2-core machine at load 10 (a limit is a bound on failure, never a speed test):
+#: a pipeline job on the small phantom, start to finish (≈20 s on an idle 2-core machine).
+JOB_WAIT_S = 600.0
+#: a change of state that needs no pipeline run: a thread or a Ray worker starting, an association handled, a process
+#: killed (well under a second on an idle machine; a Ray worker takes seconds to start).
+STATE_WAIT_S = 120.0
+
+
+def wait_scale() -> float:
+    """The factor of ``VOXELDOSE_TEST_WAIT_SCALE`` (a positive number; 1 when unset)."""
+    raw = os.environ.get(WAIT_SCALE_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        scale = float(raw)
+    except ValueError:
+        raise ValueError(f"{WAIT_SCALE_ENV}={raw!r}: expected a positive number") from None
+    if not scale > 0:
+        raise ValueError(f"{WAIT_SCALE_ENV}={raw!r}: expected a positive number")
+    return scale
+
+
+def wait_for(
+    probe: Callable[[], T],
+    *,
+    until: Callable[[T], object] = bool,
+    timeout_s: float = STATE_WAIT_S,
+    interval_s: float = 0.1,
+    what: str,
+    context: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``probe()`` until ``until(value)`` holds and return that value; the state is awaited, not a moment.
+
+    ``timeout_s`` (seconds, multiplied by :func:`wait_scale`) only bounds a failure: past it, an AssertionError says
+    ``what`` was awaited, the last value seen and ``context()`` (e.g. a server's log tail).  The probe runs at least
+    once, and once more at the deadline, so a slow machine that reaches the state late still passes.
+    """
+    limit_s = timeout_s * wait_scale()
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = probe()
+        if until(value):
+            return value
+        if time.monotonic() >= deadline:
+            extra = f"\n{context()}" if context is not None else ""
+            raise AssertionError(f"timed out after {limit_s:g} s waiting for {what}; last seen: {value!r}{extra}")
+        time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
+
+
+#: The kernel cache variable of voxeldose.kernels.cache_dir; the suite points it at a temporary folder (conftest.py).
+KERNEL_CACHE_ENV = "VOXELDOSE_KERNEL_CACHE"
+
+
+def session_kernel_cache(basetemp: Path, *, xdist_worker: bool) -> Path:
+    """The run's kernel cache: beside the xdist workers' base temp folders (shared by them), else inside ``basetemp``.
+
+    A pytest-xdist worker's base temp is ``<run's base temp>/<worker id>``; its parent is the run's, one per run.
+    """
+    run_dir = basetemp.parent if xdist_worker else basetemp
+    cache = run_dir / "kernel-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+#: Set in CI: a browser test that cannot run (no selenium, chromium or chromedriver) fails instead of skipping.
+REQUIRE_BROWSER_ENV = "VOXELDOSE_REQUIRE_BROWSER"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+#: Flags of a headless Chromium run by the tests (no network of its own, no sandbox: containers).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1600",
+)
+
+
+def find_browser() -> tuple[str | None, str | None, str | None]:
+    """(chromium binary, chromedriver, what is missing or None); ``VOXELDOSE_CHROMIUM``/``_CHROMEDRIVER`` win."""
+    missing = []
+    try:
+        import selenium  # noqa: F401  # only probed: an optional test dependency
+    except ImportError:
+        missing.append("the Python package selenium (pip install selenium)")
+    chrome = os.environ.get("VOXELDOSE_CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    driver = os.environ.get("VOXELDOSE_CHROMEDRIVER") or shutil.which("chromedriver")
+    if chrome is None:
+        missing.append("chromium (apt-get install chromium)")
+    if driver is None:
+        missing.append("chromedriver (apt-get install chromium-driver)")
+    return chrome, driver, ", ".join(missing) or None
 
 
 def stored_files(node: Any) -> list[Path]:

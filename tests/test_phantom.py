@@ -6,7 +6,6 @@ import dataclasses
 import itertools
 import json
 import math
-import time
 
 import numpy as np
 import pydicom
@@ -239,11 +238,9 @@ def test_write_small_phantom_reads_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_phantom_writes_fast_and_is_clinical(tmp_path):
-    t0 = time.perf_counter()
+def test_default_phantom_is_clinical(tmp_path):
+    # how fast it is written (target < 60 s on 2 cores) is a benchmark: benchmarks/bench_ingest.py, RESULTS.md
     m = write_phantom(tmp_path / "ph")
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 60, elapsed
     truth = json.loads(m.truth_json.read_text())
     d = {n: v["dose_led_gy_per_gbq"] for n, v in truth["voi"].items()}
     assert 0.4 <= d["Kidney_L"] <= 0.9 and 0.4 <= d["Kidney_R"] <= 0.9

@@ -4,11 +4,14 @@ summary being absent (and to non-finite numbers)."""
 from __future__ import annotations
 
 import copy
+import io
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from voxeldose.geometry import Volume
@@ -426,6 +429,47 @@ def test_console_table() -> None:
     assert console_table(Summary.model_validate(bare)).splitlines()[2].split()[:3] == ["x", "organ", "1.00"]
 
 
-@pytest.mark.skip(reason="optional: a PNG screenshot of the HTML needs a browser engine, not installed")
-def test_screenshot() -> None:  # pragma: no cover
-    pass
+@pytest.mark.slow
+def test_report_as_a_browser_shows_it(tmp_path: Path, chromium: Any) -> None:
+    """Headless Chromium opens the report file: the dose table has a row per VOI with its numbers, every plot is
+    a decoded image, the flagged rows are coloured, nothing runs (no alert from the hostile name, no console
+    error), and a screenshot of the table is not blank."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    summary = _summary()
+    _render(tmp_path, summary, ct=_ct())
+    chromium.get((tmp_path / "report.html").as_uri())
+    with pytest.raises(NoAlertPresentException):  # the <script> in a VOI name was escaped, not run
+        chromium.switch_to.alert  # noqa: B018  # the property access is the check
+
+    table = chromium.find_element(
+        By.XPATH, "//section[h2[starts-with(normalize-space(.), 'Absorbed dose per VOI')]]//table"
+    )
+    assert table.is_displayed() and table.size["width"] > 300, table.size
+    rows = {r.find_element(By.CSS_SELECTOR, "td.name").text: r for r in table.find_elements(By.XPATH, ".//tr[td]")}
+    assert set(rows) == set(summary.vois), list(rows)  # the hostile name shows as text
+    activity_gbq = summary.cycle.injection.activity_MBq / 1000.0
+    for name, voi in summary.vois.items():
+        cells = [c.text for c in rows[name].find_elements(By.TAG_NAME, "td")]
+        assert cells[1] == voi.role, (name, cells)
+        assert cells[4] == f"{voi.mean_gy:.2f}", (name, cells)  # mean absorbed dose, Gy
+        assert cells[9] == f"{voi.mean_gy / activity_gbq:.3f}", (name, cells)  # Gy per GBq injected
+        assert all(cells[:10]), (name, cells)
+    # 93 % of the kidney limit: amber; over the marrow limit: red; a row far from its limit: no colour
+    bg = {n: rows[n].find_element(By.CSS_SELECTOR, "td.name").value_of_css_property("background-color") for n in rows}
+    assert len({bg["Kidney_L"], bg["Bone_marrow"], bg["Tumor_1"]}) == 3, bg
+
+    images = chromium.execute_script(
+        "return Array.from(document.images, i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);"
+    )
+    assert len(images) == 1 + 5 + 1 + 2, images  # DVH + 5 time-activity curves + kidneys + 2 tumours (as above)
+    assert all(complete and w > 0 and h > 0 for _, complete, w, h in images), images  # every PNG decoded
+    errors = [e for e in chromium.get_log("browser") if e.get("level") == "SEVERE"]
+    assert errors == [], errors
+
+    png = table.screenshot_as_png
+    (tmp_path / "dose-table.png").write_bytes(png)
+    with Image.open(io.BytesIO(png)) as shot:
+        lo, hi = shot.convert("L").getextrema()
+    assert hi - lo > 100, (lo, hi)  # dark text on a light page, not a blank capture

@@ -166,7 +166,9 @@ def ray_cluster() -> Iterator[Cluster]:
     token = root / "ray-auth-token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VOXELDOSE_"))}
+    env = {
+        k: v for k, v in os.environ.items() if k == "VOXELDOSE_KERNEL_CACHE" or not k.startswith(("RAY_", "VOXELDOSE_"))
+    }  # the run's temporary kernel cache stays (tests/conftest.py)
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **ray_auth_env(token))
     gcs, client = free_port(), free_port()
     common = ["--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats"]

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import support  # tests/support.py: the suite's wait limits
 
 REQUIRE_ENV = "VOXELDOSE_REQUIRE_ORTHANC"
 BINARY_ENV = "VOXELDOSE_ORTHANC"  # optional: path of another Orthanc binary
@@ -194,6 +195,7 @@ class Orthanc:
                 # no new session: in pytest's process group, so a group kill (CI, ^C) reaches it too
             )
         _LIVE.add(self)
+        timeout *= support.wait_scale()
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -359,7 +361,7 @@ def start_orthanc(
     aet: str = "ORTHANC",
     modalities: Mapping[str, tuple[str, str, int]] | None = None,
     extra_config: Mapping[str, Any] | None = None,
-    timeout: float = 30.0,
+    timeout: float = support.STATE_WAIT_S,
     binary: str | None = None,
 ) -> Orthanc:
     """Start an Orthanc of our own in ``workdir`` (created) and wait until ``GET /system`` answers.

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import support  # tests/support.py: the suite's wait limits and polling helper
 
 # Environment the server must not inherit from the test process (a Ray started by other tests sets some).
 _STRIP_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -48,7 +49,8 @@ def free_port() -> int:
 
 
 def child_env(data_dir: Path, **settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXELDOSE_") and k not in _STRIP_ENV}
+    keep = ("VOXELDOSE_KERNEL_CACHE",)  # the run's temporary kernel cache (tests/conftest.py), not ~/.cache
+    env = {k: v for k, v in os.environ.items() if (k in keep or not k.startswith("VOXELDOSE_")) and k not in _STRIP_ENV}
     env["VOXELDOSE_DATA_DIR"] = str(data_dir)
     env["PYTHONUNBUFFERED"] = "1"
     for k, v in settings.items():
@@ -125,7 +127,7 @@ class ServerProc:
         except OSError:
             return "(no log)"
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = support.STATE_WAIT_S) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         last = ""
         for _try in range(3):  # the free port may be taken between bind() and uvicorn's bind
@@ -160,7 +162,7 @@ class ServerProc:
         raise RuntimeError(f"voxeldose serve did not become ready:\n{last}")
 
     def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * support.wait_scale()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
@@ -256,23 +258,25 @@ def wait_for(
     job_id: str,
     states: Iterable[str],
     *,
-    timeout: float = 180.0,
+    timeout: float = support.JOB_WAIT_S,
     interval: float = 0.25,
     server: ServerProc | None = None,
 ) -> dict:
     """Poll the job until its state is one of ``states`` (or terminal: then it must be wanted)."""
     states = tuple(states)
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = get_job(client, token, job_id)
-        if job["state"] in states:
-            return job
-        if job["state"] in TERMINAL:
-            break
-        time.sleep(interval)
-    tail = "\n" + server.log_tail() if server is not None else ""
-    raise AssertionError(f"job {job_id} did not reach {states}: last seen {job}{tail}")
+    context = server.log_tail if server is not None else None
+    job = support.wait_for(
+        lambda: get_job(client, token, job_id),
+        until=lambda j: j["state"] in states or j["state"] in TERMINAL,
+        timeout_s=timeout,
+        interval_s=interval,
+        what=f"job {job_id} to reach {states}",
+        context=context,
+    )
+    if job["state"] not in states:
+        tail = "\n" + server.log_tail() if server is not None else ""
+        raise AssertionError(f"job {job_id} did not reach {states}: last seen {job}{tail}")
+    return job
 
 
 # ------------------------------------------------------------------------------ one shared server
@@ -298,7 +302,7 @@ class E2EEnv:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.server.base_url, timeout=60)
 
-    def finished_job(self, timeout: float = 180.0) -> dict[str, Any]:
+    def finished_job(self, timeout: float = support.JOB_WAIT_S) -> dict[str, Any]:
         """The small phantom submitted once (physicist, with an Idempotency-Key) and run to success."""
         if self.first_job is None:
             with self.client() as c:

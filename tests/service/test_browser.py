@@ -18,6 +18,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("ray")
 
 import serverproc
+from support import STATE_WAIT_S, wait_scale
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -81,7 +82,7 @@ def driver(browser_paths, tmp_path: Path):
         opts.add_argument(flag)
     service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
     drv = webdriver.Chrome(options=opts, service=service)
-    drv.set_page_load_timeout(60)
+    drv.set_page_load_timeout(STATE_WAIT_S * wait_scale())
     try:
         yield drv
     finally:
@@ -96,7 +97,7 @@ def test_login_job_list_to_dvh_plot(e2e, driver, tmp_path: Path) -> None:
 
     job = e2e.finished_job()
     base = e2e.server.base_url
-    wait = WebDriverWait(driver, 30)
+    wait = WebDriverWait(driver, STATE_WAIT_S * wait_scale())
 
     # not logged in: the job list sends the browser to the login form
     driver.get(base + "/")

@@ -21,7 +21,7 @@ from dicom_factory import secondary_capture
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from support import stored_files
+from support import STATE_WAIT_S, stored_files, wait_scale
 
 needs_dcmtk = pytest.mark.skipif(
     shutil.which("storescu") is None or shutil.which("echoscu") is None,
@@ -278,7 +278,7 @@ def test_voxeldose_dicom_node_command(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     exe = Path(sys.executable).with_name("voxeldose")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "voxeldose"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXELDOSE_")}
+    env = {k: v for k, v in os.environ.items() if k == "VOXELDOSE_KERNEL_CACHE" or not k.startswith("VOXELDOSE_")}
     proc = subprocess.Popen(
         [*cmd, "dicom-node", "--port", str(port), "--allow-aet", SCU, "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE,
@@ -287,7 +287,7 @@ def test_voxeldose_dicom_node_command(tmp_path: Path) -> None:
         env=env,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + STATE_WAIT_S * wait_scale()
         ok = False
         while time.monotonic() < deadline and proc.poll() is None:
             r = subprocess.run(

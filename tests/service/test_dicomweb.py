@@ -9,7 +9,6 @@ import hashlib
 import io
 import os
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
 )
+from support import wait_for
 
 from service.app import create_app
 from service.config import Settings
@@ -422,10 +422,8 @@ def serving(app: Any) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
+    wait_for(lambda: server.started or not thread.is_alive(), interval_s=0.02, what="uvicorn to start")
+    assert server.started, "uvicorn did not start"
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import JOB_WAIT_S, STATE_WAIT_S, wait_for
 
 ray = pytest.importorskip("ray")
 from ray import cloudpickle
@@ -51,7 +52,7 @@ def exit_via_sys_exit(job_id: str, spec: dict, out_dir: str, database_url: str) 
 
 def sleep_long(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict:
     Path(spec["pidfile"]).write_text(str(os.getpid()))
-    time.sleep(60)
+    time.sleep(300)  # longer than any wait of the tests: only a kill ends it early
     return {"result_dir": out_dir, "patient_id": None, "warnings": []}
 
 
@@ -88,43 +89,35 @@ def _submit(store: Store, spec: dict, input_dir: Path | str, key: str | None = N
     return job.id
 
 
-def _wait(store: Store, job_id: str, pred: Callable[[Any], bool], timeout: float = 60.0):
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        j = store.get_job(job_id)
-        if pred(j):
-            return j
-        time.sleep(0.05)
-    raise AssertionError(f"job did not get there in {timeout} s: {store.get_job(job_id)}")
+def _wait(store: Store, job_id: str, pred: Callable[[Any], bool], timeout: float = STATE_WAIT_S):
+    return wait_for(lambda: store.get_job(job_id), until=pred, timeout_s=timeout, interval_s=0.05, what=f"job {job_id}")
 
 
 def _done(j: Any) -> bool:
     return j.state in ("succeeded", "failed", "cancelled")
 
 
-def _pid_gone(pid: int, timeout: float = 10.0) -> bool:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # a zombie counts as gone
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
-def _wait_file(path: Path, timeout: float = 30.0) -> str:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if path.exists() and path.read_text():
-            return path.read_text()
-        time.sleep(0.05)
-    raise AssertionError(f"{path} was not written")
+def _pid_gone(pid: int, timeout: float = STATE_WAIT_S) -> bool:
+    """True once the process has ended; an AssertionError (with the pid) when it outlives the wait."""
+    return wait_for(lambda: _gone(pid), timeout_s=timeout, what=f"process {pid} to end")
+
+
+def _wait_file(path: Path, timeout: float = STATE_WAIT_S) -> str:
+    def text() -> str:
+        return path.read_text() if path.exists() else ""
+
+    return wait_for(text, timeout_s=timeout, interval_s=0.05, what=f"{path} to be written (a Ray worker starting)")
 
 
 # ------------------------------------------------------------------ the real worker
@@ -141,13 +134,13 @@ def test_small_phantom_job_succeeds(make_settings, small_phantom) -> None:
     try:
         assert d.ray_ok() and d.device() == "cpu"
         stages = set()
-        t_end = time.monotonic() + 120
-        while time.monotonic() < t_end:
+
+        def job_and_stage() -> Any:
             j = store.get_job(job_id)
             stages.add(j.stage)
-            if _done(j):
-                break
-            time.sleep(0.05)
+            return j
+
+        j = wait_for(job_and_stage, until=_done, timeout_s=JOB_WAIT_S, interval_s=0.05, what=f"job {job_id} to end")
     finally:
         d.stop()
     assert j.state == "succeeded", j.error
@@ -170,7 +163,7 @@ def test_bad_input_fails_with_the_message_and_keeps_the_input(make_settings, tmp
     d = Dispatcher(store, settings)
     d.start()
     try:
-        j = _wait(store, job_id, _done)
+        j = _wait(store, job_id, _done, timeout=JOB_WAIT_S)  # the real worker: imports the pipeline
     finally:
         d.stop()
     assert j.state == "failed" and j.attempts == 1
@@ -210,7 +203,10 @@ def test_worker_lost_every_time_fails_after_max_attempts(make_settings, tmp_path
 
 # ------------------------------------------------------------------ timeout, cancel, stop
 def test_timeout_stops_the_worker(make_settings, tmp_path: Path) -> None:
-    settings = make_settings(job_timeout_s=1.0)
+    # The limit runs from submission; on a busy machine a Ray worker can take longer than a short limit to start,
+    # and the job would be stopped before its worker ran.  So: no limit in reach until the worker runs the job, then
+    # a 1 s limit (the dispatcher reads it each round), which the running job has passed or soon passes.
+    settings = make_settings(job_timeout_s=3600.0)
     store = _store(settings)
     pidfile = tmp_path / "pid"
     job_id = _submit(store, {"inputs": [], "pidfile": str(pidfile)}, tmp_path)
@@ -218,8 +214,10 @@ def test_timeout_stops_the_worker(make_settings, tmp_path: Path) -> None:
     d.start()
     try:
         pid = int(_wait_file(pidfile))
-        j = _wait(store, job_id, _done, timeout=20)
-        assert j.state == "failed" and "time limit" in j.error and j.attempts == 1
+        assert store.get_job(job_id).state == "running" and not _gone(pid)
+        settings.job_timeout_s = 1.0
+        j = _wait(store, job_id, _done)
+        assert j.state == "failed" and "time limit (1 s)" in j.error and j.attempts == 1
         assert d.in_flight() == 0
         assert _pid_gone(pid), "the timed-out worker process is still running"
     finally:
@@ -236,7 +234,7 @@ def test_cancel_running_job_kills_the_worker(make_settings, tmp_path: Path) -> N
     try:
         pid = int(_wait_file(pidfile))
         assert store.request_cancel(job_id).state == "running"
-        j = _wait(store, job_id, _done, timeout=10)
+        j = _wait(store, job_id, _done)
         assert j.state == "cancelled"
         assert _pid_gone(pid), "the cancelled worker process is still running"
     finally:
@@ -266,14 +264,15 @@ def test_jobs_in_flight_bound(make_settings, tmp_path: Path) -> None:
     d = Dispatcher(store, settings, task=short_and_logged)
     d.start()
     max_running = 0
+
+    def counts() -> dict[str, int]:
+        nonlocal max_running
+        c = store.counts_by_state()
+        max_running = max(max_running, c["running"], d.in_flight())
+        return c
+
     try:
-        t_end = time.monotonic() + 60
-        while time.monotonic() < t_end:
-            counts = store.counts_by_state()
-            max_running = max(max_running, counts["running"], d.in_flight())
-            if counts["succeeded"] == 3:
-                break
-            time.sleep(0.02)
+        wait_for(counts, until=lambda c: c["succeeded"] == 3, interval_s=0.02, what="3 jobs to succeed")
     finally:
         d.stop()
     assert [store.get_job(i).state for i in ids] == ["succeeded"] * 3

@@ -17,7 +17,6 @@ server.  While test_dispatcher.py runs, the shared server sits idle.
 from __future__ import annotations
 
 import io
-import time
 import zipfile
 from pathlib import Path
 
@@ -29,6 +28,7 @@ httpx = pytest.importorskip("httpx")
 pydicom = pytest.importorskip("pydicom")
 
 import serverproc
+import support
 from serverproc import auth, get_job, submit, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -232,14 +232,17 @@ def test_kill9_mid_job_then_restart(e2e, client) -> None:
     assert jid != first["id"]
 
     # running, and the worker has started on the pipeline (a stage recorded), so the kill hits a live run
-    deadline = time.monotonic() + 120
-    while True:
-        job = get_job(client, tok, jid)
-        if job["state"] == "running" and job["stage"] is not None:
-            break
-        assert job["state"] in ("queued", "running"), job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.1)
+    def seen() -> dict:
+        j = get_job(client, tok, jid)
+        assert j["state"] in ("queued", "running"), j
+        return j
+
+    job = support.wait_for(
+        seen,
+        until=lambda j: j["state"] == "running" and j["stage"] is not None,
+        timeout_s=support.JOB_WAIT_S,
+        what=f"job {jid} running with a stage recorded",
+    )
     assert job["attempts"] == 1
 
     old_pid = e2e.server.proc.pid
@@ -250,7 +253,7 @@ def test_kill9_mid_job_then_restart(e2e, client) -> None:
 
     e2e.server.start()
     with e2e.client() as c2:
-        done = wait_for(c2, tok, jid, ["succeeded"], timeout=180, server=e2e.server)
+        done = wait_for(c2, tok, jid, ["succeeded"], server=e2e.server)
         assert done["attempts"] == 2, done
         assert done["has_result"]
         summary = c2.get(done["links"]["summary"], headers=auth(tok)).json()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pydicom
 import pytest
 from orthanc import Orthanc, require_orthanc, start_orthanc
 from serverproc import ServerProc, auth, create_token, free_port
+from support import JOB_WAIT_S, STATE_WAIT_S, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -71,14 +71,7 @@ def _client(rt: dict[str, Any]) -> httpx.Client:
 
 
 def _wait(pred: Any, timeout: float, what: str, server: ServerProc) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what} (last: {last})\n{server.log_tail()}")
+    return wait_for(pred, timeout_s=timeout, interval_s=0.5, what=what, context=server.log_tail)
 
 
 def test_orthanc_push_runs_a_job_and_results_arrive_back(
@@ -93,7 +86,7 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(
 
     with _client(roundtrip) as c:
         # released association → the trigger looks at once (the 30 s quiet period is not waited for)
-        jobs = _wait(lambda: c.get("/v1/jobs").json()["items"], 30, "the job to start by itself", server)
+        jobs = _wait(lambda: c.get("/v1/jobs").json()["items"], STATE_WAIT_S, "the job to start by itself", server)
         assert len(jobs) == 1
         job = jobs[0]
         assert job["source"] == "dicom" and job["version"] == 1 and job["spec"]["cycle_number"] == 1
@@ -104,10 +97,10 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(
             assert j["state"] not in ("failed", "cancelled"), j
             return j if j["state"] == "succeeded" else None
 
-        job = _wait(finished, 300, "the job to succeed", server)
+        job = _wait(finished, JOB_WAIT_S, "the job to succeed", server)
         sent = _wait(
             lambda: [d for d in c.get(f"/v1/jobs/{job['id']}").json()["deliveries"] if d["state"] == "sent"],
-            120,
+            STATE_WAIT_S,
             "the results to be sent",
             server,
         )
@@ -175,7 +168,7 @@ def test_the_same_study_pushed_again_starts_no_second_job(roundtrip: dict[str, A
         # the trigger looked again (release) and found the job of this input set
         _wait(
             lambda: [x for x in c.get("/v1/dicom/cycles").json() if x["evaluated_at"] > before[0]["evaluated_at"]],
-            30,
+            STATE_WAIT_S,
             "the trigger to look again",
             server,
         )
@@ -267,22 +260,30 @@ def test_a_study_pushed_in_two_halves_starts_one_job_after_the_second(
 
     with _client(roundtrip) as c:
         pacs.push("voxeldose", studies_of(["tp1_004h", "tp2_024h"]))
-        waiting = _wait(
+        waiting = wait_for(  # looked at with both time points of the first half indexed
             lambda: c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json(),
-            30,
-            "the first half to be looked at",
-            server,
+            until=lambda rows: any(x["timepoints"] == 2 for x in rows),
+            timeout_s=STATE_WAIT_S,
+            interval_s=0.5,
+            what="the first half (2 time points) to be looked at",
+            context=server.log_tail,
         )
         assert [x["state"] for x in waiting] == ["waiting"] and "2 of 3 SPECT time points" in waiting[0]["reason"]
         assert c.get("/v1/jobs", params={"patient_id": "VXD-HALVES"}).json()["total"] == 0
 
         pacs.push("voxeldose", studies_of(["tp3_096h", "tp4_168h"]))
-        jobs = _wait(
-            lambda: c.get("/v1/jobs", params={"patient_id": "VXD-HALVES"}).json()["items"],
-            30,
-            "the job after the second half",
+        # the trigger commits the job before it records the cycle's state: wait for the cycle's state, then the jobs
+        [cycle] = _wait(
+            lambda: [
+                x
+                for x in c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json()
+                if x["state"] == "started" and x["timepoints"] == 4
+            ],
+            STATE_WAIT_S,
+            "the cycle to start with all 4 time points after the second half",
             server,
         )
+        jobs = c.get("/v1/jobs", params={"patient_id": "VXD-HALVES"}).json()["items"]
         assert len(jobs) == 1 and jobs[0]["version"] == 1
-        [cycle] = c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json()
-        assert cycle["state"] == "started" and cycle["timepoints"] == 4 and cycle["job_id"] == jobs[0]["id"]
+        assert len(c.get("/v1/dicom/cycles", params={"patient_id": "VXD-HALVES"}).json()) == 1
+        assert cycle["job_id"] == jobs[0]["id"]

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from summaries import cycle_summary
+from support import wait_for
 
 from service.dicom_node import STATUS_SUCCESS, DicomNode
 from service.models import utcnow
@@ -472,10 +473,7 @@ def test_release_waits_for_other_open_associations_of_the_patient(
         assert _ready_at(store, pid) > utcnow() + timedelta(seconds=300)  # quiet period, not "now"
         _send(b, ct[len(ct) // 2 :])
         b.release()
-        deadline = time.monotonic() + 5
-        while _ready_at(store, pid) > utcnow() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _ready_at(store, pid) <= utcnow()  # due now
+        wait_for(lambda: _ready_at(store, pid) <= utcnow(), what="the patient to be due after B's release")
     finally:
         node.stop()
 
