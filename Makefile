@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: setup
+test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
 
 bench: setup
