@@ -37,7 +37,7 @@ from typing import Any
 
 from .config import Settings
 from .store import JobRecord, Store
-from .worker import INTERNAL_ERROR, remote_run_job
+from .worker import INTERNAL_ERROR, JobOutcome, remote_run_job
 
 log = logging.getLogger("service.dispatcher")
 
@@ -255,13 +255,13 @@ class Dispatcher:
             log.error("job %s: unexpected %s from Ray", job_id, type(exc).__name__, exc_info=exc)
             self.store.requeue(job_id, f"unexpected {type(exc).__name__}")
             return
-        if not isinstance(out, dict):
+        if isinstance(out, JobOutcome) and out.error is not None:
+            self.store.fail(job_id, out.error)
+        elif isinstance(out, JobOutcome) and out.result_dir is not None:
+            self.store.finish(job_id, out.result_dir, out.patient_id, out.output_series)
+        else:  # neither a result nor a failure: a bug in the task function
             log.error("job %s: task returned %s", job_id, type(out).__name__)
             self.store.fail(job_id, INTERNAL_ERROR.format(job_id=job_id))
-        elif out.get("error"):
-            self.store.fail(job_id, str(out["error"]))
-        else:
-            self.store.finish(job_id, out["result_dir"], out.get("patient_id"), out.get("output_series") or [])
 
     def _enforce(self) -> None:
         with self._lock:

@@ -61,7 +61,7 @@ from voxeldose.summary import Summary
 from .config import Settings
 from .intake import TMP_PREFIX, link_files
 from .models import utcnow
-from .store import ACTIVE_STATES, JobRecord, NewJob, Store, TriggerWrites, spec_hash
+from .store import ACTIVE_STATES, CycleUpdate, JobRecord, NewJob, Store, TriggerWrites, spec_hash
 
 log = logging.getLogger("service.trigger")
 
@@ -543,15 +543,7 @@ class Trigger:
         if isinstance(d, RecordCycle):
             reason = d.reason[:MAX_REASON] if d.state == "error" else d.reason
             tx.upsert_cycle(
-                cycle_key=d.key,
-                patient_id=patient_id,
-                injection=injection,
-                state=d.state,
-                reason=reason,
-                timepoints=d.timepoints,
-                job_id=None,
-                deadline_after=d.deadline_after,
-                now=now,
+                CycleUpdate(d.key, patient_id, injection, d.state, reason, d.timepoints, None, d.deadline_after, now)
             )
             if d.existing is not None:
                 e = d.existing
@@ -575,15 +567,5 @@ class Trigger:
         if not created:  # another process won the race for the same input set
             shutil.rmtree(input_dir, ignore_errors=True)
         reason = d.reason(job)
-        tx.upsert_cycle(
-            cycle_key=d.key,
-            patient_id=patient_id,
-            injection=injection,
-            state="started",
-            reason=reason,
-            timepoints=d.timepoints,
-            job_id=job.id,
-            deadline_after=None,
-            now=now,
-        )
+        tx.upsert_cycle(CycleUpdate(d.key, patient_id, injection, "started", reason, d.timepoints, job.id, None, now))
         return Outcome(d.key, "started", reason, job.id, job.version, d.timepoints, d.input_hash, spec)

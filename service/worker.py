@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,23 @@ def write_atomically(result: Result, out_dir: Path) -> Path:
     return out_dir
 
 
-def run_job(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) -> dict[str, Any]:
-    """Run one job.  Returns ``{"result_dir", "patient_id", "warnings"}`` on success, or
-    ``{"error": message, "internal": bool}`` when the job failed (not to be retried)."""
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a Ray task reports back to the dispatcher: the result folder on success, or the failure (not retried).
+
+    ``error`` is the message a physicist reads (bad input, with the server's paths stripped), or the internal-error
+    line with the job id when ``internal`` (the traceback is in the worker's log only)."""
+
+    result_dir: str | None = None
+    patient_id: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    output_series: list[str] = field(default_factory=list)  # SeriesInstanceUIDs the job wrote
+    error: str | None = None
+    internal: bool = False
+
+
+def run_job(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) -> JobOutcome:
+    """Run one job; a failure is returned as a :class:`JobOutcome` with ``error`` (never raised)."""
     store = _store(database_url)
     roots = [str(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in spec.get("inputs", [])]
     t0 = time.monotonic()
@@ -137,18 +152,15 @@ def run_job(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) 
         out = write_atomically(result, Path(out_dir))
     except VoxeldoseError as err:
         log.info("job %s: bad input (%.1f s)", job_id, time.monotonic() - t0)
-        return {"error": _strip_roots(str(err), roots), "internal": False}
+        return JobOutcome(error=_strip_roots(str(err), roots))
     except Exception:
         log.exception("job %s: internal error", job_id)
-        return {"error": INTERNAL_ERROR.format(job_id=job_id), "internal": True}
+        return JobOutcome(error=INTERNAL_ERROR.format(job_id=job_id), internal=True)
     patient = result.summary.patient.id
     log.info("job %s: done in %.1f s", job_id, time.monotonic() - t0)
-    return {
-        "result_dir": str(out),
-        "patient_id": patient,
-        "warnings": result.warnings,
-        "output_series": output_series(out),
-    }
+    return JobOutcome(
+        result_dir=str(out), patient_id=patient, warnings=list(result.warnings), output_series=output_series(out)
+    )
 
 
 def output_series(out_dir: Path) -> list[str]:

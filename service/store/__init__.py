@@ -15,14 +15,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from .db import MIGRATIONS_DIR, Database, normalise_url
 from .deliveries import DeliveryInfo, DeliveryTable
-from .dicom import ConflictInfo, CycleInfo, CycleTable, InstanceRecord, InstanceTable, NodeCounts, SeriesInfo
+from .dicom import (
+    ConflictInfo,
+    CycleInfo,
+    CycleTable,
+    CycleUpdate,
+    InstanceRecord,
+    InstanceTable,
+    NodeCounts,
+    SeriesInfo,
+)
 from .jobs import ACTIVE_STATES, JOB_STATES, TERMINAL_STATES, JobRecord, JobTable, NewJob, spec_hash
 from .tokens import TokenInfo, TokenTable
 
@@ -33,6 +42,7 @@ __all__ = [
     "TERMINAL_STATES",
     "ConflictInfo",
     "CycleInfo",
+    "CycleUpdate",
     "Database",
     "DeliveryInfo",
     "InstanceRecord",
@@ -58,31 +68,8 @@ class TriggerWrites:
     def create_job(self, new: NewJob) -> tuple[JobRecord, bool]:
         return self._store.create_in(self._s, new)
 
-    def upsert_cycle(
-        self,
-        *,
-        cycle_key: str,
-        patient_id: str,
-        injection: str | None,
-        state: str,
-        reason: str | None,
-        timepoints: int,
-        job_id: str | None,
-        deadline_after: timedelta | None,
-        now: datetime,
-    ) -> CycleInfo:
-        return self._store.upsert_in(
-            self._s,
-            cycle_key=cycle_key,
-            patient_id=patient_id,
-            injection=injection,
-            state=state,
-            reason=reason,
-            timepoints=timepoints,
-            job_id=job_id,
-            deadline_after=deadline_after,
-            now=now,
-        )
+    def upsert_cycle(self, u: CycleUpdate) -> CycleInfo:
+        return self._store.upsert_in(self._s, u)
 
     def touch_patient(self, patient_id: str, ready_at: datetime) -> None:
         self._store.touch_in(self._s, patient_id, ready_at)

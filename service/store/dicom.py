@@ -79,6 +79,21 @@ class SeriesInfo(TypedDict):
     last_received_at: datetime | None
 
 
+@dataclass(frozen=True)
+class CycleUpdate:
+    """What the trigger decided for one therapy cycle (a row of ``trigger_cycles``)."""
+
+    cycle_key: str
+    patient_id: str
+    injection: str | None  # ISO 8601 injection date and time, or None when the headers name none
+    state: str  # waiting | error | started
+    reason: str | None
+    timepoints: int
+    job_id: str | None  # the job started for it (None: keep the row's)
+    deadline_after: timedelta | None  # deadline = first seen + this; None: no deadline
+    now: datetime
+
+
 class CycleInfo(TypedDict):
     """The trigger's verdict on one therapy cycle (date-times as ISO 8601 text)."""
 
@@ -354,71 +369,35 @@ class CycleTable:
             )
         return bool(n)
 
-    def upsert_trigger_cycle(
-        self,
-        *,
-        cycle_key: str,
-        patient_id: str,
-        injection: str | None,
-        state: str,
-        reason: str | None,
-        timepoints: int,
-        job_id: str | None,
-        deadline_after: timedelta | None,
-        now: datetime,
-    ) -> CycleInfo:
+    def upsert_trigger_cycle(self, u: CycleUpdate) -> CycleInfo:
         """Record what the trigger decided for a cycle; ``first_seen_at`` is kept from the first call and
         the deadline is ``first_seen_at + deadline_after``.  Returns the row."""
         with self.db.write() as s:
-            return self.upsert_in(
-                s,
-                cycle_key=cycle_key,
-                patient_id=patient_id,
-                injection=injection,
-                state=state,
-                reason=reason,
-                timepoints=timepoints,
-                job_id=job_id,
-                deadline_after=deadline_after,
-                now=now,
-            )
+            return self.upsert_in(s, u)
 
-    def upsert_in(
-        self,
-        s: Session,
-        *,
-        cycle_key: str,
-        patient_id: str,
-        injection: str | None,
-        state: str,
-        reason: str | None,
-        timepoints: int,
-        job_id: str | None,
-        deadline_after: timedelta | None,
-        now: datetime,
-    ) -> CycleInfo:
+    def upsert_in(self, s: Session, u: CycleUpdate) -> CycleInfo:
         """:meth:`upsert_trigger_cycle` inside the caller's transaction ``s``."""
-        row = s.get(TriggerCycle, cycle_key)
+        row = s.get(TriggerCycle, u.cycle_key)
         if row is None:
             row = TriggerCycle(
-                cycle_key=cycle_key,
-                patient_id=patient_id,
-                first_seen_at=now,
-                evaluated_at=now,
-                state=state,
-                timepoints=timepoints,
+                cycle_key=u.cycle_key,
+                patient_id=u.patient_id,
+                first_seen_at=u.now,
+                evaluated_at=u.now,
+                state=u.state,
+                timepoints=u.timepoints,
             )
             s.add(row)
         row.injection, row.state, row.reason, row.timepoints, row.evaluated_at = (
-            injection,
-            state,
-            reason,
-            timepoints,
-            now,
+            u.injection,
+            u.state,
+            u.reason,
+            u.timepoints,
+            u.now,
         )
-        if job_id is not None:
-            row.job_id = job_id
-        row.deadline_at = None if deadline_after is None else row.first_seen_at + deadline_after
+        if u.job_id is not None:
+            row.job_id = u.job_id
+        row.deadline_at = None if u.deadline_after is None else row.first_seen_at + u.deadline_after
         s.flush()
         return _cycle_dict(row)
 

@@ -8,7 +8,6 @@ Needs Debian ``chromium`` + ``chromium-driver`` and PyPI ``selenium``.  Skipped 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -18,37 +17,19 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("ray")
 
 import serverproc
-from support import STATE_WAIT_S, wait_scale
+from support import REQUIRE_BROWSER_ENV, STATE_WAIT_S, find_browser, wait_scale
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
-
-REQUIRE_ENV = "VOXELDOSE_REQUIRE_BROWSER"
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-
-
-def _find_browser() -> tuple[str | None, str | None, str | None]:
-    """(chromium binary, chromedriver, what is missing)."""
-    missing = []
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("the Python package selenium (pip install selenium)")
-    chrome = os.environ.get("VOXELDOSE_CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
-    driver = os.environ.get("VOXELDOSE_CHROMEDRIVER") or shutil.which("chromedriver")
-    if chrome is None:
-        missing.append("chromium (apt-get install chromium)")
-    if driver is None:
-        missing.append("chromedriver (apt-get install chromium-driver)")
-    return chrome, driver, ", ".join(missing) or None
 
 
 @pytest.fixture(scope="session")
 def browser_paths() -> tuple[str, str]:
-    chrome, driver, missing = _find_browser()
-    if missing:
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"{REQUIRE_ENV} is set but the browser test cannot run: missing {missing}")
-        pytest.skip(f"browser test needs {missing} (set {REQUIRE_ENV}=1 to make this a failure)")
+    """Chromium and chromedriver (skip, or fail in CI, when missing) — checked before any server starts."""
+    chrome, driver, missing = find_browser()
+    if missing or chrome is None or driver is None:
+        if os.environ.get(REQUIRE_BROWSER_ENV):
+            pytest.fail(f"{REQUIRE_BROWSER_ENV} is set but the browser test cannot run: missing {missing}")
+        pytest.skip(f"browser test needs {missing} (set {REQUIRE_BROWSER_ENV}=1 to make this a failure)")
     return chrome, driver
 
 
@@ -59,34 +40,9 @@ def e2e(browser_paths, tmp_path_factory, request, small_phantom) -> serverproc.E
 
 
 @pytest.fixture
-def driver(browser_paths, tmp_path: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chrome, chromedriver = browser_paths
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1600",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        opts.add_argument(flag)
-    service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
-    drv = webdriver.Chrome(options=opts, service=service)
-    drv.set_page_load_timeout(STATE_WAIT_S * wait_scale())
-    try:
-        yield drv
-    finally:
-        drv.quit()
+def driver(browser_paths, chromium):
+    """The suite's headless Chromium (tests/conftest.py)."""
+    return chromium
 
 
 def test_login_job_list_to_dvh_plot(e2e, driver, tmp_path: Path) -> None:

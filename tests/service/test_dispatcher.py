@@ -24,6 +24,7 @@ from ray import cloudpickle
 
 from service.dispatcher import Dispatcher
 from service.store import Store
+from service.worker import JobOutcome
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -39,7 +40,7 @@ def crash_first_time(job_id: str, spec: dict, out_dir: str, database_url: str) -
         marker.write_text(str(os.getpid()))
         os._exit(1)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return {"result_dir": out_dir, "patient_id": "P-CRASH", "warnings": []}
+    return JobOutcome(result_dir=out_dir, patient_id="P-CRASH")
 
 
 def always_crash(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict:
@@ -53,7 +54,7 @@ def exit_via_sys_exit(job_id: str, spec: dict, out_dir: str, database_url: str) 
 def sleep_long(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict:
     Path(spec["pidfile"]).write_text(str(os.getpid()))
     time.sleep(300)  # longer than any wait of the tests: only a kill ends it early
-    return {"result_dir": out_dir, "patient_id": None, "warnings": []}
+    return JobOutcome(result_dir=out_dir, patient_id=None)
 
 
 def short_and_logged(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict:
@@ -62,11 +63,11 @@ def short_and_logged(job_id: str, spec: dict, out_dir: str, database_url: str) -
     time.sleep(0.4)
     with open(log, "a") as f:
         f.write(f"{job_id} {t0} {time.time()}\n")
-    return {"result_dir": out_dir, "patient_id": None, "warnings": []}
+    return JobOutcome(result_dir=out_dir, patient_id=None)
 
 
 def ok_at_once(job_id: str, spec: dict, out_dir: str, database_url: str) -> dict:
-    return {"result_dir": out_dir, "patient_id": "P-OK", "warnings": []}
+    return JobOutcome(result_dir=out_dir, patient_id="P-OK")
 
 
 # ------------------------------------------------------------------ helpers
