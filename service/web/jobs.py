@@ -15,7 +15,7 @@ from ..store import Store
 from .deps import get_settings, get_store, principal, require
 from .problems import ProblemError, responses
 from .submit import SeriesRequest, accept_series, accept_upload, media_type
-from .views import Job, JobList, JobState, job_out, list_visible, not_found, readable_job
+from .views import MAX_LIMIT, MAX_OFFSET, Job, JobList, JobState, job_out, list_visible, not_found, readable_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -91,8 +91,8 @@ async def submit_job(
 def list_jobs(
     state: JobState | None = Query(None),
     patient_id: str | None = Query(None, max_length=64),
-    limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0, le=10_000_000),
+    limit: int = Query(50, ge=1, le=MAX_LIMIT),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     who: Principal = Depends(principal),
     store: Store = Depends(get_store),
 ) -> JobList:

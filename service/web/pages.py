@@ -29,11 +29,13 @@ from .deps import COOKIE, get_store, may_read, optional_principal
 from .html import render
 from .problems import ProblemError, readable_validation
 from .submit import accept_upload
-from .views import job_out, job_summary, list_visible, patient_cycles
+from .views import MAX_LIMIT, MAX_OFFSET, job_out, job_summary, list_visible, patient_cycles
 
 router = APIRouter(include_in_schema=False)
 
 COOKIE_MAX_AGE = 12 * 3600
+#: Jobs per page of the job list.
+PAGE_LIMIT = min(50, MAX_LIMIT)
 ACTIVE = ("queued", "running")
 
 
@@ -102,14 +104,14 @@ async def logout() -> Response:
 def job_list(
     request: Request,
     state: str | None = Query(None),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     who: Principal | None = Depends(page_principal),
 ) -> Response:
     if who is None:
         return _login_redirect(request)
     if state not in (None, "", "queued", "running", "succeeded", "failed", "cancelled"):
         state = None
-    limit = 50
+    limit = PAGE_LIMIT
     rows, total = list_visible(
         get_store(request), who, state=state or None, patient_id=None, limit=limit, offset=offset
     )
@@ -306,7 +308,7 @@ def job_cancel(request: Request, job_id: str, who: Principal | None = Depends(pa
 
 
 # -------------------------------------------------------------------------------- patient page
-@router.get("/patients/{patient_id}")
+@router.get("/patients/{patient_id:path}")  # ':path': a patient ID may contain '/' (sent as %2F)
 def patient_page(request: Request, patient_id: str, who: Principal | None = Depends(page_principal)) -> Response:
     if who is None:
         return _login_redirect(request)

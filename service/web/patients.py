@@ -15,7 +15,9 @@ router = APIRouter(prefix="/v1/patients", tags=["patients"])
 
 
 @router.get(
-    "/{patient_id}/cycles",
+    # ':path' because a patient ID may contain '/' (sent as %2F, which the server decodes before routing);
+    # the route's '/cycles' suffix still ends the match, so "A/B" is read from /v1/patients/A%2FB/cycles.
+    "/{patient_id:path}/cycles",
     response_model=PatientCycles,
     summary="A patient's cycles, cumulative dose and BED, and cycles left",
     description="From the patient's succeeded jobs (oldest first): each cycle's injected activity, kidney and "

@@ -22,6 +22,12 @@ from .problems import ProblemError
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
+#: The most jobs one list request returns (API ``limit``; the job-list page shows fewer).
+MAX_LIMIT = 500
+#: The largest ``offset`` a job list accepts, API and page alike (larger values overflow the database's
+#: 64-bit integers; ten million jobs is far beyond any clinic's history).
+MAX_OFFSET = 10_000_000
+
 
 # --------------------------------------------------------------------------------------- jobs
 class JobLinks(BaseModel):
@@ -249,7 +255,7 @@ def patient_cycles(store: Store, patient_id: str) -> PatientCycles:
     """A patient's cycles from their succeeded jobs (oldest first); totals and limits from the newest."""
     jobs = store.patient_jobs(patient_id)
     if not jobs:
-        raise ProblemError(404, "Not found", f"no finished dosimetry for patient {patient_id}", slug="not-found")
+        raise ProblemError(404, "Not found", "no finished dosimetry for this patient", slug="not-found")
     rows: dict[int | None, CycleRow] = {}
     newest: _SummaryCycles | None = None
     newest_job = None
@@ -274,9 +280,7 @@ def patient_cycles(store: Store, patient_id: str) -> PatientCycles:
                 }
             rows[n] = row
     if newest is None:
-        raise ProblemError(
-            404, "Not found", f"the results of patient {patient_id}'s jobs are missing", slug="not-found"
-        )
+        raise ProblemError(404, "Not found", "the results of this patient's jobs are missing", slug="not-found")
     return PatientCycles(
         patient_id=patient_id,
         patient_name=name,

@@ -10,6 +10,7 @@ import logging
 import shutil
 import zipfile
 from pathlib import Path
+from urllib.parse import quote
 
 import pydicom
 import pytest
@@ -465,6 +466,40 @@ def test_patient_cycles(env: Env, phantom: dict) -> None:
     assert body["cycles_left"] == 4 and body["newest_job_id"] == j2["id"]
     assert body["binding_limit"] == s1["cumulative"]["cycles_left"]["binding_limit"]
     assert {lim["limit"] for lim in body["limits"]} >= {"kidney absorbed dose", "red marrow absorbed dose"}
+
+
+#: A patient ID with every character a URL path treats specially (issue 14, defect 7).
+RESERVED_PID = "A/B?c#d% e f"  # a '%' not followed by hex digits: Starlette's TestClient unquotes twice
+
+
+def test_patient_cycles_of_an_id_with_reserved_characters(env: Env, phantom: dict) -> None:
+    d = env.incoming / "upload-reserved"
+    d.mkdir(parents=True)
+    rec, created = env.store.create_job(
+        spec={"inputs": [str(d)], **phantom["spec"]},
+        input_dir=str(d),
+        input_hash="f" * 64,
+        patient_id=RESERVED_PID,
+        idempotency_key=None,
+        submitted_by="submitter-1",
+    )
+    assert created
+    finish_job(env, rec.id, phantom["result"])
+    r = env.client.get(f"/v1/patients/{quote(RESERVED_PID, safe='')}/cycles", headers=env.h())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["patient_id"] == RESERVED_PID and [c["job_id"] for c in body["cycles"]] == [rec.id]
+    # the prefix alone is another patient, not this one
+    assert_problem(env.client.get(f"/v1/patients/{quote('A/B', safe='')}/cycles", headers=env.h()), 404)
+    # the job list finds the job by the same ID as a query parameter
+    listed = env.client.get("/v1/jobs", params={"patient_id": RESERVED_PID}, headers=env.h()).json()
+    assert [j["id"] for j in listed["items"]] == [rec.id]
+
+
+def test_job_list_bounds_offset_and_limit(env: Env) -> None:
+    for params in ({"offset": 2**63}, {"offset": 10_000_001}, {"limit": 501}, {"limit": 0}):
+        assert_problem(env.client.get("/v1/jobs", params=params, headers=env.h()), 422)
+    assert env.client.get("/v1/jobs", params={"offset": 10_000_000}, headers=env.h()).status_code == 200
 
 
 # ----------------------------------------------------------------------------- health & metrics

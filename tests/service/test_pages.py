@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.store import Store
+from service.web.views import MAX_OFFSET
 from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import run, write_outputs
 
@@ -190,6 +192,36 @@ def test_patient_page(site, result: Path) -> None:
     assert f'href="/jobs/{job}"' in html and 'id="limits-table"' in html
     assert re.search(rf'id="cycles-left">{summary["cumulative"]["cycles_left"]["cycles_left"]} further', html)
     assert client.get("/patients/nobody").status_code == 404
+
+
+def test_patient_page_of_an_id_with_reserved_characters(site, result: Path) -> None:
+    settings, store, tokens, client = site
+    # '/', '?', '#', '%' and a space travel as one path segment; the '%' is not followed by hex digits
+    # because Starlette's TestClient unquotes the path twice (a real server decodes it once)
+    pid = "A/B?c#d% e f"
+    job = new_job(store, settings, patient_id=pid)
+    finish(store, settings, job, result)
+    login(client, tokens["physicist"])
+    href = "/patients/" + quote(pid, safe="")
+    assert href == "/patients/A%2FB%3Fc%23d%25%20e%20f"
+    for page in ("/", f"/jobs/{job}"):  # the links the pages generate carry the quoted ID
+        assert f'href="{href}"' in client.get(page).text
+    r = client.get(href)
+    assert r.status_code == 200, r.text
+    assert '<span id="patient-id">A/B?c#d% e f</span>' in r.text and f'href="/jobs/{job}"' in r.text
+    assert client.get("/patients/" + quote("A/B", safe="")).status_code == 404
+
+
+def test_job_list_page_bounds_the_offset(site) -> None:
+    settings, store, tokens, client = site
+    new_job(store, settings, patient_id="P1")
+    login(client, tokens["physicist"])
+    for offset in (2**63, MAX_OFFSET + 1, -1):
+        r = client.get(f"/?offset={offset}", headers={"Accept": "text/html"})
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"].startswith("text/html") and "Traceback" not in r.text
+    r = client.get(f"/?offset={MAX_OFFSET}")
+    assert r.status_code == 200 and 'class="job-link"' not in r.text
 
 
 def test_upload_page(site, result: Path) -> None:
