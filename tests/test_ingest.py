@@ -7,8 +7,10 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from dicom_factory import ct_series, nm_tomo, timepoint
+from pydicom.dataelem import DataElement
 
 from voxeldose.errors import VoxeldoseError
 from voxeldose.ingest import group_cycles, load_cycle, read_ct, read_spect, scan
@@ -368,3 +370,41 @@ def test_spec_injection_datetime_must_be_naive():
     with pytest.raises(ValidationError, match="without a UTC offset, as DICOM stores it"):
         JobSpec.model_validate({"inputs": ["x"], "injection": {"datetime": "2026-01-05T09:30:00Z"}})
     assert InjectionOverride(datetime="2026-01-05T09:30").datetime == INJ
+
+
+# ------------------------------------------------------------------ fuzzed headers (issue 14, defect 8)
+def _with_image_type(tmp_path: Path, name: str, vr: str, value: object) -> Path:
+    """A SPECT file whose ImageType (0008,0008) is written with ``vr`` (explicit VR, so the VR is in the file)."""
+    nm_tomo(tmp_path / "good.dcm", np.ones((4, 8, 8)))
+    ds = pydicom.dcmread(tmp_path / "good.dcm")
+    ds.add(DataElement(0x00080008, vr, value))
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_an_integer_image_type_is_a_problem_of_the_file(tmp_path):
+    path = _with_image_type(tmp_path, "int.dcm", "US", 7)
+    index = scan([path])  # no TypeError
+    [problem] = index.errors
+    assert problem.path == str(path) and problem.tag == "ImageType (0008,0008)"
+    assert "expected VR CS" in problem.message and "found 'VR US'" in problem.message
+    assert not index.series
+    with pytest.raises(VoxeldoseError, match=r"ImageType \(0008,0008\)"):
+        load_cycle([path])
+
+
+def test_a_value_of_the_wrong_length_is_a_problem_of_the_file(tmp_path):
+    # FD values are 8 bytes: write a 4-byte FL value, then relabel its VR as FD in the file
+    path = _with_image_type(tmp_path, "badlen.dcm", "FL", 1.0)
+    raw = path.read_bytes()
+    at = raw.index(b"\x08\x00\x08\x00FL")
+    path.write_bytes(raw[: at + 4] + b"FD" + raw[at + 6 :])
+    index = scan([path])  # no ValueError (pydicom's BytesLengthException)
+    [problem] = index.errors
+    assert problem.path == str(path) and problem.tag == "ImageType (0008,0008)"
+    assert "expected a valid FD value" in problem.message and "4 bytes" in problem.message
+    # a second, readable file beside it is still indexed
+    good = tmp_path / "good.dcm"
+    index = scan([good, path])
+    assert [s.kind for s in index.series.values()] == ["spect"] and len(index.errors) == 1

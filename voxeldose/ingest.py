@@ -30,8 +30,11 @@ from typing import Any, Literal, cast
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -41,6 +44,7 @@ from pydicom.uid import (
     RTStructureSetStorage,
     SegmentationStorage,
 )
+from pydicom.valuerep import PersonName
 
 from .dicomutil import normalise_utc_offset, parse_da, parse_dt, parse_tm, tag_label
 from .errors import VoxeldoseError
@@ -249,6 +253,100 @@ def _expected_pixel_bytes(ds: Dataset) -> int | None:
     return (rows * cols * frames * spp * bits + 7) // 8
 
 
+#: The attributes :func:`scan` reads from every file (with :func:`classify`), checked by :func:`read_header` to
+#: carry their standard value representation: a fuzzed or broken file (e.g. ImageType written as US) is then a
+#: problem of that file, not a TypeError deep in the indexing.
+SCANNED_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "PatientID",
+    "PatientName",
+    "SeriesDescription",
+    "ImageType",
+)
+#: Binary value representations: pydicom converts their values lazily and raises (a length that is not a
+#: multiple of the value size) where the value is first used, so :func:`read_header` converts them at once.
+#: Text VRs are left to be read where used (their conversion does not raise, and its validation warnings
+#: would quote values that may be patient data).
+_BINARY_VRS = frozenset({"AT", "FD", "FL", "OD", "OF", "OL", "OV", "SL", "SS", "SV", "UL", "US", "UV"})
+
+
+def _tag_text(tag: BaseTag) -> str:
+    """``"Keyword (gggg,eeee)"`` for any tag (``"(gggg,eeee)"`` alone for one the dictionary does not name)."""
+    keyword = keyword_for_tag(tag)
+    return tag_label(keyword) if keyword else f"({tag.group:04X},{tag.element:04X})"
+
+
+def _raw_vr(ds: Dataset, tag: BaseTag) -> str | None:
+    """The VR an element was written with (the dictionary's for implicit VR files); None when unknown."""
+    vr = ds.get_item(tag).VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return None
+    return str(vr)
+
+
+def _check_elements(ds: Dataset, path: Path) -> None:
+    """Raise :class:`VoxeldoseError` (file, tag, expected, found — never the value, which may be patient data)
+    for a public top-level element of a binary VR whose value cannot be read, and for an attribute of
+    :data:`SCANNED_KEYWORDS` with another VR than the standard's."""
+    for tag in list(ds.keys()):
+        if tag.is_private or tag == 0x7FE00010:
+            continue
+        vr = _raw_vr(ds, tag)
+        if vr not in _BINARY_VRS:
+            continue
+        try:
+            ds[tag]
+        except Exception as exc:  # noqa: BLE001 - pydicom raises several types (BytesLengthException, struct.error, …)
+            raw = ds.get_item(tag)
+            raise VoxeldoseError(
+                "unreadable header element: its value does not fit its value representation",
+                path=path,
+                tag=_tag_text(tag),
+                expected=f"a valid {vr} value",
+                found=f"{raw.length} bytes ({type(exc).__name__})",
+            ) from None
+    for kw in SCANNED_KEYWORDS:
+        tag = BaseTag(pydicom.datadict.tag_for_keyword(kw) or 0)
+        if tag not in ds:
+            continue
+        vr, standard = _raw_vr(ds, tag), dictionary_VR(tag)
+        if vr not in (standard, "UN"):
+            raise VoxeldoseError(
+                "header attribute of the wrong type",
+                path=path,
+                tag=tag_label(kw),
+                expected=f"VR {standard}",
+                found=f"VR {vr}",
+            )
+        try:
+            value = ds[tag].value
+        except Exception as exc:  # noqa: BLE001 - as above: a malformed value raises on conversion
+            raise VoxeldoseError(
+                "unreadable header attribute",
+                path=path,
+                tag=tag_label(kw),
+                expected=f"a valid {standard} value",
+                found=type(exc).__name__,
+            ) from None
+        items = value if isinstance(value, (MultiValue, list, tuple)) else [value]
+        if not all(v is None or isinstance(v, (str, PersonName)) for v in items):
+            raise VoxeldoseError(
+                "header attribute of the wrong type",
+                path=path,
+                tag=tag_label(kw),
+                expected=f"{standard} text",
+                found=type(value).__name__,
+            )
+
+
 def read_header(path: Path) -> Dataset:
     """Read one file completely, check it is whole, and return it without its pixel data.
 
@@ -268,6 +366,7 @@ def read_header(path: Path) -> Dataset:
             path=path,
             expected="a complete DICOM Part 10 file",
         ) from None
+    _check_elements(ds, path)
     for kw in ("SOPInstanceUID", "SOPClassUID"):
         if not str(getattr(ds, kw, "") or "").strip():
             raise VoxeldoseError("required attribute missing", path=path, tag=tag_label(kw), expected="a UID")
