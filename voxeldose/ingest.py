@@ -302,16 +302,17 @@ def _check_elements(ds: Dataset, path: Path) -> None:
         vr = _raw_vr(ds, tag)
         if vr not in _BINARY_VRS:
             continue
+        raw = ds.get_item(tag).value
+        size = f"{len(raw)} bytes" if isinstance(raw, bytes) else "a value"
         try:
             ds[tag]
         except Exception as exc:  # noqa: BLE001 - pydicom raises several types (BytesLengthException, struct.error, …)
-            raw = ds.get_item(tag)
             raise VoxeldoseError(
                 "unreadable header element: its value does not fit its value representation",
                 path=path,
                 tag=_tag_text(tag),
                 expected=f"a valid {vr} value",
-                found=f"{raw.length} bytes ({type(exc).__name__})",
+                found=f"{size} ({type(exc).__name__})",
             ) from None
     for kw in SCANNED_KEYWORDS:
         tag = BaseTag(pydicom.datadict.tag_for_keyword(kw) or 0)
