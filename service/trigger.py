@@ -95,6 +95,15 @@ def cycle_key(patient_id: str, injection: datetime | None) -> str:
     return hashlib.sha256(f"{patient_id}\x00{when}".encode()).hexdigest()
 
 
+def name_series(text: str, series_of: Mapping[str, str]) -> str:
+    """``text`` (a reason for ``GET /v1/dicom/cycles``) with each received file's path (the keys of
+    ``series_of``, file path → SeriesInstanceUID) replaced by ``series <UID>``: reasons name series, never
+    paths on the server (issue 14)."""
+    for path in sorted((p for p in series_of if p and p in text), key=len, reverse=True):
+        text = text.replace(path, f"series {series_of[path]}")
+    return text
+
+
 def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:
     """Freeze an input set: :func:`service.intake.link_files` into a temporary folder, renamed to ``root/name``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -212,6 +221,7 @@ class PatientSnapshot:
     rules: Rules
     received: bool = True  # False: no usable file received (nothing to decide)
     form_error: str | None = None  # why the files form no therapy cycle at all
+    unreadable: tuple[str, ...] = ()  # files that cannot be read, of series in none of the cycles (why, by series)
     cycles: tuple[CycleFacts, ...] = ()
     results: tuple[EarlierCycle, ...] = ()  # the patient's succeeded jobs of any origin, oldest first
 
@@ -342,11 +352,16 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
         key = cycle_key(pid, None)
         reason = f"cannot form a therapy cycle: {snap.form_error}"
         return [RecordCycle(key, None, "error", reason, 0), Retire(frozenset({key}))]
+    kept: set[str] = set()
+    out: list[Decision] = []
+    if snap.unreadable:  # shown with the patient's cycles rather than dropped (their series may be a cycle's)
+        key = cycle_key(pid, None)
+        out.append(RecordCycle(key, None, "error", "cannot read: " + "; ".join(snap.unreadable[:3]), 0))
+        kept.add(key)
     ordered = sorted(snap.cycles, key=lambda c: c.injection)
     history = _by_injection(snap.results)
     numbers = _cycle_numbers([c.injection for c in ordered] + [t for t, _ in history])
     deadline_h = rules.deadline_h
-    out: list[Decision] = []
     starting: set[str] = set()
     for c in ordered:
         n_tp = c.timepoints_with_ct
@@ -407,7 +422,7 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
         )
         starting.add(c.key)
     # rows of cycles no longer formed (e.g. an error before the SPECT arrived, a changed injection time)
-    out.append(Retire(frozenset(c.key for c in ordered)))
+    out.append(Retire(frozenset({c.key for c in ordered} | kept)))
     return out
 
 
@@ -419,6 +434,7 @@ class Trigger:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self._failing: set[str] = set()  # patients whose last evaluation raised (their traceback is logged once)
 
     # -------------------------------------------------------------- marks (called by the receivers)
     def touch(self, patient_id: str | None, now: datetime | None = None) -> None:
@@ -444,11 +460,16 @@ class Trigger:
         for pid, touched in due.items():
             try:
                 out += self.evaluate_patient(pid, now)
-            except Exception:
-                log.exception("trigger: evaluating a patient failed")
+            except Exception as exc:
+                if pid in self._failing:  # the traceback was logged the first time: one line per later round
+                    log.warning("trigger: evaluating a patient failed again (%s)", type(exc).__name__)
+                else:
+                    log.exception("trigger: evaluating a patient failed")
+                    self._failing.add(pid)
                 if touched is not None:  # look again later rather than spin on it
                     self.store.touch_patient(pid, now + timedelta(seconds=RECHECK_S * 10))
                 continue
+            self._failing.discard(pid)
             if touched is not None:
                 self.store.clear_patient(pid, touched)
         return out
@@ -466,26 +487,43 @@ class Trigger:
         paths = [Path(i.path) for i in instances if i.series_instance_uid not in ours and Path(i.path).exists()]
         if not paths:
             return PatientSnapshot(patient_id, now, rules, received=False)
-        index = scan(paths)
+        series_of = {str(Path(i.path)): i.series_instance_uid for i in instances}
+        index = scan(paths)  # a file that cannot be read is a problem of that file, never an exception
         try:
             cycles, problems = group_cycles(index)
         except VoxeldoseError as err:
-            return PatientSnapshot(patient_id, now, rules, form_error=str(err))
+            return PatientSnapshot(patient_id, now, rules, form_error=name_series(str(err), series_of))
         errors = [p for p in list(index.errors) + problems if p.severity == "error"]
         if not cycles:
             why = (
-                "; ".join(p.message for p in errors[:3]) or "no reconstructed SPECT with injection information received"
+                "; ".join(name_series(p.message, series_of) for p in errors[:3])
+                or "no reconstructed SPECT with injection information received"
             )
             return PatientSnapshot(patient_id, now, rules, form_error=why)
         facts = []
+        attached: set[int] = set()
         for c in cycles:
             series = [s for tp in c.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(c.vois)
             files = {str(p) for s in series for p in s.paths}
-            bad = [p.message for p in errors if p.path and (p.path in files or any(f in p.path for f in files))]
+            uids = {s.series_instance_uid for s in series}
+            bad = []
+            for n, p in enumerate(errors):
+                of_file = p.path and (p.path in files or any(f in p.path for f in files))
+                if of_file or series_of.get(p.path or "") in uids:  # also an unreadable file of one of its series
+                    bad.append(name_series(p.message, series_of))
+                    attached.add(n)
             facts.append(self._cycle_facts(patient_id, c, [str(p) for s in series for p in s.paths], bad))
+        unreadable = tuple(
+            name_series(p.message, series_of) for n, p in enumerate(errors) if n not in attached and p in index.errors
+        )
         results = [_earlier_cycle_facts(job.summary()) for job in self.store.patient_jobs(patient_id)]
         return PatientSnapshot(
-            patient_id, now, rules, cycles=tuple(facts), results=tuple(r for r in results if r is not None)
+            patient_id,
+            now,
+            rules,
+            cycles=tuple(facts),
+            results=tuple(r for r in results if r is not None),
+            unreadable=unreadable,
         )
 
     def _cycle_facts(self, patient_id: str, c: Cycle, paths: list[str], errors: list[str]) -> CycleFacts:

@@ -8,6 +8,7 @@ voxeldose.ingest and fingerprinting them, not from what the trigger stored.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 from summaries import cycle_summary
 from support import wait_for
@@ -379,6 +381,31 @@ def test_two_reconstructions_at_one_time_are_an_error_not_a_job(
     [d] = trigger.tick(_after_quiet())
     assert d.state == "error" and "same time" in d.reason
     assert store.list_jobs()[1] == 0
+
+
+def test_a_fuzzed_instance_is_an_error_of_its_series_once(
+    setup: Any, store: Any, small_phantom: dict, tmp_path: Path, caplog: Any
+) -> None:
+    """A SPECT whose ImageType is written as an integer (issue 14, defect 8): the cycle is an error naming the
+    series and the attribute (not a path on the server), and no round logs a traceback."""
+    settings, node, trigger = setup
+    nm = _files(small_phantom, "tp1_004h/NM")[0]
+    ds = pydicom.dcmread(nm)
+    ds.add(DataElement(0x00080008, "US", 7))
+    fuzzed = tmp_path / "fuzzed.dcm"
+    ds.save_as(fuzzed, enforce_file_format=True)
+    caplog.set_level(logging.INFO, logger="service.trigger")
+    _receive(node, [fuzzed] + _files(small_phantom, "tp1_004h/CT"))
+    [d] = trigger.tick(_after_quiet())
+    assert d.state == "error"
+    assert f"series {ds.SeriesInstanceUID}" in d.reason and "ImageType (0008,0008)" in d.reason
+    assert str(tmp_path) not in d.reason and str(settings.data_dir) not in d.reason
+    [row] = store.trigger_cycles(patient_id=_patient(small_phantom))
+    assert row["state"] == "error" and row["reason"] == d.reason
+    trigger.touch(_patient(small_phantom), utcnow())  # looked at again: the same verdict, still no traceback
+    [again] = trigger.tick(_after_quiet())
+    assert again.state == "error" and again.reason == d.reason
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
 
 
 def test_a_mark_made_while_looking_is_not_lost(store: Any) -> None:
