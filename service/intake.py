@@ -8,7 +8,7 @@
    refused; more than ``max_upload_mb`` uncompressed in total (declared or actually read) is too large.
 3. The job description (``spec``) is validated, then the files: :func:`voxeldose.ingest.scan` and
    :func:`voxeldose.ingest.load_cycle` (one patient, one injection, at least one SPECT; counts need a
-   calibration) — a :class:`~voxeldose.errors.VoxeldoseError` passes through with its message.
+   calibration), each RTSTRUCT's ROI and contour sequences read whole (:func:`voxeldose.voi.read_structure_set`) — a :class:`~voxeldose.errors.VoxeldoseError` passes through with its message.
 4. Only then is the temp folder renamed (atomic, same file system) to ``incoming/<upload-id>/``.
    A rejected upload leaves nothing behind; an accepted one is never deleted by the service.
 
@@ -35,6 +35,7 @@ from voxeldose.errors import VoxeldoseError
 from voxeldose.ingest import scan, spect_pixel_mode
 from voxeldose.pipeline import input_fingerprint, load_spec_cycle
 from voxeldose.spec import JobSpec
+from voxeldose.voi import read_structure_set
 
 from .config import Settings
 from .errors import ErrorKind, IntakeError
@@ -266,6 +267,9 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: Se
         scan_arg = files  # files named explicitly: each must be DICOM
     try:
         index = scan(scan_arg)
+        for rtstruct in index.by_kind("rtstruct"):  # read its ROI and contour sequences whole: a 422 now, not
+            for inst in rtstruct.instances:  # a job failing later
+                read_structure_set(inst.header, str(inst.path))
         cycle = load_spec_cycle(spec, index)
         if spec.calibration.cps_per_mbq is None:
             for tp in cycle.timepoints:

@@ -31,6 +31,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -275,6 +276,9 @@ SCANNED_KEYWORDS = (
 _BINARY_VRS = frozenset({"AT", "FD", "FL", "OD", "OF", "OL", "OV", "SL", "SS", "SV", "UL", "US", "UV"})
 
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
 def _tag_text(tag: BaseTag) -> str:
     """``"Keyword (gggg,eeee)"`` for any tag (``"(gggg,eeee)"`` alone for one the dictionary does not name)."""
     keyword = keyword_for_tag(tag)
@@ -294,10 +298,23 @@ def _raw_vr(ds: Dataset, tag: BaseTag) -> str | None:
 
 def _check_elements(ds: Dataset, path: Path) -> None:
     """Raise :class:`VoxeldoseError` (file, tag, expected, found — never the value, which may be patient data)
-    for a public top-level element of a binary VR whose value cannot be read, and for an attribute of
-    :data:`SCANNED_KEYWORDS` with another VR than the standard's."""
+    for a top-level element whose value the file cuts short (a truncated file: pydicom keeps the bytes that are
+    there, e.g. an RT Structure Set losing its last contours), a public top-level element of a binary VR whose
+    value cannot be read, and an attribute of :data:`SCANNED_KEYWORDS` with another VR than the standard's."""
     for tag in list(ds.keys()):
-        if tag.is_private or tag == 0x7FE00010:
+        if tag == 0x7FE00010:  # pixel data: checked against Rows × Columns × frames × bits by read_header
+            continue
+        item = ds.get_item(tag)
+        raw = item.value if isinstance(item, RawDataElement) and item.length != _UNDEFINED_LENGTH else None
+        if isinstance(raw, bytes) and len(raw) < item.length:  # pydicom keeps what the file holds of a cut value
+            raise VoxeldoseError(
+                "the file is truncated: a value is shorter than its length field says",
+                path=path,
+                tag=_tag_text(tag),
+                expected=f"{item.length} bytes",
+                found=f"{len(raw)} bytes",
+            )
+        if tag.is_private:
             continue
         vr = _raw_vr(ds, tag)
         if vr not in _BINARY_VRS:

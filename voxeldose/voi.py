@@ -268,6 +268,71 @@ def _planar_roi(contours: list[np.ndarray], path: str, roi_name: str, slab_mm: f
     return _PlanarROI(normal, u, v, plane_d, polys, half, bbox)
 
 
+@dataclass(frozen=True)
+class StructureSet:
+    """An RT Structure Set's ROIs as read completely by :func:`read_structure_set`."""
+
+    rois: dict[int, str]  # ROINumber → ROIName
+    types: dict[int, str | None]  # ROINumber → RTROIInterpretedType
+    contours: list[tuple[int, list[np.ndarray]]]  # per ROI contour: ROI number, closed planar contours (N × 3, mm)
+
+
+def read_structure_set(ds: Dataset, path: str) -> StructureSet:
+    """Read the ROI and contour sequences of an RT Structure Set completely (the upload check and the
+    rasterising both call this): an item without what the standard requires of it, or a value that cannot be
+    read, raises :class:`VoxeldoseError` naming the file and the tag — never an AttributeError or a ValueError
+    later in a job."""
+    where = "StructureSetROISequence"
+    try:
+        rois = {int(r.ROINumber): str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", None) or []}
+        where = "RTROIObservationsSequence"
+        types = {
+            int(o.ReferencedROINumber): str(getattr(o, "RTROIInterpretedType", "") or "") or None
+            for o in getattr(ds, "RTROIObservationsSequence", None) or []
+        }
+        where = "ROIContourSequence"
+        contours: list[tuple[int, list[np.ndarray]]] = []
+        for rc in getattr(ds, "ROIContourSequence", None) or []:
+            where = "ReferencedROINumber"
+            number = int(rc.ReferencedROINumber)
+            name = rois.get(number)
+            if name is None:
+                raise VoxeldoseError(
+                    f"ROI contour refers to ROI number {number}, which the structure set does not define",
+                    path=path,
+                    tag=tag_label("ReferencedROINumber"),
+                    expected=f"one of {sorted(rois)}",
+                    found=number,
+                )
+            planes = []
+            for c in getattr(rc, "ContourSequence", None) or []:
+                where = "ContourSequence"
+                gtype = str(c.ContourGeometricType).upper()
+                if gtype in ("POINT", "OPEN_PLANAR", "OPEN_NONPLANAR"):
+                    continue
+                where = "ContourData"
+                data = np.asarray([float(x) for x in c.ContourData], dtype=float)
+                if data.size % 3 or data.size < 9 or not np.all(np.isfinite(data)):
+                    raise VoxeldoseError(
+                        f"ROI {name!r}: contour data is not a list of at least three finite x, y, z points",
+                        path=path,
+                        tag=tag_label("ContourData"),
+                        expected="3 × N finite values, N ≥ 3",
+                        found=f"{data.size} values",
+                    )
+                planes.append(data.reshape(-1, 3))
+            contours.append((number, planes))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise VoxeldoseError(
+            "the RT Structure Set cannot be read: an item lacks a required attribute or holds an unreadable value",
+            path=path,
+            tag=tag_label(where),
+            expected="complete ROI and contour sequences (PS3.3 C.8.8.5, C.8.8.6)",
+            found=type(exc).__name__,
+        ) from None
+    return StructureSet(rois, types, contours)
+
+
 def rasterise_rtstruct(
     series: Series | Dataset,
     grid: Grid,
@@ -285,41 +350,14 @@ def rasterise_rtstruct(
         ds, path, suid = series.first, str(series.instances[0].path), series.series_instance_uid
     else:
         ds, path, suid = series, str(getattr(series, "filename", "RTSTRUCT")), str(series.SeriesInstanceUID)
-    rois = {int(r.ROINumber): str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", None) or []}
-    types = {
-        int(o.ReferencedROINumber): str(getattr(o, "RTROIInterpretedType", "") or "") or None
-        for o in getattr(ds, "RTROIObservationsSequence", None) or []
-    }
+    structure = read_structure_set(ds, path)
+    rois, types = structure.rois, structure.types
     wanted = set(names) if names is not None else None
     out: dict[str, VOI] = {}
-    for rc in getattr(ds, "ROIContourSequence", None) or []:
-        number = int(rc.ReferencedROINumber)
-        name = rois.get(number)
-        if name is None:
-            raise VoxeldoseError(
-                f"ROI contour refers to ROI number {number}, which the structure set does not define",
-                path=path,
-                tag=tag_label("ReferencedROINumber"),
-                expected=f"one of {sorted(rois)}",
-                found=number,
-            )
+    for number, contours in structure.contours:
+        name = rois[number]
         if wanted is not None and name not in wanted:
             continue
-        contours = []
-        for c in getattr(rc, "ContourSequence", None) or []:
-            gtype = str(getattr(c, "ContourGeometricType", "")).upper()
-            if gtype == "POINT" or gtype == "OPEN_PLANAR" or gtype == "OPEN_NONPLANAR":
-                continue
-            data = np.asarray([float(x) for x in c.ContourData], dtype=float)
-            if data.size % 3 or data.size < 9:
-                raise VoxeldoseError(
-                    f"ROI {name!r}: contour data is not a list of at least three x, y, z points",
-                    path=path,
-                    tag=tag_label("ContourData"),
-                    expected="3 × N values, N ≥ 3",
-                    found=data.size,
-                )
-            contours.append(data.reshape(-1, 3))
         if not contours:
             continue
         try:
@@ -426,4 +464,12 @@ def load_vois(
     )
 
 
-__all__ = ["VOI", "load_vois", "rasterise_rtstruct", "read_seg", "supersampled_fraction"]
+__all__ = [
+    "VOI",
+    "StructureSet",
+    "load_vois",
+    "rasterise_rtstruct",
+    "read_seg",
+    "read_structure_set",
+    "supersampled_fraction",
+]

@@ -223,6 +223,34 @@ def test_random_bytes_are_refused_with_a_message(env: Env) -> None:
     assert env.store.list_jobs()[1] == 0
 
 
+def _upload_with_rtstruct(env: Env, phantom: dict, rtstruct: bytes):
+    parts = []
+    for p in phantom["files"]:
+        rel = str(p.relative_to(phantom["dicom"]))
+        parts.append(("files", (rel, rtstruct if rel == "RTSTRUCT.dcm" else p.read_bytes(), "application/dicom")))
+    return env.client.post("/v1/jobs", files=parts, data={"spec": json.dumps(phantom["spec"])}, headers=env.h())
+
+
+@pytest.mark.parametrize("cut", [10, 1000])
+def test_truncated_rtstruct_is_refused_at_upload(env: Env, phantom: dict, cut: int) -> None:
+    """Issue 14, defect 9: a structure set cut short (its last contours or observations missing) was accepted and
+    the job failed later as an internal error."""
+    data = (phantom["dicom"] / "RTSTRUCT.dcm").read_bytes()
+    body = assert_problem(_upload_with_rtstruct(env, phantom, data[:-cut]), 422, "RTSTRUCT.dcm", "truncated")
+    assert str(env.settings.data_dir) not in body["detail"]
+    assert env.incoming_entries() == [] and env.store.list_jobs()[1] == 0
+
+
+def test_rtstruct_contour_without_data_is_refused_at_upload(env: Env, phantom: dict) -> None:
+    ds = pydicom.dcmread(phantom["dicom"] / "RTSTRUCT.dcm")
+    del ds.ROIContourSequence[-1].ContourSequence[-1].ContourData  # a whole file, but an incomplete item
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    body = assert_problem(_upload_with_rtstruct(env, phantom, buf.getvalue()), 422, "RTSTRUCT.dcm", "ContourData")
+    assert body["tag"] == "ContourData (3006,0050)"
+    assert env.incoming_entries() == [] and env.store.list_jobs()[1] == 0
+
+
 def test_mixed_patients_are_refused(env: Env, phantom: dict) -> None:
     parts = []
     for p in phantom["files"]:
