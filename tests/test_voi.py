@@ -11,7 +11,9 @@ from pydicom.sequence import Sequence
 
 from voxeldose.errors import VoxeldoseError
 from voxeldose.geometry import Grid
-from voxeldose.voi import rasterise_rtstruct
+from voxeldose.phantom import PhantomSettings, write_phantom
+from voxeldose.pipeline import run
+from voxeldose.voi import rasterise_rtstruct, read_structure_set
 
 
 def _circle(center, radius, z, n=128):
@@ -114,3 +116,35 @@ def test_single_plane_roi_takes_the_given_slab():
         rasterise_rtstruct(_rtstruct({"Lesion": contours}), grid)
     voi = rasterise_rtstruct(_rtstruct({"Lesion": contours}), grid, default_slab_mm=3.0)["Lesion"]
     assert voi.volume_ml == pytest.approx(math.pi * 20.0**2 * 3.0 / 1000.0, rel=0.01)
+
+
+# ------------------------------------------------------------ incomplete structure sets (issue 14, defect 9)
+@pytest.mark.parametrize(
+    ("damage", "tag"),
+    [
+        (lambda ds: delattr(ds.ROIContourSequence[0].ContourSequence[1], "ContourData"), "ContourData (3006,0050)"),
+        (lambda ds: delattr(ds.ROIContourSequence[0], "ReferencedROINumber"), "ReferencedROINumber (3006,0084)"),
+        (lambda ds: delattr(ds.StructureSetROISequence[0], "ROIName"), "StructureSetROISequence (3006,0020)"),
+        (lambda ds: setattr(ds.ROIContourSequence[0].ContourSequence[0], "ContourData", ["1", "2"]), "ContourData"),
+    ],
+)
+def test_an_incomplete_structure_set_names_file_and_tag(damage, tag):
+    ds = _rtstruct({"S": [_circle((0, 0), 10, z) for z in (0.0, 4.0, 8.0)]})
+    ds.filename = "/data/RTSTRUCT.dcm"
+    damage(ds)
+    with pytest.raises(VoxeldoseError) as info:
+        read_structure_set(ds, ds.filename)
+    assert info.value.path == "/data/RTSTRUCT.dcm" and info.value.tag.startswith(tag)
+    grid = Grid.axial((5, 5, 5), (4.0, 4.0, 4.0))
+    with pytest.raises(VoxeldoseError, match="RTSTRUCT.dcm"):  # the rasterising fails the same way, not AttributeError
+        rasterise_rtstruct(ds, grid)
+
+
+def test_pipeline_names_a_truncated_rtstruct(tmp_path):
+    """The pipeline run on a folder whose RT Structure Set was cut short stops with a VoxeldoseError naming the
+    file (the service shows that message, not "internal error")."""
+    write_phantom(tmp_path, PhantomSettings.small())
+    rt = tmp_path / "dicom" / "RTSTRUCT.dcm"
+    rt.write_bytes(rt.read_bytes()[:-1000])
+    with pytest.raises(VoxeldoseError, match=r"RTSTRUCT\.dcm.*truncated"):
+        run({"inputs": [str(tmp_path / "dicom")], "calibration": {"cps_per_mbq": 5.67}})
