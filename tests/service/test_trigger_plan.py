@@ -156,6 +156,18 @@ def test_files_that_form_no_cycle_are_one_error_row() -> None:
     assert retire == Retire(frozenset({err.key}))
 
 
+def test_unreadable_files_of_no_cycle_are_shown_beside_the_cycles() -> None:
+    """A file that cannot be read, of a series in none of the cycles (issue 14, defect 8): an error row for the
+    patient with the reason, kept by the Retire; the readable cycle is decided as usual."""
+    c = cycle(timepoints=3)
+    why = "series 1.2.3: header attribute of the wrong type (tag ImageType (0008,0008); expected VR CS)"
+    decisions = plan(PatientSnapshot(PID, NOW, RULES, cycles=(c,), unreadable=(why,)))
+    [err] = only(decisions, RecordCycle)
+    assert err.key == cycle_key(PID, None) and err.state == "error" and err.reason == f"cannot read: {why}"
+    assert [s.key for s in only(decisions, StartJob)] == [c.key]
+    assert decisions[-1] == Retire(frozenset({c.key, err.key}))
+
+
 def test_nothing_received_decides_nothing() -> None:
     assert plan(PatientSnapshot(PID, NOW, RULES, received=False)) == []
 
