@@ -116,7 +116,8 @@ class _Model(BaseModel):
 
 
 class Calibration(_Model):
-    """Camera volume sensitivity for count-valued SPECT (MIRD 26); at most :data:`MAX_CPS_PER_MBQ`."""
+    """Camera volume sensitivity for count-valued SPECT (MIRD 26): above 0, at most 100 cps/MBq (the bound
+    and its reason: ``MAX_CPS_PER_MBQ``)."""
 
     cps_per_mbq: float | None = Field(
         None, gt=0, le=MAX_CPS_PER_MBQ, description="reconstructed counts per second per MBq"
@@ -194,8 +195,9 @@ class Limits(_Model):
 
 
 class EarlierCycle(_Model):
-    """A previous cycle of the same patient, from an earlier result: doses of one cycle, ≥ 0 and within
-    :data:`MAX_KIDNEY_GY_PER_CYCLE` (kidney) and :data:`MAX_VOI_GY_PER_CYCLE` (any VOI)."""
+    """A previous cycle of the same patient, from an earlier result.  Its doses are of that one cycle, Gy:
+    at least 0, a kidney at most 100, any VOI at most 1000 (``MAX_KIDNEY_GY_PER_CYCLE``,
+    ``MAX_VOI_GY_PER_CYCLE``)."""
 
     number: int = Field(ge=1, le=MAX_CYCLE_NUMBER)
     date: Text | None = Field(None, description="injection date, ISO 8601 (YYYY-MM-DD)")
