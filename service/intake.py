@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 from voxeldose.errors import VoxeldoseError
 from voxeldose.ingest import scan, spect_pixel_mode
-from voxeldose.pipeline import input_fingerprint, load_spec_cycle
-from voxeldose.spec import JobSpec
+from voxeldose.pipeline import input_fingerprint, load_spec_cycle, scan_time_problems
+from voxeldose.spec import JobSpec, check_json_depth
 from voxeldose.voi import read_structure_set
 
 from .config import Settings
@@ -215,10 +215,20 @@ class Accepted:
     instances: int
 
 
+def check_nesting(text: str, what: str) -> None:
+    """Refuse JSON ``text`` nested deeper than :data:`voxeldose.spec.MAX_JSON_DEPTH` (422), before any parser
+    recurses into it (``json.loads`` would raise RecursionError at ~1000 levels)."""
+    try:
+        check_json_depth(text, what)
+    except ValueError as exc:
+        raise invalid_spec(str(exc)) from None
+
+
 def parse_spec_fields(text: str | None) -> dict[str, Any]:
     """The ``spec`` field: a JSON object of JobSpec fields other than ``inputs``."""
     if text is None or not text.strip():
         return {}
+    check_nesting(text, "the 'spec' field")
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -271,6 +281,9 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: Se
             for inst in rtstruct.instances:  # a job failing later
                 read_structure_set(inst.header, str(inst.path))
         cycle = load_spec_cycle(spec, index)
+        late = scan_time_problems(cycle)
+        if late:
+            raise late[0]
         if spec.calibration.cps_per_mbq is None:
             for tp in cycle.timepoints:
                 if spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path) == "counts":

@@ -283,3 +283,69 @@ def test_inspect_says_a_counts_series_needs_the_calibration(small_phantom: Path)
     rep = json.loads(res.stdout)
     [info] = [p for p in rep["problems"] if p["tag"] == "calibration.cps_per_mbq"]
     assert info["severity"] == "info" and "voxeldose run" in info["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "tag"),
+    [
+        ('{"calibration": {"cps_per_mbq": 5.67, "source": "\\ud800"}}', "calibration.source"),
+        ('{"earlier_cycles": [{"number": 1, "activity_mbq": 7400, "date": "\\udfff"}]}', "earlier_cycles.0.date"),
+    ],
+)
+def test_a_lone_surrogate_in_the_spec_file_is_refused(tmp_path: Path, content: str, tag: str) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(content)
+    res = run("run", str(tmp_path), "--out", str(tmp_path / "o"), "--spec", str(spec))
+    assert res.returncode == 2, res.stderr
+    m = _one_error_line(res.stderr)
+    assert m["file"] == str(spec) and m["tag"] == tag and m["expected"].startswith("text encodable as UTF-8")
+
+
+def test_a_deeply_nested_spec_file_is_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text('{"calibration": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    res = run("run", str(tmp_path), "--out", str(tmp_path / "o"), "--spec", str(spec))
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert str(spec) in res.stderr and "nested too deeply" in res.stderr
+
+
+def test_an_injection_years_before_the_scans_is_refused(tmp_path: Path, small_phantom: Path) -> None:
+    """Injection 0001-01-01: the scans would be ~2000 years after it (Lu-177 T½ 6.65 d: nothing left after
+    60 d).  inspect calls it an error, run refuses it before reading any pixel."""
+    dicom = small_phantom / "dicom"
+    res = run("inspect", str(dicom), "--json", "--injection-datetime", "0001-01-01T00:00:00")
+    assert res.returncode == 1, res.stdout + res.stderr
+    [err] = [p for p in json.loads(res.stdout)["problems"] if p["tag"] == "injection.datetime"]
+    assert err["severity"] == "error" and "days after the injection" in err["message"]
+    truth = json.loads((small_phantom / "truth" / "truth.json").read_text())
+    res = run(
+        "run",
+        str(dicom),
+        "--out",
+        str(tmp_path / "o"),
+        "--calibration",
+        str(truth["calibration_cps_per_mbq"]),
+        "--injection-datetime",
+        "0001-01-01T00:00:00",
+    )
+    assert res.returncode == 2, res.stderr
+    m = _one_error_line(res.stderr)
+    assert m["tag"] == "injection.datetime" and "within 60 days" in m["expected"]
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_an_implausible_dose_is_an_error_not_a_result(tmp_path: Path, small_phantom: Path) -> None:
+    """A calibration 1000 times too small (5.67e-3 for the phantom's 5.67 cps/MBq) scales every dose by 1000:
+    a kidney of kilograys in one cycle, which no Lu-177 therapy gives (~0.3-0.9 Gy/GBq)."""
+    truth = json.loads((small_phantom / "truth" / "truth.json").read_text())
+    wrong = truth["calibration_cps_per_mbq"] / 1000.0
+    res = run("run", str(small_phantom / "dicom"), "--out", str(tmp_path / "o"), "--calibration", str(wrong))
+    assert res.returncode == 2, res.stderr
+    m = _one_error_line(res.stderr.strip().splitlines()[-1])
+    assert (
+        Path(m["file"]).is_file()
+        and m["what"].startswith("implausible dose")
+        and "check calibration and injection data" in m["what"]
+    )
+    assert not (tmp_path / "o" / "summary.json").exists()

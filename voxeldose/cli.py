@@ -38,7 +38,7 @@ from .ingest import Cycle, Problem, group_cycles, scan
 from .kernels import kernel_command
 from .phantom import PhantomSettings, write_phantom
 from .pipeline import blocking_problems, invalid_spec
-from .spec import JobSpec
+from .spec import JobSpec, check_json_depth
 
 
 def _parse_hours(text: str) -> tuple[float, ...]:
@@ -266,8 +266,10 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     base: dict[str, Any] = {}
     if args.spec is not None:
         try:
-            base = json.loads(args.spec.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            text = args.spec.read_text(encoding="utf-8")
+            check_json_depth(text)  # before json.loads, which recurses once per level
+            base = json.loads(text)
+        except (OSError, ValueError) as exc:  # ValueError: JSON, UTF-8 and nesting errors
             raise VoxeldoseError(
                 f"cannot read the job description ({exc})", path=args.spec, expected="a JSON object"
             ) from None

@@ -37,7 +37,15 @@ from .nuclides import Nuclide
 from .nuclides import load as load_nuclide
 from .outputs import write_all
 from .result import Result, VoiFit
-from .spec import JobSpec, radiobiology_for, role_of
+from .spec import (
+    MAX_KIDNEY_GY_PER_CYCLE,
+    MAX_SCAN_DAYS_AFTER_INJECTION,
+    MAX_VOI_GY_PER_CYCLE,
+    JobSpec,
+    printable,
+    radiobiology_for,
+    role_of,
+)
 from .summary import (
     SCHEMA_VERSION,
     CalibrationRecord,
@@ -94,6 +102,7 @@ __all__ = [
     "invalid_spec",
     "load_spec_cycle",
     "run",
+    "scan_time_problems",
     "write_outputs",
 ]
 
@@ -105,10 +114,10 @@ def invalid_spec(exc: ValidationError, path: str | Path | None = None) -> Voxeld
     errors = exc.errors()
     parts = []
     for e in errors:
-        loc = ".".join(str(x) for x in e["loc"])
-        parts.append(f"{loc}: {e['msg']}" if loc else str(e["msg"]))
+        loc = ".".join(printable(x) for x in e["loc"])  # a dict key may hold a lone surrogate
+        parts.append(f"{loc}: {printable(e['msg'])}" if loc else printable(e["msg"]))
     first = errors[0]
-    msg = str(first["msg"])
+    msg = printable(first["msg"])
     expected = msg.removeprefix("Input should be ").removeprefix("Value error, ")
     if first["type"] == "missing":
         expected = "a value"
@@ -117,10 +126,15 @@ def invalid_spec(exc: ValidationError, path: str | Path | None = None) -> Voxeld
     return VoxeldoseError(
         f"invalid job description: {'; '.join(parts)}",
         path=path,
-        tag=".".join(str(x) for x in first["loc"]) or "job description",
+        tag=".".join(printable(x) for x in first["loc"]) or "job description",
         expected=expected,
-        found=None if first["type"] == "missing" else first.get("input"),
+        found=None if first["type"] == "missing" else _found(first.get("input")),
     )
+
+
+def _found(value: Any) -> Any:
+    """A refused value for a message, text made encodable (a container's repr escapes it already)."""
+    return printable(value) if isinstance(value, str) else value
 
 
 def _as_spec(spec: JobSpec | dict[str, Any]) -> JobSpec:
@@ -166,7 +180,7 @@ def _voi_candidates(cycle: Cycle, ref: TimePoint, spec: JobSpec) -> list[Series]
 def blocking_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
     """Everything that stops :func:`run` on ``cycle`` with ``spec``, found from the headers alone, in the
     order ``run`` meets them (``run`` raises the first; ``voxeldose inspect`` lists them all)."""
-    out: list[VoxeldoseError] = []
+    out: list[VoxeldoseError] = scan_time_problems(cycle)
     n_t = len(cycle.timepoints)
     if spec.reference_timepoint is not None and spec.reference_timepoint >= n_t:
         out.append(
@@ -201,6 +215,27 @@ def blocking_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
         )
     out += _fit_problems(cycle, spec)
     return out
+
+
+def scan_time_problems(cycle: Cycle) -> list[VoxeldoseError]:
+    """Scans later than :data:`~voxeldose.spec.MAX_SCAN_DAYS_AFTER_INJECTION` days after the injection: the
+    injection date (the job's or the header's) is wrong, and every decay correction with it.  (A scan
+    before the injection is refused when the cycle is read.)"""
+    limit_h = MAX_SCAN_DAYS_AFTER_INJECTION * 24.0
+    late = [tp for tp in cycle.timepoints if tp.hours_after_injection > limit_h]
+    if not late:
+        return []
+    tp, given = late[0], cycle.injection.start_source
+    return [
+        VoxeldoseError(
+            f"the SPECT acquired {tp.acquisition:%Y-%m-%d %H:%M} is {tp.hours_after_injection / 24.0:,.0f} days "
+            f"after the injection ({cycle.injection.start:%Y-%m-%d %H:%M}); check the injection date and time",
+            path=tp.spect.instances[0].path,
+            tag="injection.datetime" if given == "caller" else given,  # the job's value, or the header's tag
+            expected=f"scans within {MAX_SCAN_DAYS_AFTER_INJECTION:.0f} days after the injection (Lu-177 T½ 6.65 d: "
+            "after 60 d less than 0.2 % is left)",
+        )
+    ]
 
 
 def _calibration_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
@@ -536,6 +571,24 @@ def _metrics(
     return out
 
 
+def _check_plausible(voi_out: dict[str, VoiMetrics], spect_path: Path | str) -> None:
+    """A mean dose no therapy gives is an input error, not a result: a kidney above
+    :data:`~voxeldose.spec.MAX_KIDNEY_GY_PER_CYCLE` or any VOI above :data:`~voxeldose.spec.MAX_VOI_GY_PER_CYCLE`
+    (Gy, one cycle) stops the run (a wrong calibration, activity or injection time scales every dose); the
+    error names the reference SPECT, whose counts and header gave the dose."""
+    for name, m in voi_out.items():
+        bound = MAX_KIDNEY_GY_PER_CYCLE if m.role == "kidney" else MAX_VOI_GY_PER_CYCLE
+        if not m.mean_gy <= bound:  # NaN too
+            raise VoxeldoseError(
+                f"implausible dose: VOI {printable(name)!r} ({m.role}) has a mean absorbed dose of {m.mean_gy:.4g} Gy "
+                "in one cycle, more than any Lu-177 therapy gives; check calibration and injection data",
+                path=spect_path,
+                tag="calibration.cps_per_mbq / injection",
+                expected=f"a mean dose per cycle ≤ {bound:g} Gy ({m.role})",
+                found=f"{m.mean_gy:.4g} Gy",
+            )
+
+
 def _tail_fraction(name: str, voi: VOI, role: str, flags: np.ndarray, warnings: list[str]) -> float:
     """Fraction of the VOI whose voxel TIA tail assumes physical decay only (no washout after the last scan)."""
     w = voi.fraction > 0
@@ -628,6 +681,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     a_inj = ing.cycle.injection.activity_bq
     with _stage("metrics", progress, timings):
         voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings)
+        _check_plausible(voi_out, ing.ref_tp.spect.instances[0].path)
         marrow = _marrow(voi_out, spec, lam)
         date = ing.cycle.injection.start.date()
         cumulative = cumulative_summary(

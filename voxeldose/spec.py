@@ -7,9 +7,11 @@ The CLI builds one from its options, the HTTP API receives one, the Ray workers 
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Literal
+import re
+from itertools import accumulate
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from . import metrics as _metrics
 from .errors import VoxeldoseError
@@ -17,30 +19,122 @@ from .errors import VoxeldoseError
 #: What a caller must give instead of a date and time with a UTC offset.
 NAIVE_DATETIME_MESSAGE = "give the local date and time without a UTC offset, as DICOM stores it"
 
+#: How deeply a job description may nest ``[`` and ``{`` (a JobSpec itself nests 3 levels:
+#: ``{"earlier_cycles": [{"vois": {…}}]}``).  Deeper text is refused before it is parsed, so a
+#: ``[[[[…]]]]`` bomb never reaches a recursive parser.
+MAX_JSON_DEPTH = 32
+
+#: Calibration factors above this are refused (cps/MBq).  Published Lu-177 SPECT volume sensitivities
+#: lie between about 5 and 20 cps/MBq (e.g. 5.67 cps/MBq at 208 keV with a medium-energy collimator,
+#: Santoro et al. 2018, EJNMMI Res 8:103; MIRD 26, Ljungberg et al. 2016, J Nucl Med 57:151).  A
+#: collimated camera cannot do much better: a parallel-hole collimator passes ~1e-4 of the photons per
+#: head (Cherry, Sorenson & Phelps, Physics in Nuclear Medicine, ch. 14) and Lu-177 emits ~0.17
+#: photons per decay in its 113 and 208 keV peaks (ICRP 107), so two heads with a perfect crystal give
+#: ~35 cps/MBq.  100 cps/MBq is out of reach; a larger factor is a unit error (counts per MBq of a whole
+#: acquisition, counts per GBq).
+MAX_CPS_PER_MBQ = 100.0
+
+#: The largest activity of one cycle, MBq.  Lu-177 PRRT and PSMA therapy give 7.4 GBq per cycle
+#: (NETTER-1, Strosberg et al. 2017, NEJM 376:125; VISION, Sartor et al. 2021, NEJM 385:1091);
+#: dosimetry-guided escalation goes to about 11–15 GBq (Sundlöv et al. 2017, EJNMMI 44:1480).  More is
+#: a unit error (kBq, Bq) or a typing error.
+MAX_ACTIVITY_MBQ = 15_000.0
+
+#: The largest dose kernel, voxels per side.  Twice the automatic maximum (``voxeldose.dose.MAX_KERNEL_SIZE``
+#: = 101, i.e. ±24 cm at 4.8 mm voxels, beyond which Lu-177's photons deposit almost nothing): a 201³
+#: float64 kernel is 65 MB, and the FFT convolution pads a 128³ map to (128 + 200)³ complex values,
+#: 0.56 GB per array, a few arrays per convolution — the most a worker may be asked for.
+MAX_KERNEL_SIZE = 201
+
+#: Mean absorbed doses of one cycle above these are not a result but an input error (Gy).  Lu-177
+#: PRRT/PSMA gives kidneys ~0.3–0.9 Gy/GBq (Sandström et al. 2013, J Nucl Med 54:33; Violet et al.
+#: 2019, J Nucl Med 60:517), i.e. ≤ ~14 Gy for the largest cycle (:data:`MAX_ACTIVITY_MBQ`); tumours
+#: reach a few Gy/GBq, rarely 30 Gy/GBq in small lesions (≤ ~450 Gy).  100 Gy to a kidney and 1000 Gy to
+#: any VOI in one cycle are beyond any therapy: a wrong calibration, activity or injection time.
+MAX_KIDNEY_GY_PER_CYCLE = 100.0
+MAX_VOI_GY_PER_CYCLE = 1000.0
+
+#: The longest time from the injection to a scan, days.  Lu-177's half-life is 6.65 d: after 60 d less
+#: than 0.2 % (2^(−60/6.65)) of the activity is left, too little to image; post-therapy scans are taken
+#: within about 1–7 d (EANM/MIRD guideline, Sjögreen Gleisner et al. 2022, EJNMMI 49:1778).
+MAX_SCAN_DAYS_AFTER_INJECTION = 60.0
+
+#: The highest cycle number a job may give (also the bound on a reference time point's index): PRRT is 4
+#: cycles, retreatment adds a few; a larger number is a typing error (and would overflow a database integer).
+MAX_CYCLE_NUMBER = 100
+
+UTF8_EXPECTED = "text encodable as UTF-8, without lone surrogates such as \\ud800"
+
+
+def _utf8(value: str) -> str:
+    """Refuse text that cannot be stored or sent: a lone surrogate (from a JSON ``\\ud800`` escape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{UTF8_EXPECTED} (character {exc.start} is one)") from None
+    return value
+
+
+#: A string of the job description: any text that UTF-8 can encode.
+Text = Annotated[str, AfterValidator(_utf8)]
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deeply ``text`` (JSON) nests ``[`` and ``{`` outside strings, without parsing it (no recursion)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+
+
+def check_json_depth(text: str, what: str = "the job description") -> None:
+    """Raise ValueError when ``text`` nests deeper than :data:`MAX_JSON_DEPTH` (before ``json.loads``,
+    which would recurse once per level)."""
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"{what} is nested too deeply: more than {MAX_JSON_DEPTH} levels of [ ] or {{ }} "
+            "(a job description has at most 3)"
+        )
+
+
+def printable(value: Any) -> str:
+    """``value`` as text that UTF-8 can encode (a lone surrogate becomes ``\\ud800``), for messages."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 FitModel = Literal["auto", "monoexp", "biexp", "triexp", "trapezoid", "stp"]
 DoseMethod = Literal["dvk", "dvk-density", "led"]
 Role = Literal["kidney", "marrow", "tumour", "organ", "body"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict: a number must be a JSON number (``true`` or ``"5.67"`` is not silently 5.67 or 1.0; an integer
+    is a valid float), finite (no Infinity or NaN), and text must be encodable (:data:`Text`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Calibration(_Model):
-    """Camera volume sensitivity for count-valued SPECT (MIRD 26)."""
+    """Camera volume sensitivity for count-valued SPECT (MIRD 26): above 0, at most 100 cps/MBq (the bound
+    and its reason: ``MAX_CPS_PER_MBQ``)."""
 
-    cps_per_mbq: float | None = Field(None, gt=0, description="reconstructed counts per second per MBq")
-    source: str | None = Field(None, description="where the factor comes from (phantom measurement, date)")
+    cps_per_mbq: float | None = Field(
+        None, gt=0, le=MAX_CPS_PER_MBQ, description="reconstructed counts per second per MBq"
+    )
+    source: Text | None = Field(None, description="where the factor comes from (phantom measurement, date)")
 
 
 class InjectionOverride(_Model):
     """Values that replace (or supply) the DICOM Radiopharmaceutical Information; recorded as 'caller'."""
 
     datetime: _dt.datetime | None = Field(
-        None, description="injection date and time, local, without a UTC offset (as DICOM stores it)"
+        None,
+        strict=False,  # ISO text, as JSON carries it
+        description="injection date and time, local, without a UTC offset (as DICOM stores it)",
     )
-    activity_mbq: float | None = Field(None, gt=0)
-    nuclide: str | None = None
+    activity_mbq: float | None = Field(None, gt=0, le=MAX_ACTIVITY_MBQ, description="injected activity, MBq")
+    nuclide: Text | None = None
 
     @field_validator("datetime")
     @classmethod
@@ -59,7 +153,7 @@ class FitSpec(_Model):
         description="voxel TIA: exponential interpolation between scans (default), trapezoid (hybrid), or one mono-exponential",
     )
     stp_method: Literal["hanscheid", "madsen"] = "hanscheid"
-    stp_effective_half_life_h: dict[str, float] = Field(
+    stp_effective_half_life_h: dict[Text, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="Madsen 2018: population effective half-life, h, under the key 'default' (applied to every voxel)",
     )
@@ -68,7 +162,16 @@ class FitSpec(_Model):
 class DoseSpec(_Model):
     method: DoseMethod = "dvk"
     medium: Literal["water", "soft-tissue", "cortical-bone", "lung"] = "soft-tissue"
-    kernel_size: int | None = Field(None, ge=3, description="odd kernel size in voxels (default: automatic)")
+    kernel_size: int | None = Field(
+        None, ge=3, le=MAX_KERNEL_SIZE, description="odd kernel size in voxels (default: automatic)"
+    )
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, v: int | None) -> int | None:
+        if v is not None and v % 2 == 0:
+            raise ValueError("an odd number of voxels (the kernel is centred on a voxel)")
+        return v
 
 
 class Radiobiology(_Model):
@@ -86,19 +189,35 @@ class Limits(_Model):
     kidney_bed_gy_without_risk_factors: float = Field(40.0, gt=0)
     kidney_risk_factors: bool = True
     marrow_gy: float = Field(2.0, gt=0)
-    planned_activity_mbq: float = Field(7400.0, gt=0, description="activity of each further cycle, MBq")
+    planned_activity_mbq: float = Field(
+        7400.0, gt=0, le=MAX_ACTIVITY_MBQ, description="activity of each further cycle, MBq"
+    )
 
 
 class EarlierCycle(_Model):
-    """A previous cycle of the same patient, from an earlier result."""
+    """A previous cycle of the same patient, from an earlier result.  Its doses are of that one cycle, Gy:
+    at least 0, a kidney at most 100, any VOI at most 1000 (``MAX_KIDNEY_GY_PER_CYCLE``,
+    ``MAX_VOI_GY_PER_CYCLE``)."""
 
-    number: int = Field(ge=1)
-    date: str | None = None
-    activity_mbq: float = Field(gt=0)
-    kidney_gy: float | None = None
-    kidney_bed_gy: float | None = None
-    marrow_gy: float | None = None
-    vois: dict[str, float] = Field(default_factory=dict, description="mean absorbed dose per VOI, Gy")
+    number: int = Field(ge=1, le=MAX_CYCLE_NUMBER)
+    date: Text | None = Field(None, description="injection date, ISO 8601 (YYYY-MM-DD)")
+    activity_mbq: float = Field(gt=0, le=MAX_ACTIVITY_MBQ)
+    kidney_gy: float | None = Field(None, ge=0, le=MAX_KIDNEY_GY_PER_CYCLE)
+    kidney_bed_gy: float | None = Field(None, ge=0)
+    marrow_gy: float | None = Field(None, ge=0, le=MAX_VOI_GY_PER_CYCLE)
+    vois: dict[Text, Annotated[float, Field(ge=0, le=MAX_VOI_GY_PER_CYCLE)]] = Field(
+        default_factory=dict, description="mean absorbed dose per VOI, Gy"
+    )
+
+    @field_validator("date")
+    @classmethod
+    def _iso_date(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                _dt.date.fromisoformat(v[:10] if len(v) > 10 and v[10] in "T " else v)
+            except ValueError:
+                raise ValueError("a date as YYYY-MM-DD") from None
+        return v
 
 
 class BloodSample(_Model):
@@ -115,19 +234,19 @@ class MarrowSpec(_Model):
 class JobSpec(_Model):
     """Everything a run needs besides the DICOM files themselves."""
 
-    inputs: list[str] = Field(min_length=1, description="DICOM folders or files")
-    patient_id: str | None = None
-    cycle_number: int = Field(1, ge=1)
+    inputs: list[Text] = Field(min_length=1, description="DICOM folders or files")
+    patient_id: Text | None = None
+    cycle_number: int = Field(1, ge=1, le=MAX_CYCLE_NUMBER)
     reference_timepoint: int | None = Field(
-        None, ge=0, description="index in time order; default: the time point the VOIs are on"
+        None, ge=0, le=MAX_CYCLE_NUMBER, description="index in time order; default: the time point the VOIs are on"
     )
     registration: Literal["rigid", "none"] = "rigid"
     calibration: Calibration = Calibration()
     injection: InjectionOverride = InjectionOverride()
     fit: FitSpec = FitSpec()
     dose: DoseSpec = DoseSpec()
-    roles: dict[str, Role] = Field(default_factory=dict, description="VOI name → role; default from the name")
-    radiobiology: dict[str, Radiobiology] = Field(default_factory=dict, description="per role or VOI name")
+    roles: dict[Text, Role] = Field(default_factory=dict, description="VOI name → role; default from the name")
+    radiobiology: dict[Text, Radiobiology] = Field(default_factory=dict, description="per role or VOI name")
     limits: Limits = Limits()
     earlier_cycles: list[EarlierCycle] = Field(default_factory=list)
     marrow: MarrowSpec = MarrowSpec()

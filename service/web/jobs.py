@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 
+from .. import intake
 from ..auth import Principal
 from ..models import utcnow
 from ..store import Store
@@ -73,8 +74,10 @@ async def submit_job(
     who: Principal = Depends(require("submitter")),
 ) -> Job:
     if media_type(request) == "application/json":
+        raw = await request.body()
+        intake.check_nesting(raw.decode("utf-8", "replace"), "the request body")
         try:
-            body = SeriesRequest.model_validate_json(await request.body())
+            body = SeriesRequest.model_validate_json(raw)
         except ValidationError:
             raise  # → 422 with the field errors
         except (ValueError, TypeError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors

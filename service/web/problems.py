@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voxeldose.errors import VoxeldoseError
+from voxeldose.spec import printable
 
 from ..errors import ErrorKind, ServiceError
 from .html import error_page
@@ -134,11 +135,12 @@ responses = _responses
 
 
 def readable_validation(errors: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """One line a person can read, plus the field errors in a JSON-safe form."""
+    """One line a person can read, plus the field errors in a JSON-safe form (text UTF-8 can encode: a
+    lone surrogate in a field name is escaped, or the answer itself would fail)."""
     items = []
     for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
-        items.append({"loc": loc, "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
+        loc = [printable(p) for p in e.get("loc", ()) if p not in ("body",)]
+        items.append({"loc": loc, "msg": printable(e.get("msg", "")), "type": str(e.get("type", ""))})
     text = "; ".join(f"{'.'.join(i['loc']) or 'request'}: {i['msg']}" for i in items)
     return text or "the request is not valid", items
 

@@ -293,6 +293,97 @@ def test_invalid_spec_is_a_readable_422(env: Env, phantom: dict) -> None:
     assert env.incoming_entries() == []
 
 
+def assert_no_job(env: Env) -> None:
+    """Nothing entered the store or the incoming folder, and the job list still answers."""
+    r = env.client.get("/v1/jobs", headers=env.h("admin"))
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == 0 and r.json()["items"] == []
+    assert env.incoming_entries() == []
+
+
+def post_spec_text(env: Env, phantom: dict, spec_text: str):
+    """An upload of the phantom with the ``spec`` field sent as this exact text."""
+    files, _ = multipart(phantom["files"], phantom["dicom"])
+    return env.client.post("/v1/jobs", files=files, data={"spec": spec_text}, headers=env.h("submitter"))
+
+
+@pytest.mark.parametrize(
+    ("spec_text", "field"),
+    [
+        ('{"calibration": {"cps_per_mbq": 5.67, "source": "\\ud800"}}', "calibration.source"),
+        (
+            '{"calibration": {"cps_per_mbq": 5.67}, '
+            '"earlier_cycles": [{"number": 1, "activity_mbq": 7400, "date": "\\ud800"}]}',
+            "earlier_cycles.0.date",
+        ),
+        ('{"calibration": {"cps_per_mbq": 5.67}, "roles": {"\\udfffkidney": "kidney"}}', "roles."),
+    ],
+)
+def test_a_lone_surrogate_in_the_spec_is_a_422_and_stores_nothing(
+    env: Env, phantom: dict, spec_text: str, field: str
+) -> None:
+    """Issue 14 defect 1: such a job was created, and every job list then answered 500."""
+    body = assert_problem(post_spec_text(env, phantom, spec_text), 422, field, "UTF-8")
+    assert body["title"] == "Invalid job description"
+    assert_no_job(env)
+    # the JSON body of a job on received series: its parser refuses the escape itself
+    r = env.client.post(
+        "/v1/jobs",
+        content=b'{"series_instance_uids": ["1.2.3"], "spec": ' + spec_text.encode() + b"}",
+        headers=env.h("submitter", **{"Content-Type": "application/json"}),
+    )
+    assert_problem(r, 422)
+    assert_no_job(env)
+
+
+def test_deeply_nested_spec_is_a_422_on_every_path(env: Env, phantom: dict) -> None:
+    """Issue 14 defect 4: 100 000 nested brackets made json.loads raise RecursionError (500)."""
+    bomb = "[" * 100_000 + "]" * 100_000
+    assert_problem(post_spec_text(env, phantom, bomb), 422, "nested too deeply")
+    assert_problem(post_spec_text(env, phantom, '{"calibration": ' + bomb + "}"), 422, "nested too deeply")
+    assert_no_job(env)
+    body = '{"series_instance_uids": ["1.2.3"], "spec": {"calibration": ' + bomb + "}}"
+    r = env.client.post("/v1/jobs", content=body, headers=env.h("submitter", **{"Content-Type": "application/json"}))
+    assert_problem(r, 422, "nested too deeply")
+    assert_no_job(env)
+    # the upload page
+    r = env.client.post("/login", data={"token": env.tokens["submitter"], "next": "/"}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    files, _ = multipart(phantom["files"], phantom["dicom"])
+    r = env.client.post("/submit", files=files, data={"spec": bomb})
+    assert r.status_code == 422 and "nested too deeply" in r.text
+    assert_no_job(env)
+
+
+@pytest.mark.parametrize(
+    ("spec_text", "needles"),
+    [
+        # true was stored as 1.0 cps/MBq: a kidney dose 5.7 times too high
+        ('{"calibration": {"cps_per_mbq": true}}', ("calibration.cps_per_mbq", "valid number")),
+        ('{"calibration": {"cps_per_mbq": "5.67"}}', ("calibration.cps_per_mbq", "valid number")),
+        ('{"calibration": {"cps_per_mbq": Infinity}}', ("calibration.cps_per_mbq", "finite")),
+        ('{"calibration": {"cps_per_mbq": NaN}}', ("calibration.cps_per_mbq", "finite")),
+        ('{"calibration": {"cps_per_mbq": 5.67}, "dose": {"kernel_size": 1000001}}', ("dose.kernel_size",)),
+        ('{"calibration": {"cps_per_mbq": 5.67}, "injection": {"activity_mbq": 7400000}}', ("activity_mbq",)),
+    ],
+)
+def test_values_that_would_give_a_wrong_dose_are_refused_at_submission(
+    env: Env, phantom: dict, spec_text: str, needles: tuple[str, ...]
+) -> None:
+    """Issue 14 defect 6: these passed validation and gave a wrong dose marked succeeded (or an internal error)."""
+    assert_problem(post_spec_text(env, phantom, spec_text), 422, *needles)
+    assert_no_job(env)
+
+
+def test_an_injection_years_before_the_scans_is_refused_at_submission(env: Env, phantom: dict) -> None:
+    """Injection 0001-01-01: scans 17.7 million hours later, a kidney of 367 607 Gy marked succeeded.  Lu-177
+    (T½ 6.65 d) leaves < 0.2 % after 60 days: no scan is that late."""
+    spec = {**phantom["spec"], "injection": {"datetime": "0001-01-01T00:00:00"}}
+    body = assert_problem(submit(env, phantom, spec=spec), 422, "days after the injection")
+    assert body["tag"] == "injection.datetime" and "60 days" in body["expected"]
+    assert_no_job(env)
+
+
 def test_upload_over_max_upload_mb_is_413(tmp_path: Path, phantom: dict) -> None:
     env = Env(tmp_path, max_upload_mb=1)
     assert_problem(submit(env, phantom), 413, "max_upload_mb")
