@@ -183,15 +183,6 @@ async def _receive(request: Request, settings: Settings, boundary: bytes, tmp: P
         settings,
         boundary,
         sink,
-        (
-            "on_part_begin",
-            "on_part_data",
-            "on_part_end",
-            "on_header_field",
-            "on_header_value",
-            "on_header_end",
-            "on_end",
-        ),
         body="the request body",
         kind="multipart/related",
     )

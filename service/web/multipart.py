@@ -129,15 +129,6 @@ async def receive_multipart(request: Request, settings: Settings) -> Received:
             settings,
             boundary,
             sink,
-            (
-                "on_part_begin",
-                "on_part_data",
-                "on_part_end",
-                "on_header_field",
-                "on_header_value",
-                "on_header_end",
-                "on_headers_finished",
-            ),
             body="the upload",
             kind="multipart",
         )
@@ -148,23 +139,35 @@ async def receive_multipart(request: Request, settings: Settings) -> Received:
     return Received(tmp, sink.files, spec_text, received)
 
 
+#: python-multipart's parser callbacks; a sink handles those it defines as methods of the same name.
+CALLBACKS = (
+    "on_part_begin",
+    "on_part_data",
+    "on_part_end",
+    "on_header_field",
+    "on_header_value",
+    "on_header_end",
+    "on_headers_finished",
+    "on_end",
+)
+
+
 async def stream_multipart(
     request: Request,
     settings: Settings,
     boundary: bytes,
     sink: Sink,
-    callbacks: tuple[str, ...],
     *,
     body: str,
     kind: str,
 ) -> int:
-    """Feed the request body, as it arrives, to a python-multipart parser calling ``sink``'s ``callbacks``;
-    returns the bytes received and always closes the sink.  Refused: over ``max_upload_mb`` (naming
+    """Feed the request body, as it arrives, to a python-multipart parser calling the :data:`CALLBACKS` that
+    ``sink`` defines; returns the bytes received and always closes the sink.  Refused: over ``max_upload_mb`` (naming
     ``body``), the disk filling up, a ``kind`` body that cannot be parsed (400)."""
     limit = int(settings.max_upload_mb) * MB
     received = 0
     try:
-        handlers = cast("MultipartCallbacks", {k: getattr(sink, k) for k in callbacks})
+        handlers = cast("MultipartCallbacks", {k: getattr(sink, k) for k in CALLBACKS if hasattr(sink, k)})
         parser = python_multipart.MultipartParser(boundary, handlers)
         async for chunk in request.stream():
             received += len(chunk)
