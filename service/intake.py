@@ -18,6 +18,7 @@ no disk → 507, unusable → 422, series not received → 404).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import stat
 import uuid
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -202,6 +203,43 @@ def extract_zip(zpath: Path, dest: Path, settings: Settings) -> None:
             except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
                 raise invalid(f"{name}: member {m.filename!r} cannot be unpacked ({exc})") from None
     zpath.unlink()
+
+
+# ------------------------------------------------------------------------ request fingerprints
+def canonical_json(value: Any) -> str:
+    """``value`` as one JSON text: object keys sorted, no insignificant whitespace, every non-ASCII character
+    escaped.  Two request bodies are "the same JSON" when their canonical texts are equal: key order, spacing and
+    escapes do not count; values do, as Python's ``json`` reads them (``1`` and ``1.0`` differ, ``5.670`` and
+    ``5.67`` do not; of a repeated key the last counts)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def upload_fingerprint(files: Sequence[Path], fields: Mapping[str, Any]) -> str:
+    """The fingerprint of a multipart upload, for ``Idempotency-Key`` (hex SHA-256): the SHA-256 of each file's
+    bytes as received (a .zip as the archive, not its members), as a sorted list — file names and order do not
+    count — and the ``spec`` field's JSON (:func:`canonical_json`; no ``spec`` is ``{}``)."""
+    digests = sorted(_sha256_file(f) for f in files)
+    return hashlib.sha256(canonical_json({"upload": digests, "spec": dict(fields)}).encode()).hexdigest()
+
+
+def series_fingerprint(raw: bytes) -> str:
+    """The fingerprint of a JSON request naming received series, for ``Idempotency-Key`` (hex SHA-256): the whole
+    body as :func:`canonical_json` (the order of ``series_instance_uids`` counts, as the body says it)."""
+    try:
+        text = canonical_json({"series": json.loads(raw)})
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise IntakeError(
+            ErrorKind.BAD_REQUEST, "Bad request", f"the body cannot be read as JSON ({exc})", slug="bad-request"
+        ) from None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------- validation

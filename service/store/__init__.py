@@ -32,7 +32,17 @@ from .dicom import (
     NodeCounts,
     SeriesInfo,
 )
-from .jobs import ACTIVE_STATES, JOB_STATES, TERMINAL_STATES, JobRecord, JobTable, NewJob, spec_hash
+from .jobs import (
+    ACTIVE_STATES,
+    JOB_STATES,
+    TERMINAL_STATES,
+    IdempotencyKeyReused,
+    JobRecord,
+    JobTable,
+    KeyUse,
+    NewJob,
+    spec_hash,
+)
 from .tokens import TokenInfo, TokenTable
 
 __all__ = [
@@ -45,8 +55,10 @@ __all__ = [
     "CycleUpdate",
     "Database",
     "DeliveryInfo",
+    "IdempotencyKeyReused",
     "InstanceRecord",
     "JobRecord",
+    "KeyUse",
     "NewJob",
     "NodeCounts",
     "SeriesInfo",
