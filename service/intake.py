@@ -40,7 +40,7 @@ from voxeldose.voi import read_structure_set
 
 from .config import Settings
 from .errors import ErrorKind, IntakeError
-from .store import InstanceRecord
+from .store import InstanceRecord, without_paths
 
 MB = 1024 * 1024
 TMP_PREFIX = ".tmp-"
@@ -286,11 +286,20 @@ def build_spec(fields: dict[str, Any], input_dir: Path) -> JobSpec:
 
 
 def _relativise(err: VoxeldoseError, tmp: Path) -> VoxeldoseError:
-    """The message names the uploaded file, not the server's temp folder."""
+    """The message names the uploaded file, not the server's temp folder (and no other absolute path either:
+    :func:`service.store.without_paths`), in every part of it: path, reason, expected and found."""
     prefix = str(tmp) + os.sep
+
+    def clean(text: str) -> str:
+        return without_paths(text.replace(prefix, "").replace(str(tmp), "."))
+
     if err.path:
-        err.path = err.path.replace(prefix, "")
-    err.reason = err.reason.replace(prefix, "")
+        err.path = clean(err.path)
+    err.reason = clean(err.reason)
+    if err.expected:
+        err.expected = clean(err.expected)
+    if err.found is not None and clean(str(err.found)) != str(err.found):
+        err.found = clean(str(err.found))
     err.args = (err._compose(),)
     return err
 

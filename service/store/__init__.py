@@ -43,6 +43,7 @@ from .jobs import (
     NewJob,
     spec_hash,
 )
+from .redact import message_without_paths, without_paths
 from .tokens import TokenInfo, TokenTable
 
 __all__ = [
@@ -65,8 +66,10 @@ __all__ = [
     "Store",
     "TokenInfo",
     "TriggerWrites",
+    "message_without_paths",
     "normalise_url",
     "spec_hash",
+    "without_paths",
 ]
 
 

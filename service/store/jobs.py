@@ -27,6 +27,7 @@ from voxeldose.summary import Summary
 from ..errors import ErrorKind, ServiceError
 from ..models import IdempotencyKey, Job, OutputSeries, utcnow
 from .db import Database, affected
+from .redact import without_paths
 
 log = logging.getLogger("service.store")
 
@@ -369,13 +370,14 @@ class JobTable:
             log.warning("job %s: finish ignored (not running)", job_id)
 
     def fail(self, job_id: str, error: str) -> None:
-        """Queued/running → failed with a message for the physicist."""
+        """Queued/running → failed with a message for the physicist (any absolute path in it reduced to its last
+        component: :func:`service.store.redact.without_paths`)."""
         with self.db.write() as s:
             n = affected(
                 s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
-                    .values(state="failed", error=error, finished_at=utcnow())
+                    .values(state="failed", error=without_paths(error), finished_at=utcnow())
                 )
             )
         if n:
@@ -398,7 +400,9 @@ class JobTable:
             log.info("job %s cancelled (%s)", j.id, reason)
         elif count_attempt and j.attempts >= self.max_attempts:
             j.state, j.finished_at = "failed", utcnow()
-            j.error = f"the job was stopped {j.attempts} times before it could finish ({reason}); not retried again"
+            j.error = without_paths(
+                f"the job was stopped {j.attempts} times before it could finish ({reason}); not retried again"
+            )
             log.warning("job %s failed after %d attempts: %s", j.id, j.attempts, reason)
         else:
             if not count_attempt:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from ..auth import Principal
-from ..store import Store
+from ..store import Store, message_without_paths
 from .deps import get_store, require
 from .problems import responses
 
@@ -55,7 +55,13 @@ def list_cycles(
     store: Store = Depends(get_store),
 ) -> list[TriggerCycle]:
     rows = store.trigger_cycles(patient_id=patient_id)
-    return [TriggerCycle.model_validate(r) for r in rows if state is None or r["state"] == state]
+    return [
+        TriggerCycle.model_validate(
+            {**r, "reason": message_without_paths(r["reason"])}
+        )  # also rows stored before the store kept reasons without paths
+        for r in rows
+        if state is None or r["state"] == state
+    ]
 
 
 @router.get(
