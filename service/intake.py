@@ -273,6 +273,8 @@ def parse_spec_fields(text: str | None) -> dict[str, Any]:
         raise invalid_spec(
             f"the 'spec' field is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise invalid_spec(f"the 'spec' field cannot be read: {exc}") from None
     if not isinstance(fields, dict):
         raise invalid_spec("the 'spec' field must be a JSON object of job fields (calibration, fit, dose, limits, …)")
     if "inputs" in fields:

@@ -368,6 +368,14 @@ def test_invalid_spec_is_a_readable_422(env: Env, phantom: dict) -> None:
     assert_problem(r, 422, "not valid JSON")
     r = env.client.post("/v1/jobs", files=files, data={"spec": json.dumps({"inputs": ["/etc"]})}, headers=env.h())
     assert_problem(r, 422, "must not name 'inputs'")
+    # a number Python's json will not convert (more than 4300 digits): a 422 too, not a 500
+    huge = '{"dose": {"kernel_size": 1' + "0" * 5000 + "}}"
+    for key in (None, "huge-1"):  # with a key the body is fingerprinted as well
+        headers = env.h() if key is None else env.h(**{"Idempotency-Key": key})
+        assert_problem(env.client.post("/v1/jobs", files=files, data={"spec": huge}, headers=headers), 422, "spec")
+        body = b'{"series_instance_uids": ["1.2.3"], "spec": ' + huge.encode() + b"}"
+        headers["Content-Type"] = "application/json"
+        assert env.client.post("/v1/jobs", content=body, headers=headers).status_code in (400, 422)
     assert env.incoming_entries() == []
 
 
