@@ -157,6 +157,45 @@ def test_an_idempotency_key_belongs_to_its_submitter_and_its_request(store: Stor
         new_job(store, 3, idempotency_key="k-2", request_fingerprint=_hash("request-d"))
 
 
+def _race(url: str, key: str, fingerprints: tuple[str, str]) -> list[object]:
+    """Two stores (as two processes) create a job with ``key`` at once, each on an input set of its own; what
+    each call ended with (``(job, created)`` or the exception)."""
+    stores = [Store(url) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    results: list[object] = [None, None]
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        try:
+            results[k] = new_job(stores[k], f"{key}-{k}", idempotency_key=key, request_fingerprint=fingerprints[k])
+        except BaseException as exc:  # noqa: BLE001 - what the request ends with is the result
+            results[k] = exc
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in stores:
+        s.dispose()
+    return results
+
+
+def test_concurrent_requests_with_one_key_make_one_job(store: Store) -> None:
+    """Two processes racing with the same key (other input sets, so nothing else serialises them): one job; the
+    same request gets it, another request is refused — never a second job or an IntegrityError."""
+    from service.store import IdempotencyKeyReused
+
+    same = _race(store.url, "race-1", (_hash("same"), _hash("same")))
+    assert all(isinstance(r, tuple) for r in same), same
+    assert sorted(created for _, created in same) == [False, True] and same[0][0].id == same[1][0].id
+    other = _race(store.url, "race-2", (_hash("one"), _hash("other")))
+    jobs = [r for r in other if isinstance(r, tuple)]
+    refused = [r for r in other if isinstance(r, IdempotencyKeyReused)]
+    assert len(jobs) == 1 and jobs[0][1] and len(refused) == 1, other
+    assert store.list_jobs()[1] == 2
+
+
 def test_dedup_within_one_submitter(store: Store) -> None:
     """``dedup_within``: the same input set and spec is reused only among that submitter's jobs."""
     a, _ = new_job(store, 1)
