@@ -412,11 +412,11 @@ def test_a_lone_surrogate_in_the_spec_is_a_422_and_stores_nothing(
     body = assert_problem(post_spec_text(env, phantom, spec_text), 422, field, "UTF-8")
     assert body["title"] == "Invalid job description"
     assert_no_job(env)
-    # the JSON body of a job on received series: its parser refuses the escape itself
+    # the JSON body of a job on received series (physicists and admins): its parser refuses the escape itself
     r = env.client.post(
         "/v1/jobs",
         content=b'{"series_instance_uids": ["1.2.3"], "spec": ' + spec_text.encode() + b"}",
-        headers=env.h("submitter", **{"Content-Type": "application/json"}),
+        headers=env.h("physicist", **{"Content-Type": "application/json"}),
     )
     assert_problem(r, 422)
     assert_no_job(env)
@@ -429,7 +429,7 @@ def test_deeply_nested_spec_is_a_422_on_every_path(env: Env, phantom: dict) -> N
     assert_problem(post_spec_text(env, phantom, '{"calibration": ' + bomb + "}"), 422, "nested too deeply")
     assert_no_job(env)
     body = '{"series_instance_uids": ["1.2.3"], "spec": {"calibration": ' + bomb + "}}"
-    r = env.client.post("/v1/jobs", content=body, headers=env.h("submitter", **{"Content-Type": "application/json"}))
+    r = env.client.post("/v1/jobs", content=body, headers=env.h("physicist", **{"Content-Type": "application/json"}))
     assert_problem(r, 422, "nested too deeply")
     assert_no_job(env)
     # the upload page
