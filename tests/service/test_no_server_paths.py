@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
+from sqlalchemy import text
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
@@ -140,9 +141,17 @@ def test_cycle_reasons_name_series_never_server_paths(
     token = store.create_token("physicist-1", "physicist")
     with TestClient(create_app(settings, store)) as client:
         r = client.get("/v1/dicom/cycles", headers={"Authorization": f"Bearer {token}"})
-    assert r.status_code == 200 and len(r.json()) == len(rows)
-    for cycle in r.json():
-        _no_server_path(cycle["reason"] or "", settings.data_dir, tmp_path)
+        assert r.status_code == 200 and len(r.json()) == len(rows)
+        for cycle in r.json():
+            _no_server_path(cycle["reason"] or "", settings.data_dir, tmp_path)
+        # a reason stored by an older version, path and all, is shown without it
+        old = f"cannot read {settings.data_dir / 'dicom' / '1.2' / '3.4' / '5.6.dcm'}: truncated"
+        with store.engine.begin() as conn:
+            conn.execute(text("UPDATE trigger_cycles SET reason = :r WHERE patient_id = 'P-CTONLY'"), {"r": old})
+        r = client.get("/v1/dicom/cycles?patient_id=P-CTONLY", headers={"Authorization": f"Bearer {token}"})
+        [cycle] = r.json()
+        assert cycle["reason"].endswith("5.6.dcm: truncated")
+        _no_server_path(cycle["reason"], settings.data_dir, tmp_path)
 
 
 def test_job_and_delivery_errors_keep_no_server_path(store: Any, tmp_path: Path) -> None:
