@@ -5,7 +5,8 @@
 - :mod:`.tokens` — API tokens (:class:`TokenTable`);
 - :mod:`.dicom` — received instances and output series (:class:`InstanceTable`), pending patients and the
   trigger's cycle rows (:class:`CycleTable`);
-- :mod:`.deliveries` — results sent to the PACS (:class:`DeliveryTable`).
+- :mod:`.deliveries` — results sent to the PACS (:class:`DeliveryTable`);
+- :mod:`.redact` — message texts without server paths (:func:`without_paths`), for the message columns.
 
 :class:`Store` is all of them over one :class:`Database` (the groups are its bases, so callers keep one
 object); :meth:`Store.trigger_writes` is the one transaction in which the trigger applies its decisions.
