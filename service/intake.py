@@ -18,6 +18,7 @@ no disk → 507, unusable → 422, series not received → 404).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import stat
 import uuid
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -39,7 +40,7 @@ from voxeldose.voi import read_structure_set
 
 from .config import Settings
 from .errors import ErrorKind, IntakeError
-from .store import InstanceRecord
+from .store import InstanceRecord, without_paths
 
 MB = 1024 * 1024
 TMP_PREFIX = ".tmp-"
@@ -204,6 +205,43 @@ def extract_zip(zpath: Path, dest: Path, settings: Settings) -> None:
     zpath.unlink()
 
 
+# ------------------------------------------------------------------------ request fingerprints
+def canonical_json(value: Any) -> str:
+    """``value`` as one JSON text: object keys sorted, no insignificant whitespace, every non-ASCII character
+    escaped.  Two request bodies are "the same JSON" when their canonical texts are equal: key order, spacing and
+    escapes do not count; values do, as Python's ``json`` reads them (``1`` and ``1.0`` differ, ``5.670`` and
+    ``5.67`` do not; of a repeated key the last counts)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def upload_fingerprint(files: Sequence[Path], fields: Mapping[str, Any]) -> str:
+    """The fingerprint of a multipart upload, for ``Idempotency-Key`` (hex SHA-256): the SHA-256 of each file's
+    bytes as received (a .zip as the archive, not its members), as a sorted list — file names and order do not
+    count — and the ``spec`` field's JSON (:func:`canonical_json`; no ``spec`` is ``{}``)."""
+    digests = sorted(_sha256_file(f) for f in files)
+    return hashlib.sha256(canonical_json({"upload": digests, "spec": dict(fields)}).encode()).hexdigest()
+
+
+def series_fingerprint(raw: bytes) -> str:
+    """The fingerprint of a JSON request naming received series, for ``Idempotency-Key`` (hex SHA-256): the whole
+    body as :func:`canonical_json` (the order of ``series_instance_uids`` counts, as the body says it)."""
+    try:
+        text = canonical_json({"series": json.loads(raw)})
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise IntakeError(
+            ErrorKind.BAD_REQUEST, "Bad request", f"the body cannot be read as JSON ({exc})", slug="bad-request"
+        ) from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------- validation
 @dataclass
 class Accepted:
@@ -235,6 +273,8 @@ def parse_spec_fields(text: str | None) -> dict[str, Any]:
         raise invalid_spec(
             f"the 'spec' field is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise invalid_spec(f"the 'spec' field cannot be read: {exc}") from None
     if not isinstance(fields, dict):
         raise invalid_spec("the 'spec' field must be a JSON object of job fields (calibration, fit, dose, limits, …)")
     if "inputs" in fields:
@@ -248,11 +288,20 @@ def build_spec(fields: dict[str, Any], input_dir: Path) -> JobSpec:
 
 
 def _relativise(err: VoxeldoseError, tmp: Path) -> VoxeldoseError:
-    """The message names the uploaded file, not the server's temp folder."""
+    """The message names the uploaded file, not the server's temp folder (and no other absolute path either:
+    :func:`service.store.without_paths`), in every part of it: path, reason, expected and found."""
     prefix = str(tmp) + os.sep
+
+    def clean(text: str) -> str:
+        return without_paths(text.replace(prefix, "").replace(str(tmp), "."))
+
     if err.path:
-        err.path = err.path.replace(prefix, "")
-    err.reason = err.reason.replace(prefix, "")
+        err.path = clean(err.path)
+    err.reason = clean(err.reason)
+    if err.expected:
+        err.expected = clean(err.expected)
+    if err.found is not None and clean(str(err.found)) != str(err.found):
+        err.found = clean(str(err.found))
     err.args = (err._compose(),)
     return err
 

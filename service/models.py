@@ -64,7 +64,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     patient_id: Mapped[str | None] = mapped_column(String(64))
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # the Idempotency-Key of the request that created it (keys are looked up in ``idempotency_keys``)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     input_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     spec_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     input_dir: Mapped[str] = mapped_column(Text, nullable=False)
@@ -86,6 +87,19 @@ class Job(Base):
         Index("ix_jobs_input", "input_hash", "spec_hash"),
         Index("ix_jobs_created", "created_at"),
     )
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` a submitter (token name) used, the job its request got (created, or an existing job
+    for the same input set), and that request's fingerprint: the same key with another request is refused."""
+
+    __tablename__ = "idempotency_keys"
+
+    submitted_by: Mapped[str] = mapped_column(String(128), primary_key=True)  # "" for none
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))  # None: unknown (a job from before 0004)
+    job_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
 class Token(Base):

@@ -61,7 +61,7 @@ from voxeldose.summary import Summary
 from .config import Settings
 from .intake import TMP_PREFIX, link_files
 from .models import utcnow
-from .store import ACTIVE_STATES, CycleUpdate, JobRecord, NewJob, Store, TriggerWrites, spec_hash
+from .store import ACTIVE_STATES, CycleUpdate, JobRecord, NewJob, Store, TriggerWrites, spec_hash, without_paths
 
 log = logging.getLogger("service.trigger")
 
@@ -98,10 +98,11 @@ def cycle_key(patient_id: str, injection: datetime | None) -> str:
 def name_series(text: str, series_of: Mapping[str, str]) -> str:
     """``text`` (a reason for ``GET /v1/dicom/cycles``) with each received file's path (the keys of
     ``series_of``, file path → SeriesInstanceUID) replaced by ``series <UID>``: reasons name series, never
-    paths on the server (issue 14)."""
+    paths on the server (issue 14); any other absolute path left becomes its last component
+    (:func:`service.store.without_paths`)."""
     for path in sorted((p for p in series_of if p and p in text), key=len, reverse=True):
         text = text.replace(path, f"series {series_of[path]}")
-    return text
+    return without_paths(text)
 
 
 def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:

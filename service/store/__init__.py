@@ -5,7 +5,8 @@
 - :mod:`.tokens` — API tokens (:class:`TokenTable`);
 - :mod:`.dicom` — received instances and output series (:class:`InstanceTable`), pending patients and the
   trigger's cycle rows (:class:`CycleTable`);
-- :mod:`.deliveries` — results sent to the PACS (:class:`DeliveryTable`).
+- :mod:`.deliveries` — results sent to the PACS (:class:`DeliveryTable`);
+- :mod:`.redact` — message texts without server paths (:func:`without_paths`), for the message columns.
 
 :class:`Store` is all of them over one :class:`Database` (the groups are its bases, so callers keep one
 object); :meth:`Store.trigger_writes` is the one transaction in which the trigger applies its decisions.
@@ -32,7 +33,18 @@ from .dicom import (
     NodeCounts,
     SeriesInfo,
 )
-from .jobs import ACTIVE_STATES, JOB_STATES, TERMINAL_STATES, JobRecord, JobTable, NewJob, spec_hash
+from .jobs import (
+    ACTIVE_STATES,
+    JOB_STATES,
+    TERMINAL_STATES,
+    IdempotencyKeyReused,
+    JobRecord,
+    JobTable,
+    KeyUse,
+    NewJob,
+    spec_hash,
+)
+from .redact import message_without_paths, without_paths
 from .tokens import TokenInfo, TokenTable
 
 __all__ = [
@@ -45,16 +57,20 @@ __all__ = [
     "CycleUpdate",
     "Database",
     "DeliveryInfo",
+    "IdempotencyKeyReused",
     "InstanceRecord",
     "JobRecord",
+    "KeyUse",
     "NewJob",
     "NodeCounts",
     "SeriesInfo",
     "Store",
     "TokenInfo",
     "TriggerWrites",
+    "message_without_paths",
     "normalise_url",
     "spec_hash",
+    "without_paths",
 ]
 
 

@@ -12,6 +12,7 @@ from ..models import Delivery, Job
 from .db import Database, affected
 from .dicom import _iso
 from .jobs import JobRecord, _record
+from .redact import message_without_paths
 
 
 class DeliveryInfo(TypedDict):
@@ -115,7 +116,7 @@ class DeliveryTable:
             if ok:
                 d.state, d.sent_at, d.last_error, d.next_attempt_at = "sent", now, None, None
             else:
-                d.last_error = error
+                d.last_error = message_without_paths(error)
                 d.state = "pending" if next_attempt_at is not None else "failed"
                 d.next_attempt_at = next_attempt_at
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from ..models import Delivery, Instance, InstanceConflict, OutputSeries, PendingPatient, TriggerCycle, utcnow
 from .db import Database, affected
+from .redact import message_without_paths
 
 log = logging.getLogger("service.store")
 
@@ -391,7 +392,7 @@ class CycleTable:
         row.injection, row.state, row.reason, row.timepoints, row.evaluated_at = (
             u.injection,
             u.state,
-            u.reason,
+            message_without_paths(u.reason),
             u.timepoints,
             u.now,
         )

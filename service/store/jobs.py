@@ -24,8 +24,10 @@ from voxeldose.errors import VoxeldoseError
 from voxeldose.spec import JobSpec
 from voxeldose.summary import Summary
 
-from ..models import Job, OutputSeries, utcnow
+from ..errors import ErrorKind, ServiceError
+from ..models import IdempotencyKey, Job, OutputSeries, utcnow
 from .db import Database, affected
+from .redact import without_paths
 
 log = logging.getLogger("service.store")
 
@@ -101,6 +103,35 @@ def _record(j: Job) -> JobRecord:
     )
 
 
+class IdempotencyKeyReused(ServiceError):
+    """The caller's ``Idempotency-Key`` was used before with another request (422, as the IETF draft
+    "The Idempotency-Key HTTP Header Field" asks for a key reused with a different payload)."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(
+            ErrorKind.INVALID,
+            "Idempotency-Key reused",
+            f"the Idempotency-Key {key!r} was used for job {job_id} with another request (other files, other "
+            "series or another job description); send that request unchanged to get its job again, or use a new "
+            "key for a new job",
+            slug="idempotency-key-reused",
+            job_id=job_id,
+        )
+
+
+@dataclass(frozen=True)
+class KeyUse:
+    """An ``Idempotency-Key`` a submitter used: the job its request got and that request's fingerprint."""
+
+    job: JobRecord
+    request_fingerprint: str | None  # None: unknown (a key used before fingerprints were kept)
+
+    def same_request(self, fingerprint: str | None) -> bool:
+        """Is a request with ``fingerprint`` a repeat of the one that used the key?  An unknown fingerprint on
+        either side counts as the same request."""
+        return self.request_fingerprint is None or fingerprint is None or self.request_fingerprint == fingerprint
+
+
 def spec_hash(spec: Mapping[str, Any]) -> str:
     """SHA-256 of the spec without its ``inputs`` (they point into each upload's own folder),
     normalised through :class:`voxeldose.spec.JobSpec` when it validates (defaults spelled out)."""
@@ -127,6 +158,8 @@ class NewJob:
     cycle_key: str | None = None  # node-started jobs: the therapy cycle
     version: int | None = None  # node-started jobs: 1, 2, … per cycle
     supersedes: str | None = None  # the job of the previous version
+    request_fingerprint: str | None = None  # with an idempotency key: the request's fingerprint
+    dedup_within: str | None = None  # reuse only this submitter's job for the same input set (None: anyone's)
 
 
 class JobTable:
@@ -149,9 +182,13 @@ class JobTable:
         cycle_key: str | None = None,
         version: int | None = None,
         supersedes: str | None = None,
+        request_fingerprint: str | None = None,
+        dedup_within: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Queue a job; ``(job, created)``.  The same idempotency key, or the same input set with the
-        same spec as a queued/running/succeeded job, returns that job with ``created=False``."""
+        """Queue a job; ``(job, created)``.  The same idempotency key of the same submitter with the same
+        ``request_fingerprint``, or the same input set with the same spec as a queued/running/succeeded job (of
+        the submitter ``dedup_within`` when given), returns that job with ``created=False``.  The same key with
+        another fingerprint raises :class:`IdempotencyKeyReused`."""
         new = NewJob(
             spec=spec,
             input_dir=input_dir,
@@ -163,6 +200,8 @@ class JobTable:
             cycle_key=cycle_key,
             version=version,
             supersedes=supersedes,
+            request_fingerprint=request_fingerprint,
+            dedup_within=dedup_within,
         )
         for attempt in range(2):
             try:
@@ -177,42 +216,67 @@ class JobTable:
         """:meth:`create_job` inside the caller's transaction ``s``."""
         s_hash = spec_hash(new.spec)
         self.db.lock_input(s, new.input_hash)
+        owner = new.submitted_by or ""
         if new.idempotency_key is not None:
-            j = s.scalars(select(Job).where(Job.idempotency_key == new.idempotency_key)).first()
-            if j is not None:
-                return _record(j), False
-        j = s.scalars(
-            select(Job)
-            .where(Job.input_hash == new.input_hash, Job.spec_hash == s_hash, Job.state.in_(_DEDUP_STATES))
-            .order_by(Job.created_at.desc())
-        ).first()
+            use = self._key_use(s, owner, new.idempotency_key)
+            if use is not None:
+                if not use.same_request(new.request_fingerprint):
+                    raise IdempotencyKeyReused(new.idempotency_key, use.job.id)
+                return use.job, False
+        same_input = [Job.input_hash == new.input_hash, Job.spec_hash == s_hash, Job.state.in_(_DEDUP_STATES)]
+        if new.dedup_within is not None:
+            same_input.append(Job.submitted_by == new.dedup_within)
+        j = s.scalars(select(Job).where(*same_input).order_by(Job.created_at.desc())).first()
+        created = j is None
         if j is not None:
             log.info("job %s: same input set and spec submitted again", j.id)
-            return _record(j), False
-        j = Job(
-            id=uuid.uuid4().hex,
-            state="queued",
-            progress=0.0,
-            created_at=utcnow(),
-            attempts=0,
-            patient_id=new.patient_id,
-            idempotency_key=new.idempotency_key,
-            input_hash=new.input_hash,
-            spec_hash=s_hash,
-            input_dir=str(new.input_dir),
-            spec=dict(new.spec),
-            submitted_by=new.submitted_by,
-            cancel_requested=False,
-            source=new.source,
-            cycle_key=new.cycle_key,
-            version=new.version,
-            supersedes=new.supersedes,
-        )
-        s.add(j)
+        else:
+            j = Job(
+                id=uuid.uuid4().hex,
+                state="queued",
+                progress=0.0,
+                created_at=utcnow(),
+                attempts=0,
+                patient_id=new.patient_id,
+                idempotency_key=new.idempotency_key,
+                input_hash=new.input_hash,
+                spec_hash=s_hash,
+                input_dir=str(new.input_dir),
+                spec=dict(new.spec),
+                submitted_by=new.submitted_by,
+                cancel_requested=False,
+                source=new.source,
+                cycle_key=new.cycle_key,
+                version=new.version,
+                supersedes=new.supersedes,
+            )
+            s.add(j)
+        if new.idempotency_key is not None:  # the key now names this job, whichever it is
+            s.add(
+                IdempotencyKey(
+                    submitted_by=owner,
+                    idempotency_key=new.idempotency_key,
+                    request_fingerprint=new.request_fingerprint,
+                    job_id=j.id,
+                    created_at=utcnow(),
+                )
+            )
         s.flush()
         rec = _record(j)
-        log.info("job %s queued", rec.id)
-        return rec, True
+        if created:
+            log.info("job %s queued", rec.id)
+        return rec, created
+
+    @staticmethod
+    def _key_use(s: Session, owner: str, key: str) -> KeyUse | None:
+        k = s.get(IdempotencyKey, (owner, key))
+        j = None if k is None else s.get(Job, k.job_id)
+        return None if k is None or j is None else KeyUse(_record(j), k.request_fingerprint)
+
+    def key_use(self, submitted_by: str | None, key: str) -> KeyUse | None:
+        """What this submitter's (token name's) ``Idempotency-Key`` was used for, if it was."""
+        with self.db.read() as s:
+            return self._key_use(s, submitted_by or "", key)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         with self.db.read() as s:
@@ -306,13 +370,14 @@ class JobTable:
             log.warning("job %s: finish ignored (not running)", job_id)
 
     def fail(self, job_id: str, error: str) -> None:
-        """Queued/running → failed with a message for the physicist."""
+        """Queued/running → failed with a message for the physicist (any absolute path in it reduced to its last
+        component: :func:`service.store.redact.without_paths`)."""
         with self.db.write() as s:
             n = affected(
                 s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
-                    .values(state="failed", error=error, finished_at=utcnow())
+                    .values(state="failed", error=without_paths(error), finished_at=utcnow())
                 )
             )
         if n:
@@ -335,7 +400,9 @@ class JobTable:
             log.info("job %s cancelled (%s)", j.id, reason)
         elif count_attempt and j.attempts >= self.max_attempts:
             j.state, j.finished_at = "failed", utcnow()
-            j.error = f"the job was stopped {j.attempts} times before it could finish ({reason}); not retried again"
+            j.error = without_paths(
+                f"the job was stopped {j.attempts} times before it could finish ({reason}); not retried again"
+            )
             log.warning("job %s failed after %d attempts: %s", j.id, j.attempts, reason)
         else:
             if not count_attempt:

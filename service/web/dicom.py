@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from ..auth import Principal
-from ..store import Store
-from .deps import get_store, require
+from ..store import Store, message_without_paths
+from .deps import get_settings, get_store, require
 from .problems import responses
 
 router = APIRouter(prefix="/v1/dicom", tags=["dicom"])
@@ -49,13 +50,27 @@ class ReceivedSeries(BaseModel):
     responses=responses(401, 403, 422),
 )
 def list_cycles(
+    request: Request,
     patient_id: str | None = Query(None, max_length=64),
     state: Literal["waiting", "started", "error"] | None = Query(None),
     who: Principal = Depends(require("physicist")),
     store: Store = Depends(get_store),
 ) -> list[TriggerCycle]:
     rows = store.trigger_cycles(patient_id=patient_id)
-    return [TriggerCycle.model_validate(r) for r in rows if state is None or r["state"] == state]
+    data_dir = str(get_settings(request).data_dir)
+    return [
+        TriggerCycle.model_validate({**r, "reason": _shown(r["reason"], data_dir)})
+        for r in rows
+        if state is None or r["state"] == state
+    ]
+
+
+def _shown(reason: str | None, data_dir: str) -> str | None:
+    """A cycle's reason as shown: also one stored by an older version names no server path (the data folder
+    first, whatever its name holds, then any absolute path: :func:`service.store.message_without_paths`)."""
+    if reason is None:
+        return None
+    return message_without_paths(reason.replace(data_dir + os.sep, "").replace(data_dir, "the data folder"))
 
 
 @router.get(

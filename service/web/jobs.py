@@ -55,11 +55,14 @@ _UPLOAD_BODY = {
         "Multipart upload: `files` (DICOM files of one therapy cycle, or a single .zip) and optional `spec` "
         "(JSON of JobSpec fields except `inputs`).  The files are checked (DICOM, one patient, one injection, at "
         "least one reconstructed SPECT, a calibration for count images) before the job is queued.  "
-        "Answers **202** with `Location` for a new job.  The same `Idempotency-Key`, or the same input set with "
-        "the same spec as a queued/running/succeeded job, answers **200** with that existing job (same id, "
-        "same `Location`; the duplicate upload is discarded).  Instead of files, a JSON body may name "
-        "`series_instance_uids` already received by the DICOM node or STOW-RS (404 for a series not received), "
-        "with the same checks."
+        "Answers **202** with `Location` for a new job.  The same `Idempotency-Key` (keys are per token name) "
+        "with the same request — the same files (by content, in any order and under any names) and the same "
+        "`spec` JSON, or the same JSON body — answers **200** with the job that key created (same id, same "
+        "`Location`; the repeat's files are discarded); the same key with another request is **422** "
+        "(`idempotency-key-reused`).  The same input set with the same spec as a queued/running/succeeded job "
+        "answers **200** with that job — for a submitter only among its own jobs.  Instead of files, a JSON body "
+        "may name `series_instance_uids` already received by the DICOM node or STOW-RS (physicist or admin: 403 "
+        "for a submitter, whatever it names; 404 for a series not received), with the same checks."
     ),
     openapi_extra={"requestBody": _UPLOAD_BODY},
     responses={
@@ -74,6 +77,14 @@ async def submit_job(
     who: Principal = Depends(require("submitter")),
 ) -> Job:
     if media_type(request) == "application/json":
+        if not who.at_least("physicist"):  # before the body is read: the answer says nothing about the series
+            raise ProblemError(
+                403,
+                "Forbidden",
+                f"the role {who.role!r} may not start jobs on series the DICOM node received; it needs 'physicist' "
+                "or above (upload the files instead)",
+                slug="forbidden",
+            )
         raw = await request.body()
         intake.check_nesting(raw.decode("utf-8", "replace"), "the request body")
         try:
@@ -82,7 +93,7 @@ async def submit_job(
             raise  # → 422 with the field errors
         except (ValueError, TypeError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ProblemError(400, "Bad request", "the body is not valid JSON", slug="bad-request") from None
-        rec, created = await accept_series(request, body, who, idempotency_key)
+        rec, created = await accept_series(request, body, raw, who, idempotency_key)
     else:
         rec, created = await accept_upload(request, who, idempotency_key)
     response.status_code = 202 if created else 200

@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field
 
 from .. import intake
 from ..auth import Principal
-from ..store import JobRecord
-from .deps import get_settings, get_store, may_read
+from ..store import IdempotencyKeyReused, JobRecord, KeyUse
+from .deps import get_settings, get_store
 from .multipart import receive_multipart
 from .problems import ProblemError
 
@@ -36,15 +36,17 @@ def media_type(request: Request) -> str:
 
 
 async def accept_series(
-    request: Request, body: SeriesRequest, who: Principal, idempotency_key: str | None
+    request: Request, body: SeriesRequest, raw: bytes, who: Principal, idempotency_key: str | None
 ) -> tuple[JobRecord, bool]:
-    """Validate and queue a job on series already received by the DICOM node or STOW-RS."""
+    """Validate and queue a job on series already received by the DICOM node or STOW-RS (``raw``: the request
+    body as sent, for its fingerprint).  Physicists and admins only: the caller checks the role first."""
     settings = get_settings(request)
     if "inputs" in body.spec:
         raise intake.invalid_spec("'spec' must not name 'inputs': the series named are the inputs")
+    fingerprint = intake.series_fingerprint(raw) if idempotency_key is not None else None
     intake.check_free_disk(settings)
     received = await run_in_threadpool(intake.receive_series, get_store(request), body.series_instance_uids, settings)
-    return await _commit(request, received, dict(body.spec), who, idempotency_key, source="api")
+    return await _commit(request, received, dict(body.spec), who, idempotency_key, fingerprint, source="api")
 
 
 async def accept_upload(request: Request, who: Principal, idempotency_key: str | None) -> tuple[JobRecord, bool]:
@@ -62,10 +64,13 @@ async def accept_upload(request: Request, who: Principal, idempotency_key: str |
     received = await receive_multipart(request, settings)
     try:
         fields = intake.parse_spec_fields(received.spec_text)
+        fingerprint = None
+        if idempotency_key is not None:
+            fingerprint = await run_in_threadpool(intake.upload_fingerprint, received.files, fields)
     except BaseException:
         shutil.rmtree(received.tmp, ignore_errors=True)
         raise
-    return await _commit(request, received, fields, who, idempotency_key, source="upload")
+    return await _commit(request, received, fields, who, idempotency_key, fingerprint, source="upload")
 
 
 async def _commit(
@@ -74,16 +79,37 @@ async def _commit(
     fields: dict[str, Any],
     who: Principal,
     idempotency_key: str | None,
+    fingerprint: str | None,
     *,
     source: str,
 ) -> tuple[JobRecord, bool]:
+    """Queue the job, or answer with the caller's earlier one.
+
+    - An ``Idempotency-Key`` belongs to its submitter (token name): the same key with the same request
+      (``fingerprint``: :func:`service.intake.upload_fingerprint`, :func:`service.intake.series_fingerprint`)
+      is the job the key got, at once (nothing is checked again, the repeat's files are dropped); with another
+      request it is refused (422, :class:`~service.store.IdempotencyKeyReused`).  Another submitter's key is
+      never looked at.
+    - The same input set with the same job description as a queued, running or succeeded job is that job — for a
+      submitter only among its own jobs: a submitter never learns whether someone else's job exists (its repeat of
+      another's upload is a job of its own, answered exactly as a first upload is).
+    """
     settings = get_settings(request)
     store = get_store(request)
+    earlier: KeyUse | None = None
     try:
-        accepted = await run_in_threadpool(intake.validate_and_commit, received, fields, settings)
+        if idempotency_key is not None:
+            earlier = await run_in_threadpool(store.key_use, who.name, idempotency_key)
+            if earlier is not None and not earlier.same_request(fingerprint):
+                raise IdempotencyKeyReused(idempotency_key, earlier.job.id)
+        if earlier is None:
+            accepted = await run_in_threadpool(intake.validate_and_commit, received, fields, settings)
     except BaseException:
         shutil.rmtree(received.tmp, ignore_errors=True)  # never accepted: leave nothing behind
         raise
+    if earlier is not None:
+        shutil.rmtree(received.tmp, ignore_errors=True)  # a repeat: its files are the earlier job's
+        return earlier.job, False
     try:
         rec, created = await run_in_threadpool(
             lambda: store.create_job(
@@ -94,16 +120,13 @@ async def _commit(
                 idempotency_key=idempotency_key,
                 submitted_by=who.name,
                 source=source,
+                request_fingerprint=fingerprint,
+                dedup_within=None if who.at_least("physicist") else who.name,
             )
         )
     except BaseException:
         shutil.rmtree(accepted.input_dir, ignore_errors=True)  # no job refers to it
         raise
-    if not created:
-        if Path(rec.input_dir) != accepted.input_dir:
-            shutil.rmtree(accepted.input_dir, ignore_errors=True)  # a duplicate of the existing job's input
-        if not may_read(who, rec):
-            raise ProblemError(
-                409, "Conflict", "this Idempotency-Key or input set belongs to another submitter's job", slug="conflict"
-            )
+    if not created and Path(rec.input_dir) != accepted.input_dir:
+        shutil.rmtree(accepted.input_dir, ignore_errors=True)  # a duplicate of the existing job's input
     return rec, created

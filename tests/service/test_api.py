@@ -150,14 +150,92 @@ def test_upload_is_queued_with_location(env: Env, phantom: dict) -> None:
 
 
 def test_idempotency_key_returns_the_same_job(env: Env, phantom: dict) -> None:
+    """The same key with the same request (the same files, in another order and under other names, and the same
+    spec JSON however spelled) is the first job: 200, same id and Location, the repeat's files not kept."""
     r1 = submit(env, phantom, **{"Idempotency-Key": "k-123"})
     assert r1.status_code == 202
-    other_spec = {**phantom["spec"], "fit": {"model": "monoexp"}}  # would otherwise be a new job
-    r2 = submit(env, phantom, spec=other_spec, **{"Idempotency-Key": "k-123"})
+    files = [
+        ("files", (f"renamed-{n}.dcm", p.read_bytes(), "application/dicom"))
+        for n, p in enumerate(reversed(phantom["files"]))
+    ]
+    spec_text = json.dumps(phantom["spec"], indent=3)  # the same JSON, spelled differently
+    r2 = env.client.post(
+        "/v1/jobs", files=files, data={"spec": spec_text}, headers=env.h("submitter", **{"Idempotency-Key": "k-123"})
+    )
     assert r2.status_code == 200, r2.text
     assert r2.json()["id"] == r1.json()["id"] and r2.headers["location"] == r1.headers["location"]
     assert len(env.incoming_entries()) == 1  # the repeat's files were not kept
     assert env.store.list_jobs()[1] == 1
+
+
+def test_idempotency_key_with_another_request_is_a_422(env: Env, phantom: dict) -> None:
+    """Issue 14: a key reused with another body is refused as the IETF draft "The Idempotency-Key HTTP Header
+    Field" says (422, problem+json naming the conflict), not answered with the first job."""
+    r1 = submit(env, phantom, **{"Idempotency-Key": "k-123"})
+    assert r1.status_code == 202
+    first = r1.json()["id"]
+    other_spec = {**phantom["spec"], "fit": {"model": "monoexp"}}  # another spec
+    body = assert_problem(submit(env, phantom, spec=other_spec, **{"Idempotency-Key": "k-123"}), 422, "k-123", first)
+    assert body["type"].endswith("idempotency-key-reused") and body["job_id"] == first
+    files, data = multipart(phantom["files"][1:], phantom["dicom"], phantom["spec"])  # other files, same spec
+    r = env.client.post("/v1/jobs", files=files, data=data, headers=env.h("submitter", **{"Idempotency-Key": "k-123"}))
+    assert_problem(r, 422, "k-123")
+    assert env.store.list_jobs()[1] == 1 and len(env.incoming_entries()) == 1  # nothing created, nothing left
+    # the first request again still gets its job
+    again = submit(env, phantom, **{"Idempotency-Key": "k-123"})
+    assert again.status_code == 200 and again.json()["id"] == first
+
+
+def _received_series(env: Env, phantom: dict) -> list[str]:
+    """Receive the phantom through the app's DICOM node; its SeriesInstanceUIDs."""
+    from service.dicom_node import STATUS_SUCCESS
+
+    node = env.app.state.dicom_node
+    for f in phantom["files"]:
+        assert node.receive_file(f, calling_ae="PACS").status == STATUS_SUCCESS
+    return sorted({str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in phantom["files"]})
+
+
+def test_idempotency_key_on_named_series_compares_canonical_json(env: Env, phantom: dict) -> None:
+    series = _received_series(env, phantom)
+    key = {"Idempotency-Key": "series-1"}
+    body = {"series_instance_uids": series, "spec": phantom["spec"]}
+    r1 = env.client.post("/v1/jobs", json=body, headers=env.h(**key))
+    assert r1.status_code == 202, r1.text
+    # the same JSON with the members in another order and other spacing: the same request
+    same = json.dumps({"spec": phantom["spec"], "series_instance_uids": series}, indent=2).encode()
+    r2 = env.client.post("/v1/jobs", content=same, headers=env.h(**key, **{"Content-Type": "application/json"}))
+    assert r2.status_code == 200 and r2.json()["id"] == r1.json()["id"]
+    # another spec under the same key: refused, nothing created
+    other = {"series_instance_uids": series, "spec": {**phantom["spec"], "fit": {"model": "monoexp"}}}
+    assert_problem(env.client.post("/v1/jobs", json=other, headers=env.h(**key)), 422, "series-1")
+    assert env.store.list_jobs()[1] == 1
+    # the same key on an upload is another request too
+    assert_problem(submit(env, phantom, "physicist", **key), 422, "series-1")
+
+
+def test_another_submitters_key_or_input_set_is_never_revealed(env: Env, phantom: dict) -> None:
+    """Issue 14: a submitter reusing another submitter's Idempotency-Key, or uploading another submitter's input
+    set, is answered as if nobody had: a job of its own, 202, like a key nobody used — never the other's job, a
+    409, or any hint that it exists."""
+    mine = submit(env, phantom, "submitter", **{"Idempotency-Key": "shared-key"})
+    assert mine.status_code == 202
+    reused = submit(env, phantom, "submitter2", **{"Idempotency-Key": "shared-key"})  # submitter-1's key and files
+    other_spec = {**phantom["spec"], "fit": {"model": "monoexp"}}
+    fresh = submit(env, phantom, "submitter2", spec=other_spec, **{"Idempotency-Key": "fresh-key"})  # nobody's key
+    for r in (reused, fresh):
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["submitted_by"] == "submitter-2" and job["id"] != mine.json()["id"]
+        assert set(job) == set(mine.json()) and r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert reused.json()["id"] != fresh.json()["id"]
+    # the same input set without a key: each submitter's own job
+    assert submit(env, phantom, "submitter2").json()["id"] == reused.json()["id"]
+    assert submit(env, phantom, "submitter").json()["id"] == mine.json()["id"]
+    # a physicist reads every job: its repeat of the input set is an existing job
+    r = submit(env, phantom, "physicist")
+    assert r.status_code == 200 and r.json()["id"] in (mine.json()["id"], reused.json()["id"])
+    assert env.store.list_jobs()[1] == 3
 
 
 def test_same_upload_twice_is_the_same_job(env: Env, phantom: dict) -> None:
@@ -290,6 +368,14 @@ def test_invalid_spec_is_a_readable_422(env: Env, phantom: dict) -> None:
     assert_problem(r, 422, "not valid JSON")
     r = env.client.post("/v1/jobs", files=files, data={"spec": json.dumps({"inputs": ["/etc"]})}, headers=env.h())
     assert_problem(r, 422, "must not name 'inputs'")
+    # a number Python's json will not convert (more than 4300 digits): a 422 too, not a 500
+    huge = '{"dose": {"kernel_size": 1' + "0" * 5000 + "}}"
+    for key in (None, "huge-1"):  # with a key the body is fingerprinted as well
+        headers = env.h() if key is None else env.h(**{"Idempotency-Key": key})
+        assert_problem(env.client.post("/v1/jobs", files=files, data={"spec": huge}, headers=headers), 422, "spec")
+        body = b'{"series_instance_uids": ["1.2.3"], "spec": ' + huge.encode() + b"}"
+        headers["Content-Type"] = "application/json"
+        assert env.client.post("/v1/jobs", content=body, headers=headers).status_code in (400, 422)
     assert env.incoming_entries() == []
 
 
@@ -326,11 +412,11 @@ def test_a_lone_surrogate_in_the_spec_is_a_422_and_stores_nothing(
     body = assert_problem(post_spec_text(env, phantom, spec_text), 422, field, "UTF-8")
     assert body["title"] == "Invalid job description"
     assert_no_job(env)
-    # the JSON body of a job on received series: its parser refuses the escape itself
+    # the JSON body of a job on received series (physicists and admins): its parser refuses the escape itself
     r = env.client.post(
         "/v1/jobs",
         content=b'{"series_instance_uids": ["1.2.3"], "spec": ' + spec_text.encode() + b"}",
-        headers=env.h("submitter", **{"Content-Type": "application/json"}),
+        headers=env.h("physicist", **{"Content-Type": "application/json"}),
     )
     assert_problem(r, 422)
     assert_no_job(env)
@@ -343,7 +429,7 @@ def test_deeply_nested_spec_is_a_422_on_every_path(env: Env, phantom: dict) -> N
     assert_problem(post_spec_text(env, phantom, '{"calibration": ' + bomb + "}"), 422, "nested too deeply")
     assert_no_job(env)
     body = '{"series_instance_uids": ["1.2.3"], "spec": {"calibration": ' + bomb + "}}"
-    r = env.client.post("/v1/jobs", content=body, headers=env.h("submitter", **{"Content-Type": "application/json"}))
+    r = env.client.post("/v1/jobs", content=body, headers=env.h("physicist", **{"Content-Type": "application/json"}))
     assert_problem(r, 422, "nested too deeply")
     assert_no_job(env)
     # the upload page
@@ -413,16 +499,12 @@ def test_insufficient_disk_is_507(tmp_path: Path, phantom: dict) -> None:
 
 def test_json_body_naming_received_series(env: Env, phantom: dict) -> None:
     """A job on series the DICOM node received: the same checks and the same input fingerprint as an upload."""
-    from service.dicom_node import STATUS_SUCCESS
     from voxeldose.ingest import load_cycle, scan
     from voxeldose.pipeline import input_fingerprint
 
-    node = env.app.state.dicom_node
-    for f in phantom["files"]:
-        assert node.receive_file(f, calling_ae="PACS").status == STATUS_SUCCESS
-    series = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in phantom["files"]})
+    series = _received_series(env, phantom)
     body = {"series_instance_uids": series, "spec": phantom["spec"]}
-    r = env.client.post("/v1/jobs", json=body, headers=env.h("submitter"))
+    r = env.client.post("/v1/jobs", json=body, headers=env.h("physicist"))
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
@@ -432,7 +514,7 @@ def test_json_body_naming_received_series(env: Env, phantom: dict) -> None:
     rec = env.store.get_job(job["id"])
     assert len([p for p in Path(rec.input_dir).rglob("*.dcm")]) == len(phantom["files"])
     # the same series again: the existing job
-    again = env.client.post("/v1/jobs", json=body, headers=env.h("submitter"))
+    again = env.client.post("/v1/jobs", json=body, headers=env.h("admin"))
     assert again.status_code == 200 and again.json()["id"] == job["id"]
     # a series never received: 404 naming it; nothing left behind in incoming/
     before = env.incoming_entries()
@@ -454,6 +536,24 @@ def test_json_body_naming_received_series(env: Env, phantom: dict) -> None:
     )
     r = env.client.post("/v1/jobs", content=b"hello", headers=env.h(**{"Content-Type": "text/plain"}))
     assert_problem(r, 415)
+
+
+def test_a_submitter_may_not_start_jobs_on_received_series(env: Env, phantom: dict) -> None:
+    """Issue 14: series the DICOM node received are for physicists and admins.  A submitter is refused alike
+    for a series that exists and for one that does not (same status, same body): nothing about the series shows."""
+    series = _received_series(env, phantom)
+    answers = [
+        env.client.post("/v1/jobs", json={"series_instance_uids": uids, "spec": phantom["spec"]}, headers=env.h(role))
+        for uids in (series, ["1.2.3.999"], [series[0]])
+        for role in ("submitter", "submitter2")
+    ]
+    bodies = [assert_problem(r, 403, "physicist") for r in answers]
+    assert all(b == bodies[0] for b in bodies), bodies
+    assert not any(u in json.dumps(bodies[0]) for u in series)
+    assert env.store.list_jobs()[1] == 0 and env.incoming_entries() == []
+    # the physicist is told which series it named does not exist
+    r = env.client.post("/v1/jobs", json={"series_instance_uids": ["1.2.3.999"]}, headers=env.h("physicist"))
+    assert_problem(r, 404, "1.2.3.999")
 
 
 # ------------------------------------------------------------------------------------- auth & roles

@@ -145,10 +145,14 @@ def test_tokens_and_ownership(e2e, client) -> None:
     assert r.status_code == 200 and jid not in {j["id"] for j in r.json()["items"]}
     # nor may it cancel (physicists and admins cancel)
     assert client.post(f"/v1/jobs/{jid}/cancel", headers=auth(sub)).status_code == 403
-    # the same input set + spec belongs to the physicist's job: refused, not handed over
+    # the same input set + spec as the physicist's job: not handed over, and not refused either (a refusal would
+    # tell that the job exists, issue 14) — a job of the submitter's own, answered as a first upload; cancelled at
+    # once by the physicist so that it does not run the phantom a second time
     r = submit(client, sub, e2e.zip_bytes, e2e.spec)
-    assert r.status_code == 409, r.text
-    assert r.headers["content-type"].startswith(PROBLEM)
+    assert r.status_code == 202, r.text
+    own = r.json()
+    assert own["id"] != jid and own["submitted_by"] != job["submitted_by"]
+    assert client.post(f"/v1/jobs/{own['id']}/cancel", headers=auth(e2e.tokens["physicist"])).status_code == 200
     # the admin reads it
     assert client.get(f"/v1/jobs/{jid}", headers=auth(e2e.tokens["admin"])).status_code == 200
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -74,6 +74,39 @@ def test_models_match_the_migrations(store: Store) -> None:
     assert diff == []
 
 
+def test_migration_0004_keeps_the_keys_of_earlier_jobs(database_url: str) -> None:
+    """Upgrading a database with keyed jobs: each key stays bound to its job (fingerprint unknown, so a repeat is
+    still answered with it), and two submitters may then use the same key."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from service.store import MIGRATIONS_DIR
+
+    st = Store(database_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with st.db.begin_writing() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, state, progress, created_at, attempts, idempotency_key, input_hash, spec_hash,"
+                " input_dir, spec, submitted_by, cancel_requested) VALUES ('a' || :n, 'queued', 0, :t, 0, 'k-old',"
+                " :h, :h, '/data/incoming/u1', '{}', 'alice', false)"
+            ),
+            {"n": "1" * 31, "t": datetime.now(UTC), "h": _hash(1)},
+        )
+    st.migrate()
+    try:
+        use = st.key_use("alice", "k-old")
+        assert use is not None and use.job.id == "a" + "1" * 31 and use.same_request(_hash("any request"))
+        b, created = new_job(st, 2, idempotency_key="k-old", submitted_by="bob", request_fingerprint=_hash("b"))
+        assert created and b.id != use.job.id
+    finally:
+        st.dispose()
+
+
 # ------------------------------------------------------------------ create, dedup
 def test_create_and_get(store: Store) -> None:
     job, created = new_job(store)
@@ -95,6 +128,83 @@ def test_idempotency_key_returns_the_same_job(store: Store) -> None:
     assert created_a and not created_b and a.id == b.id
     c, created_c = new_job(store, 3, idempotency_key="k-2")
     assert created_c and c.id != a.id
+
+
+def test_an_idempotency_key_belongs_to_its_submitter_and_its_request(store: Store) -> None:
+    """Issue 14: the same key with another request fingerprint is refused (the IETF draft's 422), the same key
+    and fingerprint is the first job; another submitter's key is a key of its own (a new job)."""
+    from service.errors import ErrorKind
+    from service.store import IdempotencyKeyReused
+
+    a, created = new_job(store, 1, idempotency_key="k-1", request_fingerprint=_hash("request-a"))
+    assert created and store.key_use("alice", "k-1").job == a
+    again, created = new_job(store, 1, idempotency_key="k-1", request_fingerprint=_hash("request-a"))
+    assert not created and again.id == a.id
+    with pytest.raises(IdempotencyKeyReused) as err:
+        new_job(store, 2, idempotency_key="k-1", request_fingerprint=_hash("request-b"))
+    assert err.value.kind is ErrorKind.INVALID and "k-1" in err.value.detail and a.id in err.value.detail
+    assert store.list_jobs()[1] == 1  # nothing created
+    # bob's k-1 is not alice's: his own job (a submitter's input set is reused only among its own jobs)
+    b, created = new_job(
+        store, 1, idempotency_key="k-1", submitted_by="bob", request_fingerprint=_hash("b"), dedup_within="bob"
+    )
+    assert created and b.id != a.id and b.submitted_by == "bob"
+    assert store.key_use("bob", "k-1").job == b and store.key_use("carol", "k-1") is None
+    # a key whose request got an existing job (the same input set) is bound to that job and that request too
+    c, created = new_job(store, 1, idempotency_key="k-2", request_fingerprint=_hash("request-c"), dedup_within="alice")
+    assert not created and c.id == a.id
+    with pytest.raises(IdempotencyKeyReused):
+        new_job(store, 3, idempotency_key="k-2", request_fingerprint=_hash("request-d"))
+
+
+def _race(url: str, key: str, fingerprints: tuple[str, str]) -> list[object]:
+    """Two stores (as two processes) create a job with ``key`` at once, each on an input set of its own; what
+    each call ended with (``(job, created)`` or the exception)."""
+    stores = [Store(url) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    results: list[object] = [None, None]
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        try:
+            results[k] = new_job(stores[k], f"{key}-{k}", idempotency_key=key, request_fingerprint=fingerprints[k])
+        except BaseException as exc:  # noqa: BLE001 - what the request ends with is the result
+            results[k] = exc
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in stores:
+        s.dispose()
+    return results
+
+
+def test_concurrent_requests_with_one_key_make_one_job(store: Store) -> None:
+    """Two processes racing with the same key (other input sets, so nothing else serialises them): one job; the
+    same request gets it, another request is refused — never a second job or an IntegrityError."""
+    from service.store import IdempotencyKeyReused
+
+    same = _race(store.url, "race-1", (_hash("same"), _hash("same")))
+    assert all(isinstance(r, tuple) for r in same), same
+    assert sorted(created for _, created in same) == [False, True] and same[0][0].id == same[1][0].id
+    other = _race(store.url, "race-2", (_hash("one"), _hash("other")))
+    jobs = [r for r in other if isinstance(r, tuple)]
+    refused = [r for r in other if isinstance(r, IdempotencyKeyReused)]
+    assert len(jobs) == 1 and jobs[0][1] and len(refused) == 1, other
+    assert store.list_jobs()[1] == 2
+
+
+def test_dedup_within_one_submitter(store: Store) -> None:
+    """``dedup_within``: the same input set and spec is reused only among that submitter's jobs."""
+    a, _ = new_job(store, 1)
+    b, created = new_job(store, 1, submitted_by="bob", dedup_within="bob")
+    assert created and b.id != a.id
+    c, created = new_job(store, 1, submitted_by="bob", dedup_within="bob")
+    assert not created and c.id == b.id
+    d, created = new_job(store, 1, submitted_by="physicist-1")  # no restriction: the newest such job
+    assert not created and d.id == b.id
 
 
 def test_same_input_set_and_spec_is_not_queued_twice(store: Store) -> None:
