@@ -150,7 +150,7 @@ def _redirect_receive_files() -> None:
             "tempfile.NamedTemporaryFile in pynetdicom.dimse_messages: received instances could land in the "
             "system temp folder; service/dicom_node.py must be adapted to this version"
         )
-    dimse_messages.NamedTemporaryFile = _receive_file  # type: ignore[assignment]  # same call, narrower signature; see the module doc
+    dimse_messages.NamedTemporaryFile = _receive_file  # type: ignore[attr-defined,assignment]  # its module global, narrower signature; see the module doc
 
 
 class _Refused(Exception):

@@ -73,6 +73,10 @@ OWN_LOGGERS = ("service", "voxeldose")
 VALUE = "<value>"
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+#: Formats a traceback before it is scrubbed
+_PLAIN_TRACEBACK = logging.Formatter()
+#: Set on a record whose ``exc_text`` is scrubbed already
+_SCRUBBED = "_voxeldose_scrubbed"
 
 
 @contextlib.contextmanager
@@ -136,13 +140,18 @@ class ContextFilter(logging.Filter):
             record.args = tuple(drop_quoted(str(a)) if isinstance(a, BaseException) else a for a in record.args)
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string: let the formatter report it as logging does
-            if third_party:  # ... but never with the arguments' text
-                record.msg, record.args = drop_quoted(redact(str(record.msg))), None
-            return True
-        clean = redact(drop_quoted(message) if third_party else message)
-        if clean != message:
-            record.msg, record.args = clean, None
+        except Exception:  # noqa: BLE001 - a bad format string (logging's own report would print the arguments)
+            text = redact(drop_quoted(str(record.msg)))
+            record.msg, record.args = f"{text} (arguments withheld: the message could not be formatted)", None
+        else:
+            clean = redact(drop_quoted(message) if third_party else message)
+            if clean != message:
+                record.msg, record.args = clean, None
+        # the traceback, scrubbed once and cached where every logging.Formatter looks first (``exc_text``), so that
+        # another handler of the same record (one a library installed) never formats it from ``exc_info`` itself
+        if record.exc_info and not getattr(record, _SCRUBBED, False):
+            record.exc_text = scrub_traceback(_PLAIN_TRACEBACK.formatException(record.exc_info))
+            setattr(record, _SCRUBBED, True)
         return True
 
 
@@ -151,6 +160,12 @@ class PlainFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__(PLAIN_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_text and not getattr(record, _SCRUBBED, False):
+            record.exc_text = scrub_traceback(record.exc_text)  # cached by a formatter that does not scrub
+            setattr(record, _SCRUBBED, True)
+        return super().format(record)
 
     def formatException(self, ei: Any) -> str:
         return scrub_traceback(super().formatException(ei))
@@ -176,7 +191,7 @@ class JsonFormatter(logging.Formatter):
             out["job_id"] = jid
         if record.exc_info:
             out["exc"] = scrub_traceback(self.formatException(record.exc_info))
-        elif record.exc_text:
+        elif record.exc_text:  # (scrubbing twice changes nothing)
             out["exc"] = scrub_traceback(record.exc_text)
         if record.stack_info:
             out["stack"] = scrub_traceback(self.formatStack(record.stack_info))
@@ -221,11 +236,14 @@ _TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
 def setup_worker_logging(*, level: int = logging.WARNING) -> None:
     """Configure a Ray worker process (or any process the service starts without :func:`setup_logging`): the
     service's handler on stderr (JSON when ``VOXELDOSE_LOG_JSON`` is true in its environment), WARNING — a worker
-    reports problems, the driver reports progress — and warnings through logging.  Idempotent: a second call
-    (the next task in the same worker) changes nothing."""
+    reports problems, the driver reports progress — and warnings through logging; a handler that Ray (or another
+    library) put on the root logger before gets the service's filter too.  Idempotent: a second call (the next task
+    in the same worker) changes nothing."""
     root = logging.getLogger()
     if any(getattr(h, "_voxeldose", False) for h in root.handlers):
         return
+    for h in root.handlers:
+        h.addFilter(ContextFilter())
     json_lines = os.environ.get("VOXELDOSE_LOG_JSON", "").strip().lower() in _TRUE
     root.addHandler(make_handler(json_lines))
     root.setLevel(level)

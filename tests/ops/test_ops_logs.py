@@ -166,6 +166,9 @@ def test_quoted_values_are_dropped_from_other_libraries_and_from_exceptions(capt
     except ValueError:
         out = capture(json_lines, "service.worker", logging.ERROR, "job %s: internal error", JOB, exc_info=True)
     assert BIRTH not in out and "ValueError: time data" in out and "test_ops_logs.py" in out
+    # a message that cannot be formatted: its arguments are withheld (logging's own report would print them)
+    out = capture(json_lines, "service.trigger", logging.WARNING, "patient %d", "PRV-8842")
+    assert "PRV-8842" not in out and "arguments withheld" in out
     # the service's own messages are its own text: kept as written
     out = capture(json_lines, "service.dicom_node", logging.WARNING, "calling AE %r refused", "INTRUDER")
     assert "'INTRUDER'" in out
@@ -177,6 +180,10 @@ from pydicom.dataset import Dataset
 ds = Dataset()
 ds.PatientBirthDate = "{BIRTH}"  # pydicom: logger "pydicom" and warnings.warn, both quoting the value
 ds.SOPInstanceUID = {UID_RUN!r}
+try:
+    int("PRV-8842")
+except ValueError:
+    logging.getLogger("service.worker").exception("job %s: internal error", "{JOB}")
 logging.getLogger("service.store").warning("done")
 """
 
@@ -184,11 +191,16 @@ logging.getLogger("service.store").warning("done")
 @pytest.mark.parametrize(
     ("setup", "json_lines"),
     [
-        ("from service.cli import _setup_logging; _setup_logging(False)", False),
         ("from service.cli import _setup_logging; _setup_logging(True)", True),
         ("from service.logs import setup_worker_logging; setup_worker_logging()", False),
+        # a handler some library put on the root logger before (Ray may): it gets the filter, and the scrubbed traceback
+        (
+            "import logging, sys; logging.getLogger().addHandler(logging.StreamHandler(sys.stderr))\n"
+            "from service.logs import setup_worker_logging; setup_worker_logging()",
+            False,
+        ),
     ],
-    ids=["serve-plain", "serve-json", "ray-worker"],
+    ids=["serve-json", "ray-worker", "ray-worker-foreign-handler"],
 )
 def test_pydicom_warnings_reach_stderr_without_values_in_a_fresh_process(setup: str, json_lines: bool) -> None:
     """Issue 14 defect 2: in a process configured as ``voxeldose serve`` / ``dicom-node`` or as a Ray worker (whose
@@ -199,6 +211,7 @@ def test_pydicom_warnings_reach_stderr_without_values_in_a_fresh_process(setup: 
     err = res.stderr
     assert BIRTH not in err and "KOVAC" not in err and "PRV-8842" not in err, err
     assert "Invalid value for VR DA" in err and "Invalid value for VR UI" in err  # the warning itself is kept
+    assert "ValueError: invalid literal for int()" in err  # the traceback, without the value
     assert "py.warnings" in err  # warnings.warn went through logging, not straight to stderr
     if json_lines:
         assert all(json.loads(ln) for ln in err.splitlines() if ln.strip())  # one JSON object per line
