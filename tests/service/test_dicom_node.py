@@ -383,12 +383,16 @@ def test_a_received_instance_is_written_only_in_the_data_folder_and_an_aborted_o
     sender = threading.Thread(target=assoc.send_c_store, args=(src,), daemon=True)
     sender.start()
     try:
-        partial = wait_for(
-            lambda: [p for p in receive_files() if marker.encode() in p.read_bytes()],
-            what="the node's receive file of the instance being sent",
+        in_data, in_tmp = wait_for(
+            lambda: (
+                [p for p in receive_files() if marker.encode() in p.read_bytes()],
+                _system_temp_files_with(marker.encode(), since),
+            ),
+            until=lambda found: found[0] or found[1],
+            what="the receive file of the instance being sent",
         )
-        assert len(partial) == 1 and partial[0].stat().st_size < src.stat().st_size  # the one, cut short
-        assert _system_temp_files_with(marker.encode(), since) == []
+        assert in_tmp == []
+        assert len(in_data) == 1 and in_data[0].stat().st_size < src.stat().st_size  # the one, cut short
     finally:
         assoc.abort()  # (the sender's thread waits out its DIMSE timeout for a response; a daemon, not awaited)
     wait_for(receive_files, until=lambda files: files == [], what="the aborted transfer's file to be deleted")

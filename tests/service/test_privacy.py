@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -118,6 +119,32 @@ def _c_store(port: int, path: Path) -> int | None:
     return int(rsp.Status) if "Status" in rsp else None
 
 
+def _c_store_cut_short(port: int, path: Path, fragments: int = 4) -> None:
+    """Start sending ``path`` (the command and ``fragments`` P-DATA of the data set), then A-ABORT: what a peer killed
+    mid-push leaves behind."""
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import P_DATA
+
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.dimse_timeout = 10  # s: send_c_store waits this long for the response that never comes
+    assoc = ae.associate("127.0.0.1", port, ae_title=AET)
+    assert assoc.is_established
+    real_send, sent = assoc.dul.send_pdu, [0]
+
+    def send_some(primitive: Any) -> None:
+        if isinstance(primitive, P_DATA):
+            sent[0] += 1
+            if sent[0] > fragments:
+                if sent[0] == fragments + 1:
+                    threading.Timer(1.0, assoc.abort).start()  # the node has the fragments by then (loopback)
+                return
+        real_send(primitive)
+
+    assoc.dul.send_pdu = send_some
+    assoc.send_c_store(path)  # returns once aborted (no response comes)
+
+
 def _files(root: Path, *, since: float | None = None, skip: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Regular files under ``root`` (changed since ``since``, epoch s; not under ``skip``), unreadable ones aside."""
     for dirpath, dirnames, filenames in os.walk(root, onerror=lambda _e: None):
@@ -172,6 +199,11 @@ def test_patient_data_stays_in_the_data_folder(
     first_ct = dcmread(sorted(small_phantom["dicom"].glob("*/CT/*"))[0])
     patient.stamp(first_ct, malformed_birth_date=False)
     first_ct.save_as(whole)
+    big = tmp_path / "big.dcm"  # ≈ 30 PDUs: a push cut short leaves part of it
+    first_ct.SOPInstanceUID = first_ct.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    first_ct.Rows = first_ct.Columns = 512
+    first_ct.PixelData = bytes(512 * 512 * 2)
+    first_ct.save_as(big)
     uid_run = _uid_running_into_the_patient_module(tmp_path / "uid-run.dcm", patient)
 
     data_dir = tmp_path / "data"
@@ -186,6 +218,7 @@ def test_patient_data_stays_in_the_data_folder(
         assert server.dicom_port
         assert _c_store(server.dicom_port, uid_run) == 0xC000  # pydicom quotes the UID value, the node refuses it
         assert _c_store(server.dicom_port, whole) == 0x0000
+        _c_store_cut_short(server.dicom_port, big)
         with httpx.Client(base_url=server.base_url, timeout=60) as c:
             spec = {"calibration": {"cps_per_mbq": small_phantom["truth"]["calibration_cps_per_mbq"]}}
             r = serverproc.submit(c, token, serverproc.zip_folder(src), spec)
@@ -205,7 +238,7 @@ def test_patient_data_stays_in_the_data_folder(
     problems = _findings(iter([tmp_path / "server.log"]), needles)
     problems += _findings(iter(ray_files), needles)
     problems += _findings(_files(Path(tempfile.gettempdir()), since=since, skip=(tmp_path,)), needles)
-    assert problems == []
+    assert problems == [], "\n".join(problems)
 
 
 _UPLOADER = """
