@@ -334,11 +334,15 @@ def _ct_with_patient(path: Path, patient_name: str, rows: int = 512) -> Path:
 
 
 def _system_temp_files_with(marker: bytes, since: float) -> list[Path]:
-    """Files directly in the system temp folder, changed since ``since`` (epoch s), whose bytes hold ``marker``."""
+    """Files directly in the system temp folder, changed since ``since`` (epoch s), whose bytes hold ``marker``
+    (files over 64 MB, other processes' business, aside)."""
     found = []
     for p in Path(tempfile.gettempdir()).iterdir():
         try:
-            if p.is_file() and not p.is_symlink() and p.stat().st_mtime >= since - 1 and marker in p.read_bytes():
+            if not p.is_file() or p.is_symlink():
+                continue
+            st = p.stat()
+            if st.st_mtime >= since - 1 and st.st_size <= 64 * 2**20 and marker in p.read_bytes():
                 found.append(p)
         except OSError:
             pass

@@ -158,6 +158,8 @@ def _files(root: Path, *, since: float | None = None, skip: tuple[Path, ...] = (
                 continue
             if not p.is_file() or p.is_symlink() or (since is not None and st.st_mtime < since):
                 continue
+            if since is not None and st.st_size > 64 * 2**20:  # another process's bulk data, not a log or our file
+                continue
             yield p
 
 
