@@ -36,7 +36,17 @@ handler treats it as unsafe and applies one rule rather than a list of patterns:
 - **no data set dumps**: pynetdicom's loggers stay at INFO or above (at DEBUG it dumps PDUs and data sets in hex),
   and the node turns off its identifier logging (:mod:`service.dicom_node`);
 - as before, DICOM UIDs and person names in DICOM form (``FAMILY^GIVEN``) are replaced by ``<uid>`` and ``<name>``
-  everywhere, our own messages included.
+  everywhere, our own messages included;
+- a message whose arguments do not fit its format string is written with the arguments withheld (logging's own
+  error report would print them raw on stderr); a traceback is scrubbed once and cached on the record
+  (``exc_text``), so that a handler some library put beside ours formats the scrubbed text too.
+
+Why not switch pydicom's validation off (``pydicom.config.settings.reading_validation_mode = IGNORE``): the
+warnings are the only hint that an instance is malformed, the library would behave differently in the service than
+in the ``voxeldose`` command, and pydicom's exception messages quote values as well — the rule above covers all of
+them.  Why not a list of patterns (dates, IDs): an ID has no recognisable form, a pattern list only catches what
+someone thought of.  The cost of the rule: an apostrophe in third-party prose (``can't``) hides the text up to the
+next quote; and pydicom's logger and its :func:`warnings.warn` give two records per validation warning.
 """
 
 from __future__ import annotations
