@@ -9,8 +9,6 @@ process, or tests) jobs stay queued until a dispatcher elsewhere claims them.
 from __future__ import annotations
 
 import logging
-import shutil
-import time
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
@@ -38,27 +36,13 @@ Roles: `submitter` (submit; read own jobs), `physicist` (read all, cancel, patie
 """
 
 
-def _remove_stale_temp(settings: Settings, older_than_s: float = 3600.0) -> None:
-    """Temp folders of uploads that a crashed process never finished (never accepted, so safe to remove)."""
-    root = intake.incoming_dir(settings)
-    if not root.is_dir():
-        return
-    now = time.time()
-    for p in root.glob(intake.TMP_PREFIX + "*"):
-        try:
-            if p.is_dir() and now - p.stat().st_mtime > older_than_s:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def create_app(
     settings: Settings, store: Store, dispatcher: Dispatcher | None = None, node: DicomNode | None = None
 ) -> FastAPI:
     """``node``: the :class:`service.dicom_node.DicomNode` STOW-RS stores through (None: a new one, not
     started — ``receive_file`` needs no network)."""
     intake.incoming_dir(settings).mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp(settings)
+    intake.remove_stale_temp(settings)  # uploads a process that is gone never finished
     app = FastAPI(
         title="voxeldose",
         version=_version(),

@@ -18,7 +18,8 @@ Who may associate:
   Implicit/Explicit VR Little Endian; other presentation contexts are rejected at association.
 
 Each instance is streamed by pynetdicom to a temporary Part 10 file (preamble, file meta built from the
-command set and the accepted transfer syntax, then the data set as received), parsed with pydicom
+command set and the accepted transfer syntax, then the data set as received) — in the node's scratch folder
+``data_dir/tmp/c-store.<hex>.owner-<token>/``, never in the system temp folder (see *Receive files* below) —, parsed with pydicom
 (header only), copied into ``data_dir/dicom/<Study>/<Series>/.<SOP>.<rand>.partial`` while hashing,
 fsynced, renamed to ``<SOP>.dcm`` and the folder fsynced, then indexed in the ``instances`` table —
 all before 0x0000 is returned.  Same SOPInstanceUID and same bytes: success, no second copy.  Same
@@ -32,7 +33,18 @@ left), 0xA701 the database could not be written (the file may stay; a resend com
 
 One node per data folder (the duplicate/conflict decision is serialised by a lock in this process).
 Setting ``pynetdicom._config.STORE_RECV_CHUNKED_DATASET`` is process-wide: :meth:`DicomNode.start`
-turns it on.
+turns it on (and pynetdicom's logging of C-FIND/C-MOVE/C-GET identifiers off: they would name patients).
+
+Receive files (issue 14): pynetdicom 3.0 makes the file of a chunked receive with ``tempfile.NamedTemporaryFile``
+in ``pynetdicom.dimse_messages`` and has no option for its folder.  Rather than move the whole process's temp
+folder (``tempfile.tempdir``, ``TMPDIR``: Ray, uvicorn and every library would follow), :meth:`DicomNode.start`
+replaces that one name, in that one module, with :func:`_receive_file`, which makes the same file in the scratch
+folder of the node whose association is receiving (found from the DUL thread that calls it).  It refuses to start
+when pynetdicom no longer makes the file that way (an upgrade must be looked at, not followed silently).  The
+files of an association that ends mid-transfer (abort, dropped connection: pynetdicom deletes only the files it
+handed to the C-STORE handler) are deleted when its connection closes; the scratch folders of a node that died
+(``kill -9``) are removed at the next start of a node on the same data folder (:mod:`service.scratch`: never
+those of a live node); :meth:`DicomNode.stop` removes its own.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -53,7 +66,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import (
@@ -67,9 +80,11 @@ from pydicom.uid import (
     RTStructureSetStorage,
     SegmentationStorage,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom.events import EventHandlerType
 
+from . import scratch
 from .config import Settings
 from .models import utcnow
 from .store import Store
@@ -99,6 +114,43 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MB = 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
+
+
+#: Scratch space of the data folder (``data_dir/tmp``) and the prefix of a node's receive folder in it
+SCRATCH_DIR = "tmp"
+RECEIVE_PREFIX = "c-store."
+
+_receiving: dict[int, DicomNode] = {}  # id(node.ae) → the started nodes of this process
+_receiving_lock = threading.Lock()
+
+
+def _receive_file(*args: Any, **kwargs: Any) -> IO[bytes]:
+    """Stands in for ``tempfile.NamedTemporaryFile`` in ``pynetdicom.dimse_messages`` (see the module doc): the
+    file of one received C-STORE data set, in the scratch folder of the node whose association is receiving it
+    (pynetdicom calls this in that association's DUL thread)."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    with _receiving_lock:
+        node = _receiving.get(id(getattr(assoc, "ae", None)))
+        if node is None and len(_receiving) == 1:
+            node = next(iter(_receiving.values()))
+    if node is None:  # pynetdicom aborts the association: nothing is written outside a data folder
+        raise OSError("no voxeldose DICOM node is receiving in this process")
+    return node._new_receive_file(assoc, *args, **kwargs)
+
+
+def _redirect_receive_files() -> None:
+    """Make pynetdicom create its C-STORE receive files with :func:`_receive_file` (process-wide, like
+    ``STORE_RECV_CHUNKED_DATASET``); ``RuntimeError`` when this pynetdicom makes them some other way."""
+    current = getattr(dimse_messages, "NamedTemporaryFile", None)
+    if current is _receive_file:
+        return
+    if current is not tempfile.NamedTemporaryFile:
+        raise RuntimeError(
+            f"pynetdicom {pynetdicom_version} no longer creates its C-STORE receive files with "
+            "tempfile.NamedTemporaryFile in pynetdicom.dimse_messages: received instances could land in the "
+            "system temp folder; service/dicom_node.py must be adapted to this version"
+        )
+    dimse_messages.NamedTemporaryFile = _receive_file  # type: ignore[attr-defined,assignment]  # its module global, narrower signature; see the module doc
 
 
 class _Refused(Exception):
@@ -188,6 +240,8 @@ class DicomNode:
         self.root = settings.dicom_dir
         self._lock = threading.Lock()
         self._server: Any = None
+        self._receive_dir: Path | None = None  # this node's scratch folder for pynetdicom's receive files
+        self._receive_files: dict[int, list[Path]] = {}  # id(association) → its receive files
         self._networks = [ipaddress.ip_network(h.strip(), strict=False) for h in settings.dicom_allowed_hosts]
         self._allowed_aets = {a.strip() for a in settings.dicom_allowed_aets}
         self.ae = self._make_ae()
@@ -219,22 +273,35 @@ class DicomNode:
         """Listen (non-blocking: pynetdicom serves each association in a thread of its own)."""
         if self._server is not None:
             return
+        _redirect_receive_files()
         _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_partials()
+        data_dir = Path(self.settings.data_dir)
+        scratch.remove_orphans(data_dir / SCRATCH_DIR, data_dir, RECEIVE_PREFIX)  # of nodes that died
+        self._receive_dir = data_dir / SCRATCH_DIR / scratch.owned_name(data_dir, RECEIVE_PREFIX)
+        self._receive_dir.mkdir(parents=True, mode=0o700)
         if not self._allowed_aets and not self.settings.dicom_allow_any:
             log.warning("no calling AE title is allowed (dicom_allowed_aets is empty): every association is refused")
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        self._server = self.ae.start_server(
-            (self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers
-        )
+        with _receiving_lock:
+            _receiving[id(self.ae)] = self
+        try:
+            self._server = self.ae.start_server(
+                (self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers
+            )
+        except BaseException:
+            self._stop_receiving()
+            raise
         log.info("DICOM node %s listening on %s:%d", self.settings.dicom_ae_title, self.settings.dicom_host, self.port)
 
     def stop(self) -> None:
@@ -243,7 +310,43 @@ class DicomNode:
             return
         self._server.shutdown()
         self._server = None
+        self._stop_receiving()
         log.info("DICOM node stopped")
+
+    def _stop_receiving(self) -> None:
+        """Forget this node as a receiver and remove its scratch folder (its associations are closed)."""
+        with _receiving_lock:
+            if _receiving.get(id(self.ae)) is self:
+                del _receiving[id(self.ae)]
+        if self._receive_dir is not None:
+            shutil.rmtree(self._receive_dir, ignore_errors=True)
+            self._receive_dir = None
+        with self._lock:
+            self._receive_files.clear()
+
+    def _new_receive_file(self, assoc: Any, *args: Any, **kwargs: Any) -> IO[bytes]:
+        """``tempfile.NamedTemporaryFile(*args, **kwargs)`` in this node's scratch folder, remembered for
+        ``assoc`` (see :func:`_receive_file`)."""
+        folder = self._receive_dir
+        if folder is None:
+            raise OSError("the DICOM node is not receiving")
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kwargs["dir"] = folder
+        f = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom owns and closes it
+        with self._lock:
+            self._receive_files.setdefault(id(assoc), []).append(Path(f.name))
+        return f
+
+    def _on_conn_close(self, event: Any) -> None:
+        """The connection ended: delete what pynetdicom left of its receive files (a data set cut off by an abort
+        or a dropped connection; the complete ones were deleted after the C-STORE handler)."""
+        with self._lock:
+            left = self._receive_files.pop(id(event.assoc), [])
+        for p in left:
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def _remove_partials(self) -> None:
         """Temporary files left by a node that died mid-write (never a complete instance)."""
@@ -336,9 +439,10 @@ class DicomNode:
     def _on_store(self, event: Any) -> int:
         req = event.request
         calling = str(event.assoc.requestor.ae_title).strip() or None
+        path = Path(event.dataset_path)
         try:
             outcome = self.receive_file(
-                Path(event.dataset_path),
+                path,
                 command_sop_class=str(req.AffectedSOPClassUID or ""),
                 command_sop_instance=str(req.AffectedSOPInstanceUID or ""),
                 calling_ae=calling,
@@ -350,6 +454,15 @@ class DicomNode:
         except Exception:
             log.exception("C-STORE failed unexpectedly")
             return STATUS_OUT_OF_RESOURCES
+        finally:
+            self._received(event.assoc, path)
+
+    def _received(self, assoc: Any, path: Path) -> None:
+        """pynetdicom deletes this receive file after the handler: stop tracking it."""
+        with self._lock:
+            files = self._receive_files.get(id(assoc))
+            if files and path in files:
+                files.remove(path)
 
     # ------------------------------------------------------------------ one instance
     def receive_file(

@@ -38,6 +38,7 @@ from voxeldose.pipeline import input_fingerprint, load_spec_cycle, scan_time_pro
 from voxeldose.spec import JobSpec, check_json_depth
 from voxeldose.voi import read_structure_set
 
+from . import scratch
 from .config import Settings
 from .errors import ErrorKind, IntakeError
 from .store import InstanceRecord, without_paths
@@ -105,12 +106,28 @@ def invalid_spec(detail: str) -> IntakeError:
 
 
 def new_temp_dir(settings: Settings, tag: str = "") -> Path:
-    """A new, empty temporary folder ``incoming/.tmp-<tag><uuid>`` (the caller removes it)."""
+    """A new, empty temporary folder ``incoming/.tmp-<tag><hex>.owner-<token>`` owned by this process
+    (:mod:`service.scratch`: removed at the next start once this process is gone; the caller removes it)."""
     root = incoming_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{TMP_PREFIX}{tag}{uuid.uuid4().hex}"
+    tmp = root / scratch.owned_name(Path(settings.data_dir), f"{TMP_PREFIX}{tag}")
     tmp.mkdir()
     return tmp
+
+
+#: A temporary folder of ``incoming/`` whose name carries no owner (the trigger's, or one of an older version) is
+#: removed at start only when untouched this long (s): it may belong to a live process
+STALE_UNOWNED_S = 3600.0
+
+
+def remove_stale_temp(settings: Settings) -> int:
+    """At start: remove the temporary folders of uploads (and STOW-RS requests) that a process which is gone never
+    finished — never accepted, so safe to remove — at once, however recent; those of a live process (a second
+    ``voxeldose serve`` on the same data folder) stay (:mod:`service.scratch`).  A temporary folder without an owner
+    in its name goes after :data:`STALE_UNOWNED_S`.  Returns how many were removed."""
+    return scratch.remove_orphans(
+        incoming_dir(settings), Path(settings.data_dir), TMP_PREFIX, unowned_older_than_s=STALE_UNOWNED_S
+    )
 
 
 # ------------------------------------------------------------------------------------ file names

@@ -30,6 +30,7 @@ from voxeldose.errors import VoxeldoseError
 from voxeldose.outputs import write_pacs_objects
 from voxeldose.pipeline import STAGES, Result, run, write_outputs
 
+from .logs import setup_worker_logging
 from .store import Store
 
 log = logging.getLogger("service.worker")
@@ -174,12 +175,20 @@ def output_series(out_dir: Path) -> list[str]:
     return uids
 
 
+def run_job_in_worker(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) -> JobOutcome:
+    """:func:`run_job` in a Ray worker process: first the worker's logging (:func:`service.logs.setup_worker_logging`:
+    the service's handler and filter on stderr, warnings through logging), so that no warning or log line of
+    pydicom quotes patient data into Ray's ``worker-*.err`` files or the driver's output."""
+    setup_worker_logging()
+    return run_job(job_id, spec, out_dir, database_url)
+
+
 def remote_run_job() -> Any:
-    """``ray.remote(run_job)``, created on first use.  No Ray retries: the dispatcher retries
+    """``ray.remote(run_job_in_worker)``, created on first use.  No Ray retries: the dispatcher retries
     lost workers itself, counting attempts in the database."""
     global _remote
     if _remote is None:
         import ray  # here, not at the top: importing this module needs neither Ray running nor installed
 
-        _remote = ray.remote(max_retries=0)(run_job)
+        _remote = ray.remote(max_retries=0)(run_job_in_worker)
     return _remote

@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 
@@ -133,3 +134,84 @@ logging.getLogger("service.store").info("job %s queued", "{JOB}")
     assert res.returncode == 0, res.stderr
     (line,) = res.stderr.splitlines()
     assert line.endswith(f"INFO    service.store: job {JOB} queued")
+
+
+# ------------------------------------------------------------------ issue 14: no element values from other libraries
+BIRTH = "1958-03-12"
+#: a SOP Instance UID whose length ran into the patient module (what pydicom then quotes)
+UID_RUN = "1.2.826.0.1.3680043.8.498.1\x00\x10\x00\x10\x00PN\x0c\x00KOVAC^ILSE\x10\x00\x20\x00LO\x08\x00PRV-8842"
+
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_quoted_values_are_dropped_from_other_libraries_and_from_exceptions(capture, json_lines) -> None:
+    """Issue 14 defect 2: pydicom's warnings quote the element value; the service's handler drops quoted values from
+    every record of another library, from exceptions passed to our messages and from tracebacks."""
+    out = capture(json_lines, "pydicom", logging.WARNING, f"Invalid value for VR DA: '{BIRTH}'.")
+    assert BIRTH not in out and "Invalid value for VR DA" in out
+    out = capture(json_lines, "pydicom", logging.WARNING, "Invalid value for VR UI: %r", UID_RUN)
+    assert "KOVAC" not in out and "PRV-8842" not in out and "Invalid value for VR UI" in out
+    warned = f"/x/pydicom/valuerep.py:440: UserWarning: Invalid value for VR DA: '{BIRTH}'.\n  warn_and_log(msg)\n"
+    out = capture(json_lines, "py.warnings", logging.WARNING, "%s", warned)
+    assert BIRTH not in out and "UserWarning: Invalid value for VR DA" in out
+    # an unclosed quote (a message cut short) hides the rest of its line
+    out = capture(json_lines, "pynetdicom.events", logging.INFO, "value 'KOVAC^ILSE PRV-8842")
+    assert "PRV-8842" not in out
+    # an exception's text given to one of our messages
+    err = ValueError(f"Unable to convert '{BIRTH}' to 'DA' object")
+    out = capture(json_lines, "service.trigger", logging.WARNING, "a file could not be read: %s", err)
+    assert BIRTH not in out and "a file could not be read: Unable to convert" in out
+    # a traceback: the exception's line loses the value, the File lines stay
+    try:
+        datetime.strptime(BIRTH, "%Y%m%d")
+    except ValueError:
+        out = capture(json_lines, "service.worker", logging.ERROR, "job %s: internal error", JOB, exc_info=True)
+    assert BIRTH not in out and "ValueError: time data" in out and "test_ops_logs.py" in out
+    # a message that cannot be formatted: its arguments are withheld (logging's own report would print them)
+    out = capture(json_lines, "service.trigger", logging.WARNING, "patient %d", "PRV-8842")
+    assert "PRV-8842" not in out and "arguments withheld" in out
+    # the service's own messages are its own text: kept as written
+    out = capture(json_lines, "service.dicom_node", logging.WARNING, "calling AE %r refused", "INTRUDER")
+    assert "'INTRUDER'" in out
+
+
+_PYDICOM_WARNS = f"""
+import logging
+from pydicom.dataset import Dataset
+ds = Dataset()
+ds.PatientBirthDate = "{BIRTH}"  # pydicom: logger "pydicom" and warnings.warn, both quoting the value
+ds.SOPInstanceUID = {UID_RUN!r}
+try:
+    int("PRV-8842")
+except ValueError:
+    logging.getLogger("service.worker").exception("job %s: internal error", "{JOB}")
+logging.getLogger("service.store").warning("done")
+"""
+
+
+@pytest.mark.parametrize(
+    ("setup", "json_lines"),
+    [
+        ("from service.cli import _setup_logging; _setup_logging(True)", True),
+        ("from service.logs import setup_worker_logging; setup_worker_logging()", False),
+        # a handler some library put on the root logger before (Ray may): it gets the filter, and the scrubbed traceback
+        (
+            "import logging, sys; logging.getLogger().addHandler(logging.StreamHandler(sys.stderr))\n"
+            "from service.logs import setup_worker_logging; setup_worker_logging()",
+            False,
+        ),
+    ],
+    ids=["serve-json", "ray-worker", "ray-worker-foreign-handler"],
+)
+def test_pydicom_warnings_reach_stderr_without_values_in_a_fresh_process(setup: str, json_lines: bool) -> None:
+    """Issue 14 defect 2: in a process configured as ``voxeldose serve`` / ``dicom-node`` or as a Ray worker (whose
+    stderr Ray copies into its ``worker-*.err`` files), pydicom's validation warnings — its logger and the second
+    copy through :mod:`warnings` — are written through the service's handler, without the values."""
+    res = _run(setup + "\n" + _PYDICOM_WARNS)
+    assert res.returncode == 0, res.stderr
+    err = res.stderr
+    assert BIRTH not in err and "KOVAC" not in err and "PRV-8842" not in err, err
+    assert "Invalid value for VR DA" in err and "Invalid value for VR UI" in err  # the warning itself is kept
+    assert "ValueError: invalid literal for int()" in err  # the traceback, without the value
+    assert "py.warnings" in err  # warnings.warn went through logging, not straight to stderr
+    if json_lines:
+        assert all(json.loads(ln) for ln in err.splitlines() if ln.strip())  # one JSON object per line

@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from dicom_factory import secondary_capture
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from support import STATE_WAIT_S, stored_files, wait_scale
+from support import STATE_WAIT_S, stored_files, wait_for, wait_scale
 
 needs_dcmtk = pytest.mark.skipif(
     shutil.which("storescu") is None or shutil.which("echoscu") is None,
@@ -305,3 +308,153 @@ def test_voxeldose_dicom_node_command(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------ received data stays in the data folder (issue 14)
+def _ct_with_patient(path: Path, patient_name: str, rows: int = 512) -> Path:
+    """A CT instance with ``patient_name`` and ``rows`` × ``rows`` 16-bit pixels (512: 512 KB, ≈32 PDUs)."""
+    import numpy as np
+    from pydicom.uid import CTImageStorage
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID = "CT", patient_name, "TMPCHECK-ID"
+    ds.Rows = ds.Columns = rows
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = np.zeros((rows, rows), dtype=np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _system_temp_files_with(marker: bytes, since: float) -> list[Path]:
+    """Files directly in the system temp folder, changed since ``since`` (epoch s), whose bytes hold ``marker``
+    (files over 64 MB, other processes' business, aside)."""
+    found = []
+    for p in Path(tempfile.gettempdir()).iterdir():
+        try:
+            if not p.is_file() or p.is_symlink():
+                continue
+            st = p.stat()
+            if st.st_mtime >= since - 1 and st.st_size <= 64 * 2**20 and marker in p.read_bytes():
+                found.append(p)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_received_instance_is_written_only_in_the_data_folder_and_an_aborted_one_is_deleted(
+    start_node: Callable[..., Any], store: Any, tmp_path: Path
+) -> None:
+    """Issue 14 defect 3: pynetdicom's receive file of a C-STORE is in the node's scratch folder under the data
+    folder, never in the system temp folder; a transfer cut off by an A-ABORT leaves nothing (the connection's end
+    deletes it), and the node still stores the next instance."""
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import P_DATA
+    from pynetdicom.sop_class import CTImageStorage
+
+    node = start_node()
+    marker = f"TMPCHECK^{uuid.uuid4().hex[:12].upper()}"
+    src = _ct_with_patient(tmp_path / "big.dcm", marker)
+    since = time.time()
+    scratch_root = node.settings.data_dir / "tmp"
+
+    def receive_files() -> list[Path]:
+        return sorted(p for p in scratch_root.rglob("*") if p.is_file()) if scratch_root.exists() else []
+
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.dimse_timeout = STATE_WAIT_S * wait_scale()
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=AET)
+    assert assoc.is_established
+    # the peer sends the command and the first fragments of the data set, then nothing more
+    real_send, sent = assoc.dul.send_pdu, [0]
+
+    def send_some(primitive: Any) -> None:
+        if isinstance(primitive, P_DATA):
+            sent[0] += 1
+            if sent[0] > 4:
+                return
+        real_send(primitive)
+
+    assoc.dul.send_pdu = send_some
+    sender = threading.Thread(target=assoc.send_c_store, args=(src,), daemon=True)
+    sender.start()
+    try:
+        in_data, in_tmp = wait_for(
+            lambda: (
+                [p for p in receive_files() if marker.encode() in p.read_bytes()],
+                _system_temp_files_with(marker.encode(), since),
+            ),
+            until=lambda found: found[0] or found[1],
+            what="the receive file of the instance being sent",
+        )
+        assert in_tmp == []
+        assert len(in_data) == 1 and in_data[0].stat().st_size < src.stat().st_size  # the one, cut short
+    finally:
+        assoc.abort()  # (the sender's thread waits out its DIMSE timeout for a response; a daemon, not awaited)
+    wait_for(receive_files, until=lambda files: files == [], what="the aborted transfer's file to be deleted")
+    assert stored_files(node) == [] and store.count_instances() == 0
+
+    whole = _ct_with_patient(tmp_path / "whole.dcm", marker, rows=64)
+    assert pynet_store(node, whole, CTImageStorage, chunked=True) == 0x0000
+    assert store.count_instances() == 1 and receive_files() == []
+    assert _system_temp_files_with(marker.encode(), since) == []
+    node.stop()
+    assert not scratch_root.exists() or list(scratch_root.iterdir()) == []  # the node's scratch folder is gone
+
+
+_SCRATCH_OWNER = """
+import sys, time
+from pathlib import Path
+from service import scratch
+data = Path(sys.argv[1])
+name = scratch.owned_name(data, "c-store.")
+(data / "tmp" / name).mkdir(parents=True)
+(data / "tmp" / name / "tmp1234.dcm").write_bytes(b"half an instance")
+print(name, flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_receive_files_of_a_dead_node_are_removed_at_start_those_of_a_live_one_kept(
+    make_settings: Callable[..., Any], store: Any
+) -> None:
+    """Issue 14: after a ``kill -9`` mid-push the receive files are removed when a node next starts on the data
+    folder; a node process still alive on it (its scratch folder owned by a live process) keeps its own."""
+    from service.dicom_node import DicomNode
+
+    s = make_settings(dicom_port=0, dicom_allowed_aets=[SCU], dicom_host="127.0.0.1")
+    s.ensure_dirs()
+    cmd = [sys.executable, "-c", _SCRATCH_OWNER, str(s.data_dir)]
+    dead = subprocess.run([*cmd, "0"], capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    live = subprocess.Popen([*cmd, "600"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None
+        live_name = live.stdout.readline().strip()
+        assert (s.data_dir / "tmp" / dead).is_dir() and (s.data_dir / "tmp" / live_name).is_dir()
+        node = DicomNode(s, store)
+        node.start()
+        try:
+            assert not (s.data_dir / "tmp" / dead).exists()
+            assert (s.data_dir / "tmp" / live_name / "tmp1234.dcm").exists()
+        finally:
+            node.stop()
+        live.send_signal(signal.SIGKILL)  # as a power cut would
+        live.wait(timeout=60)
+        node = DicomNode(s, store)
+        node.start()
+        try:
+            assert not (s.data_dir / "tmp" / live_name).exists()
+        finally:
+            node.stop()
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
