@@ -58,6 +58,7 @@ from voxeldose.ingest import Cycle, group_cycles, scan
 from voxeldose.pipeline import input_fingerprint
 from voxeldose.summary import Summary
 
+from . import scratch
 from .config import Settings
 from .intake import TMP_PREFIX, link_files
 from .models import utcnow
@@ -105,12 +106,12 @@ def name_series(text: str, series_of: Mapping[str, str]) -> str:
     return without_paths(text)
 
 
-def link_inputs(paths: Iterable[Path], root: Path, name: str) -> Path:
-    """Freeze an input set: :func:`service.intake.link_files` into a temporary folder, renamed to ``root/name``."""
+def link_inputs(paths: Iterable[Path], root: Path, name: str, data_dir: Path) -> Path:
+    """Freeze an input set: :func:`service.intake.link_files` into a temporary folder owned by this process
+    (:mod:`service.scratch`: removed at the next start if this process dies first), renamed to ``root/name``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = root / f"{TMP_PREFIX}{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / scratch.owned_name(data_dir, f"{TMP_PREFIX}{name}")
     tmp.mkdir()
     try:
         link_files([Path(p) for p in paths], tmp)
@@ -555,7 +556,9 @@ class Trigger:
             for d in decisions:
                 if isinstance(d, StartJob):
                     name = f"node-{d.input_hash[:12]}-{uuid.uuid4().hex[:8]}"
-                    linked[d.key] = link_inputs([Path(p) for p in d.paths], self.settings.incoming_dir, name)
+                    linked[d.key] = link_inputs(
+                        [Path(p) for p in d.paths], self.settings.incoming_dir, name, Path(self.settings.data_dir)
+                    )
             with self.store.trigger_writes() as tx:
                 out = [o for d in decisions if (o := self._write(tx, patient_id, now, d, linked)) is not None]
         except BaseException:

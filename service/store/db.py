@@ -53,6 +53,7 @@ def _sqlite_engine(url: str) -> Engine:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA temp_store=MEMORY")  # sorts and temp tables never go to a file in /tmp (issue 14)
         cur.close()
 
     @event.listens_for(engine, "begin")
