@@ -31,7 +31,7 @@ from voxeldose.outputs import write_pacs_objects
 from voxeldose.pipeline import STAGES, Result, run, write_outputs
 
 from .logs import setup_worker_logging
-from .store import Store
+from .store import Store, without_paths
 
 log = logging.getLogger("service.worker")
 
@@ -111,6 +111,7 @@ def write_atomically(result: Result, out_dir: Path) -> Path:
             write_pacs_objects(result, tmp)
         except Exception as err:
             why = str(err) if isinstance(err, VoxeldoseError) else f"internal error ({type(err).__name__})"
+            why = without_paths(why)  # summary.json is served by the API: no server paths (issue 14)
             result.summary.warnings.append(f"no SEG/SR for the PACS: {why}")
             log.warning("SEG/SR not written: %s", type(err).__name__, exc_info=not isinstance(err, VoxeldoseError))
             for name in ("seg.dcm", "sr.dcm"):
