@@ -35,13 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
 
 #: PatientID prefix of every case (the log and /tmp scans of the campaign look for it).
 PATIENT_PREFIX = "FUZZ"
@@ -451,4 +452,87 @@ def corpus(phantom_dicom: Path, n: int, seed: int = 14) -> list[Mutant]:
         # an NM case is the damaged SPECT alone (its carrier would be a second reconstruction at the same time)
         carrier_bytes = b"" if target == "NM" else _encode(carrier)
         out.append(Mutant(i, kind, target, pid, victim_sop, victim_series, carrier_bytes, data, expect, stow_only))
+    return out
+
+
+# ------------------------------------------------------------------------------------ sending
+#: The SOP classes of the corpus (the presentation contexts an SCU proposes).
+SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.481.3")
+VERIFICATION = "1.2.840.10008.1.1"
+STOW_BOUNDARY = "campaign-0123456789"
+STOW_CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={STOW_BOUNDARY}'
+_REFERENCED, _SOP_INSTANCE = "00081199", "00081155"
+
+
+def associate(port: int, scu: str, aet: str) -> Any:
+    """A pynetdicom association to the node on loopback, proposing the corpus' SOP classes (explicit VR little
+    endian) and Verification; AssertionError when the node refuses it."""
+    ae = AE(ae_title=scu)
+    for sop in SOP_CLASSES:
+        ae.add_requested_context(sop, ExplicitVRLittleEndian)
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    assert assoc.is_established, "the node refused the association"
+    return assoc
+
+
+def c_store(port: int, m: Mutant, folder: Path, *, scu: str, aet: str) -> tuple[int, int | None]:
+    """Carrier then damaged instance in one association, the files' bytes sent as they are (pynetdicom's chunked
+    send, so that a damaged encoding reaches the node undecoded): (carrier status, damaged instance status;
+    None when the node sent none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    victim = folder / f"{m.index}.dcm"
+    victim.write_bytes(m.data)
+    assoc = associate(port, scu, aet)
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        carrier_status = 0
+        if m.carrier:
+            carrier = folder / f"{m.index}.carrier.dcm"
+            carrier.write_bytes(m.carrier)
+            rsp = assoc.send_c_store(carrier)
+            carrier_status = int(rsp.Status) if "Status" in rsp else -1
+        rsp = assoc.send_c_store(victim)
+        status = int(rsp.Status) if "Status" in rsp else None
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+        if assoc.is_established:
+            assoc.release()
+    return carrier_status, status
+
+
+def echo(port: int, *, scu: str, aet: str) -> bool:
+    """C-ECHO answered with Success."""
+    ae = AE(ae_title=scu)
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    if not assoc.is_established:
+        return False
+    try:
+        rsp = assoc.send_c_echo()
+        return "Status" in rsp and int(rsp.Status) == 0
+    finally:
+        assoc.release()
+
+
+def stow_body(m: Mutant) -> bytes:
+    """Carrier and damaged instance as a STOW-RS multipart/related body (PS3.18 §8.6.1.2), one part each."""
+    out = BytesIO()
+    for p in ([m.carrier] if m.carrier else []) + [m.data]:
+        out.write(f"--{STOW_BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+        out.write(p)
+        out.write(b"\r\n")
+    out.write(f"--{STOW_BOUNDARY}--\r\n".encode())
+    return out.getvalue()
+
+
+def stow_stored(content_type: str, body: Any) -> set[str]:
+    """SOP instance UIDs a STOW-RS response references (ReferencedSOPSequence (0008,1199)); none when the
+    response is no Store Instances Response Module."""
+    if not content_type.startswith("application/dicom+json") or not isinstance(body, dict):
+        return set()
+    out: set[str] = set()
+    for item in body.get(_REFERENCED, {}).get("Value", []):
+        out.update(item.get(_SOP_INSTANCE, {}).get("Value", []))
     return out

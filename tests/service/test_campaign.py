@@ -15,13 +15,12 @@ In-process (the node's own thread and the ASGI app through TestClient), on SQLit
 
 from __future__ import annotations
 
-import io
 import logging
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -29,15 +28,21 @@ pytest.importorskip("fastapi")
 pytest.importorskip("pynetdicom")
 pytest.importorskip("hypothesis")
 from fastapi.testclient import TestClient
-from fuzzcorpus import BAD, GOOD, ORPHAN, Mutant, corpus
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import (
-    CTImageStorage,
-    NuclearMedicineImageStorage,
-    RTStructureSetStorage,
-    Verification,
+from fuzzcorpus import (
+    BAD,
+    GOOD,
+    KINDS,
+    ORPHAN,
+    STOW_CONTENT_TYPE,
+    Mutant,
+    c_store,
+    corpus,
+    echo,
+    stow_body,
+    stow_stored,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.app import create_app
 from service.config import Settings
@@ -48,14 +53,10 @@ from service.trigger import Trigger
 
 SCU = "FUZZER"
 AET = "VOXELDOSE"
-BOUNDARY = "campaign-0123456789"
-STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
-FAILED, REFERENCED, SOP_INSTANCE = "00081198", "00081199", "00081155"
-#: Cases in CI: every kind of tests/fuzzcorpus.py's KINDS once (81), plus a few drawn again.
-CI_CASES = 84
+#: Cases in CI: every kind of tests/fuzzcorpus.py's KINDS once (one fresh patient each).
+CI_CASES = len(KINDS)
 #: Every STOW_EVERY-th case goes through STOW-RS (and every case that damages the file meta).
 STOW_EVERY = 4
-SOP_CLASSES = (NuclearMedicineImageStorage, CTImageStorage, RTStructureSetStorage)
 #: Bad kinds whose patient the trigger still shows as "waiting", not "error" — a defect outside this test's
 #: reach (service/trigger.py): voxeldose.ingest.group_cycles reports the CT slice's geometry error (a Problem
 #: naming file and tag), but the CT then forms no time point, and Trigger.snapshot keeps only *scan* errors
@@ -112,86 +113,20 @@ def site(tmp_path: Path) -> Iterator[Site]:
     s.close()
 
 
-def _associate(port: int) -> Any:
-    ae = AE(ae_title=SCU)
-    for sop in SOP_CLASSES:
-        ae.add_requested_context(sop, ExplicitVRLittleEndian)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=AET)
-    assert assoc.is_established, "the node refused the association"
-    return assoc
-
-
-def c_store_case(port: int, m: Mutant, folder: Path) -> tuple[int, int | None]:
-    """Carrier then damaged instance in one association, the files' bytes sent as they are (pynetdicom's
-    chunked send): (carrier status, damaged instance status; None when the node sent no status)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    victim = folder / f"{m.index}.dcm"
-    victim.write_bytes(m.data)
-    assoc = _associate(port)
-    old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        carrier_status = STATUS_SUCCESS
-        if m.carrier:
-            carrier = folder / f"{m.index}.carrier.dcm"
-            carrier.write_bytes(m.carrier)
-            carrier_status = int(assoc.send_c_store(carrier).Status)
-        rsp = assoc.send_c_store(victim)
-        status = int(rsp.Status) if "Status" in rsp else None
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
-        if assoc.is_established:
-            assoc.release()
-    return carrier_status, status
-
-
-def related(parts: list[bytes]) -> bytes:
-    """A multipart/related body, one application/dicom part per item (PS3.18 §8.6.1.2)."""
-    out = io.BytesIO()
-    for p in parts:
-        out.write(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-        out.write(p)
-        out.write(b"\r\n")
-    out.write(f"--{BOUNDARY}--\r\n".encode())
-    return out.getvalue()
-
-
 def stow_case(client: Any, token: str, m: Mutant) -> tuple[int, set[str]]:
     """Carrier and damaged instance in one STOW-RS request: (HTTP status, SOP instance UIDs referenced)."""
-    parts = ([m.carrier] if m.carrier else []) + [m.data]
     r = client.post(
         "/dicomweb/studies",
-        content=related(parts),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": STOW_TYPE},
+        content=stow_body(m),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": STOW_CONTENT_TYPE},
     )
-    stored: set[str] = set()
-    if r.headers.get("content-type", "").startswith("application/dicom+json"):
-        for item in r.json().get(REFERENCED, {}).get("Value", []):
-            stored.update(item.get(SOP_INSTANCE, {}).get("Value", []))
-    return r.status_code, stored
-
-
-def echo_ok(port: int) -> bool:
-    ae = AE(ae_title=SCU)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=AET)
-    if not assoc.is_established:
-        return False
-    try:
-        st = assoc.send_c_echo()
-        return "Status" in st and int(st.Status) == STATUS_SUCCESS
-    finally:
-        assoc.release()
+    ctype = r.headers.get("content-type", "")
+    return r.status_code, stow_stored(ctype, r.json() if ctype.startswith("application/dicom+json") else None)
 
 
 def tracebacks(records: list[logging.LogRecord]) -> list[str]:
     """Log records that carry a traceback (exc_info, or a formatted one in the message)."""
     return [f"{r.name}: {r.getMessage()[:300]}" for r in records if r.exc_info or "Traceback" in r.getMessage()]
-
-
-def node_thread_alive(node: DicomNode) -> bool:
-    return node.listening and any(t.is_alive() for t in threading.enumerate())
 
 
 # ------------------------------------------------------------------------------ the DICOM corpus
@@ -214,12 +149,12 @@ def test_dicom_mutation_corpus_through_node_and_stow(
             stored[m.index] = m.sop_instance_uid in refs
         else:
             routes[m.index] = "c-store"
-            carrier, status = c_store_case(port, m, tmp_path / "send")
+            carrier, status = c_store(port, m, tmp_path / "send", scu=SCU, aet=AET)
             assert carrier == STATUS_SUCCESS, (m.label, hex(carrier))
             assert status is not None, f"{m.label}: no C-STORE response"
             stored[m.index] = status == STATUS_SUCCESS
     # the node survived: it still answers C-ECHO and stores a good instance
-    assert site.node.listening and echo_ok(port)
+    assert site.node.listening and echo(port, scu=SCU, aet=AET)
 
     now = utcnow() + timedelta(hours=1)
     site.trigger.tick(now)
@@ -257,4 +192,93 @@ def test_dicom_mutation_corpus_through_node_and_stow(
     again = site.client.get("/v1/dicom/cycles", headers=site.h("physicist")).json()
     assert {(c["patient_id"], c["state"]) for c in again} == {(p, s) for p, ss in states.items() for s in ss}
     assert not tracebacks(caplog.records), tracebacks(caplog.records)
-    assert echo_ok(port)
+    assert echo(port, scu=SCU, aet=AET)
+
+
+# ------------------------------------------------------------------------------------ the HTML pages
+#: Hypothesis examples of the page requests (each one request, role drawn): ≈ 20 ms each in-process.
+PAGE_EXAMPLES = 200
+ROLES = ("anonymous", "submitter", "physicist", "admin")
+#: Text without lone surrogates (an HTTP client cannot send them: a failure of the client, not the server).
+TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=200)
+NUMBERISH = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    TEXT,
+)
+
+
+def page_requests(job_ids: list[str]) -> st.SearchStrategy[tuple[str, str, dict[str, Any]]]:
+    """(method, path, httpx keyword arguments) of the pages that are not in the OpenAPI."""
+    ident = st.one_of(st.sampled_from(job_ids), TEXT).map(lambda t: quote(t, safe=""))
+    files = st.lists(
+        st.tuples(TEXT, st.binary(max_size=2048)).map(lambda f: ("files", (f[0] or "x", f[1], "application/dicom"))),
+        max_size=3,
+    )
+    return st.one_of(
+        st.fixed_dictionaries({"state": TEXT, "offset": NUMBERISH}).map(lambda q: ("GET", "/", {"params": q})),
+        ident.map(lambda i: ("GET", f"/jobs/{i}", {})),
+        ident.map(lambda i: ("POST", f"/jobs/{i}/cancel", {})),
+        st.one_of(ident, TEXT.map(lambda t: quote(t, safe="/"))).map(lambda i: ("GET", f"/patients/{i}", {})),
+        st.just(("GET", "/submit", {})),
+        st.tuples(st.dictionaries(st.sampled_from(["spec", "other", "files"]), TEXT, max_size=3), files).map(
+            lambda d: ("POST", "/submit", {"data": d[0], "files": d[1] or None})
+        ),
+        TEXT.map(lambda n: ("GET", "/login", {"params": {"next": n}})),
+        st.fixed_dictionaries({"token": TEXT, "next": TEXT}).map(lambda d: ("POST", "/login", {"data": d})),
+        st.just(("POST", "/logout", {})),
+    )
+
+
+def test_html_pages_never_answer_5xx(tmp_path: Path) -> None:
+    """Hypothesis-generated query, path and form values on ``/``, ``/jobs/{id}`` (and its cancel form),
+    ``/patients/{id}``, ``/submit``, ``/login`` and ``/logout``, each role logged in (cookie) and nobody: never
+    a 5xx, never a traceback in the page."""
+    settings_ = Settings(data_dir=tmp_path / "data", min_free_disk_mb=0)
+    store = Store(settings_.database_url)
+    store.migrate()
+    app = create_app(settings_, store)
+    clients = {r: TestClient(app, follow_redirects=False) for r in ROLES}
+    try:
+        for role in ROLES[1:]:
+            r = clients[role].post("/login", data={"token": store.create_token(f"{role}-1", role), "next": "/"})
+            assert r.status_code == 303, r.text
+        job_ids = []
+        for n, state in enumerate(("queued", "succeeded", "failed")):
+            d = settings_.data_dir / "incoming" / f"u{n}"
+            d.mkdir(parents=True)
+            rec, _ = store.create_job(
+                spec={"inputs": [str(d)]},
+                input_dir=str(d),
+                input_hash=f"{n:064x}",
+                patient_id=f"P/{n}",
+                idempotency_key=None,
+                submitted_by="submitter-1",
+            )
+            job_ids.append(rec.id)
+            if state != "queued":
+                [claimed] = store.claim_queued(1)
+                out = settings_.data_dir / "jobs" / claimed.id / "out"
+                out.mkdir(parents=True)
+                (out / "summary.json").write_text("{not json")  # a damaged result must not break the page
+                if state == "succeeded":
+                    store.finish(claimed.id, str(out), claimed.patient_id)
+                else:
+                    store.fail(claimed.id, "a reason")
+        seen: dict[int, int] = {}
+
+        @given(role=st.sampled_from(ROLES), req=page_requests(job_ids))
+        @settings(max_examples=PAGE_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def check(role: str, req: tuple[str, str, dict[str, Any]]) -> None:
+            method, path, kw = req
+            r = clients[role].request(method, path, **kw)
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (role, method, path, kw, r.status_code, r.text[:500])
+            assert "Traceback" not in r.text, (role, method, path)
+
+        check()
+        assert sum(seen.values()) >= PAGE_EXAMPLES and 200 in seen and 303 in seen, seen
+    finally:
+        for c in clients.values():
+            c.close()
+        store.dispose()
