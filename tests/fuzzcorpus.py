@@ -391,6 +391,13 @@ KINDS: list[tuple[str, str, Mutation, Expect, bool]] = [
 ]
 
 
+def transfer_syntax_mutant(path: Path, uid: str) -> bytes:
+    """The PS3.10 file at ``path`` with its file meta naming transfer syntax ``uid`` (body unchanged)."""
+    out = _transfer_syntax(uid)(pydicom.dcmread(path), random.Random(0))
+    assert isinstance(out, bytes)
+    return out
+
+
 # ------------------------------------------------------------------------------------ the corpus
 @dataclass(frozen=True)
 class Sources:

@@ -15,6 +15,7 @@ In-process (the node's own thread and the ASGI app through TestClient), on SQLit
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
@@ -40,6 +41,7 @@ from fuzzcorpus import (
     echo,
     stow_body,
     stow_stored,
+    transfer_syntax_mutant,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -281,4 +283,42 @@ def test_html_pages_never_answer_5xx(tmp_path: Path) -> None:
     finally:
         for c in clients.values():
             c.close()
+        store.dispose()
+
+
+# ------------------------------------------------------------------------------ found by the campaign
+@pytest.mark.parametrize("path", ["/v1/jobs", "/submit"])
+def test_an_upload_with_an_unknown_transfer_syntax_is_a_422_naming_the_file(
+    tmp_path: Path, small_phantom: dict, path: str
+) -> None:
+    """A PS3.10 file whose TransferSyntaxUID (0002,0010) is a UID but no transfer syntax (``1.2.3.4``), among
+    the phantom's files: the upload answered 500 (pydicom's ValueError from ingest's pixel-length check); now
+    422 naming the file and the tag, and no job."""
+    dicom = Path(small_phantom["dicom"])
+    files = sorted(dicom.rglob("*.dcm"))
+    nm = next(f for f in files if f.parent.name == "NM")
+    bad = transfer_syntax_mutant(nm, "1.2.3.4")
+    settings_ = Settings(data_dir=tmp_path / "data", min_free_disk_mb=0)
+    store = Store(settings_.database_url)
+    store.migrate()
+    client = TestClient(create_app(settings_, store), follow_redirects=False)
+    try:
+        token = store.create_token("physicist-1", "physicist")
+        parts = [
+            ("files", (str(f.relative_to(dicom)), bad if f == nm else f.read_bytes(), "application/dicom"))
+            for f in files
+        ]
+        spec = {"calibration": {"cps_per_mbq": small_phantom["truth"]["calibration_cps_per_mbq"]}}
+        if path == "/submit":
+            assert client.post("/login", data={"token": token, "next": "/"}).status_code == 303
+            r = client.post(path, files=parts, data={"spec": json.dumps(spec)})
+        else:
+            r = client.post(
+                path, files=parts, data={"spec": json.dumps(spec)}, headers={"Authorization": f"Bearer {token}"}
+            )
+        assert r.status_code == 422, r.text[:500]
+        assert "TransferSyntaxUID (0002,0010)" in r.text and "SPECT.dcm" in r.text, r.text[:500]
+        assert store.list_jobs()[1] == 0
+    finally:
+        client.close()
         store.dispose()
