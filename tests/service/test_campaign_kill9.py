@@ -102,7 +102,9 @@ def test_kill9_mid_push_and_mid_upload_then_restart(tmp_path: Path, small_phanto
         # 3. an upload: half the zip of the phantom
         zipped = serverproc.zip_folder(dicom)
         boundary = "k9-upload-boundary"
-        upload_head = (
+        spec = {"calibration": {"cps_per_mbq": small_phantom["truth"]["calibration_cps_per_mbq"]}}
+        upload_head = (  # a valid job description first: whole, this upload would be a job
+            f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{json.dumps(spec)}\r\n'
             f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="study.zip"\r\n'
             "Content-Type: application/zip\r\n\r\n"
         ).encode()
@@ -157,6 +159,12 @@ def test_kill9_mid_push_and_mid_upload_then_restart(tmp_path: Path, small_phanto
         }
         kept = {str(ds.SOPInstanceUID): hashlib.sha256(ds.PixelData).hexdigest() for ds in map(pydicom.dcmread, stored)}
         assert kept == sent
+        # controls: the same bodies sent whole are stored and queued (so "nothing" above was the kill's doing)
+        with httpx.Client(base_url=server.base_url, timeout=120) as c:
+            r = c.post("/dicomweb/studies", content=first + rest, headers=stow_headers)
+            assert r.status_code == 200, r.text
+            r = c.post("/v1/jobs", content=upload_head + zipped[:half] + upload_rest, headers=upload_headers)
+            assert r.status_code == 202, r.text
     finally:
         release.set()
         server.stop()
