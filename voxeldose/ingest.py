@@ -935,7 +935,10 @@ def group_cycles(
         c.timepoints.sort(key=lambda tp: tp.acquisition)
         for tp in c.timepoints:
             tp.hours_after_injection = (tp.acquisition - c.injection.start).total_seconds() / 3600.0
-            if tp.hours_after_injection > MAX_SCAN_DAYS_AFTER_INJECTION * 24.0:
+            # A caller's injection time is checked where it is given (pipeline.scan_time_problems names the job's
+            # field); one read from the headers is checked here, so that every reader of the cycle sees it.
+            late = tp.hours_after_injection > MAX_SCAN_DAYS_AFTER_INJECTION * 24.0
+            if late and c.injection.start_source != "caller":
                 problems.append(
                     Problem(
                         "error",
@@ -944,7 +947,7 @@ def group_cycles(
                         f"({c.injection.start:%Y-%m-%d %H:%M}), more than {MAX_SCAN_DAYS_AFTER_INJECTION:.0f}: "
                         "check the injection and acquisition dates",
                         str(tp.spect.instances[0].path),
-                        tp.acquisition_source,
+                        c.injection.start_source,
                     )
                 )
             if tp.hours_after_injection <= 0:
