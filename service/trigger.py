@@ -223,7 +223,9 @@ class PatientSnapshot:
     rules: Rules
     received: bool = True  # False: no usable file received (nothing to decide)
     form_error: str | None = None  # why the files form no therapy cycle at all
-    unreadable: tuple[str, ...] = ()  # files that cannot be read, of series in none of the cycles (why, by series)
+    unreadable: tuple[
+        str, ...
+    ] = ()  # files unread or set aside by ingest, of no cycle's series or study (why, by series)
     cycles: tuple[CycleFacts, ...] = ()
     results: tuple[EarlierCycle, ...] = ()  # the patient's succeeded jobs of any origin, oldest first
 
@@ -358,7 +360,7 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
     out: list[Decision] = []
     if snap.unreadable:  # shown with the patient's cycles rather than dropped (their series may be a cycle's)
         key = cycle_key(pid, None)
-        out.append(RecordCycle(key, None, "error", "cannot read: " + "; ".join(snap.unreadable[:3]), 0))
+        out.append(RecordCycle(key, None, "error", "cannot use: " + "; ".join(snap.unreadable[:3]), 0))
         kept.add(key)
     ordered = sorted(snap.cycles, key=lambda c: c.injection)
     history = _by_injection(snap.results)
@@ -490,6 +492,7 @@ class Trigger:
         if not paths:
             return PatientSnapshot(patient_id, now, rules, received=False)
         series_of = {str(Path(i.path)): i.series_instance_uid for i in instances}
+        study_of = {str(Path(i.path)): i.study_instance_uid for i in instances}
         index = scan(paths)  # a file that cannot be read is a problem of that file, never an exception
         try:
             cycles, problems = group_cycles(index)
@@ -508,16 +511,17 @@ class Trigger:
             series = [s for tp in c.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(c.vois)
             files = {str(p) for s in series for p in s.paths}
             uids = {s.series_instance_uid for s in series}
+            studies = {s.study_instance_uid for s in series}
             bad = []
             for n, p in enumerate(errors):
                 of_file = p.path and (p.path in files or any(f in p.path for f in files))
-                if of_file or series_of.get(p.path or "") in uids:  # also an unreadable file of one of its series
+                # also an unreadable file of one of its series, or a file of one of its studies that ingest set
+                # aside (a CT slice with a broken geometry would otherwise leave its time point without a CT)
+                if of_file or series_of.get(p.path or "") in uids or study_of.get(p.path or "") in studies:
                     bad.append(name_series(p.message, series_of))
                     attached.add(n)
             facts.append(self._cycle_facts(patient_id, c, [str(p) for s in series for p in s.paths], bad))
-        unreadable = tuple(
-            name_series(p.message, series_of) for n, p in enumerate(errors) if n not in attached and p in index.errors
-        )
+        unreadable = tuple(name_series(p.message, series_of) for n, p in enumerate(errors) if n not in attached)
         results = [_earlier_cycle_facts(job.summary()) for job in self.store.patient_jobs(patient_id)]
         return PatientSnapshot(
             patient_id,

@@ -37,6 +37,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     EnhancedCTImageStorage,
     NuclearMedicineImageStorage,
@@ -51,6 +52,7 @@ from .dicomutil import normalise_utc_offset, parse_da, parse_dt, parse_tm, tag_l
 from .errors import VoxeldoseError
 from .geometry import Volume, affine_from_dicom
 from .nuclides import require_supported
+from .spec import MAX_SCAN_DAYS_AFTER_INJECTION
 
 # SOP classes (PS3.4 Annex B)
 _NM = str(NuclearMedicineImageStorage)
@@ -365,6 +367,73 @@ def _check_elements(ds: Dataset, path: Path) -> None:
             )
 
 
+#: Type 1 attributes of the modules voxeldose reads, per SOP class, checked by :func:`read_header` so that a file
+#: lacking one is a problem of that file when it is scanned (visible wherever it is scanned: upload checks, the
+#: trigger), not a failure of a later job: CT Image IOD (PS3.3 A.3.3: the Frame of Reference module is M; CT Image
+#: module C.8.2.1: Rescale Intercept and Slope), RT Structure Set IOD (A.19.3: C.8.8.5 Structure Set ROI
+#: Sequence, C.8.8.6 ROI Contour Sequence).
+_REQUIRED_BY_SOP_CLASS: dict[str, tuple[str, ...]] = {
+    _CT: ("FrameOfReferenceUID", "RescaleIntercept", "RescaleSlope"),
+    _RTSTRUCT: ("StructureSetROISequence", "ROIContourSequence"),
+}
+
+
+def _check_iod_values(ds: Dataset, path: Path) -> None:
+    """Raise :class:`VoxeldoseError` (file, tag, expected; never a value that may be patient data) for a Type 1
+    attribute of :data:`_REQUIRED_BY_SOP_CLASS` missing or empty, a rescale that is not a finite number (a zero
+    slope maps every pixel to one value), and BitsAllocated that is neither 1 nor a positive multiple of 8
+    (PS3.5 §8.1.1) — with BitsAllocated 0 or 12 no pixel count can be checked nor read."""
+    sop = str(ds.get("SOPClassUID", "") or "")
+    for kw in _REQUIRED_BY_SOP_CLASS.get(sop, ()):
+        value = ds.get(kw)
+        if value is None or value == "" or (isinstance(value, (list, MultiValue)) and len(value) == 0):
+            raise VoxeldoseError(
+                "required attribute missing", path=path, tag=tag_label(kw), expected="a value (Type 1)"
+            )
+    for kw in ("RescaleSlope", "RescaleIntercept"):
+        if kw not in ds:
+            continue
+        try:
+            number = float(ds[kw].value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or (kw == "RescaleSlope" and number == 0):
+            raise VoxeldoseError(
+                "rescale is not a finite number" if not math.isfinite(number) else "rescale slope is zero",
+                path=path,
+                tag=tag_label(kw),
+                expected="a finite number" + (", not zero" if kw == "RescaleSlope" else ""),
+            )
+    if "PixelData" in ds and "BitsAllocated" in ds:
+        try:
+            bits = int(ds.BitsAllocated)
+        except (TypeError, ValueError):
+            bits = -1
+        if not (bits == 1 or (bits > 0 and bits % 8 == 0)):
+            raise VoxeldoseError(
+                "BitsAllocated is neither 1 nor a multiple of 8",
+                path=path,
+                tag=tag_label("BitsAllocated"),
+                expected="1, 8, 16 or 32 (PS3.5 §8.1.1)",
+                found=bits,
+            )
+
+
+def _transfer_syntax(ds: Dataset, path: Path) -> UID:
+    """The file meta's TransferSyntaxUID (0002,0010), which must name a transfer syntax (PS3.10 §7.1; PS3.5
+    §10): another UID (a typing error, a private syntax nobody can decode) is an error of the file."""
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    if not ts.is_transfer_syntax:
+        raise VoxeldoseError(
+            "unknown transfer syntax: the pixel data cannot be decoded",
+            path=path,
+            tag=tag_label("TransferSyntaxUID"),
+            expected="a DICOM transfer syntax UID (PS3.5 §10, PS3.6 Table A-1)",
+            found=str(ts)[:64],
+        )
+    return ts
+
+
 def read_header(path: Path) -> Dataset:
     """Read one file completely, check it is whole, and return it without its pixel data.
 
@@ -385,6 +454,7 @@ def read_header(path: Path) -> Dataset:
             expected="a complete DICOM Part 10 file",
         ) from None
     _check_elements(ds, path)
+    _check_iod_values(ds, path)
     for kw in ("SOPInstanceUID", "SOPClassUID"):
         if not str(getattr(ds, kw, "") or "").strip():
             raise VoxeldoseError("required attribute missing", path=path, tag=tag_label(kw), expected="a UID")
@@ -399,7 +469,7 @@ def read_header(path: Path) -> Dataset:
                 tag=tag_label("PixelData"),
                 expected="complete pixel data",
             ) from None
-        encapsulated = ds.file_meta.TransferSyntaxUID.is_compressed if "TransferSyntaxUID" in ds.file_meta else False
+        encapsulated = _transfer_syntax(ds, path).is_compressed if "TransferSyntaxUID" in ds.file_meta else False
         if expected is not None and not encapsulated and got < expected:
             raise VoxeldoseError(
                 "the file is truncated: its pixel data is shorter than Rows × Columns × frames × bits say",
@@ -865,6 +935,21 @@ def group_cycles(
         c.timepoints.sort(key=lambda tp: tp.acquisition)
         for tp in c.timepoints:
             tp.hours_after_injection = (tp.acquisition - c.injection.start).total_seconds() / 3600.0
+            # A caller's injection time is checked where it is given (pipeline.scan_time_problems names the job's
+            # field); one read from the headers is checked here, so that every reader of the cycle sees it.
+            late = tp.hours_after_injection > MAX_SCAN_DAYS_AFTER_INJECTION * 24.0
+            if late and c.injection.start_source != "caller":
+                problems.append(
+                    Problem(
+                        "error",
+                        f"SPECT acquired {tp.acquisition:%Y-%m-%d %H:%M} is "
+                        f"{tp.hours_after_injection / 24.0:,.0f} days after the injection "
+                        f"({c.injection.start:%Y-%m-%d %H:%M}), more than {MAX_SCAN_DAYS_AFTER_INJECTION:.0f}: "
+                        "check the injection and acquisition dates",
+                        str(tp.spect.instances[0].path),
+                        c.injection.start_source,
+                    )
+                )
             if tp.hours_after_injection <= 0:
                 problems.append(
                     Problem(
@@ -976,6 +1061,40 @@ def _floats(value: Any, n: int, ds_path: Path | str, keyword: str) -> np.ndarray
     return arr
 
 
+def _require_positive(values: np.ndarray, path: Path | str, keyword: str) -> None:
+    """Spacings are distances (PS3.3 C.7.6.2.1.1: PixelSpacing in mm): zero or negative is an error."""
+    if np.any(values <= 0):
+        raise VoxeldoseError(
+            "spacing must be positive",
+            path=path,
+            tag=tag_label(keyword),
+            expected="positive distances, mm",
+            found=[float(v) for v in values],
+        )
+
+
+def _matrix(ds: Dataset, path: Path | str) -> tuple[int, int]:
+    """(Rows, Columns) of an image (PS3.3 C.7.6.3, both Type 1): a missing or non-positive one is an error of
+    the file, not an AttributeError deep in the geometry."""
+    out = []
+    for kw in ("Rows", "Columns"):
+        value = _require(ds, kw, path, "the number of pixels, a positive integer")
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = 0
+        if n <= 0:
+            raise VoxeldoseError(
+                "image matrix size is not a positive integer",
+                path=path,
+                tag=tag_label(kw),
+                expected="a positive integer",
+                found=type(value).__name__ if n == 0 else n,
+            )
+        out.append(n)
+    return out[0], out[1]
+
+
 @dataclass(frozen=True)
 class StackGeometry:
     """Geometry of an image stack read from its headers (Image Plane module, PS3.3 C.7.6.2)."""
@@ -1002,6 +1121,7 @@ def _stack_geometry(series: Series, what: str) -> StackGeometry:
             "ImagePositionPatient",
         )
         ps = _floats(_require(ds, "PixelSpacing", path, "row and column spacing, mm"), 2, path, "PixelSpacing")
+        _require_positive(ps, path, "PixelSpacing")
         if orient is None:
             orient, spacing = iop, ps
         elif not np.allclose(iop, orient, atol=1e-4):
@@ -1046,7 +1166,7 @@ def _stack_geometry(series: Series, what: str) -> StackGeometry:
         slice_vec = normal * float(thick)
     ds0 = series.instances[order[0]].header
     affine = affine_from_dicom(positions[order[0]].tolist(), orient.tolist(), spacing.tolist(), slice_vec.tolist())
-    return StackGeometry(affine, [int(i) for i in order], (n, int(ds0.Rows), int(ds0.Columns)))
+    return StackGeometry(affine, [int(i) for i in order], (n, *_matrix(ds0, series.instances[order[0]].path)))
 
 
 def ct_geometry(series: Series) -> StackGeometry:
@@ -1131,17 +1251,19 @@ def _spect_geometry(series: Series) -> StackGeometry:
     ipp = _floats(det.ImagePositionPatient, 3, path, "ImagePositionPatient")
     ps = _floats(_require(ds, "PixelSpacing", path, "row and column spacing, mm"), 2, path, "PixelSpacing")
     n = int(_require(ds, "NumberOfFrames", path, "number of slices"))
-    spacing = getattr(ds, "SpacingBetweenSlices", None)
-    if spacing is None or float(spacing) == 0:
-        spacing = getattr(ds, "SliceThickness", None)
-        if spacing is None:
+    _require_positive(ps, path, "PixelSpacing")
+    spacing_kw = "SpacingBetweenSlices"
+    raw_spacing = getattr(ds, spacing_kw, None)
+    if raw_spacing is None or _floats(raw_spacing, 1, path, spacing_kw)[0] == 0:
+        spacing_kw, raw_spacing = "SliceThickness", getattr(ds, "SliceThickness", None)
+        if raw_spacing is None:
             raise VoxeldoseError(
                 "the distance between SPECT slices is not given",
                 path=path,
                 tag=tag_label("SpacingBetweenSlices"),
                 expected="slice spacing, mm (or SliceThickness)",
             )
-    spacing = float(spacing)
+    spacing = float(_floats(raw_spacing, 1, path, spacing_kw)[0])  # a finite number (NaN, Inf, text: an error)
     # SpacingBetweenSlices is signed in NM (PS3.3 C.8.4.15): negative means slices go against X × Y.
     normal = np.cross(iop[:3], iop[3:])
     sv = getattr(ds, "SliceVector", None)
@@ -1172,7 +1294,7 @@ def _spect_geometry(series: Series) -> StackGeometry:
     else:
         order = list(range(n))
     affine = affine_from_dicom(ipp.tolist(), iop.tolist(), ps.tolist(), (normal * spacing).tolist())
-    return StackGeometry(affine, order, (n, int(ds.Rows), int(ds.Columns)))
+    return StackGeometry(affine, order, (n, *_matrix(ds, path)))
 
 
 # ------------------------------------------------------------------------------------ pixels

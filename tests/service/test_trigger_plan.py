@@ -163,7 +163,7 @@ def test_unreadable_files_of_no_cycle_are_shown_beside_the_cycles() -> None:
     why = "series 1.2.3: header attribute of the wrong type (tag ImageType (0008,0008); expected VR CS)"
     decisions = plan(PatientSnapshot(PID, NOW, RULES, cycles=(c,), unreadable=(why,)))
     [err] = only(decisions, RecordCycle)
-    assert err.key == cycle_key(PID, None) and err.state == "error" and err.reason == f"cannot read: {why}"
+    assert err.key == cycle_key(PID, None) and err.state == "error" and err.reason == f"cannot use: {why}"
     assert [s.key for s in only(decisions, StartJob)] == [c.key]
     assert decisions[-1] == Retire(frozenset({c.key, err.key}))
 
