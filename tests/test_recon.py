@@ -257,3 +257,16 @@ def test_the_osem_camera_images_the_patients_total_activity() -> None:
     tol = 0.03 - 0.02 + _total_tolerance(n_air, 1.06 * recon.mu_per_cm(WATER), depth_mm=90.0)
     assert float(tp.image.sum()) == pytest.approx(truth, rel=tol)
     assert tp.image.dtype == np.uint16
+
+
+def test_the_projection_camera_settings_change_uids_only_when_used() -> None:
+    """A Gaussian-camera patient keeps its UIDs (the fingerprint of settings without the projection camera);
+    any projection-camera setting changes them when that camera images."""
+    from dataclasses import replace
+
+    from voxeldose.phantom import PhantomSettings
+
+    st = PhantomSettings.small()
+    assert replace(st, osem_iterations=9, collimator="G8-MEGP").fingerprint() == st.fingerprint()
+    osem = replace(st, camera="osem")
+    assert len({st.fingerprint(), osem.fingerprint(), replace(osem, osem_iterations=9).fingerprint()}) == 3

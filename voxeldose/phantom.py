@@ -227,8 +227,19 @@ class PhantomSettings:
         return self.acquisition.frame_duration_ms / 1000.0 * self.acquisition.frames_in_rotation
 
     def fingerprint(self) -> str:
-        """A short hash of all settings: part of every UID's entropy."""
-        return hashlib.sha256(json.dumps(_jsonable(dataclasses.asdict(self)), sort_keys=True).encode()).hexdigest()[:16]
+        """A short hash of all settings: part of every UID's entropy.
+
+        The projection camera's settings count only when it is used, so that a Gaussian-camera patient keeps the
+        UIDs it had before they existed.
+        """
+        d = dataclasses.asdict(self)
+        if self.camera == "gaussian":
+            for name in _PROJECTION_CAMERA_FIELDS:
+                del d[name]
+        return hashlib.sha256(json.dumps(_jsonable(d), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_PROJECTION_CAMERA_FIELDS = ("camera", "collimator", "osem_iterations", "osem_subsets", "orbit_radius_mm")
 
 
 # --------------------------------------------------------------------------------------------
