@@ -23,9 +23,14 @@ WATER = "Water, Liquid"
 @pytest.fixture(scope="module")
 def pytomography() -> object:
     try:
-        return recon._pytomography()
+        module = recon._pytomography()
     except VoxeldoseError:
         pytest.skip("the 'recon' extra (PyTomography, torch) is not installed")
+    import torch
+
+    # the suite runs in parallel workers on few cores: one torch thread each (several oversubscribe the cores)
+    torch.set_num_threads(1)
+    return module
 
 
 def _log_log(e: float, e1: float, v1: float, e2: float, v2: float) -> float:
@@ -136,7 +141,7 @@ def _total_tolerance(expected_counts_in_air: float, mu: float, depth_mm: float) 
 @pytest.mark.usefixtures("pytomography")
 def test_a_sphere_in_water_is_reconstructed_with_its_total_activity() -> None:
     n, nz, vox = 32, 12, 8.0
-    cyl_r, orbit, cam = 110.0, _orbit(36, 160.0), _camera(10.0)
+    cyl_r, orbit, cam = 110.0, _orbit(24, 160.0), _camera(10.0)
     z, y, x = _grid(n, nz, vox)
     _, mu = _water_cylinder(n, nz, vox, cyl_r)
     sphere = (x - 40) ** 2 + (y + 30) ** 2 + z**2 < 30.0**2
@@ -146,13 +151,13 @@ def test_a_sphere_in_water_is_reconstructed_with_its_total_activity() -> None:
     n_air = a_mbq * cam.sensitivity_cps_per_mbq * orbit.frame_duration_s * len(orbit.angles_deg)
 
     expected = recon.project(act, mu, (vox,) * 3, orbit, cam)
-    assert expected.shape == (36, nz, n)
+    assert expected.shape == (24, nz, n)
     # attenuation: the detected fraction lies between the sphere's deepest and shallowest paths through the water
     mu_w = recon.mu_per_cm(WATER)
     assert math.exp(-mu_w * (cyl_r + 50 + 30) / 10) < expected.sum() / n_air < math.exp(-mu_w * (cyl_r - 50 - 30) / 10)
 
     counts = np.random.default_rng(11).poisson(expected)
-    image = recon.reconstruct_osem(counts, mu, (vox,) * 3, orbit, cam, iterations=4, subsets=6)
+    image = recon.reconstruct_osem(counts, mu, (vox,) * 3, orbit, cam, iterations=3, subsets=4)
     assert image.shape == act.shape
     tol = _total_tolerance(n_air, mu_w, depth_mm=cyl_r + 50 + 30)
     assert image.sum() * voxel_ml / 1e6 == pytest.approx(a_mbq, rel=tol)
@@ -167,13 +172,13 @@ def test_a_uniform_cylinder_gives_the_sensitivity_back() -> None:
     """A calibration as a physicist does it: a cylinder of known activity, reconstructed in units of 1 cps/MBq,
     divided by its activity gives the camera's sensitivity (attenuation corrected by the model)."""
     n, nz, vox = 24, 8, 12.0
-    cyl_r, orbit, sensitivity = 110.0, _orbit(30, 150.0), 9.0
+    cyl_r, orbit, sensitivity = 110.0, _orbit(24, 150.0), 9.0
     inside, mu = _water_cylinder(n, nz, vox, cyl_r)
     act = np.where(inside, 2.0e4, 0.0)
     a_mbq = act.sum() * vox**3 / 1000 / 1e6
     expected = recon.project(act, mu, (vox,) * 3, orbit, _camera(sensitivity))
     counts = np.random.default_rng(12).poisson(expected)
-    image = recon.reconstruct_osem(counts, mu, (vox,) * 3, orbit, _camera(1.0), iterations=4, subsets=5)
+    image = recon.reconstruct_osem(counts, mu, (vox,) * 3, orbit, _camera(1.0), iterations=3, subsets=4)
     measured = image.sum() * vox**3 / 1000 / 1e6 / a_mbq  # cps/MBq
     n_air = a_mbq * sensitivity * orbit.frame_duration_s * len(orbit.angles_deg)
     assert measured == pytest.approx(sensitivity, rel=_total_tolerance(n_air, recon.mu_per_cm(WATER), cyl_r))
@@ -230,10 +235,9 @@ def test_the_default_patient_keeps_the_fast_camera() -> None:
     assert PhantomSettings.small().camera == "gaussian"
 
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("pytomography")
 def test_the_osem_camera_images_the_patients_total_activity() -> None:
-    """The small patient at 24 h on a coarse grid (10.8 mm), 30 views, OSEM 2 × 5: the reconstructed counts total the truth's counts
+    """The small patient at 24 h on a coarse grid (10.8 mm), 24 views, OSEM 2 × 4: the reconstructed counts total the truth's counts
     (``A × CF × T_acq × decay factor``) within 3 % (the project's target for the imaging chain, issue 11) plus
     4 σ of the counts (σ bound as in ``_total_tolerance``, for the deepest point of the half-size torso, ≤ 9 cm of
     tissue).  No scatter is simulated, so none is to be corrected; what remains is the CT's HU → μ against the
@@ -247,9 +251,9 @@ def test_the_osem_camera_images_the_patients_total_activity() -> None:
         spect_matrix=32,
         spect_slices=24,
         spect_voxel_mm=10.8,
-        acquisition=SpectAcquisition(frame_duration_ms=80_000, frames_in_rotation=15, angular_step_deg=12.0),
+        acquisition=SpectAcquisition(frame_duration_ms=100_000, frames_in_rotation=12, angular_step_deg=15.0),
         osem_iterations=2,
-        osem_subsets=5,
+        osem_subsets=4,
     )
     tp = simulate(st).timepoints[0]
     truth = float(tp.expected_counts.sum())
@@ -257,6 +261,9 @@ def test_the_osem_camera_images_the_patients_total_activity() -> None:
     tol = 0.03 - 0.02 + _total_tolerance(n_air, 1.06 * recon.mu_per_cm(WATER), depth_mm=90.0)
     assert float(tp.image.sum()) == pytest.approx(truth, rel=tol)
     assert tp.image.dtype == np.uint16
+    from voxeldose.phantom import _nm_series_description
+
+    assert _nm_series_description(st, 24.0) == "SPECT 177Lu 24h OSEM 2i4s AC RR SY-ME"
 
 
 def test_the_projection_camera_settings_change_uids_only_when_used() -> None:

@@ -821,6 +821,15 @@ def osem_counts(
     return counts * st.acquisition_duration_s  # bq_ml already holds the decay during the acquisition
 
 
+def _nm_series_description(st: PhantomSettings, hours: float) -> str:
+    """``SPECT 177Lu 24h``; with the projection camera the reconstruction as vendors state it (≤ 64 characters),
+    e.g. ``SPECT 177Lu 24h OSEM 4i8s AC RR SY-ME``."""
+    text = f"SPECT 177Lu {hours:.0f}h"
+    if st.camera == "osem":
+        text += f" OSEM {st.osem_iterations}i{st.osem_subsets}s AC RR {st.collimator}"
+    return text
+
+
 def _imaging_model(st: PhantomSettings) -> str | dict[str, Any]:
     """How the images were made, for truth.json."""
     if st.camera != "osem":
@@ -1099,7 +1108,7 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             nm_path,
             Volume(tp.image, grid.affine, for_uid, tp.units),
             ctx=ctx,
-            series=SeriesInfo(nm_uid, 1, f"SPECT 177Lu {tp.hours:.0f}h", for_uid, tp.acquisition_start),
+            series=SeriesInfo(nm_uid, 1, _nm_series_description(st, tp.hours), for_uid, tp.acquisition_start),
             injection=injection,
             acquisition=st.acquisition,
             pixel_mode=st.pixel_mode,

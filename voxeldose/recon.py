@@ -14,8 +14,8 @@ attenuated along its path to the detector (narrow-beam μ at the photopeak energ
 collimator–detector response for its distance ``d`` from the collimator face (a 2-D Gaussian whose FWHM is
 :meth:`Collimator.fwhm_mm`).  Scatter is not modelled (its counts would have to be added as an additive term).
 PyTomography's rotate-and-sum projector (Barrett & Myers, "Foundations of Image Science", 2004, ch. 17; the
-``SPECTSystemMatrix`` of Polson et al. 2023, "PyTomography: A Python library for medical image reconstruction",
-SoftwareX, doi:10.1016/j.softx.2024.102020) applies exactly this.
+``SPECTSystemMatrix`` of Polson et al., "PyTomography: A python library for medical image reconstruction",
+SoftwareX 29 (2025) 102020) applies exactly this.
 
 :func:`reconstruct_osem` inverts it with OSEM (Hudson & Larkin 1994, IEEE TMI 13:601) on the Poisson likelihood,
 with the same attenuation and resolution models, and divides by ``S·t_v`` and the voxel volume: Bq/ml at the
@@ -372,7 +372,8 @@ def reconstruct_osem(
     attenuation from ``mu`` (1/cm, on the output grid) and the camera's distance-dependent resolution.
 
     ``iterations × subsets`` sub-iterations from a uniform start; subsets take every ``subsets``-th view.
-    Clinical 177Lu protocols use few (e.g. 4 × 8 … 6 × 16): resolution is not converged, totals are.
+    Clinical 177Lu protocols use few (judgment: of the order of 4 × 8 … 6 × 16): resolution is not converged,
+    totals are.
     """
     g = np.asarray(projections, dtype=np.float32)
     mu = np.asarray(mu, dtype=np.float32)
