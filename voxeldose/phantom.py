@@ -1047,9 +1047,15 @@ truth/labels_spect.npy        VOI labels on the same grid (label -> name in trut
 
 Each imaging session is its own DICOM study (as in the clinic); all share the patient and the
 Radiopharmaceutical Information (injection date/time and activity), so they group into one cycle.
-Simplifications: uniform activity per VOI, Gaussian resolution, Poisson noise per voxel (real
-reconstruction noise is correlated), torso only, LED dose ignores photons and cross-fire.
+Simplifications: uniform activity per VOI, {camera_simplification}, torso only, LED dose ignores
+photons and cross-fire.
 """
+
+_CAMERA_SIMPLIFICATIONS = {
+    "gaussian": "Gaussian resolution, Poisson noise per voxel (real\nreconstruction noise is correlated)",
+    "osem": "projections without scatter (attenuation and collimator\nresponse only), reconstructed by OSEM "
+    "(truth.json: imaging_model)",
+}
 
 
 def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) -> PhantomManifest:
@@ -1251,6 +1257,7 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             mode=st.pixel_mode,
             cf=st.calibration_cps_per_mbq,
             tacq=t_acq,
+            camera_simplification=_CAMERA_SIMPLIFICATIONS[st.camera],
         )
     )
     timings["total"] = time.perf_counter() - t0
