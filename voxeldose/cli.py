@@ -1,6 +1,6 @@
 """The ``voxeldose`` command line.
 
-    voxeldose phantom --out DIR [--seed N] [--hours 4,24,96,168] [--bqml] [--small]
+    voxeldose phantom --out DIR [--seed N] [--hours 4,24,96,168] [--bqml] [--small] [--camera gaussian|osem]
     voxeldose inspect DIR [--json] [--injection-datetime ISO] [--activity-mbq A] [--nuclide Lu-177]
     voxeldose run DIR [DIR|FILE ...] --out OUT [--calibration CPS_PER_MBQ] [--method dvk|dvk-density|led]
                   [--fit auto|monoexp|biexp|triexp|trapezoid|stp] [--spec job.json]
@@ -78,6 +78,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ph.add_argument("--bqml", action="store_true", help="write SPECT as Bq/ml real-world values instead of counts")
     ph.add_argument("--small", action="store_true", help="a coarse, fast phantom (for tests)")
+    ph.add_argument(
+        "--camera",
+        choices=["gaussian", "osem"],
+        default="gaussian",
+        help="imaging model: gaussian (image-space blur + noise, fast; default) or osem (projections through the "
+        "attenuation with the collimator response, Poisson counts, OSEM; needs the 'recon' extra, minutes per time point)",
+    )
 
     ins = sub.add_parser("inspect", help="list patient, cycle, injection, time points, VOIs and problems")
     ins.add_argument("paths", nargs="+", type=Path, help="DICOM folders (recursive) or files")
@@ -164,7 +171,7 @@ def _injection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- commands
 def cmd_phantom(args: argparse.Namespace) -> int:
     settings = PhantomSettings.small() if args.small else PhantomSettings()
-    changes: dict[str, Any] = {"seed": args.seed}
+    changes: dict[str, Any] = {"seed": args.seed, "camera": args.camera}
     if args.hours is not None:
         changes["hours"] = args.hours
     if args.bqml:

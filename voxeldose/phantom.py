@@ -23,6 +23,16 @@ What is exact and what is a simplification
   attenuation/scatter residuals and partial-volume effects beyond a Gaussian blur: Poisson on voxel
   counts is a deliberate simplification.  The blur conserves counts: every VOI lies well inside the
   field of view.
+* ``camera="osem"`` images it the way a camera does instead (:mod:`voxeldose.recon`, PyTomography, the
+  ``recon`` extra): the activity (times the decay factor above) is projected through the *true* attenuation
+  of the time point's anatomy (each tissue's density × the μ/ρ of water, or of ICRP cortical bone for bone, at
+  208 keV) with the distance-dependent response of ``collimator`` on a circular orbit of
+  ``2 × frames_in_rotation`` views (a dual-head camera), each head detecting ``CF/2`` counts per second per MBq
+  in air (so the projections hold the counts the Gaussian model's image holds); the projections get Poisson
+  noise, and OSEM (``osem_iterations × osem_subsets``) reconstructs them with attenuation from the noise-free
+  CT numbers on the SPECT grid (bilinear HU → μ, :func:`voxeldose.recon.hu_to_mu_per_cm`) and the same
+  collimator model.  No scatter.  The image is converted back to counts with the same CF.  ``expected_counts``
+  is then the truth itself in counts (no blur).
 * The torso is the whole phantom: activity in the head and limbs is not modelled, so the sum of
   VOI activities is the *torso* activity, below the injected activity (the rest is "outside the
   phantom" or excreted).
@@ -140,6 +150,18 @@ class PhantomSettings:
     #: Reconstructed spatial resolution (Gaussian FWHM), mm.  Judgment: ~10–12 mm is typical of
     #: OSEM with resolution recovery at 208 keV with a medium-energy collimator.
     fwhm_mm: float = 11.0
+    #: Imaging model: ``"gaussian"`` (image-space blur of ``fwhm_mm`` and Poisson voxel noise: fast, the default)
+    #: or ``"osem"`` (projections, Poisson counts and OSEM with PyTomography: needs the ``recon`` extra; see
+    #: the module docstring).  ``fwhm_mm`` applies to ``"gaussian"`` only.
+    camera: Literal["gaussian", "osem"] = "gaussian"
+    #: ``"osem"``: the collimator (a code of :data:`voxeldose.recon.COLLIMATORS`; Siemens ME by default).
+    collimator: str = "SY-ME"
+    #: ``"osem"``: iterations × subsets.  4 × 8 is in the range of vendor 177Lu protocols (judgment).
+    osem_iterations: int = 4
+    osem_subsets: int = 8
+    #: ``"osem"``: collimator-face distance from the rotation axis, mm (a circular orbit); raised to half the
+    #: SPECT grid's width when the grid is wider.
+    orbit_radius_mm: float = 250.0
     #: System volume sensitivity, reconstructed counts per second per MBq.  5.67 ± 0.08 cps/MBq was
     #: measured for 177Lu SPECT/CT (208 keV, medium-energy collimator) by Santoro et al. 2018,
     #: "Implementation of patient dosimetry in the clinical practice after targeted radiotherapy
@@ -205,8 +227,19 @@ class PhantomSettings:
         return self.acquisition.frame_duration_ms / 1000.0 * self.acquisition.frames_in_rotation
 
     def fingerprint(self) -> str:
-        """A short hash of all settings: part of every UID's entropy."""
-        return hashlib.sha256(json.dumps(_jsonable(dataclasses.asdict(self)), sort_keys=True).encode()).hexdigest()[:16]
+        """A short hash of all settings: part of every UID's entropy.
+
+        The projection camera's settings count only when it is used, so that a Gaussian-camera patient keeps the
+        UIDs it had before they existed.
+        """
+        d = dataclasses.asdict(self)
+        if self.camera == "gaussian":
+            for name in _PROJECTION_CAMERA_FIELDS:
+                del d[name]
+        return hashlib.sha256(json.dumps(_jsonable(d), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_PROJECTION_CAMERA_FIELDS = ("camera", "collimator", "osem_iterations", "osem_subsets", "orbit_radius_mm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -746,6 +779,78 @@ class PhantomData:
         return sum(k.activity_bq(t_s, self.settings.injected_activity_bq, self.scale) for k in self.kinetics.values())
 
 
+def true_mu_per_cm(tissues: np.ndarray, energy_keV: float = 208.0) -> np.ndarray:
+    """The true linear attenuation coefficient (1/cm, float32) of each tissue class (:data:`TISSUES`) at
+    ``energy_keV``: its density × the mass attenuation coefficient of water (of ICRP cortical bone for cortical
+    bone, of dry air for air), from xraylib.  At 208 keV Compton scattering dominates, so μ/ρ of soft tissues
+    differs from water's by the electron density per gram only (≈ 1 %)."""
+    import xraylib  # loads its data tables on import: only when a coefficient is computed
+
+    ref = {"cortical_bone": "Bone, Cortical (ICRP)", "air": "Air, Dry (near sea level)"}
+    lut = np.array(
+        [
+            rho * xraylib.CS_Total_CP(ref.get(name, "Water, Liquid"), energy_keV)
+            for name, _hu, rho, _src in TISSUES.values()
+        ],
+        dtype=np.float32,
+    )
+    out: np.ndarray = lut[tissues]
+    return out
+
+
+def osem_counts(
+    st: PhantomSettings, grid: Grid, activity_bq: np.ndarray, transform: np.ndarray, df: float, rng: np.random.Generator
+) -> np.ndarray:
+    """The ``camera="osem"`` image of one time point, in reconstructed counts (float64; see the module docstring).
+
+    ``activity_bq``: Bq per voxel of ``grid`` at the start of the acquisition; ``df``: the decay factor during it.
+    """
+    from . import recon
+
+    acq = st.acquisition
+    camera = recon.Camera(recon.collimator(st.collimator), sensitivity_cps_per_mbq=st.calibration_cps_per_mbq / 2)
+    radius = max(st.orbit_radius_mm, st.spect_matrix * st.spect_voxel_mm / 2)
+    orbit = recon.Orbit.circular(2 * acq.frames_in_rotation, radius, acq.frame_duration_ms / 1000.0)
+    voxel = (st.spect_voxel_mm,) * 3
+    mu_true = true_mu_per_cm(tissues_on(grid, settings=st, transform=transform), camera.energy_keV)
+    expected = recon.project(activity_bq / grid.voxel_volume_ml * df, mu_true, voxel, orbit, camera)
+    g = rng.poisson(expected) if st.poisson_noise else expected
+    mu_ct = recon.hu_to_mu_per_cm(hu_on(grid, settings=st, transform=transform), camera.energy_keV)
+    bq_ml = recon.reconstruct_osem(g, mu_ct, voxel, orbit, camera, st.osem_iterations, st.osem_subsets)
+    counts: np.ndarray = np.maximum(bq_ml, 0.0) * grid.voxel_volume_ml / 1e6 * st.calibration_cps_per_mbq
+    return counts * st.acquisition_duration_s  # bq_ml already holds the decay during the acquisition
+
+
+def _nm_series_description(st: PhantomSettings, hours: float) -> str:
+    """``SPECT 177Lu 24h``; with the projection camera the reconstruction as vendors state it (≤ 64 characters),
+    e.g. ``SPECT 177Lu 24h OSEM 4i8s AC RR SY-ME``."""
+    text = f"SPECT 177Lu {hours:.0f}h"
+    if st.camera == "osem":
+        text += f" OSEM {st.osem_iterations}i{st.osem_subsets}s AC RR {st.collimator}"
+    return text
+
+
+def _imaging_model(st: PhantomSettings) -> str | dict[str, Any]:
+    """How the images were made, for truth.json."""
+    if st.camera != "osem":
+        return (
+            "counts = Poisson(gaussian_blur(A_voxel[MBq], FWHM) * CF * T_acq * (1-exp(-lambda T))/(lambda T)); "
+            "bqml = counts / (CF * T_acq * decay factor) / voxel ml * 1e6"
+        )
+    acq = st.acquisition
+    return {
+        "projections": "Poisson(project(A * decay factor, true mu at 208 keV, collimator response)), no scatter",
+        "reconstruction": "OSEM, attenuation from CT (bilinear HU to mu), collimator response modelled",
+        "collimator": st.collimator,
+        "views": 2 * acq.frames_in_rotation,
+        "orbit_radius_mm": max(st.orbit_radius_mm, st.spect_matrix * st.spect_voxel_mm / 2),
+        "sensitivity_per_head_cps_per_mbq": st.calibration_cps_per_mbq / 2,
+        "iterations": st.osem_iterations,
+        "subsets": st.osem_subsets,
+        "counts": "reconstructed Bq * decay factor [MBq] * CF * T_acq",
+    }
+
+
 def _decay_during_acquisition(lam: float, t_acq: float) -> float:
     x = lam * t_acq
     return 1.0 if x == 0 else (1.0 - math.exp(-x)) / x
@@ -814,21 +919,26 @@ def simulate(settings: PhantomSettings | None = None) -> PhantomData:
         acts = {name: float(k.activity_bq(t_s, a_inj, scale)) for name, k in kin.items()}
         act_img, _ = voxel_sums(grid, acts, settings=st, supersample=st.imaging_supersample, transform=tr)
         assert act_img is not None
-        if st.fwhm_mm > 0:
-            blurred = gaussian_filter(act_img, sigma=sigma_vox, mode="constant", cval=0.0, truncate=4.0)
-        else:  # ideal resolution (pipeline validation)
-            blurred = act_img.copy()
-        np.maximum(blurred, 0.0, out=blurred)
-        expected = blurred / 1e6 * cf * t_acq * df
         rng = np.random.default_rng(np.random.SeedSequence([int(st.seed), 202, n]))
-        counts = rng.poisson(expected) if st.poisson_noise else np.rint(expected).astype(np.int64)
+        counts: np.ndarray
+        if st.camera == "osem":
+            expected = act_img / 1e6 * cf * t_acq * df  # the truth in counts
+            counts = osem_counts(st, grid, act_img, tr, df, rng)
+        else:
+            if st.fwhm_mm > 0:
+                blurred = gaussian_filter(act_img, sigma=sigma_vox, mode="constant", cval=0.0, truncate=4.0)
+            else:  # ideal resolution (pipeline validation)
+                blurred = act_img.copy()
+            np.maximum(blurred, 0.0, out=blurred)
+            expected = blurred / 1e6 * cf * t_acq * df
+            counts = rng.poisson(expected) if st.poisson_noise else np.rint(expected).astype(np.int64)
         if counts.max() > 65535:
             raise ValueError(
                 f"time point {n + 1} ({h} h): {counts.max()} counts in a voxel do not fit uint16; "
                 "shorten the acquisition (frame_duration_ms) or lower the injected activity"
             )
         if st.pixel_mode == "counts":
-            image: np.ndarray = counts.astype(np.uint16)
+            image: np.ndarray = np.rint(counts).astype(np.uint16)
             units = "counts"
         else:
             image = counts / (cf * t_acq * df) / grid.voxel_volume_ml * 1e6  # Bq/ml at acq. start
@@ -937,9 +1047,15 @@ truth/labels_spect.npy        VOI labels on the same grid (label -> name in trut
 
 Each imaging session is its own DICOM study (as in the clinic); all share the patient and the
 Radiopharmaceutical Information (injection date/time and activity), so they group into one cycle.
-Simplifications: uniform activity per VOI, Gaussian resolution, Poisson noise per voxel (real
-reconstruction noise is correlated), torso only, LED dose ignores photons and cross-fire.
+Simplifications: uniform activity per VOI, {camera_simplification}, torso only, LED dose ignores
+photons and cross-fire.
 """
+
+_CAMERA_SIMPLIFICATIONS = {
+    "gaussian": "Gaussian resolution, Poisson noise per voxel (real\nreconstruction noise is correlated)",
+    "osem": "projections without scatter (attenuation and collimator\nresponse only), reconstructed by OSEM "
+    "(truth.json: imaging_model)",
+}
 
 
 def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) -> PhantomManifest:
@@ -998,7 +1114,7 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             nm_path,
             Volume(tp.image, grid.affine, for_uid, tp.units),
             ctx=ctx,
-            series=SeriesInfo(nm_uid, 1, f"SPECT 177Lu {tp.hours:.0f}h", for_uid, tp.acquisition_start),
+            series=SeriesInfo(nm_uid, 1, _nm_series_description(st, tp.hours), for_uid, tp.acquisition_start),
             injection=injection,
             acquisition=st.acquisition,
             pixel_mode=st.pixel_mode,
@@ -1099,10 +1215,8 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             "energy_window_keV": list(st.acquisition.energy_window_keV),
             "duration_s": t_acq,
         },
-        "imaging_model": (
-            "counts = Poisson(gaussian_blur(A_voxel[MBq], FWHM) * CF * T_acq * (1-exp(-lambda T))/(lambda T)); "
-            "bqml = counts / (CF * T_acq * decay factor) / voxel ml * 1e6"
-        ),
+        "imaging_model": _imaging_model(st),
+        "camera": st.camera,
         "fwhm_mm": st.fwhm_mm,
         "reference_spect_grid": {
             "shape_kji": list(g.shape),
@@ -1143,6 +1257,7 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             mode=st.pixel_mode,
             cf=st.calibration_cps_per_mbq,
             tacq=t_acq,
+            camera_simplification=_CAMERA_SIMPLIFICATIONS[st.camera],
         )
     )
     timings["total"] = time.perf_counter() - t0
