@@ -17,7 +17,8 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[service,test]'
+	$(PIP) install --quiet 'torch==2.13.0'  # the CPU build here; the 'recon' extra then takes no other torch
+	$(PIP) install --quiet -e '.[service,test,recon]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
