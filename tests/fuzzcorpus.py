@@ -154,11 +154,12 @@ def _acq_time(value: str) -> Mutation:
     return m
 
 
-def _in_radiopharmaceutical(keyword: str, value: object | None) -> Mutation:
-    """Set (or, with None, delete) an attribute of the Radiopharmaceutical Information Sequence's item."""
+def _in_item(sequence: str, keyword: str, value: object | None) -> Mutation:
+    """Set (or, with None, delete) an attribute of the first item of ``sequence`` (the Radiopharmaceutical
+    Information Sequence, the NM Detector Information Sequence…)."""
 
     def m(ds: Dataset, rng: random.Random) -> Dataset:
-        item = ds.RadiopharmaceuticalInformationSequence[0]
+        item = getattr(ds, sequence)[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if value is None:
@@ -169,23 +170,14 @@ def _in_radiopharmaceutical(keyword: str, value: object | None) -> Mutation:
         return ds
 
     return m
+
+
+def _in_radiopharmaceutical(keyword: str, value: object | None) -> Mutation:
+    return _in_item("RadiopharmaceuticalInformationSequence", keyword, value)
 
 
 def _in_detector(keyword: str, value: object | None) -> Mutation:
-    """Set (or delete) an attribute of the NM Detector Information Sequence's item (ImagePositionPatient…)."""
-
-    def m(ds: Dataset, rng: random.Random) -> Dataset:
-        item = ds.DetectorInformationSequence[0]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if value is None:
-                if keyword in item:
-                    delattr(item, keyword)
-            else:
-                setattr(item, keyword, value)
-        return ds
-
-    return m
+    return _in_item("DetectorInformationSequence", keyword, value)
 
 
 def _huge_matrix(ds: Dataset, rng: random.Random) -> Dataset:
