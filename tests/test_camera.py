@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
-from voxeldose.camera import CameraIdentity, CameraProfile, RecoveryFit
+from voxeldose.camera import CameraIdentity, CameraProfile, RecoveryFit, identity_from_dataset
 from voxeldose.errors import VoxeldoseError
 
 IDENTITY = CameraIdentity(
@@ -82,3 +84,37 @@ def test_profile_round_trip_and_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "notjson.json").write_text("{")
     with pytest.raises(VoxeldoseError, match="cannot read"):
         CameraProfile.load(tmp_path / "notjson.json")
+
+
+def _nm(**kw: object) -> Dataset:
+    ds = Dataset()
+    ds.Manufacturer = "SIEMENS NM"
+    ds.ManufacturerModelName = "Symbia Intevo 16"
+    ds.DeviceSerialNumber = "1234"
+    det = Dataset()
+    det.CollimatorGridName = "MELP"
+    ds.DetectorInformationSequence = Sequence([det])
+    rng = Dataset()
+    rng.EnergyWindowLowerLimit = "187.2"
+    rng.EnergyWindowUpperLimit = "228.8"
+    win = Dataset()
+    win.EnergyWindowRangeSequence = Sequence([rng])
+    ds.EnergyWindowInformationSequence = Sequence([win])
+    ds.ReconstructionMethod = "OSEM 4i8s AC RR"
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def test_identity_from_the_headers_a_camera_writes() -> None:
+    assert identity_from_dataset(_nm()) == IDENTITY
+
+
+def test_identity_without_manufacturer_or_with_a_bad_window_is_a_clear_error() -> None:
+    with pytest.raises(VoxeldoseError, match=r"ManufacturerModelName \(0008,1090\)") as exc:
+        identity_from_dataset(_nm(ManufacturerModelName=""), "spect/1.dcm")
+    assert "spect/1.dcm" in str(exc.value)
+    ds = _nm()
+    ds.EnergyWindowInformationSequence[0].EnergyWindowRangeSequence[0].EnergyWindowLowerLimit = "300"
+    with pytest.raises(VoxeldoseError, match=r"EnergyWindowLowerLimit \(0054,0014\)"):
+        identity_from_dataset(ds)

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydicom.dataset import Dataset
 
+from .dicomutil import tag_label
 from .errors import VoxeldoseError
 
 #: The ``schema`` value of every camera profile this version writes.
@@ -173,3 +175,55 @@ class CameraProfile(_Model):
                 tag=field,
                 expected=CAMERA_SCHEMA_VERSION,
             ) from None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = " ".join(str(value).split()) if value is not None else ""
+    return text or None
+
+
+def identity_from_dataset(ds: Dataset, path: str | Path | None = None) -> CameraIdentity:
+    """The camera identity a SPECT (NM) object's headers state (see :class:`CameraIdentity` for the tags).
+
+    Manufacturer and ManufacturerModelName are required (a camera cannot be recognised without them); the
+    serial number, the collimator (first item of the Detector Information Sequence), the photopeak window
+    (first item of the Energy Window Information Sequence) and ReconstructionMethod (0054,1103) are taken
+    when present.  A window whose limits are not numbers with 0 < lower < upper is an error.
+    """
+    manufacturer, model = _text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName")
+    for keyword, value in (("Manufacturer", manufacturer), ("ManufacturerModelName", model)):
+        if value is None:
+            raise VoxeldoseError(
+                "the SPECT does not say which camera made it", path=path, tag=tag_label(keyword), expected="a value"
+            )
+    assert manufacturer is not None and model is not None
+    collimator = None
+    detectors = ds.get("DetectorInformationSequence") or []
+    if len(detectors):
+        collimator = _text(detectors[0], "CollimatorGridName")
+    window: tuple[float, float] | None = None
+    windows = ds.get("EnergyWindowInformationSequence") or []
+    ranges = (windows[0].get("EnergyWindowRangeSequence") or []) if len(windows) else []
+    if len(ranges):
+        lo, hi = ranges[0].get("EnergyWindowLowerLimit"), ranges[0].get("EnergyWindowUpperLimit")
+        try:
+            window = (float(lo), float(hi))
+        except (TypeError, ValueError):
+            window = None
+        if window is None or not 0 < window[0] < window[1]:
+            raise VoxeldoseError(
+                "the photopeak window's limits are not usable",
+                path=path,
+                tag=f"{tag_label('EnergyWindowLowerLimit')} / {tag_label('EnergyWindowUpperLimit')}",
+                expected="numbers in keV with 0 < lower < upper",
+                found=(lo, hi),
+            )
+    return CameraIdentity(
+        manufacturer=manufacturer,
+        model=model,
+        device_serial_number=_text(ds, "DeviceSerialNumber"),
+        collimator=collimator,
+        energy_window_kev=window,
+        reconstruction=_text(ds, "ReconstructionMethod"),
+    )
