@@ -272,3 +272,28 @@ def test_cameras_page_lists_uploads_and_retires(site: Any) -> None:
     r = client.post("/cameras", files={"profile": ("camera.json", body, "application/json")})
     assert r.status_code == 403
     assert len(store.list_camera_profiles()) == 1
+
+
+def test_an_upload_takes_the_profile_unless_it_gives_a_calibration(site: Any, small_phantom: dict) -> None:
+    store, tokens, client = site
+    root = Path(small_phantom["dicom"])
+    files = [
+        ("files", (str(p.relative_to(root)), p.read_bytes(), "application/dicom")) for p in sorted(root.rglob("*.dcm"))
+    ]
+    h = {"Authorization": f"Bearer {tokens['submitter']}"}
+    r = client.post("/v1/jobs", files=files, headers=h)
+    assert r.status_code == 422 and r.json()["tag"] == "calibration.cps_per_mbq"
+    assert "camera profile registered for camera voxeldose voxeldose and Lu-177" in r.json()["expected"]
+
+    p = register_profile(store, profile_data("P", sensitivity=5.67), "phys-1")
+    r = client.post("/v1/jobs", files=files, headers=h)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["spec"]["calibration"] == {"cps_per_mbq": 5.67, "source": f"camera profile P (id {p.id})"}
+    assert job["camera_profile_id"] == p.id
+
+    given = {"calibration": {"cps_per_mbq": 6.0}}
+    r = client.post("/v1/jobs", files=files, data={"spec": json.dumps(given)}, headers=h)
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["calibration"] == {"cps_per_mbq": 6.0, "source": None}
+    assert r.json()["camera_profile_id"] == p.id and "kept" in r.json()["camera_match"]
