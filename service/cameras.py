@@ -134,8 +134,9 @@ def apply_profile(fields: Mapping[str, Any], match: CameraMatch) -> tuple[dict[s
         cal = dict(out.get("calibration") or {})
         cal.update(cps_per_mbq=match.record.profile.sensitivity_cps_per_mbq, source=match.source)
         out["calibration"] = cal
-    # When JobSpec gains ``camera`` (the profile for partial-volume correction), set it here:
-    #     out["camera"] = match.record.profile.model_dump(mode="json", by_alias=True)
+    # When JobSpec gains ``camera`` (the profile for partial-volume correction), set it here (a profile given
+    # inline with the job wins, like a calibration):
+    #     out.setdefault("camera", match.record.profile.model_dump(mode="json", by_alias=True))
     return out, match.note(taken)
 
 
