@@ -116,6 +116,9 @@ def spect_camera(cycle: Cycle, profiles: Sequence[CameraRecord]) -> SpectCamera:
         identity = identity_from_dataset(first.first, first.instances[0].path)
     except VoxeldoseError as err:
         return SpectCamera(None, counts, None, f"{err.reason} ({err.tag})" if err.tag else err.reason)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:  # a damaged sequence, a wrong VR
+        log.info("the SPECT's camera headers cannot be read (%s)", type(exc).__name__)
+        return SpectCamera(None, counts, None, "its camera headers cannot be read")
     return SpectCamera(identity, counts, pick_profile(identity, cycle.injection.nuclide, profiles))
 
 

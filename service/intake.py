@@ -373,7 +373,7 @@ def validate_and_commit(
                         tag="calibration.cps_per_mbq",
                         expected="the camera's volume sensitivity in cps/MBq in the job: "
                         '{"calibration": {"cps_per_mbq": …}}, or a camera profile registered for camera '
-                        f"{camera.label} and {cycle.injection.nuclide} (POST /v1/cameras)",
+                        f"{camera.label} and {cycle.injection.nuclide} (the Cameras page, or POST to the API's v1/cameras)",
                     )
     except VoxeldoseError as err:
         raise _relativise(err, received.tmp) from None

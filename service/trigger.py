@@ -406,8 +406,9 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
             assert cam is not None
             reason = (
                 f"cannot start: the SPECT holds raw counts and no calibration factor was given: {WAITING_MARK} "
-                f"{cam.label} and {c.nuclide} by the deadline of {deadline_h:g} h (register its camera profile: "
-                "POST /v1/cameras, and the cycle starts; or set calibration.cps_per_mbq in trigger_spec)"
+                f"{cam.label} and {c.nuclide} by the deadline of {deadline_h:g} h (register the camera's profile on the "
+                "Cameras page or with POST to the API's v1/cameras, and the cycle starts; or set "
+                "calibration.cps_per_mbq in trigger_spec)"
             )
             out.append(RecordCycle(c.key, c.injection, "error", reason, n_tp))
             continue

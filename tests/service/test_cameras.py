@@ -186,7 +186,8 @@ def test_at_the_deadline_an_uncalibrated_cycle_is_an_error_until_a_profile_arriv
     [out] = trigger.tick(later)
     assert out.state == "error"
     assert "raw counts" in out.reason and "no calibration for camera voxeldose voxeldose" in out.reason
-    assert "POST /v1/cameras" in out.reason
+    row = store.get_trigger_cycle(out.cycle_key)  # as GET /v1/dicom/cycles shows it
+    assert row is not None and row["state"] == "error" and "POST to the API's v1/cameras" in (row["reason"] or "")
     assert store.list_jobs()[1] == 0
     register_profile(store, profile_data(), "phys-1")
     [started] = trigger.tick(later)
@@ -283,7 +284,9 @@ def test_an_upload_takes_the_profile_unless_it_gives_a_calibration(site: Any, sm
     h = {"Authorization": f"Bearer {tokens['submitter']}"}
     r = client.post("/v1/jobs", files=files, headers=h)
     assert r.status_code == 422 and r.json()["tag"] == "calibration.cps_per_mbq"
-    assert "camera profile registered for camera voxeldose voxeldose and Lu-177" in r.json()["expected"]
+    expected = r.json()["expected"]
+    assert "camera profile registered for camera voxeldose voxeldose and Lu-177" in expected
+    assert "POST to the API's v1/cameras" in expected
 
     p = register_profile(store, profile_data("P", sensitivity=5.67), "phys-1")
     r = client.post("/v1/jobs", files=files, headers=h)
@@ -297,3 +300,26 @@ def test_an_upload_takes_the_profile_unless_it_gives_a_calibration(site: Any, sm
     assert r.status_code == 202, r.text
     assert r.json()["spec"]["calibration"] == {"cps_per_mbq": 6.0, "source": None}
     assert r.json()["camera_profile_id"] == p.id and "kept" in r.json()["camera_match"]
+
+
+def test_a_spect_that_does_not_name_its_camera_waits_saying_so(
+    make_settings: Any, store: Store, small_phantom: dict, tmp_path: Path
+) -> None:
+    """No Manufacturer (0008,0070) in the SPECT: no profile can match; the reason says what the headers lack."""
+    settings, node, trigger = _node(make_settings, store)
+    register_profile(store, profile_data(), "phys-1")
+    root = Path(small_phantom["dicom"])
+    files = []
+    for f in _phantom_files(small_phantom):
+        ds = pydicom.dcmread(f)
+        if ds.Modality == "NM":
+            del ds.Manufacturer
+        out = tmp_path / "copy" / f.relative_to(root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out, enforce_file_format=True)
+        files.append(out)
+    _receive(node, files)
+    [out] = trigger.tick(utcnow() + timedelta(seconds=QUIET_S + 2))
+    assert out.state == "waiting" and "no calibration for camera (not named by the SPECT" in out.reason, out.reason
+    assert "(0008,0070)" in out.reason
+    assert store.list_jobs()[1] == 0
