@@ -155,12 +155,61 @@ def invalid_profile(detail: str, tag: str | None, expected: str | None = None) -
     )
 
 
+#: The longest text the store keeps for a profile's name, manufacturer, model and serial number (characters).
+MAX_TEXT = 200
+#: The longest nuclide name (ICRP-107 names are a few characters).
+MAX_NUCLIDE = 32
+
+
+def _bad_text(data: object, where: str = "") -> str | None:
+    """The field of the first text in ``data`` (parsed JSON) that a database cannot keep: a lone surrogate (not
+    Unicode) or a NUL character."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "(top level)"
+        return (where or "(top level)") if "\x00" in data else None
+    items: list[tuple[str, object]] = []
+    if isinstance(data, dict):
+        items = [(str(k), k) for k in data] + [(str(k), v) for k, v in data.items()]
+    elif isinstance(data, list):
+        items = [(str(n), v) for n, v in enumerate(data)]
+    for key, value in items:
+        found = _bad_text(value, f"{where}.{key}" if where else key)
+        if found is not None:
+            return found
+    return None
+
+
 def parse_profile(data: object) -> CameraProfile:
     """A ``camera.json`` (parsed JSON) as a profile a job can use, or a refusal naming the field."""
+    bad = _bad_text(data)
+    if bad is not None:
+        raise invalid_profile("text that is not valid Unicode, or holds a NUL character", bad, "UTF-8 text")
     try:
         profile = CameraProfile.from_data(data)
     except VoxeldoseError as err:
         raise invalid_profile(err.reason, err.tag, err.expected) from None
+    ident = profile.identity
+    for field, value, limit in (
+        ("name", profile.name, MAX_TEXT),
+        ("nuclide", profile.nuclide, MAX_NUCLIDE),
+        ("identity.manufacturer", ident.manufacturer, MAX_TEXT),
+        ("identity.model", ident.model, MAX_TEXT),
+        ("identity.device_serial_number", ident.device_serial_number or "", MAX_TEXT),
+    ):
+        if len(value) > limit:
+            raise invalid_profile(f"{field} is longer than {limit} characters", field, f"at most {limit} characters")
+    if not profile.name.strip() or not ident.manufacturer.strip() or not ident.model.strip():
+        field = (
+            "name"
+            if not profile.name.strip()
+            else "identity.manufacturer"
+            if not ident.manufacturer.strip()
+            else "identity.model"
+        )
+        raise invalid_profile(f"{field} is empty", field, "a name")
     try:  # a job takes its sensitivity as calibration.cps_per_mbq: the bounds of that field apply
         Calibration(cps_per_mbq=profile.sensitivity_cps_per_mbq)
     except ValidationError as exc:

@@ -220,6 +220,17 @@ def test_an_invalid_profile_is_refused_naming_the_field(store: Store) -> None:
     with pytest.raises(ServiceError) as e:
         register_profile(store, bad, "phys-1")
     assert e.value.extra["tag"] == "identity.model"
+    # what a database cannot keep, or keeps cut: a clear refusal naming the field, never a server error
+    for bad, tag in (
+        (profile_data(name="SPECT\x00 1"), "name"),
+        (profile_data(model="Symbia \ud800"), "identity.model"),
+        (profile_data(model="x" * 201), "identity.model"),
+        (profile_data(name="  "), "name"),
+        ({**profile_data(), "nuclide": "L" * 33}, "nuclide"),
+    ):
+        with pytest.raises(ServiceError) as e:
+            register_profile(store, bad, "phys-1")
+        assert e.value.extra["tag"] == tag, (tag, e.value.detail)
     assert store.list_camera_profiles() == []
 
 
