@@ -401,26 +401,28 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
             continue
         # raw counts need a calibration: the site's (trigger_spec) or a registered camera profile's
         cam = c.camera
-        uncalibrated = cam is not None and cam.counts and cam.match is None and not calibration_given(rules.spec)
-        if uncalibrated and past_deadline and c.has_vois and c.timepoints:
-            assert cam is not None
+        uncalibrated = (
+            cam.label
+            if cam is not None and cam.counts and cam.match is None and not calibration_given(rules.spec)
+            else None
+        )  # the camera that has no calibration
+        if uncalibrated is not None and past_deadline and c.has_vois and c.timepoints:
             reason = (
                 f"cannot start: the SPECT holds raw counts and no calibration factor was given: {WAITING_MARK} "
-                f"{cam.label} and {c.nuclide} by the deadline of {deadline_h:g} h (register the camera's profile on the "
+                f"{uncalibrated} and {c.nuclide} by the deadline of {deadline_h:g} h (register the camera's profile on the "
                 "Cameras page or with POST to the API's v1/cameras, and the cycle starts; or set "
                 "calibration.cps_per_mbq in trigger_spec)"
             )
             out.append(RecordCycle(c.key, c.injection, "error", reason, n_tp))
             continue
-        complete = n_tp >= rules.min_timepoints and c.has_vois and not uncalibrated
+        complete = n_tp >= rules.min_timepoints and c.has_vois and uncalibrated is None
         missing: list[str] = []
         if n_tp < rules.min_timepoints:
             missing.append(f"{n_tp} of {rules.min_timepoints} SPECT time points with their CT")
         if not c.has_vois:
             missing.append("no RTSTRUCT or SEG on a time point's frame of reference")
-        if uncalibrated:
-            assert cam is not None
-            missing.append(f"{WAITING_MARK} {cam.label}")
+        if uncalibrated is not None:
+            missing.append(f"{WAITING_MARK} {uncalibrated}")
         if not complete and not (past_deadline and c.has_vois and c.timepoints):
             reason = "waiting: " + "; ".join(missing)
             if past_deadline:  # the deadline could not start it either: wait for data, not for the clock

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from markupsafe import Markup, escape
@@ -406,7 +406,11 @@ async def camera_upload(request: Request, who: Principal | None = Depends(page_p
 
 
 @router.post("/cameras/{profile_id}/retire")
-def camera_retire(request: Request, profile_id: int, who: Principal | None = Depends(page_principal)) -> Response:
+def camera_retire(
+    request: Request,
+    profile_id: int = Path(ge=1, le=2**31 - 1),
+    who: Principal | None = Depends(page_principal),
+) -> Response:
     if who is None:
         return _login_redirect(request)
     _may_edit_cameras(who)
