@@ -305,6 +305,8 @@ def test_an_upload_takes_the_profile_unless_it_gives_a_calibration(site: Any, sm
     job = r.json()
     assert job["spec"]["calibration"] == {"cps_per_mbq": 5.67, "source": f"camera profile P (id {p.id})"}
     assert job["camera_profile_id"] == p.id
+    page = client.get(f"/jobs/{job['id']}", headers=h).text  # the job's page names the profile too
+    assert f'<dd id="camera-match">camera profile P (id {p.id})</dd>' in page
 
     given = {"calibration": {"cps_per_mbq": 6.0}}
     r = client.post("/v1/jobs", files=files, data={"spec": json.dumps(given)}, headers=h)
