@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from voxeldose.camera import CameraIdentity, CameraProfile, identity_from_dataset
 from voxeldose.errors import VoxeldoseError
 from voxeldose.ingest import Cycle, spect_pixel_mode
+from voxeldose.nuclides import canonical_name, require_supported
 from voxeldose.spec import Calibration
 
 from .errors import ErrorKind, ServiceError
@@ -43,11 +44,6 @@ def camera_label(identity: CameraIdentity) -> str:
     if identity.device_serial_number:
         parts.append(identity.device_serial_number)
     return " ".join(parts)
-
-
-def _nuclide_key(name: str) -> str:
-    """``Lu-177``, ``lu177`` and ``LU 177`` are one nuclide."""
-    return "".join(ch for ch in name.casefold() if ch.isalnum())
 
 
 @dataclass(frozen=True)
@@ -91,11 +87,11 @@ class SpectCamera:
 
 def pick_profile(identity: CameraIdentity, nuclide: str, profiles: Sequence[CameraRecord]) -> CameraMatch | None:
     """The newest active profile for this camera identity and nuclide (None when none matches)."""
-    key = _nuclide_key(nuclide)
+    key = canonical_name(nuclide)  # "Lu-177", "lu177" and "177Lu" are one nuclide
     found = [
         r
         for r in profiles
-        if r.active and _nuclide_key(r.profile.nuclide) == key and not r.profile.identity.mismatches(identity)
+        if r.active and canonical_name(r.profile.nuclide) == key and not r.profile.identity.mismatches(identity)
     ]
     if not found:
         return None
@@ -210,6 +206,10 @@ def parse_profile(data: object) -> CameraProfile:
             else "identity.model"
         )
         raise invalid_profile(f"{field} is empty", field, "a name")
+    try:
+        require_supported(profile.nuclide, tag="nuclide")
+    except VoxeldoseError as err:
+        raise invalid_profile(err.reason, "nuclide", err.expected) from None
     try:  # a job takes its sensitivity as calibration.cps_per_mbq: the bounds of that field apply
         Calibration(cps_per_mbq=profile.sensitivity_cps_per_mbq)
     except ValidationError as exc:

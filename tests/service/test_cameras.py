@@ -118,7 +118,7 @@ def test_matching_takes_the_newest_active_profile_of_the_camera_and_nuclide() ->
     assert found is not None and found.record.id == 2 and found.matching == 2
     assert found.source == "camera profile new (id 2)"
     assert "newest of 2" in found.note(True)
-    assert pick_profile(SPECT, "lu177", [old]) is not None  # one nuclide, however it is written
+    assert pick_profile(SPECT, "177Lu", [old]) is not None  # one nuclide, however it is written
     assert pick_profile(SPECT, "Y-90", [old, new]) is None
     assert pick_profile(SPECT, "Lu-177", [retired, other_serial, other_window]) is None
 
@@ -227,6 +227,7 @@ def test_an_invalid_profile_is_refused_naming_the_field(store: Store) -> None:
         (profile_data(model="x" * 201), "identity.model"),
         (profile_data(name="  "), "name"),
         ({**profile_data(), "nuclide": "L" * 33}, "nuclide"),
+        ({**profile_data(), "nuclide": "Y-90"}, "nuclide"),  # no job could use it: voxeldose doses Lu-177
     ):
         with pytest.raises(ServiceError) as e:
             register_profile(store, bad, "phys-1")
