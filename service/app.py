@@ -20,7 +20,7 @@ from .dispatcher import Dispatcher
 from .metrics import Metrics, RequestMetricsMiddleware
 from .store import Store
 from .trigger import Trigger
-from .web import dicom, dicomweb, health, jobs, pages, patients, problems
+from .web import cameras, dicom, dicomweb, health, jobs, pages, patients, problems
 
 log = logging.getLogger("service.app")
 
@@ -64,6 +64,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(dicomweb.router)
     app.include_router(dicom.router)
+    app.include_router(cameras.router)
     app.include_router(pages.router)
     # outermost last: metrics see the final status, the guard turns anything unexpected into a 500 problem
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)

@@ -39,9 +39,10 @@ from voxeldose.spec import JobSpec, check_json_depth
 from voxeldose.voi import read_structure_set
 
 from . import scratch
+from .cameras import apply_profile, spect_camera
 from .config import Settings
 from .errors import ErrorKind, IntakeError
-from .store import InstanceRecord, without_paths
+from .store import CameraRecord, InstanceRecord, without_paths
 
 MB = 1024 * 1024
 TMP_PREFIX = ".tmp-"
@@ -268,6 +269,8 @@ class Accepted:
     patient_id: str
     spec: dict[str, Any]
     instances: int
+    camera_profile_id: int | None = None  # the camera profile the job took (issue 12)
+    camera_match: str | None = None  # which, and how it was chosen
 
 
 def check_nesting(text: str, what: str) -> None:
@@ -323,10 +326,15 @@ def _relativise(err: VoxeldoseError, tmp: Path) -> VoxeldoseError:
     return err
 
 
-def validate_and_commit(received: Received, fields: dict[str, Any], settings: Settings) -> Accepted:
+def validate_and_commit(
+    received: Received, fields: dict[str, Any], settings: Settings, profiles: Sequence[CameraRecord] = ()
+) -> Accepted:
     """Check the files (blocking: call in a thread); on success rename the temp folder to
     ``incoming/<upload-id>/``.  Raises IntakeError / VoxeldoseError / pydantic's ValidationError otherwise —
-    the caller then removes ``received.tmp``."""
+    the caller then removes ``received.tmp``.
+
+    ``profiles``: the registered camera profiles; the one matching the first SPECT's camera fills the job's
+    calibration unless ``fields`` gives one (:func:`service.cameras.apply_profile`)."""
     upload_id = uuid.uuid4().hex
     final = incoming_dir(settings) / upload_id
     spec = build_spec(fields, final)
@@ -350,6 +358,11 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: Se
         late = scan_time_problems(cycle)
         if late:
             raise late[0]
+        camera = spect_camera(cycle, profiles)
+        note = None
+        if camera.match is not None:
+            fields, note = apply_profile(fields, camera.match)
+            spec = build_spec(fields, final)
         if spec.calibration.cps_per_mbq is None:
             for tp in cycle.timepoints:
                 if spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path) == "counts":
@@ -359,14 +372,25 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: Se
                         path=tp.spect.instances[0].path,
                         tag="calibration.cps_per_mbq",
                         expected="the camera's volume sensitivity in cps/MBq in the job: "
-                        '{"calibration": {"cps_per_mbq": …}}',
+                        '{"calibration": {"cps_per_mbq": …}}, or a camera profile registered for camera '
+                        f"{camera.label} and {cycle.injection.nuclide} (the Cameras page, or POST to the API's v1/cameras)",
                     )
     except VoxeldoseError as err:
         raise _relativise(err, received.tmp) from None
     fingerprint = input_fingerprint(cycle)  # the digest the pipeline records in provenance.inputs
     digest, n = fingerprint["sop_instance_uids_sha256"], fingerprint["sop_instances"]
     os.rename(received.tmp, final)  # atomic on one file system: the upload now exists, whole
-    return Accepted(upload_id, final, digest, cycle.patient_id, spec.model_dump(mode="json"), n)
+    match = camera.match
+    return Accepted(
+        upload_id,
+        final,
+        digest,
+        cycle.patient_id,
+        spec.model_dump(mode="json"),
+        n,
+        camera_profile_id=match.record.id if match is not None else None,
+        camera_match=note,
+    )
 
 
 class InstanceSource(Protocol):

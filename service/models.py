@@ -79,6 +79,9 @@ class Job(Base):
     cycle_key: Mapped[str | None] = mapped_column(String(64))
     version: Mapped[int | None] = mapped_column(Integer)
     supersedes: Mapped[str | None] = mapped_column(String(32))
+    # the camera profile whose calibration the job took (migration 0005), and how it was chosen
+    camera_profile_id: Mapped[int | None] = mapped_column(Integer)
+    camera_match: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_jobs_cycle", "cycle_key", "version"),
@@ -100,6 +103,28 @@ class IdempotencyKey(Base):
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))  # None: unknown (a job from before 0004)
     job_id: Mapped[str] = mapped_column(String(32), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class CameraProfileRow(Base):
+    """A registered camera profile (``camera.json``, :class:`voxeldose.camera.CameraProfile`).  Never deleted:
+    a profile a job used is retired (``active`` false), so the job's record still names what it used."""
+
+    __tablename__ = "camera_profiles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    nuclide: Mapped[str] = mapped_column(String(32), nullable=False)
+    manufacturer: Mapped[str] = mapped_column(String(200), nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
+    device_serial_number: Mapped[str | None] = mapped_column(String(200))
+    profile: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    retired_by: Mapped[str | None] = mapped_column(String(128))
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_camera_profiles_active", "active", "created_at"),)
 
 
 class Token(Base):

@@ -19,6 +19,12 @@ When does a cycle start a job?  (the rule, in the order it is checked)
    time point the job uses the single-time-point method (``fit.model = "stp"``);
 3. otherwise the cycle waits; why is recorded (``GET /v1/dicom/cycles``).
 
+A SPECT of raw counts needs a calibration: the site's (``calibration`` in ``trigger_spec``) or the registered
+camera profile matching its camera (:mod:`service.cameras`, which also fills the job's calibration when
+``trigger_spec`` has none).  Without either the cycle is not complete: it waits ("no calibration for camera
+<manufacturer> <model> <serial>"), and at the deadline it is an error saying so rather than a job that would
+fail; registering a matching profile looks at those cycles again, and they start.
+
 The input set of a job is exactly the cycle's series at that moment (hard links in
 ``incoming/node-…``, so later arrivals never change it), fingerprinted by
 :func:`voxeldose.pipeline.input_fingerprint`.  **The same input set never starts two jobs** (whatever
@@ -59,10 +65,21 @@ from voxeldose.pipeline import input_fingerprint
 from voxeldose.summary import Summary
 
 from . import scratch
+from .cameras import WAITING_MARK, CameraMatch, SpectCamera, apply_profile, calibration_given, spect_camera
 from .config import Settings
 from .intake import TMP_PREFIX, link_files
 from .models import utcnow
-from .store import ACTIVE_STATES, CycleUpdate, JobRecord, NewJob, Store, TriggerWrites, spec_hash, without_paths
+from .store import (
+    ACTIVE_STATES,
+    CameraRecord,
+    CycleUpdate,
+    JobRecord,
+    NewJob,
+    Store,
+    TriggerWrites,
+    spec_hash,
+    without_paths,
+)
 
 log = logging.getLogger("service.trigger")
 
@@ -199,6 +216,8 @@ class CycleFacts:
     first_seen_at: datetime | None = None  # when the trigger first saw it (None: now)
     jobs: tuple[JobFacts, ...] = ()  # its node-started jobs, oldest version first
     same_input_jobs: tuple[JobFacts, ...] = ()  # every job ever created for this input set, oldest first
+    camera: SpectCamera | None = None  # its SPECT's camera and the profile it takes (None: not looked at)
+    nuclide: str = "Lu-177"  # the injected nuclide (ICRP-107 name)
 
 
 @dataclass(frozen=True)
@@ -260,11 +279,15 @@ class StartJob:
     how: str  # "complete", or the deadline reached
     missing: tuple[str, ...] = ()  # what the cycle lacks (a deadline start)
     same_images: bool = False  # the previous version had the same input set (the earlier cycles changed)
+    camera: CameraMatch | None = None  # the camera profile the job takes
+    camera_note: str | None = None  # which, and how it was chosen (the job record's ``camera_match``)
 
     def reason(self, job: JobRecord) -> str:
         text = (
             f"job {job.id} version {job.version or self.version} started ({self.how}; {self.timepoints} time point(s))"
         )
+        if self.camera_note:
+            text += f"; {self.camera_note}"
         if self.same_images:
             text += "; same images, but the earlier cycles changed (cycle number or their doses)"
         if self.missing:
@@ -376,12 +399,30 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
             reason = "cannot start: " + "; ".join(c.errors[:3])
             out.append(RecordCycle(c.key, c.injection, "error", reason, n_tp))
             continue
-        complete = n_tp >= rules.min_timepoints and c.has_vois
+        # raw counts need a calibration: the site's (trigger_spec) or a registered camera profile's
+        cam = c.camera
+        uncalibrated = (
+            cam.label
+            if cam is not None and cam.counts and cam.match is None and not calibration_given(rules.spec)
+            else None
+        )  # the camera that has no calibration
+        if uncalibrated is not None and past_deadline and c.has_vois and c.timepoints:
+            reason = (
+                f"cannot start: the SPECT holds raw counts and no calibration factor was given: {WAITING_MARK} "
+                f"{uncalibrated} and {c.nuclide} by the deadline of {deadline_h:g} h (register the camera's profile on the "
+                "Cameras page or with POST to the API's v1/cameras, and the cycle starts; or set "
+                "calibration.cps_per_mbq in trigger_spec)"
+            )
+            out.append(RecordCycle(c.key, c.injection, "error", reason, n_tp))
+            continue
+        complete = n_tp >= rules.min_timepoints and c.has_vois and uncalibrated is None
         missing: list[str] = []
         if n_tp < rules.min_timepoints:
             missing.append(f"{n_tp} of {rules.min_timepoints} SPECT time points with their CT")
         if not c.has_vois:
             missing.append("no RTSTRUCT or SEG on a time point's frame of reference")
+        if uncalibrated is not None:
+            missing.append(f"{WAITING_MARK} {uncalibrated}")
         if not complete and not (past_deadline and c.has_vois and c.timepoints):
             reason = "waiting: " + "; ".join(missing)
             if past_deadline:  # the deadline could not start it either: wait for data, not for the clock
@@ -398,6 +439,9 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
             out.append(RecheckAt(now + timedelta(seconds=RECHECK_S)))
             continue
         spec = copy.deepcopy(dict(rules.spec))
+        note = None
+        if cam is not None and cam.match is not None:
+            spec, note = apply_profile(spec, cam.match)
         if not complete and c.timepoints == 1:
             spec.setdefault("fit", {})["model"] = "stp"
         spec.update(patient_id=pid, cycle_number=numbers[_slot(numbers, c.injection)], earlier_cycles=earlier)
@@ -422,6 +466,8 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
                 how="complete" if complete else f"deadline of {deadline_h:g} h reached",
                 missing=tuple(missing) if not complete else (),
                 same_images=bool(previous) and previous[-1].input_hash == c.input_hash,
+                camera=cam.match if cam is not None else None,
+                camera_note=note,
             )
         )
         starting.add(c.key)
@@ -507,6 +553,7 @@ class Trigger:
             return PatientSnapshot(patient_id, now, rules, form_error=why)
         facts = []
         attached: set[int] = set()
+        profiles = self.store.active_camera_profiles()
         for c in cycles:
             series = [s for tp in c.timepoints for s in (tp.spect, tp.ct) if s is not None] + list(c.vois)
             files = {str(p) for s in series for p in s.paths}
@@ -520,7 +567,7 @@ class Trigger:
                 if of_file or series_of.get(p.path or "") in uids or study_of.get(p.path or "") in studies:
                     bad.append(name_series(p.message, series_of))
                     attached.add(n)
-            facts.append(self._cycle_facts(patient_id, c, [str(p) for s in series for p in s.paths], bad))
+            facts.append(self._cycle_facts(patient_id, c, [str(p) for s in series for p in s.paths], bad, profiles))
         unreadable = tuple(name_series(p.message, series_of) for n, p in enumerate(errors) if n not in attached)
         results = [_earlier_cycle_facts(job.summary()) for job in self.store.patient_jobs(patient_id)]
         return PatientSnapshot(
@@ -532,7 +579,9 @@ class Trigger:
             unreadable=unreadable,
         )
 
-    def _cycle_facts(self, patient_id: str, c: Cycle, paths: list[str], errors: list[str]) -> CycleFacts:
+    def _cycle_facts(
+        self, patient_id: str, c: Cycle, paths: list[str], errors: list[str], profiles: Sequence[CameraRecord]
+    ) -> CycleFacts:
         key = cycle_key(patient_id, c.injection.start)
         row = self.store.get_trigger_cycle(key)
         digest = input_fingerprint(c)["sop_instance_uids_sha256"]
@@ -549,6 +598,8 @@ class Trigger:
             first_seen_at=datetime.fromisoformat(row["first_seen_at"]) if row and row["first_seen_at"] else None,
             jobs=tuple(JobFacts.of(j) for j in self.store.cycle_jobs(key)),
             same_input_jobs=tuple(JobFacts.of(j) for j in self.store.jobs_for_input(digest)),
+            camera=spect_camera(c, profiles),
+            nuclide=c.injection.nuclide,
         )
 
     # -------------------------------------------------------------- writing
@@ -608,6 +659,8 @@ class Trigger:
                 cycle_key=d.key,
                 version=d.version,
                 supersedes=d.supersedes,
+                camera_profile_id=d.camera.record.id if d.camera is not None else None,
+                camera_match=d.camera_note,
             )
         )
         if not created:  # another process won the race for the same input set

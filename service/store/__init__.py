@@ -5,6 +5,7 @@
 - :mod:`.tokens` — API tokens (:class:`TokenTable`);
 - :mod:`.dicom` — received instances and output series (:class:`InstanceTable`), pending patients and the
   trigger's cycle rows (:class:`CycleTable`);
+- :mod:`.cameras` — registered camera profiles (:class:`CameraTable`, :class:`CameraRecord`);
 - :mod:`.deliveries` — results sent to the PACS (:class:`DeliveryTable`);
 - :mod:`.redact` — message texts without server paths (:func:`without_paths`), for the message columns.
 
@@ -21,6 +22,7 @@ from datetime import datetime
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from .cameras import CameraRecord, CameraTable
 from .db import MIGRATIONS_DIR, Database, normalise_url
 from .deliveries import DeliveryInfo, DeliveryTable
 from .dicom import (
@@ -52,6 +54,7 @@ __all__ = [
     "JOB_STATES",
     "MIGRATIONS_DIR",
     "TERMINAL_STATES",
+    "CameraRecord",
     "ConflictInfo",
     "CycleInfo",
     "CycleUpdate",
@@ -94,7 +97,7 @@ class TriggerWrites:
         return self._store.retire_in(self._s, patient_id, keep)
 
 
-class Store(JobTable, TokenTable, InstanceTable, CycleTable, DeliveryTable):
+class Store(JobTable, TokenTable, InstanceTable, CycleTable, DeliveryTable, CameraTable):
     """Every table group over one database.  Call :meth:`migrate` once before use."""
 
     def __init__(self, database_url: str, *, max_attempts: int = 3) -> None:

@@ -348,6 +348,23 @@ class CycleTable:
         )
         s.execute(stmt)
 
+    def wake_waiting_cycles(self, reason_contains: str, ready_at: datetime) -> int:
+        """Mark pending (from ``ready_at``) every patient with a waiting or error cycle whose reason contains
+        ``reason_contains`` (e.g. a camera profile was registered: the cycles waiting for one are looked at
+        again); the number of patients marked."""
+        with self.db.write() as s:
+            pids = s.scalars(
+                select(TriggerCycle.patient_id)
+                .where(
+                    TriggerCycle.state.in_(("waiting", "error")),
+                    TriggerCycle.reason.contains(reason_contains, autoescape=True),
+                )
+                .distinct()
+            ).all()
+            for pid in pids:
+                self.touch_in(s, pid, ready_at)
+        return len(pids)
+
     def due_patients(self, now: datetime) -> list[tuple[str, datetime]]:
         """``(patient_id, touched_at)`` of the pending patients whose ``ready_at`` has passed."""
         with self.db.read() as s:

@@ -62,6 +62,8 @@ class JobRecord:
     cycle_key: str | None = None  # node-started jobs: the therapy cycle (patient + injection)
     version: int | None = None  # node-started jobs: 1, 2, … per cycle (a late series adds a version)
     supersedes: str | None = None  # the job of the previous version
+    camera_profile_id: int | None = None  # the camera profile whose calibration it took
+    camera_match: str | None = None  # which profile, and how it was chosen (for people)
 
     def summary(self) -> Summary | None:
         """The job's validated ``summary.json`` (:class:`voxeldose.summary.Summary`) when it succeeded, else None.
@@ -100,6 +102,8 @@ def _record(j: Job) -> JobRecord:
         cycle_key=j.cycle_key,
         version=j.version,
         supersedes=j.supersedes,
+        camera_profile_id=j.camera_profile_id,
+        camera_match=j.camera_match,
     )
 
 
@@ -160,6 +164,8 @@ class NewJob:
     supersedes: str | None = None  # the job of the previous version
     request_fingerprint: str | None = None  # with an idempotency key: the request's fingerprint
     dedup_within: str | None = None  # reuse only this submitter's job for the same input set (None: anyone's)
+    camera_profile_id: int | None = None  # the camera profile whose calibration the spec took
+    camera_match: str | None = None  # which profile and how it was chosen
 
 
 class JobTable:
@@ -184,6 +190,8 @@ class JobTable:
         supersedes: str | None = None,
         request_fingerprint: str | None = None,
         dedup_within: str | None = None,
+        camera_profile_id: int | None = None,
+        camera_match: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a job; ``(job, created)``.  The same idempotency key of the same submitter with the same
         ``request_fingerprint``, or the same input set with the same spec as a queued/running/succeeded job (of
@@ -202,6 +210,8 @@ class JobTable:
             supersedes=supersedes,
             request_fingerprint=request_fingerprint,
             dedup_within=dedup_within,
+            camera_profile_id=camera_profile_id,
+            camera_match=camera_match,
         )
         for attempt in range(2):
             try:
@@ -249,6 +259,8 @@ class JobTable:
                 cycle_key=new.cycle_key,
                 version=new.version,
                 supersedes=new.supersedes,
+                camera_profile_id=new.camera_profile_id,
+                camera_match=new.camera_match,
             )
             s.add(j)
         if new.idempotency_key is not None:  # the key now names this job, whichever it is

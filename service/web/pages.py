@@ -1,10 +1,11 @@
 """Server-rendered web pages (Jinja2, autoescaped; no front-end build, no external assets).
 
-``/login`` (a token entered once → HttpOnly cookie ``vd_token``), ``/`` (job list), ``/jobs/{id}`` (state,
+``/login`` (a token entered once → HttpOnly cookie ``vd_token``), ``/`` (job list), ``/cameras`` (camera profiles;
+physicists register and retire them), ``/jobs/{id}`` (state,
 progress, error; for a finished job the dose table with limits, Gy/GBq, cycles left, the DVH plot and the
 full report in a frame), ``/patients/{id}`` (cycles, cumulative dose vs limits, cycles left), ``/submit``
 (upload form).  Pages of running jobs refresh themselves.  Stable hooks for browser tests:
-``#job-list a.job-link``, ``#dose-table``, ``#dvh-plot``, ``#cycles-table``, ``#cycles-left``.
+``#job-list a.job-link``, ``#camera-list tr.camera-row``, ``#dose-table``, ``#dvh-plot``, ``#cycles-table``, ``#cycles-left``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from markupsafe import Markup, escape
@@ -23,8 +24,10 @@ from pydantic import ValidationError
 from voxeldose.errors import VoxeldoseError
 from voxeldose.summary import CyclesLeft, Summary, VoiMetrics
 
+from .. import cameras
 from ..auth import Principal
 from ..errors import ServiceError
+from .cameras import MAX_PROFILE_BYTES, camera_out, parse_body
 from .deps import COOKIE, get_store, may_read, optional_principal
 from .html import render
 from .problems import ProblemError, readable_validation
@@ -349,3 +352,68 @@ async def submit(request: Request, who: Principal | None = Depends(page_principa
     except ValidationError as exc:  # an invalid job description
         return render("submit.html", request, who, status=422, error=readable_validation(exc.errors())[0])
     return RedirectResponse(f"/jobs/{rec.id}", status_code=303)
+
+
+# ------------------------------------------------------------------------------------ cameras
+def _cameras_page(
+    request: Request, who: Principal, *, status: int = 200, error: str | None = None, message: str | None = None
+) -> HTMLResponse:
+    profiles = [camera_out(r) for r in get_store(request).list_camera_profiles()]
+    can_edit = who.at_least("physicist")
+    return render(
+        "cameras.html", request, who, status=status, profiles=profiles, can_edit=can_edit, error=error, message=message
+    )
+
+
+def _may_edit_cameras(who: Principal) -> None:
+    if not who.at_least("physicist"):
+        raise ProblemError(
+            403, "Forbidden", f"the role {who.role!r} may not change camera profiles; it needs 'physicist' or above"
+        )
+
+
+@router.get("/cameras")
+def cameras_page(
+    request: Request,
+    registered: int | None = Query(None, ge=1, le=2**31 - 1),
+    who: Principal | None = Depends(page_principal),
+) -> Response:
+    if who is None:
+        return _login_redirect(request)
+    return _cameras_page(request, who, message=f"Camera profile {registered} registered." if registered else None)
+
+
+@router.post("/cameras")
+async def camera_upload(request: Request, who: Principal | None = Depends(page_principal)) -> Response:
+    if who is None:
+        return _login_redirect(request)
+    _may_edit_cameras(who)
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+        upload = form.get("profile")
+        if upload is None or isinstance(upload, str):
+            raise ProblemError(400, "Bad request", "choose a camera.json file to register", slug="bad-request")
+        raw = await upload.read(MAX_PROFILE_BYTES + 1)
+        await form.close()
+        data = parse_body(raw)
+        rec = await run_in_threadpool(cameras.register_profile, get_store(request), data, who.name)
+    except (ProblemError, ServiceError) as exc:  # shown on the page; an invalid profile names the field at fault
+        problem = exc if isinstance(exc, ProblemError) else ProblemError.of(exc)
+        tag = problem.extra.get("tag")
+        text = f"{problem.detail} (field {tag})" if tag else problem.detail
+        return await run_in_threadpool(lambda: _cameras_page(request, who, status=problem.status, error=text))
+    return RedirectResponse(f"/cameras?registered={rec.id}", status_code=303)
+
+
+@router.post("/cameras/{profile_id}/retire")
+def camera_retire(
+    request: Request,
+    profile_id: int = Path(ge=1, le=2**31 - 1),
+    who: Principal | None = Depends(page_principal),
+) -> Response:
+    if who is None:
+        return _login_redirect(request)
+    _may_edit_cameras(who)
+    if get_store(request).retire_camera_profile(profile_id, who.name) is None:
+        raise ProblemError(404, "Not found", f"no camera profile {profile_id}", slug="not-found")
+    return RedirectResponse("/cameras", status_code=303)

@@ -103,7 +103,8 @@ async def _commit(
             if earlier is not None and not earlier.same_request(fingerprint):
                 raise IdempotencyKeyReused(idempotency_key, earlier.job.id)
         if earlier is None:
-            accepted = await run_in_threadpool(intake.validate_and_commit, received, fields, settings)
+            profiles = await run_in_threadpool(store.active_camera_profiles)
+            accepted = await run_in_threadpool(intake.validate_and_commit, received, fields, settings, profiles)
     except BaseException:
         shutil.rmtree(received.tmp, ignore_errors=True)  # never accepted: leave nothing behind
         raise
@@ -122,6 +123,8 @@ async def _commit(
                 source=source,
                 request_fingerprint=fingerprint,
                 dedup_within=None if who.at_least("physicist") else who.name,
+                camera_profile_id=accepted.camera_profile_id,
+                camera_match=accepted.camera_match,
             )
         )
     except BaseException:

@@ -75,6 +75,12 @@ class Job(BaseModel):
     version: int | None = Field(None, description="jobs the DICOM node started: 1, 2, … per therapy cycle")
     supersedes: str | None = Field(None, description="the job of the previous version of this cycle")
     deliveries: list[Delivery] = Field(default_factory=list, description="results sent to the PACS (DICOM C-STORE)")
+    camera_profile_id: int | None = Field(
+        None, description="the camera profile (/v1/cameras/{id}) matched to the job's SPECT camera"
+    )
+    camera_match: str | None = Field(
+        None, description="which camera profile the job took and how (the newest of several matching ones)"
+    )
     links: JobLinks
 
 
@@ -111,6 +117,8 @@ def job_out(rec: JobRecord, deliveries: Sequence[Mapping[str, Any]] | None = Non
         version=rec.version,
         supersedes=rec.supersedes,
         deliveries=[Delivery.model_validate(d) for d in deliveries or []],
+        camera_profile_id=rec.camera_profile_id,
+        camera_match=rec.camera_match,
         links=JobLinks(
             self=base,
             cancel=f"{base}/cancel",

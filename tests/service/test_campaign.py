@@ -212,12 +212,25 @@ def page_requests(job_ids: list[str]) -> st.SearchStrategy[tuple[str, str, dict[
         TEXT.map(lambda n: ("GET", "/login", {"params": {"next": n}})),
         st.fixed_dictionaries({"token": TEXT, "next": TEXT}).map(lambda d: ("POST", "/login", {"data": d})),
         st.just(("POST", "/logout", {})),
+        st.fixed_dictionaries({"registered": NUMBERISH}).map(lambda q: ("GET", "/cameras", {"params": q})),
+        st.tuples(
+            st.dictionaries(st.sampled_from(["profile", "other"]), TEXT, max_size=2), st.binary(max_size=2048)
+        ).map(
+            lambda d: (
+                "POST",
+                "/cameras",
+                {"data": d[0], "files": {"profile": ("camera.json", d[1], "application/json")}},
+            )
+        ),
+        st.one_of(ident, NUMBERISH.map(lambda t: quote(t, safe=""))).map(
+            lambda i: ("POST", f"/cameras/{i}/retire", {})
+        ),
     )
 
 
 def test_html_pages_never_answer_5xx(tmp_path: Path) -> None:
     """Hypothesis-generated query, path and form values on ``/``, ``/jobs/{id}`` (and its cancel form),
-    ``/patients/{id}``, ``/submit``, ``/login`` and ``/logout``, each role logged in (cookie) and nobody: never
+    ``/patients/{id}``, ``/submit``, ``/cameras`` (and its upload and retire forms), ``/login`` and ``/logout``, each role logged in (cookie) and nobody: never
     a 5xx, never a traceback in the page."""
     settings_ = Settings(data_dir=tmp_path / "data", min_free_disk_mb=0)
     store = Store(settings_.database_url)

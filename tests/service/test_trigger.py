@@ -28,6 +28,7 @@ from voxeldose.ingest import load_cycle, scan
 from voxeldose.pipeline import input_fingerprint
 
 QUIET_S = 5.0
+SITE_SPEC = {"calibration": {"cps_per_mbq": 5.67, "source": "site setting"}}
 
 
 def _files(phantom: dict[str, Any], *parts: str) -> list[Path]:
@@ -49,7 +50,11 @@ def _expected_hash(files: list[Path]) -> str:
 
 @pytest.fixture
 def setup(make_settings: Any, store: Any) -> tuple[Any, DicomNode, Trigger]:
-    settings = make_settings(dicom_quiet_period_s=QUIET_S, trigger_min_timepoints=3, trigger_deadline_h=48.0)
+    # the phantom's SPECT holds counts: a site-wide calibration (trigger_spec), else the cycle waits for a camera
+    # profile (test_cameras.py)
+    settings = make_settings(
+        dicom_quiet_period_s=QUIET_S, trigger_min_timepoints=3, trigger_deadline_h=48.0, trigger_spec=SITE_SPEC
+    )
     settings.ensure_dirs()
     trigger = Trigger(settings, store)
     return settings, DicomNode(settings, store, trigger), trigger

@@ -6,9 +6,11 @@ from the rule as documented (README, service/trigger.py), not from the code's ou
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
-from service.store import spec_hash
+from service.cameras import CameraMatch, SpectCamera
+from service.store import CameraRecord, spec_hash
 from service.trigger import (
     CycleFacts,
     EarlierCycle,
@@ -22,6 +24,7 @@ from service.trigger import (
     cycle_key,
     plan,
 )
+from voxeldose.camera import CameraIdentity, CameraProfile
 
 PID = "VD-TEST-1"
 NOW = datetime(2026, 5, 4, 12, 0)
@@ -195,3 +198,57 @@ def test_an_earlier_result_numbers_the_cycle_and_passes_its_doses() -> None:
     assert entry["number"] == 1 and entry["date"] == (INJ - timedelta(weeks=6)).date().isoformat()
     # the measured cycle's own row wins over the injection's activity
     assert entry["activity_mbq"] == 7350.0 and entry["kidney_gy"] == 3.1 and entry["marrow_gy"] == 0.2
+
+
+# ------------------------------------------------------------------------- calibration (issue 12)
+SIEMENS = CameraIdentity(manufacturer="SIEMENS NM", model="Symbia T16", device_serial_number="1234")
+
+
+def _profile_match(n: int = 7) -> CameraMatch:
+    prof = CameraProfile(
+        name="SPECT 2",
+        identity=SIEMENS,
+        nuclide="Lu-177",
+        sensitivity_cps_per_mbq=9.4,
+        sensitivity_u_cps_per_mbq=0.1,
+        measured="2026-11-30",
+        source="cylinder",
+    )
+    return CameraMatch(CameraRecord(n, prof, "phys", datetime(2026, 12, 1, tzinfo=UTC), True, None, None), 1)
+
+
+def with_camera(c: CycleFacts, *, counts: bool = True, match: CameraMatch | None = None) -> CycleFacts:
+    return replace(c, camera=SpectCamera(SIEMENS, counts, match))
+
+
+def test_counts_without_calibration_or_profile_wait_naming_the_camera() -> None:
+    c = with_camera(cycle(first_seen_at=NOW - timedelta(hours=1)))
+    decisions = plan(snapshot(c))
+    assert only(decisions, StartJob) == []
+    [rec] = only(decisions, RecordCycle)
+    assert rec.state == "waiting" and rec.reason.startswith(
+        "waiting: no calibration for camera SIEMENS NM Symbia T16 1234"
+    )
+    assert rec.deadline_after == timedelta(hours=48)
+
+
+def test_counts_without_calibration_at_the_deadline_are_an_error_not_a_job() -> None:
+    c = with_camera(cycle(first_seen_at=NOW - timedelta(hours=49)))
+    decisions = plan(snapshot(c))
+    assert only(decisions, StartJob) == []
+    [rec] = only(decisions, RecordCycle)
+    assert rec.state == "error" and "no calibration for camera SIEMENS NM Symbia T16 1234" in rec.reason
+
+
+def test_a_matching_profile_calibrates_and_a_site_calibration_wins() -> None:
+    c = with_camera(cycle(), match=_profile_match(7))
+    [start] = only(plan(snapshot(c)), StartJob)
+    assert start.spec["calibration"] == {"cps_per_mbq": 9.4, "source": "camera profile SPECT 2 (id 7)"}
+    assert start.camera is not None and start.camera.record.id == 7
+    site = Rules(min_timepoints=3, deadline_h=48.0, spec={"calibration": {"cps_per_mbq": 5.0}})
+    [start] = only(plan(PatientSnapshot(PID, NOW, site, cycles=(c,))), StartJob)
+    assert start.spec["calibration"] == {"cps_per_mbq": 5.0}
+    # a site calibration also starts a counts SPECT without a profile; images in Bq/ml need none
+    [start] = only(plan(PatientSnapshot(PID, NOW, site, cycles=(with_camera(cycle()),))), StartJob)
+    assert start.spec["calibration"] == {"cps_per_mbq": 5.0}
+    assert only(plan(snapshot(with_camera(cycle(), counts=False))), StartJob) != []
