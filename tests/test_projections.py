@@ -174,6 +174,8 @@ def test_dciodvfy_reports_no_errors(written: tuple[Path, ProjectionSet], dciodvf
 def test_the_writer_refuses_what_a_camera_cannot_record() -> None:
     with pytest.raises(ValueError, match="integers"):
         write_projections("/nonexistent/x.dcm", _set(counts=np.full((16, 6, 10), 0.5)), ctx=CTX, series=SERIES)
+    with pytest.raises(ValueError, match="y = 0"):  # PyTomography's reader would take it as the grid's centre line
+        write_projections("/nonexistent/x.dcm", _set(image_position_mm=(-32.4, 0.0, 18.0)), ctx=CTX, series=SERIES)
     uneven = (0.0, 20.0, *[22.5 * v for v in range(2, 16)])
     with pytest.raises(ValueError, match="apart"):
         write_projections("/nonexistent/x.dcm", _set(angles_deg=uneven), ctx=CTX, series=SERIES)
@@ -227,6 +229,14 @@ def _recon_tomo(ds: pydicom.Dataset) -> None:
     ds.ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
 
 
+def _prone(ds: pydicom.Dataset) -> None:
+    ds.PatientOrientationCodeSequence[0].PatientOrientationModifierCodeSequence[0].CodeValue = "1240000"  # prone
+
+
+def _feet_first(ds: pydicom.Dataset) -> None:
+    ds.PatientPosition = "FFS"
+
+
 def _view_out_of_range(ds: pydicom.Dataset) -> None:
     ds.AngularViewVector = [*list(ds.AngularViewVector)[:-1], 9]
 
@@ -243,6 +253,8 @@ def _view_out_of_range(ds: pydicom.Dataset) -> None:
         (_drop_frame_duration, "lack ActualFrameDuration", "ActualFrameDuration (0018,1242)"),
         (_drop_radial_positions, "lack RadialPosition", "RadialPosition (0018,1142)"),
         (_recon_tomo, "not SPECT projections", "ImageType (0008,0008)"),
+        (_prone, "only head-first supine", "PatientOrientationModifierCodeSequence (0054,0412)"),
+        (_feet_first, "only head-first supine", "PatientPosition (0018,5100)"),
     ],
 )
 def test_unusable_projections_are_refused_naming_file_and_tag(

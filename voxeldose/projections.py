@@ -15,8 +15,8 @@ The object (DICOM PS3.3 A.5 NM Image IOD)
 * Detector Information Sequence (C.8.4.11), one item per head: CollimatorGridName, CollimatorType ``PARA``, the
   head's StartAngle and RadialPosition (mm, one value per view of the rotation), and the position of the
   reconstruction space (below).  A dual-head camera cannot state its second head's start angle or orbit in the
-  single Rotation item, so — like the Siemens and Mediso files PyTomography's reader handles — each head's start
-  angle and radii are written in its Detector item (dciodvfy accepts them there).
+  single Rotation item, so each head's start angle and radii are written in its Detector item, where PyTomography's
+  reader looks for them first (dciodvfy accepts them there).
 * Energy Window Information Sequence (C.8.4.10): the photopeak window's name and limits (keV).
 
 Geometry
@@ -28,12 +28,15 @@ in front of the patient; checked by projecting through an attenuator behind the 
 and puts a point at LPS ``(x, y)`` into the bin ``r = x cos θ − y sin θ``: the image's columns run along
 ``(cos θ, −sin θ, 0)`` and its rows from head to feet, ``(0, 0, −1)``.  This is the mapping PyTomography's own reader
 (``pytomography.io.SPECT.dicom.parse_projection_dataset``: θ = φ + 180°, rows flipped) applies to cameras'
-files, so PyTomography reads what is written here into the same arrays (tested).
+files, so PyTomography reads what is written here into the same arrays and grid (tested).  Only head-first
+supine acquisitions are written and read (the projector's axes are then the patient's).
 
 The reconstruction space: the Detector item's ImagePositionPatient is the LPS centre of the first voxel of the top
 (most superior) transverse slice of the grid the projections define (``bins × bins × rows`` voxels of the pixel
 spacing, axes along LPS, rotation axis through the transverse centre), with ImageOrientationPatient ``1\\0\\0\\0\\1\\0``
-— how PyTomography's reader places a Siemens-style file's object (``_get_affine_spect_projections``).
+— how PyTomography's reader places the object of a file whose y coordinate there is not 0
+(``_get_affine_spect_projections``; with y = 0 it takes the position as the grid's centre line instead, so a grid
+whose first voxel lies at y = 0 cannot be written this way — a centred grid never does).
 
 Arrays: ``counts[view, slice, bin]`` with ``slice`` growing towards the head (the grid's ``k``) and ``bin`` along
 ``r``, views in frame order (detector 1's, then detector 2's), angles in the projector's convention.
@@ -209,6 +212,8 @@ def _check_for_writing(ps: ProjectionSet, series: SeriesInfo) -> NDArray[np.uint
         raise ValueError("frame duration and pixel spacings must be positive")
     if not 0 < ps.window.lower_kev < ps.window.upper_kev:
         raise ValueError(f"energy window must satisfy 0 < lower < upper keV, got {ps.window}")
+    if ps.image_position_mm[1] == 0.0:
+        raise ValueError("a grid whose first voxel lies at y = 0 would be misplaced by PyTomography's reader")
     if ps.frame_of_reference_uid != series.frame_of_reference_uid:
         raise ValueError("the projection set and the series name different Frames of Reference")
     if ps.acquisition_start != series.acquisition_datetime:
@@ -412,6 +417,35 @@ def _photopeak(ds: Dataset, path: Path) -> tuple[int, EnergyWindow]:
     )
 
 
+def _require_head_first_supine(ds: Dataset, path: Path) -> None:
+    """Refuse a patient position other than head-first supine (PatientPosition, or the NM/PET Patient
+    Orientation codes, C.8.4.6): the projector's axes are the patient's only then."""
+    position = str(ds.get("PatientPosition") or "").strip().upper()
+    if position and position != "HFS":
+        raise VoxeldoseError(
+            "only head-first supine acquisitions can be reconstructed",
+            path=path,
+            tag=tag_label("PatientPosition"),
+            expected="HFS",
+            found=position,
+        )
+    stated: list[tuple[str, str]] = []
+    for orient in ds.get("PatientOrientationCodeSequence") or []:
+        for mod in orient.get("PatientOrientationModifierCodeSequence") or []:
+            stated.append((tag_label("PatientOrientationModifierCodeSequence"), str(mod.get("CodeValue", ""))))
+    for gantry in ds.get("PatientGantryRelationshipCodeSequence") or []:
+        stated.append((tag_label("PatientGantryRelationshipCodeSequence"), str(gantry.get("CodeValue", ""))))
+    for tag, code in stated:
+        if code in (codes.SCT.Prone.value, codes.SCT.FeetFirst.value):
+            raise VoxeldoseError(
+                "only head-first supine acquisitions can be reconstructed",
+                path=path,
+                tag=tag,
+                expected=f"SCT {codes.SCT.Supine.value} supine, SCT {codes.SCT.Headfirst.value} headfirst",
+                found=f"SCT {code}",
+            )
+
+
 def read_projections(path: str | Path, *, collimator: str | None = None) -> ProjectionSet:
     """Read an NM TOMO projection object (ours or a camera's) into a :class:`ProjectionSet`.
 
@@ -419,7 +453,8 @@ def read_projections(path: str | Path, *, collimator: str | None = None) -> Proj
     overrides the header's CollimatorGridName (which must otherwise be a code of
     :data:`voxeldose.recon.COLLIMATORS`).  Refused, naming the file and tag: not TOMO, no photopeak window, a
     collimator without a model, missing frame duration or radial positions, angles that are not one rotation of
-    equally spaced, distinct views, frame vectors that do not match the frames, several rotations.
+    equally spaced, distinct views, frame vectors that do not match the frames, several rotations, a patient
+    position other than head-first supine.
     """
     p = Path(path)
     try:
@@ -435,6 +470,7 @@ def read_projections(path: str | Path, *, collimator: str | None = None) -> Proj
             expected="an NM Image object with ImageType ORIGINAL\\PRIMARY\\TOMO",
             found="\\".join(image_type) or None,
         )
+    _require_head_first_supine(ds, p)
     w_index, window = _photopeak(ds, p)
 
     n_frames = int(_ensure(ds.get("NumberOfFrames"), p, "NumberOfFrames", "the number of frames"))
