@@ -374,4 +374,7 @@ def test_voxeldose_recon_refuses_projections_without_their_ct(
     assert cli.main(["recon", str(tp), "--out", str(tmp_path / "R"), "--collimator", "LEHR"]) == 2
     err = capsys.readouterr().err
     assert "no resolution model for this collimator" in err and "SY-ME" in err
+    assert cli.main(["recon", str(tp), "--out", str(tmp_path / "R"), "--subsets", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "7 OSEM subsets do not divide the 60 views" in err and "PROJECTIONS.dcm" in err and "6, 10" in err
     assert not (tmp_path / "R").exists() or not any((tmp_path / "R").rglob("*.dcm"))

@@ -58,7 +58,7 @@ def reconstruct_folders(
 
     ``collimator`` (a code of :data:`voxeldose.recon.COLLIMATORS`) replaces the headers' CollimatorGridName.
     Errors (:class:`VoxeldoseError`): no projections found; no CT in a projection object's Frame of Reference;
-    anything :func:`~voxeldose.projections.read_projections` refuses; counts that do not fit the written uint16.
+    anything :func:`~voxeldose.projections.read_projections` refuses; subsets that do not divide the views; counts that do not fit the written uint16.
     """
     index = scan([Path(p) for p in paths])
     found = [s for s in index.series.values() if _is_projection_series(s)]
@@ -96,6 +96,15 @@ def reconstruct_folders(
                 path=inst.path,
                 tag=tag_label("RadiopharmaceuticalInformationSequence"),
                 expected="the radiopharmaceutical, its activity and injection date and time",
+            )
+        if ps.views % subsets:
+            divisors = [d for d in range(1, ps.views + 1) if ps.views % d == 0]
+            raise VoxeldoseError(
+                f"{subsets} OSEM subsets do not divide the {ps.views} views",
+                path=inst.path,
+                tag="subsets (--subsets)",
+                expected="one of " + ", ".join(map(str, divisors)),
+                found=subsets,
             )
         image = reconstruct(ps, read_ct(ct_series), iterations, subsets)
         counts = np.rint(image.array)
