@@ -1,7 +1,7 @@
 """Benchmark: SPECT reconstruction from projections (issue 11) — time per time point and total activity vs truth.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_recon.py --grid small   [--dir DIR] [--threads N]
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_recon.py --grid default [--dir DIR] [--threads N]
+    PYTHONPATH=$PWD .venv/bin/python -u benchmarks/bench_recon.py --grid small   [--dir DIR] [--threads N] [--hours H,..]
+    PYTHONPATH=$PWD .venv/bin/python -u benchmarks/bench_recon.py --grid default [--dir DIR] [--threads N] [--hours H,..]
 
 Writes the synthetic patient with the projection camera (``camera="osem"``: 120 views, OSEM 4 × 8, SY-ME; the small
 or the default grid) unless DIR already holds one, then runs ``voxeldose recon``'s code
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--grid", choices=["small", "default"], default="small")
     ap.add_argument("--dir", type=Path, default=None, help="phantom folder (written when it lacks dicom/)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--hours", default=None, help="time points, h (default the phantom's 4,24,96,168), e.g. 24")
     args = ap.parse_args()
     import torch
 
@@ -46,6 +47,8 @@ def main() -> None:
     if not (root / "dicom").exists():
         base = PhantomSettings.small() if args.grid == "small" else PhantomSettings()
         settings = dataclasses.replace(base, camera="osem")
+        if args.hours:
+            settings = dataclasses.replace(settings, hours=tuple(float(h) for h in args.hours.split(",")))
         t = time.perf_counter()
         write_phantom(root, settings)
         print(f"phantom (camera osem, {args.grid} grid) written in {time.perf_counter() - t:.1f} s")
