@@ -307,6 +307,7 @@ def osem_patient(tmp_path_factory: pytest.TempPathFactory) -> PhantomManifest:
     return write_phantom(tmp_path_factory.mktemp("osem") / "P", PhantomSettings.small(**OSEM_SMALL))
 
 
+@pytest.mark.xdist_group("osem_patient")  # one worker writes the module-scoped patient once
 def test_the_osem_camera_writes_its_projections_beside_the_reconstruction(osem_patient: PhantomManifest) -> None:
     (proj_path,) = osem_patient.projection_files
     assert proj_path.parent.parent == osem_patient.nm_files[0].parent.parent  # the same time point's folder
@@ -326,6 +327,7 @@ def test_the_osem_camera_writes_its_projections_beside_the_reconstruction(osem_p
 
 
 @pytest.mark.dciodvfy
+@pytest.mark.xdist_group("osem_patient")  # one worker writes the module-scoped patient once
 def test_the_osem_patients_projections_and_reconstruction_pass_dciodvfy(
     osem_patient: PhantomManifest, dciodvfy_exe: str
 ) -> None:
@@ -336,6 +338,7 @@ def test_the_osem_patients_projections_and_reconstruction_pass_dciodvfy(
         assert not [line for line in text.splitlines() if "Error" in line], f"{path}:\n{text}"
 
 
+@pytest.mark.xdist_group("osem_patient")  # one worker writes the module-scoped patient once
 def test_voxeldose_recon_on_the_projections_alone_reproduces_the_written_reconstruction(
     osem_patient: PhantomManifest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -361,6 +364,7 @@ def test_voxeldose_recon_on_the_projections_alone_reproduces_the_written_reconst
     assert spect.acquisition_duration_s == ref.acquisition_duration_s == 30 * 80.0  # what a calibration needs
 
 
+@pytest.mark.xdist_group("osem_patient")  # one worker writes the module-scoped patient once
 def test_voxeldose_recon_refuses_projections_without_their_ct(
     osem_patient: PhantomManifest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
