@@ -4,6 +4,7 @@
     voxeldose inspect DIR [--json] [--injection-datetime ISO] [--activity-mbq A] [--nuclide Lu-177]
     voxeldose run DIR [DIR|FILE ...] --out OUT [--calibration CPS_PER_MBQ] [--method dvk|dvk-density|led]
                   [--fit auto|monoexp|biexp|triexp|trapezoid|stp] [--spec job.json]
+    voxeldose recon DIR [DIR|FILE ...] --out OUT [--iterations 4] [--subsets 8] [--collimator CODE]
     voxeldose kernel --nuclide Lu-177 --voxel-mm 4.8[,4.8,4.8] --medium soft-tissue --size 51 --out k.npy
     voxeldose demo [--out DIR]
 
@@ -38,6 +39,8 @@ from .ingest import Cycle, Problem, group_cycles, scan
 from .kernels import kernel_command
 from .phantom import PhantomSettings, write_phantom
 from .pipeline import blocking_problems, invalid_spec
+from .recon import COLLIMATORS
+from .reconstruction import reconstruct_folders
 from .spec import JobSpec, check_json_depth
 
 
@@ -49,6 +52,16 @@ def _parse_hours(text: str) -> tuple[float, ...]:
     if not hours or any(h <= 0 for h in hours):
         raise argparse.ArgumentTypeError("--hours expects positive hours after injection, e.g. 4,24,96,168")
     return hours
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    return value
 
 
 def _parse_datetime(text: str) -> datetime:
@@ -111,6 +124,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--cycle", type=int, default=None, help="cycle number of this therapy (default 1)")
     _add_injection_options(run)
+
+    rec = sub.add_parser(
+        "recon",
+        help="reconstruct SPECT projections (NM TOMO) with OSEM, attenuation from the CT and resolution modelling",
+    )
+    rec.add_argument("paths", nargs="+", type=Path, help="DICOM folders (recursive) or files: projections and CT")
+    rec.add_argument("--out", required=True, type=Path, help="output folder (one RECON TOMO per acquisition)")
+    rec.add_argument("--iterations", type=_positive_int, default=4, help="OSEM iterations (default 4)")
+    rec.add_argument("--subsets", type=_positive_int, default=8, help="OSEM subsets; must divide the views (default 8)")
+    rec.add_argument(
+        "--collimator",
+        default=None,
+        metavar="CODE",
+        help=f"collimator model when the header's name is not one of: {', '.join(COLLIMATORS)}",
+    )
 
     kern = sub.add_parser("kernel", help="build a dose-voxel kernel (Gy per Bq·s) and print its energy balance")
     kern.add_argument("--nuclide", default="Lu-177")
@@ -340,11 +368,29 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recon(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    done = reconstruct_folders(
+        args.paths, args.out, iterations=args.iterations, subsets=args.subsets, collimator=args.collimator
+    )
+    for r in done:
+        print(f"{r.output}  <- {r.projections} ({r.method})")
+    print(f"reconstructed {len(done)} acquisition(s) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, small=args.small)
 
 
-COMMANDS = {"phantom": cmd_phantom, "inspect": cmd_inspect, "run": cmd_run, "kernel": cmd_kernel, "demo": cmd_demo}
+COMMANDS = {
+    "phantom": cmd_phantom,
+    "inspect": cmd_inspect,
+    "run": cmd_run,
+    "recon": cmd_recon,
+    "kernel": cmd_kernel,
+    "demo": cmd_demo,
+}
 
 
 def _run_plugin(name: str, rest: list[str]) -> int | None:

@@ -29,10 +29,12 @@ What is exact and what is a simplification
   208 keV) with the distance-dependent response of ``collimator`` on a circular orbit of
   ``2 × frames_in_rotation`` views (a dual-head camera), each head detecting ``CF/2`` counts per second per MBq
   in air (so the projections hold the counts the Gaussian model's image holds); the projections get Poisson
-  noise, and OSEM (``osem_iterations × osem_subsets``) reconstructs them with attenuation from the noise-free
-  CT numbers on the SPECT grid (bilinear HU → μ, :func:`voxeldose.recon.hu_to_mu_per_cm`) and the same
-  collimator model.  No scatter.  The image is converted back to counts with the same CF.  ``expected_counts``
-  is then the truth itself in counts (no blur).
+  noise and are written as an NM TOMO series of their own (:mod:`voxeldose.projections`,
+  ``dicom/tpN_HHHh/NM-PROJ/PROJECTIONS.dcm``); OSEM (``osem_iterations × osem_subsets``) reconstructs them, as
+  written, with attenuation from the time point's CT as written (resampled onto the SPECT grid, bilinear HU → μ,
+  :func:`voxeldose.recon.hu_to_mu_per_cm`) and the same collimator model
+  (:func:`voxeldose.projections.reconstruct`, what ``voxeldose recon`` runs).  No scatter.  The reconstructed
+  counts relate to activity by the same CF.  ``expected_counts`` is then the truth itself in counts (no blur).
 * The torso is the whole phantom: activity in the head and limbs is not modelled, so the sum of
   VOI activities is the *torso* activity, below the injected activity (the rest is "outside the
   phantom" or excreted).
@@ -76,6 +78,7 @@ from .dicomutil import PatientStudy, SeriesInfo
 from .dose import RHO_AIR, SCHNEIDER_2000
 from .geometry import Grid, Volume
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
+from .projections import EnergyWindow, ProjectionSet, reconstruct, reconstruction_method, write_projections
 from .scanner import (
     Injection,
     SpectAcquisition,
@@ -750,6 +753,7 @@ class TimePoint:
     expected_counts: np.ndarray  # blurred, noiseless reconstructed counts (float64)
     image: np.ndarray  # what is written: uint16 counts or float Bq/ml
     units: str
+    projections: ProjectionSet | None = None  # camera="osem": the projections the image is reconstructed from
 
     @property
     def folder_name(self) -> str:
@@ -799,11 +803,23 @@ def true_mu_per_cm(tissues: np.ndarray, energy_keV: float = 208.0) -> np.ndarray
 
 
 def osem_counts(
-    st: PhantomSettings, grid: Grid, activity_bq: np.ndarray, transform: np.ndarray, df: float, rng: np.random.Generator
-) -> np.ndarray:
-    """The ``camera="osem"`` image of one time point, in reconstructed counts (float64; see the module docstring).
+    st: PhantomSettings,
+    grid: Grid,
+    activity_bq: np.ndarray,
+    transform: np.ndarray,
+    df: float,
+    rng: np.random.Generator,
+    *,
+    ct: Volume,
+    acquisition_start: datetime,
+) -> tuple[np.ndarray, ProjectionSet]:
+    """The ``camera="osem"`` image of one time point, in reconstructed counts (float; see the module docstring),
+    and the projections it is reconstructed from.
 
-    ``activity_bq``: Bq per voxel of ``grid`` at the start of the acquisition; ``df``: the decay factor during it.
+    ``activity_bq``: Bq per voxel of ``grid`` (which carries the time point's Frame of Reference) at the start of
+    the acquisition; ``df``: the decay factor during it; ``ct``: the time point's CT as written (HU).  The
+    reconstruction is :func:`voxeldose.projections.reconstruct` of the projection set as it is written, so
+    ``voxeldose recon`` on the written projections and CT gives the same image.
     """
     from . import recon
 
@@ -814,11 +830,35 @@ def osem_counts(
     voxel = (st.spect_voxel_mm,) * 3
     mu_true = true_mu_per_cm(tissues_on(grid, settings=st, transform=transform), camera.energy_keV)
     expected = recon.project(activity_bq / grid.voxel_volume_ml * df, mu_true, voxel, orbit, camera)
-    g = rng.poisson(expected) if st.poisson_noise else expected
-    mu_ct = recon.hu_to_mu_per_cm(hu_on(grid, settings=st, transform=transform), camera.energy_keV)
-    bq_ml = recon.reconstruct_osem(g, mu_ct, voxel, orbit, camera, st.osem_iterations, st.osem_subsets)
-    counts: np.ndarray = np.maximum(bq_ml, 0.0) * grid.voxel_volume_ml / 1e6 * st.calibration_cps_per_mbq
-    return counts * st.acquisition_duration_s  # bq_ml already holds the decay during the acquisition
+    g = rng.poisson(expected) if st.poisson_noise else np.rint(expected)
+    assert grid.frame_of_reference_uid is not None
+    top = grid.index_to_world([0, 0, grid.shape[0] - 1])
+    ps = ProjectionSet(
+        counts=g.astype(np.float32),
+        angles_deg=orbit.angles_deg,
+        radius_mm=orbit.radius_mm,
+        frame_duration_s=orbit.frame_duration_s,
+        bin_mm=st.spect_voxel_mm,
+        slice_mm=st.spect_voxel_mm,
+        window=EnergyWindow(acq.energy_window_name, *acq.energy_window_keV),
+        collimator=st.collimator,
+        acquisition_start=acquisition_start,
+        frame_of_reference_uid=grid.frame_of_reference_uid,
+        image_position_mm=(float(top[0]), float(top[1]), float(top[2])),
+        detectors=2,
+        rotation_direction="CC",
+        injection=Injection(st.radionuclide, st.injected_activity_bq, st.injection_datetime),
+    )
+    counts: np.ndarray = reconstruct(ps, ct, st.osem_iterations, st.osem_subsets).array
+    return counts, ps  # the counts hold the decay during the acquisition, as the projections do
+
+
+def _ct_volume(st: PhantomSettings, n: int, transform: np.ndarray, for_uid: str) -> Volume:
+    """The CT (int16 HU with noise) of time point ``n`` as it is written."""
+    cg = ct_grid(st, for_uid)
+    rng = np.random.default_rng(np.random.SeedSequence([int(st.seed), 303, n]))
+    hu = hu_on(cg, settings=st, transform=transform, rng=rng, noise_hu=st.ct_noise_hu)
+    return Volume(hu, cg.affine, for_uid, "HU")
 
 
 def _nm_series_description(st: PhantomSettings, hours: float) -> str:
@@ -840,7 +880,9 @@ def _imaging_model(st: PhantomSettings) -> str | dict[str, Any]:
     acq = st.acquisition
     return {
         "projections": "Poisson(project(A * decay factor, true mu at 208 keV, collimator response)), no scatter",
-        "reconstruction": "OSEM, attenuation from CT (bilinear HU to mu), collimator response modelled",
+        "reconstruction": "OSEM, attenuation from the written CT resampled onto the SPECT grid (bilinear HU to mu), "
+        "collimator response modelled (voxeldose.projections.reconstruct)",
+        "projections_file": "dicom/tpN_HHHh/NM-PROJ/PROJECTIONS.dcm (NM TOMO, ORIGINAL\\PRIMARY\\TOMO)",
         "collimator": st.collimator,
         "views": 2 * acq.frames_in_rotation,
         "orbit_radius_mm": max(st.orbit_radius_mm, st.spect_matrix * st.spect_voxel_mm / 2),
@@ -921,9 +963,20 @@ def simulate(settings: PhantomSettings | None = None) -> PhantomData:
         assert act_img is not None
         rng = np.random.default_rng(np.random.SeedSequence([int(st.seed), 202, n]))
         counts: np.ndarray
+        projections = None
         if st.camera == "osem":
             expected = act_img / 1e6 * cf * t_acq * df  # the truth in counts
-            counts = osem_counts(st, grid, act_img, tr, df, rng)
+            for_uid = _uid(st, "frame-of-reference", n)
+            counts, projections = osem_counts(
+                st,
+                spect_grid(st, for_uid),
+                act_img,
+                tr,
+                df,
+                rng,
+                ct=_ct_volume(st, n, tr, for_uid),
+                acquisition_start=st.injection_datetime + timedelta(hours=float(h)),
+            )
         else:
             if st.fwhm_mm > 0:
                 blurred = gaussian_filter(act_img, sigma=sigma_vox, mode="constant", cval=0.0, truncate=4.0)
@@ -954,6 +1007,7 @@ def simulate(settings: PhantomSettings | None = None) -> PhantomData:
                 expected_counts=expected,
                 image=image,
                 units=units,
+                projections=projections,
             )
         )
     return PhantomData(
@@ -994,6 +1048,8 @@ class PhantomManifest:
     rtstruct_series_uid: str
     seg_series_uid: str
     timings_s: dict[str, float] = field(default_factory=dict, compare=False)
+    #: ``camera="osem"``: the NM TOMO projections of each time point (``dicom/tpN_HHHh/NM-PROJ/PROJECTIONS.dcm``).
+    projection_files: tuple[Path, ...] = ()
 
 
 _UID_NAMESPACE = uuid.UUID("5f0c2a7e-3b1d-5c44-9e2a-6d1b7c0f4a11")
@@ -1038,6 +1094,7 @@ same images.  THIS IS NOT PATIENT DATA.
 
 dicom/tpN_HHHh/NM/SPECT.dcm   reconstructed SPECT (NM multi-frame), pixel mode "{mode}"
 dicom/tpN_HHHh/CT/*.dcm       CT of the same session (same Frame of Reference as its SPECT)
+dicom/tpN_HHHh/NM-PROJ/       camera "osem" only: the SPECT's projections (NM TOMO), as acquired
 dicom/RTSTRUCT.dcm, SEG.dcm   VOIs on the first time point's CT
 truth/truth.json              settings, calibration ({cf} cps/MBq, {tacq:.0f} s per SPECT), per time
                               point activities and repositioning transforms, per VOI kinetics with
@@ -1084,6 +1141,7 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
 
     study_uids, for_uids, nm_uids, ct_uids = [], [], [], []
     nm_files, ct_folders = [], []
+    projection_files: list[Path] = []
     ref_ct: list[Any] = []
     ref_ctx: PatientStudy | None = None
     tp_truth = []
@@ -1119,15 +1177,33 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             acquisition=st.acquisition,
             pixel_mode=st.pixel_mode,
             sop_instance_uid=_uid(st, "sop", "NM", n),
+            reconstruction_method=(
+                reconstruction_method(st.collimator, st.osem_iterations, st.osem_subsets)
+                if st.camera == "osem"
+                else None
+            ),
         )
+        if tp.projections is not None:  # the acquisition the reconstruction was made from, as its own series
+            proj_path = folder / "NM-PROJ" / "PROJECTIONS.dcm"
+            write_projections(
+                proj_path,
+                tp.projections,
+                ctx=ctx,
+                series=SeriesInfo(
+                    _uid(st, "series", "NM-PROJ", n),
+                    10,
+                    f"SPECT 177Lu {tp.hours:.0f}h projections {st.collimator}",
+                    for_uid,
+                    tp.acquisition_start,
+                ),
+                sop_instance_uid=_uid(st, "sop", "NM-PROJ", n),
+            )
+            projection_files.append(proj_path)
         t1 = time.perf_counter()
-        cg = ct_grid(st, for_uid)
-        rng = np.random.default_rng(np.random.SeedSequence([int(st.seed), 303, n]))
-        hu = hu_on(cg, settings=st, transform=tp.transform, rng=rng, noise_hu=st.ct_noise_hu)
         ct_time = tp.acquisition_start + timedelta(seconds=t_acq)  # CT after the SPECT
         ct_ds = write_ct_series(
             folder / "CT",
-            Volume(hu, cg.affine, for_uid, "HU"),
+            _ct_volume(st, n, tp.transform, for_uid),
             ctx=ctx,
             series=SeriesInfo(ct_uid, 2, f"CT for SPECT {tp.hours:.0f}h", for_uid, ct_time),
         )
@@ -1278,4 +1354,5 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
         rtstruct_series_uid=rt_uid,
         seg_series_uid=seg_uid,
         timings_s=timings,
+        projection_files=tuple(projection_files),
     )

@@ -251,6 +251,7 @@ def write_nm_tomo(
     rotation_direction: Literal["CW", "CC"] = "CW",
     scan_arc_deg: float | None = None,
     body_part_examined: str | None = None,
+    reconstruction_method: str | None = None,
 ) -> pydicom.Dataset:
     """Write one multi-frame NM Image Storage object, ImageType ORIGINAL\\PRIMARY\\RECON TOMO\\EMISSION.
 
@@ -271,6 +272,9 @@ def write_nm_tomo(
     ``patient_position`` (default HFS) fills the NM/PET Patient Orientation codes (C.8.4.6).
     ``body_part_examined`` (e.g. ``"ABDOMEN"``, CID 4031 defined terms) is written when given;
     without it Laterality is written empty (one dciodvfy warning).
+    ``reconstruction_method`` (e.g. ``"OSEM 4i8s AC RR SY-ME"``) is written as ReconstructionMethod (0054,1103),
+    where vendors state it and :func:`voxeldose.camera.identity_from_dataset` reads it (a PET Series attribute:
+    dciodvfy warns "not present in standard DICOM IOD").
     """
     check_frame_of_reference(volume, series)
     arr = np.asarray(volume.array)
@@ -343,6 +347,8 @@ def write_nm_tomo(
     # NM Reconstruction C.8.4.14
     ds.SpacingBetweenSlices = format_ds(spacing)
     ds.SliceThickness = format_ds(spacing)
+    if reconstruction_method:
+        ds.ReconstructionMethod = reconstruction_method
     # NM Isotope C.8.4.10
     window = Dataset()
     rng = Dataset()
