@@ -99,6 +99,7 @@ __all__ = [
     "MAX_TRANSLATION_MM",
     "MIN_OVERLAP",
     "NCC_POOR_BELOW",
+    "FixedParts",
     "PreparedCT",
     "Registration",
     "align_to_reference",
@@ -398,8 +399,8 @@ class PreparedCT:
     ``working``: HU clamped and block-averaged to about :data:`WORKING_SPACING_MM`; ``levels``: the
     multi-resolution pyramid (SimpleITK images, coarsest first): ``working`` block-averaged by each of
     :data:`SHRINK_FACTORS` and smoothed with a Gaussian of :data:`SMOOTHING_SIGMAS_VOXELS` (voxels of
-    that level).  The fixed-image parts (body mask, its pyramid, the body centre) are computed when
-    first needed, i.e. only for a CT used as the reference.
+    that level).  The fixed-image parts (:class:`FixedParts`: body mask, its pyramid, the body centre)
+    are computed when first needed, i.e. only for a CT used as the reference.
     """
 
     def __init__(self, ct: Volume, what: str = "reference") -> None:
@@ -410,7 +411,7 @@ class PreparedCT:
         self.levels = [to_sitk(v) for v in self.level_volumes]
         coarse = self.level_volumes[0]
         self._coarse_body = body_mask(coarse.array, dilate=0)
-        self._mask: NDArray[np.bool_] | None = None
+        self._fixed: FixedParts | None = None
 
     def _level_factors(self, shrink: int) -> tuple[int, int, int]:
         """Block factors (k, j, i) of a level: ``shrink``, less along an axis that would keep < 4 voxels."""
@@ -442,30 +443,50 @@ class PreparedCT:
         return self.working.grid.index_to_world((np.array(self.working.shape[::-1], dtype=float) - 1) / 2)
 
     @property
-    def mask(self) -> NDArray[np.bool_]:
-        """The body on the working grid, dilated by one voxel (the fixed mask)."""
-        if self._mask is None:
-            self._mask = body_mask(self.working.array, dilate=1)
-            m = self._mask
-            self.mask_count = int(m.sum())
-            self.centre = _centroid(m, self.working.grid) if self.mask_count else np.zeros(3)
-            self.mask_levels = [
-                to_sitk(
-                    Volume((_block_mean(m, f) > 0).astype(np.uint8), _block_affine(self.working.affine, f)), np.uint8
-                )
-                for f in self.factors
-            ]
-            self.mask_level_counts = [int(sitk.GetArrayViewFromImage(x).sum()) for x in self.mask_levels]
-            # the body voxels on which the quality NCC is computed: all, or a random subset (fixed seed)
-            kji = np.nonzero(m)
-            if SIMILARITY_VOXELS and kji[0].size > SIMILARITY_VOXELS:
-                pick = np.sort(
-                    np.random.default_rng(SAMPLING_SEED).choice(kji[0].size, SIMILARITY_VOXELS, replace=False)
-                )
-                kji = tuple(i[pick] for i in kji)
-            self.similarity_kji = np.stack(kji).astype(np.float64)  # (3, n): k, j, i
-            self.similarity_values = self.working.array[kji].astype(np.float64)
-        return self._mask
+    def fixed(self) -> FixedParts:
+        """What the CT needs as the fixed (reference) image; computed on first use, then kept."""
+        if self._fixed is None:
+            self._fixed = _fixed_parts(self.working, self.factors)
+        return self._fixed
+
+
+@dataclass(frozen=True)
+class FixedParts:
+    """The fixed-image parts of a :class:`PreparedCT`.
+
+    ``mask``: the body on the working grid dilated by one voxel; ``mask_levels``: it block-reduced to
+    each pyramid level (a block is in when any voxel is), with ``mask_level_counts`` voxels;
+    ``centre``: the centroid of ``mask`` (the centre of rotation), LPS mm; ``similarity_kji`` (3, n)
+    and ``similarity_values``: the body voxels (k, j, i) and their HU on which the quality NCC is
+    computed (:data:`SIMILARITY_VOXELS` of them at random, fixed seed; all when fewer)."""
+
+    mask: NDArray[np.bool_]
+    mask_levels: list[sitk.Image]
+    mask_level_counts: list[int]
+    centre: NDArray[np.float64]
+    similarity_kji: NDArray[np.float64]
+    similarity_values: NDArray[np.float64]
+
+
+def _fixed_parts(working: Volume, factors: list[tuple[int, int, int]]) -> FixedParts:
+    m = body_mask(working.array, dilate=1)
+    n = int(m.sum())
+    levels = [
+        to_sitk(Volume((_block_mean(m, f) > 0).astype(np.uint8), _block_affine(working.affine, f)), np.uint8)
+        for f in factors
+    ]
+    kji = np.nonzero(m)
+    if SIMILARITY_VOXELS and kji[0].size > SIMILARITY_VOXELS:
+        pick = np.sort(np.random.default_rng(SAMPLING_SEED).choice(kji[0].size, SIMILARITY_VOXELS, replace=False))
+        kji = tuple(i[pick] for i in kji)
+    return FixedParts(
+        mask=m,
+        mask_levels=levels,
+        mask_level_counts=[int(sitk.GetArrayViewFromImage(x).sum()) for x in levels],
+        centre=_centroid(m, working.grid) if n else np.zeros(3),
+        similarity_kji=np.stack(kji).astype(np.float64),
+        similarity_values=np.asarray(working.array)[kji].astype(np.float64),
+    )
 
 
 def prepare_ct(ct: Volume, what: str = "reference") -> PreparedCT:
@@ -484,20 +505,21 @@ def _similarity(ref: PreparedCT, moving: Volume, moving_to_reference: NDArray[np
     """NCC in the reference body (working grid) where the moving CT has data, and that overlap
     fraction.  The moving CT is interpolated trilinearly at the body voxels only: the same values as
     :func:`~voxeldose.geometry.resample` gives there (the same scipy routine, NaN outside)."""
-    mask_n = ref.similarity_values.size
+    fx = ref.fixed
+    mask_n = fx.similarity_values.size
     # reference voxel index (i, j, k) -> reference LPS -> moving LPS -> moving voxel index
     m = np.linalg.inv(moving.affine) @ np.linalg.inv(moving_to_reference) @ ref.working.affine
     perm = np.array([2, 1, 0])
     matrix = m[:3, :3][np.ix_(perm, perm)]  # in (k, j, i) order
     offset = m[:3, 3][perm]
-    coords = matrix @ ref.similarity_kji + offset[:, None]
+    coords = matrix @ fx.similarity_kji + offset[:, None]
     moved = ndimage.map_coordinates(moving.array, coords, order=1, mode="constant", cval=np.nan, prefilter=False)
     inside = np.isfinite(moved)
     n_in = int(inside.sum())
     overlap = n_in / max(1, mask_n)
     if n_in < 10:
         return 0.0, overlap
-    return _ncc(ref.similarity_values[inside], moved[inside]), overlap
+    return _ncc(fx.similarity_values[inside], moved[inside]), overlap
 
 
 # ------------------------------------------------------------------------------ registration
@@ -519,7 +541,8 @@ def register_rigid(
     t0 = time.perf_counter()
     ref = reference_ct if isinstance(reference_ct, PreparedCT) else PreparedCT(reference_ct, "reference")
     mov = moving_ct if isinstance(moving_ct, PreparedCT) else PreparedCT(moving_ct, "moving")
-    ref_mask = ref.mask
+    fx = ref.fixed
+    ref_mask = fx.mask
     if ref_mask.sum() < 100 or not mov.has_body:
         which = "reference" if ref_mask.sum() < 100 else "moving"
         raise VoxeldoseError(
@@ -531,7 +554,7 @@ def register_rigid(
         raise VoxeldoseError("the initial transform must be a finite 4x4 matrix", tag="initial", found=start.shape)
 
     # centre of rotation: the reference body centroid (decouples rotation from translation)
-    centre = ref.centre
+    centre = fx.centre
 
     # candidates for the start, as reference -> moving matrices
     ref_to_mov_start = np.linalg.inv(start)
@@ -543,7 +566,7 @@ def register_rigid(
 
     scores: dict[str, float] = {}
     for name, m in candidates.items():
-        ev = _method(fixed_mask=ref.mask_levels[0], percentage=1.0)
+        ev = _method(fixed_mask=fx.mask_levels[0], percentage=1.0)
         ev.SetInitialTransform(_euler_from_matrix(m, centre), inPlace=False)
         try:
             scores[name] = float(ev.MetricEvaluate(ref.levels[0], mov.levels[0]))
@@ -552,10 +575,10 @@ def register_rigid(
     best = min(scores, key=lambda k: scores[k])  # ITK's correlation metric is −NCC: lower is better
 
     tx = _euler_from_matrix(candidates[best], centre)
-    percentages = [min(1.0, METRIC_SAMPLES / max(1, n)) for n in ref.mask_level_counts]
+    percentages = [min(1.0, METRIC_SAMPLES / max(1, n)) for n in fx.mask_level_counts]
     per_level: list[dict[str, Any]] = []
     stop, iterations = "", 0
-    for level, (fixed, moving, mask, pct) in enumerate(zip(ref.levels, mov.levels, ref.mask_levels, percentages)):
+    for level, (fixed, moving, mask, pct) in enumerate(zip(ref.levels, mov.levels, fx.mask_levels, percentages)):
         reg = _method(fixed_mask=mask, percentage=pct)
         _set_optimizer(reg, level=level, level_spacing_mm=max(fixed.GetSpacing()))
         reg.SetInitialTransform(tx, inPlace=True)
