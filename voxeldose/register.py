@@ -37,8 +37,8 @@ Method (:func:`register_rigid`)
 * Cost and accuracy on the default patient (256 × 256 × 230 CT, 3 moving time points, 2 cores):
   about 1.7 s of CPU for the three registrations with the reference prepared once, 16–20
   iterations per level; error against the phantom's true repositioning < 0.2 mm over the whole
-  body.  Before (ITK's shrink factors, conjugate gradient with a line search): 8.6 s for the same
-  three on a quiet machine, the same error (benchmarks/RESULTS.md).
+  body (0.12–0.13 mm).  Before (ITK's shrink factors, conjugate gradient with a line search): 8.6 s
+  for the same three on a quiet machine, 0.07–0.11 mm (benchmarks/RESULTS.md).
 
 ITK's registration transform maps points of the *fixed* image to the *moving* image; here the fixed
 image is the reference, so the transform found maps reference → moving and
@@ -54,8 +54,7 @@ The result is ``"poor"`` when any of these holds, and the message says which and
 
 * NCC after registration < :data:`NCC_POOR_BELOW` (0.85).  Derivation on the synthetic patient,
   NCC at the true transform and at the truth composed with a deliberate error (the three moving
-  time points; measured 2026-12-03 with 50 000 body voxels, in brackets where all body voxels give
-  a different value):
+  time points; measured 2026-12-03 on 50 000 body voxels as computed here):
 
   ==================================  ===========  ===================================================
   phantom (CT voxels)                 truth        10 mm along x / y / z  (5 mm along x; 5° about z)
@@ -69,7 +68,8 @@ The result is ``"poor"`` when any of these holds, and the message says which and
   edge.  0.85 lies below every correct alignment and above every 10 mm error.  Real patients add
   non-rigid differences (breathing, bowel, arms) that lower NCC, so a real "poor" asks for a look
   at the fused images, not an automatic rejection; revisit the threshold with patient data.  A
-  left–right flip of a nearly symmetric body can still score above it (the phantom's: 0.88):
+  left–right flip of a nearly symmetric body can still score above it (the phantom's: 0.88, measured
+  on all body voxels with the previous optimiser):
   mirrored data must be caught by reading the DICOM orientation right, not here.
 * less than :data:`MIN_OVERLAP` (50 %) of the reference body lies inside the moving CT.
 * the optimiser stopped on its iteration limit rather than converging.
@@ -294,7 +294,7 @@ def _jsonable(obj: object) -> object:
 # ------------------------------------------------------------------------------ preprocessing
 def _block_mean(arr: NDArray[Any], factors: tuple[int, int, int]) -> NDArray[np.float32]:
     """Mean over ``factors = (fk, fj, fi)`` blocks of a ``[k, j, i]`` array (trailing partial blocks
-    dropped), float32.  Summed slice by slice along one axis at a time: ~10× faster than a mean over
+    dropped), float32.  Summed slice by slice along one axis at a time: several times faster than a mean over
     the axes of a 6-D reshape, which numpy reduces with strided loops."""
     a: NDArray[Any] = np.asarray(arr)
     for axis, f in enumerate(factors):
