@@ -417,6 +417,7 @@ def _register(
     ref_grid, ref_ct = quant.conc[ing.ref_n].grid, quant.cts[ing.ref_n]
     aligned: list[Volume] = []
     records: list[Registration] = []
+    ref_prepared: register.PreparedCT | None = None  # the reference CT prepared once for all time points
     for n, (tp, c, ct) in enumerate(zip(ing.cycle.timepoints, quant.conc, quant.cts)):
         _emit(progress, "register", n / len(quant.conc))
         if n == ing.ref_n:
@@ -434,7 +435,9 @@ def _register(
         elif ct is None or ref_ct is None:  # stopped by blocking_problems before any pixel was read
             raise _registration_problems(ing.cycle, spec, ing.ref_tp)[0]
         else:
-            reg = register.register_rigid(ref_ct, ct)
+            if ref_prepared is None:
+                ref_prepared = register.prepare_ct(ref_ct, "reference")
+            reg = register.register_rigid(ref_prepared, ct)
             aligned.append(register.align_to_reference(c, ref_grid, reg))
             records.append(Registration.model_validate(reg.to_dict()))
             if reg.quality != "good":
