@@ -65,6 +65,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +77,7 @@ from .dicomutil import PatientStudy, SeriesInfo
 from .dose import RHO_AIR, SCHNEIDER_2000
 from .geometry import Grid, Volume
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
+from .reference import write_reference_dose
 from .scanner import (
     Injection,
     SpectAcquisition,
@@ -1245,6 +1247,15 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
         "seg": {"file": "dicom/SEG.dcm", "series_uid": seg_uid},
         "study_model": "one StudyInstanceUID per imaging session (time point)",
     }
+    truth["reference_dose"] = write_reference_dose(
+        truth_dir,
+        data.tia_bqs,
+        g,
+        nuclide=st.radionuclide,
+        labeller=partial(labels_on, settings=st),
+        label_names=VOI_NAMES,
+        supersample=st.supersample,
+    )
     (truth_dir / "truth.json").write_text(json.dumps(_jsonable(truth), indent=2))
     readme = out / "README.txt"
     readme.write_text(
