@@ -20,10 +20,12 @@ from voxeldose.errors import VoxeldoseError
 from voxeldose.pvc import (
     BACKGROUND,
     Gtm,
+    effective_fwhm_mm,
     gtm,
     partition,
     rbv,
     rc,
+    resampling_variance_mm2,
     shape_warning,
     size_warning,
     sphere_recovery,
@@ -189,3 +191,19 @@ def test_negative_fwhm_is_refused(scene) -> None:
     image, fractions, _, _ = scene
     with pytest.raises(VoxeldoseError, match="FWHM"):
         gtm(image, fractions, -1.0, SPACING)
+
+
+def test_resampling_blur_is_the_interpolation_kernels_variance() -> None:
+    """Linear interpolation half-way between samples is the kernel (½, ½): variance ¼ voxel²; on a sample, 0;
+    over uniformly spread offsets, 1/6 voxel² on average."""
+    pts = np.argwhere(np.ones((6, 6, 6)))[:, ::-1].astype(float)
+    shift = np.eye(4)
+    shift[:3, 3] = (0.5, 0.5, 0.5)
+    assert resampling_variance_mm2(shift, pts, (4.0, 4.0, 4.0)) == pytest.approx(0.25 * 16.0)
+    assert resampling_variance_mm2(np.eye(4), pts, (4.0, 4.0, 4.0)) == 0.0
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0, 50, (20000, 3))
+    assert resampling_variance_mm2(np.eye(4), spread, (1.0, 1.0, 1.0)) == pytest.approx(1 / 6, rel=0.02)
+    # Gaussian variances add: σ² = (FWHM/2.355)² + variance
+    sd = 11.0 / (2 * math.sqrt(2 * math.log(2)))
+    assert effective_fwhm_mm(11.0, 4.0) == pytest.approx(2 * math.sqrt(2 * math.log(2)) * math.sqrt(sd**2 + 4.0))

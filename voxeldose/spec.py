@@ -11,7 +11,7 @@ import re
 from itertools import accumulate
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from . import metrics as _metrics
 from .camera import CameraProfile
@@ -253,41 +253,48 @@ class JobSpec(_Model):
     earlier_cycles: list[EarlierCycle] = Field(default_factory=list)
     marrow: MarrowSpec = MarrowSpec()
     voi_source: Literal["auto", "rtstruct", "seg"] = "auto"
-    pvc: PvcMethod = Field(
-        "none",
-        description="partial-volume correction (voxeldose.pvc): rc (recovery curve), gtm (Rousset 1998) or rbv "
-        "(Thomas 2011, a corrected activity map); needs the camera profile",
-    )
     camera: CameraProfile | None = Field(
         None,
         description="the camera's profile (voxeldose calibrate): its sensitivity calibrates a counts SPECT, its "
         "FWHM and recovery curve feed the partial-volume correction",
     )
+    pvc: PvcMethod = Field(
+        "none",
+        description="partial-volume correction (voxeldose.pvc): rc (recovery curve), gtm (Rousset 1998) or rbv "
+        "(Thomas 2011, a corrected activity map); needs the camera profile",
+    )
 
-    @model_validator(mode="after")
-    def _camera_and_pvc(self) -> JobSpec:
-        cam = self.camera
-        if cam is not None and self.calibration.cps_per_mbq is not None:
+    @field_validator("camera")
+    @classmethod
+    def _one_calibration(cls, cam: CameraProfile | None, info: ValidationInfo) -> CameraProfile | None:
+        calibration = info.data.get("calibration")
+        if cam is not None and isinstance(calibration, Calibration) and calibration.cps_per_mbq is not None:
             raise ValueError(
                 "give the calibration either as calibration.cps_per_mbq or by the camera profile, not both "
-                f"({self.calibration.cps_per_mbq} cps/MBq and {cam.sensitivity_cps_per_mbq} cps/MBq of {cam.name!r})"
+                f"({calibration.cps_per_mbq} cps/MBq and {cam.sensitivity_cps_per_mbq} cps/MBq of {cam.name!r})"
             )
         if cam is not None and not cam.sensitivity_cps_per_mbq <= MAX_CPS_PER_MBQ:
             raise ValueError(
-                f"the camera profile's sensitivity {cam.sensitivity_cps_per_mbq} cps/MBq is above {MAX_CPS_PER_MBQ:g} "
-                "cps/MBq, beyond any collimated camera (a unit error)"
+                f"a camera sensitivity of at most {MAX_CPS_PER_MBQ:g} cps/MBq; {cam.sensitivity_cps_per_mbq} "
+                "is beyond any collimated camera (a unit error)"
             )
-        if self.pvc == "none":
-            return self
-        if cam is None:
-            raise ValueError(f"pvc {self.pvc!r} needs the camera profile (camera: the camera.json of the SPECT camera)")
-        if self.pvc == "rc" and cam.recovery_fit is None:
+        return cam
+
+    @field_validator("pvc")
+    @classmethod
+    def _pvc_has_its_profile(cls, method: str, info: ValidationInfo) -> str:
+        if method == "none":
+            return method
+        cam = info.data.get("camera")
+        if not isinstance(cam, CameraProfile):
+            raise ValueError(f"pvc {method!r} needs the camera profile (camera: the camera.json of the SPECT camera)")
+        if method == "rc" and cam.recovery_fit is None:
             raise ValueError(f"pvc 'rc' needs a recovery curve, and camera profile {cam.name!r} has no recovery_fit")
-        if self.pvc in ("gtm", "rbv") and cam.fwhm_mm is None:
+        if method in ("gtm", "rbv") and cam.fwhm_mm is None:
             raise ValueError(
-                f"pvc {self.pvc!r} needs the camera's resolution, and camera profile {cam.name!r} has no fwhm_mm"
+                f"pvc {method!r} needs the camera's resolution, and camera profile {cam.name!r} has no fwhm_mm"
             )
-        return self
+        return method
 
     @property
     def cps_per_mbq(self) -> float | None:
