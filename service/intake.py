@@ -350,7 +350,7 @@ def validate_and_commit(received: Received, fields: dict[str, Any], settings: Se
         late = scan_time_problems(cycle)
         if late:
             raise late[0]
-        if spec.calibration.cps_per_mbq is None:
+        if spec.cps_per_mbq is None:  # neither calibration.cps_per_mbq nor a camera profile
             for tp in cycle.timepoints:
                 if spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path) == "counts":
                     raise VoxeldoseError(
