@@ -279,6 +279,19 @@ def partition(fractions: Mapping[str, Array]) -> dict[str, Array]:
     return out
 
 
+def _box(weight: Array, reach: Sequence[int]) -> tuple[slice, slice, slice]:
+    """The bounding box of ``weight > 0`` grown by ``reach`` voxels per axis ``(k, j, i)``, within the array."""
+    xp = xp_for(weight)
+    out = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        present = to_host(xp.any(weight > 0, axis=others))
+        idx = np.flatnonzero(present)
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
+        out.append(slice(max(lo - reach[axis], 0), min(hi + reach[axis], weight.shape[axis])))
+    return (out[0], out[1], out[2])
+
+
 @dataclass(frozen=True)
 class Gtm:
     """The geometric transfer matrix of one set of VOIs and one PSF (the same for every time point on the
@@ -296,10 +309,17 @@ class Gtm:
         weights = partition(fractions)
         names = tuple(weights)
         xp = xp_for(weights[names[0]])
-        flat = xp.stack([weights[n].ravel() for n in names])  # (R, N) float32
-        sums = to_host(xp.sum(flat, axis=1, dtype=xp.float64))
-        # float32 products of non-negative terms (no cancellation): relative error ~1e-6
-        cols = [to_host(flat @ blur(weights[n], fwhm_mm, spacing_mm).ravel()) for n in names]
+        sums = np.array([float(xp.sum(weights[n], dtype=xp.float64)) for n in names])
+        reach = [int(math.ceil(TRUNCATE_SD * s)) + 1 for s in sigma_voxels(fwhm_mm, spacing_mm)]
+        cols = []
+        for n in names:
+            # blur region j inside its bounding box grown by the kernel's reach (exact: w_j is 0 outside the box,
+            # and the truncated kernel reaches no further), then G[:, j] over that box only
+            box = _box(weights[n], reach)
+            spread = blur(weights[n][box], fwhm_mm, spacing_mm).ravel()
+            local = xp.stack([weights[m][box].ravel() for m in names])  # (R, box voxels) float32
+            # float32 products of non-negative terms (no cancellation): relative error ~1e-6
+            cols.append(to_host(local @ spread))
         g = np.stack(cols, axis=1).astype(np.float64) / sums[:, None]
         sp = tuple(float(x) for x in spacing_mm)
         return cls(names, weights, g, float(fwhm_mm), (sp[0], sp[1], sp[2]))
