@@ -1046,6 +1046,8 @@ truth/truth.json              settings, calibration ({cf} cps/MBq, {tacq:.0f} s 
                               sources, volume, mass, TIA, residence time, LED dose (Gy, Gy/GBq)
 truth/tia_bqs.npy             voxel TIA truth (Bq*s, float64, [k, j, i]) on the first SPECT grid
 truth/labels_spect.npy        VOI labels on the same grid (label -> name in truth.json)
+truth/reference_dose_gy.npy   the pipeline's dose kernel on that TIA (Gy, float32); per VOI mean in
+                              truth.json reference_dose: what a perfect imaging chain would report
 
 Each imaging session is its own DICOM study (as in the clinic); all share the patient and the
 Radiopharmaceutical Information (injection date/time and activity), so they group into one cycle.
