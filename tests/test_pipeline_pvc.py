@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from voxeldose.camera import CameraIdentity, CameraProfile, RecoveryFit
 from voxeldose.errors import VoxeldoseError
 from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import run, write_outputs
+from voxeldose.spec import JobSpec
 from voxeldose.summary import Summary, upgrade
 
 KIDNEYS = ("Kidney_L", "Kidney_R")
@@ -155,12 +157,26 @@ def test_pvc_without_the_needed_profile_is_refused_before_any_work() -> None:
         ({"pvc": "gtm"}, "pvc", "camera profile"),
         ({"pvc": "rc", "camera": _camera(_profile(11.0))}, "pvc", "recovery"),
         ({"pvc": "rbv", "camera": _camera(_profile(None, recovery=FLAT))}, "pvc", "fwhm_mm"),
-        ({"camera": _camera(_profile(11.0)), "calibration": {"cps_per_mbq": 5.67}}, "camera", "not both"),
+        ({"camera": _camera(_profile(11.0)), "calibration": {"cps_per_mbq": 6.1}}, "camera", "not both"),
     ]
     for extra, tag, words in cases:
         with pytest.raises(VoxeldoseError) as err:
             run({"inputs": nowhere, **extra})
         assert err.value.tag == tag and words in str(err.value), extra
+
+
+def test_the_profiles_own_sensitivity_as_calibration_is_no_conflict() -> None:
+    """A service that copies the profile's sensitivity into calibration.cps_per_mbq gives one value twice."""
+    cam = _profile(11.0)
+    spec = JobSpec.model_validate(
+        {
+            "inputs": ["x"],
+            "pvc": "gtm",
+            "camera": _camera(cam),
+            "calibration": {"cps_per_mbq": cam.sensitivity_cps_per_mbq},
+        }
+    )
+    assert spec.cps_per_mbq == cam.sensitivity_cps_per_mbq
 
 
 def test_a_profile_for_another_nuclide_is_refused(still) -> None:
@@ -182,8 +198,6 @@ def test_the_profile_calibrates_a_counts_spect(still) -> None:
 
 
 def test_a_schema_2_summary_loads_without_correction() -> None:
-    from datetime import datetime
-
     doc = cycle_summary(
         number=1,
         injection=datetime(2026, 1, 5, 9, 30),
@@ -218,7 +232,7 @@ def test_cli_run_with_camera_and_pvc(still, tmp_path: Path) -> None:
     assert summary["methods"]["pvc"]["camera_profile"] == "phantom camera (design values)"
     assert "uncorr. Gy" in res.stdout  # the console table shows both
     both = subprocess.run(
-        [*cli, "--out", str(tmp_path / "o2"), "--camera", str(camera), "--calibration", "5.67"],
+        [*cli, "--out", str(tmp_path / "o2"), "--camera", str(camera), "--calibration", "6.1"],
         capture_output=True,
         text=True,
         timeout=600,

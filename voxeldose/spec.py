@@ -7,6 +7,7 @@ The CLI builds one from its options, the HTTP API receives one, the Ray workers 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
 from itertools import accumulate
 from typing import Annotated, Any, Literal
@@ -268,10 +269,12 @@ class JobSpec(_Model):
     @classmethod
     def _one_calibration(cls, cam: CameraProfile | None, info: ValidationInfo) -> CameraProfile | None:
         calibration = info.data.get("calibration")
-        if cam is not None and isinstance(calibration, Calibration) and calibration.cps_per_mbq is not None:
+        given = calibration.cps_per_mbq if isinstance(calibration, Calibration) else None
+        if cam is not None and given is not None and not math.isclose(given, cam.sensitivity_cps_per_mbq, rel_tol=1e-9):
+            # the same value twice (a service that copies the profile's sensitivity into the calibration) is no conflict
             raise ValueError(
                 "give the calibration either as calibration.cps_per_mbq or by the camera profile, not both "
-                f"({calibration.cps_per_mbq} cps/MBq and {cam.sensitivity_cps_per_mbq} cps/MBq of {cam.name!r})"
+                f"({given} cps/MBq and {cam.sensitivity_cps_per_mbq} cps/MBq of {cam.name!r})"
             )
         if cam is not None and not cam.sensitivity_cps_per_mbq <= MAX_CPS_PER_MBQ:
             raise ValueError(
