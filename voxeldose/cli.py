@@ -4,6 +4,7 @@
     voxeldose inspect DIR [--json] [--injection-datetime ISO] [--activity-mbq A] [--nuclide Lu-177]
     voxeldose run DIR [DIR|FILE ...] --out OUT [--calibration CPS_PER_MBQ] [--method dvk|dvk-density|led]
                   [--fit auto|monoexp|biexp|triexp|trapezoid|stp] [--spec job.json]
+                  [--camera camera.json] [--pvc none|rc|gtm|rbv]
     voxeldose recon DIR [DIR|FILE ...] --out OUT [--iterations 4] [--subsets 8] [--collimator CODE]
     voxeldose kernel --nuclide Lu-177 --voxel-mm 4.8[,4.8,4.8] --medium soft-tissue --size 51 --out k.npy
     voxeldose demo [--out DIR]
@@ -32,6 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import __version__
+from .camera import CameraProfile
 from .console import run_and_write
 from .demo import run_demo
 from .errors import VoxeldoseError
@@ -123,6 +125,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="VOI time-activity model (default auto: AICc)",
     )
     run.add_argument("--cycle", type=int, default=None, help="cycle number of this therapy (default 1)")
+    run.add_argument(
+        "--camera",
+        type=Path,
+        default=None,
+        metavar="CAMERA_JSON",
+        help="the camera's profile (voxeldose calibrate): calibrates a counts SPECT, feeds --pvc",
+    )
+    run.add_argument(
+        "--pvc",
+        choices=["none", "rc", "gtm", "rbv"],
+        default=None,
+        help="partial-volume correction (default none): rc recovery curve, gtm transfer matrix, rbv corrected map",
+    )
     _add_injection_options(run)
 
     rec = sub.add_parser(
@@ -336,6 +351,10 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         section("fit")["model"] = args.fit
     if args.cycle is not None:
         base["cycle_number"] = args.cycle
+    if args.camera is not None:
+        base["camera"] = CameraProfile.load(args.camera).model_dump(mode="json", by_alias=True)
+    if args.pvc is not None:
+        base["pvc"] = args.pvc
     inj = section("injection")
     if args.injection_datetime is not None:
         inj["datetime"] = args.injection_datetime.isoformat()

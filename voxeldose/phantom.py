@@ -67,6 +67,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +80,7 @@ from .dose import RHO_AIR, SCHNEIDER_2000
 from .geometry import Grid, Volume
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
 from .projections import EnergyWindow, ProjectionSet, reconstruct, reconstruction_method, write_projections
+from .reference import write_reference_dose
 from .scanner import (
     Injection,
     SpectAcquisition,
@@ -1101,6 +1103,8 @@ truth/truth.json              settings, calibration ({cf} cps/MBq, {tacq:.0f} s 
                               sources, volume, mass, TIA, residence time, LED dose (Gy, Gy/GBq)
 truth/tia_bqs.npy             voxel TIA truth (Bq*s, float64, [k, j, i]) on the first SPECT grid
 truth/labels_spect.npy        VOI labels on the same grid (label -> name in truth.json)
+truth/reference_dose_gy.npy   the pipeline's dose kernel on that TIA (Gy, float32); per VOI mean in
+                              truth.json reference_dose: what a perfect imaging chain would report
 
 Each imaging session is its own DICOM study (as in the clinic); all share the patient and the
 Radiopharmaceutical Information (injection date/time and activity), so they group into one cycle.
@@ -1321,6 +1325,15 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
         "seg": {"file": "dicom/SEG.dcm", "series_uid": seg_uid},
         "study_model": "one StudyInstanceUID per imaging session (time point)",
     }
+    truth["reference_dose"] = write_reference_dose(
+        truth_dir,
+        data.tia_bqs,
+        g,
+        nuclide=st.radionuclide,
+        labeller=partial(labels_on, settings=st),
+        label_names=VOI_NAMES,
+        supersample=st.supersample,
+    )
     (truth_dir / "truth.json").write_text(json.dumps(_jsonable(truth), indent=2))
     readme = out / "README.txt"
     readme.write_text(
