@@ -77,6 +77,7 @@ from .dose import RHO_AIR, SCHNEIDER_2000
 from .geometry import Grid, Volume
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
 from .scanner import (
+    CameraHeaders,
     Injection,
     SpectAcquisition,
     contours_from_mask,
@@ -93,6 +94,7 @@ __all__ = [
     "PhantomManifest",
     "PhantomSettings",
     "TimePoint",
+    "camera_headers",
     "ct_grid",
     "default_kinetics",
     "electron_energy_per_decay_j",
@@ -830,6 +832,18 @@ def _nm_series_description(st: PhantomSettings, hours: float) -> str:
     return text
 
 
+def camera_headers(st: PhantomSettings) -> CameraHeaders:
+    """The camera identity the SPECT states (the same for the patient and the calibration phantoms of one
+    camera model, :mod:`voxeldose.calphantom`): a simulated camera; the collimator; the reconstruction (the
+    Gaussian model with its FWHM, or OSEM iterations × subsets with attenuation correction and resolution
+    recovery), so that a profile calibrated with one camera model never matches images of another."""
+    if st.camera == "osem":
+        recon = f"OSEM {st.osem_iterations}i{st.osem_subsets}s AC RR {st.collimator}"
+    else:
+        recon = f"Gaussian image model FWHM {st.fwhm_mm:g} mm"
+    return CameraHeaders("voxeldose (simulated)", "synthetic SPECT/CT", "VD-SIM-0001", st.collimator, recon)
+
+
 def _imaging_model(st: PhantomSettings) -> str | dict[str, Any]:
     """How the images were made, for truth.json."""
     if st.camera != "osem":
@@ -1119,6 +1133,7 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             acquisition=st.acquisition,
             pixel_mode=st.pixel_mode,
             sop_instance_uid=_uid(st, "sop", "NM", n),
+            camera=camera_headers(st),
         )
         t1 = time.perf_counter()
         cg = ct_grid(st, for_uid)
