@@ -1,6 +1,8 @@
 """The ``voxeldose`` command line.
 
-    voxeldose phantom --out DIR [--seed N] [--hours 4,24,96,168] [--bqml] [--small] [--camera gaussian|osem]
+    voxeldose phantom --out DIR [--kind patient|cylinder|iec] [--seed N] [--hours 4,24,96,168] [--bqml] [--small]
+                      [--camera gaussian|osem]
+    voxeldose calibrate DIR [DIR ...] --out camera.json [--name NAME] [--activity-u-percent U]
     voxeldose inspect DIR [--json] [--injection-datetime ISO] [--activity-mbq A] [--nuclide Lu-177]
     voxeldose run DIR [DIR|FILE ...] --out OUT [--calibration CPS_PER_MBQ] [--method dvk|dvk-density|led]
                   [--fit auto|monoexp|biexp|triexp|trapezoid|stp] [--spec job.json]
@@ -31,6 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import __version__
+from .calphantom import CalibrationPhantom, write_calibration_phantom
 from .console import run_and_write
 from .demo import run_demo
 from .errors import VoxeldoseError
@@ -72,6 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ph = sub.add_parser("phantom", help="write the synthetic 177Lu patient (DICOM + ground truth)")
     ph.add_argument("--out", required=True, type=Path, help="output folder")
+    ph.add_argument(
+        "--kind",
+        choices=["patient", "cylinder", "iec"],
+        default="patient",
+        help="patient (default): the synthetic 177Lu patient; cylinder: a uniform cylinder of known activity "
+        "(sensitivity); iec: the NEMA IEC body phantom's six spheres at 10:1 (recovery, resolution)",
+    )
     ph.add_argument("--seed", type=int, default=0, help="random seed (noise, repositioning); default 0")
     ph.add_argument(
         "--hours", type=_parse_hours, default=None, help="imaging times after injection, h (default 4,24,96,168)"
@@ -178,6 +188,14 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         changes["pixel_mode"] = "bqml"
     settings = replace(settings, **changes)
     t0 = time.perf_counter()
+    if args.kind != "patient":
+        if args.hours is not None:
+            raise VoxeldoseError("--hours applies to the patient only", tag="--hours", expected="--kind patient")
+        m = write_calibration_phantom(args.out, CalibrationPhantom(args.kind), settings)
+        print(f"wrote the {args.kind} calibration phantom to {args.out} in {time.perf_counter() - t0:.1f} s")
+        print(f"  DICOM:        {m.nm_file.parent.parent}")
+        print(f"  ground truth: {m.truth_json}")
+        return 0
     write_phantom(args.out, settings)
     print(f"wrote the synthetic patient to {args.out} in {time.perf_counter() - t0:.1f} s")
     print(f"  DICOM:        {args.out / 'dicom'}")
