@@ -67,6 +67,9 @@ __all__ = [
     "IecGeometry",
     "PhantomKind",
     "Placement",
+    "materials_on",
+    "region_activity",
+    "region_fractions",
     "simulate_calibration",
     "write_calibration_phantom",
 ]
@@ -285,10 +288,16 @@ def _block_sum(fine: NDArray[Any], ss: int) -> NDArray[Any]:
 
 
 def region_activity(
-    grid: Grid, phantom: CalibrationPhantom, activity_bq: dict[int, float], supersample: int = 3
+    grid: Grid,
+    phantom: CalibrationPhantom,
+    activity_bq: dict[int, float],
+    supersample: int = 3,
+    *,
+    per_ml: bool = False,
 ) -> NDArray[np.float64]:
     """Bq per voxel of ``grid``: each region's ``activity_bq`` spread over its ``supersample³`` sub-points, so
-    that the image sums to the regions' total exactly whenever the phantom lies inside the grid."""
+    that the image sums to the regions' total exactly whenever the phantom lies inside the grid.  With
+    ``per_ml`` the values are concentrations (Bq/ml) instead: each sub-point holds its volume's share."""
     ss = int(supersample)
     nreg = 2 + len(IEC.sphere_diameters_mm)
     stored = []
@@ -299,12 +308,28 @@ def region_activity(
         stored.append((k0, k1, reg))
     lut = np.zeros(nreg)
     for r, act in activity_bq.items():
+        if per_ml:
+            lut[r] = act * grid.voxel_volume_ml / ss**3
+            continue
         if n_sub[r] == 0:
             raise ValueError(f"phantom region {r} lies outside the grid")
         lut[r] = act / n_sub[r]
     out = np.zeros(grid.shape)
     for k0, k1, reg in stored:
         out[k0:k1] = _block_sum(lut[reg], ss)
+    return out
+
+
+def region_fractions(grid: Grid, phantom: CalibrationPhantom, supersample: int = 4) -> NDArray[np.float64]:
+    """Fraction of each voxel of ``grid`` in each activity region (``[region, k, j, i]``, see :func:`_regions`),
+    by ``supersample³`` sub-points."""
+    ss = int(supersample)
+    nreg = 2 + len(IEC.sphere_diameters_mm)
+    out = np.zeros((nreg, *grid.shape))
+    for k0, k1 in _chunks(grid.shape[0], 4):
+        reg = _regions(phantom.kind, *phantom.placement.to_frame(*_points(grid, ss, k0, k1)))[1]
+        for r in np.unique(reg):
+            out[r, k0:k1] = _block_sum((reg == r).astype(np.float64), ss) / ss**3
     return out
 
 
@@ -395,6 +420,7 @@ def simulate_calibration(phantom: CalibrationPhantom, settings: PhantomSettings 
     cf = st.calibration_cps_per_mbq
     rng = np.random.default_rng(np.random.SeedSequence([int(st.seed), 404, 1 if phantom.kind == "cylinder" else 2]))
     expected = act / 1e6 * cf * t_acq * df
+    counts: NDArray[Any]
     if st.camera == "osem":
         counts = _osem_counts(st, grid, act, materials_on(grid, phantom), df, rng)
     else:
@@ -485,9 +511,7 @@ def write_calibration_phantom(
         nm_path,
         Volume(scan.image, grid.affine, for_uid, scan.units),
         ctx=ctx,
-        series=SeriesInfo(
-            _uid(st, "calphantom", key, "NM"), 1, f"SPECT 177Lu {phantom.kind} phantom", for_uid, start
-        ),
+        series=SeriesInfo(_uid(st, "calphantom", key, "NM"), 1, f"SPECT 177Lu {phantom.kind} phantom", for_uid, start),
         injection=Injection(st.radionuclide, phantom.total_activity_bq, phantom.reference_datetime, "Lu-177 chloride"),
         acquisition=st.acquisition,
         pixel_mode=st.pixel_mode,
@@ -524,7 +548,10 @@ def write_calibration_phantom(
         "decay_during_acquisition_factor": scan.decay_factor,
         "expected_total_counts": float(scan.expected_counts.sum()),
         "concentrations_bq_per_ml_at_reference": conc,
-        "placement": {"centre_lps_mm": list(phantom.placement.centre_mm), "rotation_deg": phantom.placement.rotation_deg},
+        "placement": {
+            "centre_lps_mm": list(phantom.placement.centre_mm),
+            "rotation_deg": phantom.placement.rotation_deg,
+        },
         "camera": st.camera,
         "fwhm_mm": st.fwhm_mm if st.camera == "gaussian" else None,
         "calibration_cps_per_mbq": st.calibration_cps_per_mbq,

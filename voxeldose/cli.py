@@ -33,6 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import __version__
+from .calibrate import DEFAULT_ACTIVITY_U, calibrate
 from .calphantom import CalibrationPhantom, write_calibration_phantom
 from .console import run_and_write
 from .demo import run_demo
@@ -121,6 +122,35 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--cycle", type=int, default=None, help="cycle number of this therapy (default 1)")
     _add_injection_options(run)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="a camera profile (camera.json) from SPECT/CT scans of a uniform cylinder and the NEMA IEC phantom",
+    )
+    cal.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        help="phantom scan folders; which phantom each is comes from its study/series description "
+        "('cylinder', 'Jaszczak', 'uniform'; 'NEMA', 'IEC')",
+    )
+    cal.add_argument("--cylinder", type=Path, action="append", default=[], help="the uniform cylinder's scan folder")
+    cal.add_argument("--iec", type=Path, action="append", default=[], help="the NEMA IEC phantom's scan folder")
+    cal.add_argument("--out", required=True, type=Path, help="the camera profile to write (camera.json)")
+    cal.add_argument("--name", default=None, help="a label for the profile (default: manufacturer and model)")
+    cal.add_argument(
+        "--activity-u-percent",
+        type=float,
+        default=DEFAULT_ACTIVITY_U * 100,
+        help="standard uncertainty of each phantom's activity, %% (default %(default).2f: a dose calibrator within "
+        "its ±5 %% accuracy tolerance, uniform distribution, 5/√3)",
+    )
+    cal.add_argument(
+        "--sphere-to-background",
+        type=float,
+        default=10.0,
+        help="the IEC spheres' concentration over the background's (default 10)",
+    )
 
     kern = sub.add_parser("kernel", help="build a dose-voxel kernel (Gy per Bq·s) and print its energy balance")
     kern.add_argument("--nuclide", default="Lu-177")
@@ -345,6 +375,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if not (args.paths or args.cylinder or args.iec):
+        raise VoxeldoseError("no phantom scans given", expected="DIR ... or --cylinder DIR --iec DIR")
+    res = calibrate(
+        args.paths,
+        cylinder=args.cylinder,
+        iec=args.iec,
+        name=args.name,
+        activity_u_rel=args.activity_u_percent / 100.0,
+        sphere_to_background=args.sphere_to_background,
+    )
+    p = res.profile
+    p.save(args.out)
+    sens = res.sensitivity
+    print(f"camera: {p.identity.manufacturer} {p.identity.model} ({p.identity.reconstruction or 'reconstruction ?'})")
+    print(
+        f"sensitivity: {p.sensitivity_cps_per_mbq:.4f} ± {p.sensitivity_u_cps_per_mbq:.4f} cps/MBq (k=1; counting "
+        f"alone ± {sens.u_poisson:.4f})"
+    )
+    if p.fwhm_mm is not None and p.fwhm_u_mm is not None:
+        print(f"effective resolution: FWHM {p.fwhm_mm:.2f} ± {p.fwhm_u_mm:.2f} mm")
+        for pt in p.recovery:
+            print(f"  {pt.label:>14}  {pt.volume_ml:6.2f} ml  RC {pt.rc:.3f} ± {pt.rc_u:.3f}")
+    else:
+        print("no NEMA IEC scan: no recovery coefficients or resolution")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_kernel(args: argparse.Namespace) -> int:
     try:
         voxel = [float(v) for v in str(args.voxel_mm).split(",")]
@@ -362,7 +421,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, small=args.small)
 
 
-COMMANDS = {"phantom": cmd_phantom, "inspect": cmd_inspect, "run": cmd_run, "kernel": cmd_kernel, "demo": cmd_demo}
+COMMANDS = {
+    "phantom": cmd_phantom,
+    "inspect": cmd_inspect,
+    "run": cmd_run,
+    "calibrate": cmd_calibrate,
+    "kernel": cmd_kernel,
+    "demo": cmd_demo,
+}
 
 
 def _run_plugin(name: str, rest: list[str]) -> int | None:
