@@ -18,7 +18,8 @@ RadiopharmaceuticalStartDateTime (0018,1078), the dose-calibrator reading) and t
 * **Recovery coefficients**: the six spheres are found in the SPECT from the phantom's geometry — the lung
   insert's axis in the CT, then the ring of spheres' plane and rotation by a matched filter (the image summed
   over the six sphere volumes, maximised over the plane's position and the ring's angle, then refined with the
-  axis free).  RC = mean image in the true sphere volume (each voxel weighted by the fraction of it inside
+  axis free); the phantom lies with its axis along the scanner's z, as NEMA NU 2 positions it (a tilt is not
+  searched).  RC = mean image in the true sphere volume (each voxel weighted by the fraction of it inside
   the sphere) / the spheres' true concentration (from the header's activity, the geometry's volumes and the
   stated sphere-to-background ratio), both at the acquisition start.  The RC includes the background's
   spill-in (as measured).  ``rc_u`` combines counting (Poisson on the weighted voxel counts; for OSEM images,
