@@ -235,7 +235,7 @@ def test_phantoms_from_different_cameras_are_refused(tmp_path: Path, scans: tupl
     _edit_nm(iec, lambda ds: setattr(ds, "DeviceSerialNumber", "OTHER-CAMERA"))
     with pytest.raises(VoxeldoseError, match="same camera") as exc:
         calibrate([scans[0], iec])
-    assert exc.value.tag == "device_serial_number"
+    assert exc.value.tag == "DeviceSerialNumber (0018,1000)" and "OTHER-CAMERA" in str(exc.value)
 
 
 def test_without_a_cylinder_there_is_no_sensitivity(scans: tuple[Path, Path]) -> None:

@@ -187,8 +187,7 @@ def load_scans(
             continue
         index = scan([Path(p) for p in group])
         if index.errors:
-            err = index.errors[0]
-            raise VoxeldoseError(err.message, path=err.path, tag=err.tag)
+            raise VoxeldoseError(index.errors[0].message)  # names the file and the tag already
         spects = index.by_kind("spect")
         if not spects:
             raise VoxeldoseError(
@@ -607,6 +606,17 @@ class CalibrationResult:
     iec: IecMeasurement | None
 
 
+#: Where each field of a camera identity comes from (voxeldose.camera.identity_from_dataset).
+_IDENTITY_TAGS = {
+    "manufacturer": tag_label("Manufacturer"),
+    "model": tag_label("ManufacturerModelName"),
+    "device_serial_number": tag_label("DeviceSerialNumber"),
+    "collimator": tag_label("CollimatorGridName"),
+    "energy_window_kev": f"{tag_label('EnergyWindowLowerLimit')} / {tag_label('EnergyWindowUpperLimit')}",
+    "reconstruction": tag_label("ReconstructionMethod"),
+}
+
+
 def _same_camera(scans: list[PhantomScan]) -> CameraIdentity:
     first = scans[0]
     for other in scans[1:]:
@@ -619,8 +629,11 @@ def _same_camera(scans: list[PhantomScan]) -> CameraIdentity:
                 f"the phantoms were not imaged with the same camera and reconstruction ({first.path} and "
                 f"{other.path} differ)",
                 path=other.path,
-                tag=", ".join(sorted(set(diff))),
+                tag=", ".join(_IDENTITY_TAGS[name] for name in sorted(set(diff))),
                 expected=f"the camera of {first.path}",
+                found={
+                    name: (getattr(first.identity, name), getattr(other.identity, name)) for name in sorted(set(diff))
+                },
             )
     return first.identity
 
