@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +89,15 @@ def test_the_phantom_headers_state_the_activity_and_its_time(scans: tuple[Path, 
         assert str(ds.AcquisitionDateTime).startswith(phantom.acquisition_start.strftime("%Y%m%d%H%M"))
         assert "cylinder" in ds.SeriesDescription or "iec" in ds.SeriesDescription
         assert len(list((folder / "dicom" / "CT").glob("*.dcm"))) > 0
+
+
+@pytest.mark.dciodvfy
+def test_the_phantom_files_pass_dciodvfy(scans: tuple[Path, Path], dciodvfy_exe: str) -> None:
+    for folder in scans:
+        for f in [folder / "dicom" / "NM" / "SPECT.dcm", sorted((folder / "dicom" / "CT").glob("*.dcm"))[0]]:
+            res = subprocess.run([dciodvfy_exe, str(f)], capture_output=True, text=True, timeout=60)
+            errors = [line for line in (res.stdout + res.stderr).splitlines() if "Error" in line]
+            assert not errors, f"{f}:\n" + "\n".join(errors)
 
 
 def test_the_iec_truth_has_the_nema_spheres(scans: tuple[Path, Path]) -> None:
