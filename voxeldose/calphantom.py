@@ -13,7 +13,9 @@ A site calibrates its SPECT/CT camera for 177Lu with two phantom scans (MIRD Pam
   0.30 g/ml, no activity — NU 2-2018 states 0.30 ± 0.10 g/ml), and six spheres of 10, 13, 17, 22, 28 and 37 mm
   inner diameter with centres on a 114.4 mm diameter circle around the insert, 60° apart, in the transverse
   plane 70 mm from the lid.  The spheres hold ``sphere_to_background`` times the background concentration.
-  Dimensions as in the NEMA/IEC drawings (also those of GATE's model, opengate.contrib.phantoms.nemaiec).
+  The sphere ring, the 70 mm and the 180 mm interior length are NEMA NU 2's; the cross-section's radii and the
+  insert's walls are those of GATE's model of the phantom (opengate.contrib.phantoms.nemaiec), 3 mm inside its
+  outer shell.
 
 Both are imaged through the patient's camera models (:mod:`voxeldose.phantom`: ``"gaussian"`` image-space blur
 and Poisson counts, or ``"osem"`` projections with attenuation and collimator response, Poisson counts and
