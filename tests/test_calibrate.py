@@ -266,8 +266,9 @@ def test_an_unnamed_phantom_is_refused_and_the_cli_says_so(
     code = main(["calibrate", str(cyl), str(scans[1]), "--out", str(tmp_path / "c.json")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "StudyDescription" in err and "Traceback" not in err
-    # named explicitly, it calibrates
-    assert calibrate([scans[1]], cylinder=[cyl]).profile.sensitivity_cps_per_mbq > 0
+    # named explicitly, it calibrates (the cylinder alone: a sensitivity, no recovery)
+    profile = calibrate(cylinder=[cyl]).profile
+    assert profile.sensitivity_cps_per_mbq > 0 and profile.recovery == [] and profile.fwhm_mm is None
 
 
 # --------------------------------------------------------------------------------------------- OSEM
