@@ -1,8 +1,8 @@
 """Camera profiles in the service (issue 12 part 3): the store (SQLite and PostgreSQL), matching a SPECT's camera,
 the DICOM node's trigger waiting for and then using a profile, and the /cameras page.
 
-The phantom's SPECT holds raw counts and names its camera ``voxeldose`` / ``voxeldose`` with a Lu-177 photopeak
-window of 187.5–229.2 keV (voxeldose.dicomutil, voxeldose.phantom); the expected identity below is written from
+The phantom's SPECT holds raw counts and names its camera ``voxeldose (simulated)`` / ``synthetic SPECT/CT``,
+serial ``VD-SIM-0001``, with a Lu-177 photopeak window of 187.5–229.2 keV (voxeldose.dicomutil, voxeldose.phantom); the expected identity below is written from
 those headers, not from what the service stored.  The HTTP API end to end (real ``voxeldose serve``, pynetdicom
 push, summaries) is in test_cameras_e2e.py.
 """
@@ -33,7 +33,14 @@ from voxeldose.camera import CameraIdentity, CameraProfile
 
 QUIET_S = 5.0
 #: The phantom SPECT's camera as its headers state it.
-PHANTOM_CAMERA = {"manufacturer": "voxeldose", "model": "voxeldose", "energy_window_kev": [187.5, 229.2]}
+PHANTOM_CAMERA = {
+    "manufacturer": "voxeldose (simulated)",
+    "model": "synthetic SPECT/CT",
+    "device_serial_number": "VD-SIM-0001",
+    "energy_window_kev": [187.5, 229.2],
+}
+#: How messages name it (manufacturer, model, serial number).
+PHANTOM_LABEL = "voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
 EVIL = '<script>alert("x")</script>&'
 
 
@@ -152,7 +159,9 @@ def test_counts_without_a_profile_wait_then_start_when_one_is_registered(
     _receive(node, _phantom_files(small_phantom))
     [out] = trigger.tick(utcnow() + timedelta(seconds=QUIET_S + 2))
     assert out.state == "waiting"
-    assert out.reason.startswith("waiting: no calibration for camera voxeldose voxeldose"), out.reason
+    assert out.reason.startswith(
+        "waiting: no calibration for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
+    ), out.reason
     assert pid not in out.reason
     assert store.list_jobs()[1] == 0
 
@@ -185,7 +194,10 @@ def test_at_the_deadline_an_uncalibrated_cycle_is_an_error_until_a_profile_arriv
     later = first + timedelta(hours=49)  # past the 48 h deadline after the cycle was first seen
     [out] = trigger.tick(later)
     assert out.state == "error"
-    assert "raw counts" in out.reason and "no calibration for camera voxeldose voxeldose" in out.reason
+    assert (
+        "raw counts" in out.reason
+        and "no calibration for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001" in out.reason
+    )
     row = store.get_trigger_cycle(out.cycle_key)  # as GET /v1/dicom/cycles shows it
     assert row is not None and row["state"] == "error" and "POST to the API's v1/cameras" in (row["reason"] or "")
     assert store.list_jobs()[1] == 0
@@ -206,6 +218,39 @@ def test_a_site_calibration_is_kept_and_the_profile_still_named(
     job = store.get_job(started.job_id)
     assert job is not None and job.spec["calibration"] == site["calibration"]
     assert job.camera_profile_id == p.id and "kept" in (job.camera_match or "")
+
+
+@pytest.mark.parametrize(
+    "site",
+    [{"pvc": "gtm"}, {"pvc": "gtm", "calibration": {"cps_per_mbq": 5.67, "source": "site setting"}}],
+    ids=["pvc", "pvc-and-site-calibration"],
+)
+def test_a_site_pvc_waits_for_the_cameras_profile_and_takes_its_resolution(
+    make_settings: Any, store: Store, small_phantom: dict, site: dict[str, Any]
+) -> None:
+    """trigger_spec {"pvc": "gtm"} is a valid site setting (the profile comes per job); a cycle waits for its
+    camera's profile even where the site gives the sensitivity, and its job carries the profile (FWHM for gtm)."""
+    settings, node, trigger = _node(make_settings, store, trigger_spec=site)
+    _receive(node, _phantom_files(small_phantom))
+    [out] = trigger.tick(utcnow() + timedelta(seconds=QUIET_S + 2))
+    assert (
+        out.state == "waiting"
+        and "no calibration for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001" in out.reason
+    ), out.reason
+    assert store.list_jobs()[1] == 0
+    p = register_profile(store, profile_data("Phantom SPECT"), "phys-1")
+    [started] = trigger.tick(utcnow())
+    assert started.state == "started", started.reason
+    job = store.get_job(started.job_id)
+    assert job is not None and job.spec["pvc"] == "gtm" and job.camera_profile_id == p.id
+    assert job.spec["camera"]["name"] == "Phantom SPECT" and job.spec["camera"]["fwhm_mm"] == 11.0
+    assert job.spec["calibration"]["cps_per_mbq"] == 5.67
+
+
+def test_a_site_pvc_setting_is_checked(tmp_path: Path) -> None:
+    assert Settings(data_dir=tmp_path, trigger_spec={"pvc": "rbv"}).trigger_spec == {"pvc": "rbv"}
+    with pytest.raises(ValueError, match="pvc 'xx' is not one of none, rc, gtm, rbv"):
+        Settings(data_dir=tmp_path, trigger_spec={"pvc": "xx"})
 
 
 def test_an_invalid_profile_is_refused_naming_the_field(store: Store) -> None:
@@ -263,7 +308,7 @@ def test_cameras_page_lists_uploads_and_retires(site: Any) -> None:
     r = client.post("/cameras", files={"profile": ("camera.json", body, "application/json")})
     assert r.status_code == 303, r.text
     page = client.get(r.headers["location"])
-    assert 'class="camera-row"' in page.text and "voxeldose voxeldose" in page.text
+    assert 'class="camera-row"' in page.text and "voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001" in page.text
     assert EVIL not in page.text and "&lt;script&gt;" in page.text  # autoescaped
     [rec] = store.list_camera_profiles()
     assert rec.created_by == "physicist-1"
@@ -297,7 +342,10 @@ def test_an_upload_takes_the_profile_unless_it_gives_a_calibration(site: Any, sm
     r = client.post("/v1/jobs", files=files, headers=h)
     assert r.status_code == 422 and r.json()["tag"] == "calibration.cps_per_mbq"
     expected = r.json()["expected"]
-    assert "camera profile registered for camera voxeldose voxeldose and Lu-177" in expected
+    assert (
+        "camera profile registered for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001 and Lu-177"
+        in expected
+    )
     assert "POST to the API's v1/cameras" in expected
 
     p = register_profile(store, profile_data("P", sensitivity=5.67), "phys-1")
