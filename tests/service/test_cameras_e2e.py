@@ -2,10 +2,12 @@
 real peers: an HTTP client and a pynetdicom storage SCU.
 
 The site has no calibration setting.  The phantom's counts SPECT pushed to the node waits for a calibration of
-its camera ("voxeldose voxeldose", no serial number in its headers); a physicist registers the camera's
+its camera ("voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"); a physicist registers the camera's
 profile, the cycle starts by itself and its summary names the profile (``provenance.calibration``); an upload
 without a calibration takes the same profile.  The sensitivity registered is the phantom's stated camera
-calibration (truth.json), so the jobs are the phantom's calibrated runs.
+calibration (truth.json), so the jobs are the phantom's calibrated runs.  The site's ``trigger_spec`` asks for
+partial-volume correction (``{"pvc": "gtm"}``): the node's job takes the matched profile's resolution too, and its
+summary and DICOM SR state the correction with the corrected and uncorrected mean doses (issue 12).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from serverproc import ServerProc, auth, create_token, free_port
 from support import JOB_WAIT_S, STATE_WAIT_S, wait_for
 from test_cameras import profile_data
 
+from voxeldose.sr import sr_measurements, sr_pvc
+
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
@@ -34,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
         dicom_allowed_aets='["PACS"]',
         dicom_quiet_period_s=30,
         trigger_interval_s=0.5,
+        trigger_spec='{"pvc": "gtm"}',
         ray_num_cpus=2,
     )
     tokens = {r: create_token(srv.data_dir, f"{r}-cam", r) for r in ("submitter", "physicist")}
@@ -91,7 +96,10 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         ]
         r = c.post("/v1/jobs", files=upload, headers=sub)
         assert r.status_code == 422 and r.json()["tag"] == "calibration.cps_per_mbq"
-        assert "camera profile registered for camera voxeldose voxeldose" in r.json()["expected"]
+        assert (
+            "camera profile registered for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
+            in r.json()["expected"]
+        )
 
         # another camera's profile; then the push: the cycle waits for its own camera's calibration
         other = c.post("/v1/cameras", json=profile_data("Symbia", manufacturer="SIEMENS NM"), headers=phys)
@@ -102,7 +110,9 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
             lambda: [x for x in c.get("/v1/dicom/cycles", headers=phys).json() if x["state"] == "waiting"],
             "the cycle to wait for a calibration",
         )
-        assert cycles[0]["reason"].startswith("waiting: no calibration for camera voxeldose voxeldose"), cycles
+        assert cycles[0]["reason"].startswith(
+            "waiting: no calibration for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
+        ), cycles
         pid = str(pydicom.dcmread(Path(small_phantom["dicom"]) / "RTSTRUCT.dcm", stop_before_pixels=True).PatientID)
         assert pid not in cycles[0]["reason"]
         assert c.get("/v1/jobs", headers=phys).json()["total"] == 0
@@ -111,7 +121,11 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         r = c.post("/v1/cameras", json=body, headers=phys)
         assert r.status_code == 201 and r.headers["location"] == f"/v1/cameras/{r.json()['id']}", r.text
         cam = r.json()
-        assert cam["active"] and cam["camera"] == "voxeldose voxeldose" and cam["created_by"] == "physicist-cam"
+        assert (
+            cam["active"]
+            and cam["camera"] == "voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
+            and cam["created_by"] == "physicist-cam"
+        )
         source = f"camera profile Phantom SPECT (id {cam['id']})"
         jobs = wait(lambda: c.get("/v1/jobs", headers=phys).json()["items"], "the node's job to start")
         assert len(jobs) == 1 and jobs[0]["source"] == "dicom"
@@ -135,6 +149,23 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         summary = c.get(f"/v1/jobs/{jobs[0]['id']}/summary", headers=phys).json()
         cal = summary["provenance"]["calibration"]
         assert cal == {"cps_per_mbq": cps, "source": source, "applied": True}, cal
+        # the site's trigger_spec asked for gtm: corrected with the matched profile, stated in summary and SR
+        pvc = summary["methods"]["pvc"]
+        assert pvc["method"] == "gtm" and pvc["camera_profile"] == "Phantom SPECT", pvc
+        assert pvc["fwhm_mm"] == body["fwhm_mm"], pvc
+        sr = pydicom.dcmread(srv.data_dir / "jobs" / jobs[0]["id"] / "out" / "sr.dcm")
+        stated, plain = sr_pvc(sr), sr_measurements(sr)
+        mean_key = ("128513", "373098007")  # Absorbed Dose (DCM), derivation Mean (SCT)
+        for kidney in ("Kidney_L", "Kidney_R"):
+            voi = summary["vois"][kidney]
+            assert voi["pvc"]["method"] == "gtm"
+            assert voi["pvc"]["corrected_mean_gy"] > voi["pvc"]["uncorrected_mean_gy"]  # spill-out recovered
+            assert stated[kidney]["evaluation"] == "PVC-GTM"
+            corrected = {(c, d): v for c, d, v in stated[kidney]["methods"]["PVC-GTM"]}
+            uncorrected = {(c, d): v for c, d, v in stated[kidney]["methods"]["PVC-NONE"]}
+            assert corrected[mean_key] == pytest.approx(voi["mean_gy"], rel=1e-9)
+            assert uncorrected[mean_key] == pytest.approx(voi["pvc"]["uncorrected_mean_gy"], rel=1e-9)
+            assert plain[kidney][("DCM", *mean_key)] == pytest.approx(voi["mean_gy"], rel=1e-9)
 
         # retiring keeps the profile (the jobs name it); a submitter may not retire
         assert c.post(f"/v1/cameras/{cam['id']}/retire", headers=sub).status_code == 403
