@@ -123,7 +123,7 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         cam = r.json()
         assert (
             cam["active"]
-            and cam["camera"] == "voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
+            and cam["camera"] == "voxeldose (simulated) synthetic SPECT/CT"
             and cam["created_by"] == "physicist-cam"
         )
         source = f"camera profile Phantom SPECT (id {cam['id']})"
