@@ -282,7 +282,7 @@ def voi_budget(
     mean_gy: float,
     volume_ml: float,
     voxel_size_mm: Sequence[float],
-    counting_rel_u: Sequence[float] | NDArray[np.float64],
+    counting_rel_u: Sequence[float] | NDArray[np.float64] | None,
     calibration_rel_u: float | None,
     recovery_rel_u: float | None,
     recovery_how: str = "no partial-volume correction: not part of the measurement model",
@@ -293,11 +293,12 @@ def voi_budget(
 ) -> VoiBudget:
     """The EANM budget of one VOI (module docstring): activity at each scan, TIA, mean dose, BED and EQD2.
 
-    ``counting_rel_u``: 1/√N per scan (:func:`counting_relative_u`); ``calibration_rel_u`` and
+    ``counting_rel_u``: 1/√N per scan (:func:`counting_relative_u`), ``None`` when the counts are unknown; ``calibration_rel_u`` and
     ``recovery_rel_u``: relative standard uncertainties common to every scan, ``None`` when not stated.
     """
     a = np.asarray(fit.activities_bq, dtype=np.float64)
-    cu = np.asarray(counting_rel_u, dtype=np.float64)
+    counted = counting_rel_u is not None
+    cu = np.asarray(counting_rel_u if counted else np.full(a.shape, np.nan), dtype=np.float64)
     if cu.shape != a.shape:
         raise VoxeldoseError(
             "one counting uncertainty per scan is needed",
@@ -344,8 +345,10 @@ def voi_budget(
         ),
         BudgetComponent(
             "counting",
-            rel(var_count),
-            "Poisson 1/√N of the VOI's counts at each scan through the fit (a lower bound for OSEM's correlated noise)",
+            rel(var_count) if counted else None,
+            "Poisson 1/√N of the VOI's counts at each scan through the fit (a lower bound for OSEM's correlated noise)"
+            if counted
+            else "not evaluated: the counts behind the image are unknown (no calibration or acquisition duration)",
         ),
         BudgetComponent("recovery", recovery_rel_u, recovery_how),
         BudgetComponent(
@@ -362,9 +365,9 @@ def voi_budget(
         ),
     )
     notes = [
-        c.name + " not stated: the combined uncertainty is a lower bound"
+        f"{c.name} not included ({c.how}): the combined uncertainty is a lower bound"
         for c in components
-        if c.relative_u is None and c.name == "calibration"
+        if c.relative_u is None and c.name in ("calibration", "counting", "dose factor")
     ]
     common = [calibration_rel_u, recovery_rel_u]
     acts = tuple(
