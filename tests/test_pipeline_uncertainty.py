@@ -89,6 +89,15 @@ def test_every_fitted_voi_carries_its_budget(dicom: Path, tmp_path: Path) -> Non
     assert again.vois[k].uncertainty == result.summary.vois[k].uncertainty
     raw = json.loads((tmp_path / "summary.json").read_text())
     assert raw["vois"][k]["uncertainty"]["coverage_factor"] == 2.0
+    # the report: each kidney's mean ± U (k = 2) and its budget, component by component
+    html = (tmp_path / "report.html").read_text()
+    section = html[html.index("id='uncertainty'") :]
+    for name in ("Kidney_L", "Kidney_R"):
+        v = result.summary.vois[name]
+        assert v.uncertainty is not None and v.uncertainty.mean_gy.u is not None
+        assert f"{name}: mean {v.mean_gy:.2f} ± {2 * v.uncertainty.mean_gy.u:.2f} Gy (k = 2)" in section
+    for comp in NAMES:
+        assert f"<td>{comp}</td>" in section
 
 
 def test_a_calibration_without_stated_uncertainty_is_not_invented(dicom: Path) -> None:
