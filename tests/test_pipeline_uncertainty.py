@@ -27,7 +27,7 @@ RECOVERY = RecoveryFit(
     covariance=((1e-4, 0.0, 0.0), (0.0, 4e-3, 0.0), (0.0, 0.0, 1e-3)),
     residuals=[],
 )
-NAMES = {"calibration", "counting", "recovery", "scan time", "time–activity fit", "volume", "dose factor"}
+NAMES = {"calibration", "counting", "recovery", "scan time", "time–activity fit", "delineation", "dose factor"}
 
 
 def _profile(*, stated: bool) -> CameraProfile:

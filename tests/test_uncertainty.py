@@ -16,6 +16,7 @@ from voxeldose.nuclides import load
 from voxeldose.timeactivity import fit_voi
 from voxeldose.uncertainty import (
     counting_relative_u,
+    delineation_dose_relative_u,
     delineation_relative_u,
     fit_parameter_covariance,
     tia_sensitivities,
@@ -129,7 +130,7 @@ def test_combined_uncertainty_is_the_root_sum_square_of_independent_components()
     # the residual scatter (1-2 %) exceeds the counting noise (< 0.2 %): the fit component carries it
     assert b.component("time–activity fit").relative_u > b.component("counting").relative_u
     # the TIA lacks only the mass (volume) component
-    tia_rel = [c.relative_u for c in b.components if c.relative_u is not None and c.name != "volume"]
+    tia_rel = [c.relative_u for c in b.components if c.relative_u is not None and c.name != "delineation"]
     assert b.tia_bqs.relative_u == pytest.approx(math.sqrt(sum(r * r for r in tia_rel)), rel=1e-12)
     # BED = D + G D²/(α/β): dBED/dD = 1 + 2 G D/(α/β)
     assert b.bed_gy is not None and b.eqd2_gy is not None
@@ -146,3 +147,14 @@ def test_unstated_calibration_is_not_invented() -> None:
     cu = counting_relative_u(a, 10.0, [900.0] * 4)
     for est, ai, ci in zip(b.activities_bq, a, cu):
         assert est.u == pytest.approx(ai * math.sqrt(0.03**2 + ci**2), rel=1e-12)
+
+
+def test_outline_of_a_hot_cube_in_cold_surroundings() -> None:
+    """Dose 1 Gy in a 4³ cube, 0 outside: grown by one face-connected layer it has 64 + 6·16 = 160 voxels, mean
+    0.4 Gy; shrunk (2³), mean 1 Gy: u = |0.4 − 1|/(2√3) relative to 1 Gy.  Uniform dose: no outline effect."""
+    frac = np.zeros((10, 10, 10))
+    frac[3:7, 3:7, 3:7] = 1.0
+    dose = frac.copy()
+    assert delineation_dose_relative_u(dose, frac) == pytest.approx(0.6 / (2 * math.sqrt(3)), rel=1e-12)
+    assert delineation_dose_relative_u(np.full(frac.shape, 3.0), frac) == pytest.approx(0.0, abs=1e-15)
+    assert delineation_dose_relative_u(dose, frac * 0.4) is None  # no voxel half inside

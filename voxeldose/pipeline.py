@@ -800,7 +800,12 @@ def _metrics(
         entry["tia_voxel_sum_bqs"] = float((voi.fraction * tia_arr).sum(dtype=np.float64))
         if isinstance(fr, FitResult):
             observed = None if corr is None else corr.observed[name]
-            entry["uncertainty"] = _uncertainty(spec, fr, entry, dosed.dose.grid.spacing, quants or [], observed)
+            outline_u = uncertainty.delineation_dose_relative_u(
+                dose_arr, voi.fraction, rho if spec.dose.method == "dvk-density" else None
+            )
+            entry["uncertainty"] = _uncertainty(
+                spec, fr, entry, dosed.dose.grid.spacing, quants or [], observed, outline_u
+            )
         out[name] = VoiMetrics.model_validate(entry)
     return out
 
@@ -904,6 +909,7 @@ def _uncertainty(
     spacing: np.ndarray,
     quants: list[Quantification],
     observed_bq: np.ndarray | None,
+    outline_u: float | None = None,
 ) -> VoiUncertainty:
     """The VOI's EANM uncertainty budget (:mod:`voxeldose.uncertainty`) from the job's camera profile, the
     quantification of each scan (counts behind the VOI activity) and the partial-volume correction."""
@@ -939,6 +945,7 @@ def _uncertainty(
         bed_gy=entry.get("bed_gy"),
         g_factor=entry.get("g_factor"),
         alpha_beta_gy=entry.get("alpha_beta_gy"),
+        delineation_rel_u=outline_u,
     )
     return VoiUncertainty(
         method="EANM (Gear et al. 2018) first-order propagation, GUM JCGM 100:2008",

@@ -28,9 +28,12 @@ Components (each named in the budget, with its relative standard uncertainty or 
 ``time–activity fit``  the residual scatter the stated inputs do not explain: when the fit has residual degrees of
                  freedom (n > k) and its reduced χ² with the stated per-scan uncertainties exceeds 1, the
                  propagated TIA variance is scaled by χ²_ν (a Birge-ratio scaling; the excess is this component).
-``volume``       delineation: the VOI's volume ±1 voxel layer over the surface of the sphere of equal volume,
-                 the ±1 layer taken as the half-width of a rectangular distribution, u(V) = S·d/√3 (GUM 4.3.7;
-                 S = (36π V²)^{1/3}, d the mean voxel size); it enters the mean dose through the mass, D = E/m.
+``delineation``  the VOI's outline ±1 voxel layer (the approach of Gear et al. 2018), the ±1 layer read as the
+                 limits of a rectangular distribution (GUM 4.3.7).  In a run: the mean dose over the VOI grown
+                 and shrunk by one layer (:func:`delineation_dose_relative_u`; it sees the dose gradient at the
+                 border).  Without a dose map: the volume change over the surface of the sphere of equal volume,
+                 u(V) = S·d/√3, through the mass, D = E/m (:func:`delineation_relative_u`; pessimistic for a
+                 uniformly loaded organ, whose mean dose hardly depends on its outline).
 ``dose factor``  the kernel's energy deposition data: not stated (``None``).
 
 Time–activity propagation.  Counting noise and scan time are independent between scans; they reach the TIA
@@ -39,7 +42,7 @@ parameters — amplitudes and rates —, M the fit's weights 1/A_i², g = ∂TIA
 exact for a fit through its points), so u²(TIA) = sᵀ Σ s with the full covariance of the parameters,
 correlations included.  Calibration and recovery are common to every scan (fully correlated): they scale every
 activity by the same factor, hence the TIA and the dose by that factor, and enter as relative components
-directly.  The mean dose takes the TIA's relative uncertainty (self-dose, dose ∝ TIA / mass) and the volume's.
+directly.  The mean dose takes the TIA's relative uncertainty (self-dose, dose ∝ TIA / mass) and the delineation's.
 Rate constraints (λ ≥ λ_phys) are ignored by the linearisation: at the bound it overstates the TIA's spread.
 
 BED = D + G D²/(α/β) with G held fixed: u(BED) = (1 + 2 G D/(α/β)) u(D); EQD2 = BED/(1 + 2/(α/β)) has the same
@@ -54,6 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage
 
 from .errors import VoxeldoseError
 from .timeactivity import MODELS, FitResult
@@ -65,6 +69,7 @@ __all__ = [
     "Estimate",
     "VoiBudget",
     "counting_relative_u",
+    "delineation_dose_relative_u",
     "delineation_relative_u",
     "fit_parameter_covariance",
     "scan_time_activity_u",
@@ -161,6 +166,34 @@ def delineation_relative_u(volume_ml: float, voxel_size_mm: Sequence[float]) -> 
     v_mm3 = volume_ml * 1000.0
     s_mm2 = float((36.0 * math.pi * v_mm3 * v_mm3) ** (1.0 / 3.0))
     return s_mm2 * d_mm / math.sqrt(3.0) / v_mm3
+
+
+def delineation_dose_relative_u(
+    dose_gy: NDArray[np.float64], fraction: NDArray[np.float64], density: NDArray[np.float64] | None = None
+) -> float | None:
+    """Relative u of a VOI's mean dose from its outline: the mean dose (mass-weighted with ``density``) over the VOI
+    (voxels with fraction ≥ ½) grown by one voxel layer, D₊, and shrunk by one, D₋, the ±1 layer read as the
+    limits of a rectangular distribution: u = |D₊ − D₋| / (2√3) / D (GUM 4.3.7).  Unlike the mass model it sees
+    the dose gradient at the border (a uniform organ's mean dose hardly changes with its outline; a blurred
+    one's does).  A VOI too thin to shrink uses the unshrunk VOI for D₋; ``None`` for a VOI without a voxel at
+    least half inside (too small for the grid: the caller falls back to :func:`delineation_relative_u`).
+    """
+    mask = np.asarray(fraction) >= 0.5
+    if not mask.any():
+        return None
+    w = np.ones(mask.shape) if density is None else np.asarray(density, dtype=np.float64)
+    d = np.asarray(dose_gy, dtype=np.float64)
+
+    def mean(m: NDArray[np.bool_]) -> float:
+        return float((d * w)[m].sum() / w[m].sum())
+
+    grown = ndimage.binary_dilation(mask)
+    shrunk = ndimage.binary_erosion(mask)
+    d0 = mean(mask)
+    if d0 <= 0:
+        return 0.0
+    d_minus = mean(shrunk) if shrunk.any() else d0
+    return abs(mean(grown) - d_minus) / (2.0 * math.sqrt(3.0)) / d0
 
 
 def scan_time_activity_u(fit: FitResult, u_t_s: float = DEFAULT_SCAN_TIME_U_S) -> NDArray[np.float64]:
@@ -290,11 +323,14 @@ def voi_budget(
     bed_gy: float | None = None,
     g_factor: float | None = None,
     alpha_beta_gy: float | None = None,
+    delineation_rel_u: float | None = None,
 ) -> VoiBudget:
     """The EANM budget of one VOI (module docstring): activity at each scan, TIA, mean dose, BED and EQD2.
 
     ``counting_rel_u``: 1/√N per scan (:func:`counting_relative_u`), ``None`` when the counts are unknown; ``calibration_rel_u`` and
-    ``recovery_rel_u``: relative standard uncertainties common to every scan, ``None`` when not stated.
+    ``recovery_rel_u``: relative standard uncertainties common to every scan, ``None`` when not stated;
+    ``delineation_rel_u``: the VOI's own ±1-layer dose change (:func:`delineation_dose_relative_u`), else the
+    mass model of :func:`delineation_relative_u`.
     """
     a = np.asarray(fit.activities_bq, dtype=np.float64)
     counted = counting_rel_u is not None
@@ -318,7 +354,12 @@ def voi_budget(
     def rel(var: float) -> float:
         return math.sqrt(var) / tia if tia > 0 else 0.0
 
-    vol_u = delineation_relative_u(volume_ml, voxel_size_mm)
+    if delineation_rel_u is None:
+        vol_u = delineation_relative_u(volume_ml, voxel_size_mm)
+        vol_how = "±1 voxel layer over the equal-volume sphere (rectangular, u = S·d/√3) through the mass, D = E/m"
+    else:
+        vol_u = delineation_rel_u
+        vol_how = "mean dose over the VOI grown and shrunk by one voxel layer (rectangular, u = |D₊ − D₋|/(2√3))"
 
     if fit.model in MODELS:
         nu = fit.n_points - MODELS[fit.model].k
@@ -356,9 +397,9 @@ def voi_budget(
         ),
         BudgetComponent("time–activity fit", rel(var_fit), fit_how),
         BudgetComponent(
-            "volume",
+            "delineation",
             vol_u,
-            "delineation ±1 voxel layer (rectangular, u = S·d/√3) through the mass, D = E/m",
+            vol_how,
         ),
         BudgetComponent(
             "dose factor", None, "not stated: the kernel's energy-deposition data carry no stated uncertainty"
