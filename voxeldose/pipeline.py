@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from . import __version__, metrics, pvc, quantify, register, timeactivity
+from . import __version__, metrics, pvc, quantify, register, timeactivity, uncertainty
 from .cycles import cumulative_summary
 from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
 from .errors import VoxeldoseError
@@ -64,8 +64,11 @@ from .summary import (
     Registration,
     Summary,
     TimeActivity,
+    UncertaintyComponent,
+    ValueU,
     VoiMetrics,
     VoiPvc,
+    VoiUncertainty,
 )
 from .summary import TimePoint as TimePointRecord
 from .timeactivity import FitResult
@@ -757,6 +760,7 @@ def _metrics(
     lam: float,
     warnings: list[str],
     corr: _Corrected | None = None,
+    quants: list[Quantification] | None = None,
 ) -> dict[str, VoiMetrics]:
     """Per-VOI dose metrics, time-activity and radiobiology (BED, EQD2); with a partial-volume correction the
     corrected mean dose (``mean_gy``, and BED from it) beside the uncorrected one (:data:`PVC_DOSE_CORRECTION`)."""
@@ -794,6 +798,14 @@ def _metrics(
             entry["time_activity"] = fr
         entry.update(_radiobiology(name, role, float(m["mean_gy"]), fr, kin.times_s, lam, spec, warnings))
         entry["tia_voxel_sum_bqs"] = float((voi.fraction * tia_arr).sum(dtype=np.float64))
+        if isinstance(fr, FitResult):
+            observed = None if corr is None else corr.observed[name]
+            outline_u = uncertainty.delineation_dose_relative_u(
+                dose_arr, voi.fraction, rho if spec.dose.method == "dvk-density" else None
+            )
+            entry["uncertainty"] = _uncertainty(
+                spec, fr, entry, dosed.dose.grid.spacing, quants or [], observed, outline_u
+            )
         out[name] = VoiMetrics.model_validate(entry)
     return out
 
@@ -885,6 +897,69 @@ def _radiobiology(
     }
 
 
+def _value_u(e: uncertainty.Estimate) -> ValueU:
+    iv = e.interval
+    return ValueU(value=e.value, u=e.u, lower_95=None if iv is None else iv[0], upper_95=None if iv is None else iv[1])
+
+
+def _uncertainty(
+    spec: JobSpec,
+    fr: FitResult,
+    entry: dict[str, Any],
+    spacing: np.ndarray,
+    quants: list[Quantification],
+    observed_bq: np.ndarray | None,
+    outline_u: float | None = None,
+) -> VoiUncertainty:
+    """The VOI's EANM uncertainty budget (:mod:`voxeldose.uncertainty`) from the job's camera profile, the
+    quantification of each scan (counts behind the VOI activity) and the partial-volume correction."""
+    cam = spec.camera
+    # the profile's sensitivity calibrates the job (also when the job repeats it as calibration.cps_per_mbq)
+    from_profile = cam is not None and spec.calibration.cps_per_mbq in (None, cam.sensitivity_cps_per_mbq)
+    calibration_u = (
+        cam.sensitivity_u_cps_per_mbq / cam.sensitivity_cps_per_mbq if cam is not None and from_profile else None
+    )
+    counting = None
+    durations = [q.acquisition_duration_s for q in quants]
+    cps = spec.cps_per_mbq
+    if cps is not None and len(durations) == fr.n_points and all(d is not None and d > 0 for d in durations):
+        counts_bq = np.asarray(fr.activities_bq) if observed_bq is None else np.asarray(observed_bq, dtype=np.float64)
+        counting = uncertainty.counting_relative_u(counts_bq, cps, [float(d or 0.0) for d in durations])
+    recovery_u, recovery_how = None, "no partial-volume correction: recovery not part of the measurement model"
+    volume_ml = float(entry["volume_ml"])
+    if spec.pvc == "rc" and cam is not None and cam.recovery_fit is not None:
+        rfit = cam.recovery_fit
+        recovery_u = rfit.rc_u(volume_ml) / rfit.rc(volume_ml)
+        recovery_how = f"recovery fit of camera profile {cam.name!r} at {volume_ml:.3g} ml: u(RC)/RC"
+    elif spec.pvc in ("gtm", "rbv"):
+        recovery_how = f"{spec.pvc}: not evaluated (would need the correction rerun at FWHM ± u)"
+    b = uncertainty.voi_budget(
+        fr,
+        mean_gy=float(entry["mean_gy"]),
+        volume_ml=volume_ml,
+        voxel_size_mm=[float(x) for x in spacing],
+        counting_rel_u=counting,
+        calibration_rel_u=calibration_u,
+        recovery_rel_u=recovery_u,
+        recovery_how=recovery_how,
+        bed_gy=entry.get("bed_gy"),
+        g_factor=entry.get("g_factor"),
+        alpha_beta_gy=entry.get("alpha_beta_gy"),
+        delineation_rel_u=outline_u,
+    )
+    return VoiUncertainty(
+        method="EANM (Gear et al. 2018) first-order propagation, GUM JCGM 100:2008",
+        coverage_factor=uncertainty.COVERAGE_FACTOR,
+        components=[UncertaintyComponent(name=c.name, relative_u=c.relative_u, how=c.how) for c in b.components],
+        activity_bq=[_value_u(e) for e in b.activities_bq],
+        tia_bqs=_value_u(b.tia_bqs),
+        mean_gy=_value_u(b.mean_gy),
+        bed_gy=None if b.bed_gy is None else _value_u(b.bed_gy),
+        eqd2_gy=None if b.eqd2_gy is None else _value_u(b.eqd2_gy),
+        notes=list(b.notes),
+    )
+
+
 def _marrow(vois: dict[str, VoiMetrics], spec: JobSpec, lam: float) -> Marrow:
     """Red-marrow dose: image-based from the first marrow VOI; blood-based when the job has samples."""
     image = None
@@ -937,7 +1012,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         dosed = _dose(spec, ing.nuclide, kin.tia, ref_ct, vois, warnings)
     a_inj = ing.cycle.injection.activity_bq
     with _stage("metrics", progress, timings):
-        voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings, corr)
+        voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings, corr, quant.records)
         _check_plausible(voi_out, ing.ref_tp.spect.instances[0].path)
         marrow = _marrow(voi_out, spec, lam)
         date = ing.cycle.injection.start.date()

@@ -247,6 +247,40 @@ class VoiPvc(_Part):
     notes: list[str] = Field(default_factory=list)
 
 
+class UncertaintyComponent(_Part):
+    """One named input of a VOI's uncertainty budget (see :mod:`voxeldose.uncertainty`)."""
+
+    name: str
+    relative_u: float | None = Field(
+        description="relative standard uncertainty it contributes to the mean dose; null: not stated or not evaluated"
+    )
+    how: str
+
+
+class ValueU(_Part):
+    """A value, its standard uncertainty u and the ≈ 95 % interval value ± k·u (null bounds without a u)."""
+
+    value: float
+    u: float | None
+    lower_95: float | None
+    upper_95: float | None
+
+
+class VoiUncertainty(_Part):
+    """A VOI's EANM uncertainty budget (Gear et al. 2018, EJNMMI 45:2456; GUM JCGM 100:2008): first-order
+    propagation, expanded uncertainty U = k·u with k = ``coverage_factor``."""
+
+    method: str
+    coverage_factor: float
+    components: list[UncertaintyComponent]
+    activity_bq: list[ValueU] = Field(description="VOI activity at each time point, Bq")
+    tia_bqs: ValueU
+    mean_gy: ValueU
+    bed_gy: ValueU | None = None
+    eqd2_gy: ValueU | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
 class VoiMetrics(_Part):
     """Absorbed-dose metrics of one VOI (definitions in :mod:`voxeldose.metrics`)."""
 
@@ -279,6 +313,7 @@ class VoiMetrics(_Part):
     bed_kinetics: str | None = None
     tia_voxel_sum_bqs: float | None = Field(None, description="sum of the voxel TIAs in the VOI, Bq·s")
     pvc: VoiPvc | None = Field(None, description="partial-volume correction; absent without one (schema /3)")
+    uncertainty: VoiUncertainty | None = Field(None, description="uncertainty budget; absent without a VOI fit")
 
 
 # ------------------------------------------------------------------------------------------ marrow
