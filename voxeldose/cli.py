@@ -123,6 +123,22 @@ def _build_parser() -> argparse.ArgumentParser:
         help="VOI time-activity model (default auto: AICc)",
     )
     run.add_argument("--cycle", type=int, default=None, help="cycle number of this therapy (default 1)")
+    run.add_argument(
+        "--reconstruct",
+        action="store_true",
+        default=None,
+        help="reconstruct every time point that has projections, even where a reconstruction is given "
+        "(default: only those without one)",
+    )
+    run.add_argument(
+        "--iterations", type=_positive_int, default=None, help="OSEM iterations for projections (default 4)"
+    )
+    run.add_argument(
+        "--subsets",
+        type=_positive_int,
+        default=None,
+        help="OSEM subsets for projections; must divide the views (default 8)",
+    )
     _add_injection_options(run)
 
     rec = sub.add_parser(
@@ -233,8 +249,8 @@ def inspect_report(paths: Sequence[Path], **injection: Any) -> dict[str, Any]:
 
 
 #: A blocking problem that only the job can resolve: reported as information, since ``inspect`` takes
-#: no calibration (``voxeldose run --calibration`` gives it).
-_JOB_OPTION_TAGS = ("calibration.cps_per_mbq",)
+#: no calibration and no OSEM subsets (``voxeldose run --calibration``, ``--subsets`` give them).
+_JOB_OPTION_TAGS = ("calibration.cps_per_mbq", "reconstruction.subsets")
 
 
 def _job_problems(cycles: list[Cycle], spec: JobSpec) -> list[Problem]:
@@ -336,6 +352,12 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         section("fit")["model"] = args.fit
     if args.cycle is not None:
         base["cycle_number"] = args.cycle
+    if args.reconstruct:
+        base["reconstruct"] = True
+    if args.iterations is not None:
+        section("reconstruction")["iterations"] = args.iterations
+    if args.subsets is not None:
+        section("reconstruction")["subsets"] = args.subsets
     inj = section("injection")
     if args.injection_datetime is not None:
         inj["datetime"] = args.injection_datetime.isoformat()
