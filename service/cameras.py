@@ -119,9 +119,10 @@ def spect_camera(cycle: Cycle, profiles: Sequence[CameraRecord]) -> SpectCamera:
 
 
 def calibration_given(fields: Mapping[str, Any]) -> bool:
-    """Does a job description (JSON fields) give a calibration factor of its own?"""
+    """Does a job description (JSON fields) give a calibration of its own: a factor, or an inline camera profile
+    (whose sensitivity calibrates the counts)?"""
     cal = fields.get("calibration")
-    return isinstance(cal, Mapping) and cal.get("cps_per_mbq") is not None
+    return (isinstance(cal, Mapping) and cal.get("cps_per_mbq") is not None) or fields.get("camera") is not None
 
 
 def apply_profile(fields: Mapping[str, Any], match: CameraMatch) -> tuple[dict[str, Any], str]:
@@ -133,9 +134,8 @@ def apply_profile(fields: Mapping[str, Any], match: CameraMatch) -> tuple[dict[s
         cal = dict(out.get("calibration") or {})
         cal.update(cps_per_mbq=match.record.profile.sensitivity_cps_per_mbq, source=match.source)
         out["calibration"] = cal
-    # When JobSpec gains ``camera`` (the profile for partial-volume correction), set it here (a profile given
-    # inline with the job wins, like a calibration):
-    #     out.setdefault("camera", match.record.profile.model_dump(mode="json", by_alias=True))
+        # the whole profile too, for partial-volume correction (its sensitivity equals the calibration set above)
+        out["camera"] = match.record.profile.model_dump(mode="json", by_alias=True)
     return out, match.note(taken)
 
 

@@ -363,7 +363,7 @@ def validate_and_commit(
         if camera.match is not None:
             fields, note = apply_profile(fields, camera.match)
             spec = build_spec(fields, final)
-        if spec.calibration.cps_per_mbq is None:
+        if spec.cps_per_mbq is None:  # neither calibration.cps_per_mbq nor a camera profile
             for tp in cycle.timepoints:
                 if spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path) == "counts":
                     raise VoxeldoseError(

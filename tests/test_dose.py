@@ -15,6 +15,7 @@ from voxeldose import backend
 from voxeldose.dose import (
     J_PER_MEV,
     RHO_AIR,
+    SCHNEIDER_2000,
     absorbed_dose,
     default_kernel_size,
     density_on_grid,
@@ -237,6 +238,20 @@ def test_photon_part_is_the_homogeneous_photon_dose():
 def test_hu_to_density_calibration_points(hu, rho):
     assert hu_to_density(float(hu)) == pytest.approx(rho, rel=1e-5, abs=1e-7)
     assert hu_to_density(np.array([[[hu]]], np.int16))[0, 0, 0] == pytest.approx(rho, rel=1e-5, abs=1e-7)
+
+
+def test_hu_to_density_segments_are_half_open_and_non_finite_is_air():
+    """Each segment of the table holds lo ≤ H < hi (evaluated in float32 as a + b·H); an edge value
+    belongs to the segment above it; NaN and ±inf (no segment) come out as air."""
+    edges = [seg[0] for seg in SCHNEIDER_2000[1:]]
+    hu = np.array([v for e in edges for v in (np.nextafter(np.float32(e), np.float32(-np.inf)), e)], np.float32)
+    want = []
+    for h in hu:
+        (a, b) = next((seg[2], seg[3]) for seg in SCHNEIDER_2000 if seg[0] <= h < seg[1])
+        want.append(max(np.float32(a) + np.float32(b) * h, np.float32(RHO_AIR)))
+    np.testing.assert_array_equal(hu_to_density(hu), np.array(want, np.float32))
+    odd = hu_to_density(np.array([np.nan, np.inf, -np.inf], np.float32))
+    np.testing.assert_array_equal(odd, np.full(3, RHO_AIR, np.float32))
 
 
 def test_density_on_grid_is_voxel_mean():

@@ -70,6 +70,20 @@ def test_ct_sorted_along_normal_with_hu(tmp_path):
     assert vol.units == "HU"
 
 
+def test_ct_slice_of_another_size_is_an_error_naming_the_sizes(tmp_path):
+    hu = np.zeros((4, 4, 5), dtype=np.int16)
+    ct_series(tmp_path, hu, ipp0=(0, 0, 0), slice_vector=(0, 0, 2.5))
+    odd = sorted(tmp_path.rglob("*.dcm"))[2]
+    ds = pydicom.dcmread(odd)
+    ds.Rows, ds.Columns = 3, 3
+    ds.PixelData = np.zeros((3, 3), dtype=np.int16).tobytes()
+    ds.save_as(odd)
+    with pytest.raises(VoxeldoseError, match=r"CT slices have different sizes") as err:
+        read_ct(scan(tmp_path).by_kind("ct")[0])
+    assert "(3, 3)" in str(err.value) and "(4, 5)" in str(err.value)
+    assert "Rows (0028,0010)" in str(err.value)
+
+
 def test_inconsistent_ct_spacing_is_an_error(tmp_path):
     hu = np.zeros((4, 4, 4), dtype=np.int16)
     ct_series(tmp_path / "CT", hu, z_positions=[0.0, 2.5, 5.0, 10.0])

@@ -160,7 +160,7 @@ def test_outputs_rtdose_summary_report(realistic, dciodvfy_exe: str) -> None:
     assert set(paths) == {"rtdose", "summary", "report"}
     assert not dciodvfy_errors(dciodvfy_exe, paths["rtdose"])
     raw = json.loads(paths["summary"].read_text())
-    assert raw["schema"] == SCHEMA_VERSION == "voxeldose.summary/2"
+    assert raw["schema"] == SCHEMA_VERSION == "voxeldose.summary/3"
     summary = Summary.load(paths["summary"])
     assert paths["summary"].read_text() == result.summary.to_json() == summary.to_json()  # written = run's = loaded
     kid_raw = raw["vois"]["Kidney_L"]

@@ -138,9 +138,9 @@ def _limit_row(name: str, limit: float, current: float, per_cycle: float, left: 
 
 
 def _summary_dict() -> dict:
-    """A valid ``voxeldose.summary/2`` document with hand-chosen values (as summary.json holds it)."""
+    """A valid ``voxeldose.summary/3`` document with hand-chosen values (as summary.json holds it)."""
     return {
-        "schema": "voxeldose.summary/2",
+        "schema": "voxeldose.summary/3",
         "patient": {"id": "VXD-0042", "name": "DOE^JANE"},
         "cycle": {
             "number": 3,

@@ -150,7 +150,7 @@ def test_a_schema_1_summary_still_loads(written: tuple[Summary, Path], tmp_path:
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(_as_schema_1(_valid_dict(written))))
     old = Summary.load(path)
-    assert old.schema_ == "voxeldose.summary/2"
+    assert old.schema_ == "voxeldose.summary/3"
     assert old.cycle.injection.nuclide_source == "not recorded (voxeldose.summary/1)"
     assert old.cycle.injection.radiopharmaceutical_source == "not recorded (voxeldose.summary/1)"
     assert old.vois == written[0].vois and old.cumulative == written[0].cumulative

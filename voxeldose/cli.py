@@ -1,9 +1,12 @@
 """The ``voxeldose`` command line.
 
-    voxeldose phantom --out DIR [--seed N] [--hours 4,24,96,168] [--bqml] [--small] [--camera gaussian|osem]
+    voxeldose phantom --out DIR [--kind patient|cylinder|iec] [--seed N] [--hours 4,24,96,168] [--bqml] [--small]
+                      [--camera gaussian|osem]
+    voxeldose calibrate DIR [DIR ...] --out camera.json [--name NAME] [--activity-u-percent U]
     voxeldose inspect DIR [--json] [--injection-datetime ISO] [--activity-mbq A] [--nuclide Lu-177]
     voxeldose run DIR [DIR|FILE ...] --out OUT [--calibration CPS_PER_MBQ] [--method dvk|dvk-density|led]
                   [--fit auto|monoexp|biexp|triexp|trapezoid|stp] [--spec job.json]
+                  [--camera camera.json] [--pvc none|rc|gtm|rbv]
     voxeldose recon DIR [DIR|FILE ...] --out OUT [--iterations 4] [--subsets 8] [--collimator CODE]
     voxeldose kernel --nuclide Lu-177 --voxel-mm 4.8[,4.8,4.8] --medium soft-tissue --size 51 --out k.npy
     voxeldose demo [--out DIR]
@@ -32,6 +35,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import __version__
+from .calibrate import DEFAULT_ACTIVITY_U, calibrate
+from .calphantom import CalibrationPhantom, write_calibration_phantom
+from .camera import CameraProfile
 from .console import run_and_write
 from .demo import run_demo
 from .errors import VoxeldoseError
@@ -85,6 +91,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ph = sub.add_parser("phantom", help="write the synthetic 177Lu patient (DICOM + ground truth)")
     ph.add_argument("--out", required=True, type=Path, help="output folder")
+    ph.add_argument(
+        "--kind",
+        choices=["patient", "cylinder", "iec"],
+        default="patient",
+        help="patient (default): the synthetic 177Lu patient; cylinder: a uniform cylinder of known activity "
+        "(sensitivity); iec: the NEMA IEC body phantom's six spheres at 10:1 (recovery, resolution)",
+    )
     ph.add_argument("--seed", type=int, default=0, help="random seed (noise, repositioning); default 0")
     ph.add_argument(
         "--hours", type=_parse_hours, default=None, help="imaging times after injection, h (default 4,24,96,168)"
@@ -139,6 +152,19 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="OSEM subsets for projections; must divide the views (default 8)",
     )
+    run.add_argument(
+        "--camera",
+        type=Path,
+        default=None,
+        metavar="CAMERA_JSON",
+        help="the camera's profile (voxeldose calibrate): calibrates a counts SPECT, feeds --pvc",
+    )
+    run.add_argument(
+        "--pvc",
+        choices=["none", "rc", "gtm", "rbv"],
+        default=None,
+        help="partial-volume correction (default none): rc recovery curve, gtm transfer matrix, rbv corrected map",
+    )
     _add_injection_options(run)
 
     rec = sub.add_parser(
@@ -154,6 +180,35 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="CODE",
         help=f"collimator model when the header's name is not one of: {', '.join(COLLIMATORS)}",
+    )
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="a camera profile (camera.json) from SPECT/CT scans of a uniform cylinder and the NEMA IEC phantom",
+    )
+    cal.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        help="phantom scan folders; which phantom each is comes from its study/series description "
+        "('cylinder', 'Jaszczak', 'uniform'; 'NEMA', 'IEC')",
+    )
+    cal.add_argument("--cylinder", type=Path, action="append", default=[], help="the uniform cylinder's scan folder")
+    cal.add_argument("--iec", type=Path, action="append", default=[], help="the NEMA IEC phantom's scan folder")
+    cal.add_argument("--out", required=True, type=Path, help="the camera profile to write (camera.json)")
+    cal.add_argument("--name", default=None, help="a label for the profile (default: manufacturer and model)")
+    cal.add_argument(
+        "--activity-u-percent",
+        type=float,
+        default=DEFAULT_ACTIVITY_U * 100,
+        help="standard uncertainty of each phantom's activity, %% (default %(default).2f: a dose calibrator within "
+        "its ±5 %% accuracy tolerance, uniform distribution, 5/√3)",
+    )
+    cal.add_argument(
+        "--sphere-to-background",
+        type=float,
+        default=10.0,
+        help="the IEC spheres' concentration over the background's (default 10)",
     )
 
     kern = sub.add_parser("kernel", help="build a dose-voxel kernel (Gy per Bq·s) and print its energy balance")
@@ -222,6 +277,14 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         changes["pixel_mode"] = "bqml"
     settings = replace(settings, **changes)
     t0 = time.perf_counter()
+    if args.kind != "patient":
+        if args.hours is not None:
+            raise VoxeldoseError("--hours applies to the patient only", tag="--hours", expected="--kind patient")
+        m = write_calibration_phantom(args.out, CalibrationPhantom(args.kind), settings)
+        print(f"wrote the {args.kind} calibration phantom to {args.out} in {time.perf_counter() - t0:.1f} s")
+        print(f"  DICOM:        {m.nm_file.parent.parent}")
+        print(f"  ground truth: {m.truth_json}")
+        return 0
     write_phantom(args.out, settings)
     print(f"wrote the synthetic patient to {args.out} in {time.perf_counter() - t0:.1f} s")
     print(f"  DICOM:        {args.out / 'dicom'}")
@@ -358,6 +421,10 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         section("reconstruction")["iterations"] = args.iterations
     if args.subsets is not None:
         section("reconstruction")["subsets"] = args.subsets
+    if args.camera is not None:
+        base["camera"] = CameraProfile.load(args.camera).model_dump(mode="json", by_alias=True)
+    if args.pvc is not None:
+        base["pvc"] = args.pvc
     inj = section("injection")
     if args.injection_datetime is not None:
         inj["datetime"] = args.injection_datetime.isoformat()
@@ -374,6 +441,35 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
 def cmd_run(args: argparse.Namespace) -> int:
     spec = build_spec(args)
     run_and_write(spec, args.out)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if not (args.paths or args.cylinder or args.iec):
+        raise VoxeldoseError("no phantom scans given", expected="DIR ... or --cylinder DIR --iec DIR")
+    res = calibrate(
+        args.paths,
+        cylinder=args.cylinder,
+        iec=args.iec,
+        name=args.name,
+        activity_u_rel=args.activity_u_percent / 100.0,
+        sphere_to_background=args.sphere_to_background,
+    )
+    p = res.profile
+    p.save(args.out)
+    sens = res.sensitivity
+    print(f"camera: {p.identity.manufacturer} {p.identity.model} ({p.identity.reconstruction or 'reconstruction ?'})")
+    print(
+        f"sensitivity: {p.sensitivity_cps_per_mbq:.4f} ± {p.sensitivity_u_cps_per_mbq:.4f} cps/MBq (k=1; counting "
+        f"alone ± {sens.u_poisson:.4f})"
+    )
+    if p.fwhm_mm is not None and p.fwhm_u_mm is not None:
+        print(f"effective resolution: FWHM {p.fwhm_mm:.2f} ± {p.fwhm_u_mm:.2f} mm")
+        for pt in p.recovery:
+            print(f"  {pt.label:>14}  {pt.volume_ml:6.2f} ml  RC {pt.rc:.3f} ± {pt.rc_u:.3f}")
+    else:
+        print("no NEMA IEC scan: no recovery coefficients or resolution")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -410,6 +506,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "run": cmd_run,
     "recon": cmd_recon,
+    "calibrate": cmd_calibrate,
     "kernel": cmd_kernel,
     "demo": cmd_demo,
 }

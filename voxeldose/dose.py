@@ -143,10 +143,14 @@ def hu_to_density(hu: Array | float) -> Array | float:
     scalar = np.isscalar(hu)
     xp = backend.xp_for(np.asarray(hu) if scalar else hu)
     h = xp.asarray(hu, dtype=xp.float32)
-    rho = xp.zeros(h.shape, dtype=xp.float32)
-    for lo, hi, a, b in SCHNEIDER_2000:
-        sel = (h >= lo) & (h < hi)
-        rho = xp.where(sel, xp.float32(a) + xp.float32(b) * h, rho)
+    # the segment of each voxel (lo ≤ H < hi) by one binary search over the 4 inner edges, then one
+    # float32 a + b·H: the same numbers as five masked passes over the CT, about twice as fast
+    edges = xp.asarray([seg[0] for seg in SCHNEIDER_2000[1:]], dtype=xp.float32)
+    a = xp.asarray([seg[2] for seg in SCHNEIDER_2000], dtype=xp.float32)
+    b = xp.asarray([seg[3] for seg in SCHNEIDER_2000], dtype=xp.float32)
+    seg_index = xp.searchsorted(edges, h, side="right").astype(xp.uint8)
+    rho = a[seg_index] + b[seg_index] * xp.where(xp.isfinite(h), h, xp.float32(0))
+    rho = xp.where(xp.isfinite(h), rho, xp.float32(0))  # NaN, ±inf: no segment, air below
     rho = xp.maximum(rho, xp.float32(RHO_AIR))
     return float(rho) if scalar else rho
 

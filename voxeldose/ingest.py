@@ -1507,26 +1507,35 @@ def read_spect(series: Series) -> SpectImage:
 
 
 def read_ct(series: Series) -> Volume:
-    """Read a CT series into a Volume in HU (float32), slices sorted along the normal."""
+    """Read a CT series into a Volume in HU (float32), slices sorted along the normal.
+
+    Each slice is rescaled straight into its place in one preallocated array (no per-slice float
+    copies and no stack of them at the end: the same float32 numbers)."""
     geo = ct_geometry(series)
-    slices = []
-    for i in geo.order:
+    out: np.ndarray | None = None
+    shapes: list[tuple[int, ...]] = []
+    for n, i in enumerate(geo.order):
         inst = series.instances[i]
-        px = _pixels(inst).astype(np.float32)
+        px = _pixels(inst)
+        shapes.append(tuple(px.shape))
+        if out is None:
+            out = np.empty((len(geo.order), *px.shape), dtype=np.float32)
+        if tuple(px.shape) != out.shape[1:]:
+            continue  # reported below, with every size seen
         slope = float(getattr(inst.header, "RescaleSlope", 1.0) or 1.0)
         intercept = float(getattr(inst.header, "RescaleIntercept", 0.0) or 0.0)
-        slices.append(px * slope + intercept)
-    shapes = {s.shape for s in slices}
-    if len(shapes) != 1:
+        np.multiply(px, np.float32(slope), out=out[n], casting="unsafe")
+        out[n] += np.float32(intercept)
+    if len(set(shapes)) != 1 or out is None:
         raise VoxeldoseError(
             "CT slices have different sizes",
             path=series.instances[0].path,
             tag=tag_label("Rows"),
             expected="equal Rows and Columns",
-            found=sorted(shapes),
+            found=sorted(set(shapes)),
         )
     return Volume(
-        np.stack(slices),
+        out,
         geo.affine,
         series.frame_of_reference_uid,
         "HU",

@@ -67,19 +67,23 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from .camera import CameraIdentity
 from .dicom_writers import write_seg
 from .dicomutil import PatientStudy, SeriesInfo
 from .dose import RHO_AIR, SCHNEIDER_2000
 from .geometry import Grid, Volume
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
 from .projections import EnergyWindow, ProjectionSet, reconstruct, reconstruction_method, write_projections
+from .reference import write_reference_dose
 from .scanner import (
+    CameraHeaders,
     Injection,
     SpectAcquisition,
     contours_from_mask,
@@ -96,6 +100,7 @@ __all__ = [
     "PhantomManifest",
     "PhantomSettings",
     "TimePoint",
+    "camera_headers",
     "ct_grid",
     "default_kinetics",
     "electron_energy_per_decay_j",
@@ -848,6 +853,7 @@ def osem_counts(
         detectors=2,
         rotation_direction="CC",
         injection=Injection(st.radionuclide, st.injected_activity_bq, st.injection_datetime),
+        identity=_projection_identity(st),
     )
     counts: np.ndarray = reconstruct(ps, ct, st.osem_iterations, st.osem_subsets).array
     return counts, ps  # the counts hold the decay during the acquisition, as the projections do
@@ -868,6 +874,30 @@ def _nm_series_description(st: PhantomSettings, hours: float) -> str:
     if st.camera == "osem":
         text += f" OSEM {st.osem_iterations}i{st.osem_subsets}s AC RR {st.collimator}"
     return text
+
+
+def _projection_identity(st: PhantomSettings) -> CameraIdentity:
+    """The camera that acquires the projections: :func:`camera_headers`' camera, before any reconstruction."""
+    cam = camera_headers(st)
+    return CameraIdentity(
+        manufacturer=cam.manufacturer,
+        model=cam.model,
+        device_serial_number=cam.device_serial_number,
+        collimator=cam.collimator,
+        energy_window_kev=st.acquisition.energy_window_keV,
+    )
+
+
+def camera_headers(st: PhantomSettings) -> CameraHeaders:
+    """The camera identity the SPECT states (the same for the patient and the calibration phantoms of one
+    camera model, :mod:`voxeldose.calphantom`): a simulated camera; the collimator; the reconstruction (the
+    Gaussian model with its FWHM, or OSEM iterations × subsets with attenuation correction and resolution
+    recovery), so that a profile calibrated with one camera model never matches images of another."""
+    if st.camera == "osem":
+        recon = reconstruction_method(st.collimator, st.osem_iterations, st.osem_subsets)
+    else:
+        recon = f"Gaussian image model FWHM {st.fwhm_mm:g} mm"
+    return CameraHeaders("voxeldose (simulated)", "synthetic SPECT/CT", "VD-SIM-0001", st.collimator, recon)
 
 
 def _imaging_model(st: PhantomSettings) -> str | dict[str, Any]:
@@ -1101,6 +1131,8 @@ truth/truth.json              settings, calibration ({cf} cps/MBq, {tacq:.0f} s 
                               sources, volume, mass, TIA, residence time, LED dose (Gy, Gy/GBq)
 truth/tia_bqs.npy             voxel TIA truth (Bq*s, float64, [k, j, i]) on the first SPECT grid
 truth/labels_spect.npy        VOI labels on the same grid (label -> name in truth.json)
+truth/reference_dose_gy.npy   the pipeline's dose kernel on that TIA (Gy, float32); per VOI mean in
+                              truth.json reference_dose: what a perfect imaging chain would report
 
 Each imaging session is its own DICOM study (as in the clinic); all share the patient and the
 Radiopharmaceutical Information (injection date/time and activity), so they group into one cycle.
@@ -1177,11 +1209,7 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
             acquisition=st.acquisition,
             pixel_mode=st.pixel_mode,
             sop_instance_uid=_uid(st, "sop", "NM", n),
-            reconstruction_method=(
-                reconstruction_method(st.collimator, st.osem_iterations, st.osem_subsets)
-                if st.camera == "osem"
-                else None
-            ),
+            camera=camera_headers(st),
         )
         if tp.projections is not None:  # the acquisition the reconstruction was made from, as its own series
             proj_path = folder / "NM-PROJ" / "PROJECTIONS.dcm"
@@ -1321,6 +1349,15 @@ def write_phantom(out_dir: str | Path, settings: PhantomSettings | None = None) 
         "seg": {"file": "dicom/SEG.dcm", "series_uid": seg_uid},
         "study_model": "one StudyInstanceUID per imaging session (time point)",
     }
+    truth["reference_dose"] = write_reference_dose(
+        truth_dir,
+        data.tia_bqs,
+        g,
+        nuclide=st.radionuclide,
+        labeller=partial(labels_on, settings=st),
+        label_names=VOI_NAMES,
+        supersample=st.supersample,
+    )
     (truth_dir / "truth.json").write_text(json.dumps(_jsonable(truth), indent=2))
     readme = out / "README.txt"
     readme.write_text(

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from . import __version__, metrics, quantify, register, timeactivity
+from . import __version__, metrics, pvc, quantify, register, timeactivity
 from .cycles import cumulative_summary
 from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
 from .errors import VoxeldoseError
@@ -73,12 +73,14 @@ from .summary import (
     NuclideData,
     Patient,
     Provenance,
+    PvcRecord,
     Quantification,
     Registration,
     SpectReconstruction,
     Summary,
     TimeActivity,
     VoiMetrics,
+    VoiPvc,
 )
 from .summary import TimePoint as TimePointRecord
 from .timeactivity import FitResult
@@ -96,6 +98,7 @@ STAGES: tuple[tuple[str, float], ...] = (
     ("quantify", 0.05),
     ("register", 0.30),
     ("vois", 0.15),
+    ("pvc", 0.03),
     ("time-activity", 0.10),
     ("dose", 0.20),
     ("metrics", 0.10),
@@ -297,8 +300,20 @@ def _reconstruction_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError
 
 
 def _calibration_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
-    """A SPECT holding raw counts needs the camera calibration (MIRD 26); so do projections."""
-    if spec.calibration.cps_per_mbq is not None:
+    """A SPECT holding raw counts needs the camera calibration (MIRD 26), from the job or its camera profile; a
+    camera profile is for one nuclide.  Projections hold counts."""
+    cam = spec.camera
+    if cam is not None and cam.nuclide.casefold() != cycle.injection.nuclide.casefold():
+        return [
+            VoxeldoseError(
+                f"the camera profile {printable(cam.name)!r} was measured with {printable(cam.nuclide)}, "
+                f"the patient received {cycle.injection.nuclide}",
+                tag="camera.nuclide",
+                expected=f"a camera profile for {cycle.injection.nuclide}",
+                found=printable(cam.nuclide),
+            )
+        ]
+    if spec.cps_per_mbq is not None:
         return []
     for tp in cycle.timepoints:
         try:
@@ -311,8 +326,8 @@ def _calibration_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
                     f"SPECT series {tp.spect.series_instance_uid} holds raw counts and no calibration factor was given",
                     path=tp.spect.instances[0].path,
                     tag="calibration.cps_per_mbq",
-                    expected="the camera's volume sensitivity in cps/MBq (voxeldose run --calibration CPS_PER_MBQ, "
-                    "or calibration.cps_per_mbq in the job)",
+                    expected="the camera's volume sensitivity in cps/MBq (voxeldose run --calibration CPS_PER_MBQ "
+                    "or --camera camera.json, or calibration.cps_per_mbq or camera in the job)",
                 )
             ]
     return []
@@ -425,6 +440,7 @@ class _Kinetics:
     quality: np.ndarray | None
     voxel_flags: np.ndarray | None
     method_note: str
+    tia_factors: dict[str, float]  # partial-volume correction: corrected / uncorrected VOI TIA (empty without)
 
 
 @dataclass(frozen=True)
@@ -463,8 +479,8 @@ def _quantify(cycle: Cycle, spec: JobSpec, decay_constant_per_s: float) -> _Quan
         c, q = quantify.to_bq_per_ml(
             image,
             decay_constant_per_s=decay_constant_per_s,
-            calibration_cps_per_mbq=spec.calibration.cps_per_mbq,
-            calibration_source=spec.calibration.source,
+            calibration_cps_per_mbq=spec.cps_per_mbq,
+            calibration_source=spec.calibration_source,
             acquisition_start=tp.acquisition,
             injection_start=cycle.injection.start,
             decay_correction=str(getattr(tp.spect.first, "DecayCorrection", "") or ""),
@@ -542,6 +558,7 @@ def _register(
     ref_grid, ref_ct = quant.conc[ing.ref_n].grid, quant.cts[ing.ref_n]
     aligned: list[Volume] = []
     records: list[Registration] = []
+    ref_prepared: register.PreparedCT | None = None  # the reference CT prepared once for all time points
     for n, (tp, c, ct) in enumerate(zip(ing.cycle.timepoints, quant.conc, quant.cts)):
         _emit(progress, "register", n / len(quant.conc))
         if n == ing.ref_n:
@@ -559,7 +576,9 @@ def _register(
         elif ct is None or ref_ct is None:  # stopped by blocking_problems before any pixel was read
             raise _registration_problems(ing.cycle, spec, ing.ref_tp)[0]
         else:
-            reg = register.register_rigid(ref_ct, ct)
+            if ref_prepared is None:
+                ref_prepared = register.prepare_ct(ref_ct, "reference")
+            reg = register.register_rigid(ref_prepared, ct)
             aligned.append(register.align_to_reference(c, ref_grid, reg))
             records.append(Registration.model_validate(reg.to_dict()))
             if reg.quality != "good":
@@ -592,14 +611,213 @@ def _vois(series: Series, grid: Grid, ref_ct: Volume | None, warnings: list[str]
     return vois
 
 
+@dataclass(frozen=True)
+class _Corrected:
+    """The partial-volume correction of every time point (see :mod:`voxeldose.pvc`)."""
+
+    record: PvcRecord
+    observed: dict[str, np.ndarray]  # VOI activity as imaged, Bq, per time point
+    corrected: dict[str, np.ndarray]  # VOI activity after the correction, Bq, per time point
+    stack: np.ndarray | None  # rbv: the corrected activity map (Bq per voxel) of every time point
+
+
+def _activity(aligned: list[Volume]) -> list[Volume]:
+    """Activity per voxel (Bq) on the reference grid from the aligned concentrations (Bq/ml)."""
+    voxel_ml = aligned[0].grid.voxel_volume_ml
+    return [a.with_array((a.array * voxel_ml).astype(np.float32), "Bq") for a in aligned]
+
+
+#: How the VOI doses are corrected (summary ``methods.pvc.dose_correction``).
+PVC_DOSE_CORRECTION = {
+    "voi": (
+        "VOI mean dose × (TIA of the corrected VOI activities / TIA of the imaged ones); assumes that a VOI's "
+        "dose comes from its own activity (self-dose: 177Lu's electrons, ~80 % of its emitted energy, stop within "
+        "~2 mm); the dose map, DVHs, min/max and D-values are not corrected"
+    ),
+    "map": (
+        "the dose map is the kernel convolution of the corrected activity maps' TIA (mean, DVH, D-values all "
+        "corrected); the uncorrected mean dose beside it is estimated as corrected × (TIA of the imaged VOI "
+        "activities / TIA of the corrected ones), assuming self-dose dominates"
+    ),
+}
+
+
+def _pvc_description(spec: JobSpec, n_regions: int) -> str:
+    cam = spec.camera
+    assert cam is not None  # JobSpec refuses a pvc without a camera profile
+    if spec.pvc == "rc":
+        return (
+            "recovery coefficient: VOI activity / RC(V) of a sphere of the VOI's volume from the camera's recovery "
+            "curve (sphere-equivalent)"
+        )
+    gtm = (
+        f"geometric transfer matrix (Rousset et al. 1998, J Nucl Med 39:904) over {n_regions} regions (the VOIs, "
+        f"the remaining body, outside it), Gaussian PSF of FWHM {cam.fwhm_mm:g} mm"
+    )
+    if spec.pvc == "gtm":
+        return gtm
+    return (
+        "region-based voxel-wise correction (Thomas et al. 2011, Eur J Nucl Med Mol Imaging 38:1104): activity × "
+        f"S / (PSF ⊗ S), S the piecewise-constant image of the {gtm}"
+    )
+
+
+def _resampling_maps(ing: _Ingested, quant: _Quantified, aligned: list[Volume]) -> list[tuple[np.ndarray, Grid] | None]:
+    """For each time point resampled onto the reference grid: the 4×4 map from reference indices to its own
+    indices (as :func:`voxeldose.geometry.resample` used it) and its own grid; None for the reference."""
+    ref_grid = aligned[ing.ref_n].grid
+    out: list[tuple[np.ndarray, Grid] | None] = []
+    for n, (own, moved) in enumerate(zip(quant.conc, aligned)):
+        if n == ing.ref_n:
+            out.append(None)
+            continue
+        reg = moved.meta.get("registration")
+        to_ref = np.eye(4) if reg is None else np.asarray(reg["moving_to_reference_lps_4x4"], dtype=np.float64)
+        out.append((np.linalg.inv(own.affine) @ np.linalg.inv(to_ref) @ ref_grid.affine, own.grid))
+    return out
+
+
+def _pvc_fwhms(
+    fwhm_mm: float, fractions: dict[str, np.ndarray], maps: list[tuple[np.ndarray, Grid] | None]
+) -> list[float]:
+    """The PSF of each time point on the reference grid: the camera's FWHM, widened for a resampled time point
+    by its trilinear interpolation (:func:`voxeldose.pvc.resampling_variance_mm2`, over the VOIs' voxels)."""
+    inside = np.argwhere(sum(f for f in fractions.values()) > 0)[::5, ::-1].astype(np.float64)  # (i, j, k)
+    out = []
+    for m in maps:
+        if m is None:
+            out.append(fwhm_mm)
+        else:
+            out.append(pvc.effective_fwhm_mm(fwhm_mm, pvc.resampling_variance_mm2(m[0], inside, m[1].spacing.tolist())))
+    return out
+
+
+def _pvc(
+    spec: JobSpec,
+    cycle: Cycle,
+    activity: list[Volume],
+    vois: dict[str, VOI],
+    maps: list[tuple[np.ndarray, Grid] | None],
+    warnings: list[str],
+) -> _Corrected | None:
+    """Partial-volume correction of every time point's activity on the reference grid (``spec.pvc``): VOI
+    activities (rc, gtm) or the activity map (rbv).  VOIs smaller than 2 × FWHM are warned, and for ``rc`` shapes
+    far from a sphere.  gtm/rbv model each time point's PSF: the camera's, widened by the registration's
+    resampling (``maps``, :func:`_resampling_maps`); a GTM is built once per distinct PSF."""
+    cam = spec.camera
+    if spec.pvc == "none" or cam is None:
+        return None
+    grid = activity[0].grid
+    spacing = tuple(float(x) for x in grid.spacing)
+    fractions = {name: v.fraction for name, v in vois.items()}
+    for name, frac in fractions.items():
+        w = pvc.size_warning(name, pvc.voi_shape(frac, spacing), cam.fwhm_mm)
+        if w is not None:
+            warnings.append(w)
+    if spec.marrow.recovery_coefficient != 1.0:
+        warnings.append(
+            f"marrow.recovery_coefficient {spec.marrow.recovery_coefficient:g} is applied on top of the "
+            f"partial-volume correction {spec.pvc!r}: the marrow VOI is corrected twice unless it is 1"
+        )
+    fwhms = [0.0] * len(activity) if cam.fwhm_mm is None else _pvc_fwhms(cam.fwhm_mm, fractions, maps)
+    models: dict[float, pvc.Gtm] = {}
+    if spec.pvc in ("gtm", "rbv"):
+        for f in sorted(set(round(x, 2) for x in fwhms)):
+            if not pvc.negligible_blur(f, spacing):
+                models[f] = pvc.Gtm.build(fractions, f, spacing)
+    observed: dict[str, list[float]] = {n: [] for n in fractions}
+    corrected: dict[str, list[float]] = {n: [] for n in fractions}
+    images: list[np.ndarray] = []
+    notes: list[str] = []
+    for tp, a, fwhm_t in zip(cycle.timepoints, activity, fwhms):
+        model = models.get(round(fwhm_t, 2))
+        if spec.pvc != "rc" and fwhm_t != cam.fwhm_mm:
+            notes.append(
+                f"{tp.hours_after_injection:.1f} h: PSF FWHM {fwhm_t:.1f} mm (the camera's {cam.fwhm_mm:g} mm and the "
+                "registration's trilinear resampling)"
+            )
+        if spec.pvc == "rc":
+            assert cam.recovery_fit is not None  # JobSpec refuses rc without a recovery curve
+            res = pvc.rc(a.array, fractions, spacing, cam.recovery_fit)
+        elif spec.pvc == "gtm":
+            assert cam.fwhm_mm is not None  # JobSpec refuses gtm without a FWHM
+            res = pvc.gtm(a.array, fractions, round(fwhm_t, 2), spacing, model)
+        else:
+            assert cam.fwhm_mm is not None
+            res = pvc.rbv(a.array, fractions, round(fwhm_t, 2), spacing, model)
+            images.append(np.asarray(res.image))
+        for name in fractions:
+            observed[name].append(res.observed[name])
+            corrected[name].append(res.corrected[name])
+        for note in res.notes:
+            text = note if "sphericity" in note or "FWHM" in note else f"{tp.hours_after_injection:.1f} h: {note}"
+            if "sphericity" in note and note not in warnings:
+                warnings.append(note)
+            elif "sphericity" not in note and text not in notes:
+                notes.append(text)
+    record = PvcRecord(
+        method=spec.pvc,
+        description=_pvc_description(spec, len(next(iter(models.values())).names) if models else len(fractions) + 1),
+        camera_profile=cam.name,
+        fwhm_mm=cam.fwhm_mm if spec.pvc != "rc" else None,
+        recovery_curve=None
+        if spec.pvc != "rc" or cam.recovery_fit is None
+        else (
+            f"RC(V) = {cam.recovery_fit.rc_max:.4g} / (1 + ({cam.recovery_fit.v_half_ml:.4g} ml / V)^"
+            f"{cam.recovery_fit.slope:.4g})"
+        ),
+        dose_correction=PVC_DOSE_CORRECTION["map" if spec.pvc == "rbv" else "voi"],
+        notes=notes,
+    )
+    return _Corrected(
+        record,
+        {n: np.array(v) for n, v in observed.items()},
+        {n: np.array(v) for n, v in corrected.items()},
+        np.stack(images).astype(np.float64) if images else None,
+    )
+
+
+def _voi_fit(
+    name: str, times_s: np.ndarray, a_voi: np.ndarray, lam: float, spec: JobSpec, single: bool, warnings: list[str]
+) -> VoiFit | None:
+    """The time-activity fit of one VOI's activities (Bq), or its single-time-point record."""
+    if single:
+        return TimeActivity(model="stp", times_h=(times_s / 3600).tolist(), activity_mbq=(a_voi / 1e6).tolist())
+    try:
+        return timeactivity.fit_voi(times_s, a_voi, decay_constant_per_s=lam, model=spec.fit.model)
+    except VoxeldoseError as err:
+        if spec.fit.model != "auto":
+            raise VoxeldoseError(f"VOI {name!r}: {err.reason}", tag="fit.model", expected=err.expected) from None
+        warnings.append(f"VOI {name!r}: time-activity fit failed ({err.reason})")
+        return None
+
+
+def _tia_factor(fit_c: VoiFit | None, fit_u: VoiFit | None, a_c: np.ndarray, a_u: np.ndarray) -> float:
+    """Corrected over uncorrected TIA of a VOI: of its fits when both have a TIA, else of its summed activities
+    (a single time point: the ratio of the activities, as both TIAs scale with it)."""
+    if isinstance(fit_c, FitResult) and isinstance(fit_u, FitResult) and fit_u.tia_bqs > 0:
+        return float(fit_c.tia_bqs / fit_u.tia_bqs)
+    total = float(a_u.sum())
+    return float(a_c.sum()) / total if total > 0 else 1.0
+
+
 def _time_activity(
-    cycle: Cycle, spec: JobSpec, aligned: list[Volume], vois: dict[str, VOI], lam: float, warnings: list[str]
+    cycle: Cycle,
+    spec: JobSpec,
+    activity: list[Volume],
+    vois: dict[str, VOI],
+    lam: float,
+    warnings: list[str],
+    corr: _Corrected | None = None,
 ) -> _Kinetics:
-    """Voxel TIA (voxel-wise curves, or a single-time-point method) and each VOI's time-activity fit."""
-    grid = aligned[0].grid
-    activity = [a.with_array((a.array * grid.voxel_volume_ml).astype(np.float32), "Bq") for a in aligned]
+    """Voxel TIA (voxel-wise curves, or a single-time-point method) and each VOI's time-activity fit, of the
+    partial-volume corrected activities when ``corr`` is given."""
+    grid = activity[0].grid
     times_s = np.array([tp.hours_after_injection * 3600.0 for tp in cycle.timepoints])
-    stack = np.stack([a.array for a in activity]).astype(np.float64)
+    if corr is not None and corr.stack is not None:
+        stack = corr.stack
+    else:
+        stack = np.stack([a.array for a in activity]).astype(np.float64)
     single = spec.fit.model == "stp" or len(times_s) == 1
     quality = flags = None
     if single:
@@ -609,21 +827,20 @@ def _time_activity(
         tia_arr, quality, flags = np.asarray(vt.tia, dtype=np.float64), vt.quality, np.asarray(vt.flags)
         method_note = f"voxel-wise {spec.fit.voxel_method}"
     fits: dict[str, VoiFit] = {}
+    factors: dict[str, float] = {}
     for name, voi in vois.items():
-        a_voi = np.array([float((voi.fraction * s).sum(dtype=np.float64)) for s in stack])
-        if single:
-            fits[name] = TimeActivity(
-                model="stp", times_h=(times_s / 3600).tolist(), activity_mbq=(a_voi / 1e6).tolist()
-            )
-            continue
-        try:
-            fits[name] = timeactivity.fit_voi(times_s, a_voi, decay_constant_per_s=lam, model=spec.fit.model)
-        except VoxeldoseError as err:
-            if spec.fit.model != "auto":
-                raise VoxeldoseError(f"VOI {name!r}: {err.reason}", tag="fit.model", expected=err.expected) from None
-            warnings.append(f"VOI {name!r}: time-activity fit failed ({err.reason})")
+        if corr is not None:
+            a_voi = corr.corrected[name]
+        else:
+            a_voi = np.array([float((voi.fraction * s).sum(dtype=np.float64)) for s in stack])
+        fit = _voi_fit(name, times_s, a_voi, lam, spec, single, warnings)
+        if fit is not None:
+            fits[name] = fit
+        if corr is not None:
+            fit_u = _voi_fit(name, times_s, corr.observed[name], lam, spec, single, [])
+            factors[name] = _tia_factor(fit, fit_u, a_voi, corr.observed[name])
     tia = Volume(tia_arr, grid.affine, grid.frame_of_reference_uid, "Bq.s")
-    return _Kinetics(activity, times_s, tia, fits, quality, flags, method_note)
+    return _Kinetics(activity, times_s, tia, fits, quality, flags, method_note, factors)
 
 
 def _dose(
@@ -657,9 +874,17 @@ def _dose(
 
 
 def _metrics(
-    spec: JobSpec, vois: dict[str, VOI], kin: _Kinetics, dosed: _Dosed, a_inj: float, lam: float, warnings: list[str]
+    spec: JobSpec,
+    vois: dict[str, VOI],
+    kin: _Kinetics,
+    dosed: _Dosed,
+    a_inj: float,
+    lam: float,
+    warnings: list[str],
+    corr: _Corrected | None = None,
 ) -> dict[str, VoiMetrics]:
-    """Per-VOI dose metrics, time-activity and radiobiology (BED, EQD2)."""
+    """Per-VOI dose metrics, time-activity and radiobiology (BED, EQD2); with a partial-volume correction the
+    corrected mean dose (``mean_gy``, and BED from it) beside the uncorrected one (:data:`PVC_DOSE_CORRECTION`)."""
     dose_arr = np.asarray(dosed.dose.array, dtype=np.float64)
     tia_arr = np.asarray(kin.tia.array, dtype=np.float64)
     rho = None if dosed.density is None else dosed.density.array
@@ -677,6 +902,8 @@ def _metrics(
             density_g_per_ml=rho if spec.dose.method == "dvk-density" else None,
             injected_activity_bq=a_inj,
         )
+        if corr is not None:
+            m = {**m, **_pvc_means(name, m, kin, corr)}
         entry: dict[str, Any] = {"role": role, "source": voi.source, **m}
         if rho is not None:
             entry["mass_g"] = float((voi.fraction * rho).sum(dtype=np.float64) * voxel_ml)
@@ -693,6 +920,33 @@ def _metrics(
         entry.update(_radiobiology(name, role, float(m["mean_gy"]), fr, kin.times_s, lam, spec, warnings))
         entry["tia_voxel_sum_bqs"] = float((voi.fraction * tia_arr).sum(dtype=np.float64))
         out[name] = VoiMetrics.model_validate(entry)
+    return out
+
+
+def _pvc_means(name: str, m: dict[str, Any], kin: _Kinetics, corr: _Corrected) -> dict[str, Any]:
+    """The corrected mean dose (and dose per GBq) of a VOI, with its ``pvc`` record (corrected and uncorrected
+    mean side by side).  rc/gtm: the map's mean × the TIA factor; rbv: the map is corrected already, the
+    uncorrected mean is the map's mean / the TIA factor."""
+    f = kin.tia_factors.get(name, 1.0)
+    by_map = corr.stack is not None
+    mean = float(m["mean_gy"])
+    corrected, uncorrected = (mean, mean / f if f > 0 else mean) if by_map else (mean * f, mean)
+    fit = kin.fits.get(name)
+    tia_c = float(fit.tia_bqs) if isinstance(fit, FitResult) else None
+    obs, cor = corr.observed[name], corr.corrected[name]
+    record = VoiPvc(
+        method=corr.record.method,  # never "none": there is no _Corrected then
+        uncorrected_mean_gy=uncorrected,
+        corrected_mean_gy=corrected,
+        factor=corrected / uncorrected if uncorrected > 0 else 1.0,
+        uncorrected_tia_bqs=None if tia_c is None or f <= 0 else tia_c / f,
+        corrected_tia_bqs=tia_c,
+        activity_factors=[float(c / o) if o > 0 else 1.0 for c, o in zip(cor, obs)],
+        notes=[] if by_map else ["min, max, D-values and DVH are of the uncorrected dose map"],
+    )
+    out: dict[str, Any] = {"mean_gy": corrected, "pvc": record}
+    if m.get("gy_per_gbq") is not None:
+        out["gy_per_gbq"] = float(m["gy_per_gbq"]) * corrected / mean if mean > 0 else m["gy_per_gbq"]
     return out
 
 
@@ -799,13 +1053,16 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     ref_ct = quant.cts[ing.ref_n]
     with _stage("vois", progress, timings):
         vois = _vois(ing.voi_series, aligned[ing.ref_n].grid, ref_ct, warnings)
+    activity = _activity(aligned)
+    with _stage("pvc", progress, timings):
+        corr = _pvc(spec, ing.cycle, activity, vois, _resampling_maps(ing, quant, aligned), warnings)
     with _stage("time-activity", progress, timings):
-        kin = _time_activity(ing.cycle, spec, aligned, vois, lam, warnings)
+        kin = _time_activity(ing.cycle, spec, activity, vois, lam, warnings, corr)
     with _stage("dose", progress, timings):
         dosed = _dose(spec, ing.nuclide, kin.tia, ref_ct, vois, warnings)
     a_inj = ing.cycle.injection.activity_bq
     with _stage("metrics", progress, timings):
-        voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings)
+        voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings, corr)
         _check_plausible(voi_out, ing.ref_tp.spect.instances[0].path)
         marrow = _marrow(voi_out, spec, lam)
         date = ing.cycle.injection.start.date()
@@ -817,7 +1074,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         cycle=CycleInfo(number=spec.cycle_number, injection=_injection(ing.cycle, spec)),
         reference_timepoint=ing.ref_n,
         timepoints=_timepoints(ing.cycle, quant.records, registrations, quant.reconstructions),
-        methods=_methods(spec, quant.records, kin.method_note, dosed, ing.voi_series),
+        methods=_methods(spec, quant.records, kin.method_note, dosed, ing.voi_series, corr),
         vois=voi_out,
         marrow=marrow,
         cumulative=cumulative,
@@ -867,7 +1124,14 @@ def _timepoints(
     ]
 
 
-def _methods(spec: JobSpec, quants: list[Quantification], voxel_tia: str, dosed: _Dosed, voi_series: Series) -> Methods:
+def _methods(
+    spec: JobSpec,
+    quants: list[Quantification],
+    voxel_tia: str,
+    dosed: _Dosed,
+    voi_series: Series,
+    corr: _Corrected | None = None,
+) -> Methods:
     quantification = {
         f"counts → Bq/ml with {q.calibration_cps_per_mbq} cps/MBq (MIRD 26), decay during acquisition corrected"
         if q.pixel_mode == "counts"
@@ -884,6 +1148,7 @@ def _methods(spec: JobSpec, quants: list[Quantification], voxel_tia: str, dosed:
         kernel_density_g_cm3=dosed.kernel_density_g_cm3,
         dose_grid="reference SPECT grid, CT frame of reference",
         voi_source=f"{voi_series.kind.upper()} {voi_series.series_instance_uid}",
+        pvc=PvcRecord.none() if corr is None else corr.record,
     )
 
 
@@ -897,7 +1162,7 @@ def _provenance(
             name=ing.nuclide.name, half_life_s=ing.nuclide.half_life_s, data="ICRP-107 (icrp107-database)"
         ),
         calibration=CalibrationRecord(
-            cps_per_mbq=spec.calibration.cps_per_mbq, source=spec.calibration.source, applied=quant.applied
+            cps_per_mbq=spec.cps_per_mbq, source=spec.calibration_source, applied=quant.applied
         ),
         inputs=input_set(ing.cycle),
         spec=spec,

@@ -21,8 +21,8 @@ from .dicomutil import SeriesInfo, tag_label
 from .errors import VoxeldoseError
 from .ingest import Series, acquisition_datetime, read_ct, scan
 from .outputs import patient_study_from
-from .projections import read_projections, reconstruct, reconstruction_method
-from .scanner import SpectAcquisition, write_nm_tomo
+from .projections import ProjectionSet, read_projections, reconstruct, reconstruction_method
+from .scanner import CameraHeaders, SpectAcquisition, write_nm_tomo
 
 __all__ = ["Reconstructed", "reconstruct_folders"]
 
@@ -42,6 +42,17 @@ class Reconstructed:
 
 def _is_projection_series(series: Series) -> bool:
     return series.kind == "projections"  # NM, ImageType ORIGINAL\\PRIMARY\\TOMO (ingest.classify)
+
+
+def _camera_headers(ps: ProjectionSet, method: str) -> CameraHeaders | None:
+    """The acquiring camera, named again on its reconstruction (so that a camera profile matches it), with how
+    the reconstruction was made; ``None`` when the projections do not name their camera."""
+    ident = ps.identity
+    if ident is None:
+        return None
+    return CameraHeaders(
+        ident.manufacturer, ident.model, ident.device_serial_number or "", ps.collimator[:16], method[:64]
+    )
 
 
 def reconstruct_folders(
@@ -135,6 +146,7 @@ def reconstruct_folders(
             pixel_mode="counts",
             body_part_examined=str(getattr(header, "BodyPartExamined", "") or "") or None,
             reconstruction_method=method,
+            camera=_camera_headers(ps, method),
         )
         done.append(Reconstructed(inst.path, ct_series.series_instance_uid, target, method))
     return done

@@ -15,7 +15,7 @@ Agg canvas, no pyplot state), no scripts, no external resources — laid out to 
    through each tumour (over the dose alone when there is no CT);
 8. provenance: software and data versions, kernel id, methods, input UIDs, calibration.
 
-The summary is a :class:`~voxeldose.summary.Summary` (``voxeldose.summary/2``): every part is read as
+The summary is a :class:`~voxeldose.summary.Summary` (``voxeldose.summary/3``): every part is read as
 an attribute of the model.  What the model leaves optional and absent (a VOI without a fit, no cycles
 left, a number that could not be computed) is left out (or shown as "—"), never guessed; a section that
 cannot be drawn says so in the report instead of failing the whole file.  All text from the summary is
@@ -213,8 +213,11 @@ def _tia_bqs(e: VoiMetrics) -> float | None:
 def _dose_table(summary: Summary, limits: Mapping[str, float], flags_out: list[str]) -> str:
     if not summary.vois:
         return "<section><h2>Absorbed dose per VOI</h2><p>No VOI results in the summary.</p></section>"
+    pvc = summary.methods.pvc
+    pvc_on = pvc.method != "none"
+    mean_head = f"Mean<br>Gy ({_e(pvc.method)})</th><th>Uncorrected<br>mean Gy" if pvc_on else "Mean<br>Gy"
     head = (
-        "<tr><th>VOI</th><th>Role</th><th>Volume<br>ml</th><th>Mass<br>g</th><th>Mean<br>Gy</th>"
+        f"<tr><th>VOI</th><th>Role</th><th>Volume<br>ml</th><th>Mass<br>g</th><th>{mean_head}</th>"
         "<th>D2<br>Gy</th><th>D50<br>Gy</th><th>D98<br>Gy</th><th>Max<br>Gy</th><th>Gy/GBq</th>"
         "<th>TIA<br>MBq·h</th><th>BED<br>Gy</th><th>EQD2<br>Gy</th><th>Limit</th></tr>"
     )
@@ -233,10 +236,13 @@ def _dose_table(summary: Summary, limits: Mapping[str, float], flags_out: list[s
         else:
             vs = ""
         tia = _tia_bqs(e)
+        uncorrected = ""
+        if pvc_on:
+            uncorrected = f"<td>{_DASH if e.pvc is None else _num(e.pvc.uncorrected_mean_gy)}</td>"
         rows.append(
             f"<tr class='{flag}'><td class='name'>{_e(name)}</td><td>{_e(role)}</td>"
             f"<td>{_num(e.volume_ml, 1)}</td><td>{_num(e.mass_g, 1)}</td>"
-            f"<td class='b'>{_num(mean)}</td><td>{_num(e.D2_gy)}</td><td>{_num(e.D50_gy)}</td>"
+            f"<td class='b'>{_num(mean)}</td>{uncorrected}<td>{_num(e.D2_gy)}</td><td>{_num(e.D50_gy)}</td>"
             f"<td>{_num(e.D98_gy)}</td><td>{_num(e.max_gy)}</td><td>{_num(e.gy_per_gbq, 3)}</td>"
             f"<td>{_DASH if tia is None else _num(tia / 3.6e9, 1)}</td>"
             f"<td>{_num(e.bed_gy)}</td><td>{_num(e.eqd2_gy)}</td><td class='flag'>{vs}</td></tr>"
@@ -247,6 +253,13 @@ def _dose_table(summary: Summary, limits: Mapping[str, float], flags_out: list[s
         "of the limit within this cycle and red at the limit. Dn: minimum dose to the hottest n % of the VOI. "
         "TIA: time-integrated activity.</p>"
     )
+    if pvc_on:
+        camera = f" with camera profile {_e(pvc.camera_profile)}" if pvc.camera_profile else ""
+        note += (
+            f"<p class='small' id='pvc'>Mean: partial-volume corrected ({_e(pvc.method)}{camera}): "
+            f"{_e(pvc.description)}. {_e(pvc.dose_correction or '')}. Limits, BED and cycles use the corrected "
+            "mean.</p>"
+        )
     return f"<section><h2>Absorbed dose per VOI — this cycle</h2><table class='grid'>{head}{''.join(rows)}</table>{note}</section>"
 
 
@@ -722,7 +735,11 @@ def render_report(
 def console_table(summary: Summary) -> str:
     """A plain-text table for the terminal: VOI, mean Gy, Gy/GBq, D2, BED, and against the limit."""
     limits = _limits(summary)
+    pvc_on = summary.methods.pvc.method != "none"
     head = ["VOI", "role", "mean Gy", "Gy/GBq", "D2 Gy", "BED Gy", "vs limit"]
+    if pvc_on:
+        head[2] = f"mean Gy ({summary.methods.pvc.method})"
+        head.insert(3, "uncorr. Gy")
     rows: list[list[str]] = []
 
     def n(x: Any, nd: int = 2) -> str:
@@ -738,11 +755,14 @@ def console_table(summary: Summary) -> str:
             vs = f"{100 * mean / lim:.0f}% of {lim:g} Gy{flag}"
         else:
             vs = ""
-        rows.append([name, role, n(mean), n(e.gy_per_gbq, 3), n(e.D2_gy), n(e.bed_gy), vs])
+        row = [name, role, n(mean), n(e.gy_per_gbq, 3), n(e.D2_gy), n(e.bed_gy), vs]
+        if pvc_on:
+            row.insert(3, "-" if e.pvc is None else n(e.pvc.uncorrected_mean_gy))
+        rows.append(row)
     if not rows:
         return "no VOI results"
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    right = {2, 3, 4, 5}
+    right = {2, 3, 4, 5, 6} if pvc_on else {2, 3, 4, 5}
 
     def line(r: list[str]) -> str:
         return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)).rstrip()

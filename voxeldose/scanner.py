@@ -72,6 +72,7 @@ from .geometry import Volume
 __all__ = [
     "CT_IMAGE_STORAGE",
     "NM_IMAGE_STORAGE",
+    "CameraHeaders",
     "Injection",
     "PatientStudy",
     "SeriesInfo",
@@ -111,6 +112,23 @@ class SpectAcquisition:
     angular_step_deg: float = 3.0
     energy_window_keV: tuple[float, float] = (187.5, 229.2)  # 208 keV +- 10 %
     energy_window_name: str = "Lu177_208keV"
+
+
+@dataclass(frozen=True)
+class CameraHeaders:
+    """The camera a SPECT series names (read back by :func:`voxeldose.camera.identity_from_dataset`).
+
+    Manufacturer (0008,0070) and ManufacturerModelName (0008,1090) of the General Equipment module replace
+    voxeldose's own; DeviceSerialNumber (0018,1000); CollimatorGridName (0018,1180, SH: ≤ 16 characters) in the
+    NM Detector item; ReconstructionMethod (0054,1103, LO: ≤ 64 characters; a PET Series attribute that vendors
+    also write in NM, dciodvfy warns only).
+    """
+
+    manufacturer: str
+    model: str
+    device_serial_number: str
+    collimator: str
+    reconstruction: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +270,7 @@ def write_nm_tomo(
     scan_arc_deg: float | None = None,
     body_part_examined: str | None = None,
     reconstruction_method: str | None = None,
+    camera: CameraHeaders | None = None,
 ) -> pydicom.Dataset:
     """Write one multi-frame NM Image Storage object, ImageType ORIGINAL\\PRIMARY\\RECON TOMO\\EMISSION.
 
@@ -271,7 +290,8 @@ def write_nm_tomo(
     ``CW``: descriptive only, not used for quantification).  Injection: see module docstring.
     ``patient_position`` (default HFS) fills the NM/PET Patient Orientation codes (C.8.4.6).
     ``body_part_examined`` (e.g. ``"ABDOMEN"``, CID 4031 defined terms) is written when given;
-    without it Laterality is written empty (one dciodvfy warning).
+    without it Laterality is written empty (one dciodvfy warning).  ``camera`` names the camera that made the
+    image (:class:`CameraHeaders`); without it the equipment is voxeldose and no collimator is named.
     ``reconstruction_method`` (e.g. ``"OSEM 4i8s AC RR SY-ME"``) is written as ReconstructionMethod (0054,1103),
     where vendors state it and :func:`voxeldose.camera.identity_from_dataset` reads it (a PET Series attribute:
     dciodvfy warns "not present in standard DICOM IOD").
@@ -313,6 +333,13 @@ def write_nm_tomo(
         instance_number=1,
     )
     _body_part(ds, body_part_examined)
+    if camera is not None:
+        if len(camera.collimator) > 16 or len(camera.reconstruction) > 64:
+            raise ValueError("CollimatorGridName holds at most 16 and ReconstructionMethod 64 characters")
+        ds.Manufacturer = camera.manufacturer
+        ds.ManufacturerModelName = camera.model
+        ds.DeviceSerialNumber = camera.device_serial_number
+        ds.ReconstructionMethod = camera.reconstruction
     _frame_and_times(ds, series, acq)
     ds.AcquisitionDateTime = format_dt(acq)
     ds.PatientOrientation = [_orientation_letters(x), _orientation_letters(y)]
@@ -374,6 +401,8 @@ def write_nm_tomo(
     # NM Detector C.8.4.11 (one item for RECON TOMO)
     det = Dataset()
     det.CollimatorType = None
+    if camera is not None:
+        det.CollimatorGridName = camera.collimator
     det.FocalDistance = None
     det.ImagePositionPatient = format_ds_list(ipp)
     det.ImageOrientationPatient = format_ds_list(np.concatenate([x, y]), 8)

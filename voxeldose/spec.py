@@ -7,13 +7,15 @@ The CLI builds one from its options, the HTTP API receives one, the Ray workers 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
 from itertools import accumulate
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from . import metrics as _metrics
+from .camera import CameraProfile
 from .errors import VoxeldoseError
 
 #: What a caller must give instead of a date and time with a UTC offset.
@@ -106,6 +108,7 @@ def printable(value: Any) -> str:
 FitModel = Literal["auto", "monoexp", "biexp", "triexp", "trapezoid", "stp"]
 DoseMethod = Literal["dvk", "dvk-density", "led"]
 Role = Literal["kidney", "marrow", "tumour", "organ", "body"]
+PvcMethod = Literal["none", "rc", "gtm", "rbv"]
 
 
 class _Model(BaseModel):
@@ -268,6 +271,68 @@ class JobSpec(_Model):
         "(default: only time points with projections and no reconstruction)",
     )
     reconstruction: ReconstructionSpec = ReconstructionSpec()
+    camera: CameraProfile | None = Field(
+        None,
+        description="the camera's profile (voxeldose calibrate): its sensitivity calibrates a counts SPECT, its "
+        "FWHM and recovery curve feed the partial-volume correction",
+    )
+    pvc: PvcMethod = Field(
+        "none",
+        description="partial-volume correction (voxeldose.pvc): rc (recovery curve), gtm (Rousset 1998) or rbv "
+        "(Thomas 2011, a corrected activity map); needs the camera profile",
+    )
+
+    @field_validator("camera")
+    @classmethod
+    def _one_calibration(cls, cam: CameraProfile | None, info: ValidationInfo) -> CameraProfile | None:
+        calibration = info.data.get("calibration")
+        given = calibration.cps_per_mbq if isinstance(calibration, Calibration) else None
+        if cam is not None and given is not None and not math.isclose(given, cam.sensitivity_cps_per_mbq, rel_tol=1e-9):
+            # the same value twice (a service that copies the profile's sensitivity into the calibration) is no conflict
+            raise ValueError(
+                "give the calibration either as calibration.cps_per_mbq or by the camera profile, not both "
+                f"({given} cps/MBq and {cam.sensitivity_cps_per_mbq} cps/MBq of {cam.name!r})"
+            )
+        if cam is not None and not cam.sensitivity_cps_per_mbq <= MAX_CPS_PER_MBQ:
+            raise ValueError(
+                f"a camera sensitivity of at most {MAX_CPS_PER_MBQ:g} cps/MBq; {cam.sensitivity_cps_per_mbq} "
+                "is beyond any collimated camera (a unit error)"
+            )
+        return cam
+
+    @field_validator("pvc")
+    @classmethod
+    def _pvc_has_its_profile(cls, method: str, info: ValidationInfo) -> str:
+        if method == "none":
+            return method
+        cam = info.data.get("camera")
+        if not isinstance(cam, CameraProfile):
+            raise ValueError(f"pvc {method!r} needs the camera profile (camera: the camera.json of the SPECT camera)")
+        if method == "rc" and cam.recovery_fit is None:
+            raise ValueError(f"pvc 'rc' needs a recovery curve, and camera profile {cam.name!r} has no recovery_fit")
+        if method in ("gtm", "rbv") and cam.fwhm_mm is None:
+            raise ValueError(
+                f"pvc {method!r} needs the camera's resolution, and camera profile {cam.name!r} has no fwhm_mm"
+            )
+        return method
+
+    @property
+    def cps_per_mbq(self) -> float | None:
+        """The calibration that applies: ``calibration.cps_per_mbq``, else the camera profile's sensitivity."""
+        if self.calibration.cps_per_mbq is not None:
+            return self.calibration.cps_per_mbq
+        return None if self.camera is None else self.camera.sensitivity_cps_per_mbq
+
+    @property
+    def calibration_source(self) -> str | None:
+        """Where :attr:`cps_per_mbq` comes from."""
+        if self.calibration.cps_per_mbq is not None or self.camera is None:
+            return self.calibration.source
+        cam = self.camera
+        return (
+            f"camera profile {cam.name!r} ({cam.sensitivity_cps_per_mbq:g} ± {cam.sensitivity_u_cps_per_mbq:g} "
+            f"cps/MBq, measured {cam.measured})"
+        )
 
     @field_validator("earlier_cycles")
     @classmethod

@@ -1,4 +1,4 @@
-"""``summary.json``: the typed results contract of a run (schema ``voxeldose.summary/2``).
+"""``summary.json``: the typed results contract of a run (schema ``voxeldose.summary/3``).
 
 Every reader — the report, the DICOM SR, the RT Dose writer, the console table, the service's trigger,
 API and pages — reads attributes of :class:`Summary` (built by :func:`voxeldose.pipeline.run`, or loaded
@@ -36,7 +36,7 @@ from .errors import VoxeldoseError
 from .spec import JobSpec
 
 #: The ``schema`` value of every summary this version writes.
-SCHEMA_VERSION: Final = "voxeldose.summary/2"
+SCHEMA_VERSION: Final = "voxeldose.summary/3"
 #: Where the committed JSON Schema lives, relative to the repository root.
 SCHEMA_PATH = Path("docs") / "summary.schema.json"
 
@@ -158,6 +158,23 @@ class TimePoint(_Part):
     )
 
 
+class PvcRecord(_Part):
+    """The partial-volume correction of the run (see :mod:`voxeldose.pvc`): the method, the camera profile whose
+    resolution or recovery curve it used, and how the VOI doses were corrected."""
+
+    method: Literal["none", "rc", "gtm", "rbv"] = "none"
+    description: str = "no partial-volume correction"
+    camera_profile: str | None = Field(None, description="name of the camera profile used (job's camera.name)")
+    fwhm_mm: float | None = Field(None, description="PSF FWHM the correction modelled, mm (gtm, rbv)")
+    recovery_curve: str | None = Field(None, description="the recovery fit used (rc)")
+    dose_correction: str | None = Field(None, description="how the VOI mean doses were corrected, and the assumption")
+    notes: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def none(cls) -> PvcRecord:
+        return cls()
+
+
 class Methods(_Part):
     quantification: str
     fit: str
@@ -168,6 +185,7 @@ class Methods(_Part):
     kernel_density_g_cm3: float | None
     dose_grid: str
     voi_source: str = Field(description="'RTSTRUCT <SeriesInstanceUID>' or 'SEG <SeriesInstanceUID>'")
+    pvc: PvcRecord = Field(default_factory=PvcRecord.none, description="partial-volume correction (schema /3)")
 
 
 # ------------------------------------------------------------------------------------------ VOIs
@@ -236,6 +254,20 @@ class TimeActivity(_Part):
     activity_mbq: list[float] | None = None
 
 
+class VoiPvc(_Part):
+    """A VOI's partial-volume correction: its corrected and uncorrected mean dose side by side.  ``mean_gy`` of
+    the VOI is the corrected one; ``factor`` = corrected / uncorrected mean dose."""
+
+    method: Literal["rc", "gtm", "rbv"]
+    uncorrected_mean_gy: float
+    corrected_mean_gy: float
+    factor: float
+    uncorrected_tia_bqs: float | None = Field(None, description="TIA of the fit to the uncorrected activities, Bq·s")
+    corrected_tia_bqs: float | None = Field(None, description="TIA of the fit to the corrected activities, Bq·s")
+    activity_factors: list[float] = Field(description="corrected / observed VOI activity at each time point")
+    notes: list[str] = Field(default_factory=list)
+
+
 class VoiMetrics(_Part):
     """Absorbed-dose metrics of one VOI (definitions in :mod:`voxeldose.metrics`)."""
 
@@ -267,6 +299,7 @@ class VoiMetrics(_Part):
     repair_half_time_h: float | None = None
     bed_kinetics: str | None = None
     tia_voxel_sum_bqs: float | None = Field(None, description="sum of the voxel TIAs in the VOI, Bq·s")
+    pvc: VoiPvc | None = Field(None, description="partial-volume correction; absent without one (schema /3)")
 
 
 # ------------------------------------------------------------------------------------------ marrow
@@ -417,7 +450,7 @@ class Summary(_Part):
 
     model_config = ConfigDict(extra="forbid", title="voxeldose summary.json", validate_by_name=True)
 
-    schema_: Literal["voxeldose.summary/2"] = Field(SCHEMA_VERSION, alias="schema")
+    schema_: Literal["voxeldose.summary/3"] = Field(SCHEMA_VERSION, alias="schema")
     patient: Patient
     cycle: CycleInfo
     reference_timepoint: int = Field(description="index of the time point the dose grid is on")
@@ -461,7 +494,7 @@ class Summary(_Part):
 
 
 #: Schema versions :func:`upgrade` brings to :data:`SCHEMA_VERSION`.
-EARLIER_SCHEMAS: Final = ("voxeldose.summary/1",)
+EARLIER_SCHEMAS: Final = ("voxeldose.summary/1", "voxeldose.summary/2")
 
 
 def upgrade(data: Any) -> Any:
@@ -469,12 +502,20 @@ def upgrade(data: Any) -> Any:
 
     ``voxeldose.summary/1`` (results written before the typed model) lacks ``cycle.injection.nuclide_source``
     and ``radiopharmaceutical_source``; they are filled with ``"not recorded (voxeldose.summary/1)"`` — never
-    guessed — so an earlier cycle's measured doses stay readable after an upgrade of the service."""
+    guessed — so an earlier cycle's measured doses stay readable after an upgrade of the service.
+
+    ``voxeldose.summary/2`` and earlier had no partial-volume correction: ``methods.pvc`` becomes method
+    ``none`` with a note saying the record predates it (``/3``)."""
     if not isinstance(data, dict) or data.get("schema") not in EARLIER_SCHEMAS:
         return data
     out = dict(data, schema=SCHEMA_VERSION)
+    methods = out.get("methods")
+    if isinstance(methods, dict) and "pvc" not in methods:
+        out["methods"] = dict(
+            methods, pvc={"method": "none", "notes": [f"written before partial-volume correction ({data['schema']})"]}
+        )
     cycle = out.get("cycle")
-    if isinstance(cycle, dict) and isinstance(cycle.get("injection"), dict):
+    if data["schema"] == "voxeldose.summary/1" and isinstance(cycle, dict) and isinstance(cycle.get("injection"), dict):
         inj = dict(cycle["injection"])
         for key in ("nuclide_source", "radiopharmaceutical_source"):
             inj.setdefault(key, f"not recorded ({data['schema']})")

@@ -180,7 +180,7 @@ def _result_file(store: Store, job_id: str, who: Principal, name: str) -> Path:
 
 @router.get(
     "/{job_id}/summary",
-    summary="The job's summary.json (schema voxeldose.summary/2, docs/summary.schema.json)",
+    summary="The job's summary.json (schema voxeldose.summary/3, docs/summary.schema.json)",
     response_model=dict[str, Any],
     responses=responses(401, 404, 409),
 )

@@ -359,6 +359,25 @@ def test_counts_without_calibration_are_refused_before_queuing(env: Env, phantom
     assert env.incoming_entries() == []
 
 
+def test_a_camera_profile_calibrates_an_upload(env: Env, phantom: dict) -> None:
+    """A job with the camera's profile and no calibration.cps_per_mbq (issue 12): the profile's sensitivity
+    calibrates the counts, so the upload is queued, with its partial-volume correction."""
+    camera = {
+        "schema": "voxeldose.camera/1",
+        "name": "SPECT 1",
+        "identity": {"manufacturer": "voxeldose", "model": "phantom"},
+        "nuclide": "Lu-177",
+        "sensitivity_cps_per_mbq": phantom["spec"]["calibration"]["cps_per_mbq"],
+        "sensitivity_u_cps_per_mbq": 0.1,
+        "fwhm_mm": 11.0,
+        "measured": "2026-01-01",
+        "source": "test",
+    }
+    r = submit(env, phantom, spec={"camera": camera, "pvc": "gtm"})
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["pvc"] == "gtm" and r.json()["spec"]["camera"]["name"] == "SPECT 1"
+
+
 def test_invalid_spec_is_a_readable_422(env: Env, phantom: dict) -> None:
     body = assert_problem(submit(env, phantom, spec={"dose": {"method": "magic"}, "bogus": 1}), 422)
     assert "dose.method" in body["detail"] and "bogus" in body["detail"]
