@@ -32,10 +32,24 @@ from .cycles import cumulative_summary
 from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
 from .errors import VoxeldoseError
 from .geometry import Grid, Volume, resample
-from .ingest import Cycle, Index, Series, TimePoint, load_cycle, read_ct, read_spect, roi_names, scan, spect_pixel_mode
+from .ingest import (
+    Cycle,
+    Index,
+    Series,
+    SpectImage,
+    TimePoint,
+    load_cycle,
+    read_ct,
+    read_spect,
+    roi_names,
+    scan,
+    spect_pixel_mode,
+)
 from .nuclides import Nuclide
 from .nuclides import load as load_nuclide
 from .outputs import write_all
+from .projections import read_projections, reconstruct, reconstruction_method
+from .recon import torch_device
 from .result import Result, VoiFit
 from .spec import (
     MAX_KIDNEY_GY_PER_CYCLE,
@@ -62,6 +76,7 @@ from .summary import (
     PvcRecord,
     Quantification,
     Registration,
+    SpectReconstruction,
     Summary,
     TimeActivity,
     UncertaintyComponent,
@@ -161,6 +176,7 @@ def load_spec_cycle(spec: JobSpec, index: Index) -> Cycle:
         injection_start=inj.datetime,
         activity_bq=None if inj.activity_mbq is None else inj.activity_mbq * 1e6,
         nuclide=inj.nuclide,
+        reconstruct=spec.reconstruct,
     )
 
 
@@ -186,7 +202,7 @@ def _voi_candidates(cycle: Cycle, ref: TimePoint, spec: JobSpec) -> list[Series]
 def blocking_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
     """Everything that stops :func:`run` on ``cycle`` with ``spec``, found from the headers alone, in the
     order ``run`` meets them (``run`` raises the first; ``voxeldose inspect`` lists them all)."""
-    out: list[VoxeldoseError] = scan_time_problems(cycle)
+    out: list[VoxeldoseError] = scan_time_problems(cycle) + _reconstruction_problems(cycle, spec)
     n_t = len(cycle.timepoints)
     if spec.reference_timepoint is not None and spec.reference_timepoint >= n_t:
         out.append(
@@ -244,9 +260,51 @@ def scan_time_problems(cycle: Cycle) -> list[VoxeldoseError]:
     ]
 
 
+def _reconstruction_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
+    """A time point reconstructed from its projections needs its CT (attenuation) and OSEM subsets that divide
+    its views (from the header: NumberOfFramesInRotation × NumberOfDetectors).  What only the pixels show is
+    refused when they are read (:func:`voxeldose.projections.read_projections`)."""
+    out = []
+    subsets = spec.reconstruction.subsets
+    for tp in cycle.timepoints:
+        if not tp.needs_reconstruction:
+            continue
+        path = tp.spect.instances[0].path
+        if tp.ct is None:
+            out.append(
+                VoxeldoseError(
+                    f"the projections of time point {tp.hours_after_injection:.1f} h cannot be reconstructed: "
+                    "no CT in their Frame of Reference, so no attenuation correction",
+                    path=path,
+                    tag="FrameOfReferenceUID (0020,0052)",
+                    expected="the CT of the same SPECT/CT session among the inputs",
+                    found=tp.spect.frame_of_reference_uid,
+                )
+            )
+        rot = (tp.spect.first.get("RotationInformationSequence") or [None])[0]
+        per_head = rot.get("NumberOfFramesInRotation") if rot is not None else None
+        heads = tp.spect.first.get("NumberOfDetectors")
+        try:
+            views = int(str(per_head)) * int(str(heads))
+        except ValueError:
+            continue  # missing or not a number: read_projections names the tag
+        if views > 0 and views % subsets:
+            divisors = [d for d in range(1, views + 1) if views % d == 0]
+            out.append(
+                VoxeldoseError(
+                    f"{subsets} OSEM subsets do not divide the {views} views of the projections",
+                    path=path,
+                    tag="reconstruction.subsets",
+                    expected="one of " + ", ".join(map(str, divisors)),
+                    found=subsets,
+                )
+            )
+    return out
+
+
 def _calibration_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
     """A SPECT holding raw counts needs the camera calibration (MIRD 26), from the job or its camera profile; a
-    camera profile is for one nuclide."""
+    camera profile is for one nuclide.  Projections hold counts."""
     cam = spec.camera
     if cam is not None and cam.nuclide.casefold() != cycle.injection.nuclide.casefold():
         return [
@@ -262,7 +320,7 @@ def _calibration_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
         return []
     for tp in cycle.timepoints:
         try:
-            mode = spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path)
+            mode = "counts" if tp.needs_reconstruction else spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path)
         except VoxeldoseError as err:
             return [err]
         if mode == "counts":
@@ -369,6 +427,7 @@ class _Quantified:
     conc: list[Volume]  # Bq/ml at each time point, own grid
     records: list[Quantification]
     cts: list[Volume | None]  # HU
+    reconstructions: list[SpectReconstruction]  # how each SPECT was made
 
     @property
     def applied(self) -> bool:
@@ -413,9 +472,15 @@ def _quantify(cycle: Cycle, spec: JobSpec, decay_constant_per_s: float) -> _Quan
     conc: list[Volume] = []
     records: list[Quantification] = []
     cts: list[Volume | None] = []
+    made: list[SpectReconstruction] = []
     for tp in cycle.timepoints:
+        ct = read_ct(tp.ct) if tp.ct is not None else None
+        if tp.needs_reconstruction:
+            image, how = _reconstruct(tp, ct, spec)
+        else:
+            image, how = read_spect(tp.spect), _vendor_reconstruction(tp.spect)
         c, q = quantify.to_bq_per_ml(
-            read_spect(tp.spect),
+            image,
             decay_constant_per_s=decay_constant_per_s,
             calibration_cps_per_mbq=spec.cps_per_mbq,
             calibration_source=spec.calibration_source,
@@ -425,8 +490,68 @@ def _quantify(cycle: Cycle, spec: JobSpec, decay_constant_per_s: float) -> _Quan
         )
         conc.append(c)
         records.append(Quantification.model_validate(q.to_dict()))
-        cts.append(read_ct(tp.ct) if tp.ct is not None else None)
-    return _Quantified(conc, records, cts)
+        cts.append(ct)
+        made.append(how)
+    return _Quantified(conc, records, cts, made)
+
+
+def _vendor_reconstruction(series: Series) -> SpectReconstruction:
+    """A reconstruction read as given: its ReconstructionMethod (0054,1103) when stated."""
+    method = str(series.first.get("ReconstructionMethod", "") or "").strip()
+    return SpectReconstruction(made_by="vendor", method=method or None)
+
+
+def _reconstruct(tp: TimePoint, ct: Volume | None, spec: JobSpec) -> tuple[SpectImage, SpectReconstruction]:
+    """The time point's SPECT reconstructed from its projections, in memory (:func:`voxeldose.projections.reconstruct`:
+    OSEM with the job's iterations × subsets, attenuation from the CT, resolution recovery for the header's
+    collimator, on :func:`voxeldose.recon.torch_device`), in reconstructed counts with the acquisition time a
+    calibration factor needs."""
+    path = tp.spect.instances[0].path
+    if ct is None:  # blocking_problems stops such a job before any pixel is read
+        raise VoxeldoseError(
+            "projections cannot be reconstructed without the CT of their Frame of Reference",
+            path=path,
+            tag="FrameOfReferenceUID (0020,0052)",
+            expected="the CT of the same SPECT/CT session among the inputs",
+        )
+    ps = read_projections(path)
+    it, sub = spec.reconstruction.iterations, spec.reconstruction.subsets
+    if ps.views % sub:  # the header's view count was checked; the photopeak frames decide
+        raise VoxeldoseError(
+            f"{sub} OSEM subsets do not divide the {ps.views} views of the projections",
+            path=path,
+            tag="reconstruction.subsets",
+            expected="one of " + ", ".join(str(d) for d in range(1, ps.views + 1) if ps.views % d == 0),
+            found=sub,
+        )
+    device = torch_device()
+    counts = reconstruct(ps, ct, it, sub)
+    volume = Volume(
+        counts.array.astype(np.float64),
+        counts.affine,
+        counts.frame_of_reference_uid,
+        "counts",
+        {"series_instance_uid": tp.spect.series_instance_uid, "modality": "NM"},
+    )
+    image = SpectImage(
+        volume,
+        "counts",
+        ps.acquisition_duration_s,
+        ps.frame_duration_s * 1000.0,
+        ps.views_per_detector,
+        float(volume.array.sum()),
+    )
+    how = SpectReconstruction(
+        made_by="voxeldose",
+        method=reconstruction_method(ps.collimator, it, sub),
+        algorithm="OSEM (PyTomography)",
+        iterations=it,
+        subsets=sub,
+        models=["attenuation from the CT", f"resolution recovery with collimator {ps.collimator}", "no scatter"],
+        projections_series_uid=tp.spect.series_instance_uid,
+        device=device,
+    )
+    return image, how
 
 
 def _register(
@@ -1023,7 +1148,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         patient=Patient(id=ing.cycle.patient_id, name=ing.cycle.patient_name),
         cycle=CycleInfo(number=spec.cycle_number, injection=_injection(ing.cycle, spec)),
         reference_timepoint=ing.ref_n,
-        timepoints=_timepoints(ing.cycle, quant.records, registrations),
+        timepoints=_timepoints(ing.cycle, quant.records, registrations, quant.reconstructions),
         methods=_methods(spec, quant.records, kin.method_note, dosed, ing.voi_series, corr),
         vois=voi_out,
         marrow=marrow,
@@ -1053,7 +1178,12 @@ def _injection(cycle: Cycle, spec: JobSpec) -> Injection:
     )
 
 
-def _timepoints(cycle: Cycle, quants: list[Quantification], registrations: list[Registration]) -> list[TimePointRecord]:
+def _timepoints(
+    cycle: Cycle,
+    quants: list[Quantification],
+    registrations: list[Registration],
+    reconstructions: list[SpectReconstruction],
+) -> list[TimePointRecord]:
     return [
         TimePointRecord(
             hours=tp.hours_after_injection,
@@ -1063,8 +1193,9 @@ def _timepoints(cycle: Cycle, quants: list[Quantification], registrations: list[
             ct_series_uid=None if tp.ct is None else tp.ct.series_instance_uid,
             quantification=q,
             registration=r,
+            reconstruction=m,
         )
-        for tp, q, r in zip(cycle.timepoints, quants, registrations)
+        for tp, q, r, m in zip(cycle.timepoints, quants, registrations, reconstructions)
     ]
 
 

@@ -127,6 +127,24 @@ class Registration(_Part):
     details: dict[str, JsonValue] | None = Field(None, description="the registration's working parameters")
 
 
+class SpectReconstruction(_Part):
+    """How a time point's SPECT was made: reconstructed here from its projections (``made_by`` ``voxeldose``:
+    algorithm, iterations, subsets and the models used), or the camera's reconstruction read as given
+    (``vendor``, with its ReconstructionMethod (0054,1103) when the header states one)."""
+
+    made_by: Literal["voxeldose", "vendor"]
+    method: str | None = Field(
+        description="as a reconstruction states itself, e.g. 'OSEM 4i8s AC RR SY-ME'; the vendor's "
+        "ReconstructionMethod, or null when its header has none"
+    )
+    algorithm: str | None = None
+    iterations: int | None = None
+    subsets: int | None = None
+    models: list[str] | None = Field(None, description="the system model: attenuation, resolution recovery, scatter")
+    projections_series_uid: str | None = None
+    device: str | None = Field(None, description="where it was computed (torch device)")
+
+
 class TimePoint(_Part):
     hours: float = Field(description="hours after injection")
     acquisition_datetime: str
@@ -135,6 +153,9 @@ class TimePoint(_Part):
     ct_series_uid: str | None
     quantification: Quantification
     registration: Registration
+    reconstruction: SpectReconstruction | None = Field(
+        None, description="how the SPECT was made (absent in summaries written before it was recorded)"
+    )
 
 
 class PvcRecord(_Part):
