@@ -8,6 +8,8 @@ counter-clockwise from the feet) and from the set that was written, never from a
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import subprocess
 from collections.abc import Callable
 from datetime import datetime
@@ -18,11 +20,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from voxeldose import cli, recon
+from voxeldose import cli, pipeline, recon
 from voxeldose.dicomutil import PatientStudy, SeriesInfo
 from voxeldose.errors import VoxeldoseError
-from voxeldose.ingest import read_spect, scan
+from voxeldose.ingest import group_cycles, load_cycle, read_spect, scan
 from voxeldose.phantom import PhantomManifest, PhantomSettings, write_phantom
+from voxeldose.pipeline import blocking_problems, load_spec_cycle
 from voxeldose.projections import (
     EnergyWindow,
     ProjectionSet,
@@ -32,6 +35,8 @@ from voxeldose.projections import (
     write_projections,
 )
 from voxeldose.scanner import Injection, SpectAcquisition
+from voxeldose.spec import JobSpec
+from voxeldose.summary import Summary
 
 FOR_UID = "1.2.826.0.1.3680043.8.498.1001"
 ACQ = datetime(2026, 1, 6, 10, 0)
@@ -382,3 +387,116 @@ def test_voxeldose_recon_refuses_projections_without_their_ct(
     err = capsys.readouterr().err
     assert "7 OSEM subsets do not divide the 60 views" in err and "PROJECTIONS.dcm" in err and "6, 10" in err
     assert not (tmp_path / "R").exists() or not any((tmp_path / "R").rglob("*.dcm"))
+
+
+# --------------------------------------------------------------------------------------------
+# `voxeldose run` on projections: ingest keeps them, the pipeline reconstructs them, the summary says how
+# --------------------------------------------------------------------------------------------
+
+
+def _without_reconstruction(manifest: PhantomManifest, dest: Path) -> Path:
+    """A copy of the patient's DICOM folder with its RECON TOMO removed: projections, CT and structures only."""
+    shutil.copytree(manifest.out_dir / "dicom", dest)
+    for nm in manifest.nm_files:
+        shutil.rmtree(dest / nm.parent.relative_to(manifest.out_dir / "dicom"))
+    return dest
+
+
+@pytest.mark.xdist_group("osem_patient")  # one worker writes the module-scoped patient once
+def test_ingest_keeps_the_projections_as_the_time_points_spect(osem_patient: PhantomManifest, tmp_path: Path) -> None:
+    proj_uid = str(pydicom.dcmread(osem_patient.projection_files[0], stop_before_pixels=True).SeriesInstanceUID)
+    # beside a reconstruction of the same session (same frame, same start): the reconstruction is used, and said
+    index = scan(osem_patient.out_dir / "dicom")
+    assert {s.kind for s in index.series.values() if s.series_instance_uid == proj_uid} == {"projections"}
+    assert not [p for p in index.problems if "not a reconstructed SPECT" in p.message]
+    (vendor,) = load_cycle(index).timepoints
+    assert vendor.spect.kind == "spect" and not vendor.needs_reconstruction
+    _, problems = group_cycles(index)
+    assert any("reconstruction" in p.message and "is used" in p.message for p in problems)
+    # the job asks to reconstruct: the projections replace the reconstruction
+    (forced,) = load_cycle(index, reconstruct=True).timepoints
+    assert forced.needs_reconstruction and forced.spect.series_instance_uid == proj_uid
+    assert forced.ct is not None and forced.ct.series_instance_uid == vendor.ct.series_instance_uid
+    # projections alone: they are the time point, to be reconstructed; inspect says so
+    alone = _without_reconstruction(osem_patient, tmp_path / "dicom")
+    (tp,) = load_cycle(alone).timepoints
+    assert tp.needs_reconstruction and tp.spect.series_instance_uid == proj_uid
+    assert tp.hours_after_injection == pytest.approx(24.0)
+    rep = cli.inspect_report([alone])
+    assert rep["cycles"][0]["timepoints"][0]["spect"]["pixel_values"] == "projections (will be reconstructed)"
+    # the default 8 subsets do not divide the 60 views: a job option, so information here, naming it
+    (sub,) = [p for p in rep["problems"] if p["tag"] == "reconstruction.subsets"]
+    assert sub["severity"] == "info" and "8 OSEM subsets do not divide the 60 views" in sub["message"]
+    assert rep["ok"]
+
+
+@pytest.mark.xdist_group("osem_patient")  # one worker writes the module-scoped patient once
+def test_projections_that_cannot_be_reconstructed_stop_the_job_before_any_pixel_is_read(
+    osem_patient: PhantomManifest, tmp_path: Path
+) -> None:
+    alone = _without_reconstruction(osem_patient, tmp_path / "dicom")
+    cps = json.loads(osem_patient.truth_json.read_text())["calibration_cps_per_mbq"]
+    spec = JobSpec(inputs=[str(alone)], calibration={"cps_per_mbq": cps}, reconstruction={"subsets": 7})
+    (err,) = blocking_problems(load_spec_cycle(spec, scan(alone)), spec)
+    assert err.tag == "reconstruction.subsets" and "7 OSEM subsets do not divide the 60 views" in str(err)
+    assert err.path is not None and Path(err.path).name == "PROJECTIONS.dcm" and "6, 10" in str(err.expected)
+    # no CT: no attenuation map
+    for ct in osem_patient.ct_folders:
+        shutil.rmtree(alone / ct.relative_to(osem_patient.out_dir / "dicom"))
+    spec = JobSpec(inputs=[str(alone)], calibration={"cps_per_mbq": cps}, registration="none")
+    problems = blocking_problems(load_spec_cycle(spec, scan(alone)), spec)
+    assert problems[0].tag == "FrameOfReferenceUID (0020,0052)" and "no CT" in str(problems[0])
+    assert problems[0].path is not None and Path(problems[0].path).name == "PROJECTIONS.dcm"
+    with pytest.raises(VoxeldoseError, match="no CT"):
+        pipeline.run(spec)
+
+
+@pytest.mark.xdist_group("osem_patient")  # one worker writes the module-scoped patient once
+def test_run_on_projections_alone_gives_the_dose_of_the_run_on_their_written_reconstruction(
+    osem_patient: PhantomManifest, tmp_path: Path
+) -> None:
+    """The phantom's RECON TOMO is this code's reconstruction of these projections (OSEM 2 × 6), written as uint16
+    counts; `voxeldose run` on the projections alone reconstructs them in memory in the same way.
+
+    Tolerance: the two SPECTs differ only by the rounding of each voxel's counts, |δC| ≤ 0.5.  At one time point
+    the dose is linear in the counts (Hänscheid TIA, kernel convolution), and at 7.2 mm voxels most of a Lu-177
+    voxel's dose is its own electrons' (148 of 183 keV per decay, ICRP 107), so the kidney's mean dose moves by
+    at most about 0.5 / C̄ of itself, C̄ the kidney's mean counts; twice that covers the photons' cross-fire from
+    cooler voxels, whose rounding is bounded by the same 0.5 counts.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    truth = json.loads(osem_patient.truth_json.read_text())
+    alone = _without_reconstruction(osem_patient, tmp_path / "dicom")
+    before = sorted(p.relative_to(alone) for p in alone.rglob("*"))
+    out = tmp_path / "R"
+    argv = ["run", str(alone), "--out", str(out), "--calibration", str(truth["calibration_cps_per_mbq"])]
+    assert cli.main([*argv, "--iterations", "2", "--subsets", "6"]) == 0
+    assert sorted(p.relative_to(alone) for p in alone.rglob("*")) == before  # nothing written beside the inputs
+    mine = Summary.load(out / "summary.json")
+    vendor_spec = JobSpec(inputs=[str(osem_patient.out_dir / "dicom")], calibration=mine.provenance.spec.calibration)
+    theirs = pipeline.run(vendor_spec).summary
+
+    (tp,) = mine.timepoints
+    proj_uid = str(pydicom.dcmread(osem_patient.projection_files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert tp.spect_series_uid == proj_uid and tp.reconstruction is not None
+    how = tp.reconstruction
+    assert (how.made_by, how.method, how.iterations, how.subsets) == ("voxeldose", "OSEM 2i6s AC RR SY-ME", 2, 6)
+    assert how.algorithm is not None and how.algorithm.startswith("OSEM")
+    assert how.models is not None and "attenuation from the CT" in how.models
+    assert any("SY-ME" in m for m in how.models) and how.projections_series_uid == proj_uid and how.device == "cpu"
+    (vendor_tp,) = theirs.timepoints
+    assert vendor_tp.reconstruction is not None
+    assert (vendor_tp.reconstruction.made_by, vendor_tp.reconstruction.method) == ("vendor", "OSEM 2i6s AC RR SY-ME")
+    # the written reconstruction's mean kidney counts decide the tolerance
+    spect = read_spect(next(s for s in scan(osem_patient.nm_files[0]).series.values() if s.kind == "spect"))
+    labels = np.load(osem_patient.labels_npy)
+    assert labels.shape == spect.volume.array.shape
+    for name in ("Kidney_L", "Kidney_R"):
+        (label,) = [int(k) for k, v in truth["labels"].items() if v == name]
+        mean_counts = float(spect.volume.array[labels == label].mean())
+        assert mean_counts > 100  # a real image
+        rel = 2 * 0.5 / mean_counts
+        assert mine.vois[name].mean_gy == pytest.approx(theirs.vois[name].mean_gy, rel=rel), name
+    assert tp.quantification.total_activity_mbq == pytest.approx(vendor_tp.quantification.total_activity_mbq, rel=1e-3)

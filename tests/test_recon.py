@@ -14,7 +14,7 @@ import grimp
 import numpy as np
 import pytest
 
-from voxeldose import recon
+from voxeldose import backend, recon
 from voxeldose.errors import VoxeldoseError
 
 WATER = "Water, Liquid"
@@ -277,3 +277,26 @@ def test_the_projection_camera_settings_change_uids_only_when_used() -> None:
     assert replace(st, osem_iterations=9, collimator="G8-MEGP").fingerprint() == st.fingerprint()
     osem = replace(st, camera="osem")
     assert len({st.fingerprint(), osem.fingerprint(), replace(osem, osem_iterations=9).fingerprint()}) == 3
+
+
+@pytest.mark.usefixtures("pytomography")
+def test_voxeldose_device_picks_torchs_device_for_reconstruction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dose engine's switch (voxeldose.backend): cpu, gpu (an error without a CUDA device), auto (CUDA when
+    torch sees it); anything else is refused naming the variable.  PyTomography computes on the device chosen."""
+    import torch
+
+    ptm = recon._pytomography()
+    monkeypatch.setattr(ptm, "device", ptm.device)  # restored after the test
+    monkeypatch.setenv(backend.ENV_VAR, "cpu")
+    assert recon.torch_device() == "cpu" and str(ptm.device) == "cpu"
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    assert recon.torch_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(backend.ENV_VAR, "quantum")
+    with pytest.raises(VoxeldoseError, match="unknown value") as err:
+        recon.torch_device()
+    assert err.value.tag == "VOXELDOSE_DEVICE" and "'cpu', 'gpu' or 'auto'" in str(err.value.expected)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(backend.ENV_VAR, "gpu")
+        with pytest.raises(VoxeldoseError, match="torch sees no CUDA device") as err:
+            recon.torch_device()
+        assert err.value.tag == "VOXELDOSE_DEVICE"

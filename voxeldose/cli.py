@@ -137,6 +137,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--cycle", type=int, default=None, help="cycle number of this therapy (default 1)")
     run.add_argument(
+        "--reconstruct",
+        action="store_true",
+        default=None,
+        help="reconstruct every time point that has projections, even where a reconstruction is given "
+        "(default: only those without one)",
+    )
+    run.add_argument(
+        "--iterations", type=_positive_int, default=None, help="OSEM iterations for projections (default 4)"
+    )
+    run.add_argument(
+        "--subsets",
+        type=_positive_int,
+        default=None,
+        help="OSEM subsets for projections; must divide the views (default 8)",
+    )
+    run.add_argument(
         "--camera",
         type=Path,
         default=None,
@@ -296,8 +312,8 @@ def inspect_report(paths: Sequence[Path], **injection: Any) -> dict[str, Any]:
 
 
 #: A blocking problem that only the job can resolve: reported as information, since ``inspect`` takes
-#: no calibration (``voxeldose run --calibration`` gives it).
-_JOB_OPTION_TAGS = ("calibration.cps_per_mbq",)
+#: no calibration and no OSEM subsets (``voxeldose run --calibration``, ``--subsets`` give them).
+_JOB_OPTION_TAGS = ("calibration.cps_per_mbq", "reconstruction.subsets")
 
 
 def _job_problems(cycles: list[Cycle], spec: JobSpec) -> list[Problem]:
@@ -399,6 +415,12 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         section("fit")["model"] = args.fit
     if args.cycle is not None:
         base["cycle_number"] = args.cycle
+    if args.reconstruct:
+        base["reconstruct"] = True
+    if args.iterations is not None:
+        section("reconstruction")["iterations"] = args.iterations
+    if args.subsets is not None:
+        section("reconstruction")["subsets"] = args.subsets
     if args.camera is not None:
         base["camera"] = CameraProfile.load(args.camera).model_dump(mode="json", by_alias=True)
     if args.pvc is not None:

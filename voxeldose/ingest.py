@@ -63,7 +63,7 @@ _RTDOSE = str(RTDoseStorage)
 _SEG = str(SegmentationStorage)
 _PET = str(PositronEmissionTomographyImageStorage)
 
-SeriesKind = Literal["spect", "ct", "rtstruct", "seg", "rtdose", "nm-other", "unsupported"]
+SeriesKind = Literal["spect", "projections", "ct", "rtstruct", "seg", "rtdose", "nm-other", "unsupported"]
 PixelMode = Literal["bqml-rwvm", "bqml-units", "counts"]
 
 #: Relative tolerance on slice spacing within a series (1 %: well below one voxel over a 500 mm stack
@@ -77,6 +77,8 @@ SAME_INJECTION_S = 60.0
 #: Plausible administered activity for one 177Lu therapy cycle, Bq (used only to catch unit errors:
 #: DICOM NM writes RadionuclideTotalDose in MBq, PET in Bq).
 PLAUSIBLE_THERAPY_BQ = (1.0e8, 5.0e10)
+#: What ``inspect`` says of a time point's values when its SPECT is still to be reconstructed from projections.
+PROJECTIONS_PIXEL_VALUES = "projections (will be reconstructed)"
 
 
 # --------------------------------------------------------------------------------------- records
@@ -157,7 +159,12 @@ class InjectionInfo:
 
 @dataclass
 class TimePoint:
-    """One imaging session: a reconstructed SPECT and the CT it shares a Frame of Reference with."""
+    """One imaging session: a reconstructed SPECT and the CT it shares a Frame of Reference with.
+
+    ``spect`` is a reconstruction (kind ``spect``), or — for a session whose projections are to be reconstructed
+    (none given, or the job asks for it) — the projection series itself (kind ``projections``; see
+    :attr:`needs_reconstruction`).
+    """
 
     spect: Series
     ct: Series | None
@@ -168,13 +175,19 @@ class TimePoint:
     utc_offset: str | None = None
     utc_offset_source: str | None = None
 
+    @property
+    def needs_reconstruction(self) -> bool:
+        """True when the SPECT is to be reconstructed from this time point's projections."""
+        return self.spect.kind == "projections"
+
     def summary(self) -> dict[str, Any]:
+        values = PROJECTIONS_PIXEL_VALUES if self.needs_reconstruction else spect_pixel_mode(self.spect.first)
         return {
             "hours_after_injection": round(self.hours_after_injection, 3),
             "acquisition_datetime": self.acquisition.isoformat(),
             "acquisition_time_source": self.acquisition_source,
             "acquisition_utc_offset": self.utc_offset,
-            "spect": self.spect.summary() | {"pixel_values": spect_pixel_mode(self.spect.first)},
+            "spect": self.spect.summary() | {"pixel_values": values},
             "ct": None if self.ct is None else self.ct.summary(),
         }
 
@@ -491,6 +504,8 @@ def classify(ds: Dataset) -> SeriesKind:
         image_type = [str(v).upper() for v in (getattr(ds, "ImageType", None) or [])]
         if len(image_type) >= 3 and image_type[2] in ("RECON TOMO", "RECON GATED TOMO"):
             return "spect"
+        if len(image_type) >= 3 and image_type[2] == "TOMO":
+            return "projections"  # a SPECT acquisition's projections (voxeldose.projections reads them)
         return "nm-other"
     if sop == _RTSTRUCT:
         return "rtstruct"
@@ -789,11 +804,13 @@ def load_cycle(
     activity_bq: float | None = None,
     nuclide: str | None = None,
     acquisition_times: dict[str, datetime] | None = None,
+    reconstruct: bool = False,
 ) -> Cycle:
     """Read the inputs and return the one therapy cycle they hold; raise on the first error.
 
     ``acquisition_times`` maps a SPECT SeriesInstanceUID to its acquisition start when the files do not
-    carry one.  The caller's injection values override the files' (and are recorded as "caller").
+    carry one.  ``reconstruct``: time points with projections take them even where a reconstruction is given
+    (see :func:`group_cycles`).  The caller's injection values override the files' (and are recorded as "caller").
     Caller datetimes are naive local times, as DICOM stores them; a tz-aware one is an error.
     """
     _require_naive(injection_start, "injection date and time")
@@ -806,6 +823,7 @@ def load_cycle(
         activity_bq=activity_bq,
         nuclide=nuclide,
         acquisition_times=acquisition_times,
+        reconstruct=reconstruct,
     )
     errors = [p for p in index.problems + problems if p.severity == "error"]
     if patient_id is not None:
@@ -818,7 +836,8 @@ def load_cycle(
         raise VoxeldoseError(e.message + more, tag=None)
     if not cycles:
         raise VoxeldoseError(
-            "no reconstructed SPECT found", expected="at least one NM RECON TOMO series with its injection"
+            "no reconstructed SPECT or SPECT projections found",
+            expected="at least one NM RECON TOMO series, or NM TOMO projections with their CT, with its injection",
         )
     if len(cycles) > 1:
         desc = "; ".join(f"patient {c.patient_id}, injection {c.injection.start:%Y-%m-%d %H:%M}" for c in cycles)
@@ -836,8 +855,13 @@ def group_cycles(
     activity_bq: float | None = None,
     nuclide: str | None = None,
     acquisition_times: dict[str, datetime] | None = None,
+    reconstruct: bool = False,
 ) -> tuple[list[Cycle], list[Problem]]:
     """Group SPECT series into time points (with their CT) and time points into cycles.
+
+    A time point's SPECT is its reconstruction; a session that has projections (NM TOMO) and no reconstruction
+    (same Frame of Reference, acquisition start within :data:`SAME_SESSION_S`) takes its projections instead, to be
+    reconstructed by the pipeline — and so does every session with projections when ``reconstruct`` is true.
 
     A cycle is one patient and one injection (start within :data:`SAME_INJECTION_S`, activity within
     1 %).  A time point's CT is the CT series with the SPECT's FrameOfReferenceUID (hybrid SPECT/CT).
@@ -874,17 +898,19 @@ def group_cycles(
         cts_by_for[ct_series.frame_of_reference_uid].append(ct_series)
 
     entries: list[tuple[TimePoint, InjectionInfo, str]] = []
-    for sp in index.by_kind("spect"):
+    for sp in _sessions(index, reconstruct, problems):
         hdr, path = sp.first, sp.instances[0].path
         try:
-            _spect_geometry(sp)
+            if sp.kind == "spect":
+                _spect_geometry(sp)
             inj = injection_from_header(hdr, path, start=injection_start, activity_bq=activity_bq, nuclide=nuclide)
             if acquisition_times and sp.series_instance_uid in acquisition_times:
                 acq, acq_src = acquisition_times[sp.series_instance_uid], "caller"
                 acq_off = acq_off_src = None
             else:
                 acq, acq_src, acq_off, acq_off_src = _acquisition(hdr, path)
-            spect_pixel_mode(hdr, path)
+            if sp.kind == "spect":
+                spect_pixel_mode(hdr, path)
         except VoxeldoseError as err:
             problems.append(Problem.from_error(err))
             continue
@@ -1023,6 +1049,72 @@ def group_cycles(
                 )
             )
     return cycles, problems
+
+
+#: A reconstruction and projections are of one session when they share the Frame of Reference and their
+#: acquisition starts agree within this (s): a reconstruction states its projections' acquisition start.
+SAME_SESSION_S = 60.0
+
+
+def _session_start(series: Series) -> datetime | None:
+    try:
+        return acquisition_datetime(series.first, series.instances[0].path)[0]
+    except VoxeldoseError:
+        return None  # group_cycles reports it for the series that is used
+
+
+def _sessions(index: Index, reconstruct: bool, problems: list[Problem]) -> list[Series]:
+    """The series that make time points: every reconstruction, and the projections of every session that has
+    none; with ``reconstruct``, every session's projections in place of its reconstructions.  What is set aside
+    is said (``info``)."""
+    chosen = list(index.by_kind("spect"))
+    for proj in index.by_kind("projections"):
+        path = str(proj.instances[0].path)
+        if len(proj.instances) != 1:
+            problems.append(
+                Problem(
+                    "error",
+                    f"projection series {proj.description!r} has {len(proj.instances)} objects; one NM TOMO object "
+                    "holding every view is expected",
+                    path,
+                    tag_label("SeriesInstanceUID"),
+                )
+            )
+            continue
+        start = _session_start(proj)
+        twins = [
+            r
+            for r in index.by_kind("spect")
+            if r.frame_of_reference_uid == proj.frame_of_reference_uid
+            and start is not None
+            and (r_start := _session_start(r)) is not None
+            and abs((r_start - start).total_seconds()) <= SAME_SESSION_S
+        ]
+        if not twins:
+            chosen.append(proj)
+        elif reconstruct:
+            for r in twins:
+                if r in chosen:
+                    chosen.remove(r)
+                    problems.append(
+                        Problem(
+                            "info",
+                            f"reconstruction {r.description!r} not used: the job reconstructs its projections "
+                            f"{proj.description!r} (reconstruct: true)",
+                            str(r.instances[0].path),
+                        )
+                    )
+            chosen.append(proj)
+        else:
+            problems.append(
+                Problem(
+                    "info",
+                    f"projections {proj.description!r}: the session's reconstruction {twins[0].description!r} is used "
+                    "(reconstruct: true in the job reconstructs them instead)",
+                    path,
+                )
+            )
+    return chosen
 
 
 def _time_gap(series: Series, when: datetime) -> float:

@@ -27,15 +27,29 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from . import __version__, metrics, pvc, quantify, register, timeactivity
+from . import __version__, metrics, pvc, quantify, register, timeactivity, uncertainty
 from .cycles import cumulative_summary
 from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
 from .errors import VoxeldoseError
 from .geometry import Grid, Volume, resample
-from .ingest import Cycle, Index, Series, TimePoint, load_cycle, read_ct, read_spect, roi_names, scan, spect_pixel_mode
+from .ingest import (
+    Cycle,
+    Index,
+    Series,
+    SpectImage,
+    TimePoint,
+    load_cycle,
+    read_ct,
+    read_spect,
+    roi_names,
+    scan,
+    spect_pixel_mode,
+)
 from .nuclides import Nuclide
 from .nuclides import load as load_nuclide
 from .outputs import write_all
+from .projections import read_projections, reconstruct, reconstruction_method
+from .recon import torch_device
 from .result import Result, VoiFit
 from .spec import (
     MAX_KIDNEY_GY_PER_CYCLE,
@@ -62,10 +76,14 @@ from .summary import (
     PvcRecord,
     Quantification,
     Registration,
+    SpectReconstruction,
     Summary,
     TimeActivity,
+    UncertaintyComponent,
+    ValueU,
     VoiMetrics,
     VoiPvc,
+    VoiUncertainty,
 )
 from .summary import TimePoint as TimePointRecord
 from .timeactivity import FitResult
@@ -158,6 +176,7 @@ def load_spec_cycle(spec: JobSpec, index: Index) -> Cycle:
         injection_start=inj.datetime,
         activity_bq=None if inj.activity_mbq is None else inj.activity_mbq * 1e6,
         nuclide=inj.nuclide,
+        reconstruct=spec.reconstruct,
     )
 
 
@@ -183,7 +202,7 @@ def _voi_candidates(cycle: Cycle, ref: TimePoint, spec: JobSpec) -> list[Series]
 def blocking_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
     """Everything that stops :func:`run` on ``cycle`` with ``spec``, found from the headers alone, in the
     order ``run`` meets them (``run`` raises the first; ``voxeldose inspect`` lists them all)."""
-    out: list[VoxeldoseError] = scan_time_problems(cycle)
+    out: list[VoxeldoseError] = scan_time_problems(cycle) + _reconstruction_problems(cycle, spec)
     n_t = len(cycle.timepoints)
     if spec.reference_timepoint is not None and spec.reference_timepoint >= n_t:
         out.append(
@@ -241,9 +260,51 @@ def scan_time_problems(cycle: Cycle) -> list[VoxeldoseError]:
     ]
 
 
+def _reconstruction_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
+    """A time point reconstructed from its projections needs its CT (attenuation) and OSEM subsets that divide
+    its views (from the header: NumberOfFramesInRotation × NumberOfDetectors).  What only the pixels show is
+    refused when they are read (:func:`voxeldose.projections.read_projections`)."""
+    out = []
+    subsets = spec.reconstruction.subsets
+    for tp in cycle.timepoints:
+        if not tp.needs_reconstruction:
+            continue
+        path = tp.spect.instances[0].path
+        if tp.ct is None:
+            out.append(
+                VoxeldoseError(
+                    f"the projections of time point {tp.hours_after_injection:.1f} h cannot be reconstructed: "
+                    "no CT in their Frame of Reference, so no attenuation correction",
+                    path=path,
+                    tag="FrameOfReferenceUID (0020,0052)",
+                    expected="the CT of the same SPECT/CT session among the inputs",
+                    found=tp.spect.frame_of_reference_uid,
+                )
+            )
+        rot = (tp.spect.first.get("RotationInformationSequence") or [None])[0]
+        per_head = rot.get("NumberOfFramesInRotation") if rot is not None else None
+        heads = tp.spect.first.get("NumberOfDetectors")
+        try:
+            views = int(str(per_head)) * int(str(heads))
+        except ValueError:
+            continue  # missing or not a number: read_projections names the tag
+        if views > 0 and views % subsets:
+            divisors = [d for d in range(1, views + 1) if views % d == 0]
+            out.append(
+                VoxeldoseError(
+                    f"{subsets} OSEM subsets do not divide the {views} views of the projections",
+                    path=path,
+                    tag="reconstruction.subsets",
+                    expected="one of " + ", ".join(map(str, divisors)),
+                    found=subsets,
+                )
+            )
+    return out
+
+
 def _calibration_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
     """A SPECT holding raw counts needs the camera calibration (MIRD 26), from the job or its camera profile; a
-    camera profile is for one nuclide."""
+    camera profile is for one nuclide.  Projections hold counts."""
     cam = spec.camera
     if cam is not None and cam.nuclide.casefold() != cycle.injection.nuclide.casefold():
         return [
@@ -259,7 +320,7 @@ def _calibration_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
         return []
     for tp in cycle.timepoints:
         try:
-            mode = spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path)
+            mode = "counts" if tp.needs_reconstruction else spect_pixel_mode(tp.spect.first, tp.spect.instances[0].path)
         except VoxeldoseError as err:
             return [err]
         if mode == "counts":
@@ -366,6 +427,7 @@ class _Quantified:
     conc: list[Volume]  # Bq/ml at each time point, own grid
     records: list[Quantification]
     cts: list[Volume | None]  # HU
+    reconstructions: list[SpectReconstruction]  # how each SPECT was made
 
     @property
     def applied(self) -> bool:
@@ -410,9 +472,15 @@ def _quantify(cycle: Cycle, spec: JobSpec, decay_constant_per_s: float) -> _Quan
     conc: list[Volume] = []
     records: list[Quantification] = []
     cts: list[Volume | None] = []
+    made: list[SpectReconstruction] = []
     for tp in cycle.timepoints:
+        ct = read_ct(tp.ct) if tp.ct is not None else None
+        if tp.needs_reconstruction:
+            image, how = _reconstruct(tp, ct, spec)
+        else:
+            image, how = read_spect(tp.spect), _vendor_reconstruction(tp.spect)
         c, q = quantify.to_bq_per_ml(
-            read_spect(tp.spect),
+            image,
             decay_constant_per_s=decay_constant_per_s,
             calibration_cps_per_mbq=spec.cps_per_mbq,
             calibration_source=spec.calibration_source,
@@ -422,8 +490,68 @@ def _quantify(cycle: Cycle, spec: JobSpec, decay_constant_per_s: float) -> _Quan
         )
         conc.append(c)
         records.append(Quantification.model_validate(q.to_dict()))
-        cts.append(read_ct(tp.ct) if tp.ct is not None else None)
-    return _Quantified(conc, records, cts)
+        cts.append(ct)
+        made.append(how)
+    return _Quantified(conc, records, cts, made)
+
+
+def _vendor_reconstruction(series: Series) -> SpectReconstruction:
+    """A reconstruction read as given: its ReconstructionMethod (0054,1103) when stated."""
+    method = str(series.first.get("ReconstructionMethod", "") or "").strip()
+    return SpectReconstruction(made_by="vendor", method=method or None)
+
+
+def _reconstruct(tp: TimePoint, ct: Volume | None, spec: JobSpec) -> tuple[SpectImage, SpectReconstruction]:
+    """The time point's SPECT reconstructed from its projections, in memory (:func:`voxeldose.projections.reconstruct`:
+    OSEM with the job's iterations × subsets, attenuation from the CT, resolution recovery for the header's
+    collimator, on :func:`voxeldose.recon.torch_device`), in reconstructed counts with the acquisition time a
+    calibration factor needs."""
+    path = tp.spect.instances[0].path
+    if ct is None:  # blocking_problems stops such a job before any pixel is read
+        raise VoxeldoseError(
+            "projections cannot be reconstructed without the CT of their Frame of Reference",
+            path=path,
+            tag="FrameOfReferenceUID (0020,0052)",
+            expected="the CT of the same SPECT/CT session among the inputs",
+        )
+    ps = read_projections(path)
+    it, sub = spec.reconstruction.iterations, spec.reconstruction.subsets
+    if ps.views % sub:  # the header's view count was checked; the photopeak frames decide
+        raise VoxeldoseError(
+            f"{sub} OSEM subsets do not divide the {ps.views} views of the projections",
+            path=path,
+            tag="reconstruction.subsets",
+            expected="one of " + ", ".join(str(d) for d in range(1, ps.views + 1) if ps.views % d == 0),
+            found=sub,
+        )
+    device = torch_device()
+    counts = reconstruct(ps, ct, it, sub)
+    volume = Volume(
+        counts.array.astype(np.float64),
+        counts.affine,
+        counts.frame_of_reference_uid,
+        "counts",
+        {"series_instance_uid": tp.spect.series_instance_uid, "modality": "NM"},
+    )
+    image = SpectImage(
+        volume,
+        "counts",
+        ps.acquisition_duration_s,
+        ps.frame_duration_s * 1000.0,
+        ps.views_per_detector,
+        float(volume.array.sum()),
+    )
+    how = SpectReconstruction(
+        made_by="voxeldose",
+        method=reconstruction_method(ps.collimator, it, sub),
+        algorithm="OSEM (PyTomography)",
+        iterations=it,
+        subsets=sub,
+        models=["attenuation from the CT", f"resolution recovery with collimator {ps.collimator}", "no scatter"],
+        projections_series_uid=tp.spect.series_instance_uid,
+        device=device,
+    )
+    return image, how
 
 
 def _register(
@@ -757,6 +885,7 @@ def _metrics(
     lam: float,
     warnings: list[str],
     corr: _Corrected | None = None,
+    quants: list[Quantification] | None = None,
 ) -> dict[str, VoiMetrics]:
     """Per-VOI dose metrics, time-activity and radiobiology (BED, EQD2); with a partial-volume correction the
     corrected mean dose (``mean_gy``, and BED from it) beside the uncorrected one (:data:`PVC_DOSE_CORRECTION`)."""
@@ -794,6 +923,14 @@ def _metrics(
             entry["time_activity"] = fr
         entry.update(_radiobiology(name, role, float(m["mean_gy"]), fr, kin.times_s, lam, spec, warnings))
         entry["tia_voxel_sum_bqs"] = float((voi.fraction * tia_arr).sum(dtype=np.float64))
+        if isinstance(fr, FitResult):
+            observed = None if corr is None else corr.observed[name]
+            outline_u = uncertainty.delineation_dose_relative_u(
+                dose_arr, voi.fraction, rho if spec.dose.method == "dvk-density" else None
+            )
+            entry["uncertainty"] = _uncertainty(
+                spec, fr, entry, dosed.dose.grid.spacing, quants or [], observed, outline_u
+            )
         out[name] = VoiMetrics.model_validate(entry)
     return out
 
@@ -885,6 +1022,69 @@ def _radiobiology(
     }
 
 
+def _value_u(e: uncertainty.Estimate) -> ValueU:
+    iv = e.interval
+    return ValueU(value=e.value, u=e.u, lower_95=None if iv is None else iv[0], upper_95=None if iv is None else iv[1])
+
+
+def _uncertainty(
+    spec: JobSpec,
+    fr: FitResult,
+    entry: dict[str, Any],
+    spacing: np.ndarray,
+    quants: list[Quantification],
+    observed_bq: np.ndarray | None,
+    outline_u: float | None = None,
+) -> VoiUncertainty:
+    """The VOI's EANM uncertainty budget (:mod:`voxeldose.uncertainty`) from the job's camera profile, the
+    quantification of each scan (counts behind the VOI activity) and the partial-volume correction."""
+    cam = spec.camera
+    # the profile's sensitivity calibrates the job (also when the job repeats it as calibration.cps_per_mbq)
+    from_profile = cam is not None and spec.calibration.cps_per_mbq in (None, cam.sensitivity_cps_per_mbq)
+    calibration_u = (
+        cam.sensitivity_u_cps_per_mbq / cam.sensitivity_cps_per_mbq if cam is not None and from_profile else None
+    )
+    counting = None
+    durations = [q.acquisition_duration_s for q in quants]
+    cps = spec.cps_per_mbq
+    if cps is not None and len(durations) == fr.n_points and all(d is not None and d > 0 for d in durations):
+        counts_bq = np.asarray(fr.activities_bq) if observed_bq is None else np.asarray(observed_bq, dtype=np.float64)
+        counting = uncertainty.counting_relative_u(counts_bq, cps, [float(d or 0.0) for d in durations])
+    recovery_u, recovery_how = None, "no partial-volume correction: recovery not part of the measurement model"
+    volume_ml = float(entry["volume_ml"])
+    if spec.pvc == "rc" and cam is not None and cam.recovery_fit is not None:
+        rfit = cam.recovery_fit
+        recovery_u = rfit.rc_u(volume_ml) / rfit.rc(volume_ml)
+        recovery_how = f"recovery fit of camera profile {cam.name!r} at {volume_ml:.3g} ml: u(RC)/RC"
+    elif spec.pvc in ("gtm", "rbv"):
+        recovery_how = f"{spec.pvc}: not evaluated (would need the correction rerun at FWHM ± u)"
+    b = uncertainty.voi_budget(
+        fr,
+        mean_gy=float(entry["mean_gy"]),
+        volume_ml=volume_ml,
+        voxel_size_mm=[float(x) for x in spacing],
+        counting_rel_u=counting,
+        calibration_rel_u=calibration_u,
+        recovery_rel_u=recovery_u,
+        recovery_how=recovery_how,
+        bed_gy=entry.get("bed_gy"),
+        g_factor=entry.get("g_factor"),
+        alpha_beta_gy=entry.get("alpha_beta_gy"),
+        delineation_rel_u=outline_u,
+    )
+    return VoiUncertainty(
+        method="EANM (Gear et al. 2018) first-order propagation, GUM JCGM 100:2008",
+        coverage_factor=uncertainty.COVERAGE_FACTOR,
+        components=[UncertaintyComponent(name=c.name, relative_u=c.relative_u, how=c.how) for c in b.components],
+        activity_bq=[_value_u(e) for e in b.activities_bq],
+        tia_bqs=_value_u(b.tia_bqs),
+        mean_gy=_value_u(b.mean_gy),
+        bed_gy=None if b.bed_gy is None else _value_u(b.bed_gy),
+        eqd2_gy=None if b.eqd2_gy is None else _value_u(b.eqd2_gy),
+        notes=list(b.notes),
+    )
+
+
 def _marrow(vois: dict[str, VoiMetrics], spec: JobSpec, lam: float) -> Marrow:
     """Red-marrow dose: image-based from the first marrow VOI; blood-based when the job has samples."""
     image = None
@@ -937,7 +1137,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         dosed = _dose(spec, ing.nuclide, kin.tia, ref_ct, vois, warnings)
     a_inj = ing.cycle.injection.activity_bq
     with _stage("metrics", progress, timings):
-        voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings, corr)
+        voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings, corr, quant.records)
         _check_plausible(voi_out, ing.ref_tp.spect.instances[0].path)
         marrow = _marrow(voi_out, spec, lam)
         date = ing.cycle.injection.start.date()
@@ -948,7 +1148,7 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         patient=Patient(id=ing.cycle.patient_id, name=ing.cycle.patient_name),
         cycle=CycleInfo(number=spec.cycle_number, injection=_injection(ing.cycle, spec)),
         reference_timepoint=ing.ref_n,
-        timepoints=_timepoints(ing.cycle, quant.records, registrations),
+        timepoints=_timepoints(ing.cycle, quant.records, registrations, quant.reconstructions),
         methods=_methods(spec, quant.records, kin.method_note, dosed, ing.voi_series, corr),
         vois=voi_out,
         marrow=marrow,
@@ -978,7 +1178,12 @@ def _injection(cycle: Cycle, spec: JobSpec) -> Injection:
     )
 
 
-def _timepoints(cycle: Cycle, quants: list[Quantification], registrations: list[Registration]) -> list[TimePointRecord]:
+def _timepoints(
+    cycle: Cycle,
+    quants: list[Quantification],
+    registrations: list[Registration],
+    reconstructions: list[SpectReconstruction],
+) -> list[TimePointRecord]:
     return [
         TimePointRecord(
             hours=tp.hours_after_injection,
@@ -988,8 +1193,9 @@ def _timepoints(cycle: Cycle, quants: list[Quantification], registrations: list[
             ct_series_uid=None if tp.ct is None else tp.ct.series_instance_uid,
             quantification=q,
             registration=r,
+            reconstruction=m,
         )
-        for tp, q, r in zip(cycle.timepoints, quants, registrations)
+        for tp, q, r, m in zip(cycle.timepoints, quants, registrations, reconstructions)
     ]
 
 

@@ -36,7 +36,8 @@ to the DICOM Detector Information Sequence is the projection reader's business).
 PyTomography (``pip install 'voxeldose[recon]'``) and torch are imported here only, lazily: nothing else in
 voxeldose needs them.  Its quirks handled here: lengths are cm; ``import pytomography`` prints a line when it
 finds no GPU and sets ``warnings.simplefilter("ignore")`` for the whole process (both undone); it works on CUDA by
-itself when torch sees a GPU (``pytomography.device``); the μ-map is rotated anew for every view (≈ 2/3 of the
+itself when torch sees a GPU (``pytomography.device``; :func:`torch_device` sets it from ``VOXELDOSE_DEVICE`` instead, the
+dose engine's switch); the μ-map is rotated anew for every view (≈ 2/3 of the
 projector's time on a CPU).
 """
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .backend import ENV_VAR
 from .errors import VoxeldoseError
 
 __all__ = [
@@ -68,6 +71,7 @@ __all__ = [
     "mu_per_cm",
     "project",
     "reconstruct_osem",
+    "torch_device",
 ]
 
 FloatArray = NDArray[np.float32]
@@ -276,6 +280,45 @@ def _pytomography() -> ModuleType:
     return module
 
 
+def torch_device() -> str:
+    """The torch device reconstruction and projection run on, from ``VOXELDOSE_DEVICE`` (the dose engine's switch,
+    :mod:`voxeldose.backend`), and set as PyTomography's (``pytomography.set_device``):
+
+    * ``cpu`` — ``"cpu"``;
+    * ``gpu`` — ``"cuda"`` when torch sees a CUDA device, else :class:`VoxeldoseError` naming the variable (a job
+      that asked for the GPU must not silently take minutes per time point on the CPU);
+    * ``auto`` (default, also when unset) — ``"cuda"`` when torch sees one, else ``"cpu"`` (never Apple's ``mps``,
+      which PyTomography calls experimental).
+
+    Torch's CUDA build and the GPU are independent of CuPy's: the dose engine may compute on the CPU while
+    reconstruction uses the GPU, or the reverse.
+    """
+    ptm = _pytomography()
+    import torch
+
+    want = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if want not in ("cpu", "gpu", "auto"):
+        raise VoxeldoseError(
+            f"environment variable {ENV_VAR} has an unknown value",
+            tag=ENV_VAR,
+            expected="'cpu', 'gpu' or 'auto'",
+            found=want,
+        )
+    cuda = want != "cpu" and bool(torch.cuda.is_available())
+    if want == "gpu" and not cuda:
+        raise VoxeldoseError(
+            f"{ENV_VAR}=gpu asks for the GPU, but torch sees no CUDA device (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'none'}); unset {ENV_VAR} or set it to 'auto' or 'cpu' to "
+            "reconstruct on the CPU",
+            tag=ENV_VAR,
+            expected="torch's CUDA build and a working CUDA device and driver",
+            found="gpu",
+        )
+    device = "cuda" if cuda else "cpu"
+    ptm.set_device(device)
+    return device
+
+
 def _system_matrix(mu: FloatArray, voxel_mm: Sequence[float], orbit: Orbit, camera: Camera) -> Any:
     """PyTomography's SPECT system matrix with attenuation and distance-dependent resolution."""
     ptm = _pytomography()
@@ -348,11 +391,13 @@ def project(
     a = np.asarray(activity_bq_per_ml, dtype=np.float32)
     mu = np.asarray(mu, dtype=np.float32)
     _check(a.shape, mu, voxel_mm, orbit)
-    _pytomography()
+    device = torch_device()
     import torch
 
     H = _system_matrix(mu, voxel_mm, orbit, camera)
-    obj = torch.as_tensor(np.ascontiguousarray(a.transpose(2, 1, 0)) * _counts_per_bq_ml(voxel_mm, orbit, camera))
+    obj = torch.as_tensor(
+        np.ascontiguousarray(a.transpose(2, 1, 0)) * _counts_per_bq_ml(voxel_mm, orbit, camera), device=device
+    )
     with torch.no_grad():
         proj = H.forward(obj)
     out: FloatArray = proj.cpu().numpy().transpose(0, 2, 1).astype(np.float32)  # [view, r, z] → [view, z, r]
@@ -373,7 +418,7 @@ def reconstruct_osem(
 
     ``iterations × subsets`` sub-iterations from a uniform start; subsets take every ``subsets``-th view.
     Clinical 177Lu protocols use few (judgment: of the order of 4 × 8 … 6 × 16): resolution is not converged,
-    totals are.
+    totals are.  Runs on :func:`torch_device`.
     """
     g = np.asarray(projections, dtype=np.float32)
     mu = np.asarray(mu, dtype=np.float32)
@@ -392,6 +437,7 @@ def reconstruct_osem(
         )
     _check(mu.shape, mu, voxel_mm, orbit)
     ptm = _pytomography()
+    torch_device()
     import torch
     from pytomography.algorithms import OSEM
     from pytomography.likelihoods import PoissonLogLikelihood

@@ -41,8 +41,7 @@ class Reconstructed:
 
 
 def _is_projection_series(series: Series) -> bool:
-    image_type = [str(v).upper() for v in (getattr(series.first, "ImageType", None) or [])]
-    return series.kind == "nm-other" and len(image_type) >= 3 and image_type[2] == "TOMO"
+    return series.kind == "projections"  # NM, ImageType ORIGINAL\\PRIMARY\\TOMO (ingest.classify)
 
 
 def _camera_headers(ps: ProjectionSet, method: str) -> CameraHeaders | None:

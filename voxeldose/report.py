@@ -40,7 +40,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from .geometry import Volume, resample
-from .summary import CyclesLeft, Registration, Summary, TimeActivity, VoiMetrics
+from .summary import CyclesLeft, Registration, Summary, TimeActivity, ValueU, VoiMetrics
 
 __all__ = ["render_report", "console_table", "DEFAULT_LIMITS_GY", "CLOSE_FRACTION"]
 
@@ -684,6 +684,52 @@ def _safe(fn: Callable[[], str], title: str, errors: list[str]) -> str:
         return f"<section><h2>{_e(title)}</h2><p class='small'>Not available — see warnings.</p></section>"
 
 
+def _pct(x: float | None) -> str:
+    return _DASH if x is None else f"{100 * x:.1f} %"
+
+
+def _pm(v: ValueU | None, k: float, nd: int = 2, scale: float = 1.0) -> str:
+    """``value ± U`` with U = k·u (``value ± not stated`` without a u)."""
+    if v is None:
+        return _DASH
+    u = "not stated" if v.u is None else _num(k * v.u / scale, nd)
+    return f"{_num(v.value / scale, nd)} ± {u}"
+
+
+def _uncertainty(summary: Summary) -> str:
+    """Each kidney's and tumour's mean dose as ``mean ± U (k = 2)`` with its EANM budget (Gear et al. 2018)."""
+    shown = {n: e for n, e in summary.vois.items() if e.uncertainty is not None and e.role in ("kidney", "tumour")}
+    if not shown:
+        return ""
+    parts = ["<section id='uncertainty'><h2>Uncertainty of the kidney and tumour doses (EANM)</h2>"]
+    method = ""
+    for name, e in shown.items():
+        u = e.uncertainty
+        assert u is not None  # filtered above
+        method = u.method
+        k = u.coverage_factor
+        iv = u.mean_gy
+        interval = "" if iv.lower_95 is None else f" (95 % interval {_num(iv.lower_95)}–{_num(iv.upper_95)} Gy)"
+        rows = "".join(
+            f"<tr><td>{_e(c.name)}</td><td>{_pct(c.relative_u)}</td><td class='small'>{_e(c.how)}</td></tr>"
+            for c in u.components
+        )
+        bed = f"; BED {_pm(u.bed_gy, k)} Gy" if u.bed_gy is not None else ""
+        notes = "".join(f"<li>{_e(n)}</li>" for n in u.notes)
+        parts.append(
+            f"<h3>{_e(name)}: mean {_pm(iv, k)} Gy (k = {k:g}){interval}</h3>"
+            f"<p>TIA {_pm(u.tia_bqs, k, 1, 3.6e9)} MBq·h{bed}; combined relative standard uncertainty of the "
+            f"mean dose {_pct(iv.u / abs(iv.value) if iv.u is not None and iv.value else None)}.</p>"
+            "<table class='grid'><tr><th>Component</th><th>Relative u</th><th>How</th></tr>"
+            f"{rows}</table>" + (f"<ul class='small'>{notes}</ul>" if notes else "")
+        )
+    parts.append(
+        f"<p class='small'>{_e(method)}: standard uncertainties combined "
+        "by root-sum-square (independent components), U = k·u.</p></section>"
+    )
+    return "".join(parts)
+
+
 def render_report(
     summary: Summary,
     *,
@@ -706,6 +752,7 @@ def render_report(
     notes: list[str] = []
     body_parts = [
         _safe(lambda: _dose_table(summary, limits, flags), "Absorbed dose per VOI", errors),
+        _safe(lambda: _uncertainty(summary), "Uncertainty", errors),
         _safe(lambda: _cumulative(summary, limits, flags), "Cumulative dose across cycles", errors),
         _safe(lambda: _marrow(summary), "Red marrow", errors),
         _safe(lambda: _timepoints(summary), "Imaging time points", errors),

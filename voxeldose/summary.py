@@ -127,6 +127,24 @@ class Registration(_Part):
     details: dict[str, JsonValue] | None = Field(None, description="the registration's working parameters")
 
 
+class SpectReconstruction(_Part):
+    """How a time point's SPECT was made: reconstructed here from its projections (``made_by`` ``voxeldose``:
+    algorithm, iterations, subsets and the models used), or the camera's reconstruction read as given
+    (``vendor``, with its ReconstructionMethod (0054,1103) when the header states one)."""
+
+    made_by: Literal["voxeldose", "vendor"]
+    method: str | None = Field(
+        description="as a reconstruction states itself, e.g. 'OSEM 4i8s AC RR SY-ME'; the vendor's "
+        "ReconstructionMethod, or null when its header has none"
+    )
+    algorithm: str | None = None
+    iterations: int | None = None
+    subsets: int | None = None
+    models: list[str] | None = Field(None, description="the system model: attenuation, resolution recovery, scatter")
+    projections_series_uid: str | None = None
+    device: str | None = Field(None, description="where it was computed (torch device)")
+
+
 class TimePoint(_Part):
     hours: float = Field(description="hours after injection")
     acquisition_datetime: str
@@ -135,6 +153,9 @@ class TimePoint(_Part):
     ct_series_uid: str | None
     quantification: Quantification
     registration: Registration
+    reconstruction: SpectReconstruction | None = Field(
+        None, description="how the SPECT was made (absent in summaries written before it was recorded)"
+    )
 
 
 class PvcRecord(_Part):
@@ -247,6 +268,40 @@ class VoiPvc(_Part):
     notes: list[str] = Field(default_factory=list)
 
 
+class UncertaintyComponent(_Part):
+    """One named input of a VOI's uncertainty budget (see :mod:`voxeldose.uncertainty`)."""
+
+    name: str
+    relative_u: float | None = Field(
+        description="relative standard uncertainty it contributes to the mean dose; null: not stated or not evaluated"
+    )
+    how: str
+
+
+class ValueU(_Part):
+    """A value, its standard uncertainty u and the ≈ 95 % interval value ± k·u (null bounds without a u)."""
+
+    value: float
+    u: float | None
+    lower_95: float | None
+    upper_95: float | None
+
+
+class VoiUncertainty(_Part):
+    """A VOI's EANM uncertainty budget (Gear et al. 2018, EJNMMI 45:2456; GUM JCGM 100:2008): first-order
+    propagation, expanded uncertainty U = k·u with k = ``coverage_factor``."""
+
+    method: str
+    coverage_factor: float
+    components: list[UncertaintyComponent]
+    activity_bq: list[ValueU] = Field(description="VOI activity at each time point, Bq")
+    tia_bqs: ValueU
+    mean_gy: ValueU
+    bed_gy: ValueU | None = None
+    eqd2_gy: ValueU | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
 class VoiMetrics(_Part):
     """Absorbed-dose metrics of one VOI (definitions in :mod:`voxeldose.metrics`)."""
 
@@ -279,6 +334,7 @@ class VoiMetrics(_Part):
     bed_kinetics: str | None = None
     tia_voxel_sum_bqs: float | None = Field(None, description="sum of the voxel TIAs in the VOI, Bq·s")
     pvc: VoiPvc | None = Field(None, description="partial-volume correction; absent without one (schema /3)")
+    uncertainty: VoiUncertainty | None = Field(None, description="uncertainty budget; absent without a VOI fit")
 
 
 # ------------------------------------------------------------------------------------------ marrow

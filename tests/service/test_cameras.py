@@ -1,9 +1,9 @@
 """Camera profiles in the service (issue 12 part 3): the store (SQLite and PostgreSQL), matching a SPECT's camera,
 the DICOM node's trigger waiting for and then using a profile, and the /cameras page.
 
-The phantom's SPECT holds raw counts and names its camera ``voxeldose (simulated)`` / ``synthetic SPECT/CT``,
-serial ``VD-SIM-0001``, with a Lu-177 photopeak window of 187.5–229.2 keV (voxeldose.dicomutil, voxeldose.phantom);
-the expected identity below is written from those headers, not from what the service stored.  The HTTP API end to end (real ``voxeldose serve``, pynetdicom
+The phantom's SPECT holds raw counts and names its camera ``voxeldose`` / ``voxeldose`` with a Lu-177 photopeak
+window of 187.5–229.2 keV (voxeldose.dicomutil, voxeldose.phantom); the expected identity below is written from
+those headers, not from what the service stored.  The HTTP API end to end (real ``voxeldose serve``, pynetdicom
 push, summaries) is in test_cameras_e2e.py.
 """
 
@@ -30,15 +30,22 @@ from service.models import utcnow
 from service.store import CameraRecord, Store
 from service.trigger import Trigger
 from voxeldose.camera import CameraIdentity, CameraProfile
+from voxeldose.phantom import DEFAULT_ACQUISITION, PhantomSettings, camera_headers
 
 QUIET_S = 5.0
-#: The phantom SPECT's camera as its headers state it (its serial number, VD-SIM-0001, left out: a profile that
-#: records none matches any serial of the model).
+#: The phantom SPECT's camera as its headers state it.
+#: The camera the small synthetic patient's SPECT names (voxeldose.phantom.camera_headers), as a profile states it.
+_HEADERS = camera_headers(PhantomSettings.small())
 PHANTOM_CAMERA = {
-    "manufacturer": "voxeldose (simulated)",
-    "model": "synthetic SPECT/CT",
-    "energy_window_kev": [187.5, 229.2],
+    "manufacturer": _HEADERS.manufacturer,
+    "model": _HEADERS.model,
+    "device_serial_number": _HEADERS.device_serial_number,
+    "collimator": _HEADERS.collimator,
+    "reconstruction": _HEADERS.reconstruction,
+    "energy_window_kev": list(DEFAULT_ACQUISITION.energy_window_keV),
 }
+#: How the service names that camera in its messages: manufacturer, model and serial number.
+PHANTOM_LABEL = f"{_HEADERS.manufacturer} {_HEADERS.model} {_HEADERS.device_serial_number}"
 EVIL = '<script>alert("x")</script>&'
 
 
@@ -113,11 +120,18 @@ SPECT = CameraIdentity(
 
 
 def test_matching_takes_the_newest_active_profile_of_the_camera_and_nuclide() -> None:
-    ident = {"manufacturer": "Siemens NM", "model": "symbia intevo 16", "energy_window_kev": [187.0, 229.0]}
+    ident: dict[str, Any] = {
+        "manufacturer": "Siemens NM",
+        "model": "symbia intevo 16",
+        "device_serial_number": None,  # not recorded by the profile: any serial number matches
+        "collimator": None,
+        "reconstruction": None,
+        "energy_window_kev": [187.0, 229.0],
+    }
     old = _record(1, profile("old", **ident), minutes=0)
     new = _record(2, profile("new", **ident), minutes=5)
     retired = _record(3, profile("retired", **ident), active=False, minutes=10)
-    other_serial = _record(4, profile("other", device_serial_number="999", **ident), minutes=20)
+    other_serial = _record(4, profile("other", **{**ident, "device_serial_number": "999"}), minutes=20)
     other_window = _record(5, profile("window", **{**ident, "energy_window_kev": [100.0, 120.0]}), minutes=20)
     found = pick_profile(SPECT, "Lu-177", [old, retired, new, other_serial, other_window])
     assert found is not None and found.record.id == 2 and found.matching == 2
@@ -157,9 +171,7 @@ def test_counts_without_a_profile_wait_then_start_when_one_is_registered(
     _receive(node, _phantom_files(small_phantom))
     [out] = trigger.tick(utcnow() + timedelta(seconds=QUIET_S + 2))
     assert out.state == "waiting"
-    assert out.reason.startswith(
-        "waiting: no calibration for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
-    ), out.reason
+    assert out.reason.startswith(f"waiting: no calibration for camera {PHANTOM_LABEL}"), out.reason
     assert pid not in out.reason
     assert store.list_jobs()[1] == 0
 
@@ -192,10 +204,7 @@ def test_at_the_deadline_an_uncalibrated_cycle_is_an_error_until_a_profile_arriv
     later = first + timedelta(hours=49)  # past the 48 h deadline after the cycle was first seen
     [out] = trigger.tick(later)
     assert out.state == "error"
-    assert (
-        "raw counts" in out.reason
-        and "no calibration for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001" in out.reason
-    )
+    assert "raw counts" in out.reason and f"no calibration for camera {PHANTOM_LABEL}" in out.reason
     row = store.get_trigger_cycle(out.cycle_key)  # as GET /v1/dicom/cycles shows it
     assert row is not None and row["state"] == "error" and "POST to the API's v1/cameras" in (row["reason"] or "")
     assert store.list_jobs()[1] == 0
@@ -231,10 +240,7 @@ def test_a_site_pvc_waits_for_the_cameras_profile_and_takes_its_resolution(
     settings, node, trigger = _node(make_settings, store, trigger_spec=site)
     _receive(node, _phantom_files(small_phantom))
     [out] = trigger.tick(utcnow() + timedelta(seconds=QUIET_S + 2))
-    assert (
-        out.state == "waiting"
-        and "no calibration for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001" in out.reason
-    ), out.reason
+    assert out.state == "waiting" and f"no calibration for camera {PHANTOM_LABEL}" in out.reason, out.reason
     assert store.list_jobs()[1] == 0
     p = register_profile(store, profile_data("Phantom SPECT"), "phys-1")
     [started] = trigger.tick(utcnow())
@@ -306,7 +312,7 @@ def test_cameras_page_lists_uploads_and_retires(site: Any) -> None:
     r = client.post("/cameras", files={"profile": ("camera.json", body, "application/json")})
     assert r.status_code == 303, r.text
     page = client.get(r.headers["location"])
-    assert 'class="camera-row"' in page.text and "voxeldose (simulated) synthetic SPECT/CT" in page.text
+    assert 'class="camera-row"' in page.text and _HEADERS.model in page.text
     assert EVIL not in page.text and "&lt;script&gt;" in page.text  # autoescaped
     [rec] = store.list_camera_profiles()
     assert rec.created_by == "physicist-1"
@@ -340,10 +346,7 @@ def test_an_upload_takes_the_profile_unless_it_gives_a_calibration(site: Any, sm
     r = client.post("/v1/jobs", files=files, headers=h)
     assert r.status_code == 422 and r.json()["tag"] == "calibration.cps_per_mbq"
     expected = r.json()["expected"]
-    assert (
-        "camera profile registered for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001 and Lu-177"
-        in expected
-    )
+    assert f"camera profile registered for camera {PHANTOM_LABEL} and Lu-177" in expected
     assert "POST to the API's v1/cameras" in expected
 
     p = register_profile(store, profile_data("P", sensitivity=5.67), "phys-1")

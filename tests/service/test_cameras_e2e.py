@@ -2,7 +2,7 @@
 real peers: an HTTP client and a pynetdicom storage SCU.
 
 The site has no calibration setting.  The phantom's counts SPECT pushed to the node waits for a calibration of
-its camera ("voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"); a physicist registers the camera's
+its camera (the synthetic patient's camera_headers: manufacturer, model and serial number); a physicist registers the camera's
 profile, the cycle starts by itself and its summary names the profile (``provenance.calibration``); an upload
 without a calibration takes the same profile.  The sensitivity registered is the phantom's stated camera
 calibration (truth.json), so the jobs are the phantom's calibrated runs.  The site's ``trigger_spec`` asks for
@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from serverproc import ServerProc, auth, create_token, free_port
 from support import JOB_WAIT_S, STATE_WAIT_S, wait_for
-from test_cameras import profile_data
+from test_cameras import PHANTOM_LABEL, profile_data
 
 from voxeldose.sr import sr_measurements, sr_pvc
 
@@ -96,10 +96,7 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         ]
         r = c.post("/v1/jobs", files=upload, headers=sub)
         assert r.status_code == 422 and r.json()["tag"] == "calibration.cps_per_mbq"
-        assert (
-            "camera profile registered for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
-            in r.json()["expected"]
-        )
+        assert f"camera profile registered for camera {PHANTOM_LABEL}" in r.json()["expected"]
 
         # another camera's profile; then the push: the cycle waits for its own camera's calibration
         other = c.post("/v1/cameras", json=profile_data("Symbia", manufacturer="SIEMENS NM"), headers=phys)
@@ -110,9 +107,7 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
             lambda: [x for x in c.get("/v1/dicom/cycles", headers=phys).json() if x["state"] == "waiting"],
             "the cycle to wait for a calibration",
         )
-        assert cycles[0]["reason"].startswith(
-            "waiting: no calibration for camera voxeldose (simulated) synthetic SPECT/CT VD-SIM-0001"
-        ), cycles
+        assert cycles[0]["reason"].startswith(f"waiting: no calibration for camera {PHANTOM_LABEL}"), cycles
         pid = str(pydicom.dcmread(Path(small_phantom["dicom"]) / "RTSTRUCT.dcm", stop_before_pixels=True).PatientID)
         assert pid not in cycles[0]["reason"]
         assert c.get("/v1/jobs", headers=phys).json()["total"] == 0
@@ -121,11 +116,7 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         r = c.post("/v1/cameras", json=body, headers=phys)
         assert r.status_code == 201 and r.headers["location"] == f"/v1/cameras/{r.json()['id']}", r.text
         cam = r.json()
-        assert (
-            cam["active"]
-            and cam["camera"] == "voxeldose (simulated) synthetic SPECT/CT"
-            and cam["created_by"] == "physicist-cam"
-        )
+        assert cam["active"] and cam["camera"] == PHANTOM_LABEL and cam["created_by"] == "physicist-cam"
         source = f"camera profile Phantom SPECT (id {cam['id']})"
         jobs = wait(lambda: c.get("/v1/jobs", headers=phys).json()["items"], "the node's job to start")
         assert len(jobs) == 1 and jobs[0]["source"] == "dicom"

@@ -24,8 +24,12 @@ from support import wait_for
 from service.dicom_node import STATUS_SUCCESS, DicomNode
 from service.models import utcnow
 from service.trigger import Trigger, cycle_key
+from voxeldose import recon
+from voxeldose.errors import VoxeldoseError
 from voxeldose.ingest import load_cycle, scan
+from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import input_fingerprint
+from voxeldose.scanner import SpectAcquisition
 
 QUIET_S = 5.0
 SITE_SPEC = {"calibration": {"cps_per_mbq": 5.67, "source": "site setting"}}
@@ -521,5 +525,81 @@ def test_aborted_association_leaves_the_quiet_period(make_settings: Any, store: 
         a.abort()
         time.sleep(0.5)
         assert _ready_at(store, _patient(small_phantom)) > utcnow() + timedelta(seconds=300)
+    finally:
+        node.stop()
+
+
+# ------------------------------------------------------------------------------ projections as a time point's SPECT
+@pytest.fixture(scope="module")
+def osem_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small patient at one time point (24 h) imaged by the projection camera: NM TOMO projections (2 heads ×
+    32 views, so that the default 8 OSEM subsets divide them) beside their RECON TOMO, CT, RTSTRUCT."""
+    try:
+        recon._pytomography()
+    except VoxeldoseError:
+        pytest.skip("the 'recon' extra is not installed")
+    import torch
+
+    torch.set_num_threads(1)
+    acquisition = SpectAcquisition(frame_duration_ms=80_000, frames_in_rotation=32, angular_step_deg=5.625)
+    d = tmp_path_factory.mktemp("osem")
+    settings = PhantomSettings.small(
+        camera="osem", hours=(24.0,), acquisition=acquisition, osem_iterations=1, osem_subsets=8
+    )
+    write_phantom(d, settings)
+    return d / "dicom"
+
+
+def test_projections_received_by_the_node_start_the_job_their_reconstruction_would(
+    make_settings: Any, store: Any, osem_dicom: Path
+) -> None:
+    """A real association brings the projections, CT and RTSTRUCT (no reconstruction): the trigger starts the
+    cycle's job on them.  The reconstruction arriving later makes a second version on the reconstruction (the
+    projections then set aside) with the same job description: the projections started the job it would."""
+    settings = make_settings(
+        dicom_port=0,
+        dicom_allowed_aets=["PACS"],
+        dicom_min_free_mb=0,
+        dicom_quiet_period_s=QUIET_S,
+        trigger_min_timepoints=1,
+        trigger_spec=SITE_SPEC,
+    )
+    settings.ensure_dirs()
+    trigger = Trigger(settings, store)
+    node = DicomNode(settings, store, trigger)
+    (tp,) = sorted(osem_dicom.glob("tp*"))
+    projections, reconstruction = sorted((tp / "NM-PROJ").glob("*.dcm")), sorted((tp / "NM").glob("*.dcm"))
+    rest = sorted((tp / "CT").glob("*.dcm")) + [osem_dicom / "RTSTRUCT.dcm"]
+    pid = str(pydicom.dcmread(projections[0], stop_before_pixels=True).PatientID)
+    node.start()
+    try:
+        a = _scu_assoc(node.port, projections + rest)
+        _send(a, projections + rest)
+        a.release()
+        wait_for(lambda: _ready_at(store, pid) is not None, what="the received files to be recorded")
+        (v1,) = [d for d in trigger.tick(_after_quiet()) if d.state == "started"]
+        job1 = store.get_job(v1.job_id)
+        assert v1.timepoints == 1 and job1.source == "dicom" and job1.patient_id == pid
+        assert job1.input_hash == _expected_hash(projections + rest)  # the projections are the time point's SPECT
+        linked = sorted(p for p in Path(job1.input_dir).rglob("*") if p.is_file())
+        assert len(linked) == len(projections + rest)
+        (tp1,) = load_cycle(scan(Path(job1.input_dir))).timepoints
+        assert tp1.needs_reconstruction
+
+        b = _scu_assoc(node.port, reconstruction)
+        _send(b, reconstruction)
+        b.release()
+        v2 = wait_for(
+            lambda: [d for d in trigger.tick(_after_quiet()) if d.state == "started"],
+            what="the reconstruction to start a second version",
+        )[0]
+        job2 = store.get_job(v2.job_id)
+        assert v2.cycle_key == v1.cycle_key and v2.version == 2 and v2.timepoints == 1
+        assert job2.input_hash == _expected_hash(projections + reconstruction + rest)
+        (tp2,) = load_cycle(scan(Path(job2.input_dir))).timepoints
+        assert not tp2.needs_reconstruction
+        assert {k: v for k, v in job1.spec.items() if k != "inputs"} == {
+            k: v for k, v in job2.spec.items() if k != "inputs"
+        }
     finally:
         node.stop()
