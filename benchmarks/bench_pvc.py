@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_pvc.py                      # default phantom, seed 0, gaussian camera
     .venv/bin/python benchmarks/bench_pvc.py --seeds 0,1,2 --methods gtm,rbv --json out.json
+    .venv/bin/python benchmarks/bench_pvc.py --profile-from-calibrate --seeds 0 --methods gtm
 
 For each seed: writes the default phantom (``PhantomSettings(seed=…)``, 11 mm Gaussian camera, noise,
 repositioning), runs the pipeline once without correction and once per method, and prints per kidney and tumour
@@ -12,7 +13,13 @@ uncorrected run.
 The camera profile is the phantom camera's design values (FWHM 11 mm, 5.67 cps/MBq), never the patient's truth.
 Its recovery curve (for ``rc``) is the analytic mean recovery of uniform spheres of the NEMA IEC sizes
 (10–37 mm) in a cold background under that Gaussian (:func:`voxeldose.pvc.sphere_recovery`), fitted with the
-profile's model — a stand-in for ``voxeldose calibrate`` on the IEC phantom (another slice of issue 12).
+profile's model — a stand-in for ``voxeldose calibrate`` on the IEC phantom.
+
+With ``--profile-from-calibrate`` the profile is instead what a site would measure (issue 12's "Done when"): for
+each seed the uniform cylinder and the NEMA IEC phantom are written through the SAME camera as the patient
+(:func:`voxeldose.calphantom.write_calibration_phantom` with the patient's ``PhantomSettings``) and
+``voxeldose calibrate --cylinder … --iec …`` is run on their DICOM alone; its ``camera.json`` is the job's
+profile.  The patient's truth is never read for it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from scipy.optimize import curve_fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from voxeldose.calphantom import CalibrationPhantom, write_calibration_phantom
 from voxeldose.camera import CameraIdentity, CameraProfile, RecoveryFit, RecoveryPoint
+from voxeldose.cli import main as voxeldose_main
 from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import run
 from voxeldose.pvc import sphere_recovery
@@ -74,14 +83,40 @@ def design_profile(st: PhantomSettings) -> CameraProfile:
     )
 
 
-def one_seed(seed: int, methods: list[str], root: Path) -> dict[str, Any]:
+def calibrated_profile(st: PhantomSettings, root: Path) -> CameraProfile:
+    """``voxeldose calibrate`` on the cylinder and NEMA IEC phantoms imaged through the camera of ``st``."""
+    t = time.perf_counter()
+    for kind in ("cylinder", "iec"):
+        write_calibration_phantom(root / kind, CalibrationPhantom(kind), st)
+    t_write = time.perf_counter() - t
+    out = root / "camera.json"
+    rc = voxeldose_main(
+        ["calibrate", "--cylinder", str(root / "cylinder"), "--iec", str(root / "iec"), "--out", str(out)]
+    )
+    if rc != 0:
+        raise SystemExit(f"voxeldose calibrate failed ({rc})")
+    print(f"calibration phantoms written in {t_write:.1f} s, calibrated in {time.perf_counter() - t - t_write:.1f} s")
+    return CameraProfile.load(out)
+
+
+def one_seed(seed: int, methods: list[str], root: Path, from_calibrate: bool = False) -> dict[str, Any]:
     st = PhantomSettings(seed=seed)
     out = root / f"seed{seed}"
+    profile = calibrated_profile(st, root / f"calib{seed}") if from_calibrate else design_profile(st)
     write_phantom(out, st)
     truth = json.loads((out / "truth" / "truth.json").read_text())
     ref = truth["reference_dose"]["voi_mean_gy"]
-    camera = design_profile(st).model_dump(mode="json", by_alias=True)
-    rows: dict[str, Any] = {"seed": seed, "reference_gy": {n: ref[n] for n in VOIS}, "runs": {}}
+    camera = profile.model_dump(mode="json", by_alias=True)
+    rows: dict[str, Any] = {
+        "seed": seed,
+        "profile": {
+            "source": "voxeldose calibrate" if from_calibrate else "design values",
+            "sensitivity_cps_per_mbq": profile.sensitivity_cps_per_mbq,
+            "fwhm_mm": profile.fwhm_mm,
+        },
+        "reference_gy": {n: ref[n] for n in VOIS},
+        "runs": {},
+    }
     for method in ["none", *methods]:
         t = time.perf_counter()
         result = run({"inputs": [str(out / "dicom")], "pvc": method, "camera": camera})
@@ -104,7 +139,11 @@ def table(results: list[dict[str, Any]], methods: list[str]) -> str:
     lines = []
     for r in results:
         runs = r["runs"]
-        lines.append(f"seed {r['seed']}: mean dose / reference dose")
+        prof = r.get("profile", {})
+        lines.append(
+            f"seed {r['seed']}: mean dose / reference dose (profile: {prof.get('source', 'design values')}, "
+            f"{prof.get('sensitivity_cps_per_mbq', float('nan')):.4f} cps/MBq, FWHM {prof.get('fwhm_mm') or float('nan'):.2f} mm)"
+        )
         lines.append("| VOI | ml | reference Gy | uncorrected | " + " | ".join(methods) + " |")
         lines.append("|---|---:|---:|---:|" + "---:|" * len(methods))
         for n in VOIS:
@@ -130,10 +169,16 @@ def main() -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated phantom seeds (default 0)")
     ap.add_argument("--methods", default="rc,gtm,rbv", help="comma-separated pvc methods (default rc,gtm,rbv)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument(
+        "--profile-from-calibrate",
+        action="store_true",
+        help="the camera profile from voxeldose calibrate on the cylinder and NEMA IEC phantoms imaged through the "
+        "patient's camera (default: the camera's design values)",
+    )
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="bench-pvc-") as tmp:
-        results = [one_seed(int(s), methods, Path(tmp)) for s in args.seeds.split(",")]
+        results = [one_seed(int(s), methods, Path(tmp), args.profile_from_calibrate) for s in args.seeds.split(",")]
     print(table(results, methods))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))

@@ -134,9 +134,17 @@ def apply_profile(fields: Mapping[str, Any], match: CameraMatch) -> tuple[dict[s
         cal = dict(out.get("calibration") or {})
         cal.update(cps_per_mbq=match.record.profile.sensitivity_cps_per_mbq, source=match.source)
         out["calibration"] = cal
-        # the whole profile too, for partial-volume correction (its sensitivity equals the calibration set above)
+    if taken or pvc_needs_profile(out):
+        # the whole profile too, for partial-volume correction (its sensitivity equals the calibration set above;
+        # a different factor given with a pvc is refused by the JobSpec, naming both)
         out["camera"] = match.record.profile.model_dump(mode="json", by_alias=True)
     return out, match.note(taken)
+
+
+def pvc_needs_profile(fields: Mapping[str, Any]) -> bool:
+    """Does a job description (JSON fields) ask for a partial-volume correction without its own camera profile
+    (so the registered profile matching its SPECT must give the resolution or recovery curve)?"""
+    return fields.get("pvc", "none") not in (None, "none") and fields.get("camera") is None
 
 
 # ------------------------------------------------------------------------------------- registering

@@ -14,12 +14,12 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from voxeldose.spec import JobSpec
+from voxeldose.spec import JobSpec, PvcMethod
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -92,7 +92,9 @@ class Settings(BaseSettings):
         description="hours after a cycle's first series: start with what exists (1 time point: single-time-point method); 0: never",
     )
     trigger_spec: dict[str, Any] = Field(
-        default_factory=dict, description="JobSpec fields for node-started jobs (JSON), e.g. calibration, fit, dose"
+        default_factory=dict,
+        description="JobSpec fields for node-started jobs (JSON), e.g. calibration, fit, dose, pvc (its camera "
+        "profile: the registered one matching the SPECT)",
     )
     trigger_interval_s: float = Field(2.0, gt=0, description="how often the trigger and the sender look for work")
     # Results back to the PACS (:mod:`service.sender`) ----------------------------------------
@@ -137,8 +139,15 @@ class Settings(BaseSettings):
             fixed = {"inputs", "patient_id", "cycle_number", "earlier_cycles"} & set(self.trigger_spec)
             if fixed:
                 raise ValueError(f"trigger_spec may not set {sorted(fixed)}: the trigger fills them in")
+            probe = {**self.trigger_spec, "inputs": ["."]}
+            pvc = probe.get("pvc", "none")
+            if pvc != "none" and probe.get("camera") is None:
+                # the camera profile comes per job, from the registered profile matching the SPECT (service.cameras)
+                if pvc not in get_args(PvcMethod):
+                    raise ValueError(f"trigger_spec: pvc {pvc!r} is not one of {', '.join(get_args(PvcMethod))}")
+                probe["pvc"] = "none"
             try:
-                JobSpec.model_validate({**self.trigger_spec, "inputs": ["."]})
+                JobSpec.model_validate(probe)
             except (ValidationError, ValueError) as exc:  # pydantic's message names the field
                 raise ValueError(f"trigger_spec is not a valid job spec: {exc}") from None
         if self.auth_disabled and not is_loopback(self.host):

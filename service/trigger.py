@@ -65,7 +65,15 @@ from voxeldose.pipeline import input_fingerprint
 from voxeldose.summary import Summary
 
 from . import scratch
-from .cameras import WAITING_MARK, CameraMatch, SpectCamera, apply_profile, calibration_given, spect_camera
+from .cameras import (
+    WAITING_MARK,
+    CameraMatch,
+    SpectCamera,
+    apply_profile,
+    calibration_given,
+    pvc_needs_profile,
+    spect_camera,
+)
 from .config import Settings
 from .intake import TMP_PREFIX, link_files
 from .models import utcnow
@@ -401,9 +409,12 @@ def plan(snap: PatientSnapshot) -> list[Decision]:
             continue
         # raw counts need a calibration: the site's (trigger_spec) or a registered camera profile's
         cam = c.camera
+        # a partial-volume correction in trigger_spec needs the camera's profile (its resolution) whatever the pixels
         uncalibrated = (
             cam.label
-            if cam is not None and cam.counts and cam.match is None and not calibration_given(rules.spec)
+            if cam is not None
+            and cam.match is None
+            and ((cam.counts and not calibration_given(rules.spec)) or pvc_needs_profile(rules.spec))
             else None
         )  # the camera that has no calibration
         if uncalibrated is not None and past_deadline and c.has_vois and c.timepoints:

@@ -19,14 +19,18 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from summaries import cycle_summary
+from support import dciodvfy_errors
 
 from voxeldose.camera import CameraIdentity, CameraProfile, RecoveryFit
 from voxeldose.errors import VoxeldoseError
+from voxeldose.outputs import write_pacs_objects
 from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import run, write_outputs
 from voxeldose.spec import JobSpec
+from voxeldose.sr import MEASUREMENTS, measurement_key, sr_measurements, sr_pvc
 from voxeldose.summary import Summary, upgrade
 
 KIDNEYS = ("Kidney_L", "Kidney_R")
@@ -114,6 +118,43 @@ def test_the_summary_records_the_method_profile_and_both_doses(moved, tmp_path: 
     assert raw["schema"] == "voxeldose.summary/3" and raw["vois"]["Kidney_L"]["pvc"]["uncorrected_mean_gy"] > 0
     html = paths["report"].read_text()
     assert "Uncorrected<br>mean Gy" in html and f"{kid.pvc.uncorrected_mean_gy:.2f}" in html
+
+
+def test_the_sr_states_the_correction_and_both_means(moved, tmp_path: Path, dciodvfy_exe: str) -> None:
+    """TID 1500: each corrected VOI's mean dose carries Measurement Method (SCT 370129005) = the method, the
+    uncorrected mean beside it Measurement Method = "Without partial-volume correction", and the group a
+    qualitative evaluation naming the method; the figures from the corrected mean carry it too; dciodvfy clean."""
+    _, result = moved
+    s = result.summary
+    paths = write_pacs_objects(result, tmp_path / "pacs")
+    rtdose = pydicom.dcmread(write_outputs(result, tmp_path / "out")["rtdose"], stop_before_pixels=True)
+    assert "map no PVC" in rtdose.SeriesDescription  # gtm corrects the VOI means, not the RT Dose map
+    assert dciodvfy_errors(dciodvfy_exe, paths["sr"]) == []
+    sr = pydicom.dcmread(paths["sr"])
+    stated = sr_pvc(sr)
+    plain = sr_measurements(sr)
+    mean_key = ("128513", "373098007")  # Absorbed Dose (DCM), derivation Mean (SCT)
+    corrected_vois = [n for n, v in s.vois.items() if v.pvc is not None]
+    assert set(KIDNEYS) <= set(corrected_vois)
+    for name in corrected_vois:
+        v = s.vois[name]
+        assert v.pvc is not None
+        assert stated[name]["evaluation"] == "PVC-GTM", name
+        by_method = stated[name]["methods"]
+        corr = {(c, d): x for c, d, x in by_method["PVC-GTM"]}
+        unc = {(c, d): x for c, d, x in by_method["PVC-NONE"]}
+        assert corr[mean_key] == pytest.approx(v.pvc.corrected_mean_gy, rel=1e-12), name
+        assert unc == {mean_key: pytest.approx(v.pvc.uncorrected_mean_gy, rel=1e-12)}, name
+        assert corr[mean_key] != pytest.approx(unc[mean_key], rel=1e-3), name  # the correction did something
+        # the dose per activity follows the corrected mean and says so; max is of the uncorrected map: no method
+        assert ("GYPERGBQ", None) in corr, name
+        assert not any(c == "128513" and d == "56851009" for c, d, _ in by_method["PVC-GTM"]), name
+        # the plain read-back is still the summary's figures (the corrected mean, not the side figure)
+        assert plain[name][measurement_key("mean_gy")] == pytest.approx(v.mean_gy, rel=1e-12)
+        for key in MEASUREMENTS:
+            value = getattr(v, key)
+            if value is not None and np.isfinite(value):
+                assert plain[name][measurement_key(key)] == pytest.approx(float(value), rel=1e-12), (name, key)
 
 
 @pytest.mark.slow

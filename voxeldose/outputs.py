@@ -62,6 +62,15 @@ def patient_study_from(header: Dataset) -> PatientStudy:
     )
 
 
+def rtdose_series_description(summary: Summary) -> str:
+    """The RT Dose's Series Description (LO, 64 characters): the dose method, cycle, and whether the map is
+    partial-volume corrected — only ``rbv`` corrects the map; ``rc``/``gtm`` correct the VOI means (in the SR and
+    summary), the map stays as imaged."""
+    pvc = summary.methods.pvc.method
+    state = "" if pvc == "none" else f"; PVC {pvc}" if pvc == "rbv" else "; map no PVC"
+    return f"voxeldose absorbed dose ({summary.methods.dose}{state}) cycle {summary.cycle.number}"[:64]
+
+
 def write_all(result: Result, out_dir: Path) -> dict[str, Path]:
     """Write every output of ``result`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +82,7 @@ def write_all(result: Result, out_dir: Path) -> dict[str, Path]:
     series = SeriesInfo(
         series_instance_uid=generate_uid(),
         series_number=9001,
-        series_description=f"voxeldose absorbed dose ({summary.methods.dose}) cycle {summary.cycle.number}",
+        series_description=rtdose_series_description(summary),
         frame_of_reference_uid=str(result.dose.frame_of_reference_uid),
         acquisition_datetime=datetime.now(),
     )

@@ -23,6 +23,16 @@ SR (TID 1500 "Measurement Report", highdicom)
   SCT 118565006 "Volume", SCT 118538004 "Mass", UCUM "Gy", "cm3").  Quantities without a
   standard code (D2/D50/D98 as derivations, dose per activity, BED, EQD2) use the private
   coding scheme ``99VOXELDOSE``; its meanings say exactly what they are.
+* Partial-volume correction (``summary.methods.pvc``, summary /3): following TID 1500's conventions
+  (PS3.16 TID 1419 row "Measurement Method", TID 300 row 2 "Measurement Method" (SCT 370129005) as a
+  HAS CONCEPT MOD of a measurement), two measurements of the same concept — mean absorbed dose — are told apart
+  by their method: the corrected mean (the VOI's ``mean_gy``) carries :data:`PVC_METHODS` ``[method]``, the
+  uncorrected mean (``pvc.uncorrected_mean_gy``) beside it :data:`UNCORRECTED`.  The figures derived from the
+  corrected mean (dose per activity, BED, EQD2) carry the method too, and with ``rbv`` (a corrected dose map)
+  also max and D-values; with ``rc``/``gtm`` those come from the uncorrected map and carry no method.  Each
+  corrected VOI's group also has a qualitative evaluation (TID 1419 row "Qualitative Evaluations")
+  :data:`PVC_CONCEPT` = the method.  No standard code for partial-volume correction exists in PS3.16 (checked
+  against pydicom's copy), hence private codes.  Without a correction the SR is as before.
 """
 
 from __future__ import annotations
@@ -50,7 +60,10 @@ __all__ = [
     "MEASUREMENTS",
     "PRIVATE_SCHEME",
     "PROCEDURE_CODES",
+    "PVC_CONCEPT",
+    "PVC_METHODS",
     "SR_SERIES_DESCRIPTION",
+    "UNCORRECTED",
     "build_measurement_report",
     "reference_ct_datasets",
     "vois_on_ct",
@@ -78,6 +91,23 @@ D98 = Code("D98%", PRIVATE_SCHEME, "D98%: minimum absorbed dose to the hottest 9
 DOSE_PER_ACTIVITY = Code("GYPERGBQ", PRIVATE_SCHEME, "Mean absorbed dose per administered activity")
 BED = Code("BED", PRIVATE_SCHEME, "Biologically effective dose of the mean absorbed dose")
 EQD2 = Code("EQD2", PRIVATE_SCHEME, "Equivalent dose in 2 Gy fractions of the BED")
+
+#: Measurement Method (TID 300) of the partial-volume corrected figures, by ``summary.methods.pvc.method``
+#: (rc: :func:`voxeldose.pvc.sphere_recovery` curve; gtm: Rousset et al. 1998; rbv: Thomas et al. 2011).
+#: Meanings kept within Code Meaning's 64 characters (LO).
+PVC_METHODS: dict[str, Code] = {
+    "rc": Code("PVC-RC", PRIVATE_SCHEME, "Partial-volume corrected: sphere recovery coefficient"),
+    "gtm": Code("PVC-GTM", PRIVATE_SCHEME, "Partial-volume corrected: geometric transfer matrix"),
+    "rbv": Code("PVC-RBV", PRIVATE_SCHEME, "Partial-volume corrected: region-based voxel-wise (RBV)"),
+}
+#: Measurement Method of the uncorrected mean dose reported beside a corrected one.
+UNCORRECTED = Code("PVC-NONE", PRIVATE_SCHEME, "Without partial-volume correction")
+#: Concept name of a corrected VOI's qualitative evaluation; its value is the :data:`PVC_METHODS` code.
+PVC_CONCEPT = Code("PVC", PRIVATE_SCHEME, "Partial-volume correction")
+#: Summary fields computed from the corrected mean dose (so corrected by every method).
+_FROM_CORRECTED_MEAN = frozenset({"mean_gy", "gy_per_gbq", "bed_gy", "eqd2_gy"})
+#: Summary fields of the dose map, corrected only where the map is (``rbv``).
+_FROM_DOSE_MAP = frozenset({"max_gy", "D2_gy", "D50_gy", "D98_gy"})
 
 PROCEDURE_CODES = [
     Code("371572003", "SCT", "Nuclear medicine procedure"),
@@ -197,6 +227,8 @@ def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
     labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
     number_of = {label: n for n, label in labels.items()}
     ct_series_uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    pvc_method = result.summary.methods.pvc.method
+    corrected_fields = set(_FROM_CORRECTED_MEAN) | (set(_FROM_DOSE_MAP) if pvc_method == "rbv" else set())
     groups = []
     for name, entry in result.summary.vois.items():
         if name not in number_of:
@@ -207,14 +239,38 @@ def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
             segment_number=number_of[name],
             source_series=hd.sr.SourceSeriesForSegmentation(ct_series_uid),
         )
+        corrected = entry.pvc is not None and pvc_method != "none"
+        method = PVC_METHODS[pvc_method] if corrected else None
         measurements = []
         for key, (concept, unit, derivation) in MEASUREMENTS.items():
             value = _finite(_measured(entry, key))
             if value is None:
                 continue
             measurements.append(
-                hd.sr.Measurement(name=concept, value=value, unit=unit, derivation=derivation, algorithm_id=algo)
+                hd.sr.Measurement(
+                    name=concept,
+                    value=value,
+                    unit=unit,
+                    derivation=derivation,
+                    method=method if key in corrected_fields else None,
+                    algorithm_id=algo,
+                )
             )
+        evaluations = []
+        if corrected and method is not None and entry.pvc is not None:
+            uncorrected = _finite(entry.pvc.uncorrected_mean_gy)
+            if uncorrected is not None:
+                measurements.append(
+                    hd.sr.Measurement(
+                        name=ABSORBED_DOSE,
+                        value=uncorrected,
+                        unit=GY,
+                        derivation=MEAN,
+                        method=UNCORRECTED,
+                        algorithm_id=algo,
+                    )
+                )
+            evaluations.append(hd.sr.QualitativeEvaluation(name=PVC_CONCEPT, value=method))
         category, typ = segment_codes(name)
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -224,6 +280,7 @@ def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
                 finding_type=typ,
                 algorithm_id=algo,
                 measurements=measurements,
+                qualitative_evaluations=evaluations or None,
             )
         )
     if not groups:
@@ -271,16 +328,26 @@ def write_dose_sr(result: Result, path: Path, *, seg: pydicom.Dataset, series: S
     return sr
 
 
+def _walk(items: Any) -> Any:
+    for it in items or []:
+        yield it
+        yield from _walk(getattr(it, "ContentSequence", None))
+
+
+def _modifier(item: pydicom.Dataset, scheme: str, value: str) -> str | None:
+    """The code value of ``item``'s concept modifier named (``scheme``, ``value``), if any."""
+    for mod in getattr(item, "ContentSequence", None) or []:
+        mcn = mod.ConceptNameCodeSequence[0]
+        if mcn.CodeValue == value and mcn.CodingSchemeDesignator == scheme and "ConceptCodeSequence" in mod:
+            return str(mod.ConceptCodeSequence[0].CodeValue)
+    return None
+
+
 def sr_measurements(sr: pydicom.Dataset) -> dict[str, dict[tuple[str, str, str | None], float]]:
-    """Read back: {tracking identifier: {(scheme, code value, derivation code or None): value}}."""
+    """Read back: {tracking identifier: {(scheme, code value, derivation code or None): value}}; the uncorrected
+    mean beside a partial-volume corrected one (Measurement Method :data:`UNCORRECTED`) is in :func:`sr_pvc`."""
     out: dict[str, dict[tuple[str, str, str | None], float]] = {}
-
-    def walk(items: Any) -> Any:
-        for it in items or []:
-            yield it
-            yield from walk(getattr(it, "ContentSequence", None))
-
-    for item in walk(sr.ContentSequence):
+    for item in _walk(sr.ContentSequence):
         name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
         if name is None or name.CodeValue != "125007" or name.CodingSchemeDesignator != "DCM":
             continue  # Measurement Group
@@ -298,9 +365,43 @@ def sr_measurements(sr: pydicom.Dataset) -> dict[str, dict[tuple[str, str, str |
                     mcn = mod.ConceptNameCodeSequence[0]
                     if mcn.CodeValue == "121401" and mcn.CodingSchemeDesignator == "DCM":
                         deriv = str(mod.ConceptCodeSequence[0].CodeValue)
+                if _modifier(child, "SCT", "370129005") == UNCORRECTED.value:
+                    continue
                 values[(str(cn.CodingSchemeDesignator), str(cn.CodeValue), deriv)] = value
         if tracking is not None:
             out[tracking] = values
+    return out
+
+
+def sr_pvc(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
+    """Read back the partial-volume correction: {tracking identifier: {"evaluation": the qualitative evaluation's
+    code value, "methods": {measurement method code value: [(concept code value, derivation or None, value)]}}}
+    for each group whose measurements name a method (Measurement Method, SCT 370129005)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in _walk(sr.ContentSequence):
+        name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
+        if name is None or name.CodeValue != "125007" or name.CodingSchemeDesignator != "DCM":
+            continue
+        tracking, evaluation = None, None
+        methods: dict[str, list[tuple[str, str | None, float]]] = {}
+        for child in item.ContentSequence:
+            cn = child.ConceptNameCodeSequence[0]
+            if child.ValueType == "TEXT" and cn.CodeValue == "112039":
+                tracking = str(child.TextValue)
+            elif child.ValueType == "CODE" and (cn.CodingSchemeDesignator, cn.CodeValue) == (
+                PVC_CONCEPT.scheme_designator,
+                PVC_CONCEPT.value,
+            ):
+                evaluation = str(child.ConceptCodeSequence[0].CodeValue)
+            elif child.ValueType == "NUM":
+                method = _modifier(child, "SCT", "370129005")
+                if method is None:
+                    continue
+                mv = child.MeasuredValueSequence[0]
+                value = float(mv.FloatingPointValue) if "FloatingPointValue" in mv else float(mv.NumericValue)
+                methods.setdefault(method, []).append((str(cn.CodeValue), _modifier(child, "DCM", "121401"), value))
+        if tracking is not None and (methods or evaluation is not None):
+            out[tracking] = {"evaluation": evaluation, "methods": methods}
     return out
 
 
@@ -310,4 +411,4 @@ def measurement_key(summary_key: str) -> tuple[str, str, str | None]:
     return (concept.scheme_designator, concept.value, None if deriv is None else deriv.value)
 
 
-__all__ += ["measurement_key", "sr_measurements"]
+__all__ += ["measurement_key", "sr_measurements", "sr_pvc"]

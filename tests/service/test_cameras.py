@@ -227,6 +227,36 @@ def test_a_site_calibration_is_kept_and_the_profile_still_named(
     assert job.camera_profile_id == p.id and "kept" in (job.camera_match or "")
 
 
+@pytest.mark.parametrize(
+    "site",
+    [{"pvc": "gtm"}, {"pvc": "gtm", "calibration": {"cps_per_mbq": 5.67, "source": "site setting"}}],
+    ids=["pvc", "pvc-and-site-calibration"],
+)
+def test_a_site_pvc_waits_for_the_cameras_profile_and_takes_its_resolution(
+    make_settings: Any, store: Store, small_phantom: dict, site: dict[str, Any]
+) -> None:
+    """trigger_spec {"pvc": "gtm"} is a valid site setting (the profile comes per job); a cycle waits for its
+    camera's profile even where the site gives the sensitivity, and its job carries the profile (FWHM for gtm)."""
+    settings, node, trigger = _node(make_settings, store, trigger_spec=site)
+    _receive(node, _phantom_files(small_phantom))
+    [out] = trigger.tick(utcnow() + timedelta(seconds=QUIET_S + 2))
+    assert out.state == "waiting" and f"no calibration for camera {PHANTOM_LABEL}" in out.reason, out.reason
+    assert store.list_jobs()[1] == 0
+    p = register_profile(store, profile_data("Phantom SPECT"), "phys-1")
+    [started] = trigger.tick(utcnow())
+    assert started.state == "started", started.reason
+    job = store.get_job(started.job_id)
+    assert job is not None and job.spec["pvc"] == "gtm" and job.camera_profile_id == p.id
+    assert job.spec["camera"]["name"] == "Phantom SPECT" and job.spec["camera"]["fwhm_mm"] == 11.0
+    assert job.spec["calibration"]["cps_per_mbq"] == 5.67
+
+
+def test_a_site_pvc_setting_is_checked(tmp_path: Path) -> None:
+    assert Settings(data_dir=tmp_path, trigger_spec={"pvc": "rbv"}).trigger_spec == {"pvc": "rbv"}
+    with pytest.raises(ValueError, match="pvc 'xx' is not one of none, rc, gtm, rbv"):
+        Settings(data_dir=tmp_path, trigger_spec={"pvc": "xx"})
+
+
 def test_an_invalid_profile_is_refused_naming_the_field(store: Store) -> None:
     with pytest.raises(ServiceError) as e:
         register_profile(store, profile_data(sensitivity=-1.0), "phys-1")

@@ -5,7 +5,9 @@ The site has no calibration setting.  The phantom's counts SPECT pushed to the n
 its camera (the synthetic patient's camera_headers: manufacturer, model and serial number); a physicist registers the camera's
 profile, the cycle starts by itself and its summary names the profile (``provenance.calibration``); an upload
 without a calibration takes the same profile.  The sensitivity registered is the phantom's stated camera
-calibration (truth.json), so the jobs are the phantom's calibrated runs.
+calibration (truth.json), so the jobs are the phantom's calibrated runs.  The site's ``trigger_spec`` asks for
+partial-volume correction (``{"pvc": "gtm"}``): the node's job takes the matched profile's resolution too, and its
+summary and DICOM SR state the correction with the corrected and uncorrected mean doses (issue 12).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from serverproc import ServerProc, auth, create_token, free_port
 from support import JOB_WAIT_S, STATE_WAIT_S, wait_for
 from test_cameras import PHANTOM_LABEL, profile_data
 
+from voxeldose.sr import sr_measurements, sr_pvc
+
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
@@ -34,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
         dicom_allowed_aets='["PACS"]',
         dicom_quiet_period_s=30,
         trigger_interval_s=0.5,
+        trigger_spec='{"pvc": "gtm"}',
         ray_num_cpus=2,
     )
     tokens = {r: create_token(srv.data_dir, f"{r}-cam", r) for r in ("submitter", "physicist")}
@@ -135,6 +140,23 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         summary = c.get(f"/v1/jobs/{jobs[0]['id']}/summary", headers=phys).json()
         cal = summary["provenance"]["calibration"]
         assert cal == {"cps_per_mbq": cps, "source": source, "applied": True}, cal
+        # the site's trigger_spec asked for gtm: corrected with the matched profile, stated in summary and SR
+        pvc = summary["methods"]["pvc"]
+        assert pvc["method"] == "gtm" and pvc["camera_profile"] == "Phantom SPECT", pvc
+        assert pvc["fwhm_mm"] == body["fwhm_mm"], pvc
+        sr = pydicom.dcmread(srv.data_dir / "jobs" / jobs[0]["id"] / "out" / "sr.dcm")
+        stated, plain = sr_pvc(sr), sr_measurements(sr)
+        mean_key = ("128513", "373098007")  # Absorbed Dose (DCM), derivation Mean (SCT)
+        for kidney in ("Kidney_L", "Kidney_R"):
+            voi = summary["vois"][kidney]
+            assert voi["pvc"]["method"] == "gtm"
+            assert voi["pvc"]["corrected_mean_gy"] > voi["pvc"]["uncorrected_mean_gy"]  # spill-out recovered
+            assert stated[kidney]["evaluation"] == "PVC-GTM"
+            corrected = {(c, d): v for c, d, v in stated[kidney]["methods"]["PVC-GTM"]}
+            uncorrected = {(c, d): v for c, d, v in stated[kidney]["methods"]["PVC-NONE"]}
+            assert corrected[mean_key] == pytest.approx(voi["mean_gy"], rel=1e-9)
+            assert uncorrected[mean_key] == pytest.approx(voi["pvc"]["uncorrected_mean_gy"], rel=1e-9)
+            assert plain[kidney][("DCM", *mean_key)] == pytest.approx(voi["mean_gy"], rel=1e-9)
 
         # retiring keeps the profile (the jobs name it); a submitter may not retire
         assert c.post(f"/v1/cameras/{cam['id']}/retire", headers=sub).status_code == 403
