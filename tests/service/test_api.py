@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import pydicom
 import pytest
+from firststage import run_first_stage
 
 fastapi = pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
@@ -23,7 +24,6 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.store import JobRecord, Store
-from service.worker import JobOutcome, intake_stage
 from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import run, write_outputs
 
@@ -121,22 +121,8 @@ def finish_job(env: Env, job_id: str, result: Path) -> Path:
 
 def first_stage(env: Env, job_id: str) -> JobRecord:
     """The job's first stage (issue 15: an upload's files unpacked and checked) as the worker runs it, its outcome
-    recorded as the dispatcher records it: claim → :func:`service.worker.intake_stage` → fail, or back to queued
-    (the rest of the job is not run here)."""
-    claimed = env.store.claim_queued(10)
-    for j in claimed:
-        if j.id != job_id:
-            env.store.requeue(j.id, "test", count_attempt=False)
-    (job,) = [j for j in claimed if j.id == job_id]
-    out = intake_stage(job_id, job.spec, env.store)
-    if isinstance(out, JobOutcome):
-        assert out.error is not None and not out.internal, out
-        env.store.fail(job_id, out.error)
-    else:
-        env.store.requeue(job_id, "test", count_attempt=False)
-    rec = env.store.get_job(job_id)
-    assert rec is not None
-    return rec
+    recorded as the dispatcher records it (:func:`firststage.run_first_stage`)."""
+    return run_first_stage(env.store, job_id)
 
 
 def assert_fails_at_first_stage(env: Env, r, *needles: str) -> str:
