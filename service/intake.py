@@ -12,6 +12,10 @@
 4. Only then is the temp folder renamed (atomic, same file system) to ``incoming/<upload-id>/``.
    A rejected upload leaves nothing behind; an accepted one is never deleted by the service.
 
+That is the order for jobs on received series.  An upload (issue 15) is renamed right after step 1 and the checks
+that need no file (:func:`persist_upload`: fsync, hash, rename; the 202 follows); steps 2-3 run in place as its
+job's first stage (:func:`check_stage` in the worker), whose refusal is the job's error — and the upload stays.
+
 Refusals are :class:`~service.errors.IntakeError` (the web layer turns them into problems: too large → 413,
 no disk → 507, unusable → 422, series not received → 404).
 """
