@@ -12,6 +12,10 @@
 4. Only then is the temp folder renamed (atomic, same file system) to ``incoming/<upload-id>/``.
    A rejected upload leaves nothing behind; an accepted one is never deleted by the service.
 
+That is the order for jobs on received series.  An upload (issue 15) is renamed right after step 1 and the checks
+that need no file (:func:`persist_upload`: fsync, hash, rename; the 202 follows); steps 2-3 run in place as its
+job's first stage (:func:`check_stage` in the worker), whose refusal is the job's error — and the upload stays.
+
 Refusals are :class:`~service.errors.IntakeError` (the web layer turns them into problems: too large → 413,
 no disk → 507, unusable → 422, series not received → 404).
 """
@@ -42,7 +46,7 @@ from . import scratch
 from .cameras import apply_profile, spect_camera
 from .config import Settings
 from .errors import ErrorKind, IntakeError
-from .store import CameraRecord, InstanceRecord, without_paths
+from .store import CameraRecord, InstanceRecord, JobRecord, without_paths
 
 MB = 1024 * 1024
 TMP_PREFIX = ".tmp-"
@@ -244,8 +248,12 @@ def upload_fingerprint(files: Sequence[Path], fields: Mapping[str, Any]) -> str:
     """The fingerprint of a multipart upload, for ``Idempotency-Key`` (hex SHA-256): the SHA-256 of each file's
     bytes as received (a .zip as the archive, not its members), as a sorted list — file names and order do not
     count — and the ``spec`` field's JSON (:func:`canonical_json`; no ``spec`` is ``{}``)."""
-    digests = sorted(_sha256_file(f) for f in files)
-    return hashlib.sha256(canonical_json({"upload": digests, "spec": dict(fields)}).encode()).hexdigest()
+    return fingerprint_of(file_digests(files), fields)
+
+
+def fingerprint_of(digests: Sequence[str], fields: Mapping[str, Any]) -> str:
+    """:func:`upload_fingerprint` from the files' digests (:func:`file_digests`)."""
+    return hashlib.sha256(canonical_json({"upload": sorted(digests), "spec": dict(fields)}).encode()).hexdigest()
 
 
 def series_fingerprint(raw: bytes) -> str:
@@ -331,28 +339,48 @@ def validate_and_commit(
 ) -> Accepted:
     """Check the files (blocking: call in a thread); on success rename the temp folder to
     ``incoming/<upload-id>/``.  Raises IntakeError / VoxeldoseError / pydantic's ValidationError otherwise —
-    the caller then removes ``received.tmp``.
+    the caller then removes ``received.tmp``.  (Jobs on received series; an upload is checked by its job's first
+    stage instead: :func:`persist_upload`, :func:`check_stage`.)
 
     ``profiles``: the registered camera profiles; the one matching the first SPECT's camera fills the job's
     calibration unless ``fields`` gives one (:func:`service.cameras.apply_profile`)."""
     upload_id = uuid.uuid4().hex
     final = incoming_dir(settings) / upload_id
-    spec = build_spec(fields, final)
-    files = received.files
-    if not files:
+    build_spec(fields, final)
+    if not received.files:
         raise invalid("no files received: send DICOM files (or one .zip) in the form field 'files'", slug="no-files")
-    zips = [f for f in files if _is_zip(f)]
-    if zips:
+    accepted = check_files(received.tmp, received.files, fields, final, settings, profiles)
+    os.rename(received.tmp, final)  # atomic on one file system: the upload now exists, whole
+    return accepted
+
+
+def check_files(
+    root: Path,
+    files: Sequence[Path] | None,
+    fields: dict[str, Any],
+    final: Path,
+    settings: Settings,
+    profiles: Sequence[CameraRecord] = (),
+) -> Accepted:
+    """Unpack a lone .zip in ``root`` and check the files under it (steps 2-3 of the module doc); the job's
+    inputs will be ``final``.  Raises IntakeError / VoxeldoseError (its paths relative to ``root``) / pydantic's
+    ValidationError.  ``files`` None: the files under ``root`` (a .zip unpacked already)."""
+    spec = build_spec(fields, final)
+    zips = [f for f in files if _is_zip(f)] if files is not None else []
+    scan_arg: Path | list[Path]
+    if files is None:
+        scan_arg = root
+    elif zips:
         if len(files) > 1:
             raise invalid(f"{zips[0].name}: send a .zip alone, not together with other files")
-        extract_zip(zips[0], received.tmp, settings)
-        scan_arg: Path | list[Path] = received.tmp  # folder: non-DICOM extras (README, …) are skipped
+        extract_zip(zips[0], root, settings)
+        scan_arg = root  # folder: non-DICOM extras (README, …) are skipped
     else:
-        scan_arg = files  # files named explicitly: each must be DICOM
+        scan_arg = list(files)  # files named explicitly: each must be DICOM
     try:
         index = scan(scan_arg)
-        for rtstruct in index.by_kind("rtstruct"):  # read its ROI and contour sequences whole: a 422 now, not
-            for inst in rtstruct.instances:  # a job failing later
+        for rtstruct in index.by_kind("rtstruct"):  # read its ROI and contour sequences whole: a clear error
+            for inst in rtstruct.instances:  # now, not an internal error later
                 read_structure_set(inst.header, str(inst.path))
         cycle = load_spec_cycle(spec, index)
         late = scan_time_problems(cycle)
@@ -376,13 +404,12 @@ def validate_and_commit(
                         f"{camera.label} and {cycle.injection.nuclide} (the Cameras page, or POST to the API's v1/cameras)",
                     )
     except VoxeldoseError as err:
-        raise _relativise(err, received.tmp) from None
+        raise _relativise(err, root) from None
     fingerprint = input_fingerprint(cycle)  # the digest the pipeline records in provenance.inputs
     digest, n = fingerprint["sop_instance_uids_sha256"], fingerprint["sop_instances"]
-    os.rename(received.tmp, final)  # atomic on one file system: the upload now exists, whole
     match = camera.match
     return Accepted(
-        upload_id,
+        final.name,
         final,
         digest,
         cycle.patient_id,
@@ -391,6 +418,135 @@ def validate_and_commit(
         camera_profile_id=match.record.id if match is not None else None,
         camera_match=note,
     )
+
+
+# ------------------------------------------------------------------ uploads answered at once (issue 15)
+@dataclass
+class Persisted:
+    """An upload safely on disk under ``incoming/<upload_id>/``, its files not checked yet."""
+
+    upload_id: str
+    input_dir: Path
+    upload_hash: str  # SHA-256 of the sorted file digests (:func:`files_digest`)
+    spec: dict[str, Any]  # the job description as validated (inputs: input_dir)
+    intake: dict[str, Any]  # what the first stage needs (:func:`check_stage`)
+
+
+def file_digests(files: Sequence[Path]) -> list[str]:
+    """The SHA-256 (hex) of each file's bytes, sorted (file names and order do not count)."""
+    return sorted(_sha256_file(f) for f in files)
+
+
+def files_digest(digests: Sequence[str]) -> str:
+    """One SHA-256 (hex) over an upload's sorted file digests: the same files, the same value."""
+    return hashlib.sha256(canonical_json({"upload": sorted(digests)}).encode()).hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def persist_upload(
+    received: Received, fields: dict[str, Any], digests: Sequence[str], settings: Settings, *, dedup_within: str | None
+) -> Persisted:
+    """What can be checked without unpacking (a file at all; a .zip alone; the job description), then the files
+    flushed to disk (fsync) and the temp folder renamed to ``incoming/<upload-id>/`` — the upload is then safe
+    and is never deleted by the service, whatever its files turn out to be.  Blocking: call in a thread.
+    Raises IntakeError / pydantic's ValidationError (the caller removes ``received.tmp``).
+
+    ``digests``: :func:`file_digests` of ``received.files``; ``dedup_within``: the submitter whose jobs alone
+    count for "the same input set" (None: anyone's)."""
+    upload_id = uuid.uuid4().hex
+    final = incoming_dir(settings) / upload_id
+    spec = build_spec(fields, final)
+    files = received.files
+    if not files:
+        raise invalid("no files received: send DICOM files (or one .zip) in the form field 'files'", slug="no-files")
+    zips = [f for f in files if _is_zip(f)]
+    if zips and len(files) > 1:
+        raise invalid(f"{zips[0].name}: send a .zip alone, not together with other files")
+    dirs = {received.tmp}
+    for f in files:
+        _fsync_path(f)
+        dirs.add(f.parent)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        _fsync_path(d)
+    os.rename(received.tmp, final)  # atomic on one file system: the upload now exists, whole
+    _fsync_path(final.parent)
+    intake = {
+        "fields": fields,
+        "files": [str(f.relative_to(received.tmp)) for f in files],
+        "dedup_within": dedup_within,
+        "max_upload_mb": int(settings.max_upload_mb),
+        "min_free_disk_mb": int(settings.min_free_disk_mb),
+    }
+    return Persisted(upload_id, final, files_digest(digests), spec.model_dump(mode="json"), intake)
+
+
+class IntakeStore(Protocol):
+    """The part of the store :func:`check_stage` uses."""
+
+    def active_camera_profiles(self) -> list[CameraRecord]: ...
+
+    def intake_done(
+        self,
+        job_id: str,
+        *,
+        spec: dict[str, Any],
+        input_hash: str,
+        patient_id: str,
+        camera_profile_id: int | None,
+        camera_match: str | None,
+    ) -> JobRecord | None: ...
+
+
+def check_stage(store: IntakeStore, job: JobRecord) -> dict[str, Any]:
+    """The first stage of an upload's job (in the worker): unpack and check the files in place, exactly as an
+    upload was checked before its 202 (:func:`check_files`), record the input set in the job
+    (:meth:`service.store.JobTable.intake_done`) and return the job description to run.  A job whose files were
+    checked already (``job.intake`` None) returns its spec unchanged.
+
+    Raises VoxeldoseError / IntakeError (the job's error: their message is today's 422 detail) or
+    :class:`DuplicateInput` when a job of the same input set and description exists."""
+    info = job.intake
+    if info is None:
+        return dict(job.spec)
+    root = Path(job.input_dir)
+    settings = Settings(
+        data_dir=root.parent.parent,
+        max_upload_mb=int(info["max_upload_mb"]),
+        min_free_disk_mb=int(info["min_free_disk_mb"]),
+    )
+    files: list[Path] | None = [root / name for name in info["files"]]
+    if files is not None and not all(f.exists() for f in files):  # a .zip an earlier attempt unpacked: the folder
+        files = None
+    accepted = check_files(root, files, dict(info["fields"]), root, settings, store.active_camera_profiles())
+    other = store.intake_done(
+        job.id,
+        spec=accepted.spec,
+        input_hash=accepted.input_hash,
+        patient_id=accepted.patient_id,
+        camera_profile_id=accepted.camera_profile_id,
+        camera_match=accepted.camera_match,
+    )
+    if other is not None:
+        raise DuplicateInput(other.id)
+    return accepted.spec
+
+
+class DuplicateInput(Exception):
+    """The upload's instances and job description are those of an earlier job (:meth:`JobTable.intake_done`)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"the same input set (the same DICOM instances) and job description as job {job_id}, submitted "
+            "earlier: that job is this upload's result"
+        )
+        self.job_id = job_id
 
 
 class InstanceSource(Protocol):

@@ -82,12 +82,17 @@ class Job(Base):
     # the camera profile whose calibration the job took (migration 0005), and how it was chosen
     camera_profile_id: Mapped[int | None] = mapped_column(Integer)
     camera_match: Mapped[str | None] = mapped_column(Text)
+    # an upload whose files the job's first stage still checks (migration 0006): what that stage needs; null after
+    intake: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # an upload's SHA-256 of its files' digests: the same files sent again are the same job before any stage ran
+    upload_hash: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index("ix_jobs_cycle", "cycle_key", "version"),
         Index("ix_jobs_state_created", "state", "created_at"),
         Index("ix_jobs_patient", "patient_id", "state"),
         Index("ix_jobs_input", "input_hash", "spec_hash"),
+        Index("ix_jobs_upload", "upload_hash", "spec_hash"),
         Index("ix_jobs_created", "created_at"),
     )
 

@@ -24,12 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from pydicom import dcmread
 
 from voxeldose.errors import VoxeldoseError
 from voxeldose.outputs import write_pacs_objects
 from voxeldose.pipeline import STAGES, Result, run, write_outputs
 
+from .errors import IntakeError
+from .intake import DuplicateInput, check_stage
 from .logs import setup_worker_logging
 from .store import Store, without_paths
 
@@ -149,8 +152,13 @@ def run_job(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) 
     roots = [str(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in spec.get("inputs", [])]
     t0 = time.monotonic()
     log.info("job %s: started in pid %d", job_id, os.getpid())
+    progress = progress_writer(job_id, store)
+    checked = intake_stage(job_id, spec, store, progress)
+    if isinstance(checked, JobOutcome):
+        return checked
+    spec = checked
     try:
-        result = run(spec, progress=progress_writer(job_id, store))
+        result = run(spec, progress=progress)
         out = write_atomically(result, Path(out_dir))
     except VoxeldoseError as err:
         log.info("job %s: bad input (%.1f s)", job_id, time.monotonic() - t0)
@@ -163,6 +171,34 @@ def run_job(job_id: str, spec: dict[str, Any], out_dir: str, database_url: str) 
     return JobOutcome(
         result_dir=str(out), patient_id=patient, warnings=list(result.warnings), output_series=output_series(out)
     )
+
+
+def intake_stage(
+    job_id: str, spec: dict[str, Any], store: Store, progress: Callable[[str, float], None] | None = None
+) -> dict[str, Any] | JobOutcome:
+    """The job's first stage: an upload's files unpacked and checked in place (:func:`service.intake.check_stage`,
+    issue 15) — the job description to run, or the failure (with the message a 422 at upload gave before).
+    Jobs whose input was checked before they were queued pass through with ``spec``."""
+    t0 = time.monotonic()
+    roots = [str(Path(p).resolve()) for p in spec.get("inputs", [])]
+    try:
+        job = store.get_job(job_id)
+        if job is None or job.intake is None:
+            return spec
+        if progress is not None:
+            progress("intake", 0.0)
+        checked = check_stage(store, job)
+    except (IntakeError, DuplicateInput, VoxeldoseError) as err:
+        log.info("job %s: upload not usable (%.1f s)", job_id, time.monotonic() - t0)
+        return JobOutcome(error=_strip_roots(err.detail if isinstance(err, IntakeError) else str(err), roots))
+    except ValidationError as err:  # the description with a camera profile's calibration (checked at submission)
+        fields = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+        return JobOutcome(error=f"invalid job description: {fields}")
+    except Exception:
+        log.exception("job %s: internal error while checking the upload", job_id)
+        return JobOutcome(error=INTERNAL_ERROR.format(job_id=job_id), internal=True)
+    log.info("job %s: upload checked (%.1f s)", job_id, time.monotonic() - t0)
+    return checked
 
 
 def output_series(out_dir: Path) -> list[str]:

@@ -64,6 +64,8 @@ class JobRecord:
     supersedes: str | None = None  # the job of the previous version
     camera_profile_id: int | None = None  # the camera profile whose calibration it took
     camera_match: str | None = None  # which profile, and how it was chosen (for people)
+    intake: dict[str, Any] | None = None  # an upload not checked yet: what the first stage needs (None: checked)
+    upload_hash: str | None = None  # an upload: SHA-256 of its files' digests
 
     def summary(self) -> Summary | None:
         """The job's validated ``summary.json`` (:class:`voxeldose.summary.Summary`) when it succeeded, else None.
@@ -104,6 +106,8 @@ def _record(j: Job) -> JobRecord:
         supersedes=j.supersedes,
         camera_profile_id=j.camera_profile_id,
         camera_match=j.camera_match,
+        intake=dict(j.intake) if j.intake is not None else None,
+        upload_hash=j.upload_hash,
     )
 
 
@@ -166,6 +170,8 @@ class NewJob:
     dedup_within: str | None = None  # reuse only this submitter's job for the same input set (None: anyone's)
     camera_profile_id: int | None = None  # the camera profile whose calibration the spec took
     camera_match: str | None = None  # which profile and how it was chosen
+    intake: Mapping[str, Any] | None = None  # an upload whose files the first stage checks (see Job.intake)
+    upload_hash: str | None = None  # an upload: the same files again are this job (instead of input_hash)
 
 
 class JobTable:
@@ -192,11 +198,16 @@ class JobTable:
         dedup_within: str | None = None,
         camera_profile_id: int | None = None,
         camera_match: str | None = None,
+        intake: Mapping[str, Any] | None = None,
+        upload_hash: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a job; ``(job, created)``.  The same idempotency key of the same submitter with the same
         ``request_fingerprint``, or the same input set with the same spec as a queued/running/succeeded job (of
         the submitter ``dedup_within`` when given), returns that job with ``created=False``.  The same key with
-        another fingerprint raises :class:`IdempotencyKeyReused`."""
+        another fingerprint raises :class:`IdempotencyKeyReused`.
+
+        An upload not checked yet (``intake``, ``upload_hash``): "the same input set" is the same files (by their
+        bytes) until the first stage has read them; :meth:`intake_done` then applies the rule to the instances."""
         new = NewJob(
             spec=spec,
             input_dir=input_dir,
@@ -212,6 +223,8 @@ class JobTable:
             dedup_within=dedup_within,
             camera_profile_id=camera_profile_id,
             camera_match=camera_match,
+            intake=intake,
+            upload_hash=upload_hash,
         )
         for attempt in range(2):
             try:
@@ -225,7 +238,7 @@ class JobTable:
     def create_in(self, s: Session, new: NewJob) -> tuple[JobRecord, bool]:
         """:meth:`create_job` inside the caller's transaction ``s``."""
         s_hash = spec_hash(new.spec)
-        self.db.lock_input(s, new.input_hash)
+        self.db.lock_input(s, new.upload_hash or new.input_hash)
         owner = new.submitted_by or ""
         if new.idempotency_key is not None:
             use = self._key_use(s, owner, new.idempotency_key)
@@ -233,7 +246,8 @@ class JobTable:
                 if not use.same_request(new.request_fingerprint):
                     raise IdempotencyKeyReused(new.idempotency_key, use.job.id)
                 return use.job, False
-        same_input = [Job.input_hash == new.input_hash, Job.spec_hash == s_hash, Job.state.in_(_DEDUP_STATES)]
+        same = Job.input_hash == new.input_hash if new.upload_hash is None else Job.upload_hash == new.upload_hash
+        same_input = [same, Job.spec_hash == s_hash, Job.state.in_(_DEDUP_STATES)]
         if new.dedup_within is not None:
             same_input.append(Job.submitted_by == new.dedup_within)
         j = s.scalars(select(Job).where(*same_input).order_by(Job.created_at.desc())).first()
@@ -261,6 +275,8 @@ class JobTable:
                 supersedes=new.supersedes,
                 camera_profile_id=new.camera_profile_id,
                 camera_match=new.camera_match,
+                intake=dict(new.intake) if new.intake is not None else None,
+                upload_hash=new.upload_hash,
             )
             s.add(j)
         if new.idempotency_key is not None:  # the key now names this job, whichever it is
@@ -289,6 +305,46 @@ class JobTable:
         """What this submitter's (token name's) ``Idempotency-Key`` was used for, if it was."""
         with self.db.read() as s:
             return self._key_use(s, submitted_by or "", key)
+
+    def intake_done(
+        self,
+        job_id: str,
+        *,
+        spec: dict[str, Any],
+        input_hash: str,
+        patient_id: str,
+        camera_profile_id: int | None,
+        camera_match: str | None,
+    ) -> JobRecord | None:
+        """The first stage checked a running upload's files: record its input set (``input_hash``: the SOP
+        instances' digest), the patient, the job description (with a camera profile's calibration) and the profile.
+
+        "The same input set" rule, now that the instances are known: when a queued, running or succeeded job (of
+        the same submitter, unless the upload came from a physicist or admin: ``intake["dedup_within"]``) already
+        has these instances and this description, that job is returned (the caller fails this one naming it);
+        else None.  Under the input set's lock, so of two such uploads checked at once exactly one goes on."""
+        with self.db.write() as s:
+            self.db.lock_input(s, input_hash)
+            j = s.get(Job, job_id)
+            if j is None or j.state != "running" or j.intake is None:
+                return None
+            s_hash = spec_hash(spec)
+            same = [
+                Job.id != job_id,
+                Job.input_hash == input_hash,
+                Job.spec_hash == s_hash,
+                Job.state.in_(_DEDUP_STATES),
+            ]
+            within = j.intake.get("dedup_within")
+            if within is not None:
+                same.append(Job.submitted_by == within)
+            other = s.scalars(select(Job).where(*same).order_by(Job.created_at)).first()
+            j.input_hash, j.spec_hash, j.spec, j.patient_id = input_hash, s_hash, dict(spec), patient_id
+            j.camera_profile_id, j.camera_match, j.intake = camera_profile_id, camera_match, None
+            if other is not None:
+                log.info("job %s: the same input set and spec as job %s", job_id, other.id)
+            s.flush()
+            return None if other is None else _record(other)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         with self.db.read() as s:

@@ -1,8 +1,10 @@
 """Submitting a job over HTTP: a multipart upload (the API and the upload page) or named series (the API).
 
-The web side of the intake: read the request (:mod:`service.web.multipart`), hand the files to the core
-(:func:`service.intake.validate_and_commit`, in a thread), queue the job in the store, and leave nothing
-behind when anything is refused.
+The web side of the intake: read the request (:mod:`service.web.multipart`), hand the files to the core, queue
+the job in the store, and leave nothing behind when anything is refused.  An upload is answered as soon as its
+files are on disk (fsync) and hashed (:func:`service.intake.persist_upload`): unpacking and the DICOM checks are
+its job's first stage (:func:`service.intake.check_stage`, issue 15).  Named series are checked before the
+answer (:func:`service.intake.validate_and_commit`, in a thread).
 """
 
 from __future__ import annotations
@@ -64,13 +66,67 @@ async def accept_upload(request: Request, who: Principal, idempotency_key: str |
     received = await receive_multipart(request, settings)
     try:
         fields = intake.parse_spec_fields(received.spec_text)
+        digests = await run_in_threadpool(intake.file_digests, received.files)
         fingerprint = None
         if idempotency_key is not None:
-            fingerprint = await run_in_threadpool(intake.upload_fingerprint, received.files, fields)
+            fingerprint = intake.fingerprint_of(digests, fields)
     except BaseException:
         shutil.rmtree(received.tmp, ignore_errors=True)
         raise
-    return await _commit(request, received, fields, who, idempotency_key, fingerprint, source="upload")
+    return await _persist(request, received, fields, digests, who, idempotency_key, fingerprint)
+
+
+async def _persist(
+    request: Request,
+    received: intake.Received,
+    fields: dict[str, Any],
+    digests: list[str],
+    who: Principal,
+    idempotency_key: str | None,
+    fingerprint: str | None,
+) -> tuple[JobRecord, bool]:
+    """Queue an upload's job once its files are safe on disk; its first stage checks them.  The rules of
+    :func:`_commit`, with "the same input set" meaning the same files (by their bytes) here: the job's first stage
+    applies the rule to the DICOM instances (:meth:`service.store.JobTable.intake_done`)."""
+    settings = get_settings(request)
+    store = get_store(request)
+    dedup_within = None if who.at_least("physicist") else who.name
+    try:
+        if idempotency_key is not None:
+            earlier = await run_in_threadpool(store.key_use, who.name, idempotency_key)
+            if earlier is not None:
+                if not earlier.same_request(fingerprint):
+                    raise IdempotencyKeyReused(idempotency_key, earlier.job.id)
+                shutil.rmtree(received.tmp, ignore_errors=True)  # a repeat: its files are the earlier job's
+                return earlier.job, False
+        saved = await run_in_threadpool(
+            lambda: intake.persist_upload(received, fields, digests, settings, dedup_within=dedup_within)
+        )
+    except BaseException:
+        shutil.rmtree(received.tmp, ignore_errors=True)  # never accepted: leave nothing behind
+        raise
+    try:
+        rec, created = await run_in_threadpool(
+            lambda: store.create_job(
+                spec=saved.spec,
+                input_dir=str(saved.input_dir),
+                input_hash=saved.upload_hash,
+                patient_id=None,
+                idempotency_key=idempotency_key,
+                submitted_by=who.name,
+                source="upload",
+                request_fingerprint=fingerprint,
+                dedup_within=dedup_within,
+                intake=saved.intake,
+                upload_hash=saved.upload_hash,
+            )
+        )
+    except BaseException:
+        shutil.rmtree(saved.input_dir, ignore_errors=True)  # no job refers to it
+        raise
+    if not created and Path(rec.input_dir) != saved.input_dir:
+        shutil.rmtree(saved.input_dir, ignore_errors=True)  # the same files as the existing job's input
+    return rec, created
 
 
 async def _commit(

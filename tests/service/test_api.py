@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import pydicom
 import pytest
+from firststage import run_first_stage
 
 fastapi = pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
@@ -22,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from service.store import Store
+from service.store import JobRecord, Store
 from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import run, write_outputs
 
@@ -105,7 +106,8 @@ def assert_problem(r, status: int, *needles: str) -> dict:
 
 def finish_job(env: Env, job_id: str, result: Path) -> Path:
     """Move a queued job to succeeded with a copy of a real result folder, through the store as the dispatcher
-    does (claim → finish)."""
+    does (claim → the first stage → finish)."""
+    assert first_stage(env, job_id).state == "queued"
     claimed = env.store.claim_queued(10)
     assert job_id in [j.id for j in claimed]
     out = env.settings.data_dir / "jobs" / job_id / "out"
@@ -115,6 +117,27 @@ def finish_job(env: Env, job_id: str, result: Path) -> Path:
         if j.id != job_id:
             env.store.requeue(j.id, "test", count_attempt=False)
     return out
+
+
+def first_stage(env: Env, job_id: str) -> JobRecord:
+    """The job's first stage (issue 15: an upload's files unpacked and checked) as the worker runs it, its outcome
+    recorded as the dispatcher records it (:func:`firststage.run_first_stage`)."""
+    return run_first_stage(env.store, job_id)
+
+
+def assert_fails_at_first_stage(env: Env, r, *needles: str) -> str:
+    """An upload answered 202 at once whose first stage fails with a message naming ``needles`` (today's 422
+    detail) — no server path in it, and the upload kept under the data folder."""
+    assert r.status_code == 202, r.text
+    job = first_stage(env, r.json()["id"])
+    assert job.state == "failed" and job.error is not None
+    for n in needles:
+        assert n.lower() in job.error.lower(), job.error
+    assert str(env.settings.data_dir) not in job.error and "Traceback" not in job.error
+    assert Path(job.input_dir).is_dir() and any(Path(job.input_dir).iterdir())  # nothing received is lost
+    got = env.client.get(f"/v1/jobs/{job.id}", headers=env.h("admin")).json()
+    assert got["state"] == "failed" and got["error"] == job.error
+    return job.error
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
@@ -131,14 +154,11 @@ def test_upload_is_queued_with_location(env: Env, phantom: dict) -> None:
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
-    assert job["state"] == "queued" and job["patient_id"] == phantom["patient_id"]
+    assert job["state"] == "queued"
     assert job["submitted_by"] == "submitter-1"
     assert job["spec"]["calibration"]["cps_per_mbq"] == phantom["spec"]["calibration"]["cps_per_mbq"]
     assert "inputs" not in job["spec"] and "input_dir" not in job
     assert len(job["input_hash"]) == 64
-    # the input hash is the one the pipeline records in provenance
-    summary = json.loads((phantom["result"] / "summary.json").read_text())
-    assert job["input_hash"] == summary["provenance"]["inputs"]["sop_instance_uids_sha256"]
     # the files landed whole in incoming/<upload-id>/, no temp folder left
     entries = env.incoming_entries()
     assert len(entries) == 1 and not entries[0].startswith(".tmp")
@@ -147,6 +167,12 @@ def test_upload_is_queued_with_location(env: Env, phantom: dict) -> None:
     assert len(list(Path(rec.input_dir).rglob("*.dcm"))) == len(phantom["files"])
     r = env.client.get(r.headers["location"], headers=env.h("submitter"))
     assert r.status_code == 200 and r.json()["state"] == "queued"
+    # the first stage reads the files: the patient, and the input hash the pipeline records in provenance
+    assert first_stage(env, job["id"]).state == "queued"
+    job = env.client.get(f"/v1/jobs/{job['id']}", headers=env.h("submitter")).json()
+    assert job["patient_id"] == phantom["patient_id"]
+    summary = json.loads((phantom["result"] / "summary.json").read_text())
+    assert job["input_hash"] == summary["provenance"]["inputs"]["sop_instance_uids_sha256"]
 
 
 def test_idempotency_key_returns_the_same_job(env: Env, phantom: dict) -> None:
@@ -248,6 +274,35 @@ def test_same_upload_twice_is_the_same_job(env: Env, phantom: dict) -> None:
     assert r3.status_code == 202 and r3.json()["id"] != r1.json()["id"]
 
 
+def test_same_instances_in_other_bytes_are_the_same_input_set_at_the_first_stage(env: Env, phantom: dict) -> None:
+    """Issue 15: an upload is answered before its files are read, so "the same input set" (the same DICOM
+    instances, whatever the bytes: a .zip or loose files) is applied by the job's first stage — within a
+    submitter's own jobs; a physicist's upload against anyone's."""
+    z = zip_bytes({str(p.relative_to(phantom["root"])): p.read_bytes() for p in phantom["files"]})
+    zipped = env.client.post(
+        "/v1/jobs",
+        files=[("files", ("study.zip", z, "application/zip"))],
+        data={"spec": json.dumps(phantom["spec"])},
+        headers=env.h("submitter"),
+    )
+    assert zipped.status_code == 202, zipped.text
+    assert first_stage(env, zipped.json()["id"]).state == "queued"
+    loose = submit(env, phantom, "submitter")  # other bytes: a job of its own at once
+    assert loose.status_code == 202 and loose.json()["id"] != zipped.json()["id"]
+    assert_fails_at_first_stage(env, loose, "same input set", zipped.json()["id"])
+    other = submit(env, phantom, "submitter2")  # another submitter: never told of the first job
+    assert other.status_code == 202 and first_stage(env, other.json()["id"]).state == "queued"
+    # a physicist's upload of the same instances (in another archive) is anyone's earlier job: the oldest
+    z2 = zip_bytes({f"x/{n}.dcm": p.read_bytes() for n, p in enumerate(phantom["files"])} | {"README.txt": b"x"})
+    r = env.client.post(
+        "/v1/jobs",
+        files=[("files", ("again.zip", z2, "application/zip"))],
+        data={"spec": json.dumps(phantom["spec"])},
+        headers=env.h("physicist"),
+    )
+    assert_fails_at_first_stage(env, r, "same input set", zipped.json()["id"])
+
+
 def test_zip_upload(env: Env, phantom: dict) -> None:
     z = zip_bytes(
         {str(p.relative_to(phantom["root"])): p.read_bytes() for p in phantom["files"]} | {"README.txt": b"notes"}
@@ -260,6 +315,8 @@ def test_zip_upload(env: Env, phantom: dict) -> None:
     )
     assert r.status_code == 202, r.text
     (entry,) = env.incoming_entries()
+    assert (env.incoming / entry / "study.zip").is_file()  # on disk as sent; unpacked by the job's first stage
+    assert first_stage(env, r.json()["id"]).state == "queued"
     assert not (env.incoming / entry / "study.zip").exists()
     assert len(list((env.incoming / entry).rglob("*.dcm"))) == len(phantom["files"])
 
@@ -268,8 +325,7 @@ def test_zip_upload(env: Env, phantom: dict) -> None:
 def test_zip_with_unsafe_member_is_refused(env: Env, phantom: dict, evil: str) -> None:
     z = zip_bytes({str(phantom["files"][0].relative_to(phantom["root"])): phantom["files"][0].read_bytes(), evil: b"x"})
     r = env.client.post("/v1/jobs", files=[("files", ("s.zip", z, "application/zip"))], headers=env.h())
-    assert_problem(r, 422, "unsafe member path")
-    assert env.incoming_entries() == []
+    assert_fails_at_first_stage(env, r, "unsafe member path")
     assert (
         not (env.settings.data_dir / "evil.dcm").exists() and not (env.settings.data_dir.parent / "evil.dcm").exists()
     )
@@ -280,25 +336,22 @@ def test_zip_bomb_is_refused_by_uncompressed_size(tmp_path: Path) -> None:
     z = zip_bytes({"a.dcm": b"\0" * (3 * 1024 * 1024)})  # 3 MB of zeros compress to a few kB
     assert len(z) < 100_000
     r = env.client.post("/v1/jobs", files=[("files", ("bomb.zip", z, "application/zip"))], headers=env.h())
-    assert_problem(r, 413, "bomb.zip would expand to", "max_upload_mb")
-    assert env.incoming_entries() == []
+    assert_fails_at_first_stage(env, r, "bomb.zip would expand to", "max_upload_mb")
+    (entry,) = env.incoming_entries()
+    assert sum(f.stat().st_size for f in (env.incoming / entry).rglob("*") if f.is_file()) < 1024 * 1024
 
 
 def test_truncated_zip(env: Env, phantom: dict) -> None:
     z = zip_bytes({p.name: p.read_bytes() for p in phantom["files"][:3]})
     r = env.client.post("/v1/jobs", files=[("files", ("s.zip", z[: len(z) // 2], "application/zip"))], headers=env.h())
-    assert_problem(r, 422, "s.zip", "not a readable zip archive")
-    assert env.incoming_entries() == []
+    assert_fails_at_first_stage(env, r, "s.zip", "not a readable zip archive")
 
 
 def test_random_bytes_are_refused_with_a_message(env: Env) -> None:
     r = env.client.post(
         "/v1/jobs", files=[("files", ("scan.dcm", b"\x13\x37" * 500, "application/dicom"))], headers=env.h("submitter")
     )
-    body = assert_problem(r, 422, "scan.dcm", "not a DICOM file")
-    assert str(env.settings.data_dir) not in body["detail"]  # names the upload's file, not the server's path
-    assert env.incoming_entries() == []
-    assert env.store.list_jobs()[1] == 0
+    assert_fails_at_first_stage(env, r, "scan.dcm", "not a DICOM file")  # the upload's file, not a server path
 
 
 def _upload_with_rtstruct(env: Env, phantom: dict, rtstruct: bytes):
@@ -310,23 +363,20 @@ def _upload_with_rtstruct(env: Env, phantom: dict, rtstruct: bytes):
 
 
 @pytest.mark.parametrize("cut", [10, 1000])
-def test_truncated_rtstruct_is_refused_at_upload(env: Env, phantom: dict, cut: int) -> None:
+def test_truncated_rtstruct_fails_the_first_stage(env: Env, phantom: dict, cut: int) -> None:
     """Issue 14, defect 9: a structure set cut short (its last contours or observations missing) was accepted and
     the job failed later as an internal error."""
     data = (phantom["dicom"] / "RTSTRUCT.dcm").read_bytes()
-    body = assert_problem(_upload_with_rtstruct(env, phantom, data[:-cut]), 422, "RTSTRUCT.dcm", "truncated")
-    assert str(env.settings.data_dir) not in body["detail"]
-    assert env.incoming_entries() == [] and env.store.list_jobs()[1] == 0
+    assert_fails_at_first_stage(env, _upload_with_rtstruct(env, phantom, data[:-cut]), "RTSTRUCT.dcm", "truncated")
 
 
-def test_rtstruct_contour_without_data_is_refused_at_upload(env: Env, phantom: dict) -> None:
+def test_rtstruct_contour_without_data_fails_the_first_stage(env: Env, phantom: dict) -> None:
     ds = pydicom.dcmread(phantom["dicom"] / "RTSTRUCT.dcm")
     del ds.ROIContourSequence[-1].ContourSequence[-1].ContourData  # a whole file, but an incomplete item
     buf = io.BytesIO()
     ds.save_as(buf)
-    body = assert_problem(_upload_with_rtstruct(env, phantom, buf.getvalue()), 422, "RTSTRUCT.dcm", "ContourData")
-    assert body["tag"] == "ContourData (3006,0050)"
-    assert env.incoming_entries() == [] and env.store.list_jobs()[1] == 0
+    r = _upload_with_rtstruct(env, phantom, buf.getvalue())
+    assert_fails_at_first_stage(env, r, "RTSTRUCT.dcm", "ContourData (3006,0050)")
 
 
 def test_mixed_patients_are_refused(env: Env, phantom: dict) -> None:
@@ -342,21 +392,18 @@ def test_mixed_patients_are_refused(env: Env, phantom: dict) -> None:
             data = buf.getvalue()
         parts.append(("files", (rel, data, "application/dicom")))
     r = env.client.post("/v1/jobs", files=parts, data={"spec": json.dumps(phantom["spec"])}, headers=env.h())
-    assert_problem(r, 422, "mixed patients", "SOMEONE-ELSE")
-    assert env.incoming_entries() == []
+    assert_fails_at_first_stage(env, r, "mixed patients", "SOMEONE-ELSE")
 
 
 def test_no_spect_is_refused(env: Env, phantom: dict) -> None:
     cts = [p for p in phantom["files"] if "/CT/" in str(p)][:20]
     files, data = multipart(cts, phantom["dicom"], phantom["spec"])
-    assert_problem(env.client.post("/v1/jobs", files=files, data=data, headers=env.h()), 422, "no reconstructed SPECT")
-    assert env.incoming_entries() == []
+    r = env.client.post("/v1/jobs", files=files, data=data, headers=env.h())
+    assert_fails_at_first_stage(env, r, "no reconstructed SPECT")
 
 
-def test_counts_without_calibration_are_refused_before_queuing(env: Env, phantom: dict) -> None:
-    body = assert_problem(submit(env, phantom, spec={}), 422, "raw counts", "calibration")
-    assert body["tag"] == "calibration.cps_per_mbq"
-    assert env.incoming_entries() == []
+def test_counts_without_calibration_fail_the_first_stage(env: Env, phantom: dict) -> None:
+    assert_fails_at_first_stage(env, submit(env, phantom, spec={}), "raw counts", "calibration.cps_per_mbq")
 
 
 def test_a_camera_profile_calibrates_an_upload(env: Env, phantom: dict) -> None:
@@ -480,13 +527,13 @@ def test_values_that_would_give_a_wrong_dose_are_refused_at_submission(
     assert_no_job(env)
 
 
-def test_an_injection_years_before_the_scans_is_refused_at_submission(env: Env, phantom: dict) -> None:
+def test_an_injection_years_before_the_scans_fails_the_first_stage(env: Env, phantom: dict) -> None:
     """Injection 0001-01-01: scans 17.7 million hours later, a kidney of 367 607 Gy marked succeeded.  Lu-177
     (T½ 6.65 d) leaves < 0.2 % after 60 days: no scan is that late."""
     spec = {**phantom["spec"], "injection": {"datetime": "0001-01-01T00:00:00"}}
-    body = assert_problem(submit(env, phantom, spec=spec), 422, "days after the injection")
-    assert body["tag"] == "injection.datetime" and "60 days" in body["expected"]
-    assert_no_job(env)
+    assert_fails_at_first_stage(
+        env, submit(env, phantom, spec=spec), "days after the injection", "injection.datetime", "60 days"
+    )
 
 
 def test_upload_over_max_upload_mb_is_413(tmp_path: Path, phantom: dict) -> None:
@@ -630,6 +677,8 @@ def test_unexpected_errors_are_500_problems_without_details(env: Env, caplog, mo
 # ------------------------------------------------------------------------------------------- jobs
 def test_list_filters_and_pages(env: Env, phantom: dict) -> None:
     ids = [submit(env, phantom, spec={**phantom["spec"], "cycle_number": n}).json()["id"] for n in (1, 2, 3)]
+    for job_id in ids:  # the first stage reads the patient from the files
+        assert first_stage(env, job_id).patient_id == phantom["patient_id"]
     env.client.post(f"/v1/jobs/{ids[0]}/cancel", headers=env.h())
     r = env.client.get("/v1/jobs", params={"limit": 2}, headers=env.h()).json()
     assert r["total"] == 3 and [j["id"] for j in r["items"]] == ids[::-1][:2]

@@ -16,6 +16,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from firststage import run_first_stage
 
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("fastapi")
@@ -344,15 +345,17 @@ def test_an_upload_takes_the_profile_unless_it_gives_a_calibration(site: Any, sm
     ]
     h = {"Authorization": f"Bearer {tokens['submitter']}"}
     r = client.post("/v1/jobs", files=files, headers=h)
-    assert r.status_code == 422 and r.json()["tag"] == "calibration.cps_per_mbq"
-    expected = r.json()["expected"]
-    assert f"camera profile registered for camera {PHANTOM_LABEL} and Lu-177" in expected
-    assert "POST to the API's v1/cameras" in expected
+    assert r.status_code == 202, r.text  # answered at once: the files are checked by the job's first stage
+    failed = run_first_stage(store, r.json()["id"])
+    assert failed.state == "failed" and failed.error is not None and "calibration.cps_per_mbq" in failed.error
+    assert f"camera profile registered for camera {PHANTOM_LABEL} and Lu-177" in failed.error
+    assert "POST to the API's v1/cameras" in failed.error
 
     p = register_profile(store, profile_data("P", sensitivity=5.67), "phys-1")
     r = client.post("/v1/jobs", files=files, headers=h)
     assert r.status_code == 202, r.text
-    job = r.json()
+    assert run_first_stage(store, r.json()["id"]).state == "queued"
+    job = client.get(f"/v1/jobs/{r.json()['id']}", headers=h).json()
     assert job["spec"]["calibration"] == {"cps_per_mbq": 5.67, "source": f"camera profile P (id {p.id})"}
     assert job["camera_profile_id"] == p.id
     page = client.get(f"/jobs/{job['id']}", headers=h).text  # the job's page names the profile too
@@ -361,8 +364,10 @@ def test_an_upload_takes_the_profile_unless_it_gives_a_calibration(site: Any, sm
     given = {"calibration": {"cps_per_mbq": 6.0}}
     r = client.post("/v1/jobs", files=files, data={"spec": json.dumps(given)}, headers=h)
     assert r.status_code == 202, r.text
-    assert r.json()["spec"]["calibration"] == {"cps_per_mbq": 6.0, "source": None}
-    assert r.json()["camera_profile_id"] == p.id and "kept" in r.json()["camera_match"]
+    assert run_first_stage(store, r.json()["id"]).state == "queued"
+    job = client.get(f"/v1/jobs/{r.json()['id']}", headers=h).json()
+    assert job["spec"]["calibration"] == {"cps_per_mbq": 6.0, "source": None}
+    assert job["camera_profile_id"] == p.id and "kept" in job["camera_match"]
 
 
 def test_a_spect_that_does_not_name_its_camera_waits_saying_so(

@@ -90,13 +90,22 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         assert r.status_code == 400
         assert c.get("/v1/cameras", headers=sub).json() == []
 
-        # without a profile an upload of counts is refused, naming the camera a profile would have to match
+        # without a profile an upload of counts is refused by its job's first stage (issue 15: answered at once),
+        # naming the camera a profile would have to match
         upload = [
             ("files", (str(p.relative_to(small_phantom["dicom"])), p.read_bytes(), "application/dicom")) for p in files
         ]
         r = c.post("/v1/jobs", files=upload, headers=sub)
-        assert r.status_code == 422 and r.json()["tag"] == "calibration.cps_per_mbq"
-        assert f"camera profile registered for camera {PHANTOM_LABEL}" in r.json()["expected"]
+        assert r.status_code == 202, r.text
+        refused = r.json()["id"]
+
+        def failed() -> Any:
+            j = c.get(f"/v1/jobs/{refused}", headers=sub).json()
+            assert j["state"] in ("queued", "running", "failed"), j
+            return j if j["state"] == "failed" else None
+
+        error = wait(failed, "the upload's first stage to refuse it", JOB_WAIT_S)["error"]
+        assert "calibration.cps_per_mbq" in error and f"camera profile registered for camera {PHANTOM_LABEL}" in error
 
         # another camera's profile; then the push: the cycle waits for its own camera's calibration
         other = c.post("/v1/cameras", json=profile_data("Symbia", manufacturer="SIEMENS NM"), headers=phys)
@@ -110,7 +119,7 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         assert cycles[0]["reason"].startswith(f"waiting: no calibration for camera {PHANTOM_LABEL}"), cycles
         pid = str(pydicom.dcmread(Path(small_phantom["dicom"]) / "RTSTRUCT.dcm", stop_before_pixels=True).PatientID)
         assert pid not in cycles[0]["reason"]
-        assert c.get("/v1/jobs", headers=phys).json()["total"] == 0
+        assert [j["id"] for j in c.get("/v1/jobs", headers=phys).json()["items"]] == [refused]
 
         # the physicist registers the camera's profile: the cycle starts by itself, calibrated by it
         r = c.post("/v1/cameras", json=body, headers=phys)
@@ -118,7 +127,10 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         cam = r.json()
         assert cam["active"] and cam["camera"] == PHANTOM_LABEL and cam["created_by"] == "physicist-cam"
         source = f"camera profile Phantom SPECT (id {cam['id']})"
-        jobs = wait(lambda: c.get("/v1/jobs", headers=phys).json()["items"], "the node's job to start")
+        jobs = wait(
+            lambda: [j for j in c.get("/v1/jobs", headers=phys).json()["items"] if j["source"] == "dicom"],
+            "the node's job to start",
+        )
         assert len(jobs) == 1 and jobs[0]["source"] == "dicom"
         assert jobs[0]["spec"]["calibration"] == {"cps_per_mbq": cps, "source": source}
         assert jobs[0]["camera_profile_id"] == cam["id"] and jobs[0]["camera_match"] == source
@@ -126,8 +138,15 @@ def test_a_registered_profile_calibrates_node_and_upload_jobs(
         # an upload without a calibration takes the same profile
         r = c.post("/v1/jobs", files=upload, headers=sub)
         assert r.status_code == 202, r.text
-        assert r.json()["spec"]["calibration"] == {"cps_per_mbq": cps, "source": source}
-        assert r.json()["camera_profile_id"] == cam["id"]
+
+        def checked() -> Any:  # the first stage chose the profile
+            j = c.get(f"/v1/jobs/{r.json()['id']}", headers=sub).json()
+            assert j["state"] in ("queued", "running"), j
+            return j if j["camera_profile_id"] is not None else None
+
+        up = wait(checked, "the upload's first stage to take the profile", JOB_WAIT_S)
+        assert up["spec"]["calibration"] == {"cps_per_mbq": cps, "source": source}
+        assert up["camera_profile_id"] == cam["id"]
         # (the same pipeline as the node's job: cancelled, to keep the suite's time)
         assert c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=phys).status_code in (200, 202)
 

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from firststage import run_first_stage
 
 pytest.importorskip("fastapi")
 pytest.importorskip("pynetdicom")
@@ -312,9 +313,12 @@ def test_an_upload_with_an_unknown_transfer_syntax_is_a_422_naming_the_file(
             r = client.post(
                 path, files=parts, data={"spec": json.dumps(spec)}, headers={"Authorization": f"Bearer {token}"}
             )
-        assert r.status_code == 422, r.text[:500]
-        assert "TransferSyntaxUID (0002,0010)" in r.text and "SPECT.dcm" in r.text, r.text[:500]
-        assert store.list_jobs()[1] == 0
+        # answered at once (issue 15); the job's first stage refuses the file, naming it and the tag
+        assert r.status_code == (303 if path == "/submit" else 202), r.text[:500]
+        job_id = r.headers["location"].rsplit("/", 1)[1]
+        job = run_first_stage(store, job_id)
+        assert job.state == "failed" and job.error is not None
+        assert "TransferSyntaxUID (0002,0010)" in job.error and "SPECT.dcm" in job.error, job.error
     finally:
         client.close()
         store.dispose()

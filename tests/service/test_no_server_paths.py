@@ -17,6 +17,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from firststage import run_first_stage
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 from sqlalchemy import text
@@ -218,11 +219,10 @@ def test_upload_refusals_name_files_as_uploaded(tmp_path: Path, store: Any, smal
                 data={"spec": json.dumps(spec)},
                 headers={"Authorization": f"Bearer {token}"},
             )
-            assert r.status_code == 422, (name, r.text)
-            body = r.json()
-            assert f"{name}/f" in body["detail"], body  # the file as uploaded
-            _no_server_path(
-                json.dumps({k: v for k, v in body.items() if k != "instance"}, ensure_ascii=False),
-                settings.data_dir,
-                tmp_path,
-            )
+            assert r.status_code == 202, (name, r.text)  # refused by the job's first stage (issue 15)
+            job = run_first_stage(store, r.json()["id"])
+            assert job.state == "failed" and job.error is not None
+            assert f"{name}/f" in job.error, job.error  # the file as uploaded
+            body = client.get(f"/v1/jobs/{job.id}", headers={"Authorization": f"Bearer {token}"}).json()
+            assert body["error"] == job.error
+            _no_server_path(job.error, settings.data_dir, tmp_path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from firststage import run_first_stage
 
 pytest.importorskip("fastapi")
 pytest.importorskip("jinja2")
@@ -229,8 +230,17 @@ def test_upload_page(site, result: Path) -> None:
     login(client, tokens["submitter"])
     r = client.get("/submit")
     assert r.status_code == 200 and 'enctype="multipart/form-data"' in r.text
+    # answered at once (issue 15): the files are checked by the job's first stage, whose error the job page shows
     r = client.post("/submit", files=[("files", ("junk.dcm", b"junk" * 100, "application/dicom"))])
-    assert r.status_code == 422 and 'id="submit-error"' in r.text and "junk.dcm: not a DICOM file" in r.text
+    assert r.status_code == 303, r.text
+    junk = run_first_stage(store, r.headers["location"].rsplit("/", 1)[1])
+    assert junk.state == "failed" and "junk.dcm: not a DICOM file" in (junk.error or "")
+    assert "junk.dcm: not a DICOM file" in client.get(r.headers["location"]).text
+    # a job description that is not valid is refused before anything is kept
+    r = client.post(
+        "/submit", files=[("files", ("junk.dcm", b"junk" * 100, "application/dicom"))], data={"spec": "{not json"}
+    )
+    assert r.status_code == 422 and 'id="submit-error"' in r.text and "not valid JSON" in r.text
     dicom = result.parent / "dicom"
     files = [
         ("files", (str(p.relative_to(dicom)), p.read_bytes(), "application/dicom"))
