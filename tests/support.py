@@ -11,6 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from voxeldose.phantom import PhantomSettings
+from voxeldose.scanner import SpectAcquisition
+
 T = TypeVar("T")
 
 #: Multiplies every wait limit of the suite (default 1): raise it on a machine slower or busier than the limits assume.
@@ -158,3 +161,18 @@ def dicompyler(py: Path, rs: Path, rd: Path, interpolation_mm: float | None = 1.
     )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+def tiny_osem_settings(**overrides: Any) -> PhantomSettings:
+    """The small patient imaged by the projection camera on a coarse grid, for tests of seconds: 32 × 32 × 24
+    SPECT voxels of 10.8 mm, 24 views (12 per head, 15° apart, 100 s each), OSEM 2 iterations × 4 subsets."""
+    base: dict[str, Any] = {
+        "camera": "osem",
+        "spect_matrix": 32,
+        "spect_slices": 24,
+        "spect_voxel_mm": 10.8,
+        "acquisition": SpectAcquisition(frame_duration_ms=100_000, frames_in_rotation=12, angular_step_deg=15.0),
+        "osem_iterations": 2,
+        "osem_subsets": 4,
+    }
+    return PhantomSettings.small(**{**base, **overrides})

@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 from scipy.integrate import quad
+from support import tiny_osem_settings
 
 from voxeldose.calibrate import DEFAULT_ACTIVITY_U, CalibrationResult, calibrate
 from voxeldose.calphantom import IEC, CalibrationPhantom, write_calibration_phantom
@@ -279,7 +280,6 @@ def test_the_osem_camera_calibrates(tmp_path: Path) -> None:
     target for the imaging chain's totals) plus 4 Poisson σ of the camera's; the spheres found within half a
     voxel; larger spheres recover more."""
     from voxeldose import recon
-    from voxeldose.scanner import SpectAcquisition
 
     try:
         recon._pytomography()
@@ -288,15 +288,7 @@ def test_the_osem_camera_calibrates(tmp_path: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
-    st = PhantomSettings.small(
-        camera="osem",
-        spect_matrix=32,
-        spect_slices=24,
-        spect_voxel_mm=10.8,
-        acquisition=SpectAcquisition(frame_duration_ms=100_000, frames_in_rotation=12, angular_step_deg=15.0),
-        osem_iterations=2,
-        osem_subsets=4,
-    )
+    st = tiny_osem_settings()
     cyl, iec = _phantoms(tmp_path, st)
     res = calibrate([cyl, iec])
     cf = st.calibration_cps_per_mbq

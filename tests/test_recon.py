@@ -13,6 +13,7 @@ import sys
 import grimp
 import numpy as np
 import pytest
+from support import tiny_osem_settings
 
 from voxeldose import backend, recon
 from voxeldose.errors import VoxeldoseError
@@ -242,19 +243,9 @@ def test_the_osem_camera_images_the_patients_total_activity() -> None:
     4 σ of the counts (σ bound as in ``_total_tolerance``, for the deepest point of the half-size torso, ≤ 9 cm of
     tissue).  No scatter is simulated, so none is to be corrected; what remains is the CT's HU → μ against the
     true μ and OSEM's subsets."""
-    from voxeldose.phantom import PhantomSettings, simulate
-    from voxeldose.scanner import SpectAcquisition
+    from voxeldose.phantom import simulate
 
-    st = PhantomSettings.small(
-        hours=(24.0,),
-        camera="osem",
-        spect_matrix=32,
-        spect_slices=24,
-        spect_voxel_mm=10.8,
-        acquisition=SpectAcquisition(frame_duration_ms=100_000, frames_in_rotation=12, angular_step_deg=15.0),
-        osem_iterations=2,
-        osem_subsets=4,
-    )
+    st = tiny_osem_settings(hours=(24.0,))
     tp = simulate(st).timepoints[0]
     truth = float(tp.expected_counts.sum())
     n_air = truth  # the projections' counts in air: each head detects CF/2 over the same T_acq

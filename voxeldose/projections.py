@@ -85,7 +85,7 @@ from .recon import (
 from .recon import (
     collimator as collimator_model,
 )
-from .scanner import NM_IMAGE_STORAGE, Injection, radionuclide_code
+from .scanner import NM_IMAGE_STORAGE, Injection, nm_image_pixel, radionuclide_code
 
 __all__ = [
     "EnergyWindow",
@@ -289,15 +289,7 @@ def write_projections(
     ds.PatientOrientationCodeSequence = DicomSequence([orient_item])
     ds.PatientGantryRelationshipCodeSequence = DicomSequence([code_item(codes.SCT.Headfirst)])
     # Image Pixel C.7.6.3 / NM Image Pixel C.8.4.7: rows are slices (head at the top), columns bins
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = nz
-    ds.Columns = nb
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelSpacing = [format_ds(ps.slice_mm), format_ds(ps.bin_mm)]  # row spacing \ column spacing
+    nm_image_pixel(ds, nz, nb, ps.slice_mm, ps.bin_mm)
     # Multi-frame C.7.6.6 / NM Multi-frame C.8.4.8
     ds.NumberOfFrames = n
     ds.FrameIncrementPointer = [

@@ -82,6 +82,7 @@ __all__ = [
     "write_ct_series",
     "write_nm_tomo",
     "write_rtstruct",
+    "nm_image_pixel",
 ]
 
 NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
@@ -254,6 +255,20 @@ def _frame_and_times(ds: pydicom.Dataset, series: SeriesInfo, acq: datetime) -> 
     ds.ContentTime = format_tm(acq)
 
 
+def nm_image_pixel(ds: Dataset, rows: int, columns: int, row_spacing_mm: float, column_spacing_mm: float) -> None:
+    """Image Pixel (C.7.6.3) and NM Image Pixel (C.8.4.7) attributes of an unsigned 16-bit monochrome NM frame:
+    ``rows`` × ``columns`` pixels, PixelSpacing = row spacing \\ column spacing (mm)."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelSpacing = [format_ds(row_spacing_mm), format_ds(column_spacing_mm)]
+
+
 def write_nm_tomo(
     path: str | Path,
     volume: Volume,
@@ -351,16 +366,7 @@ def write_nm_tomo(
     orient_item.PatientOrientationModifierCodeSequence = DicomSequence([code_item(modifier)])
     ds.PatientOrientationCodeSequence = DicomSequence([orient_item])
     ds.PatientGantryRelationshipCodeSequence = DicomSequence([code_item(gantry)])
-    # Image Pixel C.7.6.3 / NM Image Pixel C.8.4.7
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = nj
-    ds.Columns = ni
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelSpacing = [format_ds(dr), format_ds(dc)]
+    nm_image_pixel(ds, nj, ni, dr, dc)
     # Multi-frame C.7.6.6 / NM Multi-frame C.8.4.8
     ds.NumberOfFrames = nk
     ds.FrameIncrementPointer = pydicom.tag.Tag(0x0054, 0x0080)  # SliceVector
