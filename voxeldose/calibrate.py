@@ -52,7 +52,7 @@ from .calphantom import IEC, CalibrationPhantom, Placement, region_fractions
 from .camera import CameraIdentity, CameraProfile, RecoveryFit, RecoveryPoint, identity_from_dataset
 from .dicomutil import parse_dt, tag_label
 from .errors import VoxeldoseError
-from .geometry import Grid, Volume, resample
+from .geometry import FWHM_PER_SIGMA, Grid, Volume, resample
 from .ingest import Series, acquisition_datetime, read_ct, read_spect, scan
 from .nuclides import require_supported
 
@@ -562,7 +562,7 @@ def measure_iec(
     wsum = [float(w.sum()) for w in weights]
 
     def model(_x: NDArray[Any], fwhm: float, scale: float) -> NDArray[Any]:
-        sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / spacing
+        sigma = fwhm / FWHM_PER_SIGMA / spacing
         img = gaussian_filter(model_act, sigma=sigma, mode="constant", cval=0.0, truncate=4.0)
         return scale * np.array([float((w * img).sum()) / s for w, s in zip(weights, wsum)])
 

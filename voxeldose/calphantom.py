@@ -46,7 +46,7 @@ from numpy.typing import NDArray
 from scipy.ndimage import gaussian_filter
 
 from .dicomutil import PatientStudy, SeriesInfo
-from .geometry import Grid, Volume
+from .geometry import FWHM_PER_SIGMA, Grid, Volume
 from .nuclides import load
 from .phantom import (
     PhantomSettings,
@@ -428,7 +428,7 @@ def simulate_calibration(phantom: CalibrationPhantom, settings: PhantomSettings 
     else:
         blurred = act
         if st.fwhm_mm > 0:
-            sigma = st.fwhm_mm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / np.asarray(grid.spacing)[::-1]
+            sigma = st.fwhm_mm / FWHM_PER_SIGMA / np.asarray(grid.spacing)[::-1]
             blurred = gaussian_filter(act, sigma=sigma, mode="constant", cval=0.0, truncate=4.0)
         expected = np.maximum(blurred, 0.0) / 1e6 * cf * t_acq * df
         counts = rng.poisson(expected) if st.poisson_noise else np.rint(expected)

@@ -17,6 +17,7 @@ Conventions (see shared DESIGN.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from types import ModuleType
@@ -28,7 +29,10 @@ from numpy.typing import ArrayLike, NDArray
 from .backend import Array
 from .errors import VoxeldoseError
 
-__all__ = ["Grid", "Volume", "affine_from_dicom", "resample"]
+__all__ = ["FWHM_PER_SIGMA", "Grid", "Volume", "affine_from_dicom", "resample"]
+
+#: FWHM of a Gaussian over its standard deviation, 2·√(2 ln 2) ≈ 2.3548 (dimensionless; from exp(−x²/2σ²) = 1/2).
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def affine_from_dicom(

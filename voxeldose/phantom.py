@@ -78,7 +78,7 @@ from .camera import CameraIdentity
 from .dicom_writers import write_seg
 from .dicomutil import PatientStudy, SeriesInfo
 from .dose import RHO_AIR, SCHNEIDER_2000
-from .geometry import Grid, Volume
+from .geometry import FWHM_PER_SIGMA, Grid, Volume
 from .nuclides import J_PER_MEV, electron_energy_per_decay_MeV, load
 from .projections import EnergyWindow, ProjectionSet, reconstruct, reconstruction_method, write_projections
 from .reference import write_reference_dose
@@ -984,7 +984,7 @@ def simulate(settings: PhantomSettings | None = None) -> PhantomData:
     t_acq = st.acquisition_duration_s
     df = _decay_during_acquisition(lam, t_acq)
     cf = st.calibration_cps_per_mbq
-    sigma_vox = st.fwhm_mm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / np.asarray(grid.spacing)[::-1]
+    sigma_vox = st.fwhm_mm / FWHM_PER_SIGMA / np.asarray(grid.spacing)[::-1]
     tps: list[TimePoint] = []
     for n, (h, tr) in enumerate(zip(st.hours, transforms)):
         t_s = h * 3600.0

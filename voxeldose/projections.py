@@ -99,9 +99,6 @@ __all__ = [
     "write_projections",
 ]
 
-#: The 208 keV photopeak of 177Lu that a projection set's counts must be the window of (see recon).
-_PHOTOPEAK_KEV = 208.0
-
 
 def projector_angle_deg(dicom_deg: float) -> float:
     """The projector's angle θ (:mod:`voxeldose.recon`, PyTomography) of a DICOM detector angle φ: θ = φ + 180°."""
@@ -398,13 +395,13 @@ def _photopeak(ds: Dataset, path: Path) -> tuple[int, EnergyWindow]:
         lo_f = _number(lo, path, limits_tag, "keV")
         hi_f = _number(hi, path, limits_tag, "keV")
         found.append((lo_f, hi_f))
-        if lo_f < _PHOTOPEAK_KEV < hi_f:
+        if lo_f < LU177_PHOTOPEAK_KEV < hi_f:
             return w, EnergyWindow(str(item.get("EnergyWindowName") or f"window {w + 1}"), lo_f, hi_f)
     raise VoxeldoseError(
         "the projections have no 177Lu photopeak window",
         path=path,
         tag=seq_tag,
-        expected=f"an energy window with limits around {_PHOTOPEAK_KEV:g} keV",
+        expected=f"an energy window with limits around {LU177_PHOTOPEAK_KEV:g} keV",
         found=found or None,
     )
 

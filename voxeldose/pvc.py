@@ -50,6 +50,7 @@ from scipy import integrate, stats
 from .backend import Array, to_host, xp_for
 from .camera import RecoveryFit
 from .errors import VoxeldoseError
+from .geometry import FWHM_PER_SIGMA
 from .geometry import _ndimage_for as ndimage_for
 
 Method = Literal["none", "rc", "gtm", "rbv"]
@@ -69,8 +70,6 @@ BACKGROUND: Final = "(background)"
 MIN_REGION_VOXELS: Final = 0.5
 #: Gaussian kernels are truncated at this many standard deviations (scipy's default).
 TRUNCATE_SD: Final = 4.0
-
-FWHM_PER_SIGMA: Final = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 # ------------------------------------------------------------------------------------------ PSF

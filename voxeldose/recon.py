@@ -59,6 +59,7 @@ from numpy.typing import NDArray
 
 from .backend import ENV_VAR
 from .errors import VoxeldoseError
+from .geometry import FWHM_PER_SIGMA
 
 __all__ = [
     "COLLIMATORS",
@@ -334,15 +335,12 @@ def _system_matrix(mu: FloatArray, voxel_mm: Sequence[float], orbit: Orbit, came
     proj_meta = SPECTProjMeta((nx, nz), (dx, dz), np.asarray(orbit.angles_deg, dtype=np.float64), radii=radii_cm)
     # σ(d) in cm: the collimator's FWHM(d) (Collimator.fwhm_mm), as PyTomography's sigma_fit(r, *params)
     col = camera.collimator
-    slope = col.hole_diameter_mm / col.effective_length_mm(camera.energy_keV) / _FWHM_PER_SIGMA
-    params = (slope, col.hole_diameter_mm / 10.0 / _FWHM_PER_SIGMA, camera.intrinsic_fwhm_mm / 10.0 / _FWHM_PER_SIGMA)
+    slope = col.hole_diameter_mm / col.effective_length_mm(camera.energy_keV) / FWHM_PER_SIGMA
+    params = (slope, col.hole_diameter_mm / 10.0 / FWHM_PER_SIGMA, camera.intrinsic_fwhm_mm / 10.0 / FWHM_PER_SIGMA)
     psf_meta = SPECTPSFMeta(params, sigma_fit=_sigma_fit, min_sigmas=3)
     mu_t = torch.as_tensor(np.ascontiguousarray(mu.transpose(2, 1, 0)), dtype=ptm.dtype)
     transforms = [SPECTAttenuationTransform(attenuation_map=mu_t), SPECTPSFTransform(psf_meta)]
     return SPECTSystemMatrix(transforms, [], object_meta, proj_meta)
-
-
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def _sigma_fit(r: NDArray[Any], a: float, b: float, c: float) -> NDArray[Any]:
