@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_pvc.py                      # default phantom, seed 0, gaussian camera
     .venv/bin/python benchmarks/bench_pvc.py --seeds 0,1,2 --methods gtm,rbv --json out.json
     .venv/bin/python benchmarks/bench_pvc.py --profile-from-calibrate --seeds 0 --methods gtm
+    .venv/bin/python -u benchmarks/bench_pvc.py --camera osem --profile-from-calibrate --seeds 0,1,2 \
+        --methods rc,gtm,rbv --workdir /tmp/bench-pvc-osem --json /tmp/bench-pvc-osem.json
 
 For each seed: writes the default phantom (``PhantomSettings(seed=…)``, 11 mm Gaussian camera, noise,
 repositioning), runs the pipeline once without correction and once per method, and prints per kidney and tumour
@@ -19,7 +21,14 @@ With ``--profile-from-calibrate`` the profile is instead what a site would measu
 each seed the uniform cylinder and the NEMA IEC phantom are written through the SAME camera as the patient
 (:func:`voxeldose.calphantom.write_calibration_phantom` with the patient's ``PhantomSettings``) and
 ``voxeldose calibrate --cylinder … --iec …`` is run on their DICOM alone; its ``camera.json`` is the job's
-profile.  The patient's truth is never read for it.
+profile.  The patient's truth is never read for it.  The phantoms are imaged once, with the first seed's settings
+(a site calibrates its camera once, not per patient), and every seed's job uses that profile.
+
+``--camera osem`` images the patient and the calibration phantoms through projections and OSEM (issue 11's camera:
+``PhantomSettings(camera="osem")``, about 3 min per scan on 2 cores); ``--workdir`` keeps every phantom and run there
+and reuses a phantom already written (its ``truth/truth.json`` present), so seeds can be added in later calls.  For
+each seed and time point the table also gives the reconstructed total over ``truth.json``'s
+``expected_total_counts`` (issue 11's "total activity within 3 %").
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from scipy.optimize import curve_fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -87,7 +97,8 @@ def calibrated_profile(st: PhantomSettings, root: Path) -> CameraProfile:
     """``voxeldose calibrate`` on the cylinder and NEMA IEC phantoms imaged through the camera of ``st``."""
     t = time.perf_counter()
     for kind in ("cylinder", "iec"):
-        write_calibration_phantom(root / kind, CalibrationPhantom(kind), st)
+        if not (root / kind / "truth").is_dir():
+            write_calibration_phantom(root / kind, CalibrationPhantom(kind), st)
     t_write = time.perf_counter() - t
     out = root / "camera.json"
     rc = voxeldose_main(
@@ -99,14 +110,20 @@ def calibrated_profile(st: PhantomSettings, root: Path) -> CameraProfile:
     return CameraProfile.load(out)
 
 
-def one_seed(seed: int, methods: list[str], root: Path, from_calibrate: bool = False) -> dict[str, Any]:
-    st = PhantomSettings(seed=seed)
+def one_seed(
+    seed: int, methods: list[str], root: Path, profile: CameraProfile | None, camera: str = "gaussian"
+) -> dict[str, Any]:
+    st = PhantomSettings(seed=seed, camera=camera)  # type: ignore[arg-type]  # checked by argparse's choices
     out = root / f"seed{seed}"
-    profile = calibrated_profile(st, root / f"calib{seed}") if from_calibrate else design_profile(st)
-    write_phantom(out, st)
+    from_calibrate = profile is not None
+    profile = profile if profile is not None else design_profile(st)
+    t = time.perf_counter()
+    if not (out / "truth" / "truth.json").is_file():
+        write_phantom(out, st)
+        print(f"seed {seed}: phantom ({camera} camera) written in {time.perf_counter() - t:.1f} s", flush=True)
     truth = json.loads((out / "truth" / "truth.json").read_text())
     ref = truth["reference_dose"]["voi_mean_gy"]
-    camera = profile.model_dump(mode="json", by_alias=True)
+    camera_json = profile.model_dump(mode="json", by_alias=True)
     rows: dict[str, Any] = {
         "seed": seed,
         "profile": {
@@ -114,12 +131,14 @@ def one_seed(seed: int, methods: list[str], root: Path, from_calibrate: bool = F
             "sensitivity_cps_per_mbq": profile.sensitivity_cps_per_mbq,
             "fwhm_mm": profile.fwhm_mm,
         },
+        "camera": camera,
         "reference_gy": {n: ref[n] for n in VOIS},
+        "totals": _totals(out, truth),
         "runs": {},
     }
     for method in ["none", *methods]:
         t = time.perf_counter()
-        result = run({"inputs": [str(out / "dicom")], "pvc": method, "camera": camera})
+        result = run({"inputs": [str(out / "dicom")], "pvc": method, "camera": camera_json})
         wall = time.perf_counter() - t
         s = result.summary
         rows["runs"][method] = {
@@ -135,11 +154,28 @@ def one_seed(seed: int, methods: list[str], root: Path, from_calibrate: bool = F
     return rows
 
 
+def _totals(out: Path, truth: dict[str, Any]) -> dict[str, float]:
+    """Per time point: the written reconstruction's total counts over ``expected_total_counts``."""
+    ratios: dict[str, float] = {}
+    for tp in truth["time_points"]:
+        spect = out / tp["folder"] / "NM" / "SPECT.dcm"
+        if "expected_total_counts" not in tp or not spect.is_file():
+            continue
+        counts = float(pydicom.dcmread(spect).pixel_array.astype(np.int64).sum())  # counts, as bench_recon reads them
+        ratios[f"{tp['hours_after_injection']:g} h"] = counts / float(tp["expected_total_counts"])
+    return ratios
+
+
 def table(results: list[dict[str, Any]], methods: list[str]) -> str:
     lines = []
     for r in results:
         runs = r["runs"]
         prof = r.get("profile", {})
+        if r.get("totals"):
+            cells = ", ".join(f"{k} {v:.4f}" for k, v in r["totals"].items())
+            lines.append(
+                f"seed {r['seed']} ({r.get('camera', 'gaussian')} camera): reconstructed / true total: {cells}"
+            )
         lines.append(
             f"seed {r['seed']}: mean dose / reference dose (profile: {prof.get('source', 'design values')}, "
             f"{prof.get('sensitivity_cps_per_mbq', float('nan')):.4f} cps/MBq, FWHM {prof.get('fwhm_mm') or float('nan'):.2f} mm)"
@@ -148,8 +184,8 @@ def table(results: list[dict[str, Any]], methods: list[str]) -> str:
         lines.append("|---|---:|---:|---:|" + "---:|" * len(methods))
         for n in VOIS:
             ref = r["reference_gy"][n]
-            cells = [f"{runs[m]['mean_gy'][n] / ref:.3f}" for m in ["none", *methods]]
-            lines.append(f"| {n} | {runs['none']['volume_ml'][n]:.1f} | {ref:.2f} | " + " | ".join(cells) + " |")
+            ratios = [f"{runs[m]['mean_gy'][n] / ref:.3f}" for m in ["none", *methods]]
+            lines.append(f"| {n} | {runs['none']['volume_ml'][n]:.1f} | {ref:.2f} | " + " | ".join(ratios) + " |")
         base = runs["none"]["pipeline_total_s"]
         lines.append("")
         lines.append("| run | pipeline s | pvc stage s | pvc stage / uncorrected run | run − uncorrected run |")
@@ -175,10 +211,23 @@ def main() -> int:
         help="the camera profile from voxeldose calibrate on the cylinder and NEMA IEC phantoms imaged through the "
         "patient's camera (default: the camera's design values)",
     )
+    ap.add_argument("--camera", choices=["gaussian", "osem"], default="gaussian", help="the phantom's camera model")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep (and reuse) phantoms and runs here")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-pvc-") as tmp:
-        results = [one_seed(int(s), methods, Path(tmp), args.profile_from_calibrate) for s in args.seeds.split(",")]
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        profile = None
+        if args.profile_from_calibrate:
+            st = PhantomSettings(seed=seeds[0], camera=args.camera)
+            profile = calibrated_profile(st, root / f"calib-{args.camera}")
+        results = []
+        for seed in seeds:
+            results.append(one_seed(seed, methods, root, profile, args.camera))
+            if args.json is not None:  # after every seed: a long run interrupted keeps what it measured
+                args.json.write_text(json.dumps(results, indent=2))
     print(table(results, methods))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))

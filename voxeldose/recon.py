@@ -64,6 +64,7 @@ from .geometry import FWHM_PER_SIGMA
 __all__ = [
     "COLLIMATORS",
     "CT_EFFECTIVE_ENERGY_KEV",
+    "SOFT_TISSUE_MAX_HU",
     "LU177_PHOTOPEAK_KEV",
     "Camera",
     "Collimator",
@@ -121,22 +122,32 @@ def mu_per_cm(material: str, energy_keV: float = LU177_PHOTOPEAK_KEV) -> float:
 _ELEMENTS = {"Pb": 82, "W": 74}
 
 
+#: Upper CT number (HU) of soft tissues: Schneider et al. 2000 (Phys. Med. Biol. 45:459, Table 2 and the
+#: segments of :data:`voxeldose.dose.SCHNEIDER_2000`) put the soft-tissue range below 100 HU and bone-like mixtures
+#: above it.  :func:`hu_to_mu_per_cm` scales μ like water's up to here.
+SOFT_TISSUE_MAX_HU = 100.0
+
+
 def hu_to_mu_per_cm(
     hu: NDArray[Any] | float,
     energy_keV: float = LU177_PHOTOPEAK_KEV,
     ct_effective_energy_keV: float = CT_EFFECTIVE_ENERGY_KEV,
 ) -> FloatArray:
-    """μ (1/cm) at ``energy_keV`` from CT numbers: the bilinear air–water / water–bone model.
+    """μ (1/cm) at ``energy_keV`` from CT numbers: air–water–soft tissue scaled like water, bone as a water–bone mix.
 
-    A CT number is ``H = 1000 (μ_CT − μ_w,CT) / (μ_w,CT − μ_air,CT)`` at the CT's effective energy.  A voxel at
-    ``H ≤ 0`` is taken as an air–water mixture, one at ``H > 0`` as a water–cortical-bone mixture, by volume; the
-    mixture's μ at the SPECT energy follows linearly (Blankespoor et al. 1996, IEEE TNS 43:2263; Kinahan et al.
-    1998, Med. Phys. 25:2046; evaluated against measured μ by Burger et al. 2002, EJNMMI 29:922, and for SPECT
-    radionuclides by Brown et al. 2008, Appl. Radiat. Isot. 66:1206):
+    A CT number is ``H = 1000 (μ_CT − μ_w,CT) / (μ_w,CT − μ_air,CT)`` at the CT's effective energy.
 
-    * ``H ≤ 0``: ``μ = μ_w + (H/1000)(μ_w − μ_air)`` — exact at air (−1000) and water (0);
-    * ``H > 0``: ``μ = μ_w + H (μ_b − μ_w) / H_b`` with ``H_b`` the CT number of cortical bone (ICRP, 1.85 g/cm³)
-      at ``ct_effective_energy_keV`` (≈ 1450 HU at 70 keV).
+    * ``H ≤ 100`` (:data:`SOFT_TISSUE_MAX_HU`): ``μ = μ_w + (H/1000)(μ_w − μ_air)`` — exact at air (−1000) and water
+      (0).  Lung, fat and soft tissues have water's effective atomic number closely enough that their CT number
+      measures their electron density relative to water, and at the photopeak (Compton-dominated) μ is proportional
+      to it.  The classic bilinear model (Blankespoor et al. 1996, IEEE TNS 43:2263; Kinahan et al. 1998, Med. Phys.
+      25:2046; Brown et al. 2008, Appl. Radiat. Isot. 66:1206) breaks at 0 HU and gives soft tissue the bone
+      slope, which under-estimates μ of muscle, liver and kidney (40–60 HU) by 1–3 %; the break at the top of the
+      soft-tissue range is the one of Carney et al. 2006 (Med. Phys. 33:976) in kind.  Caveat: iodinated contrast
+      raises the CT number with little effect at 208 keV, so contrast-enhanced tissue below 100 HU gets a μ up to
+      ~6 % high (post-therapy SPECT/CT is acquired without contrast).
+    * ``H > 100``: linear from the soft-tissue top to cortical bone (ICRP, 1.85 g/cm³) at its CT number ``H_b`` at
+      ``ct_effective_energy_keV`` (≈ 1450 HU at 70 keV): a mixture of soft tissue and bone by volume.
 
     All μ are xraylib's (:func:`mu_per_cm`).  Values below −1000 HU (CT padding) give μ_air.  The dose engine's
     HU → *mass density* (``dose.hu_to_density``, Schneider et al. 2000) is a different calibration for a
@@ -146,7 +157,13 @@ def hu_to_mu_per_cm(
     ct_w, ct_b, ct_a = (mu_per_cm(m, ct_effective_energy_keV) for m in (_WATER, _CORTICAL_BONE, _AIR))
     hu_bone = 1000.0 * (ct_b - ct_w) / (ct_w - ct_a)
     h = np.maximum(np.asarray(hu, dtype=np.float64), -1000.0)
-    mu = np.where(h <= 0.0, mu_w + h / 1000.0 * (mu_w - mu_a), mu_w + h * (mu_b - mu_w) / hu_bone)
+    h_soft = SOFT_TISSUE_MAX_HU
+    mu_soft = mu_w + h_soft / 1000.0 * (mu_w - mu_a)
+    mu = np.where(
+        h <= h_soft,
+        mu_w + h / 1000.0 * (mu_w - mu_a),
+        mu_soft + (h - h_soft) * (mu_b - mu_soft) / (hu_bone - h_soft),
+    )
     return mu.astype(np.float32)
 
 
@@ -326,7 +343,7 @@ def _system_matrix(mu: FloatArray, voxel_mm: Sequence[float], orbit: Orbit, came
     import torch
     from pytomography.metadata.SPECT import SPECTObjectMeta, SPECTProjMeta, SPECTPSFMeta
     from pytomography.projectors.SPECT import SPECTSystemMatrix
-    from pytomography.transforms.SPECT import SPECTAttenuationTransform, SPECTPSFTransform
+    from pytomography.transforms.SPECT import SPECTPSFTransform
 
     nz, ny, nx = mu.shape
     dz, dy, dx = (float(s) / 10.0 for s in voxel_mm)  # cm
@@ -339,8 +356,61 @@ def _system_matrix(mu: FloatArray, voxel_mm: Sequence[float], orbit: Orbit, came
     params = (slope, col.hole_diameter_mm / 10.0 / FWHM_PER_SIGMA, camera.intrinsic_fwhm_mm / 10.0 / FWHM_PER_SIGMA)
     psf_meta = SPECTPSFMeta(params, sigma_fit=_sigma_fit, min_sigmas=3)
     mu_t = torch.as_tensor(np.ascontiguousarray(mu.transpose(2, 1, 0)), dtype=ptm.dtype)
-    transforms = [SPECTAttenuationTransform(attenuation_map=mu_t), SPECTPSFTransform(psf_meta)]
+    attenuation = _cached_attenuation_class()(attenuation_map=mu_t)
+    transforms = [attenuation, SPECTPSFTransform(psf_meta)]
     return SPECTSystemMatrix(transforms, [], object_meta, proj_meta)
+
+
+#: Most memory (bytes) that the per-view detection-probability maps of one system matrix may take; above it they are
+#: recomputed for every projection as PyTomography does.  128 × 128 × 96 voxels and 120 views take 1.5 GB.
+ATTENUATION_CACHE_MAX_BYTES = 3 * 2**30
+
+
+@cache
+def _cached_attenuation_class() -> type:
+    """PyTomography's ``SPECTAttenuationTransform`` that computes each view's probability of detection
+    ``exp(−∫μ dl)`` once and keeps it.
+
+    PyTomography recomputes it at every forward and back projection (rotate the padded μ-map, cumulative sum,
+    exponential): on a CPU about 30 % of a projector call on the default grid, repeated 2 × iterations times per
+    view by OSEM.  The map depends only on μ and the view, so keeping it gives the same numbers (up to float
+    round-off order; a test checks this) for memory :data:`ATTENUATION_CACHE_MAX_BYTES` at most.
+    """
+    _pytomography()
+    import torch
+    from pytomography.transforms.SPECT import SPECTAttenuationTransform
+    from pytomography.transforms.SPECT.attenuation import get_prob_of_detection_matrix
+    from pytomography.utils import pad_object, rotate_detector_z
+
+    class CachedAttenuationTransform(SPECTAttenuationTransform):  # type: ignore[misc]  # PyTomography is untyped
+        _factors: dict[int, torch.Tensor]
+
+        def configure(self, object_meta: Any, proj_meta: Any) -> None:
+            super().configure(object_meta, proj_meta)
+            self._factors = {}
+            padded = pad_object(self.attenuation_map) if self.assume_padded else self.attenuation_map
+            self._padded = padded
+            per_view = padded.numel() * padded.element_size()
+            self._keep = per_view * len(proj_meta.angles) <= ATTENUATION_CACHE_MAX_BYTES
+
+        def _factor(self, ang_idx: Any) -> torch.Tensor:
+            key = int(ang_idx)
+            factor = self._factors.get(key)
+            if factor is None:
+                factor = get_prob_of_detection_matrix(
+                    rotate_detector_z(self._padded, self.proj_meta.angles[ang_idx]), self.object_meta.dx
+                )
+                if self._keep:
+                    self._factors[key] = factor
+            return factor
+
+        def forward(self, object_i: torch.Tensor, ang_idx: Any) -> torch.Tensor:
+            return object_i * self._factor(ang_idx)
+
+        def backward(self, object_i: torch.Tensor, ang_idx: Any) -> torch.Tensor:
+            return object_i * self._factor(ang_idx)
+
+    return CachedAttenuationTransform
 
 
 def _sigma_fit(r: NDArray[Any], a: float, b: float, c: float) -> NDArray[Any]:
