@@ -178,6 +178,38 @@ def test_rbv_corrects_the_dose_map(still) -> None:
 
 
 @pytest.mark.slow
+def test_the_fwhm_uncertainty_reaches_each_vois_budget_as_the_dose_responds_to_it(still) -> None:
+    """gtm with a profile that states u(FWHM): each VOI's "recovery" component equals how its corrected mean dose
+    actually moves when the whole job is rerun at FWHM ± u (GUM §5.1.3 by central difference through every scan,
+    where the budget differentiates one scan); and small objects respond more than the kidneys (their recovery is
+    steeper in FWHM)."""
+    dicom, _ = still
+    u_fwhm = 1.0
+
+    def job(fwhm: float, u: float | None) -> Summary:
+        profile = _profile(fwhm).model_copy(update={"fwhm_u_mm": u})
+        spec = {"inputs": [str(dicom)], "registration": "none", "pvc": "gtm", "camera": _camera(profile)}
+        return run(spec).summary
+
+    s = job(11.0, u_fwhm)
+    lo, hi = job(11.0 - u_fwhm, None), job(11.0 + u_fwhm, None)
+    got = {}
+    for name in (*KIDNEYS, "Tumor_1"):
+        unc = s.vois[name].uncertainty
+        assert unc is not None
+        comp = next(c for c in unc.components if c.name == "recovery")
+        assert comp.relative_u is not None and "± 1" in comp.how, (name, comp)
+        moved = abs(hi.vois[name].mean_gy - lo.vois[name].mean_gy) / (2 * s.vois[name].mean_gy)
+        assert comp.relative_u == pytest.approx(moved, rel=0.25, abs=0.002), name
+        got[name] = comp.relative_u
+    assert got["Tumor_1"] > max(got[k] for k in KIDNEYS)
+    # without a stated u(FWHM) the component says so instead of inventing one
+    plain = job(11.0, None).vois["Kidney_L"].uncertainty
+    assert plain is not None
+    assert next(c for c in plain.components if c.name == "recovery").relative_u is None
+
+
+@pytest.mark.slow
 def test_an_ideal_camera_passes_every_method_unchanged(tmp_path: Path) -> None:
     """No blur: the profile's FWHM (0.1 mm, the least a profile may state) is below a tenth of a voxel."""
     dicom, _ = _phantom(tmp_path, PhantomSettings.ideal(PhantomSettings.small()))

@@ -18,7 +18,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -622,6 +622,10 @@ class _Corrected:
     observed: dict[str, np.ndarray]  # VOI activity as imaged, Bq, per time point
     corrected: dict[str, np.ndarray]  # VOI activity after the correction, Bq, per time point
     stack: np.ndarray | None  # rbv: the corrected activity map (Bq per voxel) of every time point
+    #: gtm/rbv: each VOI's relative standard uncertainty of its corrected activity from the camera profile's FWHM
+    #: uncertainty (:func:`_fwhm_sensitivity`); empty when the profile states none
+    recovery_u: dict[str, float] = field(default_factory=dict)
+    recovery_how: str = ""
 
 
 def _activity(aligned: list[Volume]) -> list[Volume]:
@@ -772,12 +776,46 @@ def _pvc(
         dose_correction=PVC_DOSE_CORRECTION["map" if spec.pvc == "rbv" else "voi"],
         notes=notes,
     )
+    recovery_u, recovery_how = _fwhm_sensitivity(spec, activity, fractions, spacing, fwhms, maps)
     return _Corrected(
         record,
         {n: np.array(v) for n, v in observed.items()},
         {n: np.array(v) for n, v in corrected.items()},
         np.stack(images).astype(np.float64) if images else None,
+        recovery_u,
+        recovery_how,
     )
+
+
+def _fwhm_sensitivity(
+    spec: JobSpec,
+    activity: list[Volume],
+    fractions: dict[str, np.ndarray],
+    spacing: tuple[float, ...],
+    fwhms: list[float],
+    maps: list[tuple[np.ndarray, Grid] | None],
+) -> tuple[dict[str, float], str]:
+    """gtm/rbv: the relative standard uncertainty of each VOI's corrected activity that the camera profile's FWHM
+    uncertainty causes, u_r = |A(F + u_F) − A(F − u_F)| / (2 A(F)) (GUM JCGM 100:2008 §5.1.3, the sensitivity
+    coefficient by a central difference), on the reference time point (not resampled, the camera's own FWHM).
+
+    The same relative error applies to every scan (one FWHM for all: fully correlated), so it enters the budget
+    as a common component, like the calibration.  Cost: two more GTM builds (and rbv corrections) of one scan."""
+    cam = spec.camera
+    if spec.pvc not in ("gtm", "rbv") or cam is None or cam.fwhm_mm is None or not cam.fwhm_u_mm:
+        return {}, ""
+    n = next((i for i, m in enumerate(maps) if m is None), 0)
+    f0, uf = fwhms[n], float(cam.fwhm_u_mm)
+    correct = pvc.gtm if spec.pvc == "gtm" else pvc.rbv
+    base = correct(activity[n].array, fractions, round(f0, 2), spacing).corrected
+    lo = correct(activity[n].array, fractions, max(f0 - uf, 0.0), spacing).corrected
+    hi = correct(activity[n].array, fractions, f0 + uf, spacing).corrected
+    out = {name: abs(hi[name] - lo[name]) / (2.0 * abs(base[name])) for name in fractions if abs(base[name]) > 0.0}
+    how = (
+        f"{spec.pvc} rerun at the camera profile's FWHM {cam.fwhm_mm:g} ± {uf:.2g} mm on the reference scan: "
+        "|A(F+u) − A(F−u)| / (2A), common to every scan"
+    )
+    return out, how
 
 
 def _voi_fit(
@@ -929,7 +967,7 @@ def _metrics(
                 dose_arr, voi.fraction, rho if spec.dose.method == "dvk-density" else None
             )
             entry["uncertainty"] = _uncertainty(
-                spec, fr, entry, dosed.dose.grid.spacing, quants or [], observed, outline_u
+                spec, fr, entry, dosed.dose.grid.spacing, quants or [], observed, outline_u, name=name, recovery=corr
             )
         out[name] = VoiMetrics.model_validate(entry)
     return out
@@ -1035,6 +1073,9 @@ def _uncertainty(
     quants: list[Quantification],
     observed_bq: np.ndarray | None,
     outline_u: float | None = None,
+    *,
+    name: str = "",
+    recovery: _Corrected | None = None,
 ) -> VoiUncertainty:
     """The VOI's EANM uncertainty budget (:mod:`voxeldose.uncertainty`) from the job's camera profile, the
     quantification of each scan (counts behind the VOI activity) and the partial-volume correction."""
@@ -1056,8 +1097,10 @@ def _uncertainty(
         rfit = cam.recovery_fit
         recovery_u = rfit.rc_u(volume_ml) / rfit.rc(volume_ml)
         recovery_how = f"recovery fit of camera profile {cam.name!r} at {volume_ml:.3g} ml: u(RC)/RC"
+    elif spec.pvc in ("gtm", "rbv") and recovery is not None and name in recovery.recovery_u:
+        recovery_u, recovery_how = recovery.recovery_u[name], recovery.recovery_how
     elif spec.pvc in ("gtm", "rbv"):
-        recovery_how = f"{spec.pvc}: not evaluated (would need the correction rerun at FWHM ± u)"
+        recovery_how = f"{spec.pvc}: not evaluated (the camera profile states no FWHM uncertainty)"
     b = uncertainty.voi_budget(
         fr,
         mean_gy=float(entry["mean_gy"]),

@@ -19,9 +19,10 @@ Components (each named in the budget, with its relative standard uncertainty or 
                  correlated between voxels and grows with iterations, so a VOI's reconstructed activity scatters
                  more than the Poisson counts it holds.
 ``recovery``     the partial-volume correction: for ``rc`` the recovery fit's ``rc_u(V)/rc(V)`` at the VOI's volume
-                 (:meth:`voxeldose.camera.RecoveryFit.rc_u`); for ``gtm``/``rbv`` not evaluated here (it would
-                 need the correction rerun at FWHM ± u); without a correction the recovery is not part of the
-                 measurement model (``None``, "not applied").
+                 (:meth:`voxeldose.camera.RecoveryFit.rc_u`); for ``gtm``/``rbv`` the corrected activity's
+                 response to the profile's FWHM uncertainty, the correction rerun at FWHM ± u on the reference scan
+                 (``voxeldose.pipeline._fwhm_sensitivity``; ``None`` when the profile states no u(FWHM)); without a
+                 correction the recovery is not part of the measurement model (``None``, "not applied").
 ``scan time``    the time of each scan after injection, u(t) = :data:`DEFAULT_SCAN_TIME_U_S` (voxeldose's stated
                  default, not a published value; Gear et al. 2018 treat each measurement time as an input with
                  its own uncertainty), carried to the activity as |dA/dt|·u(t) on the fitted curve.
