@@ -150,8 +150,9 @@ def test_the_spheres_are_found_where_the_phantom_put_them(result: CalibrationRes
 
 
 def test_the_effective_fwhm_is_the_cameras(result: CalibrationResult) -> None:
-    """FWHM within 5 % and within 3 of its standard uncertainties of the camera's 11 mm; the fit's free scale
-    factor (the activity calibration's common error) within 3 % of 1."""
+    """FWHM within 5 % and within 3 of its standard uncertainties of the camera's 11 mm; the least-squares scale
+    of the Gaussian model at that FWHM (the fit fixes it at 1: the cylinder calibrates the concentrations) within
+    3 % of 1, as it must be for a Gaussian camera whose two calibrations agree."""
     p = result.profile
     assert p.fwhm_mm is not None and p.fwhm_u_mm is not None and result.iec is not None
     assert p.fwhm_mm == pytest.approx(11.0, rel=0.05)
