@@ -157,7 +157,7 @@ def one_seed(
 def _totals(out: Path, truth: dict[str, Any]) -> dict[str, float]:
     """Per time point: the written reconstruction's total counts over ``expected_total_counts``."""
     ratios: dict[str, float] = {}
-    for tp in truth["time_points"]:
+    for tp in truth["timepoints"]:
         spect = out / tp["folder"] / "NM" / "SPECT.dcm"
         if "expected_total_counts" not in tp or not spect.is_file():
             continue
