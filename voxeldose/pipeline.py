@@ -776,7 +776,7 @@ def _pvc(
         dose_correction=PVC_DOSE_CORRECTION["map" if spec.pvc == "rbv" else "voi"],
         notes=notes,
     )
-    recovery_u, recovery_how = _fwhm_sensitivity(spec, activity, fractions, spacing, fwhms, maps)
+    recovery_u, recovery_how = _fwhm_sensitivity(spec, activity, fractions, spacing, fwhms, maps, models)
     return _Corrected(
         record,
         {n: np.array(v) for n, v in observed.items()},
@@ -794,26 +794,27 @@ def _fwhm_sensitivity(
     spacing: tuple[float, ...],
     fwhms: list[float],
     maps: list[tuple[np.ndarray, Grid] | None],
+    models: dict[float, pvc.Gtm],
 ) -> tuple[dict[str, float], str]:
     """gtm/rbv: the relative standard uncertainty of each VOI's corrected activity that the camera profile's FWHM
-    uncertainty causes, u_r = |A(F + u_F) − A(F − u_F)| / (2 A(F)) (GUM JCGM 100:2008 §5.1.3, the sensitivity
-    coefficient by a central difference), on the reference time point (not resampled, the camera's own FWHM).
+    uncertainty causes, u_r = |A(F + u_F) − A(F)| / A(F) (GUM JCGM 100:2008 §5.1.3: the sensitivity coefficient by a
+    forward difference of one standard uncertainty), on the reference time point (not resampled: the camera's own
+    FWHM).
 
     The same relative error applies to every scan (one FWHM for all: fully correlated), so it enters the budget
-    as a common component, like the calibration.  Cost: two more GTM builds (and rbv corrections) of one scan."""
+    as a common component, like the calibration.  Cost: one more GTM build (and rbv correction) of one scan."""
     cam = spec.camera
     if spec.pvc not in ("gtm", "rbv") or cam is None or cam.fwhm_mm is None or not cam.fwhm_u_mm:
         return {}, ""
     n = next((i for i, m in enumerate(maps) if m is None), 0)
     f0, uf = fwhms[n], float(cam.fwhm_u_mm)
     correct = pvc.gtm if spec.pvc == "gtm" else pvc.rbv
-    base = correct(activity[n].array, fractions, round(f0, 2), spacing).corrected
-    lo = correct(activity[n].array, fractions, max(f0 - uf, 0.0), spacing).corrected
+    base = correct(activity[n].array, fractions, round(f0, 2), spacing, models.get(round(f0, 2))).corrected
     hi = correct(activity[n].array, fractions, f0 + uf, spacing).corrected
-    out = {name: abs(hi[name] - lo[name]) / (2.0 * abs(base[name])) for name in fractions if abs(base[name]) > 0.0}
+    out = {name: abs(hi[name] - base[name]) / abs(base[name]) for name in fractions if abs(base[name]) > 0.0}
     how = (
-        f"{spec.pvc} rerun at the camera profile's FWHM {cam.fwhm_mm:g} ± {uf:.2g} mm on the reference scan: "
-        "|A(F+u) − A(F−u)| / (2A), common to every scan"
+        f"{spec.pvc} rerun at the camera profile's FWHM {cam.fwhm_mm:g} + {uf:.2g} mm on the reference scan: "
+        "|A(F+u) − A(F)| / A, common to every scan"
     )
     return out, how
 
