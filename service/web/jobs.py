@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import intake
+from .. import approval, intake
 from ..auth import Principal
 from ..models import utcnow
 from ..store import Store
+from ..store.approvals import MAX_REASON
 from .deps import get_settings, get_store, principal, require
 from .problems import ProblemError, responses
 from .submit import SeriesRequest, accept_series, accept_upload, media_type
@@ -117,7 +119,66 @@ def list_jobs(
 @router.get("/{job_id}", response_model=Job, summary="One job", responses=responses(401, 404))
 def get_job(job_id: str, who: Principal = Depends(principal), store: Store = Depends(get_store)) -> Job:
     rec = readable_job(store, job_id, who)
-    return job_out(rec, store.job_deliveries(rec.id))
+    return job_out(rec, store.job_deliveries(rec.id), store.review_history(rec.id))
+
+
+class ReviewRequest(BaseModel):
+    """A physicist's decision on a job's result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["approved", "rejected", "revoked"] = Field(
+        description="approved; rejected (reason required); revoked (back to unreviewed, reason required)"
+    )
+    reason: str | None = Field(None, max_length=MAX_REASON, description="why (required unless approving)")
+
+
+class AuditEventOut(BaseModel):
+    """One entry of the audit trail."""
+
+    id: int
+    at: datetime
+    actor: str = Field(description="name of the token")
+    actor_role: str | None = None
+    action: str = Field(description="e.g. job.approved, job.rejected, job.revoked")
+    job_id: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+@router.post(
+    "/{job_id}/review",
+    response_model=Job,
+    summary="Approve or reject a job's result (physicist)",
+    description="Records a physicist's decision on the job's result, with who and when, in the job's review "
+    "history and the audit trail.  `approved`: the sender then sends the approved SR (VERIFIED, FINAL, with the "
+    "Verifying Observer Sequence) and RT Dose.  `rejected` and `revoked` need a `reason`; `revoked` takes the "
+    "job back to unreviewed.  409 when the job has no result or the decision equals its state.  A submitter: 403.",
+    responses=responses(400, 401, 403, 404, 409, 422),
+)
+def review_job(
+    request: Request,
+    job_id: str,
+    body: ReviewRequest,
+    who: Principal = Depends(require(approval.REVIEWER_ROLE)),
+    store: Store = Depends(get_store),
+) -> Job:
+    readable_job(store, job_id, who)
+    approval.decide(get_settings(request), store, job_id, who, body.decision, body.reason)
+    rec = readable_job(store, job_id, who)
+    return job_out(rec, store.job_deliveries(rec.id), store.review_history(rec.id))
+
+
+@router.get(
+    "/{job_id}/audit",
+    response_model=list[AuditEventOut],
+    summary="The job's audit trail, newest first (physicist)",
+    responses=responses(401, 403, 404),
+)
+def job_audit(
+    job_id: str, who: Principal = Depends(require(approval.REVIEWER_ROLE)), store: Store = Depends(get_store)
+) -> list[AuditEventOut]:
+    readable_job(store, job_id, who)
+    return [AuditEventOut.model_validate(e, from_attributes=True) for e in store.audit_events(job_id=job_id)]
 
 
 @router.post(
