@@ -97,6 +97,8 @@ def delivery_files(job: JobRecord, kind: str) -> list[Path]:
         files = [result / n for n in RESULT_FILES]
     else:
         approved = approved_dir(job, approval_id)
+        if not any((approved / n).is_file() for n in APPROVED_FILES):
+            return []  # never the SEG alone in place of the approved copies
         files = [approved / n if n in APPROVED_FILES else result / n for n in RESULT_FILES]
     return [f for f in files if f.is_file()]
 

@@ -1,14 +1,17 @@
 """The approval state of the DICOM results (voxeldose.approval): a run's SR and RT Dose are preliminary; the
 approved copies say VERIFIED / FINAL with a Verifying Observer (DICOM PS3.3 C.17.2) and "APPROVED" in the RT
-Dose's Dose Comment, as new instances, and pass dciodvfy."""
+Dose's Dose Comment, as new instances, and pass dciodvfy.  And the slice viewer's volumes (voxeldose.viewer),
+made from the same results: NIfTI that reads back with the RT Dose's geometry and values."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
+import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from support import dciodvfy_errors
 
 from voxeldose.approval import (
@@ -20,9 +23,11 @@ from voxeldose.approval import (
     person_name,
 )
 from voxeldose.dicomutil import save_part10
+from voxeldose.ingest import read_rtdose, scan
 from voxeldose.outputs import write_pacs_objects
 from voxeldose.phantom import PhantomSettings, write_phantom
 from voxeldose.pipeline import run, write_outputs
+from voxeldose.viewer import write_viewer_volumes
 
 WHEN = datetime(2026, 12, 3, 14, 5, 9, 123456, tzinfo=timezone(timedelta(hours=1)))
 
@@ -37,6 +42,32 @@ def results(tmp_path_factory: pytest.TempPathFactory):
     write_pacs_objects(result, out)
     write_outputs(result, out)
     return out
+
+
+def test_viewer_volumes_on_the_dose_grid(results, tmp_path) -> None:
+    made = write_viewer_volumes(results, results.parent / "dicom", tmp_path / "viewer")
+    assert set(made.files) == {"ct", "dose", "vois"}
+    rd = read_rtdose(scan([str(results / "rtdose.dcm")]).by_kind("rtdose")[0])
+    images = {name: sitk.ReadImage(str(path)) for name, path in made.files.items()}
+    for img in images.values():  # one grid: the RT Dose's, in LPS as SimpleITK reports it
+        assert img.GetSize() == tuple(reversed(rd.shape))
+        assert np.allclose(img.GetOrigin(), rd.affine[:3, 3], atol=1e-3)
+        assert np.allclose(img.GetSpacing(), np.linalg.norm(rd.affine[:3, :3], axis=0), atol=1e-4)
+    dose = sitk.GetArrayFromImage(images["dose"])
+    assert np.allclose(dose, rd.array, rtol=1e-6, atol=1e-9)
+    assert made.dose_max_gy == pytest.approx(float(np.max(rd.array)))
+    ct = sitk.GetArrayFromImage(images["ct"])
+    assert ct.min() >= -1024 and ct.max() > 100  # HU: air around a body with bone
+    labels = sitk.GetArrayFromImage(images["vois"])
+    names = made.labels
+    assert {"Kidney_L", "Kidney_R", "Liver", "Body"} <= set(names.values())
+    by_name = {v: k for k, v in names.items()}
+    # every VOI keeps voxels (a small one inside a large one is drawn over it), the body holds them all
+    assert all(np.count_nonzero(labels == k) > 0 for k in names)
+    assert by_name["Body"] == 1 and np.count_nonzero(labels) > np.count_nonzero(labels == by_name["Body"])
+    # the kidneys get dose: their mean on the viewer grid is well above the body's
+    kid = dose[labels == by_name["Kidney_L"]].mean()
+    assert kid > 3 * dose[labels == by_name["Body"]].mean()
 
 
 def test_written_results_are_preliminary(results) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -9,6 +12,9 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from voxeldose.errors import VoxeldoseError
+from voxeldose.viewer import write_viewer_volumes
 
 from .. import approval, intake
 from ..auth import Principal
@@ -286,3 +292,76 @@ def get_report(job_id: str, who: Principal = Depends(principal), store: Store = 
     )
     resp.headers["X-Content-Type-Options"] = "nosniff"
     return resp
+
+
+# ------------------------------------------------------------------------------------------ viewer
+class ViewerVolume(BaseModel):
+    url: str = Field(description="NIfTI-1 (.nii.gz) on the dose grid")
+
+
+class ViewerManifest(BaseModel):
+    """What the job page's slice viewer loads (:mod:`voxeldose.viewer`): CT, dose and VOI labels on one grid."""
+
+    volumes: dict[str, ViewerVolume] = Field(description="ct (HU), dose (Gy), vois (label map); those available")
+    labels: dict[int, str] = Field(description="VOI name of each label value of the vois volume")
+    dose_max_gy: float
+
+
+def _viewer_dir(store: Store, job_id: str, who: Principal) -> tuple[Path, ViewerManifest]:
+    """The job's viewer volumes, written on the first request (into ``<result dir>/viewer``)."""
+    result = _result_file(store, job_id, who, "rtdose.dcm").parent
+    rec = readable_job(store, job_id, who)
+    out = result / "viewer"
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        tmp = result / f"viewer.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            made = write_viewer_volumes(result, Path(rec.input_dir), tmp)
+        except VoxeldoseError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ProblemError(
+                409, "No viewer volumes", f"job {job_id}: {err.reason}", slug="no-viewer-volumes"
+            ) from None
+        base = f"/v1/jobs/{job_id}/viewer"
+        manifest = ViewerManifest(
+            volumes={name: ViewerVolume(url=f"{base}/{name}.nii.gz") for name in made.files},
+            labels=made.labels,
+            dose_max_gy=made.dose_max_gy,
+        )
+        (tmp / "manifest.json").write_text(manifest.model_dump_json())
+        try:
+            os.replace(tmp, out)  # another request may have written it first: then keep that one
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, ViewerManifest.model_validate_json(manifest_path.read_text())
+
+
+@router.get(
+    "/{job_id}/viewer",
+    response_model=ViewerManifest,
+    summary="The slice viewer's volumes (CT, dose, VOI labels as NIfTI on the dose grid)",
+    responses=responses(401, 404, 409),
+)
+def get_viewer(job_id: str, who: Principal = Depends(principal), store: Store = Depends(get_store)) -> ViewerManifest:
+    return _viewer_dir(store, job_id, who)[1]
+
+
+@router.get(
+    "/{job_id}/viewer/{name}.nii.gz",
+    summary="One viewer volume (NIfTI-1, gzip)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+        **responses(401, 404, 409),
+    },
+)
+def get_viewer_volume(
+    job_id: str,
+    name: Literal["ct", "dose", "vois"],
+    who: Principal = Depends(principal),
+    store: Store = Depends(get_store),
+) -> FileResponse:
+    folder, manifest = _viewer_dir(store, job_id, who)
+    if name not in manifest.volumes:
+        raise ProblemError(404, "Not found", f"job {job_id} has no {name} volume", slug="not-found")
+    return FileResponse(folder / f"{name}.nii.gz", media_type="application/gzip")

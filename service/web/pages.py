@@ -5,7 +5,10 @@ physicists register and retire them), ``/jobs/{id}`` (state,
 progress, error; for a finished job the dose table with limits, Gy/GBq, cycles left, the DVH plot and the
 full report in a frame), ``/patients/{id}`` (cycles, cumulative dose vs limits, cycles left), ``/submit``
 (upload form).  Pages of running jobs refresh themselves.  Stable hooks for browser tests:
-``#job-list a.job-link``, ``#camera-list tr.camera-row``, ``#dose-table``, ``#dvh-plot``, ``#cycles-table``, ``#cycles-left``.
+``#job-list a.job-link``, ``#camera-list tr.camera-row``, ``#dose-table``, ``#dvh-plot``, ``#cycles-table``, ``#cycles-left``,
+``#review-state``, ``#review-form`` (``#review-approve``/``-reject``/``-revoke``, ``#review-reason``), ``#viewer-canvas``,
+``#viewer-status[data-state]``.  A finished job's page runs one script of ours (``/static/viewer.js``, the slice
+viewer over the vendored NiiVue); every other page runs none.
 """
 
 from __future__ import annotations
@@ -302,7 +305,7 @@ def _job_page(
     }
     if summary is not None:
         ctx.update(summary_context(summary))
-    return render("job.html", request, who, status=status, **ctx)
+    return render("job.html", request, who, status=status, scripts=job.has_result, **ctx)
 
 
 @router.get("/jobs/{job_id}")

@@ -3,12 +3,15 @@ sender sends because of it, against dcmtk's storescp, on SQLite and PostgreSQL."
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
 from test_sender import StoreSCP, _succeeded_job, peer, result_dir  # noqa: F401 - fixtures used by name
 
 from service import approval
@@ -16,6 +19,7 @@ from service.auth import Principal
 from service.errors import ErrorKind, ServiceError
 from service.models import utcnow
 from service.sender import Sender
+from service.store import MIGRATIONS_DIR, Store
 
 PHYSICIST = Principal("phys-a", "physicist", "header")
 SUBMITTER = Principal("sub-a", "submitter", "header")
@@ -150,3 +154,49 @@ def test_unapproved_results_are_not_sent_when_so_configured(
     assert {ds.Modality for ds in received.values()} == {"RTDOSE", "SEG"}  # the SEG goes with the approved copies
     [comment] = _dose_comments(peer)
     assert comment.startswith("APPROVED")
+
+
+def test_migration_0007_keeps_deliveries_as_results(database_url: str) -> None:
+    """Upgrading a database with a sent delivery: it becomes kind "results", and an approval delivery of the same
+    job and destination can then be added beside it."""
+    st = Store(database_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with st.db.begin_writing() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0006")
+        conn.execute(
+            text(
+                "INSERT INTO deliveries (job_id, destination, state, attempts, created_at) "
+                "VALUES (:j, 'PACS@h:104', 'sent', 1, :t)"
+            ),
+            {"j": "j" * 32, "t": datetime.now(UTC)},
+        )
+    st.migrate()
+    try:
+        [d] = st.job_deliveries("j" * 32)
+        assert d["kind"] == "results" and d["state"] == "sent"
+        assert st.add_delivery("j" * 32, "PACS@h:104", utcnow(), kind="approval-1") is True
+        assert st.add_delivery("j" * 32, "PACS@h:104", utcnow(), kind="approval-1") is False
+        assert st.add_delivery("j" * 32, "PACS@h:104", utcnow()) is False
+    finally:
+        st.dispose()
+
+
+def test_approval_delivery_without_its_copies_sends_nothing(
+    make_settings: Any,
+    store: Any,
+    result_dir: Path,  # noqa: F811
+    peer: StoreSCP,  # noqa: F811
+) -> None:
+    """The approved copies gone (a result folder restored from an old backup): the SEG is not sent alone."""
+    settings = _sender_settings(make_settings, peer.port, dicom_send_unapproved=False)
+    peer.start()
+    job_id = _succeeded_job(store, result_dir)
+    a = approval.decide(settings, store, job_id, PHYSICIST, "approved", None)
+    for f in approval.approved_dir(store.get_job(job_id), a.id).iterdir():
+        f.unlink()
+    assert Sender(settings, store).tick(utcnow()) == 0
+    [d] = store.job_deliveries(job_id)
+    assert d["state"] == "failed" and "no result files" in (d["last_error"] or "")
+    assert peer.received() == {}
