@@ -66,6 +66,7 @@ def _canvas_pixels(png: bytes) -> dict[str, float]:
 def test_physicist_approves_in_the_browser_and_the_sr_sent_says_so(
     e2e, chromium, tmp_path: Path, dciodvfy_exe: str
 ) -> None:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -115,18 +116,37 @@ def test_physicist_approves_in_the_browser_and_the_sr_sent_says_so(
     assert "Kidney_L" in labels and "Liver" in labels
     canvas = driver.find_element(By.ID, "viewer-canvas")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas)
-    shares: dict[str, float] = {}
+    assert driver.execute_script("return window.voxeldoseViewer.volumes.map(v => v.name)") == [
+        "ct.nii.gz",
+        "dose.nii.gz",
+        "vois.nii.gz",
+    ]
 
-    def drawn(_d: Any) -> bool:  # NiiVue draws after the volumes are on the GPU: poll the screenshot
-        shares.update(_canvas_pixels(canvas.screenshot_as_png))
-        return shares["warm"] > 0.005 and shares["grey"] > 0.01
+    def looks(script: str, ok: Any, name: str) -> dict[str, float]:
+        """Show the layers ``script`` leaves visible (colour bar hidden: it is orange too), then poll the
+        canvas's screenshot until ``ok`` holds (NiiVue draws asynchronously); the last screenshot is kept."""
+        driver.execute_script(
+            "const nv = window.voxeldoseViewer; nv.opts.isColorbar = false;" + script + "nv.drawScene();"
+        )
+        seen: dict[str, float] = {}
 
-    try:
-        WebDriverWait(driver, STATE_WAIT_S * wait_scale(), poll_frequency=1).until(drawn)
-    finally:
-        (tmp_path / "viewer.png").write_bytes(canvas.screenshot_as_png)
-    # three orthogonal slices of a torso phantom fill a good part of the canvas
-    assert shares["lit"] > 0.05, shares
+        def drawn(_d: Any) -> bool:
+            png = canvas.screenshot_as_png
+            (tmp_path / f"viewer-{name}.png").write_bytes(png)
+            seen.update(_canvas_pixels(png))
+            return bool(ok(seen))
+
+        try:
+            WebDriverWait(driver, STATE_WAIT_S * wait_scale(), poll_frequency=1).until(drawn)
+        except TimeoutException:
+            pytest.fail(f"viewer ({name}): {seen}; screenshot {tmp_path / f'viewer-{name}.png'}")
+        return seen
+
+    # all layers: three orthogonal slices of a torso fill a good part of the canvas, in dose colours
+    looks("", lambda s: s["lit"] > 0.05 and s["warm"] > 0.005, "all")
+    # the CT alone is grey (no dose colours); the dose alone is in dose colours (no grey CT)
+    looks("nv.setOpacity(1, 0); nv.setOpacity(2, 0);", lambda s: s["grey"] > 0.05 and s["warm"] < 0.001, "ct")
+    looks("nv.setOpacity(0, 0); nv.setOpacity(1, 0.6);", lambda s: s["warm"] > 0.005 and s["grey"] < 0.01, "dose")
 
     # a rejection needs a reason: refused on the page, nothing stored
     driver.find_element(By.ID, "review-reject").click()
