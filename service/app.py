@@ -12,6 +12,7 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from . import intake
 from .config import Settings
@@ -21,6 +22,7 @@ from .metrics import Metrics, RequestMetricsMiddleware
 from .store import Store
 from .trigger import Trigger
 from .web import cameras, dicom, dicomweb, health, jobs, pages, patients, problems
+from .web.html import STATIC
 
 log = logging.getLogger("service.app")
 
@@ -66,6 +68,7 @@ def create_app(
     app.include_router(dicom.router)
     app.include_router(cameras.router)
     app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the viewer's scripts (no token needed)
     # outermost last: metrics see the final status, the guard turns anything unexpected into a 500 problem
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(problems.CatchAllMiddleware)

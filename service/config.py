@@ -112,6 +112,15 @@ class Settings(BaseSettings):
     dicom_send_max_attempts: int = Field(8, ge=1)
     dicom_send_retry_s: float = Field(30.0, gt=0, description="first retry delay; doubles per attempt, at most 1 h")
     dicom_send_timeout_s: float = Field(60.0, gt=0, description="association and DIMSE timeout when sending")
+    dicom_send_unapproved: bool = Field(
+        True,
+        description="send results before a physicist approved them (RT Dose and SR marked preliminary); false: "
+        "only approved results are sent.  Either way an approval sends the approved SR and RT Dose",
+    )
+    # The physicist's review (:mod:`service.approval`) ----------------------------------------
+    review_organisation: str = Field(
+        "voxeldose", min_length=1, max_length=64, description="Verifying Organization written into approved SRs"
+    )
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

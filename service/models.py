@@ -244,8 +244,46 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # what is sent (migration 0007): "results" (the files as the job wrote them: preliminary, unapproved) or
+    # "approval-<id>" (the approved copies written for approval <id>, :mod:`service.approval`)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False, default="results", server_default="results")
 
     __table_args__ = (
-        UniqueConstraint("job_id", "destination", name="uq_deliveries_job_destination"),
+        UniqueConstraint("job_id", "destination", "kind", name="uq_deliveries_job_destination_kind"),
         Index("ix_deliveries_due", "state", "next_attempt_at"),
     )
+
+
+class Approval(Base):
+    """One review decision on one job's result (a job is one result version): never updated or deleted, so the
+    rows of a job are its review history and the newest one is its state (:mod:`service.approval`)."""
+
+    __tablename__ = "approvals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    decision: Mapped[str] = mapped_column(String(16), nullable=False)  # approved | rejected | revoked
+    reason: Mapped[str | None] = mapped_column(Text)
+    by_name: Mapped[str] = mapped_column(String(128), nullable=False)  # the token's name
+    by_role: Mapped[str] = mapped_column(String(16), nullable=False)
+    organisation: Mapped[str | None] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_approvals_job", "job_id", "id"),)
+
+
+class AuditEvent(Base):
+    """The audit trail: who did what to which job, and when (append-only; written in the same transaction as
+    the change it records)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128), nullable=False)
+    actor_role: Mapped[str | None] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64), nullable=False)  # e.g. "job.approved"
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    __table_args__ = (Index("ix_audit_events_job", "job_id", "id"), Index("ix_audit_events_at", "at"))

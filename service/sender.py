@@ -10,6 +10,12 @@ association rejected, a C-STORE status other than success or warning — is reco
 (``GET /v1/jobs/{id}`` shows it) and retried after ``dicom_send_retry_s``, doubling each time up to one
 hour, until ``dicom_send_max_attempts``; then the delivery is *failed* (an operator may retry it with
 ``POST /v1/jobs/{id}/send``).  The results stay available over the API whatever happens here.
+
+Approval (:mod:`service.approval`): a job's own files are *preliminary* (SR UNVERIFIED/PRELIMINARY, RT Dose
+"PRELIMINARY"); they are sent (delivery kind ``results``) only when ``dicom_send_unapproved`` is true (the
+default).  A physicist's approval writes approved copies; a job whose newest decision is an approval made within
+``dicom_send_max_age_h`` gets a delivery ``approval-<id>`` that sends them (with the SEG): after the preliminary
+results when those went first, instead of them when the job was approved before any sending.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from .approval import APPROVED_FILES, approval_id_of, approved_dir, delivery_kind
 from .config import Settings
 from .models import utcnow
-from .store import DeliveryInfo, Store
+from .store import DeliveryInfo, JobRecord, Store
 
 log = logging.getLogger("service.sender")
 
@@ -81,6 +88,21 @@ def send_files(paths: list[Path], dest: Destination, *, calling_ae: str, timeout
     return statuses
 
 
+def delivery_files(job: JobRecord, kind: str) -> list[Path]:
+    """The files a delivery of ``kind`` sends (those that exist): the job's own (preliminary) results, or the
+    approved copies of one approval with the job's SEG."""
+    result = Path(job.result_dir or "")
+    approval_id = approval_id_of(kind)
+    if approval_id is None:
+        files = [result / n for n in RESULT_FILES]
+    else:
+        approved = approved_dir(job, approval_id)
+        if not any((approved / n).is_file() for n in APPROVED_FILES):
+            return []  # never the SEG alone in place of the approved copies
+        files = [approved / n if n in APPROVED_FILES else result / n for n in RESULT_FILES]
+    return [f for f in files if f.is_file()]
+
+
 class Sender:
     """Creates and works off the deliveries of one destination (see the module docstring)."""
 
@@ -105,8 +127,14 @@ class Sender:
             return 0
         now = now or utcnow()
         since = now - timedelta(hours=self.settings.dicom_send_max_age_h)
-        for job in self.store.jobs_needing_delivery(tuple(self.settings.dicom_send_sources), dest, since):
-            self.store.add_delivery(job.id, dest, now)
+        sources = tuple(self.settings.dicom_send_sources)
+        # approvals first: a job approved before it was ever sent gets only its approved copies
+        for job, approval in self.store.approved_since(since):
+            if job.source in sources:
+                self.store.add_delivery(job.id, dest, now, kind=delivery_kind(approval.id))
+        if self.settings.dicom_send_unapproved:
+            for job in self.store.jobs_needing_delivery(sources, dest, since):
+                self.store.add_delivery(job.id, dest, now)
         sent = 0
         # deliveries queued for a destination no longer configured are left as they are
         for d in self.store.due_deliveries(now, dest):
@@ -119,8 +147,7 @@ class Sender:
         if destination is None:  # no destination configured: nothing can be sent (tick() does not call this)
             return False
         job = self.store.get_job(d["job_id"])
-        files = [Path(job.result_dir) / n for n in RESULT_FILES] if job and job.result_dir else []
-        files = [f for f in files if f.is_file()]
+        files = delivery_files(job, d["kind"]) if job and job.result_dir else []
         attempts = d["attempts"] + 1
         if not files:
             error = "the job has no result files to send"

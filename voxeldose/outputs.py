@@ -14,6 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from .approval import PRELIMINARY_DOSE_COMMENT
 from .dicom_writers import PatientStudy, SeriesInfo, write_rtdose
 from .dicomutil import parse_da, parse_tm
 from .errors import VoxeldoseError
@@ -104,7 +105,9 @@ def write_all(result: Result, out_dir: Path) -> dict[str, Path]:
             series=series,
             referenced_rtstruct=rtstruct,
             bits_allocated=16,
-            comment=f"voxeldose {summary.provenance.software['voxeldose']}; kernel {summary.methods.kernel_id}",
+            # not approved until a physicist says so (voxeldose.approval): the approved copy says APPROVED
+            comment=f"{PRELIMINARY_DOSE_COMMENT}; voxeldose {summary.provenance.software['voxeldose']}; "
+            f"kernel {summary.methods.kernel_id}",
         )
         os.replace(tmp, rt_path)
     except (OSError, ValueError) as exc:

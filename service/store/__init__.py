@@ -7,6 +7,7 @@
   trigger's cycle rows (:class:`CycleTable`);
 - :mod:`.cameras` — registered camera profiles (:class:`CameraTable`, :class:`CameraRecord`);
 - :mod:`.deliveries` — results sent to the PACS (:class:`DeliveryTable`);
+- :mod:`.approvals` — review decisions on results and the audit trail (:class:`ApprovalTable`);
 - :mod:`.redact` — message texts without server paths (:func:`without_paths`), for the message columns.
 
 :class:`Store` is all of them over one :class:`Database` (the groups are its bases, so callers keep one
@@ -22,6 +23,7 @@ from datetime import datetime
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from .approvals import ApprovalRecord, ApprovalTable, AuditRecord, ReviewRefused, ReviewState
 from .cameras import CameraRecord, CameraTable
 from .db import MIGRATIONS_DIR, Database, normalise_url
 from .deliveries import DeliveryInfo, DeliveryTable
@@ -51,6 +53,10 @@ from .tokens import TokenInfo, TokenTable
 
 __all__ = [
     "ACTIVE_STATES",
+    "ApprovalRecord",
+    "AuditRecord",
+    "ReviewRefused",
+    "ReviewState",
     "JOB_STATES",
     "MIGRATIONS_DIR",
     "TERMINAL_STATES",
@@ -97,7 +103,7 @@ class TriggerWrites:
         return self._store.retire_in(self._s, patient_id, keep)
 
 
-class Store(JobTable, TokenTable, InstanceTable, CycleTable, DeliveryTable, CameraTable):
+class Store(JobTable, TokenTable, InstanceTable, CycleTable, DeliveryTable, CameraTable, ApprovalTable):
     """Every table group over one database.  Call :meth:`migrate` once before use."""
 
     def __init__(self, database_url: str, *, max_attempts: int = 3) -> None:

@@ -27,6 +27,7 @@ class DeliveryInfo(TypedDict):
     last_error: str | None
     created_at: str | None
     sent_at: str | None
+    kind: str
 
 
 def _delivery_dict(d: Delivery) -> DeliveryInfo:
@@ -40,6 +41,7 @@ def _delivery_dict(d: Delivery) -> DeliveryInfo:
         "last_error": d.last_error,
         "created_at": _iso(d.created_at),
         "sent_at": _iso(d.sent_at),
+        "kind": d.kind,
     }
 
 
@@ -52,8 +54,8 @@ class DeliveryTable:
     def jobs_needing_delivery(
         self, sources: tuple[str, ...], destination: str, finished_after: datetime, limit: int = 20
     ) -> list[JobRecord]:
-        """Succeeded jobs of these sources, finished after ``finished_after``, with no delivery row for
-        ``destination`` yet (a new destination does not receive the whole history)."""
+        """Succeeded jobs of these sources, finished after ``finished_after``, with no delivery row (of any kind)
+        for ``destination`` yet (a new destination does not receive the whole history)."""
         with self.db.read() as s:
             have = select(Delivery.job_id).where(Delivery.destination == destination)
             rows = s.scalars(
@@ -69,12 +71,14 @@ class DeliveryTable:
             ).all()
             return [_record(j) for j in rows]
 
-    def add_delivery(self, job_id: str, destination: str, now: datetime) -> bool:
-        """A pending delivery, due at once; False when it exists."""
+    def add_delivery(self, job_id: str, destination: str, now: datetime, kind: str = "results") -> bool:
+        """A pending delivery of ``kind`` ("results", "approval-<id>"), due at once; False when it exists."""
         try:
             with self.db.write() as s:
                 exists = s.scalars(
-                    select(Delivery.id).where(Delivery.job_id == job_id, Delivery.destination == destination)
+                    select(Delivery.id).where(
+                        Delivery.job_id == job_id, Delivery.destination == destination, Delivery.kind == kind
+                    )
                 ).first()
                 if exists is not None:
                     return False
@@ -86,6 +90,7 @@ class DeliveryTable:
                         attempts=0,
                         next_attempt_at=now,
                         created_at=now,
+                        kind=kind,
                     )
                 )
             return True

@@ -19,6 +19,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from ..auth import Principal
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+#: Files served under ``/static/`` (our scripts, and vendored libraries under ``vendor/``: no internet needed).
+STATIC = Path(__file__).resolve().parent.parent / "static"
 env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
@@ -50,10 +52,23 @@ env.filters["num"] = _num
 env.filters["urlpart"] = lambda s: quote(str(s), safe="")
 
 
-def render(name: str, request: Request, who: Principal | None, status: int = 200, **ctx: Any) -> HTMLResponse:
-    """The template ``name`` as a page, with the security headers every page carries."""
+#: The job page runs scripts, ours only: the slice viewer from ``/static/`` (WebGL; NiiVue may start workers from
+#: blob: URLs to decompress volumes).  No inline script, no other origin.
+SCRIPT_HEADERS = {
+    **SECURITY_HEADERS,
+    "Content-Security-Policy": SECURITY_HEADERS["Content-Security-Policy"].replace(
+        "script-src 'none'", "script-src 'self'; worker-src 'self' blob:; connect-src 'self'"
+    ),
+}
+
+
+def render(
+    name: str, request: Request, who: Principal | None, status: int = 200, *, scripts: bool = False, **ctx: Any
+) -> HTMLResponse:
+    """The template ``name`` as a page, with the security headers every page carries (``scripts``: the page
+    loads scripts from ``/static/``)."""
     html = env.get_template(name).render(request=request, who=who, **ctx)
-    return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+    return HTMLResponse(html, status_code=status, headers=SCRIPT_HEADERS if scripts else SECURITY_HEADERS)
 
 
 def error_page(

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import intake
+from voxeldose.errors import VoxeldoseError
+from voxeldose.viewer import write_viewer_volumes
+
+from .. import approval, intake
 from ..auth import Principal
 from ..models import utcnow
 from ..store import Store
+from ..store.approvals import MAX_REASON
 from .deps import get_settings, get_store, principal, require
 from .problems import ProblemError, responses
 from .submit import SeriesRequest, accept_series, accept_upload, media_type
@@ -117,7 +125,66 @@ def list_jobs(
 @router.get("/{job_id}", response_model=Job, summary="One job", responses=responses(401, 404))
 def get_job(job_id: str, who: Principal = Depends(principal), store: Store = Depends(get_store)) -> Job:
     rec = readable_job(store, job_id, who)
-    return job_out(rec, store.job_deliveries(rec.id))
+    return job_out(rec, store.job_deliveries(rec.id), store.review_history(rec.id))
+
+
+class ReviewRequest(BaseModel):
+    """A physicist's decision on a job's result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["approved", "rejected", "revoked"] = Field(
+        description="approved; rejected (reason required); revoked (back to unreviewed, reason required)"
+    )
+    reason: str | None = Field(None, max_length=MAX_REASON, description="why (required unless approving)")
+
+
+class AuditEventOut(BaseModel):
+    """One entry of the audit trail."""
+
+    id: int
+    at: datetime
+    actor: str = Field(description="name of the token")
+    actor_role: str | None = None
+    action: str = Field(description="e.g. job.approved, job.rejected, job.revoked")
+    job_id: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+@router.post(
+    "/{job_id}/review",
+    response_model=Job,
+    summary="Approve or reject a job's result (physicist)",
+    description="Records a physicist's decision on the job's result, with who and when, in the job's review "
+    "history and the audit trail.  `approved`: the sender then sends the approved SR (VERIFIED, FINAL, with the "
+    "Verifying Observer Sequence) and RT Dose.  `rejected` and `revoked` need a `reason`; `revoked` takes the "
+    "job back to unreviewed.  409 when the job has no result or the decision equals its state.  A submitter: 403.",
+    responses=responses(400, 401, 403, 404, 409, 422),
+)
+def review_job(
+    request: Request,
+    job_id: str,
+    body: ReviewRequest,
+    who: Principal = Depends(require(approval.REVIEWER_ROLE)),
+    store: Store = Depends(get_store),
+) -> Job:
+    readable_job(store, job_id, who)
+    approval.decide(get_settings(request), store, job_id, who, body.decision, body.reason)
+    rec = readable_job(store, job_id, who)
+    return job_out(rec, store.job_deliveries(rec.id), store.review_history(rec.id))
+
+
+@router.get(
+    "/{job_id}/audit",
+    response_model=list[AuditEventOut],
+    summary="The job's audit trail, newest first (physicist)",
+    responses=responses(401, 403, 404),
+)
+def job_audit(
+    job_id: str, who: Principal = Depends(require(approval.REVIEWER_ROLE)), store: Store = Depends(get_store)
+) -> list[AuditEventOut]:
+    readable_job(store, job_id, who)
+    return [AuditEventOut.model_validate(e, from_attributes=True) for e in store.audit_events(job_id=job_id)]
 
 
 @router.post(
@@ -225,3 +292,76 @@ def get_report(job_id: str, who: Principal = Depends(principal), store: Store = 
     )
     resp.headers["X-Content-Type-Options"] = "nosniff"
     return resp
+
+
+# ------------------------------------------------------------------------------------------ viewer
+class ViewerVolume(BaseModel):
+    url: str = Field(description="NIfTI-1 (.nii.gz) on the dose grid")
+
+
+class ViewerManifest(BaseModel):
+    """What the job page's slice viewer loads (:mod:`voxeldose.viewer`): CT, dose and VOI labels on one grid."""
+
+    volumes: dict[str, ViewerVolume] = Field(description="ct (HU), dose (Gy), vois (label map); those available")
+    labels: dict[int, str] = Field(description="VOI name of each label value of the vois volume")
+    dose_max_gy: float
+
+
+def _viewer_dir(store: Store, job_id: str, who: Principal) -> tuple[Path, ViewerManifest]:
+    """The job's viewer volumes, written on the first request (into ``<result dir>/viewer``)."""
+    result = _result_file(store, job_id, who, "rtdose.dcm").parent
+    rec = readable_job(store, job_id, who)
+    out = result / "viewer"
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        tmp = result / f"viewer.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            made = write_viewer_volumes(result, Path(rec.input_dir), tmp)
+        except VoxeldoseError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ProblemError(
+                409, "No viewer volumes", f"job {job_id}: {err.reason}", slug="no-viewer-volumes"
+            ) from None
+        base = f"/v1/jobs/{job_id}/viewer"
+        manifest = ViewerManifest(
+            volumes={name: ViewerVolume(url=f"{base}/{name}.nii.gz") for name in made.files},
+            labels=made.labels,
+            dose_max_gy=made.dose_max_gy,
+        )
+        (tmp / "manifest.json").write_text(manifest.model_dump_json())
+        try:
+            os.replace(tmp, out)  # another request may have written it first: then keep that one
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, ViewerManifest.model_validate_json(manifest_path.read_text())
+
+
+@router.get(
+    "/{job_id}/viewer",
+    response_model=ViewerManifest,
+    summary="The slice viewer's volumes (CT, dose, VOI labels as NIfTI on the dose grid)",
+    responses=responses(401, 404, 409),
+)
+def get_viewer(job_id: str, who: Principal = Depends(principal), store: Store = Depends(get_store)) -> ViewerManifest:
+    return _viewer_dir(store, job_id, who)[1]
+
+
+@router.get(
+    "/{job_id}/viewer/{name}.nii.gz",
+    summary="One viewer volume (NIfTI-1, gzip)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+        **responses(401, 404, 409),
+    },
+)
+def get_viewer_volume(
+    job_id: str,
+    name: Literal["ct", "dose", "vois"],
+    who: Principal = Depends(principal),
+    store: Store = Depends(get_store),
+) -> FileResponse:
+    folder, manifest = _viewer_dir(store, job_id, who)
+    if name not in manifest.volumes:
+        raise ProblemError(404, "Not found", f"job {job_id} has no {name} volume", slug="not-found")
+    return FileResponse(folder / f"{name}.nii.gz", media_type="application/gzip")

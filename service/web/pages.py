@@ -5,7 +5,10 @@ physicists register and retire them), ``/jobs/{id}`` (state,
 progress, error; for a finished job the dose table with limits, Gy/GBq, cycles left, the DVH plot and the
 full report in a frame), ``/patients/{id}`` (cycles, cumulative dose vs limits, cycles left), ``/submit``
 (upload form).  Pages of running jobs refresh themselves.  Stable hooks for browser tests:
-``#job-list a.job-link``, ``#camera-list tr.camera-row``, ``#dose-table``, ``#dvh-plot``, ``#cycles-table``, ``#cycles-left``.
+``#job-list a.job-link``, ``#camera-list tr.camera-row``, ``#dose-table``, ``#dvh-plot``, ``#cycles-table``, ``#cycles-left``,
+``#review-state``, ``#review-form`` (``#review-approve``/``-reject``/``-revoke``, ``#review-reason``), ``#viewer-canvas``,
+``#viewer-status[data-state]``.  A finished job's page runs one script of ours (``/static/viewer.js``, the slice
+viewer over the vendored NiiVue); every other page runs none.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from pydantic import ValidationError
 from voxeldose.errors import VoxeldoseError
 from voxeldose.summary import CyclesLeft, Summary, VoiMetrics
 
-from .. import cameras
+from .. import approval, cameras
 from ..auth import Principal
 from ..errors import ServiceError
+from ..store.approvals import MAX_REASON
 from .cameras import MAX_PROFILE_BYTES, camera_out, parse_body
-from .deps import COOKIE, get_store, may_read, optional_principal
+from .deps import COOKIE, get_settings, get_store, may_read, optional_principal
 from .html import render
 from .problems import ProblemError, readable_validation
 from .submit import accept_upload
@@ -283,20 +287,57 @@ def summary_context(summary: Summary) -> dict[str, Any]:
     }
 
 
-@router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: str, who: Principal | None = Depends(page_principal)) -> Response:
-    if who is None:
-        return _login_redirect(request)
+def _job_page(
+    request: Request, who: Principal, job_id: str, *, status: int = 200, review_error: str | None = None
+) -> HTMLResponse:
     store = get_store(request)
     rec = store.get_job(job_id)
     if rec is None or not may_read(who, rec):
         raise ProblemError(404, "Not found", f"no job {job_id}", slug="not-found")
-    job = job_out(rec, store.job_deliveries(rec.id))
+    job = job_out(rec, store.job_deliveries(rec.id), store.review_history(rec.id))
     summary = job_summary(rec)
-    ctx: dict[str, Any] = {"job": job, "summary": summary, "refresh": job.state in ACTIVE}
+    ctx: dict[str, Any] = {
+        "job": job,
+        "summary": summary,
+        "refresh": job.state in ACTIVE,
+        "may_review": who.at_least(approval.REVIEWER_ROLE) and job.has_result,
+        "review_error": review_error,
+    }
     if summary is not None:
         ctx.update(summary_context(summary))
-    return render("job.html", request, who, **ctx)
+    return render("job.html", request, who, status=status, scripts=job.has_result, **ctx)
+
+
+@router.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: str, who: Principal | None = Depends(page_principal)) -> Response:
+    if who is None:
+        return _login_redirect(request)
+    return _job_page(request, who, job_id)
+
+
+@router.post("/jobs/{job_id}/review")
+def job_review(
+    request: Request,
+    job_id: str,
+    decision: str = Form(..., max_length=16),
+    reason: str = Form("", max_length=MAX_REASON),
+    who: Principal | None = Depends(page_principal),
+) -> Response:
+    """The review form of the job page: approve, reject (reason), revoke (reason); physicists and admins."""
+    if who is None:
+        return _login_redirect(request)
+    if not who.at_least(approval.REVIEWER_ROLE):
+        raise ProblemError(
+            403, "Forbidden", f"the role {who.role!r} may not approve or reject results", slug="forbidden"
+        )
+    try:
+        approval.decide(get_settings(request), get_store(request), job_id, who, decision, reason)
+    except ServiceError as exc:
+        problem = ProblemError.of(exc)
+        if problem.status in (403, 404):
+            raise problem from None
+        return _job_page(request, who, job_id, status=problem.status, review_error=problem.detail)
+    return RedirectResponse(f"/jobs/{quote(job_id, safe='')}#review", status_code=303)
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from voxeldose.summary import Summary
 
 from ..auth import Principal
-from ..store import JobRecord, Store
+from ..store import ApprovalRecord, JobRecord, Store
 from .deps import may_read
 from .problems import ProblemError
 
@@ -48,6 +48,43 @@ class Delivery(BaseModel):
     next_attempt_at: datetime | None = None
     last_error: str | None = None
     sent_at: datetime | None = None
+    kind: str = Field(
+        "results", description="results (the job's files, preliminary) or approval-<id> (the approved SR and RT Dose)"
+    )
+
+
+class ReviewDecision(BaseModel):
+    """One decision of a physicist (or admin) on the job's result."""
+
+    decision: Literal["approved", "rejected", "revoked"]
+    reason: str | None = Field(None, description="required for rejected and revoked")
+    by: str = Field(description="name of the token that decided")
+    role: str
+    organisation: str | None = None
+    at: datetime
+
+
+class Review(BaseModel):
+    """The physicist's review of the job's result (one job = one result version)."""
+
+    state: Literal["unreviewed", "approved", "rejected"] = Field(
+        description="unreviewed until a physicist approves or rejects it; revoked goes back to unreviewed"
+    )
+    latest: ReviewDecision | None = Field(None, description="the decision that set the state")
+    history: list[ReviewDecision] = Field(default_factory=list, description="every decision, oldest first")
+
+
+def review_out(history: Sequence[ApprovalRecord]) -> Review:
+    """The public form of a job's review history (oldest first)."""
+    items = [
+        ReviewDecision(
+            decision=a.decision, reason=a.reason, by=a.by_name, role=a.by_role, organisation=a.organisation, at=a.at
+        )
+        for a in history
+    ]
+    return Review(
+        state=history[-1].state if history else "unreviewed", latest=items[-1] if items else None, history=items
+    )
 
 
 class Job(BaseModel):
@@ -81,6 +118,7 @@ class Job(BaseModel):
     camera_match: str | None = Field(
         None, description="which camera profile the job took and how (the newest of several matching ones)"
     )
+    review: Review | None = Field(None, description="the physicist's review (on GET /v1/jobs/{id}, not in lists)")
     links: JobLinks
 
 
@@ -91,7 +129,11 @@ class JobList(BaseModel):
     offset: int
 
 
-def job_out(rec: JobRecord, deliveries: Sequence[Mapping[str, Any]] | None = None) -> Job:
+def job_out(
+    rec: JobRecord,
+    deliveries: Sequence[Mapping[str, Any]] | None = None,
+    review: Sequence[ApprovalRecord] | None = None,
+) -> Job:
     """The public form of a job (the one way to make it): no file system paths, not even the spec's inputs."""
     base = f"/v1/jobs/{rec.id}"
     done = rec.state == "succeeded" and rec.result_dir is not None
@@ -119,6 +161,7 @@ def job_out(rec: JobRecord, deliveries: Sequence[Mapping[str, Any]] | None = Non
         deliveries=[Delivery.model_validate(d) for d in deliveries or []],
         camera_profile_id=rec.camera_profile_id,
         camera_match=rec.camera_match,
+        review=review_out(review) if review is not None else None,
         links=JobLinks(
             self=base,
             cancel=f"{base}/cancel",
