@@ -19,6 +19,7 @@ def cycle_summary(
     kidney_bed_gy: float | None,
     marrow_gy: float | None,
     patient_id: str = "VXD-TEST",
+    kidney_u_components_gy: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """A valid summary of cycle ``number`` with these (made-up) doses as its own cumulative row; no VOIs."""
     doc: dict[str, Any] = {
@@ -94,5 +95,11 @@ def cycle_summary(
             "total_s": 0.0,
         },
     }
+    if kidney_u_components_gy is not None:  # a result with the kidney dose's uncertainty (schema /3, additive)
+        doc["cumulative"]["cycles"][0]["kidney_u"] = {
+            "u_gy": sum(u * u for u in kidney_u_components_gy.values()) ** 0.5,
+            "components_gy": kidney_u_components_gy,
+            "source": "this cycle's EANM budget (stated components)",
+        }
     Summary.model_validate(doc)  # a test must never lean on a summary the service would refuse
     return doc
