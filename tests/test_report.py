@@ -518,3 +518,4 @@ def test_cumulative_uncertainty_and_cycles_left_at_the_upper_bound(tmp_path: Pat
     assert "<b>0</b> further cycle(s) — binding: <b>kidney</b>, kidney absorbed dose" in sec
     assert "At the central estimate 1 further cycle(s), bound by kidney" in sec
     assert "14.30" in sec and "6.12" in sec and "not checked at the 95 % upper bound" in sec
+    assert "cycles left at the 95 % upper bound" in console_table(Summary.model_validate(s))

@@ -899,4 +899,6 @@ def console_table(summary: Summary) -> str:
     if left is not None and left.message:
         out.append("")
         out.append(f"cycles left: {left.message}")
+        if left.upper_95 is not None:
+            out.append(f"cycles left {left.upper_95.message}")
     return "\n".join(out)
