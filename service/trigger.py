@@ -154,6 +154,8 @@ class EarlierCycle:
     injection: datetime  # the injection it names
     activity_mbq: float | None  # the injected activity it names (MBq)
     own_row: Mapping[str, float]  # its own row of the cumulative table: kidney_gy, kidney_bed_gy, marrow_gy, activity
+    # the kidney dose's standard uncertainty by budget component (Gy); None: not stated (an older summary)
+    kidney_u_components_gy: Mapping[str, float] | None = None
 
 
 def _earlier_cycle_facts(summary: Summary | None) -> EarlierCycle | None:
@@ -168,8 +170,11 @@ def _earlier_cycle_facts(summary: Summary | None) -> EarlierCycle | None:
     except ValueError:
         return None
     own: dict[str, float] = {}
+    kidney_u: dict[str, float] | None = None
     for row in summary.cumulative.cycles:
         if row.number == summary.cycle.number:
+            if row.kidney_u is not None and row.kidney_u.u_gy is not None:
+                kidney_u = dict(row.kidney_u.components_gy)
             for key, value in (
                 ("kidney_gy", row.kidney_gy),
                 ("kidney_bed_gy", row.kidney_bed_gy),
@@ -179,7 +184,7 @@ def _earlier_cycle_facts(summary: Summary | None) -> EarlierCycle | None:
                     own[key] = float(value)
             if row.activity_MBq:
                 own["activity_mbq"] = float(row.activity_MBq)
-    return EarlierCycle(injection=t, activity_mbq=injection.activity_MBq, own_row=own)
+    return EarlierCycle(injection=t, activity_mbq=injection.activity_MBq, own_row=own, kidney_u_components_gy=kidney_u)
 
 
 def earlier_cycle_entry(
@@ -189,6 +194,8 @@ def earlier_cycle_entry(
     entry: dict[str, Any] = {"number": number, "date": injection.date().isoformat(), "activity_mbq": activity_mbq}
     if result is not None:
         entry.update(result.own_row)
+        if result.kidney_u_components_gy is not None and "kidney_gy" in result.own_row:
+            entry["kidney_u_components_gy"] = dict(result.kidney_u_components_gy)
     return entry
 
 

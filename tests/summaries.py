@@ -19,6 +19,7 @@ def cycle_summary(
     kidney_bed_gy: float | None,
     marrow_gy: float | None,
     patient_id: str = "VXD-TEST",
+    kidney_u_components_gy: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """A valid summary of cycle ``number`` with these (made-up) doses as its own cumulative row; no VOIs."""
     doc: dict[str, Any] = {
@@ -94,5 +95,22 @@ def cycle_summary(
             "total_s": 0.0,
         },
     }
+    if kidney_u_components_gy is not None and kidney_gy is not None:  # with the kidney dose's u (schema /3)
+        u = sum(x * x for x in kidney_u_components_gy.values()) ** 0.5
+        doc["cumulative"]["cycles"][0]["kidney_u"] = {
+            "u_gy": u,
+            "components_gy": kidney_u_components_gy,
+            "source": "this cycle's EANM budget (stated components)",
+        }
+        doc["cumulative"]["uncertainty"] = {
+            "method": "first-order propagation",
+            "correlation_model": "one cycle",
+            "coverage_factor": 2.0,
+            "dose_gy": {
+                "kidney": {"value": kidney_gy, "u": u, "lower_95": kidney_gy - 2 * u, "upper_95": kidney_gy + 2 * u}
+            },
+            "bed_gy": {},
+            "not_stated": {},
+        }
     Summary.model_validate(doc)  # a test must never lean on a summary the service would refuse
     return doc

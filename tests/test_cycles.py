@@ -7,11 +7,31 @@ import math
 
 import pytest
 
-from voxeldose.cycles import KIDNEY_FIGURE, CycleDose, Limits, cumulative, cumulative_summary, cycles_left
+from voxeldose.cycles import (
+    CORRELATED_BETWEEN_CYCLES,
+    KIDNEY_FIGURE,
+    CycleDose,
+    DoseUncertainty,
+    Limits,
+    cumulative,
+    cumulative_summary,
+    cumulative_uncertainty,
+    cycles_left,
+    cycles_left_upper,
+)
 from voxeldose.errors import VoxeldoseError
 from voxeldose.metrics import bed
 from voxeldose.spec import JobSpec
-from voxeldose.summary import Dvh, Marrow, MarrowImageBased, VoiMetrics
+from voxeldose.summary import (
+    Cumulative,
+    Dvh,
+    Marrow,
+    MarrowImageBased,
+    UncertaintyComponent,
+    ValueU,
+    VoiMetrics,
+    VoiUncertainty,
+)
 
 
 def _cycle(n, kidney, marrow=0.1, g=0.1, **kw):
@@ -221,3 +241,135 @@ def test_cumulative_summary_without_organs_at_risk_says_so():
             activity_bq=7.4e9,
             warnings=[],
         )
+
+
+# ------------------------------------------------------------------------------------------ uncertainty
+def test_cumulative_uncertainty_correlated_linear_independent_in_quadrature():
+    """GUM eq. 16, two cycles: calibration fully correlated (r = 1) adds linearly, counting independent (r = 0) in
+    quadrature: u² = (a₁ + a₂)² + b₁² + b₂²."""
+    c1 = DoseUncertainty({"calibration": 0.20, "counting": 0.12}, origin=1)
+    c2 = DoseUncertainty({"calibration": 0.25, "counting": 0.15}, origin=2)
+    u = cumulative_uncertainty([c1, c2])
+    assert u == pytest.approx(math.sqrt(0.45**2 + 0.12**2 + 0.15**2), rel=1e-12)
+    # all in quadrature would understate it; delineation on reused contours becomes correlated
+    assert u > math.sqrt(0.20**2 + 0.25**2 + 0.12**2 + 0.15**2) * 1.05
+    d1, d2 = DoseUncertainty({"delineation": 0.1}, 1), DoseUncertainty({"delineation": 0.3}, 2)
+    assert cumulative_uncertainty([d1, d2]) == pytest.approx(math.sqrt(0.1**2 + 0.3**2))
+    assert cumulative_uncertainty([d1, d2], same_contours=True) == pytest.approx(0.4)
+    # an estimated cycle carries this cycle's origin: its counting error is the same random error (linear)
+    est = DoseUncertainty({"counting": 0.06}, origin=2)
+    assert cumulative_uncertainty([c2, est]) == pytest.approx(math.sqrt(0.25**2 + (0.15 + 0.06) ** 2))
+    assert "calibration" in CORRELATED_BETWEEN_CYCLES and "counting" not in CORRELATED_BETWEEN_CYCLES
+
+
+def test_cycles_left_at_the_upper_bound_hand_example():
+    """Kidney: 10 Gy so far with u = 0.5 Gy; 4 Gy per cycle with 5 % relative u.  Central ⌊(23 − 10)/4⌋ = 3; at the
+    upper bound ⌊(23 − (10 + 2·0.5))/(4·(1 + 2·0.05))⌋ = ⌊12/4.4⌋ = 2.  Marrow has no uncertainty: left out, said."""
+    central = cycles_left(
+        cumulative_dose_gy={"kidney": 10.0, "marrow": 0.5},
+        dose_per_gbq={"kidney": 4.0 / 7.4, "marrow": 0.3 / 7.4},
+        activity_per_cycle_bq=7.4e9,
+    )
+    assert central["cycles_left"] == 3 and central["binding_limit"] == "kidney absorbed dose"
+    up = cycles_left_upper(
+        central, cumulative_u_gy={"kidney": 0.5}, cumulative_bed_u_gy={}, per_cycle_relative_u={"kidney": 0.05}
+    )
+    assert up["cycles_left"] == math.floor((23.0 - 11.0) / 4.4) == 2
+    assert up["binding_limit"] == "kidney absorbed dose" and "upper bound" in up["message"]
+    (row,) = up["limits"]
+    assert row["current_gy"] == pytest.approx(11.0) and row["per_cycle_gy"] == pytest.approx(4.4)
+    assert any(n.startswith("red marrow absorbed dose: not checked at the 95 % upper bound") for n in up["notes"])
+
+
+def test_cycles_left_upper_bound_bed_binds():
+    """Kidney BED: 15 Gy so far (u 1 Gy), d = 4.2 Gy, G = 0.1, α/β = 2.6: b = 4.2 + 0.1·4.2²/2.6; u_b = (1 + 2·0.1·4.2/2.6)
+    ·0.1·4.2.  Upper: ⌊(28 − 17)/(b + 2u_b)⌋; dose: ⌊(23 − (10 + 2·0.6))/(4.2·1.2)⌋."""
+    g, ab, d = 0.1, 2.6, 4.2
+    central = cycles_left(
+        cumulative_dose_gy={"kidney": 10.0},
+        cumulative_bed_gy={"kidney": 15.0},
+        dose_per_gbq={"kidney": d / 7.4},
+        g_factor={"kidney": g},
+        alpha_beta_gy={"kidney": ab},
+        activity_per_cycle_bq=7.4e9,
+    )
+    up = cycles_left_upper(
+        central,
+        cumulative_u_gy={"kidney": 0.6},
+        cumulative_bed_u_gy={"kidney": 1.0},
+        per_cycle_relative_u={"kidney": 0.1},
+    )
+    b = d + g * d * d / ab
+    u_b = (1 + 2 * g * d / ab) * 0.1 * d
+    n_bed = math.floor((28.0 - 17.0) / (b + 2 * u_b))
+    n_dose = math.floor((23.0 - 11.2) / (d * 1.2))
+    assert [r["cycles_left"] for r in up["limits"]] == [n_dose, n_bed]
+    assert n_bed < n_dose and up["cycles_left"] == n_bed and up["binding_limit"].startswith("kidney BED")
+
+
+def _budget(mean_gy: float, rel: dict[str, float | None]) -> VoiUncertainty:
+    total = math.sqrt(sum(v * v for v in rel.values() if v is not None))
+    vu = ValueU(value=mean_gy, u=total * mean_gy, lower_95=None, upper_95=None)
+    return VoiUncertainty(
+        method="test",
+        coverage_factor=2.0,
+        components=[UncertaintyComponent(name=n, relative_u=v, how="") for n, v in rel.items()],
+        activity_bq=[],
+        tia_bqs=vu,
+        mean_gy=vu,
+    )
+
+
+def test_cumulative_summary_carries_uncertainty_and_says_not_stated():
+    """Cycle 3 (this, 7.4 GBq): kidney 5 Gy, calibration 4 %, counting 2 %, dose factor not stated.  Cycle 1: 6 Gy with
+    its own components (calibration 0.24, counting 0.3 Gy).  Cycle 2: 4 Gy from an older result without u → not
+    stated.  Marrow has no uncertainty model → not stated.  Cumulative kidney u over the stated cycles 1 and 3:
+    √((0.24 + 0.2)² + 0.3² + 0.1²), a lower bound (cycle 2 said)."""
+    g, ab = 0.1, 2.6
+    kid = _kidney(5.0, g, ab).model_copy(
+        update={"uncertainty": _budget(5.0, {"calibration": 0.04, "counting": 0.02, "dose factor": None})}
+    )
+    vois = {"Kidney_L": _kidney(4.0, g, ab), "Kidney_R": kid}
+    marrow = Marrow(
+        image_based=MarrowImageBased(
+            voi="L2L4", red_marrow_gy=0.5, method="image", mean_dose_l2l4_gy=0.5, recovery_coefficient=1.0, notes=[]
+        ),
+        blood_based=None,
+    )
+    spec = JobSpec(
+        inputs=["x"],
+        cycle_number=3,
+        earlier_cycles=[
+            {
+                "number": 1,
+                "activity_mbq": 7400,
+                "kidney_gy": 6.0,
+                "kidney_u_components_gy": {"calibration": 0.24, "counting": 0.3},
+            },
+            {"number": 2, "activity_mbq": 7400, "kidney_gy": 4.0},
+        ],
+    )
+    cum = cumulative_summary(vois, marrow, spec, injection_date=dt.date(2026, 1, 5), activity_bq=7.4e9, warnings=[])
+    rows = {c.number: c for c in cum.cycles}
+    assert rows[3].kidney_u is not None and rows[3].kidney_u.u_gy == pytest.approx(5.0 * math.sqrt(0.04**2 + 0.02**2))
+    assert rows[2].kidney_u is not None and rows[2].kidney_u.u_gy is None
+    assert rows[2].kidney_u.source.startswith("not stated")
+    assert rows[1].kidney_u is not None and rows[1].kidney_u.u_gy == pytest.approx(math.hypot(0.24, 0.3))
+    assert all(r.marrow_u is not None and r.marrow_u.u_gy is None for r in rows.values())
+    u = cum.uncertainty
+    assert u is not None
+    expected = math.sqrt((0.24 + 0.2) ** 2 + 0.3**2 + 0.1**2)
+    assert u.dose_gy["kidney"].value == pytest.approx(15.0) and u.dose_gy["kidney"].u == pytest.approx(expected)
+    assert u.dose_gy["kidney"].upper_95 == pytest.approx(15.0 + 2 * expected)
+    assert u.not_stated == {"kidney": [2], "marrow": [1, 2, 3]} and u.dose_gy["marrow"].u is None
+    assert any("lower bound" in n for n in u.notes) and any("red marrow" in n for n in u.notes)
+    left = cum.cycles_left
+    assert left is not None and left.upper_95 is not None
+    rel = math.sqrt(0.04**2 + 0.02**2)
+    n_dose = math.floor((23.0 - (15.0 + 2 * expected)) / (5.0 * (1 + 2 * rel)))
+    dose_row = next(r for r in left.upper_95.limits if r.limit == "kidney absorbed dose")
+    assert dose_row.cycles_left == n_dose and left.upper_95.binding_limit is not None
+    assert any("red marrow" in n and "not stated" in n for n in left.upper_95.notes)
+    # the JSON round trip keeps it (additive, schema /3)
+    again = Cumulative.model_validate_json(cum.model_dump_json())
+    assert again.uncertainty == cum.uncertainty

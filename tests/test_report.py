@@ -473,3 +473,49 @@ def test_report_as_a_browser_shows_it(tmp_path: Path, chromium: Any) -> None:
     with Image.open(io.BytesIO(png)) as shot:
         lo, hi = shot.convert("L").getextrema()
     assert hi - lo > 100, (lo, hi)  # dark text on a light page, not a blank capture
+
+
+def test_cumulative_uncertainty_and_cycles_left_at_the_upper_bound(tmp_path: Path) -> None:
+    """Issue 13 part 2: cumulative doses as value ± U with U = 2u, 'not stated' for a cycle without u (never a
+    number), and the cycles left at the 95 % upper bound with the organ and the bound that binds."""
+    s = _summary_dict()
+    cum = s["cumulative"]
+    not_stated = {"u_gy": None, "components_gy": {}, "source": "not stated: an older summary"}
+    marrow_ns = {"u_gy": None, "components_gy": {}, "source": "not stated: no marrow model"}
+    cum["cycles"][0].update(kidney_u=not_stated, marrow_u=marrow_ns)
+    cum["cycles"][1].update(kidney_u={"u_gy": 0.2, "components_gy": {"calibration": 0.2}, "source": "own"})
+    cum["cycles"][2].update(kidney_u={"u_gy": 0.3, "components_gy": {"calibration": 0.3}, "source": "own"})
+    cum["uncertainty"] = {
+        "method": "first-order",
+        "correlation_model": "calibration linear",
+        "coverage_factor": 2.0,
+        "dose_gy": {
+            "kidney": {"value": 13.3, "u": 0.5, "lower_95": 12.3, "upper_95": 14.3},
+            "marrow": {"value": 1.05, "u": None, "lower_95": None, "upper_95": None},
+        },
+        "bed_gy": {},
+        "not_stated": {"kidney": [1], "marrow": [1, 2, 3]},
+        "notes": ["kidney: cycle(s) [1] have no stated uncertainty — a lower bound"],
+    }
+    upper = _limit_row("kidney absorbed dose", 23.0, 14.3, 6.12, 1)
+    cum["cycles_left"]["upper_95"] = {
+        "cycles_left": 1,
+        "binding_limit": "kidney absorbed dose",
+        "activity_per_cycle_bq": 7.4e9,
+        "limits": [upper],
+        "message": "at the 95 % upper bound",
+        "assumption": "value + k·u",
+        "notes": ["red marrow absorbed dose: not checked at the 95 % upper bound (not stated)"],
+    }
+    cum["cycles_left"]["upper_95"]["cycles_left"] = 0
+    cum["cycles_left"]["upper_95"]["limits"][0]["cycles_left"] = 0
+    html_text = _render(tmp_path, Summary.model_validate(s))
+    sec = html_text[html_text.index("id='cumulative-uncertainty'") :]
+    sec = sec[: sec.index("</section>")]
+    assert "13.30 ± 1.00 Gy" in sec and "(k = 2)" in sec and "12.30–14.30 Gy" in sec  # U = 2 × 0.5
+    assert "4.00 ± not stated" in sec and "4.20 ± 0.40" in sec and "5.10 ± 0.60" in sec
+    assert "1.05 ± not stated" in sec  # the marrow: no model, said
+    assert "<b>0</b> further cycle(s) — binding: <b>kidney</b>, kidney absorbed dose" in sec
+    assert "At the central estimate 1 further cycle(s), bound by kidney" in sec
+    assert "14.30" in sec and "6.12" in sec and "not checked at the 95 % upper bound" in sec
+    assert "cycles left at the 95 % upper bound" in console_table(Summary.model_validate(s))

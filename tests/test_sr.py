@@ -18,6 +18,7 @@ from voxeldose.sr import (
     SR_SERIES_DESCRIPTION,
     measurement_key,
     sr_measurements,
+    sr_uncertainty,
 )
 from voxeldose.voi import read_seg
 
@@ -147,3 +148,48 @@ def test_vois_on_ct_fallback_resamples_dose_grid_vois(pacs) -> None:
     for name in big:
         assert masks[name].shape == result.ct.shape
         assert float(masks[name].sum()) * ct_ml == pytest.approx(result.vois[name].volume_ml, rel=0.15), name
+
+
+def test_sr_attaches_the_measurement_uncertainty_to_each_dose(pacs) -> None:
+    """Issue 13 part 4: every dose with a stated u (mean, BED, EQD2) carries TID 310 measurement uncertainty — CID 225
+    SCT 371886008 / 371885007 ± U = k·u in Gy — and u; read back with pydicom and with highdicom."""
+    result, paths = pacs
+    sr = pydicom.dcmread(paths["sr"])
+    got = sr_uncertainty(sr)
+    checked = 0
+    for name, entry in result.summary.vois.items():
+        budget = entry.uncertainty
+        if budget is None or budget.mean_gy.u is None:
+            assert name not in got or measurement_key("mean_gy") not in got[name], name  # never invented
+            continue
+        k = budget.coverage_factor
+        assert k == 2.0
+        for key in ("mean_gy", "bed_gy", "eqd2_gy"):
+            vu = getattr(budget, key)
+            if vu is None or vu.u is None:
+                continue
+            props = got[name][measurement_key(key)]
+            assert props["upper"] == pytest.approx(2.0 * vu.u, rel=1e-9), (name, key)
+            assert props["lower"] == pytest.approx(2.0 * vu.u, rel=1e-9), (name, key)
+            assert props["u"] == pytest.approx(vu.u, rel=1e-9), (name, key)
+            checked += 1
+        # no uncertainty on the doses without a model (max, D-values)
+        assert measurement_key("max_gy") not in got[name] and measurement_key("D2_gy") not in got[name]
+    kidneys = [n for n, e in result.summary.vois.items() if e.role == "kidney"]
+    assert kidneys and all(measurement_key("mean_gy") in got[n] for n in kidneys)
+    assert checked >= len(kidneys) * 3  # each kidney's mean, BED and EQD2
+    # highdicom reads the same items as the mean dose's properties, in Gy
+    parsed = hd.sr.srread(paths["sr"])
+    group = next(
+        g for g in parsed.content.get_volumetric_roi_measurement_groups() if g.tracking_identifier == kidneys[0]
+    )
+    mean = next(
+        m
+        for m in group.get_measurements(name=hd.sr.CodedConcept("128513", "DCM", "Absorbed Dose"))
+        if m.derivation is not None and m.derivation.value == "373098007"
+    )
+    upper = [p for p in mean[0].ContentSequence if p.ConceptNameCodeSequence[0].CodeValue == "371886008"]
+    assert len(upper) == 1 and upper[0].RelationshipType == "HAS PROPERTIES"
+    assert upper[0].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "Gy"
+    u_mean = result.summary.vois[kidneys[0]].uncertainty.mean_gy.u
+    assert float(upper[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(2.0 * u_mean, rel=1e-6)

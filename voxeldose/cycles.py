@@ -48,16 +48,32 @@ from .metrics import RADIOBIOLOGY_DEFAULTS, bed
 from .spec import JobSpec
 from .summary import (
     Cumulative,
+    CumulativeUncertainty,
+    CycleDoseU,
     CycleRow,
     CyclesLeft,
     EstimatedCycle,
     LimitsUsed,
     Marrow,
     Totals,
+    ValueU,
     VoiMetrics,
 )
+from .uncertainty import COVERAGE_FACTOR
 
-__all__ = ["KIDNEY_FIGURE", "CycleDose", "Limits", "cumulative", "cumulative_summary", "cycles_left"]
+__all__ = [
+    "CORRELATED_BETWEEN_CYCLES",
+    "KIDNEY_FIGURE",
+    "CycleDose",
+    "DoseUncertainty",
+    "Limits",
+    "bed_sensitivity",
+    "cumulative",
+    "cumulative_summary",
+    "cumulative_uncertainty",
+    "cycles_left",
+    "cycles_left_upper",
+]
 
 #: Rounding guard for "how many whole cycles fit": a dose that lands on the limit to 1e-9 relative
 #: counts as fitting (23.0 Gy after n cycles is within a 23 Gy limit).
@@ -342,20 +358,7 @@ def cycles_left(
             expected=f"doses for {k!r} and/or {m!r}",
             found=sorted(cumulative_dose_gy),
         )
-    bounded = [r for r in rows if r["cycles_left"] is not None]
-    if bounded:
-        binding = min(bounded, key=lambda r: r["cycles_left"])
-        n_left: int | None = binding["cycles_left"]
-        if n_left == 0:
-            message = f"no further cycle at {gbq:g} GBq: {binding['message']}"
-        else:
-            message = (
-                f"{n_left} further cycle(s) at {gbq:g} GBq; binding limit: {binding['limit']} ({binding['message']})"
-            )
-        binding_name: str | None = binding["limit"]
-    else:
-        n_left, binding_name = None, None
-        message = "no limit bounds the number of cycles (zero dose per cycle)"
+    n_left, binding_name, message = _binding(rows, gbq)
     return {
         "cycles_left": n_left,
         "binding_limit": binding_name,
@@ -363,6 +366,169 @@ def cycles_left(
         "limits": rows,
         "message": message,
         "assumption": "future cycles repeat the measured dose per GBq and kinetics (G factor)",
+        "notes": notes,
+    }
+
+
+def _binding(rows: Sequence[Mapping[str, Any]], gbq: float) -> tuple[int | None, str | None, str]:
+    """(cycles left, binding limit, message): the limit with the fewest cycles left binds."""
+    bounded = [r for r in rows if r["cycles_left"] is not None]
+    if not bounded:
+        return None, None, "no limit bounds the number of cycles (zero dose per cycle)"
+    binding = min(bounded, key=lambda r: int(r["cycles_left"]))
+    n_left: int = binding["cycles_left"]
+    if n_left == 0:
+        return n_left, binding["limit"], f"no further cycle at {gbq:g} GBq: {binding['message']}"
+    return (
+        n_left,
+        binding["limit"],
+        f"{n_left} further cycle(s) at {gbq:g} GBq; binding limit: {binding['limit']} ({binding['message']})",
+    )
+
+
+# ============================================================================================ uncertainty
+#: Budget components (:mod:`voxeldose.uncertainty`) taken as fully correlated between cycles (r = 1): the
+#: calibration factor (the same camera and its profile's sensitivity measured once), the recovery curve (the same
+#: camera profile's recovery fit) and the dose factor (the same kernel and its energy-deposition data).  Counting
+#: noise, scan times and the time–activity fit are new measurements each cycle (r = 0); so is the delineation,
+#: since each cycle's job is contoured on its own CT (``same_contours=True`` counts it as correlated).
+CORRELATED_BETWEEN_CYCLES: frozenset[str] = frozenset({"calibration", "recovery", "dose factor"})
+#: The model in words, as the summary states it.
+CORRELATION_MODEL = (
+    "components correlated between cycles (r = 1: calibration of the same camera, recovery curve of the same camera "
+    "profile, dose factor of the same kernel) summed linearly across cycles; independent ones (r = 0: counting, "
+    "scan time, time–activity fit, delineation on each cycle's own contours) in quadrature; different components "
+    "independent of each other (GUM JCGM 100:2008 §5.2, eq. 16; Gear et al. 2018, EJNMMI 45:2456).  An earlier "
+    "cycle estimated from this cycle's dose per GBq carries this cycle's components, fully correlated with it."
+)
+#: What the marrow figure's uncertainty is (no model yet: said, never invented).
+MARROW_NOT_STATED = "not stated: the red-marrow figure has no uncertainty model in voxeldose yet"
+
+
+@dataclass(frozen=True)
+class DoseUncertainty:
+    """One cycle's organ dose uncertainty by budget component: standard uncertainty (Gy, or Gy of BED) each
+    stated component contributes, and ``origin``, the cycle whose measurement it comes from (an earlier cycle
+    estimated from this cycle's dose per GBq has this cycle's number: its independent components are the same
+    random errors as this cycle's)."""
+
+    components_gy: Mapping[str, float]
+    origin: int
+
+    @property
+    def u_gy(self) -> float:
+        """The cycle's own combined standard uncertainty (components independent of each other), Gy."""
+        return math.sqrt(sum(u * u for u in self.components_gy.values()))
+
+    def scaled(self, factor: float) -> DoseUncertainty:
+        return DoseUncertainty({k: abs(factor) * u for k, u in self.components_gy.items()}, self.origin)
+
+
+def cumulative_uncertainty(
+    parts: Sequence[DoseUncertainty], *, same_contours: bool = False, correlated: frozenset[str] | None = None
+) -> float:
+    """Standard uncertainty (Gy) of the sum of the cycles' doses, GUM JCGM 100:2008 eq. 16 with r = 1 between the
+    cycles' values of a correlated component (and between an independent component's values of the same origin)
+    and r = 0 otherwise: u² = Σ_groups (Σ_{i in group} u_i)², a group being one correlated component over all
+    cycles, or one independent component of one origin cycle.  Two cycles with a fully correlated a₁, a₂ and an
+    independent b₁, b₂ give u² = (a₁ + a₂)² + b₁² + b₂²."""
+    corr = set(CORRELATED_BETWEEN_CYCLES if correlated is None else correlated)
+    if same_contours:
+        corr.add("delineation")
+    groups: dict[tuple[str, int], float] = {}
+    for p in parts:
+        for name, u in p.components_gy.items():
+            if not (u >= 0 and math.isfinite(u)):
+                raise VoxeldoseError(
+                    f"the uncertainty component {name!r} must be a finite number ≥ 0 Gy", tag="components_gy", found=u
+                )
+            key = (name, 0) if name in corr else (name, p.origin)
+            groups[key] = groups.get(key, 0.0) + u
+    return math.sqrt(sum(v * v for v in groups.values()))
+
+
+def bed_sensitivity(dose_gy: float, bed_gy: float) -> float:
+    """∂BED/∂d of BED = d + G·d²/(α/β) at fixed G, from the dose and BED alone: 1 + 2·(BED − d)/d."""
+    return 1.0 + 2.0 * (bed_gy - dose_gy) / dose_gy if dose_gy > 0 else 1.0
+
+
+_UPPER_KEYS = (
+    ("kidney absorbed dose", "kidney", "dose"),
+    ("kidney BED", "kidney", "bed"),
+    ("red marrow", "marrow", "dose"),
+)
+
+
+def _limit_key(name: str) -> tuple[str, str]:
+    return next((organ, q) for prefix, organ, q in _UPPER_KEYS if name.startswith(prefix))
+
+
+def cycles_left_upper(
+    central: Mapping[str, Any],
+    *,
+    cumulative_u_gy: Mapping[str, float],
+    cumulative_bed_u_gy: Mapping[str, float],
+    per_cycle_relative_u: Mapping[str, float],
+    k: float = COVERAGE_FACTOR,
+    not_stated: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """:func:`cycles_left` again at the ≈ 95 % upper bound of each dose: for each limit of ``central`` (its
+    result) whose organ has a stated uncertainty, ``n = floor((limit − (C + k·u_C)) / (d + k·u_d))`` with C the
+    cumulative dose (or BED) and d the per-cycle dose (or BED) of a future cycle.
+
+    ``cumulative_u_gy``/``cumulative_bed_u_gy``: standard u of the cumulative dose / BED by organ;
+    ``per_cycle_relative_u``: the relative standard u of the dose per GBq the future cycles repeat (this
+    cycle's).  A future cycle's BED b = d + G·d²/(α/β) gets u_b = (1 + 2·G·d/(α/β))·u_d.  A limit whose organ
+    lacks an uncertainty is left out and said in ``notes`` (``not_stated[organ]`` gives the reason)."""
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    per_dose = {
+        _limit_key(r["limit"])[0]: float(r["per_cycle_gy"])
+        for r in central["limits"]
+        if r["quantity"] == "absorbed dose"
+    }
+    for r in central["limits"]:
+        organ, q = _limit_key(r["limit"])
+        u_cum = (cumulative_bed_u_gy if q == "bed" else cumulative_u_gy).get(organ)
+        rel = per_cycle_relative_u.get(organ)
+        if u_cum is None or rel is None:
+            why = (not_stated or {}).get(organ, "no stated uncertainty")
+            notes.append(f"{r['limit']}: not checked at the 95 % upper bound ({why})")
+            continue
+        d = per_dose.get(organ, 0.0)
+        u_per = rel * d
+        if q == "bed":
+            u_per *= 1.0 + 2.0 * float(r.get("g_factor") or 0.0) * d / float(r.get("alpha_beta_gy") or math.inf)
+        row = _one_limit(
+            name=r["limit"],
+            quantity=r["quantity"],
+            limit_gy=float(r["limit_gy"]),
+            current_gy=float(r["current_gy"]) + k * u_cum,
+            per_cycle_gy=float(r["per_cycle_gy"]) + k * u_per,
+            source=r["source"],
+        )
+        for extra in ("g_factor", "alpha_beta_gy"):
+            if extra in r:
+                row[extra] = r[extra]
+        rows.append(row)
+    gbq = float(central["activity_per_cycle_bq"]) / 1e9
+    if rows:
+        n_left, binding_name, message = _binding(rows, gbq)
+        message = f"at the 95 % upper bound (k = {k:g}): {message}"
+    else:
+        n_left, binding_name, message = (
+            None,
+            None,
+            "not computed at the 95 % upper bound: no dose with a stated uncertainty",
+        )
+    return {
+        "cycles_left": n_left,
+        "binding_limit": binding_name,
+        "activity_per_cycle_bq": float(central["activity_per_cycle_bq"]),
+        "limits": rows,
+        "message": message,
+        "assumption": "cumulative and per-cycle doses (and BEDs) at value + k·u; future cycles repeat this "
+        "cycle's dose per GBq and kinetics, with its relative uncertainty",
         "notes": notes,
     }
 
@@ -472,8 +638,11 @@ def cumulative_summary(
         )
     else:
         notes.append("no kidney or marrow VOI: cycles left not computed")
+    row_u, cum_u, upper = _uncertainty_of(vois, spec, cum, left, activity_bq)
+    if left is not None and upper is not None:
+        left = left.model_copy(update={"upper_95": CyclesLeft.model_validate(upper)})
     return Cumulative(
-        cycles=[_row(r) for r in cum["per_cycle"]],
+        cycles=[_row(r, row_u.get(r["cycle"], {})) for r in cum["per_cycle"]],
         total=Totals(dose_gy=cum["dose_gy"], bed_gy=cum["bed_gy"], activity_MBq=cum["activity_bq_total"] / 1e6),
         limits=LimitsUsed(
             kidney_gy=limits.kidney_dose_gy,
@@ -487,10 +656,11 @@ def cumulative_summary(
         notes=notes,
         kidney_figure=KIDNEY_FIGURE,
         estimated_earlier_cycles=estimated,
+        uncertainty=cum_u,
     )
 
 
-def _row(r: Mapping[str, Any]) -> CycleRow:
+def _row(r: Mapping[str, Any], u: Mapping[str, CycleDoseU]) -> CycleRow:
     """One row of :func:`cumulative`'s ``per_cycle`` as the summary's cycle table has it (MBq, Gy)."""
     dose, bed_gy = r["dose_gy"], r["bed_gy"]
     return CycleRow(
@@ -500,4 +670,130 @@ def _row(r: Mapping[str, Any]) -> CycleRow:
         kidney_gy=dose.get("kidney"),
         kidney_bed_gy=bed_gy.get("kidney"),
         marrow_gy=dose.get("marrow"),
+        kidney_u=u.get("kidney"),
+        marrow_u=u.get("marrow"),
+    )
+
+
+def _this_kidney_u(vois: Mapping[str, VoiMetrics], number: int) -> tuple[DoseUncertainty | None, str]:
+    """This cycle's kidney-figure uncertainty (the higher kidney's EANM budget, components in Gy) and its source."""
+    kidneys = sorted((e for e in vois.values() if e.role == "kidney"), key=lambda e: e.mean_gy, reverse=True)
+    if not kidneys or kidneys[0].uncertainty is None:
+        return None, "not stated: this cycle's kidney has no uncertainty budget (no time–activity fit)"
+    k = kidneys[0]
+    budget = k.uncertainty
+    assert budget is not None  # checked above
+    comps = {c.name: c.relative_u * abs(k.mean_gy) for c in budget.components if c.relative_u is not None}
+    return DoseUncertainty(comps, number), "this cycle's EANM budget (stated components)"
+
+
+def _uncertainty_of(
+    vois: Mapping[str, VoiMetrics],
+    spec: JobSpec,
+    cum: Mapping[str, Any],
+    left: CyclesLeft | None,
+    activity_bq: float,
+) -> tuple[dict[int, dict[str, CycleDoseU]], CumulativeUncertainty | None, dict[str, Any] | None]:
+    """Each cycle's kidney and marrow dose uncertainty, the cumulative ones (:func:`cumulative_uncertainty`) and
+    cycles left at the upper bound (:func:`cycles_left_upper`).  An earlier cycle without a stated uncertainty is
+    "not stated" (never invented); the cumulative u then covers the stated cycles only (a lower bound, said)."""
+    this = spec.cycle_number
+    this_u, this_src = _this_kidney_u(vois, this)
+    per_cycle = {r["cycle"]: r for r in cum["per_cycle"]}
+    parts: dict[int, DoseUncertainty | None] = {}
+    rows: dict[int, dict[str, CycleDoseU]] = {}
+    for n, r in per_cycle.items():
+        out: dict[str, CycleDoseU] = {}
+        if "marrow" in r["dose_gy"]:
+            out["marrow"] = CycleDoseU(u_gy=None, source=MARROW_NOT_STATED)
+        if "kidney" in r["dose_gy"]:
+            earlier = next((c for c in spec.earlier_cycles if c.number == n), None)
+            part: DoseUncertainty | None
+            if earlier is None:
+                part, src = this_u, this_src
+            elif earlier.kidney_gy is None:  # estimated from this cycle's dose per GBq
+                part = None if this_u is None else this_u.scaled(earlier.activity_mbq * 1e6 / activity_bq)
+                src = (
+                    "estimated like the dose: this cycle's components scaled by the activity ratio, fully correlated "
+                    "with this cycle (the assumption that the kinetics repeat has no stated uncertainty)"
+                    if part is not None
+                    else this_src
+                )
+            elif earlier.kidney_u_components_gy is not None:
+                part, src = DoseUncertainty(dict(earlier.kidney_u_components_gy), n), f"cycle {n}'s own result"
+            else:
+                part, src = None, f"not stated: cycle {n}'s result has no uncertainty (an older summary)"
+            parts[n] = part
+            out["kidney"] = CycleDoseU(
+                u_gy=None if part is None else part.u_gy,
+                components_gy={} if part is None else dict(part.components_gy),
+                source=src,
+            )
+        rows[n] = out
+    if not parts and not any("marrow" in r for r in rows.values()):
+        return rows, None, None
+    k = COVERAGE_FACTOR
+    notes: list[str] = []
+    not_stated: dict[str, list[int]] = {}
+    dose_u: dict[str, ValueU] = {}
+    bed_u: dict[str, ValueU] = {}
+    cum_u: dict[str, float] = {}
+    cum_bed_u: dict[str, float] = {}
+    if parts:
+        missing = sorted(n for n, p in parts.items() if p is None)
+        stated = [p for p in parts.values() if p is not None]
+        if missing:
+            not_stated["kidney"] = missing
+        if stated:
+            cum_u["kidney"] = cumulative_uncertainty(stated)
+            if missing:
+                notes.append(
+                    f"kidney: cycle(s) {missing} have no stated uncertainty — the cumulative u covers the other "
+                    "cycles only and is a lower bound"
+                )
+            if "kidney" in cum["bed_gy"]:
+                scaled = [
+                    p.scaled(bed_sensitivity(per_cycle[n]["dose_gy"]["kidney"], per_cycle[n]["bed_gy"]["kidney"]))
+                    for n, p in parts.items()
+                    if p is not None
+                ]
+                cum_bed_u["kidney"] = cumulative_uncertainty(scaled)
+        dose_u["kidney"] = _vu(float(cum["dose_gy"]["kidney"]), cum_u.get("kidney"), k)
+        if "kidney" in cum["bed_gy"]:
+            bed_u["kidney"] = _vu(float(cum["bed_gy"]["kidney"]), cum_bed_u.get("kidney"), k)
+    if "marrow" in cum["dose_gy"]:
+        not_stated["marrow"] = sorted(n for n, r in rows.items() if "marrow" in r)
+        dose_u["marrow"] = _vu(float(cum["dose_gy"]["marrow"]), None, k)
+        notes.append(f"red marrow: {MARROW_NOT_STATED}")
+    total = CumulativeUncertainty(
+        method="first-order propagation of each cycle's EANM budget (GUM JCGM 100:2008 §5.2)",
+        correlation_model=CORRELATION_MODEL,
+        coverage_factor=k,
+        dose_gy=dose_u,
+        bed_gy=bed_u,
+        not_stated=not_stated,
+        notes=notes,
+    )
+    upper = None
+    if left is not None:
+        rel: dict[str, float] = {}
+        this_dose = per_cycle.get(this, {}).get("dose_gy", {}).get("kidney")
+        if this_u is not None and this_dose:
+            rel["kidney"] = this_u.u_gy / this_dose
+        upper = cycles_left_upper(
+            left.model_dump(),
+            cumulative_u_gy=cum_u,
+            cumulative_bed_u_gy=cum_bed_u,
+            per_cycle_relative_u=rel,
+            k=k,
+            not_stated={"marrow": MARROW_NOT_STATED, "kidney": this_src if this_u is None else "not stated"},
+        )
+        if "kidney" in not_stated and "kidney" in cum_u:
+            upper["notes"].append("the kidney's upper bound uses a lower-bound cumulative u (cycles not stated)")
+    return rows, total, upper
+
+
+def _vu(value: float, u: float | None, k: float) -> ValueU:
+    return ValueU(
+        value=value, u=u, lower_95=None if u is None else value - k * u, upper_95=None if u is None else value + k * u
     )

@@ -730,6 +730,84 @@ def _uncertainty(summary: Summary) -> str:
     return "".join(parts)
 
 
+def _organ_of(limit: str | None) -> str:
+    return "" if limit is None else ("red marrow" if limit.startswith("red marrow") else "kidney")
+
+
+def _cumulative_uncertainty(summary: Summary) -> str:
+    """The cumulative kidney and marrow doses as ``value ± U (k = 2)`` per cycle and in total, and the cycles left at
+    the 95 % upper bound, saying which organ and which bound binds (issue 13 part 2)."""
+    cum = summary.cumulative
+    cu = cum.uncertainty
+    if cu is None:
+        return ""
+    k = cu.coverage_factor
+
+    def pm(value: float | None, u: float | None) -> str:
+        if value is None:
+            return _DASH
+        return f"{_num(value)} ± {'not stated' if u is None else _num(k * u)}"
+
+    rows = "".join(
+        f"<tr><td>{_e(c.number)}</td>"
+        f"<td>{pm(_f(c.kidney_gy), None if c.kidney_u is None else c.kidney_u.u_gy)}</td>"
+        f"<td>{pm(_f(c.marrow_gy), None if c.marrow_u is None else c.marrow_u.u_gy)}</td>"
+        f"<td class='small'>{_e(c.kidney_u.source if c.kidney_u is not None else '')}</td></tr>"
+        for c in sorted(cum.cycles, key=lambda c: c.number)
+    )
+    totals = []
+    for label, vu in (
+        ("kidney absorbed dose", cu.dose_gy.get("kidney")),
+        ("kidney BED", cu.bed_gy.get("kidney")),
+        ("red-marrow absorbed dose", cu.dose_gy.get("marrow")),
+    ):
+        if vu is None:
+            continue
+        iv = "" if vu.lower_95 is None else f" (95 % interval {_num(vu.lower_95)}–{_num(vu.upper_95)} Gy)"
+        totals.append(f"<li>cumulative {label}: <b>{_pm(vu, k)} Gy</b> (k = {k:g}){iv}</li>")
+    parts = [
+        "<section id='cumulative-uncertainty'><h2>Cumulative dose with its uncertainty</h2>",
+        "<table class='grid'><tr><th>Cycle</th><th>Kidney Gy ± U</th><th>Marrow Gy ± U</th><th>Kidney u from</th></tr>"
+        f"{rows}</table>",
+        f"<ul>{''.join(totals)}</ul>",
+    ]
+    parts += [f"<p class='small'>{_e(n)}</p>" for n in cu.notes]
+    left = cum.cycles_left
+    if left is not None and left.upper_95 is not None:
+        up = left.upper_95
+        n_up = "not computed" if up.cycles_left is None else f"<b>{_e(up.cycles_left)}</b> further cycle(s)"
+        parts.append(
+            "<h3>Further cycles at the 95 % upper bound</h3>"
+            f"<p class='cycles' id='cycles-left-upper'>{n_up}"
+            + (
+                f" — binding: <b>{_e(_organ_of(up.binding_limit))}</b>, {_e(up.binding_limit)}"
+                if up.binding_limit
+                else ""
+            )
+            + "</p>"
+            f"<p>At the central estimate {_e(left.cycles_left)} further cycle(s), bound by "
+            f"{_e(_organ_of(left.binding_limit))} ({_e(left.binding_limit)}); at the 95 % upper bound "
+            f"{_e(up.cycles_left)}, bound by {_e(_organ_of(up.binding_limit))} ({_e(up.binding_limit)}).  The "
+            f"{'upper' if (up.cycles_left or 0) < (left.cycles_left or 0) else 'central'} figure is the one that "
+            "limits the plan.</p>"
+        )
+        if up.limits:
+            body = "".join(
+                f"<tr class='{'over' if r.exceeded or r.cycles_left == 0 else ''}'><td>{_e(r.limit)}</td>"
+                f"<td>{_num(r.limit_gy, 1)}</td><td>{_num(r.current_gy)}</td><td>{_num(r.per_cycle_gy)}</td>"
+                f"<td>{_e(r.cycles_left)}</td></tr>"
+                for r in up.limits
+            )
+            parts.append(
+                "<table class='grid'><tr><th>Limit</th><th>Limit Gy</th><th>So far, upper Gy</th>"
+                f"<th>Per cycle, upper Gy</th><th>Cycles left</th></tr>{body}</table>"
+            )
+        parts += [f"<p class='small'>{_e(n)}</p>" for n in up.notes]
+        parts.append(f"<p class='small'>{_e(up.assumption)}</p>")
+    parts.append(f"<p class='small'>{_e(cu.method)}: {_e(cu.correlation_model)}</p></section>")
+    return "".join(parts)
+
+
 def render_report(
     summary: Summary,
     *,
@@ -754,6 +832,7 @@ def render_report(
         _safe(lambda: _dose_table(summary, limits, flags), "Absorbed dose per VOI", errors),
         _safe(lambda: _uncertainty(summary), "Uncertainty", errors),
         _safe(lambda: _cumulative(summary, limits, flags), "Cumulative dose across cycles", errors),
+        _safe(lambda: _cumulative_uncertainty(summary), "Cumulative dose with its uncertainty", errors),
         _safe(lambda: _marrow(summary), "Red marrow", errors),
         _safe(lambda: _timepoints(summary), "Imaging time points", errors),
         _safe(lambda: _dvh_plot(summary, dose, vois), "Dose–volume histograms", errors),
@@ -820,4 +899,6 @@ def console_table(summary: Summary) -> str:
     if left is not None and left.message:
         out.append("")
         out.append(f"cycles left: {left.message}")
+        if left.upper_95 is not None:
+            out.append(f"cycles left {left.upper_95.message}")
     return "\n".join(out)

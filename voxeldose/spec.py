@@ -211,6 +211,11 @@ class EarlierCycle(_Model):
     vois: dict[Text, Annotated[float, Field(ge=0, le=MAX_VOI_GY_PER_CYCLE)]] = Field(
         default_factory=dict, description="mean absorbed dose per VOI, Gy"
     )
+    kidney_u_components_gy: dict[Text, Annotated[float, Field(ge=0, le=MAX_KIDNEY_GY_PER_CYCLE)]] | None = Field(
+        None,
+        description="standard uncertainty of kidney_gy by EANM budget component (e.g. calibration, counting), Gy; "
+        "absent: not stated (an older result)",
+    )
 
     @field_validator("date")
     @classmethod

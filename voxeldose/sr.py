@@ -33,6 +33,17 @@ SR (TID 1500 "Measurement Report", highdicom)
   corrected VOI's group also has a qualitative evaluation (TID 1419 row "Qualitative Evaluations")
   :data:`PVC_CONCEPT` = the method.  No standard code for partial-volume correction exists in PS3.16 (checked
   against pydicom's copy), hence private codes.  Without a correction the SR is as before.
+* Measurement uncertainty (``VoiMetrics.uncertainty``, issue 13): each dose with a stated standard uncertainty u
+  — the mean absorbed dose, BED and EQD2 — carries TID 310 "Measurement Properties" (HAS PROPERTIES, row
+  "Measurement Uncertainty", the concepts of CID 225 "Measurement Uncertainty Concept"): SCT 371886008
+  "+, range of upper measurement uncertainty" and SCT 371885007 "-, range of lower measurement uncertainty",
+  each the expanded uncertainty U = k·u (k = 2, ≈ 95 %, GUM JCGM 100:2008 §6) in the measurement's unit (Gy),
+  as highdicom's :class:`highdicom.sr.MeasurementProperties` writes them but with the dose's unit rather than
+  "no units" (a ± range of a dose is a dose); beside them the standard uncertainty u itself,
+  :data:`STANDARD_UNCERTAINTY` (private: PS3.16 has no concept for a GUM standard uncertainty of a single
+  measurement — CID 226/227's "Standard Deviation" describe a reference population, TID 311), so a reader has
+  k = U/u.  A dose without a stated u gets no uncertainty items (never invented).  :func:`sr_uncertainty` reads
+  them back.
 """
 
 from __future__ import annotations
@@ -63,6 +74,8 @@ __all__ = [
     "PVC_CONCEPT",
     "PVC_METHODS",
     "SR_SERIES_DESCRIPTION",
+    "STANDARD_UNCERTAINTY",
+    "UNCERTAIN_FIELDS",
     "UNCORRECTED",
     "build_measurement_report",
     "reference_ct_datasets",
@@ -108,6 +121,14 @@ PVC_CONCEPT = Code("PVC", PRIVATE_SCHEME, "Partial-volume correction")
 _FROM_CORRECTED_MEAN = frozenset({"mean_gy", "gy_per_gbq", "bed_gy", "eqd2_gy"})
 #: Summary fields of the dose map, corrected only where the map is (``rbv``).
 _FROM_DOSE_MAP = frozenset({"max_gy", "D2_gy", "D50_gy", "D98_gy"})
+
+#: CID 225 "Measurement Uncertainty Concept" (PS3.16), as TID 310 uses them (and highdicom writes them).
+UPPER_UNCERTAINTY = Code("371886008", "SCT", "+, range of upper measurement uncertainty")
+LOWER_UNCERTAINTY = Code("371885007", "SCT", "-, range of lower measurement uncertainty")
+#: The standard uncertainty u (k = 1) beside the ± U range (no standard concept: see the module docstring).
+STANDARD_UNCERTAINTY = Code("U-STD", PRIVATE_SCHEME, "Standard uncertainty u (GUM, coverage factor k = 1)")
+#: Summary fields whose uncertainty the SR carries -> the :class:`~voxeldose.summary.VoiUncertainty` field.
+UNCERTAIN_FIELDS: dict[str, str] = {"mean_gy": "mean_gy", "bed_gy": "bed_gy", "eqd2_gy": "eqd2_gy"}
 
 PROCEDURE_CODES = [
     Code("371572003", "SCT", "Nuclear medicine procedure"),
@@ -208,6 +229,30 @@ def _measured(entry: VoiMetrics, field: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _uncertainty_properties(entry: VoiMetrics, key: str, unit: Code) -> Any:
+    """TID 310 Measurement Properties with the dose's measurement uncertainty (± U = k·u, and u; module
+    docstring), or ``None`` when the dose has no stated uncertainty."""
+    import highdicom as hd  # heavy import, needed only on the PACS path
+
+    budget = entry.uncertainty
+    field = UNCERTAIN_FIELDS.get(key)
+    if budget is None or field is None:
+        return None
+    vu = getattr(budget, field)
+    u = None if vu is None else _finite(vu.u)
+    k = _finite(budget.coverage_factor)
+    if u is None or k is None:
+        return None
+    props = hd.sr.MeasurementProperties()
+    for concept, value in ((UPPER_UNCERTAINTY, k * u), (LOWER_UNCERTAINTY, k * u), (STANDARD_UNCERTAINTY, u)):
+        props.append(
+            hd.sr.NumContentItem(
+                name=concept, value=value, unit=unit, relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES
+            )
+        )
+    return props
+
+
 def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
     """The TID 1500 content (highdicom MeasurementReport) of ``result`` referencing ``seg``'s segments."""
     import highdicom as hd  # heavy import (about a second), needed only on the PACS path
@@ -254,6 +299,7 @@ def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
                     derivation=derivation,
                     method=method if key in corrected_fields else None,
                     algorithm_id=algo,
+                    properties=_uncertainty_properties(entry, key, unit),
                 )
             )
         evaluations = []
@@ -405,10 +451,47 @@ def sr_pvc(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
     return out
 
 
+def sr_uncertainty(sr: pydicom.Dataset) -> dict[str, dict[tuple[str, str, str | None], dict[str, float]]]:
+    """Read back the measurement uncertainty: {tracking identifier: {measurement key (as :func:`sr_measurements`):
+    {"upper": +U, "lower": −U range, "u": standard u}}} for each measurement carrying TID 310 uncertainty items."""
+    wanted = {
+        (UPPER_UNCERTAINTY.scheme_designator, UPPER_UNCERTAINTY.value): "upper",
+        (LOWER_UNCERTAINTY.scheme_designator, LOWER_UNCERTAINTY.value): "lower",
+        (STANDARD_UNCERTAINTY.scheme_designator, STANDARD_UNCERTAINTY.value): "u",
+    }
+    out: dict[str, dict[tuple[str, str, str | None], dict[str, float]]] = {}
+    for item in _walk(sr.ContentSequence):
+        name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
+        if name is None or name.CodeValue != "125007" or name.CodingSchemeDesignator != "DCM":
+            continue
+        tracking = None
+        found: dict[tuple[str, str, str | None], dict[str, float]] = {}
+        for child in item.ContentSequence:
+            cn = child.ConceptNameCodeSequence[0]
+            if child.ValueType == "TEXT" and cn.CodeValue == "112039":
+                tracking = str(child.TextValue)
+            elif child.ValueType == "NUM" and _modifier(child, "SCT", "370129005") != UNCORRECTED.value:
+                props: dict[str, float] = {}
+                for mod in getattr(child, "ContentSequence", None) or []:
+                    mcn = mod.ConceptNameCodeSequence[0]
+                    which = wanted.get((str(mcn.CodingSchemeDesignator), str(mcn.CodeValue)))
+                    if which is not None and mod.ValueType == "NUM" and mod.RelationshipType == "HAS PROPERTIES":
+                        mv = mod.MeasuredValueSequence[0]
+                        props[which] = (
+                            float(mv.FloatingPointValue) if "FloatingPointValue" in mv else float(mv.NumericValue)
+                        )
+                if props:
+                    key = (str(cn.CodingSchemeDesignator), str(cn.CodeValue), _modifier(child, "DCM", "121401"))
+                    found[key] = props
+        if tracking is not None and found:
+            out[tracking] = found
+    return out
+
+
 def measurement_key(summary_key: str) -> tuple[str, str, str | None]:
     """The :func:`sr_measurements` key of a summary metric (``"mean_gy"`` -> ``("DCM", "128513", "373098007")``)."""
     concept, _unit, deriv = MEASUREMENTS[summary_key]
     return (concept.scheme_designator, concept.value, None if deriv is None else deriv.value)
 
 
-__all__ += ["measurement_key", "sr_measurements", "sr_pvc"]
+__all__ += ["measurement_key", "sr_measurements", "sr_pvc", "sr_uncertainty"]

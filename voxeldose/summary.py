@@ -368,6 +368,17 @@ class Marrow(_Part):
 
 
 # ------------------------------------------------------------------------------------------ cycles
+class CycleDoseU(_Part):
+    """The standard uncertainty of one cycle's organ dose, by budget component (see
+    :func:`voxeldose.cycles.cumulative_uncertainty`); ``u_gy`` null: not stated (never invented)."""
+
+    u_gy: float | None = Field(description="standard uncertainty of the cycle's dose, Gy; null: not stated")
+    components_gy: dict[str, float] = Field(
+        default_factory=dict, description="standard uncertainty each stated budget component contributes, Gy"
+    )
+    source: str = Field(description="where the uncertainty comes from, or why it is not stated")
+
+
 class CycleRow(_Part):
     """One cycle of the cumulative table (this one and the earlier ones from the job)."""
 
@@ -377,6 +388,8 @@ class CycleRow(_Part):
     kidney_gy: float | None
     kidney_bed_gy: float | None
     marrow_gy: float | None
+    kidney_u: CycleDoseU | None = Field(None, description="uncertainty of kidney_gy (schema /3, additive)")
+    marrow_u: CycleDoseU | None = Field(None, description="uncertainty of marrow_gy (schema /3, additive)")
 
 
 class Totals(_Part):
@@ -419,6 +432,11 @@ class CyclesLeft(_Part):
     message: str
     assumption: str
     notes: list[str]
+    upper_95: CyclesLeft | None = Field(
+        None,
+        description="the same planning at the 95 % upper bound of the cumulative and per-cycle doses (value + k·u); "
+        "only limits whose organ dose has a stated uncertainty (schema /3, additive)",
+    )
 
 
 class EstimatedCycle(_Part):
@@ -427,6 +445,21 @@ class EstimatedCycle(_Part):
     cycle: int
     organ: str
     dose_gy: float
+
+
+class CumulativeUncertainty(_Part):
+    """The uncertainty of the cumulative doses (GUM JCGM 100:2008 §5.2; Gear et al. 2018): components correlated
+    between cycles summed linearly, independent ones in quadrature (:func:`voxeldose.cycles.cumulative_uncertainty`)."""
+
+    method: str
+    correlation_model: str
+    coverage_factor: float
+    dose_gy: dict[str, ValueU] = Field(description="cumulative absorbed dose by organ; u null: not stated")
+    bed_gy: dict[str, ValueU] = Field(description="cumulative BED by organ; u null: not stated")
+    not_stated: dict[str, list[int]] = Field(
+        description="by organ, the cycles whose dose has no stated uncertainty (the combined u is then a lower bound)"
+    )
+    notes: list[str] = Field(default_factory=list)
 
 
 class Cumulative(_Part):
@@ -438,6 +471,9 @@ class Cumulative(_Part):
     notes: list[str]
     kidney_figure: str
     estimated_earlier_cycles: list[EstimatedCycle]
+    uncertainty: CumulativeUncertainty | None = Field(
+        None, description="uncertainty of the cumulative doses (schema /3, additive)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ provenance

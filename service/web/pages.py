@@ -151,12 +151,20 @@ def _dose_rows(vois: Mapping[str, VoiMetrics]) -> list[dict[str, Any]]:
             "D98_gy": v.D98_gy,
             "gy_per_gbq": v.gy_per_gbq,
             "bed_gy": v.bed_gy,
+            # expanded uncertainty U = k·u of the mean (k = 2); None: no budget or no stated u
+            "mean_U_gy": _expanded(v),
         }
         for name, v in vois.items()
     ]
     order = {"kidney": 0, "marrow": 1, "tumour": 2, "organ": 3, "body": 4}
     rows.sort(key=lambda r: (order.get(str(r["role"]), 9), r["name"]))
     return rows
+
+
+def _expanded(v: VoiMetrics) -> float | None:
+    """U = k·u of a VOI's mean dose (Gy), or None without a stated u."""
+    b = v.uncertainty
+    return None if b is None or b.mean_gy.u is None else b.coverage_factor * b.mean_gy.u
 
 
 def _limit_rows(left: CyclesLeft | None) -> list[dict[str, Any]]:
@@ -284,6 +292,8 @@ def summary_context(summary: Summary) -> dict[str, Any]:
         "cycle": summary.cycle,
         "marrow": summary.marrow,
         "methods": summary.methods,
+        "cum_u": cum.uncertainty,
+        "cycles_left_upper": None if cum.cycles_left is None else cum.cycles_left.upper_95,
     }
 
 

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from voxeldose.summary import Summary
+from voxeldose.summary import CyclesLeft as CyclesLeftSummary
+from voxeldose.summary import Summary, ValueU
 
 from ..auth import Principal
 from ..store import ApprovalRecord, JobRecord, Store
@@ -210,6 +211,10 @@ class CycleRow(BaseModel):
         None, description="the job that measured this cycle (none for cycles only given as earlier cycles in a job)"
     )
     gy_per_gbq: dict[str, float] = Field(default_factory=dict, description="kidney/marrow absorbed dose per GBq")
+    kidney_u_gy: float | None = Field(
+        None, description="standard uncertainty of kidney_gy, Gy; null: not stated (an older result, or no budget)"
+    )
+    marrow_u_gy: float | None = Field(None, description="standard uncertainty of marrow_gy, Gy; null: not stated")
 
 
 class Totals(BaseModel):
@@ -217,6 +222,10 @@ class Totals(BaseModel):
     kidney_bed_gy: float | None = None
     marrow_gy: float | None = None
     activity_mbq: float | None = None
+    kidney_u_gy: float | None = Field(None, description="standard uncertainty of kidney_gy, Gy; null: not stated")
+    kidney_bed_u_gy: float | None = Field(None, description="standard uncertainty of kidney_bed_gy, Gy")
+    marrow_u_gy: float | None = Field(None, description="standard uncertainty of marrow_gy, Gy; null: not stated")
+    coverage_factor: float | None = Field(None, description="k of the expanded uncertainty U = k·u (2: ≈ 95 %)")
 
 
 class LimitRow(BaseModel):
@@ -241,6 +250,11 @@ class PatientCycles(BaseModel):
     planned_activity_mbq: float | None = None
     message: str | None = None
     newest_job_id: str | None = None
+    cycles_left_upper_95: int | None = Field(
+        None, description="further cycles at the 95 % upper bound of the doses (newest job); null: not computed"
+    )
+    binding_limit_upper_95: str | None = None
+    message_upper_95: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,12 +270,18 @@ class _SummaryCycles:
     binding_limit: str | None = None
     planned_activity_mbq: float | None = None
     message: str | None = None
+    upper: CyclesLeftSummary | None = None
+
+
+def _u(vu: ValueU | None) -> float | None:
+    return None if vu is None else vu.u
 
 
 def _summary_cycles(summary: Summary) -> _SummaryCycles:
     """The cycle facts of one job's summary (the typed :class:`voxeldose.summary.Summary`)."""
     cum = summary.cumulative
     left = cum.cycles_left
+    cu = cum.uncertainty
     return _SummaryCycles(
         patient_name=summary.patient.name,
         cycle_number=summary.cycle.number,
@@ -273,6 +293,8 @@ def _summary_cycles(summary: Summary) -> _SummaryCycles:
                 kidney_gy=c.kidney_gy,
                 kidney_bed_gy=c.kidney_bed_gy,
                 marrow_gy=c.marrow_gy,
+                kidney_u_gy=None if c.kidney_u is None else c.kidney_u.u_gy,
+                marrow_u_gy=None if c.marrow_u is None else c.marrow_u.u_gy,
             )
             for c in cum.cycles
         ],
@@ -281,6 +303,10 @@ def _summary_cycles(summary: Summary) -> _SummaryCycles:
             marrow_gy=cum.total.dose_gy.get("marrow"),
             kidney_bed_gy=cum.total.bed_gy.get("kidney"),
             activity_mbq=cum.total.activity_MBq,
+            kidney_u_gy=None if cu is None else _u(cu.dose_gy.get("kidney")),
+            kidney_bed_u_gy=None if cu is None else _u(cu.bed_gy.get("kidney")),
+            marrow_u_gy=None if cu is None else _u(cu.dose_gy.get("marrow")),
+            coverage_factor=None if cu is None else cu.coverage_factor,
         ),
         limits=[
             LimitRow(
@@ -299,6 +325,7 @@ def _summary_cycles(summary: Summary) -> _SummaryCycles:
         binding_limit=None if left is None else left.binding_limit,
         planned_activity_mbq=cum.planned_activity_MBq,
         message=None if left is None else left.message,
+        upper=None if left is None else left.upper_95,
     )
 
 
@@ -343,4 +370,7 @@ def patient_cycles(store: Store, patient_id: str) -> PatientCycles:
         planned_activity_mbq=newest.planned_activity_mbq,
         message=newest.message,
         newest_job_id=newest_job.id if newest_job else None,
+        cycles_left_upper_95=None if newest.upper is None else newest.upper.cycles_left,
+        binding_limit_upper_95=None if newest.upper is None else newest.upper.binding_limit,
+        message_upper_95=None if newest.upper is None else newest.upper.message,
     )

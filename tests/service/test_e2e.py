@@ -17,8 +17,10 @@ server.  While test_dispatcher.py runs, the shared server sits idle.
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -95,6 +97,66 @@ def test_upload_runs_to_success_and_results_are_served(e2e, client) -> None:
     # the job page of the web UI answers for the same token (bearer) too
     r = client.get(f"/jobs/{job['id']}", headers=auth(tok))
     assert r.status_code == 200 and 'id="dvh-plot"' in r.text
+
+
+def _cell(html: str, row_start: str, cls: str) -> str:
+    """The text of the first ``<td class="num {cls}">`` after ``row_start`` (tags removed)."""
+    i = html.index(row_start)
+    j = html.index(f'class="num {cls}"', i)
+    return re.sub(r"<[^>]+>", "", html[j : html.index("</td>", j)].split(">", 1)[1]).strip()
+
+
+def test_uncertainty_over_http_summary_job_page_and_patient_page(e2e, client) -> None:
+    """Issue 13 part 4 over real HTTP: /v1/jobs/{id}/summary carries each kidney's u and 95 % interval, the cumulative
+    kidney dose's u (one cycle: the limiting kidney's own u) and the cycles left at the upper bound; the job page
+    and the patient page show "mean ± U" with U = 2u, the cycles left at the upper bound, and "not stated" for the
+    marrow (no model)."""
+    job = e2e.finished_job()
+    tok = e2e.tokens["physicist"]
+    r = client.get(f"/v1/jobs/{job['id']}/summary", headers=auth(tok))
+    assert r.status_code == 200, r.text
+    s = r.json()
+    kidneys = {n: v for n, v in s["vois"].items() if v["role"] == "kidney"}
+    assert len(kidneys) == 2
+    for name, v in kidneys.items():
+        m = v["uncertainty"]["mean_gy"]
+        assert m["value"] == v["mean_gy"] and m["u"] > 0, name
+        assert m["lower_95"] == pytest.approx(m["value"] - 2 * m["u"]) and m["upper_95"] == pytest.approx(
+            m["value"] + 2 * m["u"]
+        )
+    limiting = max(kidneys.values(), key=lambda v: v["mean_gy"])
+    u_k = limiting["uncertainty"]["mean_gy"]["u"]
+    cu = s["cumulative"]["uncertainty"]
+    assert cu["coverage_factor"] == 2.0
+    assert cu["dose_gy"]["kidney"]["value"] == pytest.approx(limiting["mean_gy"])
+    assert cu["dose_gy"]["kidney"]["u"] == pytest.approx(u_k, rel=1e-9)  # one cycle: the sum is the cycle itself
+    [row] = s["cumulative"]["cycles"]
+    assert row["kidney_u"]["u_gy"] == pytest.approx(u_k, rel=1e-9)
+    left = s["cumulative"]["cycles_left"]
+    upper = left["upper_95"]
+    assert upper["cycles_left"] is not None and upper["cycles_left"] <= left["cycles_left"]
+    kid_row = next(x for x in upper["limits"] if x["limit"] == "kidney absorbed dose")
+    assert kid_row["current_gy"] == pytest.approx(limiting["mean_gy"] + 2 * u_k)
+
+    # the job page: mean ± U per VOI, the cumulative kidney ± U, the cycles left at the upper bound
+    r = client.get(f"/jobs/{job['id']}", headers=auth(tok))
+    assert r.status_code == 200
+    html = r.text
+    for name, v in kidneys.items():
+        cell = _cell(html, f'<tr data-voi="{name}">', "mean")
+        assert cell == f"{v['mean_gy']:.2f} ± {2 * v['uncertainty']['mean_gy']['u']:.2f}", (name, cell)
+    assert _cell(html, 'id="cycles-table"', "kidney") == f"{limiting['mean_gy']:.2f} ± {2 * u_k:.2f}"
+    if row["marrow_gy"] is not None:
+        assert _cell(html, 'id="cycles-table"', "marrow").endswith("± not stated")
+    assert 'id="cycles-left-upper"' in html and f"{upper['cycles_left']} further cycle(s)" in html
+
+    # the patient's cycles page
+    r = client.get(f"/patients/{quote(job['patient_id'], safe='')}", headers=auth(tok))
+    assert r.status_code == 200, r.text
+    html = r.text
+    assert _cell(html, 'class="cycle-row"', "kidney") == f"{limiting['mean_gy']:.2f} ± {2 * u_k:.2f}"
+    assert _cell(html, 'id="cumulative-row"', "kidney") == f"{limiting['mean_gy']:.2f} ± {2 * u_k:.2f}"
+    assert 'id="cycles-left-upper"' in html and upper["message"] in html
 
 
 # ------------------------------------------------------------------------------------------- (b)

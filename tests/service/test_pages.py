@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from firststage import run_first_stage
+from summaries import cycle_summary
 
 pytest.importorskip("fastapi")
 pytest.importorskip("jinja2")
@@ -193,6 +195,51 @@ def test_patient_page(site, result: Path) -> None:
     assert f'href="/jobs/{job}"' in html and 'id="limits-table"' in html
     assert re.search(rf'id="cycles-left">{summary["cumulative"]["cycles_left"]["cycles_left"]} further', html)
     assert client.get("/patients/nobody").status_code == 404
+
+
+def test_patient_page_says_not_stated_for_a_cycle_without_uncertainty(site, tmp_path: Path) -> None:
+    """Issue 13 part 2: cycle 1 from an older result (no uncertainty) reads "not stated", never a number; cycle 2
+    shows kidney ± U with U = 2u = 2·√(0.3² + 0.4²) = 1.00 Gy."""
+    settings, store, tokens, client = site
+    pid = "VD-UNC"
+    t1 = datetime(2026, 1, 5, 10, 0)
+    docs = [
+        cycle_summary(
+            number=1, injection=t1, activity_mbq=7400, kidney_gy=4.0, kidney_bed_gy=None, marrow_gy=None, patient_id=pid
+        ),
+        cycle_summary(
+            number=2,
+            injection=t1 + timedelta(weeks=8),
+            activity_mbq=7400,
+            kidney_gy=5.0,
+            kidney_bed_gy=None,
+            marrow_gy=None,
+            patient_id=pid,
+            kidney_u_components_gy={"calibration": 0.3, "counting": 0.4},
+        ),
+    ]
+    jobs = []
+    for n, doc in enumerate(docs, start=1):
+        folder = tmp_path / f"r{n}"
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps(doc))
+        jobs.append(new_job(store, settings, patient_id=pid, n=n))
+        finish(store, settings, jobs[-1], folder)
+    login(client, tokens["physicist"])
+    r = client.get(f"/patients/{pid}")
+    assert r.status_code == 200, r.text
+    cells = re.findall(r'<td class="num kidney">(.*?)</td>', r.text, flags=re.S)
+    text = [re.sub(r"<[^>]+>", "", c).strip() for c in cells]
+    assert text[:2] == ["4.00 ± not stated", "5.00 ± 1.00"], text
+    body = client.get(f"/v1/patients/{pid}/cycles")  # the API behind the same page
+    assert body.status_code == 200, body.text
+    rows = {c["number"]: c for c in body.json()["cycles"]}
+    assert rows[1]["kidney_u_gy"] is None and rows[2]["kidney_u_gy"] == pytest.approx(0.5)
+    # the job page of cycle 2: its cycles table and the cumulative total ± U
+    html = client.get(f"/jobs/{jobs[1]}").text
+    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r'<td class="num kidney">(.*?)</td>', html, re.S)]
+    assert cells == ["5.00 ± 1.00", "5.00 ± 1.00"], cells  # the cycle's row and the total
+    assert 'id="cumulative-u-note"' in html and "k = 2" in html
 
 
 def test_patient_page_of_an_id_with_reserved_characters(site, result: Path) -> None:

@@ -280,6 +280,8 @@ def test_second_cycle_gets_number_two_and_the_first_cycles_doses(
     [earlier] = job2.spec["earlier_cycles"]
     assert earlier["number"] == 1 and earlier["kidney_gy"] == 4.2 and earlier["marrow_gy"] == 0.3
     assert earlier["kidney_bed_gy"] == 5.1
+    # its kidney dose's uncertainty travels with it, by component (cumulative u, issue 13 part 2)
+    assert earlier["kidney_u_components_gy"] == {"calibration": 0.21, "counting": 0.1}
 
 
 def _summary_of(phantom: dict[str, Any], *, number: int, shift: timedelta = timedelta(0)) -> dict[str, Any]:
@@ -287,7 +289,13 @@ def _summary_of(phantom: dict[str, Any], *, number: int, shift: timedelta = time
     inj = datetime.fromisoformat(phantom["truth"]["injection"]["datetime"]) + shift
     mbq = phantom["truth"]["injection"]["activity_bq"] / 1e6
     return cycle_summary(
-        number=number, injection=inj, activity_mbq=mbq, kidney_gy=4.2, kidney_bed_gy=5.1, marrow_gy=0.3
+        number=number,
+        injection=inj,
+        activity_mbq=mbq,
+        kidney_gy=4.2,
+        kidney_bed_gy=5.1,
+        marrow_gy=0.3,
+        kidney_u_components_gy={"calibration": 0.21, "counting": 0.1},
     )
 
 

@@ -25,6 +25,7 @@ from service.trigger import (
     plan,
 )
 from voxeldose.camera import CameraIdentity, CameraProfile
+from voxeldose.spec import JobSpec
 
 PID = "VD-TEST-1"
 NOW = datetime(2026, 5, 4, 12, 0)
@@ -198,6 +199,20 @@ def test_an_earlier_result_numbers_the_cycle_and_passes_its_doses() -> None:
     assert entry["number"] == 1 and entry["date"] == (INJ - timedelta(weeks=6)).date().isoformat()
     # the measured cycle's own row wins over the injection's activity
     assert entry["activity_mbq"] == 7350.0 and entry["kidney_gy"] == 3.1 and entry["marrow_gy"] == 0.2
+    assert "kidney_u_components_gy" not in entry  # an older result: its uncertainty is not stated, never invented
+
+
+def test_an_earlier_result_passes_its_kidney_uncertainty_by_component() -> None:
+    earlier = EarlierCycle(
+        injection=INJ - timedelta(weeks=6),
+        activity_mbq=7300.0,
+        own_row={"kidney_gy": 3.1, "activity_mbq": 7350.0},
+        kidney_u_components_gy={"calibration": 0.15, "counting": 0.05},
+    )
+    [start] = only(plan(snapshot(cycle(), results=(earlier,))), StartJob)
+    [entry] = start.spec["earlier_cycles"]
+    assert entry["kidney_u_components_gy"] == {"calibration": 0.15, "counting": 0.05}
+    JobSpec.model_validate({**start.spec, "inputs": ["x"]})  # the job description stays valid with it
 
 
 # ------------------------------------------------------------------------- calibration (issue 12)
