@@ -32,7 +32,10 @@ SR (TID 1500 "Measurement Report", highdicom)
   also max and D-values; with ``rc``/``gtm`` those come from the uncorrected map and carry no method.  Each
   corrected VOI's group also has a qualitative evaluation (TID 1419 row "Qualitative Evaluations")
   :data:`PVC_CONCEPT` = the method.  No standard code for partial-volume correction exists in PS3.16 (checked
-  against pydicom's copy), hence private codes.  Without a correction the SR is as before.
+  against pydicom's copy), hence private codes.  The corrected group's Algorithm Identification (TID 4019) states
+  the correction's parameters as Algorithm Parameters (DCM 111002): the method, the camera profile whose resolution
+  or recovery curve it used and that resolution (:func:`pvc_algorithm_parameters`), so that the PACS copy names the
+  camera profile the doses depend on.  Without a correction the SR is as before.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from .errors import VoxeldoseError
 from .geometry import Volume, resample
 from .ingest import Series, ct_geometry
 from .result import Result
-from .summary import VoiMetrics
+from .summary import PvcRecord, VoiMetrics
 from .voi import load_vois
 
 __all__ = [
@@ -65,6 +68,7 @@ __all__ = [
     "SR_SERIES_DESCRIPTION",
     "UNCORRECTED",
     "build_measurement_report",
+    "pvc_algorithm_parameters",
     "reference_ct_datasets",
     "vois_on_ct",
     "write_dose_sr",
@@ -208,6 +212,19 @@ def _measured(entry: VoiMetrics, field: str) -> float | None:
     return None if value is None else float(value)
 
 
+def pvc_algorithm_parameters(pvc: PvcRecord) -> list[str]:
+    """The Algorithm Parameters (TID 4019, DCM 111002) of a partial-volume corrected VOI group: the method, the
+    camera profile whose resolution or recovery curve it used, the resolution (FWHM, mm) or the recovery fit."""
+    out = [f"partial-volume correction: {pvc.method} ({pvc.description})"]
+    if pvc.camera_profile:
+        out.append(f"camera profile: {pvc.camera_profile}")
+    if pvc.fwhm_mm is not None:
+        out.append(f"PSF FWHM: {pvc.fwhm_mm:g} mm")
+    if pvc.recovery_curve:
+        out.append(f"recovery curve: {pvc.recovery_curve}")
+    return out
+
+
 def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
     """The TID 1500 content (highdicom MeasurementReport) of ``result`` referencing ``seg``'s segments."""
     import highdicom as hd  # heavy import (about a second), needed only on the PACS path
@@ -228,6 +245,9 @@ def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
     number_of = {label: n for n, label in labels.items()}
     ct_series_uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     pvc_method = result.summary.methods.pvc.method
+    pvc_algo = hd.sr.AlgorithmIdentification(
+        name="voxeldose", version=version, parameters=pvc_algorithm_parameters(result.summary.methods.pvc)
+    )
     corrected_fields = set(_FROM_CORRECTED_MEAN) | (set(_FROM_DOSE_MAP) if pvc_method == "rbv" else set())
     groups = []
     for name, entry in result.summary.vois.items():
@@ -278,7 +298,7 @@ def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
                 referenced_segment=ref,
                 finding_category=category,
                 finding_type=typ,
-                algorithm_id=algo,
+                algorithm_id=pvc_algo if corrected else algo,
                 measurements=measurements,
                 qualitative_evaluations=evaluations or None,
             )
@@ -375,8 +395,9 @@ def sr_measurements(sr: pydicom.Dataset) -> dict[str, dict[tuple[str, str, str |
 
 def sr_pvc(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
     """Read back the partial-volume correction: {tracking identifier: {"evaluation": the qualitative evaluation's
-    code value, "methods": {measurement method code value: [(concept code value, derivation or None, value)]}}}
-    for each group whose measurements name a method (Measurement Method, SCT 370129005)."""
+    code value, "methods": {measurement method code value: [(concept code value, derivation or None, value)]},
+    "parameters": the group's Algorithm Parameters (DCM 111002, :func:`pvc_algorithm_parameters`)}} for each group
+    whose measurements name a method (Measurement Method, SCT 370129005)."""
     out: dict[str, dict[str, Any]] = {}
     for item in _walk(sr.ContentSequence):
         name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
@@ -384,10 +405,13 @@ def sr_pvc(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
             continue
         tracking, evaluation = None, None
         methods: dict[str, list[tuple[str, str | None, float]]] = {}
+        parameters: list[str] = []
         for child in item.ContentSequence:
             cn = child.ConceptNameCodeSequence[0]
             if child.ValueType == "TEXT" and cn.CodeValue == "112039":
                 tracking = str(child.TextValue)
+            elif child.ValueType == "TEXT" and (cn.CodingSchemeDesignator, cn.CodeValue) == ("DCM", "111002"):
+                parameters.append(str(child.TextValue))
             elif child.ValueType == "CODE" and (cn.CodingSchemeDesignator, cn.CodeValue) == (
                 PVC_CONCEPT.scheme_designator,
                 PVC_CONCEPT.value,
@@ -401,7 +425,7 @@ def sr_pvc(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
                 value = float(mv.FloatingPointValue) if "FloatingPointValue" in mv else float(mv.NumericValue)
                 methods.setdefault(method, []).append((str(cn.CodeValue), _modifier(child, "DCM", "121401"), value))
         if tracking is not None and (methods or evaluation is not None):
-            out[tracking] = {"evaluation": evaluation, "methods": methods}
+            out[tracking] = {"evaluation": evaluation, "methods": methods, "parameters": parameters}
     return out
 
 
