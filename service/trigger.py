@@ -656,7 +656,8 @@ class Trigger:
                         [Path(p) for p in d.paths], self.settings.incoming_dir, name, Path(self.settings.data_dir)
                     )
             with self.store.trigger_writes() as tx:
-                # in the writing transaction (SQLite: the database lock is held): nothing can be stored in between
+                # in the writing transaction: on SQLite the database lock is held, nothing can be stored in between;
+                # on PostgreSQL an instance committed between this read and the commit (milliseconds) is not seen
                 stale = received_digest is not None and tx.received_digest(patient_id) != received_digest
                 out = (
                     []
