@@ -81,7 +81,15 @@ class Settings(BaseSettings):
     dicom_quiet_period_s: float = Field(
         30.0,
         ge=0,
-        description="a patient's series count as complete this long after the last instance (or at association release)",
+        description="a patient's series count as complete this long after the last instance (or "
+        "dicom_release_settle_s after an association release)",
+    )
+    dicom_release_settle_s: float = Field(
+        5.0,
+        ge=0,
+        description="after an association release (or a STOW-RS request) the trigger waits this long before looking: "
+        "a sender that opens a new association at once is still sending (Orthanc does so mid-push to negotiate a "
+        "SOP class it had not proposed, e.g. a SEG); an instance arriving meanwhile restarts the quiet period",
     )
     trigger_min_timepoints: int = Field(
         3, ge=1, description="SPECT time points (each with its CT) that start a job, with VOIs"

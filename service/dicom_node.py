@@ -387,7 +387,8 @@ class DicomNode:
             assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out first
 
     def _on_released(self, event: Any) -> None:
-        """The peer released the association: its patients' series are complete (look now) — unless another
+        """The peer released the association: its patients' series may be complete (the trigger looks after
+        ``dicom_release_settle_s``, unless an instance of theirs arrives meanwhile) — unless another
         open association is still carrying instances of the same patient (then the quiet period applies)."""
         with self._lock:
             mine = set(self._assoc_patients.pop(id(event.assoc), {}))
@@ -404,7 +405,8 @@ class DicomNode:
             self._touch(pid)
 
     def released(self, patient_ids: Iterable[str | None]) -> None:
-        """The end of a batch (association release, STOW-RS request): tell the trigger to look now."""
+        """The end of a batch (association release, STOW-RS request): tell the trigger (it looks after
+        ``dicom_release_settle_s``: a sender may open another association at once and go on)."""
         pids = {p for p in patient_ids if p}
         if self.trigger is None or not pids:
             return
@@ -424,7 +426,7 @@ class DicomNode:
 
     def _touch_in_association(self, assoc: Any, patient_id: str) -> None:
         """Within one association, mark a patient at most once a second, one second ahead, so that the
-        quiet period still runs from (at least) the last instance; the release marks it due at once."""
+        quiet period still runs from (at least) the last instance; the release marks it due after the settle time."""
         with self._lock:
             seen = self._assoc_patients.setdefault(id(assoc), {})
         now = time.monotonic()

@@ -2,8 +2,17 @@
 
 When is a patient's data looked at?  Every stored instance marks its patient *pending* until
 ``dicom_quiet_period_s`` after the last instance; an association release (or the end of a STOW-RS request)
-makes the patients it carried due at once.  The pending mark is a database row, so nothing is lost when
-the service restarts between receiving and looking.
+makes the patients it carried due ``dicom_release_settle_s`` (seconds) later.  A release is no proof that the
+study is complete: Orthanc, for one, releases its association in the middle of a push whenever it meets a SOP
+class it had not proposed (a SEG) and opens a new one at once — whose first instance marks the patient pending
+again before the settle time is over.  The pending mark is a database row, so nothing is lost when the service
+restarts between receiving and looking.
+
+Decisions are made on what was received, never on a study still arriving: :meth:`Trigger.snapshot` notes a
+digest of the patient's received instances (:attr:`PatientSnapshot.received_digest`) and :meth:`Trigger.apply`
+compares it with the store's in the transaction that would write the decisions; when an instance of the patient
+was stored meanwhile it writes nothing (outcome ``stale``) and the patient stays pending: it is looked at again
+once the new instances' quiet period (or their association's release) says they are complete.
 
 What is looked at?  All instances received for the patient (first copies; never a series voxeldose
 wrote itself, e.g. our SEG coming back from the PACS), read with :func:`voxeldose.ingest.scan` and
@@ -85,6 +94,7 @@ from .store import (
     NewJob,
     Store,
     TriggerWrites,
+    instances_digest,
     spec_hash,
     without_paths,
 )
@@ -103,10 +113,11 @@ MAX_REASON = 4000
 @dataclass
 class Outcome:
     """What the trigger did for one cycle, once its decisions were applied (for tests, logs and ``tick``'s
-    callers): ``started`` a job, found one that ``exists`` for the input set, ``waiting``, or ``error``."""
+    callers): ``started`` a job, found one that ``exists`` for the input set, ``waiting``, or ``error``; ``stale``:
+    nothing written, instances of the patient arrived while the trigger looked (it looks again when they are due)."""
 
     cycle_key: str
-    state: str  # "started" | "exists" | "waiting" | "error"
+    state: str  # "started" | "exists" | "waiting" | "error" | "stale"
     reason: str
     job_id: str | None = None
     version: int | None = None
@@ -262,6 +273,9 @@ class PatientSnapshot:
     ] = ()  # files unread or set aside by ingest, of no cycle's series or study (why, by series)
     cycles: tuple[CycleFacts, ...] = ()
     results: tuple[EarlierCycle, ...] = ()  # the patient's succeeded jobs of any origin, oldest first
+    #: :func:`service.store.instances_digest` of every instance received for the patient when the snapshot was taken
+    #: (None: unknown; :meth:`Trigger.apply` then cannot check that nothing arrived meanwhile)
+    received_digest: str | None = None
 
 
 # ------------------------------------------------------------------------------------ decisions
@@ -513,10 +527,12 @@ class Trigger:
         self.store.touch_patient(patient_id, now + timedelta(seconds=self.settings.dicom_quiet_period_s))
 
     def released(self, patient_ids: Iterable[str | None], now: datetime | None = None) -> None:
-        """An association (or STOW-RS request) carrying these patients ended: look at them now."""
+        """An association (or STOW-RS request) carrying these patients ended: look at them
+        ``dicom_release_settle_s`` from now (an instance of theirs arriving meanwhile restarts the quiet period)."""
         now = now or utcnow()
+        ready = now + timedelta(seconds=self.settings.dicom_release_settle_s)
         for pid in {p for p in patient_ids if p}:
-            self.store.touch_patient(pid, now)
+            self.store.touch_patient(pid, ready)
 
     # -------------------------------------------------------------- one round
     def tick(self, now: datetime | None = None) -> list[Outcome]:
@@ -527,7 +543,7 @@ class Trigger:
             due.setdefault(pid, None)
         for pid, touched in due.items():
             try:
-                out += self.evaluate_patient(pid, now)
+                outcomes = self.evaluate_patient(pid, now)
             except Exception as exc:
                 if pid in self._failing:  # the traceback was logged the first time: one line per later round
                     log.warning("trigger: evaluating a patient failed again (%s)", type(exc).__name__)
@@ -538,37 +554,43 @@ class Trigger:
                     self.store.touch_patient(pid, now + timedelta(seconds=RECHECK_S * 10))
                 continue
             self._failing.discard(pid)
-            if touched is not None:
+            out += outcomes
+            # stale: instances arrived while looking; the patient stays pending (their marks say when to look again)
+            if touched is not None and not any(o.state == "stale" for o in outcomes):
                 self.store.clear_patient(pid, touched)
         return out
 
     def evaluate_patient(self, patient_id: str, now: datetime) -> list[Outcome]:
-        """Snapshot the patient, plan, apply."""
-        return self.apply(patient_id, now, plan(self.snapshot(patient_id, now)))
+        """Snapshot the patient, plan, apply (nothing, when instances arrived meanwhile: ``stale``)."""
+        snap = self.snapshot(patient_id, now)
+        return self.apply(patient_id, now, plan(snap), received_digest=snap.received_digest)
 
     # -------------------------------------------------------------- reading
     def snapshot(self, patient_id: str, now: datetime) -> PatientSnapshot:
         """What the store and the received files say about one patient (reads only)."""
         rules = Rules.of(self.settings)
         instances = self.store.patient_instances(patient_id)
+        digest = instances_digest(i.sop_instance_uid for i in instances)
         ours = self.store.output_series_among(sorted({i.series_instance_uid for i in instances}))
         paths = [Path(i.path) for i in instances if i.series_instance_uid not in ours and Path(i.path).exists()]
         if not paths:
-            return PatientSnapshot(patient_id, now, rules, received=False)
+            return PatientSnapshot(patient_id, now, rules, received=False, received_digest=digest)
         series_of = {str(Path(i.path)): i.series_instance_uid for i in instances}
         study_of = {str(Path(i.path)): i.study_instance_uid for i in instances}
         index = scan(paths)  # a file that cannot be read is a problem of that file, never an exception
         try:
             cycles, problems = group_cycles(index)
         except VoxeldoseError as err:
-            return PatientSnapshot(patient_id, now, rules, form_error=name_series(str(err), series_of))
+            return PatientSnapshot(
+                patient_id, now, rules, form_error=name_series(str(err), series_of), received_digest=digest
+            )
         errors = [p for p in list(index.errors) + problems if p.severity == "error"]
         if not cycles:
             why = (
                 "; ".join(name_series(p.message, series_of) for p in errors[:3])
                 or "no reconstructed SPECT with injection information received"
             )
-            return PatientSnapshot(patient_id, now, rules, form_error=why)
+            return PatientSnapshot(patient_id, now, rules, form_error=why, received_digest=digest)
         facts = []
         attached: set[int] = set()
         profiles = self.store.active_camera_profiles()
@@ -595,6 +617,7 @@ class Trigger:
             cycles=tuple(facts),
             results=tuple(r for r in results if r is not None),
             unreadable=unreadable,
+            received_digest=digest,
         )
 
     def _cycle_facts(
@@ -621,10 +644,17 @@ class Trigger:
         )
 
     # -------------------------------------------------------------- writing
-    def apply(self, patient_id: str, now: datetime, decisions: Sequence[Decision]) -> list[Outcome]:
+    def apply(
+        self, patient_id: str, now: datetime, decisions: Sequence[Decision], *, received_digest: str | None = None
+    ) -> list[Outcome]:
         """Hard-link the input sets of the jobs to start, then write every decision in one store transaction
-        (a failure leaves the store as it was and removes the links)."""
+        (a failure leaves the store as it was and removes the links).  ``received_digest``: the patient's received
+        instances the decisions were made on (:attr:`PatientSnapshot.received_digest`); when the store holds others
+        by the time of writing, nothing is written and the outcome is ``stale`` (the links are removed)."""
+        if not decisions:
+            return []
         linked: dict[str, Path] = {}
+        stale = False
         try:
             for d in decisions:
                 if isinstance(d, StartJob):
@@ -633,11 +663,24 @@ class Trigger:
                         [Path(p) for p in d.paths], self.settings.incoming_dir, name, Path(self.settings.data_dir)
                     )
             with self.store.trigger_writes() as tx:
-                out = [o for d in decisions if (o := self._write(tx, patient_id, now, d, linked)) is not None]
+                # in the writing transaction: on SQLite the database lock is held, nothing can be stored in between;
+                # on PostgreSQL an instance committed between this read and the commit (milliseconds) is not seen
+                stale = received_digest is not None and tx.received_digest(patient_id) != received_digest
+                out = (
+                    []
+                    if stale
+                    else [o for d in decisions if (o := self._write(tx, patient_id, now, d, linked)) is not None]
+                )
         except BaseException:
             for folder in linked.values():
                 shutil.rmtree(folder, ignore_errors=True)
             raise
+        if stale:
+            for folder in linked.values():
+                shutil.rmtree(folder, ignore_errors=True)
+            log.info("trigger: instances of a patient arrived while looking; looked at again when they are complete")
+            reason = "instances of the patient arrived while the trigger looked: looked at again when they are complete"
+            return [Outcome(cycle_key(patient_id, None), "stale", reason)]
         for o in out:
             if o.state == "started":
                 log.info("trigger: job %s version %s queued (%d time point(s))", o.job_id, o.version, o.timepoints)

@@ -140,6 +140,9 @@ def test_the_sr_states_the_correction_and_both_means(moved, tmp_path: Path, dcio
         v = s.vois[name]
         assert v.pvc is not None
         assert stated[name]["evaluation"] == "PVC-GTM", name
+        # the group's Algorithm Parameters (TID 4019) name the camera profile and the resolution the correction used
+        params = stated[name]["parameters"]
+        assert "camera profile: phantom camera (design values)" in params and "PSF FWHM: 11 mm" in params, params
         by_method = stated[name]["methods"]
         corr = {(c, d): x for c, d, x in by_method["PVC-GTM"]}
         unc = {(c, d): x for c, d, x in by_method["PVC-NONE"]}

@@ -44,6 +44,12 @@ SR (TID 1500 "Measurement Report", highdicom)
   measurement — CID 226/227's "Standard Deviation" describe a reference population, TID 311), so a reader has
   k = U/u.  A dose without a stated u gets no uncertainty items (never invented).  :func:`sr_uncertainty` reads
   them back.
+=======
+  against pydicom's copy), hence private codes.  The corrected group's Algorithm Identification (TID 4019) states
+  the correction's parameters as Algorithm Parameters (DCM 111002): the method, the camera profile whose resolution
+  or recovery curve it used and that resolution (:func:`pvc_algorithm_parameters`), so that the PACS copy names the
+  camera profile the doses depend on.  Without a correction the SR is as before.
+>>>>>>> pacs
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from .errors import VoxeldoseError
 from .geometry import Volume, resample
 from .ingest import Series, ct_geometry
 from .result import Result
-from .summary import VoiMetrics
+from .summary import PvcRecord, VoiMetrics
 from .voi import load_vois
 
 __all__ = [
@@ -78,6 +84,7 @@ __all__ = [
     "UNCERTAIN_FIELDS",
     "UNCORRECTED",
     "build_measurement_report",
+    "pvc_algorithm_parameters",
     "reference_ct_datasets",
     "vois_on_ct",
     "write_dose_sr",
@@ -229,6 +236,7 @@ def _measured(entry: VoiMetrics, field: str) -> float | None:
     return None if value is None else float(value)
 
 
+<<<<<<< HEAD
 def _uncertainty_properties(entry: VoiMetrics, key: str, unit: Code) -> Any:
     """TID 310 Measurement Properties with the dose's measurement uncertainty (± U = k·u, and u; module
     docstring), or ``None`` when the dose has no stated uncertainty."""
@@ -253,6 +261,19 @@ def _uncertainty_properties(entry: VoiMetrics, key: str, unit: Code) -> Any:
     return props
 
 
+def pvc_algorithm_parameters(pvc: PvcRecord) -> list[str]:
+    """The Algorithm Parameters (TID 4019, DCM 111002) of a partial-volume corrected VOI group: the method, the
+    camera profile whose resolution or recovery curve it used, the resolution (FWHM, mm) or the recovery fit."""
+    out = [f"partial-volume correction: {pvc.method} ({pvc.description})"]
+    if pvc.camera_profile:
+        out.append(f"camera profile: {pvc.camera_profile}")
+    if pvc.fwhm_mm is not None:
+        out.append(f"PSF FWHM: {pvc.fwhm_mm:g} mm")
+    if pvc.recovery_curve:
+        out.append(f"recovery curve: {pvc.recovery_curve}")
+    return out
+
+
 def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
     """The TID 1500 content (highdicom MeasurementReport) of ``result`` referencing ``seg``'s segments."""
     import highdicom as hd  # heavy import (about a second), needed only on the PACS path
@@ -273,6 +294,9 @@ def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
     number_of = {label: n for n, label in labels.items()}
     ct_series_uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     pvc_method = result.summary.methods.pvc.method
+    pvc_algo = hd.sr.AlgorithmIdentification(
+        name="voxeldose", version=version, parameters=pvc_algorithm_parameters(result.summary.methods.pvc)
+    )
     corrected_fields = set(_FROM_CORRECTED_MEAN) | (set(_FROM_DOSE_MAP) if pvc_method == "rbv" else set())
     groups = []
     for name, entry in result.summary.vois.items():
@@ -324,7 +348,7 @@ def build_measurement_report(result: Result, seg: pydicom.Dataset) -> Any:
                 referenced_segment=ref,
                 finding_category=category,
                 finding_type=typ,
-                algorithm_id=algo,
+                algorithm_id=pvc_algo if corrected else algo,
                 measurements=measurements,
                 qualitative_evaluations=evaluations or None,
             )
@@ -421,8 +445,9 @@ def sr_measurements(sr: pydicom.Dataset) -> dict[str, dict[tuple[str, str, str |
 
 def sr_pvc(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
     """Read back the partial-volume correction: {tracking identifier: {"evaluation": the qualitative evaluation's
-    code value, "methods": {measurement method code value: [(concept code value, derivation or None, value)]}}}
-    for each group whose measurements name a method (Measurement Method, SCT 370129005)."""
+    code value, "methods": {measurement method code value: [(concept code value, derivation or None, value)]},
+    "parameters": the group's Algorithm Parameters (DCM 111002, :func:`pvc_algorithm_parameters`)}} for each group
+    whose measurements name a method (Measurement Method, SCT 370129005)."""
     out: dict[str, dict[str, Any]] = {}
     for item in _walk(sr.ContentSequence):
         name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
@@ -430,10 +455,13 @@ def sr_pvc(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
             continue
         tracking, evaluation = None, None
         methods: dict[str, list[tuple[str, str | None, float]]] = {}
+        parameters: list[str] = []
         for child in item.ContentSequence:
             cn = child.ConceptNameCodeSequence[0]
             if child.ValueType == "TEXT" and cn.CodeValue == "112039":
                 tracking = str(child.TextValue)
+            elif child.ValueType == "TEXT" and (cn.CodingSchemeDesignator, cn.CodeValue) == ("DCM", "111002"):
+                parameters.append(str(child.TextValue))
             elif child.ValueType == "CODE" and (cn.CodingSchemeDesignator, cn.CodeValue) == (
                 PVC_CONCEPT.scheme_designator,
                 PVC_CONCEPT.value,
@@ -447,7 +475,7 @@ def sr_pvc(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
                 value = float(mv.FloatingPointValue) if "FloatingPointValue" in mv else float(mv.NumericValue)
                 methods.setdefault(method, []).append((str(cn.CodeValue), _modifier(child, "DCM", "121401"), value))
         if tracking is not None and (methods or evaluation is not None):
-            out[tracking] = {"evaluation": evaluation, "methods": methods}
+            out[tracking] = {"evaluation": evaluation, "methods": methods, "parameters": parameters}
     return out
 
 

@@ -36,6 +36,7 @@ from .dicom import (
     InstanceTable,
     NodeCounts,
     SeriesInfo,
+    instances_digest,
 )
 from .jobs import (
     ACTIVE_STATES,
@@ -76,6 +77,7 @@ __all__ = [
     "Store",
     "TokenInfo",
     "TriggerWrites",
+    "instances_digest",
     "message_without_paths",
     "normalise_url",
     "spec_hash",
@@ -101,6 +103,10 @@ class TriggerWrites:
 
     def retire_cycles(self, patient_id: str, keep: set[str]) -> int:
         return self._store.retire_in(self._s, patient_id, keep)
+
+    def received_digest(self, patient_id: str) -> str:
+        """:func:`.dicom.instances_digest` of the patient's received instances, as this transaction sees them."""
+        return self._store.received_digest_in(self._s, patient_id)
 
 
 class Store(JobTable, TokenTable, InstanceTable, CycleTable, DeliveryTable, CameraTable, ApprovalTable):

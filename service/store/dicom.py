@@ -3,7 +3,9 @@ the patients pending a look by the trigger, and the trigger's verdict on each th
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypedDict
@@ -16,6 +18,12 @@ from .db import Database, affected
 from .redact import message_without_paths
 
 log = logging.getLogger("service.store")
+
+
+def instances_digest(sop_instance_uids: Iterable[str]) -> str:
+    """SHA-256 (hex) of a set of SOPInstanceUIDs, whatever their order: what the trigger compares to tell that no
+    instance of a patient arrived between looking and writing (:meth:`service.trigger.Trigger.apply`)."""
+    return hashlib.sha256("\n".join(sorted(set(sop_instance_uids))).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,11 @@ class InstanceTable:
                 .order_by(Instance.series_instance_uid, Instance.sop_instance_uid)
             ).all()
             return [_instance_record(i) for i in rows]
+
+    def received_digest_in(self, s: Session, patient_id: str) -> str:
+        """:func:`instances_digest` of every instance received for one patient, inside the caller's transaction."""
+        uids = s.scalars(select(Instance.sop_instance_uid).where(Instance.patient_id == patient_id)).all()
+        return instances_digest(uids)
 
     def instances_of_series(self, series_instance_uids: list[str]) -> list[InstanceRecord]:
         with self.db.read() as s:

@@ -65,7 +65,7 @@ def create_token(data_dir: Path, name: str, role: str) -> str:
         env=child_env(data_dir),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120 * support.wait_scale(),  # a CLI start on a busy machine (VOXELDOSE_TEST_WAIT_SCALE)
         check=False,
     )
     if out.returncode != 0:

@@ -5,6 +5,15 @@ API; the job starts by itself (association release → trigger), runs on the ser
 Dose, SEG and SR arrive back in Orthanc (C-STORE to the configured destination).  What Orthanc holds is read
 back through its REST API and compared with the job's ``summary.json``; the same study pushed again starts
 no second job.
+
+The site asks for partial-volume correction (``trigger_spec`` ``{"pvc": "gtm"}``) and gives no calibration: a
+physicist has registered the camera's profile (``POST /v1/cameras``; the identity of the phantom SPECT's headers,
+the phantom's stated sensitivity and resolution), which the PACS-triggered job takes by itself; the SR in Orthanc
+names that profile and states the corrected and uncorrected kidney doses (issue 12).
+
+Orthanc sends the patient in more than one association: it releases the first in the middle of the push to
+negotiate the SEG's SOP class (not among DCMTK's common storage classes) and goes on in a new one; one job, on
+the complete study, is what a PACS administrator expects (service.trigger: the settle time after a release).
 """
 
 from __future__ import annotations
@@ -21,10 +30,15 @@ import pytest
 from orthanc import Orthanc, require_orthanc, start_orthanc
 from serverproc import ServerProc, auth, create_token, free_port
 from support import JOB_WAIT_S, STATE_WAIT_S, wait_for
+from test_cameras import profile_data
+
+from voxeldose.sr import measurement_key, sr_measurements, sr_pvc
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 CPS_PER_MBQ = 5.67  # the phantom's camera calibration (truth.json "calibration_cps_per_mbq")
+PROFILE = "Phantom SPECT"  # the camera profile the physicist registers
+KIDNEYS = ("Kidney_L", "Kidney_R")
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +62,30 @@ def roundtrip(tmp_path_factory: pytest.TempPathFactory, small_phantom: dict[str,
             dicom_destination_host="127.0.0.1",
             dicom_destination_port=pacs.dicom_port,
             dicom_send_retry_s=2,
-            trigger_spec=json.dumps({"calibration": {"cps_per_mbq": CPS_PER_MBQ, "source": "phantom truth"}}),
+            trigger_spec=json.dumps({"pvc": "gtm"}),  # no calibration: the camera's profile gives it
             ray_num_cpus=2,
         )
         tokens = {"physicist": create_token(server.data_dir, "physicist-rt", "physicist")}
         server.start()
         assert server.dicom_port == dicom_port
+        with httpx.Client(base_url=server.base_url, timeout=60, headers=auth(tokens["physicist"])) as c:
+            r = c.post("/v1/cameras", json=profile_data(PROFILE, sensitivity=CPS_PER_MBQ))
+            assert r.status_code == 201, r.text
+            camera = r.json()
         pacs.put_modality("voxeldose", "VOXELDOSE", "127.0.0.1", dicom_port)
         files = sorted(Path(small_phantom["dicom"]).rglob("*.dcm"))
         ids = pacs.upload_many(files)
         assert len(set(ids)) == len(files)
         studies = sorted(pacs.get("/studies"))  # this Orthanc holds only the phantom
-        yield {"pacs": pacs, "server": server, "tokens": tokens, "files": files, "studies": studies, "truth": truth}
+        yield {
+            "pacs": pacs,
+            "server": server,
+            "tokens": tokens,
+            "files": files,
+            "studies": studies,
+            "truth": truth,
+            "camera": camera,
+        }
     finally:
         if server is not None:
             server.stop()
@@ -90,7 +116,11 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(
         assert len(jobs) == 1
         job = jobs[0]
         assert job["source"] == "dicom" and job["version"] == 1 and job["spec"]["cycle_number"] == 1
-        assert job["spec"]["calibration"]["cps_per_mbq"] == CPS_PER_MBQ
+        # the camera's registered profile, taken by itself: its calibration and (for the site's gtm) its resolution
+        camera = roundtrip["camera"]
+        source = f"camera profile {PROFILE} (id {camera['id']})"
+        assert job["spec"]["calibration"] == {"cps_per_mbq": CPS_PER_MBQ, "source": source}
+        assert job["camera_profile_id"] == camera["id"] and job["spec"]["pvc"] == "gtm"
 
         def finished() -> dict | None:
             j = c.get(f"/v1/jobs/{job['id']}").json()
@@ -109,6 +139,7 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(
         rtdose_local = pydicom.dcmread(io.BytesIO(c.get(f"/v1/jobs/{job['id']}/rtdose").content))
         cycles = c.get("/v1/dicom/cycles").json()
         assert [x["state"] for x in cycles] == ["started"] and cycles[0]["job_id"] == job["id"]
+        assert cycles[0]["timepoints"] == len(roundtrip["truth"]["timepoints"])  # the whole study, in one job
         page = c.get(f"/jobs/{job['id']}").text  # the physicist's job page says where the results went
         assert f"Sent to ORTHANC@127.0.0.1:{pacs.dicom_port}" in page and "delivery-sent" in page
         assert "the DICOM node · version 1" in page
@@ -145,8 +176,6 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(
     labels = {str(s.SegmentLabel) for s in seg.SegmentSequence}
     assert labels <= set(summary["vois"]) and len(labels) >= len(summary["vois"]) - 1
 
-    from voxeldose.sr import measurement_key, sr_measurements
-
     measured = sr_measurements(sr)
     assert set(measured) == labels
     key = measurement_key("mean_gy")
@@ -155,6 +184,23 @@ def test_orthanc_push_runs_a_job_and_results_arrive_back(
         got = measured[name][key]
         # DS in the SR holds ≥ 6 significant digits (16 characters); FD is exact
         assert got == pytest.approx(want, rel=1e-5, abs=1e-9), name
+
+    # partial-volume correction as the PACS holds it: the SR names the camera profile and states, for each
+    # kidney, the corrected mean (the summary's) beside the uncorrected one; spill-out recovered, so corrected > not
+    pvc = summary["methods"]["pvc"]
+    assert pvc["method"] == "gtm" and pvc["camera_profile"] == PROFILE, pvc
+    stated = sr_pvc(sr)
+    mean = measurement_key("mean_gy")[1:]
+    for kidney in KIDNEYS:
+        voi = summary["vois"][kidney]
+        assert stated[kidney]["evaluation"] == "PVC-GTM", kidney
+        assert f"camera profile: {PROFILE}" in stated[kidney]["parameters"], stated[kidney]
+        corrected = {(c, d): v for c, d, v in stated[kidney]["methods"]["PVC-GTM"]}
+        uncorrected = {(c, d): v for c, d, v in stated[kidney]["methods"]["PVC-NONE"]}
+        assert corrected[mean] == pytest.approx(voi["pvc"]["corrected_mean_gy"], rel=1e-5), kidney
+        assert corrected[mean] == pytest.approx(voi["mean_gy"], rel=1e-5), kidney
+        assert uncorrected[mean] == pytest.approx(voi["pvc"]["uncorrected_mean_gy"], rel=1e-5), kidney
+        assert corrected[mean] > uncorrected[mean], kidney
 
 
 def test_the_same_study_pushed_again_starts_no_second_job(roundtrip: dict[str, Any]) -> None:

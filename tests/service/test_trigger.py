@@ -537,6 +537,102 @@ def test_aborted_association_leaves_the_quiet_period(make_settings: Any, store: 
         node.stop()
 
 
+def test_a_release_in_the_middle_of_a_push_is_not_the_end_of_the_study(
+    make_settings: Any, store: Any, small_phantom: dict
+) -> None:
+    """Orthanc releases its association in the middle of a push when it meets a SOP class it had not proposed (a SEG:
+    not among DCMTK's common storage classes) and goes on at once in a new one.  Association A carries three time
+    points and the RTSTRUCT (a cycle that looks complete) and is released; association B carries the SEG and the
+    fourth time point.  The trigger's next round after A's release finds the patient not due (the settle time after a
+    release); after B's release: one job, on all four time points."""
+    settings = make_settings(
+        dicom_port=0,
+        dicom_allowed_aets=["PACS"],
+        dicom_min_free_mb=0,
+        dicom_quiet_period_s=600,
+        dicom_release_settle_s=300,
+        trigger_min_timepoints=3,
+        trigger_spec=SITE_SPEC,
+    )
+    settings.ensure_dirs()
+    trigger = Trigger(settings, store)
+    node = DicomNode(settings, store, trigger)
+    node.start()
+    pid = _patient(small_phantom)
+    first = _files(small_phantom, "tp1_004h", "tp2_024h", "tp3_096h", "RTSTRUCT.dcm")
+    rest = _files(small_phantom, "SEG.dcm", "tp4_168h")
+
+    def released() -> bool:  # from the quiet period (~600 s ahead) to the settle time (300 s ahead)
+        return bool(_ready_at(store, pid) < utcnow() + timedelta(seconds=450))
+
+    try:
+        a = _scu_assoc(node.port, first)
+        _send(a, first)
+        a.release()
+        wait_for(released, what="A's release to be handled")
+        assert trigger.tick(utcnow()) == []  # the trigger's next round: not due, B may be on its way
+        assert store.list_jobs()[1] == 0
+        b = _scu_assoc(node.port, rest)
+        _send(b, rest)
+        b.release()
+        wait_for(released, what="B's release to be handled")
+        assert trigger.tick(utcnow()) == []
+    finally:
+        node.stop()
+    out = trigger.tick(utcnow() + timedelta(seconds=301))
+    assert [(o.state, o.timepoints) for o in out] == [("started", 4)]
+    job = store.get_job(out[0].job_id)
+    assert job.input_hash == _expected_hash(first + rest) and job.version == 1
+    assert store.list_jobs()[1] == 1
+
+
+class _SenderGoesOnWhileLooking(Trigger):
+    """The real trigger, while a PACS is still sending: right after the trigger has read what was received (its
+    snapshot), the node stores more instances of the patient (once)."""
+
+    def __init__(self, settings: Any, store: Any, node: DicomNode, more: list[Path]) -> None:
+        super().__init__(settings, store)
+        self.node, self.more = node, more
+
+    def snapshot(self, patient_id: str, now: datetime) -> Any:
+        snap = super().snapshot(patient_id, now)
+        more, self.more = self.more, []
+        _receive(self.node, more)
+        return snap
+
+
+def test_instances_stored_while_the_trigger_looks_start_nothing(
+    make_settings: Any, store: Any, small_phantom: dict
+) -> None:
+    """The trigger decides on what it read; an instance of the patient stored between its reading and its writing
+    (the sender goes on) makes the decision stale: no job on the part it read (three time points and the RTSTRUCT:
+    complete as far as it goes), the patient stays pending, and the next round starts one job on all of it."""
+    settings = make_settings(
+        dicom_quiet_period_s=QUIET_S, trigger_min_timepoints=3, trigger_deadline_h=48.0, trigger_spec=SITE_SPEC
+    )
+    settings.ensure_dirs()
+    first = _files(small_phantom, "tp1_004h", "tp2_024h", "tp3_096h", "RTSTRUCT.dcm")
+    rest = _files(small_phantom, "SEG.dcm", "tp4_168h")
+    node = DicomNode(settings, store)  # tells no trigger: the test says when to look
+    trigger = _SenderGoesOnWhileLooking(settings, store, node, rest[:2])
+    node.trigger = trigger
+    pid = _patient(small_phantom)
+    _receive(node, first)
+    assert trigger.tick(utcnow()) == []  # inside the quiet period
+
+    out = trigger.tick(_after_quiet())
+    assert [o.state for o in out] == ["stale"], out
+    assert store.list_jobs()[1] == 0
+    assert not [p for p in settings.incoming_dir.iterdir() if p.name.startswith("node-")]  # no input set left linked
+    assert [p for p, _ in store.due_patients(_after_quiet())] == [pid]  # still pending
+
+    _receive(node, rest[2:])
+    out = trigger.tick(_after_quiet())
+    assert [(o.state, o.timepoints) for o in out] == [("started", 4)]
+    assert store.get_job(out[0].job_id).input_hash == _expected_hash(first + rest)
+    assert store.list_jobs()[1] == 1
+
+
 # ------------------------------------------------------------------------------ projections as a time point's SPECT
 @pytest.fixture(scope="module")
 def osem_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
