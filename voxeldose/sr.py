@@ -32,7 +32,10 @@ SR (TID 1500 "Measurement Report", highdicom)
   also max and D-values; with ``rc``/``gtm`` those come from the uncorrected map and carry no method.  Each
   corrected VOI's group also has a qualitative evaluation (TID 1419 row "Qualitative Evaluations")
   :data:`PVC_CONCEPT` = the method.  No standard code for partial-volume correction exists in PS3.16 (checked
-  against pydicom's copy), hence private codes.  Without a correction the SR is as before.
+  against pydicom's copy), hence private codes.  The corrected group's Algorithm Identification (TID 4019) states
+  the correction's parameters as Algorithm Parameters (DCM 111002): the method, the camera profile whose resolution
+  or recovery curve it used and that resolution (:func:`pvc_algorithm_parameters`), so that the PACS copy names the
+  camera profile the doses depend on.  Without a correction the SR is as before.
 * Measurement uncertainty (``VoiMetrics.uncertainty``, issue 13): each dose with a stated standard uncertainty u
   — the mean absorbed dose, BED and EQD2 — carries TID 310 "Measurement Properties" (HAS PROPERTIES, row
   "Measurement Uncertainty", the concepts of CID 225 "Measurement Uncertainty Concept"): SCT 371886008
@@ -44,12 +47,6 @@ SR (TID 1500 "Measurement Report", highdicom)
   measurement — CID 226/227's "Standard Deviation" describe a reference population, TID 311), so a reader has
   k = U/u.  A dose without a stated u gets no uncertainty items (never invented).  :func:`sr_uncertainty` reads
   them back.
-=======
-  against pydicom's copy), hence private codes.  The corrected group's Algorithm Identification (TID 4019) states
-  the correction's parameters as Algorithm Parameters (DCM 111002): the method, the camera profile whose resolution
-  or recovery curve it used and that resolution (:func:`pvc_algorithm_parameters`), so that the PACS copy names the
-  camera profile the doses depend on.  Without a correction the SR is as before.
->>>>>>> pacs
 """
 
 from __future__ import annotations
@@ -236,7 +233,6 @@ def _measured(entry: VoiMetrics, field: str) -> float | None:
     return None if value is None else float(value)
 
 
-<<<<<<< HEAD
 def _uncertainty_properties(entry: VoiMetrics, key: str, unit: Code) -> Any:
     """TID 310 Measurement Properties with the dose's measurement uncertainty (± U = k·u, and u; module
     docstring), or ``None`` when the dose has no stated uncertainty."""
