@@ -134,3 +134,16 @@ def test_ac225_and_pb212_chains_and_alphas_per_decay():
     alphas = sum(c[n] * sum(y for _, y in N.load(n).emissions.get("alpha", ())) for n in c)
     assert alphas == pytest.approx(1.0, abs=1e-5)
     assert [m.name for m in N.decay_chain("Y-90")] == ["Y-90"]
+
+
+def test_release_fraction_removes_the_daughter_and_its_progeny_from_the_site():
+    full = {m.name: m.decays_per_parent_decay for m in N.decay_chain("Ac-225")}
+    site = {m.name: m.decays_per_parent_decay for m in N.decay_chain("Ac-225", release={"Bi213": 0.3})}
+    for n in ("Ac-225", "Fr-221", "At-217"):
+        assert site[n] == full[n]
+    for n in ("Bi-213", "Po-213", "Tl-209", "Pb-209"):
+        assert site[n] == pytest.approx(0.7 * full[n], rel=1e-12)
+    with pytest.raises(VoxeldoseError, match="not a daughter"):
+        N.decay_chain("Ac-225", release={"Bi-212": 0.1})
+    with pytest.raises(VoxeldoseError, match="release fraction"):
+        N.decay_chain("Ac-225", release={"Bi-213": 1.5})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -303,7 +304,9 @@ def _chain_order(name: str) -> tuple[int, int]:
     return (-a, z)
 
 
-def decay_chain(parent: str, min_fraction: float = 1e-3) -> tuple[ChainMember, ...]:
+def decay_chain(
+    parent: str, min_fraction: float = 1e-3, *, release: Mapping[str, float] | None = None
+) -> tuple[ChainMember, ...]:
     """The parent and its radioactive progeny (ICRP-107), with decays per parent decay, parent first.
 
     A daughter fed with less than ``min_fraction`` decays per parent decay is dropped (default 0.1 %: e.g.
@@ -311,8 +314,17 @@ def decay_chain(parent: str, min_fraction: float = 1e-3) -> tuple[ChainMember, .
     by two paths (Pb-209 from Po-213 and from Tl-209) add up.  The counts are those of secular equilibrium;
     for a daughter not much shorter-lived than its parent (Bi-212, 1.01 h, after Pb-212, 10.64 h) the
     transient-equilibrium activity ratio λ_d/(λ_d − λ_p) = 1.10 is larger — the caller states the assumption.
+
+    ``release`` maps a daughter to the fraction of its atoms, formed at the parent's site, that leave it before
+    they decay (e.g. Bi-213 after the recoil of Fr-221/At-217 α decays frees it from the chelator): the
+    counts are then the decays *at the parent's site*; that daughter's and its progeny's counts shrink by
+    (1 − fraction), and the released atoms decay elsewhere (not counted).
     """
     root = _as_nuclide(parent)
+    release = {canonical_name(k): float(v) for k, v in (release or {}).items()}
+    for name, frac in release.items():
+        if not (0.0 <= frac <= 1.0):
+            raise VoxeldoseError(f"release fraction of {name} must lie in [0, 1]", found=frac)
     counts: dict[str, float] = {root.name: 1.0}
     pending = [root.name]
     while pending:
@@ -322,10 +334,17 @@ def decay_chain(parent: str, min_fraction: float = 1e-3) -> tuple[ChainMember, .
         for m in decay_modes(name):
             if m.daughter is None:
                 continue
-            add = counts[name] * m.fraction
+            add = counts[name] * m.fraction * (1.0 - release.get(m.daughter, 0.0))
             if m.daughter in counts:
                 counts[m.daughter] += add
-            elif add >= min_fraction:
+            elif counts[name] * m.fraction >= min_fraction:
                 counts[m.daughter] = add
                 pending.append(m.daughter)
+    unknown = sorted(set(release) - (set(counts) - {root.name}))
+    if unknown:
+        raise VoxeldoseError(
+            f"release fraction given for {', '.join(unknown)}, not a daughter in the {root.name} chain",
+            expected=", ".join(n for n in counts if n != root.name) or "no daughters",
+            found=unknown,
+        )
     return tuple(ChainMember(n, load(n).half_life_s, counts[n]) for n in sorted(counts, key=_chain_order))
