@@ -664,8 +664,19 @@ def kernel_command(
 #: Kernels shipped in ``kernels/`` (common SPECT voxel sizes, mm).
 SHIPPED_VOXELS_MM: tuple[float, ...] = (4.42, 4.7952, 4.8)
 SHIPPED_MEDIA: tuple[str, ...] = ("soft-tissue", "water")
-#: Nuclides besides Lu-177 whose soft-tissue photon tables are shipped (the Lanconelli validation nuclides).
-SHIPPED_PHOTON_NUCLIDES: tuple[str, ...] = ("I-131", "Y-90")
+#: Nuclides besides Lu-177 whose soft-tissue photon tables are shipped (the Lanconelli validation nuclides and
+#: the α chains' members used by tests; the others build on first use).
+SHIPPED_PHOTON_NUCLIDES: tuple[str, ...] = (
+    "I-131",
+    "Y-90",
+    "Ac-225",
+    "Fr-221",
+    "At-217",
+    "Bi-213",
+    "Pb-212",
+    "Bi-212",
+    "Tl-208",
+)
 
 
 def rebuild_shipped(tables: bool = True, kernels: bool = True) -> list[Path]:
