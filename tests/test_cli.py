@@ -354,7 +354,8 @@ def test_an_implausible_dose_is_an_error_not_a_result(tmp_path: Path, small_phan
 def test_kernel_command_y90(tmp_path: Path) -> None:
     # issue 16: `voxeldose kernel --nuclide Y-90 …` works as for Lu-177
     out = tmp_path / "y90.npy"
-    res = run("kernel", "--nuclide", "Y-90", "--voxel-mm", "4.8", "--size", "9", "--out", str(out))
+    # 2 × 10⁷ voxel-averaging samples: ≈ 20 s on a quiet machine, 130 s at load 13 on 2 cores
+    res = run("kernel", "--nuclide", "Y-90", "--voxel-mm", "4.8", "--size", "9", "--out", str(out), timeout=600)
     assert res.returncode == 0, res.stderr
     k = np.load(out)
     assert k.shape == (9, 9, 9) and np.unravel_index(np.argmax(k), k.shape) == (4, 4, 4)

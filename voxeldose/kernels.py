@@ -673,6 +673,7 @@ SHIPPED_PHOTON_NUCLIDES: tuple[str, ...] = (
     "Fr-221",
     "At-217",
     "Bi-213",
+    "Po-213",
     "Pb-212",
     "Bi-212",
     "Tl-208",
