@@ -41,18 +41,23 @@ import numpy as np
 from . import nuclides as _nuc
 from .errors import VoxeldoseError
 from .kernelphysics import (
+    ALPHA_MAX_ENERGY_MEV,
+    ALPHA_MAX_ESCAPE_FRACTION,
     DEFAULT_SAMPLES,
     J_PER_MEV,
     KERNEL_SAMPLING_SEED,
     MEDIA,
     METHOD_VERSION,
     NEAR_FIELD,
+    alpha_escape_bound,
+    alpha_range_bound_mm,
     build_electron_table,
     build_photon_table,
     csda_range_g_cm2,
     data_versions,
     electron_components,
     get_medium,
+    needs_extended_electron_table,
     voxelise,
 )
 
@@ -106,14 +111,21 @@ def _find_table(name: str) -> Path | None:
     return None
 
 
+def electron_table_name(medium: str, extended: bool = False) -> str:
+    """File name of the electron table: ``electron_<composition>_v1.npz`` (≤ 1 MeV, no density effect) or
+    ``electron_<composition>_3MeV_v1.npz`` (extended, ≤ 3 MeV, with the density effect)."""
+    return f"electron_{get_medium(medium).table_key}{'_3MeV' if extended else ''}_v{METHOD_VERSION}.npz"
+
+
 @cache
-def electron_table(medium: str) -> dict[str, Any]:
-    """The monoenergetic electron table for the medium's composition (shipped, cached or built)."""
+def electron_table(medium: str, extended: bool = False) -> dict[str, Any]:
+    """The monoenergetic electron table for the medium's composition (shipped, cached or built); ``extended``:
+    the 1 keV – 3 MeV table with the density effect (:data:`~voxeldose.kernelphysics.ELECTRON_TABLE_HE_ENERGIES_MEV`)."""
     med = get_medium(medium)
-    name = f"electron_{med.table_key}_v{METHOD_VERSION}.npz"
+    name = electron_table_name(med.name, extended)
     p = _find_table(name)
     if p is None:
-        t = build_electron_table(med.name)
+        t = build_electron_table(med.name, extended=extended)
         prov = {**_table_provenance_common(), **t.pop("provenance")}
         p = cache_dir() / "tables" / name
         _save_npz(p, t, prov)
@@ -145,15 +157,17 @@ def electron_radial_cdf(nuclide: str, medium: str) -> tuple[np.ndarray, np.ndarr
     """(ρr edges g/cm², cumulative fraction of electron energy deposited within ρr) for the nuclide.
 
     Each source energy E uses the scaled table interpolated linearly in ln E between grid energies
-    (on the cumulative distribution in x = r/R(E)), then mapped to r = x R(E).
+    (on the cumulative distribution in x = r/R(E)), then mapped to r = x R(E).  Nuclides with electrons
+    above 1 MeV use the extended table (and ranges with the density effect); all others the 1 MeV table.
     """
-    tab = electron_table(medium)
+    extended = needs_extended_electron_table(nuclide)
+    tab = electron_table(medium, extended)
     e_grid = tab["energies_MeV"]
     cdf_x = np.concatenate([np.zeros((e_grid.size, 1)), np.cumsum(tab["scaled_fraction"], axis=1)], axis=1)
     cdf_x /= cdf_x[:, -1:]
     x_edges = np.linspace(0.0, 1.0, cdf_x.shape[1])
     e, w = electron_components(nuclide)
-    r_e = csda_range_g_cm2(e, medium)
+    r_e = csda_range_g_cm2(e, medium, density_effect=extended)
     r_edges = np.linspace(0.0, float(r_e.max()) * 1.0001, 4001)
     cdf = np.zeros_like(r_edges)
     le = np.log(e_grid)
@@ -183,12 +197,17 @@ def photon_radial_cdf(nuclide: str, medium: str) -> tuple[np.ndarray, np.ndarray
 # The kernel
 # =================================================================================================
 
+#: ICRP-107 radiation types the kernels do not model (a kernel for a nuclide emitting them is refused):
+#: positrons (their spectrum shares 'b-spectra' with β⁻ and needs annihilation in flight), neutrons, fission.
+UNHANDLED_KINDS: tuple[str, ...] = ("beta+", "neutron", "fission")
+
 
 @dataclass(frozen=True)
 class DoseKernel:
     """A dose-voxel kernel in Gy per (Bq·s), array ``[k, j, i]`` with odd shape, source voxel at the centre.
 
-    ``electron`` + ``photon`` = ``array``.  ``voxel_mm`` is ``(di, dj, dk)``.
+    ``electron`` + ``photon`` (+ ``alpha``, when the nuclide emits α particles) = ``array``.  ``voxel_mm`` is
+    ``(di, dj, dk)``.  ``alpha`` holds the α and recoil-nucleus energy, deposited in the source voxel.
     """
 
     array: np.ndarray
@@ -200,6 +219,7 @@ class DoseKernel:
     density_g_cm3: float
     energy_balance: dict[str, float]  # emitted/absorbed energies per decay, MeV, and fractions
     provenance: dict[str, Any] = field(default_factory=dict)
+    alpha: np.ndarray | None = None
 
     @property
     def id(self) -> str:
@@ -285,6 +305,14 @@ def build_kernel(
     """Build a kernel from the electron and photon tables (no cache look-up)."""
     t0 = time.perf_counter()
     nuc = _nuc.load(nuclide)
+    unhandled = [k for k in UNHANDLED_KINDS if any(y > 0 for _, y in nuc.emissions.get(k, ()))]
+    if unhandled:
+        raise VoxeldoseError(
+            f"no dose kernel for {nuc.name}: it emits {', '.join(unhandled)}, which the kernel physics does not model",
+            expected="a β⁻, conversion/Auger-electron, photon or α emitter, e.g. "
+            + ", ".join(_nuc.KERNEL_NUCLIDES[:4]),
+            found=nuc.name,
+        )
     med = get_medium(medium)
     rho = med.density_g_cm3 if density_g_cm3 is None else float(density_g_cm3)
     if not (rho > 0):
@@ -300,7 +328,9 @@ def build_kernel(
     e_ph = _nuc.photon_energy_per_decay_MeV(nuc)
     if e_el > 0:
         re, ce = electron_radial_cdf(nuc.name, med.name)
-        f_el = voxelise(re * to_mm, ce, vox, shape, n_samples=n_samples, rng=rng, far_field=False)
+        # sample every voxel an electron can reach: |offset| ≤ 1/2 + R_max/d (Lu-177 ≥ 0.6 mm voxels: 3)
+        near_el = max(NEAR_FIELD, int(float(re[-1]) * to_mm / min(vox)) + 1)
+        f_el = voxelise(re * to_mm, ce, vox, shape, n_samples=n_samples, rng=rng, far_field=False, near_field=near_el)
     else:
         re, ce, f_el = np.zeros(2), np.zeros(2), np.zeros(shape[::-1])
     if e_ph > 0:
@@ -311,6 +341,31 @@ def build_kernel(
     k_el = f_el * e_el * J_PER_MEV / mass_kg
     k_ph = f_ph * e_ph * J_PER_MEV / mass_kg
     c = tuple(s // 2 for s in shape[::-1])
+    e_al = _nuc.alpha_energy_per_decay_MeV(nuc)
+    k_al: np.ndarray | None = None
+    alpha_balance: dict[str, float] = {}
+    if e_al > 0:
+        e_max = max(e for e, y in nuc.emissions.get("alpha", ()) if y > 0)
+        r_al = alpha_range_bound_mm(med.name, rho)
+        esc = alpha_escape_bound(r_al, vox)
+        if e_max > ALPHA_MAX_ENERGY_MEV or esc > ALPHA_MAX_ESCAPE_FRACTION:
+            raise VoxeldoseError(
+                f"{nuc.name}: α particles (up to {e_max:.3f} MeV, range ≤ {r_al:.3f} mm in {med.name} at "
+                f"ρ = {rho:g} g/cm³) would leave up to {100 * esc:.1f} % of their energy outside a "
+                f"{' × '.join(f'{v:g}' for v in vox)} mm voxel; local deposition needs ≤ "
+                f"{100 * ALPHA_MAX_ESCAPE_FRACTION:g} %",
+                expected=f"α energies ≤ {ALPHA_MAX_ENERGY_MEV:g} MeV and larger voxels",
+                found=vox,
+            )
+        k_al = np.zeros(shape[::-1])
+        k_al[c] = e_al * J_PER_MEV / mass_kg
+        alpha_balance = {
+            "alpha_emitted_MeV": e_al,
+            "alpha_absorbed_in_kernel_MeV": e_al,
+            "alpha_max_energy_MeV": e_max,
+            "alpha_range_bound_mm": r_al,
+            "alpha_escape_bound_fraction": esc,
+        }
     self_el = float(f_el[c])
     self_ph = float(f_ph[c])
     # mean energy-deposition radius of the electrons (mm), for the escape check
@@ -335,7 +390,8 @@ def build_kernel(
         "electron_mean_deposition_radius_mm": mean_r_el,
         "electron_max_csda_range_mm": float(re[-1] * to_mm) if e_el > 0 else 0.0,
         "local_deposition_limit_Gy_per_Bqs": e_el * J_PER_MEV / mass_kg,
-        "self_voxel_Gy_per_Bqs": float(k_el[c] + k_ph[c]),
+        "self_voxel_Gy_per_Bqs": float(k_el[c] + k_ph[c] + (k_al[c] if k_al is not None else 0.0)),
+        **alpha_balance,
     }
     versions = data_versions()
     prov = {
@@ -351,16 +407,21 @@ def build_kernel(
         "method_version": METHOD_VERSION,
         "method": "electron: condensed-history MC radial table (Bethe CSDA + modified Wentzel MS), ICRP-107 "
         "beta spectrum + IE + Auger; photon: photon MC with xraylib cross sections; voxel averaging by "
-        f"point sampling (Chebyshev offset <= {NEAR_FIELD}) and tent Gauss quadrature beyond",
+        f"point sampling (Chebyshev offset <= {NEAR_FIELD}, electrons: to their range) and tent Gauss "
+        "quadrature beyond"
+        + ("; alpha + recoil: deposited in the source voxel (range check)" if k_al is not None else ""),
         "n_samples": n_samples,
         "seed": seed,
         "data_versions": versions,
-        "electron_table": electron_table(med.name)["provenance"] if e_el > 0 else None,
+        "electron_table": electron_table(med.name, needs_extended_electron_table(nuc.name))["provenance"]
+        if e_el > 0
+        else None,
         "photon_table": photon_table(nuc.name, med.name)["provenance"] if e_ph > 0 else None,
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
-    return DoseKernel(k_el + k_ph, k_el, k_ph, nuc.name, vox, med.name, rho, balance, prov)
+    total = k_el + k_ph if k_al is None else k_el + k_ph + k_al
+    return DoseKernel(total, k_el, k_ph, nuc.name, vox, med.name, rho, balance, prov, k_al)
 
 
 def _kernel_filename(k_id: str, nuclide: str, medium: str, vox: Sequence[float], shape: Sequence[int]) -> str:
@@ -379,14 +440,13 @@ def save_kernel(kernel: DoseKernel, folder: Path) -> Path:
     }
     c = tuple(n // 2 for n in kernel.array.shape)
     octant = (slice(c[0], None), slice(c[1], None), slice(c[2], None))
-    _save_npz(
-        p,
-        {
-            "electron_octant": kernel.electron[octant].astype(np.float32),
-            "photon_octant": kernel.photon[octant].astype(np.float32),
-        },
-        prov,
-    )
+    arrays = {
+        "electron_octant": kernel.electron[octant].astype(np.float32),
+        "photon_octant": kernel.photon[octant].astype(np.float32),
+    }
+    if kernel.alpha is not None:
+        arrays["alpha_octant"] = kernel.alpha[octant].astype(np.float32)
+    _save_npz(p, arrays, prov)
     return p
 
 
@@ -403,8 +463,9 @@ def load_kernel(path: Path) -> DoseKernel:
     arrays, prov = _load_npz(Path(path))
     bal = prov.pop("energy_balance", {})
     el, ph = _unfold(arrays["electron_octant"]), _unfold(arrays["photon_octant"])
+    al = _unfold(arrays["alpha_octant"]) if "alpha_octant" in arrays else None
     return DoseKernel(
-        el + ph,
+        el + ph if al is None else el + ph + al,
         el,
         ph,
         prov["nuclide"],
@@ -413,6 +474,7 @@ def load_kernel(path: Path) -> DoseKernel:
         float(prov["density_g_cm3"]),
         bal,
         prov,
+        al,
     )
 
 
@@ -456,6 +518,97 @@ def get_kernel(
     return k
 
 
+# =================================================================================================
+# Decay chains (α emitters) and RBE-weighted dose
+# =================================================================================================
+
+#: Default relative biological effectiveness of α particles, for deterministic effects: 5 (MIRD Pamphlet No. 22,
+#: Sgouros, Roeske, McDevitt et al. 2010, J Nucl Med 51:311).  It multiplies only the α (+ recoil) component,
+#: and only in the separately reported RBE-weighted dose, Gy (RBE); absorbed dose in Gy never includes it.
+DEFAULT_ALPHA_RBE = 5.0
+
+
+@dataclass(frozen=True)
+class ChainKernel:
+    """Kernels of a decay chain at the parent's site, Gy per (Bq·s) of the *parent*.
+
+    ``kernels[m]`` is member m's own kernel (per decay of m); ``weights[m]`` its decays per parent decay at
+    the site (:func:`voxeldose.nuclides.decay_chain`); ``assumption`` says how they were obtained.
+    """
+
+    parent: str
+    members: tuple[_nuc.ChainMember, ...]
+    kernels: dict[str, DoseKernel]
+    assumption: str
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Decays of each member per decay of the parent, at the parent's site."""
+        return {m.name: m.decays_per_parent_decay for m in self.members}
+
+    def per_emitter(self) -> dict[str, np.ndarray]:
+        """Absorbed dose kernel of each emitter of the chain, Gy per parent decay (they sum to :meth:`absorbed`)."""
+        return {n: w * self.kernels[n].array for n, w in self.weights.items()}
+
+    def by_radiation(self) -> dict[str, np.ndarray]:
+        """Absorbed dose kernel by radiation type ('alpha' incl. recoil, 'electron', 'photon'), Gy per parent decay."""
+        shape = next(iter(self.kernels.values())).array.shape
+        parts = {key: np.zeros(shape) for key in ("alpha", "electron", "photon")}
+        for n, w in self.weights.items():
+            k = self.kernels[n]
+            parts["electron"] += w * k.electron
+            parts["photon"] += w * k.photon
+            if k.alpha is not None:
+                parts["alpha"] += w * k.alpha
+        return parts
+
+    def absorbed(self) -> np.ndarray:
+        """Absorbed dose kernel of the chain, Gy per parent decay (no RBE)."""
+        return cast(np.ndarray, sum(self.per_emitter().values()))
+
+    def rbe_weighted(self, alpha_rbe: float = DEFAULT_ALPHA_RBE) -> np.ndarray:
+        """RBE-weighted dose kernel, Gy (RBE) per parent decay: ``alpha_rbe`` × α part + electron + photon parts
+        (RBE 1 for electrons and photons, MIRD Pamphlet 22)."""
+        if not (math.isfinite(alpha_rbe) and alpha_rbe > 0):
+            raise VoxeldoseError("the α RBE must be a positive number", found=alpha_rbe)
+        p = self.by_radiation()
+        out: np.ndarray = alpha_rbe * p["alpha"] + p["electron"] + p["photon"]
+        return out
+
+
+def chain_kernel(
+    parent: str,
+    voxel_mm: float | Sequence[float] = 4.8,
+    medium: str = "soft-tissue",
+    size: int | Sequence[int] = 51,
+    *,
+    release: dict[str, float] | None = None,
+    n_samples: int = DEFAULT_SAMPLES,
+    use_cache: bool = True,
+) -> ChainKernel:
+    """Kernels of the parent and its progeny (:func:`get_kernel` each), weighted by their decays per parent decay.
+
+    Assumption (stated in :attr:`ChainKernel.assumption`): every daughter decays at the parent's site in
+    secular equilibrium with it, except for the ``release`` fractions (a daughter that leaves the site before
+    it decays, with its progeny; e.g. ``{"Bi-213": 0.3}``), whose decays are not counted here.
+    """
+    members = _nuc.decay_chain(parent, release=release)
+    kernels = {
+        m.name: get_kernel(m.name, voxel_mm, medium, size, n_samples=n_samples, use_cache=use_cache)
+        for m in members
+        if m.decays_per_parent_decay > 0
+    }
+    members = tuple(m for m in members if m.name in kernels)
+    rel = ", ".join(f"{_nuc.canonical_name(k)} {100 * v:g} % released" for k, v in (release or {}).items())
+    assumption = (
+        f"{members[0].name} chain: progeny decay at the parent's site in secular equilibrium"
+        + (f" except {rel} (with its progeny)" if rel else "")
+        + "; decays per parent decay: "
+        + ", ".join(f"{m.name} {m.decays_per_parent_decay:.4g}" for m in members)
+    )
+    return ChainKernel(members[0].name, members, kernels, assumption)
+
+
 def energy_balance_text(kernel: DoseKernel) -> str:
     """Human-readable energy balance and self-voxel figures of a kernel."""
     b = kernel.energy_balance
@@ -476,6 +629,11 @@ def energy_balance_text(kernel: DoseKernel) -> str:
         f"  electron mean deposition radius {b['electron_mean_deposition_radius_mm']:.3f} mm, max CSDA range "
         f"{b['electron_max_csda_range_mm']:.3f} mm",
     ]
+    if "alpha_emitted_MeV" in b:
+        lines.append(
+            f"  alphas (+ recoil): {b['alpha_emitted_MeV'] * 1e3:.1f} keV/decay deposited in the source voxel; "
+            f"range ≤ {b['alpha_range_bound_mm'] * 1e3:.0f} µm, escape ≤ {100 * b['alpha_escape_bound_fraction']:.1f} %"
+        )
     return "\n".join(lines)
 
 
@@ -506,6 +664,20 @@ def kernel_command(
 #: Kernels shipped in ``kernels/`` (common SPECT voxel sizes, mm).
 SHIPPED_VOXELS_MM: tuple[float, ...] = (4.42, 4.7952, 4.8)
 SHIPPED_MEDIA: tuple[str, ...] = ("soft-tissue", "water")
+#: Nuclides besides Lu-177 whose soft-tissue photon tables are shipped (the Lanconelli validation nuclides and
+#: the α chains' members used by tests; the others build on first use).
+SHIPPED_PHOTON_NUCLIDES: tuple[str, ...] = (
+    "I-131",
+    "Y-90",
+    "Ac-225",
+    "Fr-221",
+    "At-217",
+    "Bi-213",
+    "Po-213",
+    "Pb-212",
+    "Bi-212",
+    "Tl-208",
+)
 
 
 def rebuild_shipped(tables: bool = True, kernels: bool = True) -> list[Path]:
@@ -523,6 +695,19 @@ def rebuild_shipped(tables: bool = True, kernels: bool = True) -> list[Path]:
             t = build_photon_table("Lu-177", m)
             prov = {**_table_provenance_common(), **t.pop("provenance")}
             p = d / "tables" / f"photon_Lu-177_{med.table_key}_v{METHOD_VERSION}.npz"
+            _save_npz(p, t, prov)
+            out.append(p)
+        for m in SHIPPED_MEDIA:  # extended electron tables (Y-90 and the α chains' β emitters)
+            t = build_electron_table(m, extended=True)
+            prov = {**_table_provenance_common(), **t.pop("provenance")}
+            p = d / "tables" / electron_table_name(m, extended=True)
+            _save_npz(p, t, prov)
+            out.append(p)
+        for nuc in SHIPPED_PHOTON_NUCLIDES:  # photon tables of the validation nuclides, soft tissue
+            med = get_medium("soft-tissue")
+            t = build_photon_table(nuc, med.name)
+            prov = {**_table_provenance_common(), **t.pop("provenance")}
+            p = d / "tables" / f"photon_{nuc}_{med.table_key}_v{METHOD_VERSION}.npz"
             _save_npz(p, t, prov)
             out.append(p)
         electron_table.cache_clear()

@@ -2,14 +2,17 @@
 
 ICRP-107 is the reference for half-lives and emissions used in dosimetry (MIRD, OLINDA).  The
 package ships one JSON file per nuclide with ``half_life``, ``time_unit`` and ``emissions`` as
-(energy MeV, yield per decay) pairs by radiation type.  Data, not code: adding Y-90, I-131 or
-Ac-225 means adding its name to :data:`SUPPORTED`.
+(energy MeV, yield per decay) pairs by radiation type.  :data:`SUPPORTED` lists the nuclides a *job* accepts
+(Lu-177: imaging and pipeline are validated for it only); :data:`KERNEL_NUCLIDES` those with dose kernels
+(Lu-177, Tb-161, Y-90, I-131 and the Ac-225 and Pb-212 chains).  Energy per decay by radiation type, decay
+modes (branching from the emission yields) and decay chains are derived from the same records.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -160,3 +163,188 @@ def beta_spectrum(nuclide: Nuclide) -> tuple[tuple[float, float], ...]:
     :func:`mean_energy_per_decay_MeV` with ``('beta-',)`` for the exact mean β energy per decay.
     """
     return tuple(nuclide.emissions.get("b-spectra", ()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond Lu-177 (issue 16): the nuclides with dose kernels, α energies, energy per decay by radiation
+# type, decay modes and chains — all from the ICRP-107 records; nothing here makes a nuclide
+# acceptable in a job (that is :data:`SUPPORTED`).
+# ---------------------------------------------------------------------------------------------
+
+#: Nuclides for which voxeldose builds dose kernels (``voxeldose kernel --nuclide …``): the therapy nuclides of
+#: issue 16 and the members of the Ac-225 and Pb-212 chains.  Jobs still accept only :data:`SUPPORTED`.
+KERNEL_NUCLIDES: tuple[str, ...] = (
+    "Lu-177",
+    "Tb-161",
+    "Y-90",
+    "I-131",
+    "Ac-225",
+    "Fr-221",
+    "At-217",
+    "Bi-213",
+    "Po-213",
+    "Tl-209",
+    "Pb-209",
+    "Pb-212",
+    "Bi-212",
+    "Po-212",
+    "Tl-208",
+)
+
+#: ICRP-107 radiation types of heavy charged particles: α particles and the recoiling daughter nucleus.
+ALPHA_KINDS: tuple[str, ...] = ("alpha", "alpha recoil")
+
+#: Every ICRP-107 radiation type that is a list of (energy, yield) lines (all but the 'b-spectra' density).
+LINE_KINDS: tuple[str, ...] = (
+    "alpha",
+    "alpha recoil",
+    "beta-",
+    "beta+",
+    "IE",
+    "auger",
+    "gamma",
+    "X",
+    "annihilation",
+    "neutron",
+    "fission",
+    "betaD",
+)
+
+
+def alpha_energy_per_decay_MeV(nuclide: Nuclide | str) -> float:
+    """Kinetic energy of α particles and recoil nuclei per decay, MeV (ICRP-107 'alpha' + 'alpha recoil')."""
+    return mean_energy_per_decay_MeV(nuclide, ALPHA_KINDS)
+
+
+def energy_per_decay_by_type_MeV(nuclide: Nuclide | str) -> dict[str, float]:
+    """Energy emitted per decay, MeV, for every ICRP-107 radiation type that the nuclide emits, plus the groups
+    ``'electron'`` (β mean energies + IE + Auger), ``'photon'`` (γ + X + annihilation), ``'alpha'`` (α + recoil)
+    under the keys ``'total electron'``, ``'total photon'``, ``'total alpha'`` and their sum ``'total'``."""
+    nuc = _as_nuclide(nuclide)
+    out = {k: mean_energy_per_decay_MeV(nuc, (k,)) for k in LINE_KINDS if nuc.emissions.get(k)}
+    groups = {
+        "total electron": electron_energy_per_decay_MeV(nuc),
+        "total photon": photon_energy_per_decay_MeV(nuc),
+        "total alpha": alpha_energy_per_decay_MeV(nuc),
+    }
+    return {**out, **groups, "total": sum(groups.values())}
+
+
+def beta_spectrum_mean_energy_MeV(nuclide: Nuclide | str) -> float:
+    """∫ E p(E) dE of the ICRP-107 β spectrum ('b-spectra', trapezoid), MeV per decay: an independent
+    representation of the mean β energy that ICRP-107 also lists per branch (``'beta-'``)."""
+    spec = beta_spectrum(_as_nuclide(nuclide))
+    total = 0.0
+    for (e0, p0), (e1, p1) in zip(spec[:-1], spec[1:]):
+        total += 0.5 * (e0 * p0 + e1 * p1) * (e1 - e0)
+    return total
+
+
+@dataclass(frozen=True)
+class DecayMode:
+    """One decay mode: ``mode`` ('alpha' or 'beta-'), its branching fraction (per decay) and the daughter's
+    ICRP-107 name, or ``None`` when the daughter is stable (not in ICRP-107)."""
+
+    mode: str
+    fraction: float
+    daughter: str | None
+
+
+def _z_and_a(name: str) -> tuple[int, int]:
+    """(Z, A) of an ICRP-107 name such as 'Bi-213' (a metastable 'm' suffix is ignored)."""
+    import xraylib  # element symbols ↔ Z; imported only when chains are computed (loads data tables)
+
+    sym, rest = name.split("-")
+    return int(xraylib.SymbolToAtomicNumber(sym)), int(rest.rstrip("m"))
+
+
+def _nuclide_name(z: int, a: int) -> str:
+    import xraylib  # element symbols ↔ Z; imported only when chains are computed (loads data tables)
+
+    return f"{xraylib.AtomicNumberToSymbol(z)}-{a}"
+
+
+def _in_icrp107(name: str) -> bool:
+    return resources.files("icrp107_database").joinpath("icrp107", f"{name}.json").is_file()
+
+
+def decay_modes(nuclide: Nuclide | str) -> tuple[DecayMode, ...]:
+    """The nuclide's α and β⁻ decay modes with branching fractions from its ICRP-107 emissions.
+
+    Every α decay emits exactly one α particle and every β⁻ decay one β⁻ particle, so the branching fraction
+    of α (β⁻) decay is the sum of the α (β⁻) yields per decay (Bi-212: 0.3594 α, 0.6406 β⁻; Bi-213: 0.0209 α,
+    0.9791 β⁻).  Daughter: (Z − 2, A − 4) for α, (Z + 1, A) for β⁻, in its ground state (ICRP-107 lists no
+    metastable daughter for these chains); ``None`` if not in ICRP-107 (stable: Pb-208, Bi-209 …).
+    Decays without listed particles (e.g. At-217's 0.012 % β⁻) are not returned.
+    """
+    nuc = _as_nuclide(nuclide)
+    z, a = _z_and_a(nuc.name)
+    out = []
+    for mode, dz, da in (("alpha", -2, -4), ("beta-", 1, 0)):
+        frac = sum(y for _, y in nuc.emissions.get(mode, ()))
+        if frac > 0:
+            d = _nuclide_name(z + dz, a + da)
+            out.append(DecayMode(mode, frac, d if _in_icrp107(d) else None))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ChainMember:
+    """A member of a decay chain: its name, half-life (s) and the number of its decays per decay of the chain's
+    parent at secular equilibrium (the product of the branching fractions on the way down)."""
+
+    name: str
+    half_life_s: float
+    decays_per_parent_decay: float
+
+
+def _chain_order(name: str) -> tuple[int, int]:
+    """Sort key that puts a parent before its α/β⁻ daughters: mass number descending, then Z ascending."""
+    z, a = _z_and_a(name)
+    return (-a, z)
+
+
+def decay_chain(
+    parent: str, min_fraction: float = 1e-3, *, release: Mapping[str, float] | None = None
+) -> tuple[ChainMember, ...]:
+    """The parent and its radioactive progeny (ICRP-107), with decays per parent decay, parent first.
+
+    A daughter fed with less than ``min_fraction`` decays per parent decay is dropped (default 0.1 %: e.g.
+    At-217 → Rn-217 would be 0.012 %, and is not listed anyway, see :func:`decay_modes`).  Members reached
+    by two paths (Pb-209 from Po-213 and from Tl-209) add up.  The counts are those of secular equilibrium;
+    for a daughter not much shorter-lived than its parent (Bi-212, 1.01 h, after Pb-212, 10.64 h) the
+    transient-equilibrium activity ratio λ_d/(λ_d − λ_p) = 1.10 is larger — the caller states the assumption.
+
+    ``release`` maps a daughter to the fraction of its atoms, formed at the parent's site, that leave it before
+    they decay (e.g. Bi-213 after the recoil of Fr-221/At-217 α decays frees it from the chelator): the
+    counts are then the decays *at the parent's site*; that daughter's and its progeny's counts shrink by
+    (1 − fraction), and the released atoms decay elsewhere (not counted).
+    """
+    root = _as_nuclide(parent)
+    release = {canonical_name(k): float(v) for k, v in (release or {}).items()}
+    for name, frac in release.items():
+        if not (0.0 <= frac <= 1.0):
+            raise VoxeldoseError(f"release fraction of {name} must lie in [0, 1]", found=frac)
+    counts: dict[str, float] = {root.name: 1.0}
+    pending = [root.name]
+    while pending:
+        # expand in chain order, so that every member's count is complete before its daughters get theirs
+        pending.sort(key=_chain_order)
+        name = pending.pop(0)
+        for m in decay_modes(name):
+            if m.daughter is None:
+                continue
+            add = counts[name] * m.fraction * (1.0 - release.get(m.daughter, 0.0))
+            if m.daughter in counts:
+                counts[m.daughter] += add
+            elif counts[name] * m.fraction >= min_fraction:
+                counts[m.daughter] = add
+                pending.append(m.daughter)
+    unknown = sorted(set(release) - (set(counts) - {root.name}))
+    if unknown:
+        raise VoxeldoseError(
+            f"release fraction given for {', '.join(unknown)}, not a daughter in the {root.name} chain",
+            expected=", ".join(n for n in counts if n != root.name) or "no daughters",
+            found=unknown,
+        )
+    return tuple(ChainMember(n, load(n).half_life_s, counts[n]) for n in sorted(counts, key=_chain_order))
