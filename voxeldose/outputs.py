@@ -167,7 +167,9 @@ def write_all(result: Result, out_dir: Path) -> dict[str, Path]:
     if result.ct is not None:
         ct_on_dose = resample(result.ct, result.dose.grid, order=1, fill=-1000.0)
     tmp_report = out_dir / ".report.html.tmp"
-    render_report(summary, dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report)
+    render_report(
+        summary, dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report, dose_uncertainty=result.dose_uncertainty
+    )
     os.replace(tmp_report, paths["report"])
     return paths
 
