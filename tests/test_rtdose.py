@@ -425,3 +425,46 @@ def test_dicompyler_mean_dose_matches_analytic(tmp_path: Path, ctx: dw.PatientSt
     bad = _dicompyler(dvh_python, rs_path, tmp_path / "RD_shifted.dcm")
     errors = [abs(bad[n]["mean_gy"] / _analytic_mean(m) - 1) for n, m in masks.items()]
     assert max(errors) > 0.02
+
+
+# ------------------------------------------------------------------- dose uncertainty (DoseType ERROR)
+
+
+@pytest.mark.dciodvfy
+def test_error_dose_type_round_trip(tmp_path: Path, ctx: dw.PatientStudy, dciodvfy_exe: str) -> None:
+    """The dose-uncertainty map as an RT Dose: DoseType ERROR (PS3.3 C.8.8.3 Enumerated Values PHYSICAL, EFFECTIVE,
+    ERROR), Gy, read back on the same grid and Frame of Reference as the dose, dciodvfy without errors."""
+    dose = _smooth_dose()
+    u = 0.05 * dose + 0.01
+    dw.write_rtdose(tmp_path / "d" / "RD.dcm", Volume(dose, AXIAL, FOR_UID, "Gy"), ctx=ctx, series=_series(40, "D"))
+    f_u = tmp_path / "u" / "RD_U.dcm"
+    dw.write_rtdose(
+        f_u,
+        Volume(u, AXIAL, FOR_UID, "Gy"),
+        ctx=ctx,
+        series=_series(41, "dose uncertainty u (k=1, Gy)"),
+        bits_allocated=16,
+        dose_type="ERROR",
+        comment=dw.DOSE_TYPE_ERROR_NOTE,
+    )
+    f = pydicom.dcmread(f_u)
+    assert (f.DoseType, f.DoseUnits) == ("ERROR", "GY")
+    assert f.DoseComment == dw.DOSE_TYPE_ERROR_NOTE and len(f.DoseComment) <= 64
+    back_d, _ = _read_back(tmp_path / "d")
+    back_u, _ = _read_back(tmp_path / "u")
+    assert back_u.shape == back_d.shape == SHAPE
+    np.testing.assert_allclose(back_u.affine, back_d.affine, atol=1e-9)
+    assert back_u.frame_of_reference_uid == back_d.frame_of_reference_uid == FOR_UID
+    assert np.max(np.abs(back_u.array - u)) <= float(f.DoseGridScaling) / 2 * (1 + 1e-9)
+    rc, text = _run_dciodvfy(dciodvfy_exe, f_u)
+    assert rc >= 0 and "RTDose" in text, text
+    assert dciodvfy_errors(dciodvfy_exe, f_u) == [], text
+    assert all("Dose Summation Type" in w for w in text.splitlines() if w.startswith("Warning")), text
+    with pytest.raises(ValueError, match="dose_type"):
+        dw.write_rtdose(
+            tmp_path / "x.dcm",
+            Volume(u, AXIAL, FOR_UID, "Gy"),
+            ctx=ctx,
+            series=_series(42, "x"),
+            dose_type="EFFECTIVE",  # type: ignore[arg-type]  # an unsupported value on purpose
+        )

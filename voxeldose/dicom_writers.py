@@ -50,6 +50,7 @@ from .geometry import Volume
 from .voi import rasterise_rtstruct
 
 __all__ = [
+    "DOSE_TYPE_ERROR_NOTE",
     "RTDOSE_SUMMATION_TYPE",
     "RT_DOSE_STORAGE",
     "PatientStudy",
@@ -82,6 +83,16 @@ RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
 RTDOSE_SUMMATION_TYPE = "ADMINISTRATION"
 
 
+#: Why the dose-uncertainty map is written with DoseType (3004,0004) ``ERROR``.  PS3.3 C.8.8.3 has three
+#: Enumerated Values: PHYSICAL (physical dose), EFFECTIVE (after correction for biological effect) and ERROR,
+#: defined there as the "difference between desired and planned dose" — no value names an uncertainty.  ERROR is
+#: the only one that marks the grid as *not a dose to sum or plan with*, and a standard uncertainty is the
+#: expected size of the difference between the computed and the true dose; issue 13 asks for it.  What the values
+#: are (k = 1 standard uncertainty in Gy, and its components) is said in the Series Description, Dose Comment and
+#: Derivation Description, which a reader must consult: a generic viewer only learns "ERROR".
+DOSE_TYPE_ERROR_NOTE = "standard uncertainty (k=1) of the absorbed dose, Gy"
+
+
 def _dose_scaling(max_gy: float, top: int) -> float:
     """DoseGridScaling (Gy per stored unit, as read back from its DS string) for stored values <= top."""
     if max_gy <= 0:
@@ -107,6 +118,7 @@ def write_rtdose(
         "activity convolved with a dose-voxel kernel (voxeldose)"
     ),
     bits_allocated: Literal[16, 32] = 32,
+    dose_type: Literal["PHYSICAL", "ERROR"] = "PHYSICAL",
 ) -> pydicom.Dataset:
     """Write a multi-frame RT Dose Storage object (PS3.3 A.18) of ``dose`` (Gy) on its own grid.
 
@@ -115,7 +127,8 @@ def write_rtdose(
     (C.8.8.1), Frame of Reference, General Equipment, General Image, Image Plane, Image Pixel,
     Multi-frame, RT Dose (C.8.8.3), SOP Common.
 
-    * DoseUnits GY, DoseType PHYSICAL, DoseSummationType :data:`RTDOSE_SUMMATION_TYPE` (see there
+    * DoseUnits GY, DoseType ``dose_type`` (``"ERROR"``: the standard uncertainty of a dose, see
+      :data:`DOSE_TYPE_ERROR_NOTE`; no DVH then), DoseSummationType :data:`RTDOSE_SUMMATION_TYPE` (see there
       why not PLAN), no Referenced RT Plan Sequence.
     * Geometry: ImageOrientationPatient / PixelSpacing from the affine's ``i`` and ``j`` columns
       (any orthonormal orientation, oblique included); frames are slices along the normal
@@ -244,7 +257,11 @@ def write_rtdose(
     ds.FrameIncrementPointer = pydicom.tag.Tag(0x3004, 0x000C)  # GridFrameOffsetVector
     # RT Dose C.8.8.3
     ds.DoseUnits = "GY"
-    ds.DoseType = "PHYSICAL"
+    if dose_type not in ("PHYSICAL", "ERROR"):
+        raise ValueError(f"dose_type must be 'PHYSICAL' or 'ERROR', got {dose_type!r}")
+    if dose_type == "ERROR" and referenced_rtstruct is not None:
+        raise ValueError("an ERROR (uncertainty) grid carries no DVH: give no referenced_rtstruct")
+    ds.DoseType = dose_type
     if comment:
         ds.DoseComment = comment if len(comment) <= 64 else comment[:61] + "..."  # LO: 64 characters
     ds.DoseSummationType = RTDOSE_SUMMATION_TYPE

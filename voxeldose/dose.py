@@ -64,8 +64,10 @@ __all__ = [
     "density_on_grid",
     "electron_energy_per_decay_MeV",
     "hu_to_density",
+    "kernel_weighted_density",
     "medium_density",
     "photon_energy_per_decay_MeV",
+    "trimmed_electron_kernel",
 ]
 
 log = logging.getLogger(__name__)
@@ -274,6 +276,25 @@ def _trim_centred(k: NDArray[np.float64], tol: float) -> NDArray[np.float64]:
     return k
 
 
+def trimmed_electron_kernel(electron_kernel: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
+    """The electron kernel (float64) trimmed to the centred box holding all but 1e-7 of its energy."""
+    return _trim_centred(np.asarray(electron_kernel, dtype=np.float64), _ELECTRON_TRIM)
+
+
+def kernel_weighted_density(rho: Array, electron_kernel: NDArray[np.float64], *, xp: ModuleType) -> Array:
+    """``N = w̃ ⊛ ρ`` (g/cm³, float64, ≥ :data:`RHO_AIR`) of :func:`density_corrected_dose`: the density around
+    each source voxel weighted by the normalised electron kernel ``w = K_e / ΣK_e`` (``electron_kernel`` as
+    :func:`trimmed_electron_kernel` returns it, with a positive sum); the density extended by its edge values."""
+    w = electron_kernel / float(electron_kernel.sum())
+    half = tuple((m - 1) // 2 for m in w.shape)
+    rho64 = xp.asarray(rho, dtype=xp.float64)
+    rho_ext = xp.pad(rho64, [(h, h) for h in half], mode="edge")
+    n_ext = convolve(rho_ext, w[::-1, ::-1, ::-1].copy(), xp=xp, dtype=np.float64)
+    n = n_ext[tuple(slice(h, h + s) for h, s in zip(half, rho64.shape))]
+    del n_ext, rho_ext
+    return xp.maximum(n, RHO_AIR)  # ρ ≥ RHO_AIR and w ≥ 0 make N ≥ RHO_AIR: guards round-off only
+
+
 def density_corrected_dose(
     tia: Array,
     rho: Array,
@@ -334,18 +355,10 @@ def density_corrected_dose(
     they run on a barely padded grid.
     """
     xp = backend.xp_for(tia) if xp is None else xp
-    ke = _trim_centred(np.asarray(electron_kernel, dtype=np.float64), _ELECTRON_TRIM)
-    total = float(ke.sum())
+    ke = trimmed_electron_kernel(electron_kernel)
     d_e = xp.zeros(tia.shape, dtype=xp.float64)
-    if total > 0.0:
-        w = ke / total
-        half = tuple((m - 1) // 2 for m in w.shape)
-        rho64 = xp.asarray(rho, dtype=xp.float64)
-        rho_ext = xp.pad(rho64, [(h, h) for h in half], mode="edge")
-        n_ext = convolve(rho_ext, w[::-1, ::-1, ::-1].copy(), xp=xp, dtype=np.float64)
-        n = n_ext[tuple(slice(h, h + s) for h, s in zip(half, tia.shape))]
-        del n_ext, rho_ext
-        n = xp.maximum(n, RHO_AIR)  # ρ ≥ RHO_AIR and w ≥ 0 make N ≥ RHO_AIR: guards round-off only
+    if float(ke.sum()) > 0.0:
+        n = kernel_weighted_density(rho, ke, xp=xp)
         scaled = xp.asarray(tia, dtype=xp.float64) * (float(kernel_density) / n)
         d_e = convolve(scaled, ke, xp=xp, dtype=np.float64)
     d_p = None

@@ -1,4 +1,5 @@
-"""Outputs of a run: ``rtdose.dcm`` (RT Dose in Gy, CT frame of reference), ``summary.json`` and
+"""Outputs of a run: ``rtdose.dcm`` (RT Dose in Gy, CT frame of reference), ``rtdose_uncertainty.dcm`` (its
+standard uncertainty, k = 1, Gy, DoseType ERROR; when the run has a dose-uncertainty map), ``summary.json`` and
 ``report.html``.  Everything written atomically (temporary file, then rename) so that a failed write
 never leaves a half file that looks complete.
 """
@@ -15,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from .approval import PRELIMINARY_DOSE_COMMENT
-from .dicom_writers import PatientStudy, SeriesInfo, write_rtdose
+from .dicom_writers import DOSE_TYPE_ERROR_NOTE, PatientStudy, SeriesInfo, write_rtdose
 from .dicomutil import parse_da, parse_tm
 from .errors import VoxeldoseError
 from .geometry import resample
@@ -72,6 +73,49 @@ def rtdose_series_description(summary: Summary) -> str:
     return f"voxeldose absorbed dose ({summary.methods.dose}{state}) cycle {summary.cycle.number}"[:64]
 
 
+def uncertainty_series_description(summary: Summary) -> str:
+    """Series Description (LO, 64 characters) of the dose-uncertainty RT Dose: what its values are."""
+    return f"voxeldose dose uncertainty u (k=1, Gy) cycle {summary.cycle.number}"[:64]
+
+
+def write_uncertainty_rtdose(result: Result, out_dir: Path, ctx: PatientStudy) -> Path:
+    """``rtdose_uncertainty.dcm``: the voxel dose's standard uncertainty (k = 1, Gy) as an RT Dose with DoseType
+    ERROR (see :data:`voxeldose.dicom_writers.DOSE_TYPE_ERROR_NOTE` for why ERROR), on the dose's grid and
+    Frame of Reference, in a series of its own; what the map holds goes to the Derivation Description."""
+    summary = result.summary
+    u = result.dose_uncertainty
+    if u is None:
+        raise ValueError("the result has no dose-uncertainty map")
+    series = SeriesInfo(
+        series_instance_uid=generate_uid(),
+        series_number=9004,
+        series_description=uncertainty_series_description(summary),
+        frame_of_reference_uid=str(result.dose.frame_of_reference_uid),
+        acquisition_datetime=datetime.now(),
+    )
+    path = out_dir / "rtdose_uncertainty.dcm"
+    tmp = out_dir / ".rtdose_uncertainty.dcm.tmp"
+    try:
+        write_rtdose(
+            tmp,
+            u.with_array(np.asarray(u.array, dtype=np.float64), "Gy"),
+            ctx=ctx,
+            series=series,
+            bits_allocated=16,
+            dose_type="ERROR",
+            comment=DOSE_TYPE_ERROR_NOTE,
+            description=(
+                f"DoseType ERROR = {DOSE_TYPE_ERROR_NOTE}, of the RT Dose series '{rtdose_series_description(summary)}' (voxeldose "
+                f"{summary.provenance.software['voxeldose']}): {summary.methods.dose_uncertainty or ''}"
+            ),
+        )
+        os.replace(tmp, path)
+    except (OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise VoxeldoseError(f"cannot write the dose-uncertainty RT Dose ({exc})", path=path) from None
+    return path
+
+
 def write_all(result: Result, out_dir: Path) -> dict[str, Path]:
     """Write every output of ``result`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +158,8 @@ def write_all(result: Result, out_dir: Path) -> dict[str, Path]:
         tmp.unlink(missing_ok=True)
         raise VoxeldoseError(f"cannot write the RT Dose ({exc})", path=rt_path) from None
     paths["rtdose"] = rt_path
+    if result.dose_uncertainty is not None:
+        paths["rtdose_uncertainty"] = write_uncertainty_rtdose(result, out_dir, ctx)
 
     paths["summary"] = out_dir / "summary.json"
     _atomic_write(paths["summary"], summary.to_json().encode())
@@ -124,7 +170,9 @@ def write_all(result: Result, out_dir: Path) -> dict[str, Path]:
     if result.ct is not None:
         ct_on_dose = resample(result.ct, result.dose.grid, order=1, fill=-1000.0)
     tmp_report = out_dir / ".report.html.tmp"
-    render_report(summary, dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report)
+    render_report(
+        summary, dose=result.dose, ct=ct_on_dose, vois=masks, path=tmp_report, dose_uncertainty=result.dose_uncertainty
+    )
     os.replace(tmp_report, paths["report"])
     return paths
 

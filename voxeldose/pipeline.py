@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from . import __version__, metrics, pvc, quantify, register, timeactivity, uncertainty
+from . import __version__, metrics, pvc, quantify, register, timeactivity, uncertainty, voxeluncertainty
 from .cycles import cumulative_summary
 from .dose import absorbed_dose, density_on_grid, hu_to_density, medium_density
 from .errors import VoxeldoseError
@@ -64,6 +64,7 @@ from .summary import (
     SCHEMA_VERSION,
     CalibrationRecord,
     CycleInfo,
+    DvhBand,
     Injection,
     InputSet,
     Marrow,
@@ -1129,6 +1130,76 @@ def _uncertainty(
     )
 
 
+def _dose_uncertainty(
+    spec: JobSpec, kin: _Kinetics, corr: _Corrected | None, dosed: _Dosed, quants: list[Quantification], lam: float
+) -> tuple[Volume | None, str]:
+    """The voxel dose-uncertainty map (standard uncertainty, k = 1, Gy; :mod:`voxeldose.voxeluncertainty`) and
+    what it holds (or why there is none): Poisson counting noise of every voxel through the voxel TIA and the
+    squared kernel, plus the camera profile's calibration uncertainty as a relative term common to all voxels."""
+    cam = spec.camera
+    from_profile = cam is not None and spec.calibration.cps_per_mbq in (None, cam.sensitivity_cps_per_mbq)
+    cal_u = cam.sensitivity_u_cps_per_mbq / cam.sensitivity_cps_per_mbq if cam is not None and from_profile else None
+    cal_u = cal_u if cal_u else None
+    if kin.voxel_flags is None:
+        return None, "not evaluated: single-time-point voxel TIA"
+    durations = [q.acquisition_duration_s for q in quants]
+    cps = spec.cps_per_mbq
+    counted = cps is not None and len(durations) == len(kin.times_s) and all(d is not None and d > 0 for d in durations)
+    if not counted and cal_u is None:
+        return (
+            None,
+            "not evaluated: neither the counts behind the image (calibration, durations) nor a calibration uncertainty are known",
+        )
+    variance = None
+    parts = []
+    if counted:
+        stack = corr.stack if corr is not None and corr.stack is not None else np.stack([a.array for a in kin.activity])
+        var_a = voxeluncertainty.counting_variance(stack, float(cps or 0.0), [float(d or 0.0) for d in durations])
+        var_tia = voxeluncertainty.voxel_tia_variance(
+            stack, kin.times_s, var_a, decay_constant_per_s=lam, method=spec.fit.voxel_method
+        )
+        tia_var = Volume(var_tia, kin.tia.affine, kin.tia.frame_of_reference_uid, "Bq2.s2")
+        variance = voxeluncertainty.dose_variance(
+            tia_var,
+            str(dosed.dose.meta.get("nuclide", "Lu-177")),
+            spec.dose.method,
+            dosed.density if spec.dose.method != "dvk" else None,
+            medium=spec.dose.medium,
+            kernel_size=spec.dose.kernel_size,
+        )
+        parts.append(
+            "Poisson counting noise per voxel and scan (independent voxels: a lower bound for OSEM's correlated "
+            "noise) through the voxel TIA, convolved with the squared kernel"
+        )
+    if cal_u is not None:
+        parts.append(f"calibration {100 * cal_u:.3g} % (camera profile) common to all voxels, in quadrature")
+    u = voxeluncertainty.dose_uncertainty(dosed.dose, variance, [cal_u])
+    note = "standard uncertainty (k = 1) of the voxel dose, Gy: " + "; ".join(parts) + "; dose factor not stated"
+    return u, note
+
+
+def _with_dvh_bands(
+    voi_out: dict[str, VoiMetrics], vois: dict[str, VOI], dose: Volume, u: Volume | None
+) -> dict[str, VoiMetrics]:
+    """Each VOI's per-voxel DVH band (:func:`voxeldose.voxeluncertainty.dvh_band`) when there is a map."""
+    if u is None:
+        return voi_out
+    out = {}
+    for name, m in voi_out.items():
+        b = voxeluncertainty.dvh_band(dose.array, u.array, vois[name].fraction)
+        band = None
+        if b is not None:
+            band = DvhBand(
+                dose_gy=[round(float(v), 6) for v in b.dose_gy],
+                volume_fraction_lower=[round(float(v), 6) for v in b.lower],
+                volume_fraction_upper=[round(float(v), 6) for v in b.upper],
+                coverage_factor=b.coverage_factor,
+                definition=voxeluncertainty.BAND_MEANING,
+            )
+        out[name] = m.model_copy(update={"dvh_band": band})
+    return out
+
+
 def _marrow(vois: dict[str, VoiMetrics], spec: JobSpec, lam: float) -> Marrow:
     """Red-marrow dose: image-based from the first marrow VOI; blood-based when the job has samples."""
     image = None
@@ -1179,9 +1250,12 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         kin = _time_activity(ing.cycle, spec, activity, vois, lam, warnings, corr)
     with _stage("dose", progress, timings):
         dosed = _dose(spec, ing.nuclide, kin.tia, ref_ct, vois, warnings)
+    with _stage("dose uncertainty", progress, timings):
+        dose_u, dose_u_note = _dose_uncertainty(spec, kin, corr, dosed, quant.records, lam)
     a_inj = ing.cycle.injection.activity_bq
     with _stage("metrics", progress, timings):
         voi_out = _metrics(spec, vois, kin, dosed, a_inj, lam, warnings, corr, quant.records)
+        voi_out = _with_dvh_bands(voi_out, vois, dosed.dose, dose_u)
         _check_plausible(voi_out, ing.ref_tp.spect.instances[0].path)
         marrow = _marrow(voi_out, spec, lam)
         date = ing.cycle.injection.start.date()
@@ -1193,7 +1267,9 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         cycle=CycleInfo(number=spec.cycle_number, injection=_injection(ing.cycle, spec)),
         reference_timepoint=ing.ref_n,
         timepoints=_timepoints(ing.cycle, quant.records, registrations, quant.reconstructions),
-        methods=_methods(spec, quant.records, kin.method_note, dosed, ing.voi_series, corr),
+        methods=_methods(spec, quant.records, kin.method_note, dosed, ing.voi_series, corr).model_copy(
+            update={"dose_uncertainty": dose_u_note}
+        ),
         vois=voi_out,
         marrow=marrow,
         cumulative=cumulative,
@@ -1202,7 +1278,18 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
     )
     _emit(progress, "done", 1.0)
     return Result(
-        spec, summary, dosed.dose, kin.tia, kin.activity, vois, ref_ct, ing.cycle, ing.ref_tp, kin.fits, kin.quality
+        spec,
+        summary,
+        dosed.dose,
+        kin.tia,
+        kin.activity,
+        vois,
+        ref_ct,
+        ing.cycle,
+        ing.ref_tp,
+        kin.fits,
+        kin.quality,
+        dose_uncertainty=dose_u,
     )
 
 

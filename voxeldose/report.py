@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import Normalize
+from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 
 from .geometry import Volume, resample
@@ -369,8 +370,17 @@ def _dvh_plot(summary: Summary, dose: Volume | None, vois: Mapping[str, np.ndarr
         return ""
     fig = _figure(7.5, 3.8)
     ax = fig.add_subplot()
+    banded = False
     for name, x, y in curves:
-        ax.plot(x, 100 * y, label=_tex_safe(name), lw=1.6)
+        (line,) = ax.plot(x, 100 * y, label=_tex_safe(name), lw=1.6)
+        e = entries.get(name)
+        band = e.dvh_band if e is not None else None
+        if band is not None and len(band.dose_gy) >= 2:
+            bx = np.asarray(band.dose_gy, dtype=float)
+            lo = 100 * np.asarray(band.volume_fraction_lower, dtype=float)
+            hi = 100 * np.asarray(band.volume_fraction_upper, dtype=float)
+            ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+            banded = True
     ax.set_xlabel("Absorbed dose (Gy)")
     ax.set_ylabel("Volume (%)")
     ax.set_ylim(0, 102)
@@ -378,7 +388,15 @@ def _dvh_plot(summary: Summary, dose: Volume | None, vois: Mapping[str, np.ndarr
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncols=2 if len(curves) > 6 else 1)
     ax.set_title("Cumulative dose–volume histograms")
-    return f"<section><h2>Dose–volume histograms</h2><figure>{_png(fig, 'DVH of all VOIs')}</figure></section>"
+    note = ""
+    if banded:
+        k = next(e.dvh_band.coverage_factor for e in entries.values() if e.dvh_band is not None)
+        note = (
+            f"<p class='small'>Shaded: per-voxel band, the DVHs of the dose map with every voxel at its dose − {k:g}u "
+            f"and + {k:g}u (u: the voxel's standard uncertainty). It is not a confidence band of the DVH: voxel "
+            "errors are partly independent, so the DVH itself varies less than the band.</p>"
+        )
+    return f"<section><h2>Dose–volume histograms</h2><figure>{_png(fig, 'DVH of all VOIs')}</figure>{note}</section>"
 
 
 def _measured_points(ta: TimeActivity) -> tuple[list[float | None] | None, list[float | None] | None]:
@@ -476,24 +494,44 @@ def _overlay_figure(
     ct_arr: np.ndarray | None,
     masks: Mapping[str, np.ndarray],
     centre_kji: tuple[int, int, int],
+    uncertainty: Volume | None = None,
 ) -> str:
-    d = np.asarray(dose.array, dtype=float)
     k, j, _ = centre_kji
     panels = [("axial", k), ("coronal", j)]
+    rows: list[tuple[np.ndarray, str, str]] = [(np.asarray(dose.array, dtype=float), "turbo", "Absorbed dose (Gy)")]
+    if uncertainty is not None and tuple(uncertainty.shape) == tuple(dose.shape):
+        rows.append((np.asarray(uncertainty.array, dtype=float), "magma", "Dose uncertainty u, k = 1 (Gy)"))
+    fig = _figure(8.0, 3.9 * len(rows))
+    grid = fig.subplots(len(rows), 2, squeeze=False)
+    for axes, (d, cmap_name, label) in zip(grid, rows):
+        _overlay_row(fig, list(axes), d, dose.affine, ct_arr, masks, panels, colormaps[cmap_name], label)
+    fig.suptitle(_tex_safe(title), fontsize=10)
+    return f"<figure>{_png(fig, title)}</figure>"
+
+
+def _overlay_row(
+    fig: Figure,
+    axes: list[Axes],
+    d: np.ndarray,
+    affine: np.ndarray,
+    ct_arr: np.ndarray | None,
+    masks: Mapping[str, np.ndarray],
+    panels: list[tuple[str, int]],
+    cmap: Colormap,
+    label: str,
+) -> None:
+    """One row of an overlay figure: the map ``d`` on the axial and coronal slices, one colour bar."""
     vmax = 0.0
     for plane, idx in panels:
-        img, _ = _display_slices(d, dose.affine, plane, idx)
+        img, _ = _display_slices(d, affine, plane, idx)
         vmax = max(vmax, float(np.nanmax(img)) if img.size else 0.0)
     vmax = vmax if vmax > 0 else 1.0
     norm = Normalize(0.0, vmax)
-    cmap = colormaps["turbo"]
-    fig = _figure(8.0, 3.9)
-    axes = fig.subplots(1, 2)
     im = None
     for ax, (plane, idx) in zip(axes, panels):
-        dimg, extent = _display_slices(d, dose.affine, plane, idx)
+        dimg, extent = _display_slices(d, affine, plane, idx)
         if ct_arr is not None:
-            cimg, _ = _display_slices(ct_arr, dose.affine, plane, idx)
+            cimg, _ = _display_slices(ct_arr, affine, plane, idx)
             ax.imshow(cimg, cmap="gray", vmin=-160, vmax=240, extent=extent, interpolation="bilinear")
             wash = np.ma.masked_less(dimg, 0.05 * vmax)
             im = ax.imshow(wash, cmap=cmap, norm=norm, alpha=0.55, extent=extent, interpolation="bilinear")
@@ -501,7 +539,7 @@ def _overlay_figure(
             ax.set_facecolor("black")
             im = ax.imshow(dimg, cmap=cmap, norm=norm, extent=extent, interpolation="bilinear")
         for m in masks.values():
-            mimg, _ = _display_slices(np.asarray(m, dtype=float), dose.affine, plane, idx)
+            mimg, _ = _display_slices(np.asarray(m, dtype=float), affine, plane, idx)
             if mimg.any():
                 ax.contour(mimg, levels=[0.5], colors=["white"], linewidths=0.8, extent=extent, origin="upper")
         ax.set_title(f"{plane} (slice {idx + 1})", fontsize=9)
@@ -510,10 +548,8 @@ def _overlay_figure(
         ax.text(0.01, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
         ax.text(0.97, 0.5, "L", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
     if im is not None:
-        cb = fig.colorbar(im, ax=list(axes), shrink=0.85)
-        cb.set_label("Absorbed dose (Gy)")
-    fig.suptitle(_tex_safe(title), fontsize=10)
-    return f"<figure>{_png(fig, title)}</figure>"
+        cb = fig.colorbar(im, ax=axes, shrink=0.85)
+        cb.set_label(label)
 
 
 def _centre(mask: np.ndarray, dose_arr: np.ndarray | None = None) -> tuple[int, int, int] | None:
@@ -528,7 +564,12 @@ def _centre(mask: np.ndarray, dose_arr: np.ndarray | None = None) -> tuple[int, 
 
 
 def _overlays(
-    summary: Summary, dose: Volume, ct: Volume | None, vois: Mapping[str, np.ndarray], notes: list[str]
+    summary: Summary,
+    dose: Volume,
+    ct: Volume | None,
+    vois: Mapping[str, np.ndarray],
+    notes: list[str],
+    uncertainty: Volume | None = None,
 ) -> str:
     d = np.asarray(dose.array, dtype=float)
     masks = {n: np.asarray(m, dtype=bool) for n, m in vois.items() if np.shape(m) == d.shape}
@@ -546,20 +587,31 @@ def _overlays(
         union = np.logical_or.reduce([masks[n] for n in kid])
         c = _centre(union, d)
         if c is not None:
-            figs.append(_overlay_figure("Kidneys: " + ", ".join(kid), dose, ct_arr, {n: masks[n] for n in kid}, c))
+            figs.append(
+                _overlay_figure("Kidneys: " + ", ".join(kid), dose, ct_arr, {n: masks[n] for n in kid}, c, uncertainty)
+            )
     for n, r in roles.items():
         if r == "tumour":
             c = _centre(masks[n], d)
             if c is not None:
-                figs.append(_overlay_figure(f"Tumour: {n}", dose, ct_arr, {n: masks[n]}, c))
+                figs.append(_overlay_figure(f"Tumour: {n}", dose, ct_arr, {n: masks[n]}, c, uncertainty))
     if not figs and d.size:  # no kidney or tumour: one view through the dose maximum
         k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(d)), d.shape))
-        figs.append(_overlay_figure("Through the dose maximum", dose, ct_arr, masks, (k, j, i)))
+        figs.append(_overlay_figure("Through the dose maximum", dose, ct_arr, masks, (k, j, i), uncertainty))
     base = "grey-scale CT (window −160…240 HU)" if ct_arr is not None else "the dose alone (no CT given)"
     return (
         f"<section class='pb'><h2>Dose distribution</h2><p class='small'>Colour wash of the absorbed dose over {base}; "
         "white lines: VOI outlines; radiological convention (patient right on the left), superior up. "
-        "Colour scales are per figure.</p>" + "".join(figs) + "</section>"
+        "Colour scales are per figure."
+        + (
+            " Second row: the voxel dose's standard uncertainty u (k = 1, Gy): "
+            + _e(summary.methods.dose_uncertainty or "")
+            if uncertainty is not None
+            else ""
+        )
+        + "</p>"
+        + "".join(figs)
+        + "</section>"
     )
 
 
@@ -815,13 +867,15 @@ def render_report(
     ct: Volume | None,
     vois: Mapping[str, np.ndarray],
     path: str | Path,
+    dose_uncertainty: Volume | None = None,
 ) -> Path:
     """Write the HTML report of one cycle to ``path`` and return it.
 
     ``summary`` is the run's :class:`~voxeldose.summary.Summary`; ``dose`` the absorbed-dose map (Gy);
     ``ct`` the CT (HU) on any grid of the same Frame of Reference (resampled onto the dose grid for
     display), or None; ``vois`` boolean masks on the dose grid, by VOI name (the names of
-    ``summary.vois``; their role decides which overlays are drawn).
+    ``summary.vois``; their role decides which overlays are drawn); ``dose_uncertainty`` the voxel dose's
+    standard uncertainty (Gy, on the dose grid), drawn as a second row of every overlay when given.
     """
     path = Path(path)
     limits = _limits(summary)
@@ -837,7 +891,7 @@ def render_report(
         _safe(lambda: _timepoints(summary), "Imaging time points", errors),
         _safe(lambda: _dvh_plot(summary, dose, vois), "Dose–volume histograms", errors),
         _safe(lambda: _ta_section(summary), "Time–activity curves", errors),
-        _safe(lambda: _overlays(summary, dose, ct, vois, notes), "Dose distribution", errors),
+        _safe(lambda: _overlays(summary, dose, ct, vois, notes, dose_uncertainty), "Dose distribution", errors),
         _safe(lambda: _provenance(summary), "Methods and provenance", errors),
     ]
     header = _safe(lambda: _header(summary), "Header", errors)

@@ -36,6 +36,7 @@ class Result:
     reference: TimePoint
     fits: dict[str, VoiFit] = field(default_factory=dict)
     tia_quality: np.ndarray | None = None  # fraction of each voxel's TIA in the extrapolated tail
+    dose_uncertainty: Volume | None = None  # standard uncertainty (k = 1) of the dose, Gy, on the dose grid
 
     @property
     def warnings(self) -> list[str]:

@@ -186,6 +186,9 @@ class Methods(_Part):
     dose_grid: str
     voi_source: str = Field(description="'RTSTRUCT <SeriesInstanceUID>' or 'SEG <SeriesInstanceUID>'")
     pvc: PvcRecord = Field(default_factory=PvcRecord.none, description="partial-volume correction (schema /3)")
+    dose_uncertainty: str | None = Field(
+        None, description="the voxel dose-uncertainty map: what it holds, or why there is none (issue 13 part 3)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ VOIs
@@ -197,6 +200,16 @@ class Dvh(_Part):
     total_volume_ml: float
     bin_gy: float
     downsampled: bool
+    definition: str
+
+
+class DvhBand(_Part):
+    """Per-voxel DVH band (:mod:`voxeldose.voxeluncertainty`): the DVHs of dose − k·u and dose + k·u."""
+
+    dose_gy: list[float]
+    volume_fraction_lower: list[float] = Field(description="cumulative DVH of max(dose − k·u, 0)")
+    volume_fraction_upper: list[float] = Field(description="cumulative DVH of dose + k·u")
+    coverage_factor: float
     definition: str
 
 
@@ -335,6 +348,7 @@ class VoiMetrics(_Part):
     tia_voxel_sum_bqs: float | None = Field(None, description="sum of the voxel TIAs in the VOI, Bq·s")
     pvc: VoiPvc | None = Field(None, description="partial-volume correction; absent without one (schema /3)")
     uncertainty: VoiUncertainty | None = Field(None, description="uncertainty budget; absent without a VOI fit")
+    dvh_band: DvhBand | None = Field(None, description="per-voxel DVH band; absent without a dose-uncertainty map")
 
 
 # ------------------------------------------------------------------------------------------ marrow
