@@ -77,6 +77,7 @@ from .summary import (
     PvcRecord,
     Quantification,
     Registration,
+    SingleTimePoint,
     SpectReconstruction,
     Summary,
     TimeActivity,
@@ -376,7 +377,7 @@ def _fit_problems(cycle: Cycle, spec: JobSpec) -> list[VoxeldoseError]:
                 expected="one time point, or a multi-point model (auto, monoexp, biexp, trapezoid)",
             )
         ]
-    if n_t == 1 and spec.fit.stp_method != "hanscheid" and spec.fit.stp_effective_half_life_h.get("default") is None:
+    if n_t == 1 and spec.fit.stp_method == "madsen" and spec.fit.stp_effective_half_life_h.get("default") is None:
         return [
             VoxeldoseError(
                 "the Madsen single-time-point method needs a population effective half-life",
@@ -445,6 +446,7 @@ class _Kinetics:
     voxel_flags: np.ndarray | None
     method_note: str
     tia_factors: dict[str, float]  # partial-volume correction: corrected / uncorrected VOI TIA (empty without)
+    single_time_point: SingleTimePoint | None = None  # one time point: how its TIA was made
 
 
 @dataclass(frozen=True)
@@ -863,8 +865,9 @@ def _time_activity(
         stack = np.stack([a.array for a in activity]).astype(np.float64)
     single = spec.fit.model == "stp" or len(times_s) == 1
     quality = flags = None
+    stp_record = None
     if single:
-        tia_arr, method_note = _stp_tia(stack[0], float(times_s[0]), spec)
+        tia_arr, method_note, stp_record = _stp_tia(stack[0], float(times_s[0]), spec, vois, warnings)
     else:
         vt = timeactivity.voxel_tia(stack, times_s, decay_constant_per_s=lam, method=spec.fit.voxel_method)
         tia_arr, quality, flags = np.asarray(vt.tia, dtype=np.float64), vt.quality, np.asarray(vt.flags)
@@ -883,7 +886,7 @@ def _time_activity(
             fit_u = _voi_fit(name, times_s, corr.observed[name], lam, spec, single, [])
             factors[name] = _tia_factor(fit, fit_u, a_voi, corr.observed[name])
     tia = Volume(tia_arr, grid.affine, grid.frame_of_reference_uid, "Bq.s")
-    return _Kinetics(activity, times_s, tia, fits, quality, flags, method_note, factors)
+    return _Kinetics(activity, times_s, tia, fits, quality, flags, method_note, factors, stp_record)
 
 
 def _dose(
@@ -1046,7 +1049,7 @@ def _radiobiology(
     rb = radiobiology_for(name, role, spec)
     if rb is None:
         return {}
-    exps, bed_model = _bed_kinetics(fr, times_s, lam, spec)
+    exps, bed_model = _bed_kinetics(fr, times_s, lam, spec, name)
     if exps is None:
         warnings.append(f"VOI {name!r}: BED not computed ({bed_model})")
         return {}
@@ -1267,9 +1270,9 @@ def run(spec: JobSpec | dict[str, Any], *, progress: Progress | None = None) -> 
         cycle=CycleInfo(number=spec.cycle_number, injection=_injection(ing.cycle, spec)),
         reference_timepoint=ing.ref_n,
         timepoints=_timepoints(ing.cycle, quant.records, registrations, quant.reconstructions),
-        methods=_methods(spec, quant.records, kin.method_note, dosed, ing.voi_series, corr).model_copy(
-            update={"dose_uncertainty": dose_u_note}
-        ),
+        methods=_methods(
+            spec, quant.records, kin.method_note, dosed, ing.voi_series, corr, kin.single_time_point
+        ).model_copy(update={"dose_uncertainty": dose_u_note}),
         vois=voi_out,
         marrow=marrow,
         cumulative=cumulative,
@@ -1337,6 +1340,7 @@ def _methods(
     dosed: _Dosed,
     voi_series: Series,
     corr: _Corrected | None = None,
+    single_time_point: SingleTimePoint | None = None,
 ) -> Methods:
     quantification = {
         f"counts → Bq/ml with {q.calibration_cps_per_mbq} cps/MBq (MIRD 26), decay during acquisition corrected"
@@ -1355,6 +1359,7 @@ def _methods(
         dose_grid="reference SPECT grid, CT frame of reference",
         voi_source=f"{voi_series.kind.upper()} {voi_series.series_instance_uid}",
         pvc=PvcRecord.none() if corr is None else corr.record,
+        single_time_point=single_time_point,
     )
 
 
@@ -1410,7 +1415,7 @@ def _fit_summary(fr: FitResult, times_s: np.ndarray) -> TimeActivity:
 
 
 def _bed_kinetics(
-    fr: VoiFit | None, times_s: np.ndarray, lam: float, spec: JobSpec
+    fr: VoiFit | None, times_s: np.ndarray, lam: float, spec: JobSpec, name: str | None = None
 ) -> tuple[list[tuple[float, float]] | None, str]:
     """The dose-rate shape for the Lea–Catcheside factor: the VOI's fitted exponentials when it has them;
     for a trapezoid fit, a mono-exponential with the effective rate of its last two scans (at least the
@@ -1419,7 +1424,10 @@ def _bed_kinetics(
     if isinstance(fr, FitResult) and fr.exponentials:
         return list(fr.exponentials), f"{fr.model} fit"
     if isinstance(fr, TimeActivity) and fr.model == "stp":
-        if spec.fit.stp_method == "hanscheid":
+        prior = spec.fit.prior.vois.get(name or "") if spec.fit.stp_method == "prior" and spec.fit.prior else None
+        if prior is not None and spec.fit.prior is not None:
+            return list(prior.terms()), f"the patient's own curve from the earlier result ({spec.fit.prior.source})"
+        if spec.fit.stp_method in ("hanscheid", "prior"):
             k = math.log(2) / float(times_s[0])
             return [(1.0, k)], "mono-exponential with T_eff = scan time (the Hänscheid 2018 assumption)"
         teff = spec.fit.stp_effective_half_life_h.get("default")
@@ -1438,10 +1446,64 @@ def _bed_kinetics(
     return None, "no time-activity fit for this VOI"
 
 
-def _stp_tia(a: np.ndarray, t_s: float, spec: JobSpec) -> tuple[np.ndarray, str]:
-    """Voxel TIA from one time point (Hänscheid et al. 2018, or Madsen et al. 2018 with a population T_eff)."""
+#: Expected error of each single-time-point method, as published (timeactivity module docstring).
+STP_EXPECTED_ERROR: dict[str, tuple[str, list[str]]] = {
+    "hanscheid": (
+        "exact for a mono-exponential with T_eff = t or t/2, up to +6.2 % for T_eff between t/2 and t, "
+        "increasingly low outside that range",
+        ["Hänscheid et al. 2018, J Nucl Med 59(1):75-81"],
+    ),
+    "madsen": (
+        "exact for a mono-exponential with the population T_eff; off by the patient's deviation from it "
+        "(177Lu kidney STP errors < 30 %, J Nucl Med 2021;62(7):1006)",
+        ["Madsen et al. 2018, Med Phys 45:2318", "J Nucl Med 2021;62(7):1006, PMC8882881"],
+    ),
+    "prior": (
+        "kidneys: 2 % mean deviation from full imaging with a 24 h scan, 13 % with a 4 h scan, cycle-1 "
+        "half-life (EJNMMI Phys 2018); dose ratio to full imaging median 1.01, IQR 0.98-1.04, with a 1 d scan "
+        "and the initial cycle's T_eff (EJNMMI Phys 2022)",
+        [
+            "Feasibility and accuracy of single time point imaging for renal dosimetry following "
+            "177Lu-DOTATATE ('Lutate') therapy, EJNMMI Phys 2018, doi:10.1186/s40658-018-0232-9",
+            "Simplified dosimetry for kidneys and tumors in 177Lu-labeled peptide receptor radionuclide therapy, "
+            "EJNMMI Phys 2022, doi:10.1186/s40658-022-00473-z",
+        ],
+    ),
+}
+
+
+def _stp_record(method: str, t_s: float, vois: dict[str, str], source: str | None = None) -> SingleTimePoint:
+    error, references = STP_EXPECTED_ERROR[method]
+    return SingleTimePoint.model_validate(
+        {
+            "method": method,
+            "scan_h": t_s / 3600.0,
+            "prior_source": source,
+            "vois": vois,
+            "expected_error": error,
+            "references": references,
+        }
+    )
+
+
+def _stp_tia(
+    a: np.ndarray, t_s: float, spec: JobSpec, vois: dict[str, VOI], warnings: list[str]
+) -> tuple[np.ndarray, str, SingleTimePoint]:
+    """Voxel TIA from one time point (Hänscheid et al. 2018, Madsen et al. 2018 with a population T_eff, or the
+    patient's own earlier-cycle curve per VOI: :func:`_stp_prior_factor`)."""
     if spec.fit.stp_method == "hanscheid":
-        return np.asarray(timeactivity.stp_hanscheid(a, t_s)), "single time point, Hänscheid et al. 2018"
+        return (
+            np.asarray(timeactivity.stp_hanscheid(a, t_s)),
+            "single time point, Hänscheid et al. 2018",
+            _stp_record("hanscheid", t_s, dict.fromkeys(vois, "hanscheid")),
+        )
+    if spec.fit.stp_method == "prior":
+        factor, per_voi, source = _stp_prior_factor(a.shape, t_s, spec, vois, warnings)
+        return (
+            a * factor,
+            f"single time point, the patient's own kinetics per VOI from {source} (Hänscheid 2018 elsewhere)",
+            _stp_record("prior", t_s, per_voi, source),
+        )
     teff = spec.fit.stp_effective_half_life_h.get("default")
     if teff is None:  # blocking_problems says so first
         raise VoxeldoseError(
@@ -1452,7 +1514,50 @@ def _stp_tia(a: np.ndarray, t_s: float, spec: JobSpec) -> tuple[np.ndarray, str]
     return (
         np.asarray(timeactivity.stp_madsen(a, t_s, teff * 3600.0)),
         f"single time point, Madsen et al. 2018, T_eff {teff} h",
+        _stp_record("madsen", t_s, dict.fromkeys(vois, f"madsen (T_eff {teff} h)")),
     )
+
+
+def _stp_prior_factor(
+    shape: tuple[int, ...], t_s: float, spec: JobSpec, vois: dict[str, VOI], warnings: list[str]
+) -> tuple[np.ndarray, dict[str, str], str]:
+    """TIA / A(t) per voxel from the earlier cycle's curves (:func:`voxeldose.timeactivity.stp_prior_factor`).
+
+    A voxel takes the factor of the smallest VOI that holds it (VOIs painted largest first, each blending in by
+    its occupancy, so a kidney inside the body outline takes the kidney's curve); voxels outside every VOI, and
+    VOIs without a prior (with a warning), take Hänscheid 2018's 2t/ln 2.  No VOI of this cycle in the
+    prior is an error (names that do not match are a mistake, not a fallback)."""
+    prior = spec.fit.prior
+    if prior is None:  # the spec's validator demands it
+        raise VoxeldoseError("stp_method 'prior' needs fit.prior", tag="fit.prior")
+    matched = [n for n in vois if n in prior.vois]
+    if not matched:
+        raise VoxeldoseError(
+            f"no VOI of this cycle has kinetics in the earlier result ({prior.source})",
+            tag="fit.prior.vois",
+            expected="VOI names of the earlier result: " + ", ".join(sorted(prior.vois)),
+            found=", ".join(sorted(vois)),
+        )
+    hanscheid = 2.0 * t_s / math.log(2)
+    factor = np.full(shape, hanscheid, dtype=np.float64)
+    per_voi: dict[str, str] = {}
+    for name in sorted(vois, key=lambda n: -float(vois[n].fraction.sum())):
+        pv = prior.vois.get(name)
+        if pv is None:
+            warnings.append(f"VOI {name!r}: no kinetics in the earlier result; its TIA is Hänscheid 2018's")
+            per_voi[name] = "hanscheid (no prior for this VOI)"
+            f_v = hanscheid
+        else:
+            try:
+                f_v = timeactivity.stp_prior_factor(t_s, pv.terms())
+            except VoxeldoseError as err:
+                raise VoxeldoseError(
+                    f"VOI {name!r}: {err.reason}", tag=f"fit.prior.vois.{name}", expected=err.expected
+                ) from None
+            per_voi[name] = f"prior ({pv.model or 'curve'} of {prior.source}): TIA = A(t) x {f_v / 3600.0:.4g} h"
+        occ = vois[name].fraction
+        factor = factor * (1.0 - occ) + f_v * occ
+    return factor, per_voi, prior.source
 
 
 def write_outputs(result: Result, out_dir: str | Path) -> dict[str, Path]:

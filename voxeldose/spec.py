@@ -12,7 +12,7 @@ import re
 from itertools import accumulate
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from . import metrics as _metrics
 from .camera import CameraProfile
@@ -149,17 +149,69 @@ class InjectionOverride(_Model):
         return v
 
 
+class PriorExponential(_Model):
+    """One term c·e^{−k t} of an earlier cycle's fitted time-activity curve."""
+
+    coefficient: float = Field(description="c, any unit (only the curve's shape counts); negative for an uptake term")
+    rate_per_s: float = Field(gt=0, description="k, 1/s (effective: biological and physical)")
+
+
+class PriorVoi(_Model):
+    """One VOI's kinetics from an earlier cycle: the exponential terms of its full fit, or one effective
+    half-life (a mono-exponential); exactly one of the two."""
+
+    exponentials: list[PriorExponential] = Field(default_factory=list, max_length=8)
+    effective_half_life_h: float | None = Field(None, gt=0, description="T_eff, h (instead of exponentials)")
+    model: Text | None = Field(None, description="the earlier fit's model (monoexp, biexp, …), for the record")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> PriorVoi:
+        if bool(self.exponentials) == (self.effective_half_life_h is not None):
+            raise ValueError("give either exponentials or effective_half_life_h (exactly one)")
+        return self
+
+    def terms(self) -> tuple[tuple[float, float], ...]:
+        """The curve as ``((c_i, k_i), …)``, k in 1/s (:func:`voxeldose.timeactivity.stp_prior`)."""
+        if self.effective_half_life_h is not None:
+            return ((1.0, math.log(2) / (self.effective_half_life_h * 3600.0)),)
+        return tuple((e.coefficient, e.rate_per_s) for e in self.exponentials)
+
+
+class PriorKinetics(_Model):
+    """The patient's own kinetics from an earlier cycle's full result (stp_method 'prior'), per VOI name.
+
+    Build it from that cycle's ``summary.json`` with :func:`voxeldose.prior.prior_from_summary`.  A VOI of
+    this cycle without an entry here falls back to Hänscheid 2018, with a warning; none matching is an error."""
+
+    source: Text = Field(description="the earlier result, e.g. 'cycle 1, job <id>, voxeldose <version>'")
+    cycle_number: int | None = Field(None, ge=1, le=MAX_CYCLE_NUMBER, description="the earlier cycle's number")
+    job_id: Text | None = None
+    software_version: Text | None = Field(None, description="voxeldose version that made the earlier result")
+    vois: dict[Text, PriorVoi] = Field(min_length=1, description="VOI name → its earlier kinetics")
+
+
 class FitSpec(_Model):
     model: FitModel = Field("auto", description="VOI time-activity model; 'stp' = single time point")
     voxel_method: Literal["exponential", "hybrid", "monoexp"] = Field(
         "exponential",
         description="voxel TIA: exponential interpolation between scans (default), trapezoid (hybrid), or one mono-exponential",
     )
-    stp_method: Literal["hanscheid", "madsen"] = "hanscheid"
+    stp_method: Literal["hanscheid", "madsen", "prior"] = Field(
+        "hanscheid",
+        description="single time point: Hänscheid 2018, Madsen 2018 (population T_eff), or 'prior' (the patient's "
+        "own kinetics from an earlier cycle: fit.prior)",
+    )
     stp_effective_half_life_h: dict[Text, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="Madsen 2018: population effective half-life, h, under the key 'default' (applied to every voxel)",
     )
+    prior: PriorKinetics | None = Field(None, description="stp_method 'prior': the earlier cycle's kinetics per VOI")
+
+    @model_validator(mode="after")
+    def _prior_given(self) -> FitSpec:
+        if self.stp_method == "prior" and self.prior is None:
+            raise ValueError("stp_method 'prior' needs fit.prior (the earlier cycle's kinetics per VOI)")
+        return self
 
 
 class DoseSpec(_Model):

@@ -175,6 +175,18 @@ class PvcRecord(_Part):
         return cls()
 
 
+class SingleTimePoint(_Part):
+    """How a single-time-point job got its TIA: the method, the earlier result a 'prior' came from, which method
+    each VOI took, and the method's expected error as published (:mod:`voxeldose.timeactivity` docstring)."""
+
+    method: Literal["hanscheid", "madsen", "prior"]
+    scan_h: float = Field(description="the one scan's time after injection, h")
+    prior_source: str | None = Field(None, description="'prior': the earlier result (cycle, job, version)")
+    vois: dict[str, str] = Field(default_factory=dict, description="VOI name → the method its voxels took")
+    expected_error: str
+    references: list[str]
+
+
 class Methods(_Part):
     quantification: str
     fit: str
@@ -188,6 +200,9 @@ class Methods(_Part):
     pvc: PvcRecord = Field(default_factory=PvcRecord.none, description="partial-volume correction (schema /3)")
     dose_uncertainty: str | None = Field(
         None, description="the voxel dose-uncertainty map: what it holds, or why there is none (issue 13 part 3)"
+    )
+    single_time_point: SingleTimePoint | None = Field(
+        None, description="one time point: the method, a prior's source and the expected error (schema /3)"
     )
 
 
