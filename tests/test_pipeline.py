@@ -157,7 +157,7 @@ def _assert_cycles_left_by_hand(
 @pytest.mark.slow
 def test_outputs_rtdose_summary_report(realistic, dciodvfy_exe: str) -> None:
     root, truth, result, paths = realistic
-    assert set(paths) == {"rtdose", "summary", "report"}
+    assert set(paths) == {"rtdose", "rtdose_uncertainty", "summary", "report"}
     assert not dciodvfy_errors(dciodvfy_exe, paths["rtdose"])
     raw = json.loads(paths["summary"].read_text())
     assert raw["schema"] == SCHEMA_VERSION == "voxeldose.summary/3"

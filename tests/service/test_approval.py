@@ -3,6 +3,7 @@ sender sends because of it, against dcmtk's storescp, on SQLite and PostgreSQL."
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ def _queued_job(store: Any) -> str:
     job, _ = store.create_job(
         spec={"inputs": ["x"]},
         input_dir="x",
-        input_hash="q" * 64,
+        input_hash=hashlib.sha256(b"a queued job").hexdigest(),  # hex: PostgreSQL locks on its prefix
         patient_id="P",
         idempotency_key=None,
         submitted_by=None,
