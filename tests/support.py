@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from voxeldose.phantom import PhantomSettings
 from voxeldose.scanner import SpectAcquisition
 
@@ -114,6 +116,17 @@ def find_browser() -> tuple[str | None, str | None, str | None]:
     if driver is None:
         missing.append("chromedriver (apt-get install chromium-driver)")
     return chrome, driver, ", ".join(missing) or None
+
+
+def browser_or_skip() -> tuple[str, str]:
+    """Chromium and chromedriver for a browser test: skip when missing, fail instead when
+    :data:`REQUIRE_BROWSER_ENV` is set (CI).  Call it before starting any server."""
+    chrome, driver, missing = find_browser()
+    if missing or chrome is None or driver is None:
+        if os.environ.get(REQUIRE_BROWSER_ENV):
+            pytest.fail(f"{REQUIRE_BROWSER_ENV} is set but the browser test cannot run: missing {missing}")
+        pytest.skip(f"browser test needs {missing} (set {REQUIRE_BROWSER_ENV}=1 to make this a failure)")
+    return chrome, driver
 
 
 def stored_files(node: Any) -> list[Path]:

@@ -779,7 +779,7 @@ def _pvc(
         dose_correction=PVC_DOSE_CORRECTION["map" if spec.pvc == "rbv" else "voi"],
         notes=notes,
     )
-    recovery_u, recovery_how = _fwhm_sensitivity(spec, activity, fractions, spacing, fwhms, maps, models)
+    recovery_u, recovery_how = _fwhm_sensitivity(spec, activity, fractions, spacing, fwhms, maps, corrected)
     return _Corrected(
         record,
         {n: np.array(v) for n, v in observed.items()},
@@ -797,7 +797,7 @@ def _fwhm_sensitivity(
     spacing: tuple[float, ...],
     fwhms: list[float],
     maps: list[tuple[np.ndarray, Grid] | None],
-    models: dict[float, pvc.Gtm],
+    corrected: dict[str, list[float]],
 ) -> tuple[dict[str, float], str]:
     """gtm/rbv: the relative standard uncertainty of each VOI's corrected activity that the camera profile's FWHM
     uncertainty causes, u_r = |A(F + u_F) − A(F)| / A(F) (GUM JCGM 100:2008 §5.1.3: the sensitivity coefficient by a
@@ -805,15 +805,17 @@ def _fwhm_sensitivity(
     FWHM).
 
     The same relative error applies to every scan (one FWHM for all: fully correlated), so it enters the budget
-    as a common component, like the calibration.  Cost: one more GTM build (and rbv correction) of one scan."""
+    as a common component, like the calibration.  ``corrected``: the VOIs' corrected activities of every scan at
+    their own FWHM (A(F) of the reference scan is among them).  Cost: one more GTM build (and rbv correction) of
+    one scan."""
     cam = spec.camera
     if spec.pvc not in ("gtm", "rbv") or cam is None or cam.fwhm_mm is None or not cam.fwhm_u_mm:
         return {}, ""
     n = next((i for i, m in enumerate(maps) if m is None), 0)
     f0, uf = fwhms[n], float(cam.fwhm_u_mm)
     correct = pvc.gtm if spec.pvc == "gtm" else pvc.rbv
-    base = correct(activity[n].array, fractions, round(f0, 2), spacing, models.get(round(f0, 2))).corrected
     hi = correct(activity[n].array, fractions, f0 + uf, spacing).corrected
+    base = {name: corrected[name][n] for name in fractions}
     out = {name: abs(hi[name] - base[name]) / abs(base[name]) for name in fractions if abs(base[name]) > 0.0}
     how = (
         f"{spec.pvc} rerun at the camera profile's FWHM {cam.fwhm_mm:g} + {uf:.2g} mm on the reference scan: "

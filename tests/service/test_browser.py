@@ -7,7 +7,6 @@ Needs Debian ``chromium`` + ``chromium-driver`` and PyPI ``selenium``.  Skipped 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("ray")
 
 import serverproc
-from support import REQUIRE_BROWSER_ENV, STATE_WAIT_S, find_browser, wait_scale
+from support import STATE_WAIT_S, browser_or_skip, wait_scale
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -25,12 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 @pytest.fixture(scope="session")
 def browser_paths() -> tuple[str, str]:
     """Chromium and chromedriver (skip, or fail in CI, when missing) — checked before any server starts."""
-    chrome, driver, missing = find_browser()
-    if missing or chrome is None or driver is None:
-        if os.environ.get(REQUIRE_BROWSER_ENV):
-            pytest.fail(f"{REQUIRE_BROWSER_ENV} is set but the browser test cannot run: missing {missing}")
-        pytest.skip(f"browser test needs {missing} (set {REQUIRE_BROWSER_ENV}=1 to make this a failure)")
-    return chrome, driver
+    return browser_or_skip()
 
 
 @pytest.fixture(scope="session")

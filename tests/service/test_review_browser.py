@@ -11,7 +11,6 @@ dcmtk's storescp.
 from __future__ import annotations
 
 import io
-import os
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,7 +24,7 @@ pytest.importorskip("ray")
 
 import serverproc
 from PIL import Image
-from support import REQUIRE_BROWSER_ENV, STATE_WAIT_S, dciodvfy_errors, find_browser, wait_scale
+from support import STATE_WAIT_S, browser_or_skip, dciodvfy_errors, wait_scale
 from test_sender import StoreSCP, _free_port
 
 from service.config import Settings
@@ -38,12 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 @pytest.fixture(scope="session")
 def browser_paths() -> tuple[str, str]:
-    chrome, driver, missing = find_browser()
-    if missing or chrome is None or driver is None:
-        if os.environ.get(REQUIRE_BROWSER_ENV):
-            pytest.fail(f"{REQUIRE_BROWSER_ENV} is set but the browser test cannot run: missing {missing}")
-        pytest.skip(f"browser test needs {missing} (set {REQUIRE_BROWSER_ENV}=1 to make this a failure)")
-    return chrome, driver
+    return browser_or_skip()
 
 
 @pytest.fixture(scope="session")
